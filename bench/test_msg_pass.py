@@ -1,0 +1,78 @@
+"""msg_pass against PyG (gather relu(x_j) + eps, then SoftmaxAggregation(learn=True)) and the reference.
+
+Cases: (a) KMPNet: 32 clips x 8 frames x 17 COCO keypoints, C=64, spatial-temporal graph;
+(b) large: 1,000,000 nodes with 5 random incoming edges each, C=64.
+"""
+import pytest
+import torch
+
+import keypointops
+from keypointops.graphs import Graph
+from keypointops.ops._backend import triton_available
+
+from conftest import SMALL
+
+pyg_aggr = pytest.importorskip("torch_geometric.nn.aggr")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = {
+    "kmpnet": dict(batch=2 if SMALL else 32),
+    "large": dict(nodes=20_000 if SMALL else 1_000_000),
+}
+IMPLS = ["keypointops", "triton", "reference", "pyg"]
+EPS = 1e-7
+
+
+def make_case(case, device):
+    gen = torch.Generator().manual_seed(0)
+    if case == "kmpnet":
+        graph = Graph.spatial_temporal("coco17", frames=8, batch=CASES[case]["batch"], device=device)
+    else:
+        n = CASES[case]["nodes"]
+        src = torch.randint(0, n, (5 * n,), generator=gen)
+        dst = torch.arange(n).repeat_interleave(5)
+        graph = Graph.from_edge_index(torch.stack([src, dst]).to(device), n)
+    x = torch.randn(graph.num_nodes, 64, generator=gen).to(device)
+    return x, graph
+
+
+def make_fn(impl, x, graph, device, backward):
+    x = x.detach().requires_grad_(backward)
+    if impl == "pyg":
+        aggr = pyg_aggr.SoftmaxAggregation(learn=True).to(device)
+        src, dst = graph.edge_index
+        t = None
+
+        def forward():
+            return aggr((x[src].relu() + EPS), dst, dim_size=graph.num_nodes)
+    else:
+        t = torch.ones(1, device=device, requires_grad=backward)
+        backend = {"keypointops": "auto", "triton": "triton", "reference": "reference"}[impl]
+
+        def forward():
+            return keypointops.msg_pass(x, graph, t, EPS, backend=backend)
+
+    if not backward:
+        def fn():
+            with torch.no_grad():
+                return forward()
+        return fn
+
+    def fn():
+        out = forward()
+        out.backward(torch.ones_like(out))
+        x.grad = None
+    return fn
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_msg_pass(measure, case, impl, backward, device):
+    if impl == "triton" and (not triton_available(torch.device(device)) or (device == "cpu" and not SMALL)):
+        pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
+    x, graph = make_case(case, device)
+    fn = make_fn(impl, x, graph, device, backward)
+    measure(fn, group=f"msg_pass {case} {'fwd+bwd' if backward else 'fwd'} {device}",
+            impl=impl, device=device, baseline=impl == "pyg")

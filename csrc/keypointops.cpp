@@ -1,0 +1,30 @@
+// keypointops: every operator schema lives here.  Kernels register per dispatch key at the bottom
+// of csrc/ops/cpu/<op>_kernel.cpp and csrc/ops/cuda/<op>_kernel.cu; autograd and fake (meta)
+// kernels are registered from Python (keypointops/ops/<op>.py) with torch.library.
+#include <torch/library.h>
+
+#ifdef KEYPOINTOPS_PYTHON_MODULE
+#include <Python.h>
+// Empty Python module so that `import keypointops._C` loads this library (and runs the
+// TORCH_LIBRARY registrations below).  The CMake build makes a plain shared library instead,
+// loaded with torch.ops.load_library.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif
+
+TORCH_LIBRARY(keypointops, m) {
+  // msg_pass: softmax-temperature aggregation over the incoming-edge CSR (rowptr, col).
+  // (rowptr_t, col_t) is the transposed CSR (targets of the edges leaving each node): forward only
+  // checks its shape and passes it on, so that the autograd formula can hand it to backward.
+  // Returns (out [N, C], row_max [N, C], row_sum [N, C]): the softmax statistics of t*m per
+  // (node, channel), saved for backward (float32 for reduced precision inputs).
+  m.def("msg_pass(Tensor x, Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor t, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
+  // Backward walks the transposed CSR: each row of grad_x has one writer, no atomics.
+  // Returns (grad_x [N, C], grad_t [C]); grad_t is all zeros unless compute_grad_t.
+  m.def("msg_pass_backward(Tensor grad_out, Tensor x, Tensor out, Tensor row_max, Tensor row_sum, "
+        "Tensor rowptr_t, "
+        "Tensor col_t, Tensor t, float eps, bool compute_grad_t) -> (Tensor, Tensor)");
+}

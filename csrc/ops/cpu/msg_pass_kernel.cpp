@@ -1,0 +1,282 @@
+// msg_pass CPU kernel.
+//
+// Forward, per destination v and channel, over the sources u = col[rowptr[v]:rowptr[v+1]] with
+// m_u = relu(x_u) + eps and s_u = t * m_u: a max pass M = max_u s_u, then one pass summing
+// Z = sum_u exp(s_u - M) and A = sum_u exp(s_u - M) * m_u (independent exps, so they pipeline);
+// out = A / Z.  The source rows stay in L1 between the two passes.  M and Z are saved for backward.
+// Backward first packs per-target factors (M_v, q_v = grad_out_v / Z_v, r_v = q_v * out_v), then per
+// source u over its outgoing edges u -> v (the transposed CSR), with w = exp(s_u - M_v):
+//   grad_m_u = sum_v w * (q_v * (1 + s_u) - t * r_v),   grad_t += m_u * sum_v w * (q_v * m_u - r_v),
+// grad_x_u = grad_m_u * (x_u > 0).  Every row of grad_x has one writer; grad_t is summed per chunk
+// and the chunk partials in chunk order, so backward is bitwise deterministic.
+// Work is split into chunks of about kChunkWork (edges + nodes) that do not depend on the thread
+// count, so a hub node costs one chunk and threads stay balanced by edge count.
+// Rows gathered at random are software-prefetched two nodes ahead.
+// Memory: forward out, row_max, row_sum ([N, C] each); backward the packed factors [N, 3, C],
+// grad_x [N, C] and [num_chunks, C] grad_t partials; nothing of size E x C.  Channels are vectorised with at::vec (AVX2 when built).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "ops/msg_pass.h"
+
+namespace keypointops {
+namespace {
+
+constexpr int64_t kChunkWork = 1 << 14;
+constexpr int64_t kPrefetchNodes = 2;   // prefetch the rows gathered this many nodes ahead
+constexpr int64_t kPrefetchEdges = 16;  // ... for at most this many edges of that node
+constexpr int64_t kPrefetchBytes = 1024;  // ... and at most this many bytes of each row
+
+// Software prefetch of the rows base[idx[e]] (rows of row_elems elements) for e in [begin, end):
+// the gathered rows are random, so the hardware prefetcher cannot find them.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* base, const int64_t* idx, int64_t begin, int64_t end,
+                          int64_t row_elems) {
+  const int64_t bytes = std::min<int64_t>(row_elems * sizeof(scalar_t), kPrefetchBytes);
+  for (int64_t e = begin; e < std::min(end, begin + kPrefetchEdges); ++e) {
+    const char* row = reinterpret_cast<const char*>(base + idx[e] * row_elems);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+  }
+}
+
+// Node boundaries 0 = b_0 < b_1 < ... < b_k = N, each chunk holding about kChunkWork of
+// (in-degree + 1) summed over its nodes.
+std::vector<int64_t> balanced_chunks(const int64_t* rowptr, int64_t num_nodes) {
+  const int64_t total = rowptr[num_nodes] + num_nodes;
+  const int64_t num_chunks = std::max<int64_t>(1, (total + kChunkWork - 1) / kChunkWork);
+  std::vector<int64_t> bounds{0};
+  for (int64_t i = 1; i < num_chunks; ++i) {
+    const int64_t target = total * i / num_chunks;
+    int64_t lo = bounds.back(), hi = num_nodes;  // first v with rowptr[v] + v >= target
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (rowptr[mid] + mid < target) lo = mid + 1; else hi = mid;
+    }
+    if (lo > bounds.back() && lo < num_nodes) bounds.push_back(lo);
+  }
+  bounds.push_back(num_nodes);
+  return bounds;
+}
+
+template <typename scalar_t>
+void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col, const scalar_t* t,
+                   scalar_t eps, int64_t C, int64_t v_begin, int64_t v_end, scalar_t* out,
+                   scalar_t* row_max, scalar_t* row_sum) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  const Vec zero(0), eps_v(eps), neg_inf(-std::numeric_limits<scalar_t>::infinity());
+  for (int64_t v = v_begin; v < v_end; ++v) {
+    const int64_t e_begin = rowptr[v], e_end = rowptr[v + 1];
+    if (v + kPrefetchNodes < v_end) {
+      prefetch_rows(x, col, rowptr[v + kPrefetchNodes], rowptr[v + kPrefetchNodes + 1], C);
+    }
+    scalar_t* out_v = out + v * C;
+    scalar_t* max_v = row_max + v * C;
+    scalar_t* sum_v = row_sum + v * C;
+    if (e_begin == e_end) {
+      std::fill(out_v, out_v + C, scalar_t(0));
+      std::fill(max_v, max_v + C, scalar_t(0));
+      std::fill(sum_v, sum_v + C, scalar_t(1));
+      continue;
+    }
+    for (int64_t c = 0; c < C; c += VL) {
+      const int64_t n = std::min(VL, C - c);
+      const Vec t_c = Vec::loadu(t + c, n);
+      Vec M = neg_inf;
+      for (int64_t e = e_begin; e < e_end; ++e) {
+        const Vec m = at::vec::maximum(Vec::loadu(x + col[e] * C + c, n), zero) + eps_v;
+        M = at::vec::maximum(M, t_c * m);
+      }
+      Vec Z = zero, A = zero;  // the exps are independent of each other: they pipeline
+      for (int64_t e = e_begin; e < e_end; ++e) {
+        const Vec m = at::vec::maximum(Vec::loadu(x + col[e] * C + c, n), zero) + eps_v;
+        const Vec w = (t_c * m - M).exp_u20();
+        Z = Z + w;
+        A = at::vec::fmadd(w, m, A);
+      }
+      (A / Z).store(out_v + c, n);
+      M.store(max_v + c, n);
+      Z.store(sum_v + c, n);
+    }
+  }
+}
+
+// Packs the per-target factors of every edge weight for the targets v_begin..v_end into
+// factors[v] = (M_v, q_v = grad_out_v / Z_v, r_v = q_v * out_v), [N, 3, C]: the edge loop below
+// then reads one contiguous block per edge and divides nothing.
+template <typename scalar_t>
+void pack_target_factors(const scalar_t* grad_out, const scalar_t* out, const scalar_t* row_max,
+                         const scalar_t* row_sum, int64_t C, int64_t v_begin, int64_t v_end,
+                         scalar_t* factors) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  for (int64_t v = v_begin; v < v_end; ++v) {
+    scalar_t* f = factors + v * 3 * C;
+    for (int64_t c = 0; c < C; c += VL) {
+      const int64_t n = std::min(VL, C - c), i = v * C + c;
+      const Vec q = Vec::loadu(grad_out + i, n) / Vec::loadu(row_sum + i, n);
+      Vec::loadu(row_max + i, n).store(f + c, n);
+      q.store(f + C + c, n);
+      (q * Vec::loadu(out + i, n)).store(f + 2 * C + c, n);
+    }
+  }
+}
+
+// grad_m_u = sum_{u->v} exp(t m_u - M_v) * (q_v * (1 + t m_u) - t r_v)
+// grad_t  += m_u * sum_{u->v} exp(t m_u - M_v) * (q_v m_u - r_v)
+template <typename scalar_t, bool kGradT>
+void backward_nodes(const scalar_t* x, const scalar_t* factors, const int64_t* rowptr_t,
+                    const int64_t* col_t, const scalar_t* t, scalar_t eps, int64_t C,
+                    int64_t u_begin, int64_t u_end, scalar_t* grad_x, scalar_t* grad_t_partial) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  const Vec zero(0), one(1), eps_v(eps);
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    if (u + kPrefetchNodes < u_end) {
+      prefetch_rows(factors, col_t, rowptr_t[u + kPrefetchNodes], rowptr_t[u + kPrefetchNodes + 1],
+                    3 * C);
+    }
+    for (int64_t c = 0; c < C; c += VL) {
+      const int64_t n = std::min(VL, C - c);
+      const Vec t_c = Vec::loadu(t + c, n);
+      const Vec x_u = Vec::loadu(x + u * C + c, n);
+      const Vec m = at::vec::maximum(x_u, zero) + eps_v;
+      const Vec s = t_c * m;
+      const Vec one_plus_s = one + s;
+      Vec GM = zero, GT = zero;
+      for (int64_t e = rowptr_t[u]; e < rowptr_t[u + 1]; ++e) {
+        const scalar_t* f = factors + col_t[e] * 3 * C + c;
+        const Vec w = (s - Vec::loadu(f, n)).exp_u20();
+        const Vec q_v = Vec::loadu(f + C, n), r_v = Vec::loadu(f + 2 * C, n);
+        GM = at::vec::fmadd(w, at::vec::fmsub(q_v, one_plus_s, t_c * r_v), GM);
+        if constexpr (kGradT) GT = at::vec::fmadd(w, at::vec::fmsub(q_v, m, r_v), GT);
+      }
+      Vec::blendv(zero, GM, x_u > zero).store(grad_x + u * C + c, n);
+      if constexpr (kGradT) {
+        (Vec::loadu(grad_t_partial + c, n) + GT * m).store(grad_t_partial + c, n);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
+    const at::Tensor& x_in, const at::Tensor& rowptr_in, const at::Tensor& col_in,
+    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps) {
+  check_msg_pass_args(x_in, rowptr_in, col_in, t_in, "rowptr", "col");
+  check_msg_pass_args(x_in, rowptr_t, col_t, t_in, "rowptr_t", "col_t");
+  TORCH_CHECK(col_t.numel() == col_in.numel(), "msg_pass: col_t must have as many edges as col (",
+              col_in.numel(), "), got ", col_t.numel());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "msg_pass: the CPU kernel takes float32 or float64 x, got ", x_in.scalar_type());
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const auto x = x_in.contiguous();
+  const auto rowptr = rowptr_in.contiguous();
+  const auto col = col_in.contiguous();
+  const auto t = t_in.contiguous();
+  check_csr_cpu(rowptr, col, N, "rowptr", "col");
+  auto out = at::empty({N, C}, x.options());
+  auto row_max = at::empty({N, C}, x.options());
+  auto row_sum = at::empty({N, C}, x.options());
+  if (N == 0 || C == 0) return {out, row_max, row_sum};
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const auto chunks = balanced_chunks(rp, N);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "msg_pass_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t* cp = col.data_ptr<int64_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* mp = row_max.data_ptr<scalar_t>();
+    scalar_t* sp = row_sum.data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        forward_nodes<scalar_t>(xp, rp, cp, tp, static_cast<scalar_t>(eps), C, chunks[k],
+                                chunks[k + 1], op, mp, sp);
+      }
+    });
+  });
+  return {out, row_max, row_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
+    const at::Tensor& row_max_in, const at::Tensor& row_sum_in, const at::Tensor& rowptr_t_in,
+    const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t) {
+  check_msg_pass_args(x_in, rowptr_t_in, col_t_in, t_in, "rowptr_t", "col_t");
+  for (const auto* arg : {&grad_out_in, &out_in, &row_max_in, &row_sum_in}) {
+    TORCH_CHECK(arg->sizes() == x_in.sizes() && arg->scalar_type() == x_in.scalar_type() &&
+                    arg->device() == x_in.device(),
+                "msg_pass_backward: grad_out, out, row_max and row_sum must match x (",
+                x_in.sizes(), ", ", x_in.scalar_type(), ")");
+  }
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "msg_pass: the CPU kernel takes float32 or float64 x, got ", x_in.scalar_type());
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const auto grad_out = grad_out_in.contiguous();
+  const auto x = x_in.contiguous();
+  const auto out = out_in.contiguous();
+  const auto row_max = row_max_in.contiguous();
+  const auto row_sum = row_sum_in.contiguous();
+  const auto rowptr_t = rowptr_t_in.contiguous();
+  const auto col_t = col_t_in.contiguous();
+  const auto t = t_in.contiguous();
+  check_csr_cpu(rowptr_t, col_t, N, "rowptr_t", "col_t");
+  auto grad_x = at::empty({N, C}, x.options());
+  if (N == 0 || C == 0) return {grad_x, at::zeros_like(t)};
+  const int64_t* rp = rowptr_t.data_ptr<int64_t>();
+  const auto chunks = balanced_chunks(rp, N);
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
+  auto grad_t_partial = at::zeros({compute_grad_t ? num_chunks : 1, C}, x.options());
+  auto factors = at::empty({N, 3, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "msg_pass_backward_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t* cp = col_t.data_ptr<int64_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* fp = factors.data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    scalar_t* gtp = grad_t_partial.data_ptr<scalar_t>();
+    const auto e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+      pack_target_factors<scalar_t>(grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                    row_max.data_ptr<scalar_t>(), row_sum.data_ptr<scalar_t>(), C,
+                                    begin, end, fp);
+    });
+    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        if (compute_grad_t) {
+          backward_nodes<scalar_t, true>(xp, fp, rp, cp, tp, e, C, chunks[k], chunks[k + 1], gxp,
+                                         gtp + k * C);
+        } else {
+          backward_nodes<scalar_t, false>(xp, fp, rp, cp, tp, e, C, chunks[k], chunks[k + 1], gxp,
+                                          nullptr);
+        }
+      }
+    });
+  });
+  // Sum of the chunk partials in chunk order (a sequential loop: bitwise reproducible).
+  auto grad_t = at::zeros_like(t);
+  if (compute_grad_t) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "msg_pass_grad_t_sum", [&] {
+      const scalar_t* gtp = grad_t_partial.data_ptr<scalar_t>();
+      scalar_t* dst = grad_t.data_ptr<scalar_t>();
+      for (int64_t k = 0; k < num_chunks; ++k) {
+        for (int64_t c = 0; c < C; ++c) dst[c] += gtp[k * C + c];
+      }
+    });
+  }
+  return {grad_x, grad_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(keypointops, CPU, m) {
+  m.impl("msg_pass", &msg_pass_cpu);
+  m.impl("msg_pass_backward", &msg_pass_backward_cpu);
+}
+
+}  // namespace keypointops

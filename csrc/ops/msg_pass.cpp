@@ -1,0 +1,72 @@
+// msg_pass: argument checks shared by every device, and the C++ dispatcher entry points.
+#include "ops/msg_pass.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+namespace keypointops {
+
+void check_msg_pass_args(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
+                         const at::Tensor& t, const char* rowptr_name, const char* col_name) {
+  TORCH_CHECK(x.dim() == 2, "msg_pass: x must be [N, C], got ", x.dim(), " dims");
+  TORCH_CHECK(x.is_floating_point(), "msg_pass: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) == x.size(0) + 1, "msg_pass: ", rowptr_name,
+              " must be [N + 1] = [", x.size(0) + 1, "], got ", rowptr.sizes());
+  TORCH_CHECK(col.dim() == 1, "msg_pass: ", col_name, " must be 1-D, got ", col.sizes());
+  TORCH_CHECK(rowptr.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "msg_pass: ",
+              rowptr_name, " and ", col_name, " must be int64, got ", rowptr.scalar_type(), " and ",
+              col.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), "msg_pass: t must be [C] = [", x.size(1),
+              "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::toOpMathType(x.scalar_type()), "msg_pass: t must be ",
+              at::toOpMathType(x.scalar_type()), " for x of ", x.scalar_type(), ", got ",
+              t.scalar_type());
+  for (const auto* arg : {&rowptr, &col, &t}) {
+    TORCH_CHECK(arg->device() == x.device(), "msg_pass: x (", x.device(), ") and ",
+                arg == &t ? "t" : (arg == &rowptr ? rowptr_name : col_name), " (", arg->device(),
+                ") must be on the same device");
+  }
+}
+
+void check_csr_cpu(const at::Tensor& rowptr, const at::Tensor& col, int64_t num_nodes,
+                   const char* rowptr_name, const char* col_name) {
+  const auto rp = rowptr.contiguous();
+  const auto cl = col.contiguous();
+  const int64_t* r = rp.data_ptr<int64_t>();
+  const int64_t* c = cl.data_ptr<int64_t>();
+  const int64_t num_edges = cl.numel();
+  TORCH_CHECK(r[0] == 0, "msg_pass: ", rowptr_name, "[0] must be 0, got ", r[0]);
+  TORCH_CHECK(r[num_nodes] == num_edges, "msg_pass: ", rowptr_name, "[-1] must equal the number of "
+              "edges (", num_edges, "), got ", r[num_nodes]);
+  for (int64_t v = 0; v < num_nodes; ++v) {
+    TORCH_CHECK(r[v] <= r[v + 1], "msg_pass: ", rowptr_name, " must be non-decreasing (",
+                rowptr_name, "[", v, "] = ", r[v], " > ", rowptr_name, "[", v + 1, "] = ", r[v + 1], ")");
+  }
+  for (int64_t e = 0; e < num_edges; ++e) {
+    TORCH_CHECK(c[e] >= 0 && c[e] < num_nodes, "msg_pass: ", col_name, " holds node index ", c[e],
+                " out of range [0, ", num_nodes, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass(
+    const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& rowptr_t,
+    const at::Tensor& col_t, const at::Tensor& t, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keypointops::msg_pass", "")
+                       .typed<decltype(msg_pass)>();
+  return op.call(x, rowptr, col, rowptr_t, col_t, t, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> msg_pass_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const at::Tensor& row_max,
+    const at::Tensor& row_sum,
+    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t, double eps,
+    bool compute_grad_t) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keypointops::msg_pass_backward", "")
+                       .typed<decltype(msg_pass_backward)>();
+  return op.call(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, eps, compute_grad_t);
+}
+
+}  // namespace keypointops

@@ -1,0 +1,25 @@
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <tuple>
+
+namespace keypointops {
+
+// Device-agnostic argument checks shared by the CPU and CUDA kernels (shapes, dtypes, devices).
+void check_msg_pass_args(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
+                         const at::Tensor& t, const char* rowptr_name, const char* col_name);
+
+// Content check of a CSR on the CPU: rowptr[0] == 0, non-decreasing, rowptr[N] == E, col in [0, N).
+void check_csr_cpu(const at::Tensor& rowptr, const at::Tensor& col, int64_t num_nodes,
+                   const char* rowptr_name, const char* col_name);
+
+// C++ entry points (go through the dispatcher, like torch.ops.keypointops.*).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass(
+    const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& rowptr_t,
+    const at::Tensor& col_t, const at::Tensor& t, double eps);
+std::tuple<at::Tensor, at::Tensor> msg_pass_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const at::Tensor& row_max,
+    const at::Tensor& row_sum,
+    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t, double eps,
+    bool compute_grad_t);
+
+}  // namespace keypointops

@@ -1,0 +1,45 @@
+"""Loading of the compiled kernels (``keypointops._C``).
+
+The pure-Python parts of the package (reference implementations, graphs, Triton kernels) import
+without the compiled library.  Asking for a compiled backend when it is missing raises
+:class:`RuntimeError` with the build command; nothing falls back silently.
+"""
+from __future__ import annotations
+
+import torch
+
+BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the keypointops checkout "
+              "(see README.md)")
+
+
+def _import_library() -> str | None:
+    """Imports ``keypointops._C``; returns the import error message, or None on success."""
+    try:
+        from keypointops import _C  # noqa: F401  (registers torch.ops.keypointops.*)
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+_LOAD_ERROR = _import_library()
+
+
+def has_ops() -> bool:
+    """True when the compiled C++ kernels are importable."""
+    return _LOAD_ERROR is None
+
+
+def has_cuda_ops() -> bool:
+    """True when the compiled library holds CUDA kernels (built with a CUDA toolkit)."""
+    return has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key("keypointops::msg_pass", "CUDA")
+
+
+def require_ops(device_type: str = "cpu") -> None:
+    """Raises RuntimeError unless compiled kernels for ``device_type`` are available."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(f"keypointops: the compiled extension keypointops._C is not available "
+                           f"({_LOAD_ERROR}); {BUILD_HINT}.")
+    if device_type == "cuda" and not has_cuda_ops():
+        raise RuntimeError("keypointops: the compiled extension has no CUDA kernels (it was built "
+                           "without a CUDA toolkit); rebuild with a CUDA build of torch and nvcc on "
+                           "PATH, or FORCE_CUDA=1, or use backend='triton'.")

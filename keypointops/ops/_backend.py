@@ -1,0 +1,42 @@
+"""Backend choice shared by every op: ``auto``, ``cpu``/``cuda`` (compiled), ``triton``, ``reference``."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from keypointops._extension import require_ops
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(op_name: str, backend: str, device: torch.device) -> str:
+    """The backend that runs ``op_name`` on ``device``; raises if that backend cannot run.
+
+    ``auto`` picks the compiled kernels for CPU and CUDA tensors and the reference elsewhere.  It
+    never falls back from a missing build: without ``keypointops._C`` it raises.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op_name}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = device.type if device.type in ("cpu", "cuda") else "reference"
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise ValueError(f"{op_name}: backend={backend!r} needs {backend} tensors, got {device}")
+        require_ops(backend)
+    elif backend == "triton" and not triton_available(device):
+        raise RuntimeError(f"{op_name}: backend='triton' needs the triton package and CUDA tensors "
+                           f"(or TRITON_INTERPRET=1 set before triton is imported, for CPU tensors); "
+                           f"got a tensor on {device}")
+    return backend

@@ -1,0 +1,42 @@
+"""Test configuration shared by every op's tests.
+
+Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter: TRITON_INTERPRET=1
+must be set before triton is imported, so it is set here, before any test module imports it.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from keypointops._extension import has_cuda_ops, has_ops  # noqa: E402
+from keypointops.ops._backend import triton_available  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends(device: str) -> list:
+    """The fused backends that run on ``device`` here, each a pytest param with its skip reason."""
+    compiled = pytest.param(device, marks=pytest.mark.skipif(
+        not (has_cuda_ops() if device == "cuda" else has_ops()),
+        reason=f"keypointops._C built without {device} kernels"))
+    triton = pytest.param("triton", marks=pytest.mark.skipif(
+        not triton_available(torch.device(device)), reason="triton not installed"))
+    return [compiled, triton]
+
+
+def device_backend_params():
+    """(device, backend) pairs for parametrize: every fused backend on every device present."""
+    params = []
+    for device in DEVICES:
+        for backend in backends(device):
+            params.append(pytest.param(device, backend.values[0], marks=backend.marks,
+                                       id=f"{device}-{backend.values[0]}"))
+    return params
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    return {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
+            torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]

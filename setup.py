@@ -1,0 +1,69 @@
+"""Build script for keypointops.
+
+C++ CPU kernels are always built.  CUDA kernels are built when torch is a CUDA build and nvcc is
+found, or when FORCE_CUDA=1.  Set KEYPOINTOPS_CPU_ARCH=generic to build the CPU kernels without
+AVX2/FMA (default on x86-64: AVX2+FMA when the build host supports them).
+"""
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _host_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return " avx2" in flags and " fma" in flags
+    except OSError:
+        return False
+
+
+def _cpu_flags():
+    arch = os.environ.get("KEYPOINTOPS_CPU_ARCH", "auto")
+    if arch == "generic" or platform.machine() not in ("x86_64", "AMD64"):
+        return [], "generic"
+    if arch == "avx2" or (arch == "auto" and _host_has_avx2()):
+        # at::vec::Vectorized picks its AVX2 specialisation (Sleef exp from libtorch_cpu).
+        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], "avx2"
+    return [], "generic"
+
+
+def extensions():
+    sources = [os.path.join("csrc", "keypointops.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
+
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    with_cuda = force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None)
+    cpu_flags, cpu_arch = _cpu_flags()
+    cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas", "-DKEYPOINTOPS_PYTHON_MODULE", "-DPy_LIMITED_API=0x030A0000"] + cpu_flags
+    define_macros = []
+    if with_cuda:
+        sources += cuda_sources
+        define_macros.append(("WITH_CUDA", None))
+        ext_cls = CUDAExtension
+        extra = {"cxx": cxx + ["-DWITH_CUDA"],
+                 "nvcc": ["-O3", "-std=c++20", "-DWITH_CUDA", "--use_fast_math", "-lineinfo"]}
+    else:
+        ext_cls = CppExtension
+        extra = {"cxx": cxx}
+    print(f"keypointops: building C++ CPU kernels ({cpu_arch})"
+          + (f" and {len(cuda_sources)} CUDA kernel file(s)" if with_cuda else "; CUDA kernels skipped "
+             "(torch has no CUDA or nvcc not found; set FORCE_CUDA=1 to force)"))
+    return [ext_cls("keypointops._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                    define_macros=define_macros, extra_compile_args=extra, py_limited_api=True)]
+
+
+setup(
+    packages=find_packages(include=["keypointops", "keypointops.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
