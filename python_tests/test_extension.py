@@ -1,0 +1,51 @@
+"""Loading of the compiled library: present here, and a clear error (never a silent fallback) when missing."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import keypointops
+from keypointops import _extension
+
+
+def test_compiled_library_is_built_here():
+    # CI builds the extension (README install); a missing build must fail loudly here.
+    assert keypointops.has_ops(), _extension._LOAD_ERROR
+
+
+def test_missing_build_raises_a_clear_error():
+    """Import the package with keypointops._C hidden: pure-Python parts work, compiled backends raise."""
+    script = textwrap.dedent("""
+        import sys, torch
+        class HideC:
+            def find_spec(self, name, path=None, target=None):
+                if name == "keypointops._C":
+                    raise ImportError("hidden for the test")
+        sys.meta_path.insert(0, HideC())
+        import keypointops
+        assert not keypointops.has_ops()
+        x = torch.randn(4, 3)
+        g = keypointops.Graph.from_edge_index(torch.tensor([[0, 1], [1, 2]]), 4)
+        keypointops.msg_pass(x, g, backend="reference")   # the reference needs no build
+        try:
+            keypointops.msg_pass(x, g)
+        except RuntimeError as err:
+            print(err)
+        else:
+            raise SystemExit("no error without the compiled library")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "keypointops._C is not available" in result.stdout
+    assert "pip install --no-build-isolation -e ." in result.stdout
+
+
+def test_cuda_backend_without_cuda_kernels_raises():
+    if keypointops.has_cuda_ops():
+        pytest.skip("CUDA kernels are built")
+    x = torch.randn(4, 3)
+    g = keypointops.Graph.from_edge_index(torch.tensor([[0, 1], [1, 2]]), 4)
+    with pytest.raises(ValueError, match="backend='cuda' needs cuda tensors"):
+        keypointops.msg_pass(x, g, backend="cuda")
