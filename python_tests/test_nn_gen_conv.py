@@ -186,6 +186,21 @@ def test_gen_conv_passes_backend_to_msg_pass(device, backend, monkeypatch):
     assert seen == [backend, "auto"]
 
 
+def test_gen_conv_gradcheck_float64():
+    """Without PyG: float64 gradients of the whole layer for x and the learned t and msg_norm scale."""
+    conv = GENConv(5, 5, learn_t=True, msg_norm=True, learn_msg_scale=True, norm="layer").double()
+    graph = Graph.from_edge_index(random_edge_index(11, 30), 11)
+    x = torch.randn(11, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    x = (x + 0.2 * x.sign()).requires_grad_()     # away from relu's kink
+    t = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([1.3], dtype=torch.float64, requires_grad=True)
+
+    def layer(x, t, scale):
+        return torch.func.functional_call(conv, {"aggr_module.t": t, "msg_norm.scale": scale}, (x, graph))
+
+    assert torch.autograd.gradcheck(layer, (x, t, scale))
+
+
 # --- DeepGCNLayer -------------------------------------------------------------------------------
 
 def deep_gcn_stack(conv_class, layer_class, channels, num_layers, ckpt_grad=False, block="res+",
@@ -266,6 +281,19 @@ def test_deep_gcn_layer_blocks_compute_their_formulas():
         torch.testing.assert_close(layer(x, edge_index), want)
 
 
+def test_res_plus_stack_compiles_fullgraph():
+    graph = Graph.spatial_temporal("coco17", frames=4, batch=2)
+    model = DeeperGCN(deep_gcn_stack(GENConv, DeepGCNLayer, 8, 3))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(graph.num_nodes, 8, generator=torch.Generator().manual_seed(10), requires_grad=True)
+    got = compiled(x, graph)
+    want = model(x, graph)
+    torch.testing.assert_close(got, want)
+    params = list(model.parameters())
+    for g, w in zip(torch.autograd.grad(got.sum(), [x] + params), torch.autograd.grad(want.sum(), [x] + params)):
+        torch.testing.assert_close(g, w)
+
+
 # --- bad arguments ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -321,3 +349,4 @@ def test_deep_gcn_layer_bad_arguments_raise():
         DeepGCNLayer(GENConv(8, 8), block="resnet")
     with pytest.raises(ValueError, match="dropout must be a probability"):
         DeepGCNLayer(GENConv(8, 8), dropout=1.5)
+

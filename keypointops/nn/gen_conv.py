@@ -114,7 +114,9 @@ class GENConv(torch.nn.Module):
     channels=out_channels)`` for a per-channel ``t``; the parameter and buffer names (``aggr_module.t``,
     ``mlp.*``, ``msg_norm.scale``, ``lin_src.*``, ``lin_dst.*``), so ``load_state_dict(pyg_conv.state_dict(),
     strict=True)`` works both ways; the forward call ``conv(x, edge_index)``; the output and the
-    gradients (to float32 rounding: the fused op sums in another order).
+    gradients (to float32 rounding: the fused op sums in another order).  ``norm="instance"`` is,
+    as in PyG, ``InstanceNorm1d`` on the ``[N, C]`` hidden features (it normalises each node over
+    its channels and warns that ``num_features`` is unused).
 
     **Differs**: ``edge_index`` may also be a :class:`keypointops.Graph` (build it once per batch and
     reuse it across layers: an ``edge_index`` tensor is converted to CSR on every call); the
