@@ -1,3 +1,5 @@
 """Modules built on the ops (drop-in graph layers, pooling and gather modules)."""
+from keypointops.nn.deep_gcn import DeepGCNLayer
+from keypointops.nn.gen_conv import GENConv, MessageNorm, MsgPassAggregation
 
-__all__: list = []
+__all__ = ["DeepGCNLayer", "GENConv", "MessageNorm", "MsgPassAggregation"]
