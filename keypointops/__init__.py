@@ -1,8 +1,8 @@
 """keypointops: fused C++/CUDA and Triton kernels for keypoint-guided video person re-ID."""
-from keypointops import graphs, reference
+from keypointops import graphs, nn, reference
 from keypointops._extension import has_cuda_ops, has_ops
 from keypointops.graphs import Graph
 from keypointops.ops import msg_pass
 
 __version__ = "0.1.0"
-__all__ = ["Graph", "graphs", "has_cuda_ops", "has_ops", "msg_pass", "reference"]
+__all__ = ["Graph", "graphs", "has_cuda_ops", "has_ops", "msg_pass", "nn", "reference"]
