@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import time
 
 import pytest
 import torch
@@ -82,12 +83,15 @@ def measure(benchmark):
                 torch.cuda.synchronize()
         else:
             timed = fn
+        start = time.perf_counter()
         timed()  # warm-up (compilation, caches)
+        slow = time.perf_counter() - start > 1.0
         peak = peak_memory_bytes(fn, device)
         benchmark.group = group
         benchmark.extra_info.update(impl=impl, baseline=baseline, device=device_name(device),
                                     peak_mb=None if peak is None else peak / 2**20)
-        benchmark.pedantic(timed, rounds=1 if SMALL else 5, iterations=1, warmup_rounds=0)
+        rounds = 1 if SMALL else (3 if slow else 7)
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
 
     return run
 
