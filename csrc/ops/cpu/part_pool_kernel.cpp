@@ -3,14 +3,18 @@
 // Images run in parallel, one thread per image.  For image b, with S = H * W:
 //   r = (groups @ heatmaps[b]) / temperature   [P, S]   (identity groups: the heatmap rows)
 //   lse[q] = logsumexp_s r[q, s],  p = exp(r - lse)      in a per-thread [P, S] buffer
-//   out[b] = p @ F[b]^T                                   one BLAS GEMM over S (at::mm_out)
-// F[b] is the [C, S] matrix of the image read in place: row-major for NCHW features, column-major
-// for channels_last ones; BLAS takes either, so the features are never copied or transposed.
+//   out[b] = p @ F[b]^T                                   a GEMM over S
+// F[b] is the [C, S] matrix of the image read in place, NCHW (rows contiguous along S) or
+// channels_last (contiguous along C): the features are never copied or transposed.
 // Backward recomputes p from the saved lse, then per image
 //   grad_features[b] = dout[b]^T @ p                      a GEMM written into grad_features' layout
 //   grad_r = p * (dout[b] @ F[b] - rowsum(dout[b] * out[b])) / temperature     a GEMM + epilogue
 //   grad_heatmaps[b] = groups^T @ grad_r,   grad_groups += grad_r @ heatmaps[b]^T
 // (grad_groups from per-image partials summed in image order: bitwise deterministic).
+// The GEMMs are register-blocked at::vec loops, one thread per image: BLAS called from inside
+// at::parallel_for nests OpenMP teams (measured 5x slower than a single thread on 2 cores).
+// Each GEMM reads the features once (one read in forward, one in backward) and writes
+// grad_features once.
 // Memory: forward out [B, P, C] and lse [B, P]; backward grad_features, grad_heatmaps and a [B, P, J]
 // grad_groups partial; two [P, S] buffers per thread.  Nothing of size [B, P, C, H, W].
 #include <ATen/ATen.h>
@@ -20,7 +24,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef __linux__
@@ -32,22 +36,141 @@
 namespace keypointops {
 namespace {
 
-// [B, C, H, W] as [B, C, S] matrices BLAS reads in place (unit stride along S or along C): a view of
-// NCHW and channels_last tensors; other layouts are copied.
+// [B, C, H, W] as [B, C, S] matrices with unit stride along S (NCHW) or along C (channels_last):
+// a view of such tensors; other layouts are copied.
 at::Tensor image_matrices(const at::Tensor& t) {
-  const int64_t C = t.size(1), S = t.size(2) * t.size(3);
-  auto m = t.reshape({t.size(0), C, S});
-  const bool rows = m.stride(2) == 1 && m.stride(1) >= S;
-  const bool cols = m.stride(1) == 1 && m.stride(2) >= C;
-  return rows || cols ? m : m.contiguous();
+  auto m = t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)});
+  return m.stride(2) == 1 || m.stride(1) == 1 ? m : m.contiguous();
 }
 
-// The [rows, cols] matrix at data with the given strides, as a tensor that owns nothing and needs
-// no autograd (safe to hand to at::mm_out from the worker threads).
+// f(std::integral_constant<int, n>{}) for a runtime n in [1, N]: picks a register-tile size.
+template <int N, typename F>
+void with_count(int64_t n, const F& f) {
+  if constexpr (N > 1) {
+    if (n < N) return with_count<N - 1>(n, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
+
+// One MR x (NV vectors) tile of Y (+)= A @ Z with A[m, k] = A[m * a_m + k * a_k] broadcast and the
+// rows of Z (stride ldz) loaded as vectors; with kTail the last vector holds only `tail` columns.
+template <typename scalar_t, int MR, int NV, bool kTail>
+void broadcast_tile(int64_t K, int64_t tail, const scalar_t* A, int64_t a_m, int64_t a_k,
+                    const scalar_t* Z, int64_t ldz, scalar_t* Y, int64_t ldy, bool accumulate) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  const auto width = [tail](int j) { return kTail && j == NV - 1 ? tail : VL; };
+  Vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NV; ++j) {
+      acc[i][j] = accumulate ? Vec::loadu(Y + i * ldy + j * VL, width(j)) : Vec(0);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec z[NV];
+    for (int j = 0; j < NV; ++j) z[j] = Vec::loadu(Z + k * ldz + j * VL, width(j));
+    for (int i = 0; i < MR; ++i) {
+      const Vec a(A[i * a_m + k * a_k]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(a, z[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NV; ++j) acc[i][j].store(Y + i * ldy + j * VL, width(j));
+  }
+}
+
+// Y[m, n] (+)= sum_k A[m * a_m + k * a_k] * Z[k * ldz + n] for m < M, n < N (Y row stride ldy).
+// Column blocks outside, row blocks inside and K in chunks, so that the Z block in use stays in L1;
+// the next Z block is prefetched (it streams from memory).
 template <typename scalar_t>
-at::Tensor matrix(const scalar_t* data, int64_t rows, int64_t cols, int64_t row_stride,
-                  int64_t col_stride, const at::TensorOptions& options) {
-  return at::from_blob(const_cast<scalar_t*>(data), {rows, cols}, {row_stride, col_stride}, options);
+void gemm_broadcast(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t a_m, int64_t a_k,
+                    const scalar_t* Z, int64_t ldz, scalar_t* Y, int64_t ldy, bool accumulate) {
+  constexpr int64_t VL = at::vec::Vectorized<scalar_t>::size();
+  constexpr int kRows = 4, kVectors = 2;
+  constexpr int64_t kChunk = 64, kBlock = kVectors * VL;
+  if (K == 0 && !accumulate) {
+    for (int64_t m = 0; m < M; ++m) std::fill(Y + m * ldy, Y + m * ldy + N, scalar_t(0));
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t kc = std::min(kChunk, K - k0);
+    for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+      const int64_t next_k = n0 + kBlock < N ? k0 : k0 + kChunk;
+      const int64_t next_n = n0 + kBlock < N ? n0 + kBlock : 0;
+      for (int64_t k = next_k; k < std::min(next_k + kChunk, K); ++k) {
+        __builtin_prefetch(Z + k * ldz + next_n);
+        __builtin_prefetch(Z + k * ldz + std::min(next_n + kBlock, N) - 1);
+      }
+      const int64_t nb = std::min<int64_t>(kBlock, N - n0);
+      const int64_t nv = (nb + VL - 1) / VL, tail = nb - (nv - 1) * VL;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const scalar_t* a = A + m0 * a_m + k0 * a_k;
+        const scalar_t* z = Z + k0 * ldz + n0;
+        scalar_t* y = Y + m0 * ldy + n0;
+        const bool acc = accumulate || k0 > 0;
+        with_count<kRows>(std::min<int64_t>(kRows, M - m0), [&](auto rows) {
+          with_count<kVectors>(nv, [&](auto vectors) {
+            constexpr int MR = decltype(rows)::value, NV = decltype(vectors)::value;
+            if (tail == VL) {
+              broadcast_tile<scalar_t, MR, NV, false>(kc, tail, a, a_m, a_k, z, ldz, y, ldy, acc);
+            } else {
+              broadcast_tile<scalar_t, MR, NV, true>(kc, tail, a, a_m, a_k, z, ldz, y, ldy, acc);
+            }
+          });
+        });
+      }
+    }
+  }
+}
+
+// One MR x NR tile of Y = A @ Z^T: dot products of rows of A and rows of Z, both contiguous along K.
+template <typename scalar_t, int MR, int NR>
+void dot_tile(int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z, int64_t ldz, scalar_t* Y,
+              int64_t ldy) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  Vec acc[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) acc[i][j] = Vec(0);
+  }
+  const auto step = [&](int64_t k, int64_t n) {  // loadu zero-fills the lanes past n
+    Vec z[NR];
+    for (int j = 0; j < NR; ++j) z[j] = Vec::loadu(Z + j * ldz + k, n);
+    for (int i = 0; i < MR; ++i) {
+      const Vec a = Vec::loadu(A + i * lda + k, n);
+      for (int j = 0; j < NR; ++j) acc[i][j] = at::vec::fmadd(a, z[j], acc[i][j]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + VL <= K; k += VL) step(k, VL);
+  if (k < K) step(k, K - k);
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      Y[i * ldy + j] = at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; },
+                                                         acc[i][j]);
+    }
+  }
+}
+
+// Y[m, n] = sum_k A[m * lda + k] * Z[n * ldz + k] for m < M, n < N (Y row stride ldy).
+// Rows of Z outside (prefetched one block ahead: they stream from memory), rows of A inside.
+template <typename scalar_t>
+void gemm_dot(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z,
+              int64_t ldz, scalar_t* Y, int64_t ldy) {
+  constexpr int kRows = 3, kCols = 3;
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t n0 = 0; n0 < N; n0 += kCols) {
+    for (int64_t n = n0 + kCols; n < std::min<int64_t>(n0 + 2 * kCols, N); ++n) {
+      for (int64_t k = 0; k < K; k += kLine) __builtin_prefetch(Z + n * ldz + k);
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      with_count<kRows>(std::min<int64_t>(kRows, M - m0), [&](auto rows) {
+        with_count<kCols>(std::min<int64_t>(kCols, N - n0), [&](auto cols) {
+          dot_tile<scalar_t, decltype(rows)::value, decltype(cols)::value>(
+              K, A + m0 * lda, lda, Z + n0 * ldz, ldz, Y + m0 * ldy + n0, ldy);
+        });
+      });
+    }
+  }
 }
 
 // A fresh output of several MiB is first written by this op: on Linux, transparent huge pages for
@@ -187,17 +310,19 @@ std::tuple<at::Tensor, at::Tensor> part_pool_cpu(const at::Tensor& features_in,
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* lp = lse.data_ptr<scalar_t>();
     const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
-    const auto options = features.options();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> probs(P * S);
-      const auto p = matrix(probs.data(), P, S, S, 1, options);
       for (int64_t b = begin; b < end; ++b) {
         image_logits<scalar_t>(hp + b * J * S, gp, P, J, S, static_cast<scalar_t>(temperature),
                                probs.data());
         row_log_sum_exp<scalar_t>(probs.data(), P, S, lp + b * P);
         row_probabilities<scalar_t>(probs.data(), P, S, lp + b * P);
-        auto out_b = matrix(op + b * P * C, P, C, C, 1, options);
-        at::mm_out(out_b, p, matrix(fp + b * f_batch, S, C, f_s, f_c, options));
+        const scalar_t* f = fp + b * f_batch;
+        if (f_s == 1) {  // NCHW: out[q, c] = p[q, :] . F[c, :]
+          gemm_dot<scalar_t>(P, C, S, probs.data(), S, f, f_c, op + b * P * C, C);
+        } else {         // channels_last: out[q, :] = sum_s p[q, s] F[s, :]
+          gemm_broadcast<scalar_t>(P, C, S, probs.data(), S, 1, f, f_s, op + b * P * C, C, false);
+        }
       }
     });
   });
@@ -245,26 +370,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
     const auto t = static_cast<scalar_t>(temperature);
     const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
     scalar_t* gfp = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
-    const auto gf_view = need_features ? grad_features.view({B, C, S}) : at::Tensor();
+    // grad_features as [B, C, S]: strides (C*S, S, 1) or, channels_last, (S*C, 1, C).
+    const int64_t gf_c = need_features ? grad_features.stride(1) : 0;
+    const int64_t gf_s = need_features ? grad_features.stride(3) : 0;
     scalar_t* ghp = need_heatmaps ? grad_heatmaps.data_ptr<scalar_t>() : nullptr;
     scalar_t* ggp = grad_groups_partial.defined() ? grad_groups_partial.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> probs(P * S), grad_logits(need_logits ? P * S : 0);
-      const auto p = matrix(probs.data(), P, S, S, 1, options);
       for (int64_t b = begin; b < end; ++b) {
         image_logits<scalar_t>(hp + b * J * S, gp, P, J, S, t, probs.data());
         row_probabilities<scalar_t>(probs.data(), P, S, lp + b * P);
-        const auto dout_b = matrix(dp + b * P * C, P, C, C, 1, options);
+        const scalar_t* dout = dp + b * P * C;
+        const scalar_t* f = fp + b * f_batch;
         if (need_features) {
-          auto grad_f_b = matrix(gfp + b * gf_view.stride(0), C, S, gf_view.stride(1),
-                                 gf_view.stride(2), options);
-          at::mm_out(grad_f_b, dout_b.t(), p);
+          scalar_t* grad_f = gfp + b * C * S;
+          if (gf_s == 1) {  // NCHW: grad_f[c, :] = sum_q dout[q, c] p[q, :]
+            gemm_broadcast<scalar_t>(C, S, P, dout, 1, C, probs.data(), S, grad_f, gf_c, false);
+          } else {          // channels_last: grad_f[s, :] = sum_q p[q, s] dout[q, :]
+            gemm_broadcast<scalar_t>(S, C, P, probs.data(), 1, S, dout, C, grad_f, gf_s, false);
+          }
         }
         if (!need_logits) continue;
-        auto grad_r = matrix(grad_logits.data(), P, S, S, 1, options);
-        at::mm_out(grad_r, dout_b, matrix(fp + b * f_batch, C, S, f_c, f_s, options));
-        logits_gradient<scalar_t>(probs.data(), dp + b * P * C, op + b * P * C, P, C, S, t,
-                                  grad_logits.data());
+        if (f_s == 1) {  // NCHW: grad_p[q, :] = sum_c dout[q, c] F[c, :]
+          gemm_broadcast<scalar_t>(P, S, C, dout, C, 1, f, f_c, grad_logits.data(), S, false);
+        } else {         // channels_last: grad_p[q, s] = dout[q, :] . F[s, :]
+          gemm_dot<scalar_t>(P, S, C, dout, C, f, f_s, grad_logits.data(), S);
+        }
+        logits_gradient<scalar_t>(probs.data(), dout, op + b * P * C, P, C, S, t, grad_logits.data());
         heatmap_gradients<scalar_t>(grad_logits.data(), hp + b * J * S, gp, P, J, S,
                                     ghp ? ghp + b * J * S : nullptr, ggp ? ggp + b * P * J : nullptr);
       }
