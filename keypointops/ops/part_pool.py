@@ -124,11 +124,10 @@ def _fake_forward(features, heatmaps, groups, temperature):
 
 def _fake_backward(grad_out, features, heatmaps, groups, out, lse, temperature, output_mask):
     need_features, need_heatmaps, need_groups = output_mask
-    empty = features.new_empty(0)
     return (torch.empty_like(features, memory_format=grad_features_format(features))
-            if need_features else empty,
-            features.new_empty(heatmaps.shape) if need_heatmaps else empty,
-            features.new_empty(groups.shape) if need_groups and groups is not None else empty)
+            if need_features else features.new_empty(0),
+            features.new_empty(heatmaps.shape if need_heatmaps else (0,)),
+            features.new_empty(groups.shape if need_groups and groups is not None else (0,)))
 
 
 def register_kernels_of(forward_name: str, backward_name: str) -> None:

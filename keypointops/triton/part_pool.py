@@ -204,14 +204,13 @@ def part_pool_triton_backward(grad_out: Tensor, features: Tensor, heatmaps: Tens
     batch, channels, pixels = f.shape
     joints = hm.size(1)
     parts = joints if groups is None else groups.size(0)
-    empty = features.new_empty(0)
     grad_f = (torch.empty_like(features, memory_format=grad_features_format(features))
-              if need_features else empty)
-    grad_hm = features.new_empty(heatmaps.shape) if need_heatmaps else empty
+              if need_features else features.new_empty(0))
+    grad_hm = features.new_empty(heatmaps.shape if need_heatmaps else (0,))
     blocks = _blocks(parts, joints, features.dtype)
     pixel_blocks = triton.cdiv(pixels, blocks["BLOCK_S"])
     grad_g_partial = (features.new_empty(batch, pixel_blocks, parts, joints, dtype=acc_dtype)
-                      if need_groups else empty)
+                      if need_groups else f)  # f: a placeholder pointer, never written
     if batch and (need_features or need_heatmaps or need_groups):
         gf = grad_f.view(batch, channels, pixels) if need_features else f
         _part_pool_bwd_kernel[(pixel_blocks, batch)](
@@ -220,7 +219,7 @@ def part_pool_triton_backward(grad_out: Tensor, features: Tensor, heatmaps: Tens
             gf.stride(0), gf.stride(1), gf.stride(2), IDENTITY=groups is None,
             FP64=features.dtype == torch.float64, NEED_FEATURES=need_features,
             NEED_HEATMAPS=need_heatmaps, NEED_GROUPS=need_groups, **blocks)
-    grad_g = grad_g_partial.sum((0, 1)).to(features.dtype) if need_groups else empty
+    grad_g = grad_g_partial.sum((0, 1)).to(features.dtype) if need_groups else features.new_empty(0)
     return grad_f, grad_hm, grad_g
 
 

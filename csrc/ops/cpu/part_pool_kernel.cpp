@@ -2,7 +2,7 @@
 //
 // Images run in parallel, one thread per image.  For image b, with S = H * W:
 //   r = (groups @ heatmaps[b]) / temperature   [P, S]   (identity groups: the heatmap rows)
-//   lse[q] = logsumexp_s r[q, s],  p = exp(r - lse)      in a per-thread [P, S] buffer
+//   p = softmax_s(r),  lse[q] = logsumexp_s r[q, s]     in a per-thread [P, S] buffer
 //   out[b] = p @ F[b]^T                                   a GEMM over S
 // F[b] is the [C, S] matrix of the image read in place, NCHW (rows contiguous along S) or
 // channels_last (contiguous along C): the features are never copied or transposed.
@@ -210,17 +210,21 @@ void image_logits(const scalar_t* hm, const scalar_t* groups, int64_t P, int64_t
   }
 }
 
-// lse[q] = log(sum_s exp(r[q, s])), computed as max + log(sum exp(r - max)).
+// Softmax of every row of r [P, S], in place: p = exp(r - max) / sum, and lse[q] = max + log(sum).
+// (Forward normalises by the sum itself rather than through the rounded lse, so that out is as
+// accurate as the softmax; backward's exp(r - lse) differs from it by one factor per row.)
 template <typename scalar_t>
-void row_log_sum_exp(const scalar_t* r, int64_t P, int64_t S, scalar_t* lse) {
+void row_softmax(scalar_t* r, int64_t P, int64_t S, scalar_t* lse) {
   using Vec = at::vec::Vectorized<scalar_t>;
   for (int64_t q = 0; q < P; ++q) {
-    const scalar_t* row = r + q * S;
+    scalar_t* row = r + q * S;
     const scalar_t row_max = at::vec::reduce_all<scalar_t>(
         [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, row, S);
     const Vec max_v(row_max);
-    const scalar_t sum = at::vec::map_reduce_all<scalar_t>(
-        [&](Vec x) { return (x - max_v).exp(); }, [](Vec a, Vec b) { return a + b; }, row, S);
+    at::vec::map<scalar_t>([&](Vec x) { return (x - max_v).exp(); }, row, row, S);
+    const scalar_t sum = at::vec::reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, row, S);
+    const Vec sum_v(sum);
+    at::vec::map<scalar_t>([&](Vec x) { return x / sum_v; }, row, row, S);
     lse[q] = row_max + std::log(sum);
   }
 }
@@ -315,8 +319,7 @@ std::tuple<at::Tensor, at::Tensor> part_pool_cpu(const at::Tensor& features_in,
       for (int64_t b = begin; b < end; ++b) {
         image_logits<scalar_t>(hp + b * J * S, gp, P, J, S, static_cast<scalar_t>(temperature),
                                probs.data());
-        row_log_sum_exp<scalar_t>(probs.data(), P, S, lp + b * P);
-        row_probabilities<scalar_t>(probs.data(), P, S, lp + b * P);
+        row_softmax<scalar_t>(probs.data(), P, S, lp + b * P);
         const scalar_t* f = fp + b * f_batch;
         if (f_s == 1) {  // NCHW: out[q, c] = p[q, :] . F[c, :]
           gemm_dot<scalar_t>(P, C, S, probs.data(), S, f, f_c, op + b * P * C, C);
