@@ -122,6 +122,29 @@ def test_alignnet_grouping(device, backend):
                             GRAD_TOLERANCES[torch.float64])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 / bfloat16 run on CUDA only")
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=pytest.mark.skipif(
+    not keypointops.has_cuda_ops(), reason="keypointops._C built without CUDA kernels")), "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reduced_precision_on_cuda(backend, dtype, channels_last):
+    """float16 / bfloat16 inputs, float32 accumulation: against the float32 reference."""
+    features, heatmaps, groups = make_inputs(7, random_groups(3, 7), channels=70, height=9, width=5,
+                                             dtype=torch.float32, device="cuda",
+                                             channels_last=channels_last)
+    low = [t.detach().to(dtype).requires_grad_() for t in (features, heatmaps, groups)]
+    out = keypointops.part_pool(*low, temperature=0.5, backend=backend)
+    expected = reference.part_pool(*[t.detach().to(dtype).float().requires_grad_() for t in low], 0.5)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, **tolerances(dtype))
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(out, low, grad.to(dtype))
+    exact = [t.detach().to(dtype).float().requires_grad_() for t in low]
+    want = torch.autograd.grad(reference.part_pool(*exact, 0.5), exact, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("needs", ["features", "heatmaps", "groups"])
 def test_gradient_of_one_input(device, backend, needs):

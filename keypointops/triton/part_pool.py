@@ -53,8 +53,8 @@ def _part_pool_fwd_kernel(f_ptr, hm_ptr, g_ptr, t_ptr, out_ptr, lse_ptr,
                           P, J, C, S, stride_fb, stride_fc, stride_fs,
                           IDENTITY: tl.constexpr, FP64: tl.constexpr, BLOCK_P: tl.constexpr,
                           BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_c = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1)
     temperature = tl.load(t_ptr)
     offs_p = tl.arange(0, BLOCK_P)
     offs_j = tl.arange(0, BLOCK_J)
@@ -96,8 +96,8 @@ def _part_pool_bwd_kernel(f_ptr, hm_ptr, g_ptr, t_ptr, dout_ptr, out_ptr, lse_pt
                           NEED_HEATMAPS: tl.constexpr, NEED_GROUPS: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_C: tl.constexpr):
-    pid_s = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
     temperature = tl.load(t_ptr)
     offs_p = tl.arange(0, BLOCK_P)
     offs_j = tl.arange(0, BLOCK_J)
@@ -147,7 +147,7 @@ def _part_pool_bwd_kernel(f_ptr, hm_ptr, g_ptr, t_ptr, dout_ptr, out_ptr, lse_pt
             hm = tl.load(hm_img + offs_j[:, None] * S + offs_s[None, :],
                          mask=(offs_j[:, None] < J) & mask_s[None, :], other=0.0)
             grad_g = _mm(grad_r, tl.trans(hm).to(temperature.dtype), FP64)   # [BLOCK_P, BLOCK_J]
-            partial = (b * tl.num_programs(0) + pid_s) * P * J
+            partial = (b * tl.num_programs(1) + pid_s) * P * J
             tl.store(grad_g_ptr + partial + offs_p[:, None] * J + offs_j[None, :], grad_g,
                      mask=mask_p[:, None] & (offs_j[None, :] < J))
 
@@ -186,7 +186,7 @@ def part_pool_triton(features: Tensor, heatmaps: Tensor, groups: Tensor | None,
     if lse.numel() == 0:
         return out, lse
     blocks = _blocks(parts, joints, features.dtype)
-    grid = (max(1, triton.cdiv(channels, blocks["BLOCK_C"])), batch)  # C = 0: one program for lse
+    grid = (batch, max(1, triton.cdiv(channels, blocks["BLOCK_C"])))  # C = 0: one program for lse
     _part_pool_fwd_kernel[grid](f, hm, g, t, out, lse, parts, joints, channels, pixels,
                                 f.stride(0), f.stride(1), f.stride(2), IDENTITY=groups is None,
                                 FP64=features.dtype == torch.float64, **blocks)
@@ -213,7 +213,7 @@ def part_pool_triton_backward(grad_out: Tensor, features: Tensor, heatmaps: Tens
                       if need_groups else f)  # f: a placeholder pointer, never written
     if batch and (need_features or need_heatmaps or need_groups):
         gf = grad_f.view(batch, channels, pixels) if need_features else f
-        _part_pool_bwd_kernel[(pixel_blocks, batch)](
+        _part_pool_bwd_kernel[(batch, pixel_blocks)](
             f, hm, g, t, grad_out.contiguous(), out.contiguous(), lse.contiguous(), gf, grad_hm,
             grad_g_partial, parts, joints, channels, pixels, f.stride(0), f.stride(1), f.stride(2),
             gf.stride(0), gf.stride(1), gf.stride(2), IDENTITY=groups is None,
