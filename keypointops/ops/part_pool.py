@@ -78,28 +78,27 @@ def _check_args(features, heatmaps, groups, temperature) -> None:
                          "feature grid first")
     if height * width == 0:
         raise ValueError(f"part_pool: features and heatmaps must have H * W > 0, got {[height, width]}")
-    if heatmaps.dtype != features.dtype:
-        raise ValueError(f"part_pool: heatmaps must have the dtype of features ({features.dtype}), "
-                         f"got {heatmaps.dtype}")
-    if heatmaps.device != features.device:
-        raise ValueError(f"part_pool: features ({features.device}) and heatmaps ({heatmaps.device}) "
-                         "must be on the same device")
+    _check_like_features("heatmaps", heatmaps, features)
     if groups is not None:
         if not isinstance(groups, Tensor):
             raise TypeError(f"part_pool: groups must be a Tensor or None, got {type(groups).__name__}")
         if groups.dim() != 2 or groups.size(1) != heatmaps.size(1):
             raise ValueError(f"part_pool: groups must be [P, J] = [P, {heatmaps.size(1)}] (J = heatmap "
                              f"channels), got shape {list(groups.shape)}")
-        if groups.dtype != features.dtype:
-            raise ValueError(f"part_pool: groups must have the dtype of features ({features.dtype}), "
-                             f"got {groups.dtype}")
-        if groups.device != features.device:
-            raise ValueError(f"part_pool: features ({features.device}) and groups ({groups.device}) "
-                             "must be on the same device")
+        _check_like_features("groups", groups, features)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"part_pool: temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"part_pool: temperature must be a finite float > 0, got {temperature!r}")
+
+
+def _check_like_features(name: str, tensor: Tensor, features: Tensor) -> None:
+    if tensor.dtype != features.dtype:
+        raise ValueError(f"part_pool: {name} must have the dtype of features ({features.dtype}), "
+                         f"got {tensor.dtype}")
+    if tensor.device != features.device:
+        raise ValueError(f"part_pool: features ({features.device}) and {name} ({tensor.device}) "
+                         "must be on the same device")
 
 
 # --- torch.library registrations: fake kernels and the autograd formula --------------------------

@@ -34,6 +34,13 @@ def _mm(a, b, FP64: tl.constexpr):
 
 
 @triton.jit
+def _groups_tile(g_ptr, offs_p, offs_j, P, J):
+    """The [BLOCK_P, BLOCK_J] groups matrix, zero-padded."""
+    return tl.load(g_ptr + offs_p[:, None] * J + offs_j[None, :],
+                   mask=(offs_p[:, None] < P) & (offs_j[None, :] < J), other=0.0)
+
+
+@triton.jit
 def _logits(hm_ptr, g, offs_p, offs_j, offs_s, P, J, S, temperature,
             IDENTITY: tl.constexpr, FP64: tl.constexpr):
     """The [BLOCK_P, BLOCK_S] tile of (groups @ heatmaps) / temperature of one image (0 off range)."""
@@ -61,8 +68,7 @@ def _part_pool_fwd_kernel(f_ptr, hm_ptr, g_ptr, t_ptr, out_ptr, lse_ptr,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < P
     mask_c = offs_c < C
-    g = tl.load(g_ptr + offs_p[:, None] * J + offs_j[None, :],
-                mask=mask_p[:, None] & (offs_j[None, :] < J), other=0.0) if not IDENTITY else None
+    g = _groups_tile(g_ptr, offs_p, offs_j, P, J) if not IDENTITY else None
     hm_img = hm_ptr + b * J * S
     f_img = f_ptr + b * stride_fb
     row_max = tl.full([BLOCK_P], float("-inf"), temperature.dtype)
@@ -104,8 +110,7 @@ def _part_pool_bwd_kernel(f_ptr, hm_ptr, g_ptr, t_ptr, dout_ptr, out_ptr, lse_pt
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_p = offs_p < P
     mask_s = offs_s < S
-    g = tl.load(g_ptr + offs_p[:, None] * J + offs_j[None, :],
-                mask=mask_p[:, None] & (offs_j[None, :] < J), other=0.0) if not IDENTITY else None
+    g = _groups_tile(g_ptr, offs_p, offs_j, P, J) if not IDENTITY else None
     hm_img = hm_ptr + b * J * S
     r = _logits(hm_img, g, offs_p, offs_j, offs_s, P, J, S, temperature, IDENTITY, FP64)
     lse = tl.load(lse_ptr + b * P + offs_p, mask=mask_p, other=0.0)

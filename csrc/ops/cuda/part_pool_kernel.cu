@@ -61,6 +61,33 @@ __device__ T block_reduce(T value, Op op, T* scratch /* [kThreads / 32] */) {
   return value;
 }
 
+// Walks the kTileC x kTileS feature tile at (c0, s0) of one image, store(c, s, value) for each element
+// (0 outside the map); consecutive threads take consecutive elements along the contiguous dimension
+// (pixels for NCHW, channels for channels_last), so the global reads coalesce.
+template <bool kPixelsContiguous, typename acc_t, typename scalar_t, typename Store>
+__device__ __forceinline__ void load_feature_tile(const scalar_t* f, int64_t f_c, int64_t f_s,
+                                                  int64_t c0, int64_t s0, int64_t C, int64_t S,
+                                                  Store store) {
+  for (int i = threadIdx.x; i < kTileC * kTileS; i += kThreads) {
+    const int s = kPixelsContiguous ? i % kTileS : i / kTileC;
+    const int c = kPixelsContiguous ? i / kTileS : i % kTileC;
+    const bool inside = c0 + c < C && s0 + s < S;
+    store(c, s, inside ? static_cast<acc_t>(f[(c0 + c) * f_c + (s0 + s) * f_s]) : acc_t(0));
+  }
+}
+
+// tile[r][k] = src[(row0 + r) * cols + col0 + k] for r < kRows, k < kCols of a row-major
+// [rows, cols] matrix (0 outside it); consecutive threads read consecutive columns.
+template <int kRows, int kCols, typename acc_t, typename T>
+__device__ __forceinline__ void load_rows_tile(acc_t (*tile)[kCols], const T* src, int64_t row0,
+                                               int64_t col0, int64_t rows, int64_t cols) {
+  for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {
+    const int r = i / kCols, k = i % kCols;
+    tile[r][k] = row0 + r < rows && col0 + k < cols ? static_cast<acc_t>(src[(row0 + r) * cols + col0 + k])
+                                                    : acc_t(0);
+  }
+}
+
 // One block per row (image b, part q) of probs [B * P, S]: the logits, then with compute_lse the
 // softmax and lse[row] = max + log(sum); otherwise p = exp(r - lse[row]) with the given lse.
 template <typename scalar_t, typename acc_t>
@@ -124,16 +151,9 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(
 #pragma unroll
   for (int i = 0; i < kPartsPerThread; ++i) acc[i] = 0;
   for (int64_t s0 = 0; s0 < S; s0 += kTileS) {
-    for (int i = threadIdx.x; i < kTileC * kTileS; i += kThreads) {
-      const int s = kPixelsContiguous ? i % kTileS : i / kTileC;
-      const int c = kPixelsContiguous ? i / kTileS : i % kTileC;
-      const bool inside = c0 + c < C && s0 + s < S;
-      f_tile[s][c] = inside ? static_cast<acc_t>(f[(c0 + c) * f_c + (s0 + s) * f_s]) : acc_t(0);
-    }
-    for (int i = threadIdx.x; i < kTileP * kTileS; i += kThreads) {
-      const int s = i % kTileS, q = i / kTileS;
-      p_tile[q][s] = q0 + q < P && s0 + s < S ? p[(q0 + q) * S + s0 + s] : acc_t(0);
-    }
+    load_feature_tile<kPixelsContiguous, acc_t>(f, f_c, f_s, c0, s0, C, S,
+                                                [&](int c, int s, acc_t v) { f_tile[s][c] = v; });
+    load_rows_tile<kTileP, kTileS>(p_tile, p, q0, s0, P, S);
     __syncthreads();
 #pragma unroll 8
     for (int s = 0; s < kTileS; ++s) {
@@ -173,15 +193,8 @@ __global__ void __launch_bounds__(kThreads) grad_features_kernel(
 #pragma unroll
   for (int i = 0; i < kOutputs; ++i) acc[i] = 0;
   for (int64_t q0 = 0; q0 < P; q0 += kMaxTileP) {
-    for (int i = threadIdx.x; i < kMaxTileP * kTileC; i += kThreads) {
-      const int c = i % kTileC, q = i / kTileC;
-      dout_tile[q][c] =
-          q0 + q < P && c0 + c < C ? static_cast<acc_t>(dout[(q0 + q) * C + c0 + c]) : acc_t(0);
-    }
-    for (int i = threadIdx.x; i < kMaxTileP * kTileS; i += kThreads) {
-      const int s = i % kTileS, q = i / kTileS;
-      p_tile[q][s] = q0 + q < P && s0 + s < S ? p[(q0 + q) * S + s0 + s] : acc_t(0);
-    }
+    load_rows_tile<kMaxTileP, kTileC>(dout_tile, dout, q0, c0, P, C);
+    load_rows_tile<kMaxTileP, kTileS>(p_tile, p, q0, s0, P, S);
     __syncthreads();
     const int parts = static_cast<int>(P - q0 < kMaxTileP ? P - q0 : kMaxTileP);
     for (int q = 0; q < parts; ++q) {
@@ -241,17 +254,9 @@ __global__ void __launch_bounds__(kThreads) grad_logits_kernel(
 #pragma unroll
   for (int i = 0; i < kParts; ++i) acc[i] = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
-    for (int i = threadIdx.x; i < kTileC * kTileS; i += kThreads) {
-      const int s = kPixelsContiguous ? i % kTileS : i / kTileC;
-      const int c = kPixelsContiguous ? i / kTileS : i % kTileC;
-      const bool inside = c0 + c < C && s0 + s < S;
-      f_tile[c][s] = inside ? static_cast<acc_t>(f[(c0 + c) * f_c + (s0 + s) * f_s]) : acc_t(0);
-    }
-    for (int i = threadIdx.x; i < kMaxTileP * kTileC; i += kThreads) {
-      const int c = i % kTileC, q = i / kTileC;
-      dout_tile[q][c] =
-          q0 + q < P && c0 + c < C ? static_cast<acc_t>(dout[(q0 + q) * C + c0 + c]) : acc_t(0);
-    }
+    load_feature_tile<kPixelsContiguous, acc_t>(f, f_c, f_s, c0, s0, C, S,
+                                                [&](int c, int s, acc_t v) { f_tile[c][s] = v; });
+    load_rows_tile<kMaxTileP, kTileC>(dout_tile, dout, q0, c0, P, C);
     __syncthreads();
 #pragma unroll 8
     for (int c = 0; c < kTileC; ++c) {
