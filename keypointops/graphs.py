@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Graph", "Skeleton", "SKELETONS", "skeleton"]
+__all__ = ["Graph", "Skeleton", "SKELETONS", "skeleton", "part_groups", "PART_GROUPINGS",
+           "ALIGNNET_BODY_PARTS", "CTL_PARTS_10", "CTL_PARTS_5", "CTL_PARTS_5_OF_10"]
 
 
 @dataclass(frozen=True)
@@ -216,3 +217,89 @@ def _validate_csr(rowptr: Tensor, col: Tensor, rowptr_name: str, col_name: str) 
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= num_nodes):
         raise ValueError(f"Graph: {col_name} holds node indices in [{int(col.min())}, {int(col.max())}], "
                          f"out of range [0, {num_nodes})")
+
+
+# --- part groupings: which joints (heatmap channels) make up each body part ----------------------
+
+# AlignNet (Jones & Rambhatla, BMVC 2019) pools upper / middle / lower body parts from OpenPose's 19
+# heatmaps (the 18 joints of "openpose18" + background) but does not list the joints of each part.
+# Chosen here: three horizontal bands of an upright pedestrian, each joint in the band it lies in:
+# the head and shoulders; the elbows, wrists and hips (hanging arms end at hip height); the knees
+# and ankles.  Every joint belongs to one part; the background channel (18) to none.
+ALIGNNET_BODY_PARTS: dict[str, tuple[int, ...]] = {
+    "upper": (0, 1, 2, 5, 14, 15, 16, 17),   # nose, neck, shoulders, eyes, ears
+    "middle": (3, 4, 6, 7, 8, 11),           # elbows, wrists, hips
+    "lower": (9, 10, 12, 13),                # knees, ankles
+}
+
+# CTL (Liu et al., CVPR 2021) pools its 17 COCO keypoints into 10 and then 5 parts without listing
+# them.  Chosen here, over "coco17" joints, so that the levels nest (every 5-part is the union of
+# 10-parts, CTL_PARTS_5_OF_10) and follow the skeleton: 10 parts = the head, the torso and the
+# eight limb bones; 5 parts = the trunk (head + torso) and the four limbs, the star the body's
+# topology reduces to.  Parts share their end joints (an elbow is in the upper arm and the forearm).
+CTL_PARTS_10: dict[str, tuple[int, ...]] = {
+    "head": (0, 1, 2, 3, 4),
+    "torso": (5, 6, 11, 12),
+    "left_upper_arm": (5, 7),
+    "left_forearm": (7, 9),
+    "right_upper_arm": (6, 8),
+    "right_forearm": (8, 10),
+    "left_thigh": (11, 13),
+    "left_shin": (13, 15),
+    "right_thigh": (12, 14),
+    "right_shin": (14, 16),
+}
+CTL_PARTS_5: dict[str, tuple[int, ...]] = {
+    "trunk": (0, 1, 2, 3, 4, 5, 6, 11, 12),
+    "left_arm": (5, 7, 9),
+    "right_arm": (6, 8, 10),
+    "left_leg": (11, 13, 15),
+    "right_leg": (12, 14, 16),
+}
+# The 5 parts as groups of the 10 parts (indices into CTL_PARTS_10's order), for pooling part nodes.
+CTL_PARTS_5_OF_10: dict[str, tuple[int, ...]] = {
+    "trunk": (0, 1), "left_arm": (2, 3), "right_arm": (4, 5), "left_leg": (6, 7), "right_leg": (8, 9),
+}
+# Each grouping by name, with the number of joints (heatmap channels) it indexes.
+PART_GROUPINGS: dict[str, tuple[dict[str, tuple[int, ...]], int]] = {
+    "alignnet": (ALIGNNET_BODY_PARTS, 19),
+    "ctl10": (CTL_PARTS_10, 17),
+    "ctl5": (CTL_PARTS_5, 17),
+    "ctl5_of_10": (CTL_PARTS_5_OF_10, 10),
+}
+
+
+def part_groups(parts, num_joints: int | None = None, *, dtype: torch.dtype = torch.float32,
+                device=None) -> Tensor:
+    """The ``[P, J]`` row-averaging matrix of a part grouping: ``groups[q, j] = 1 / len(parts[q])``
+    for the joints ``j`` of part ``q``, 0 elsewhere, so that ``groups @ heatmaps`` averages each
+    part's joint heatmaps (the ``groups`` argument of :func:`keypointops.part_pool`).
+
+    Args:
+        parts: a sequence of joint-index sequences (one per part), a mapping from part names to
+            joint indices (parts in the mapping's order), or the name of a grouping in
+            ``PART_GROUPINGS`` (``"alignnet"``, ``"ctl10"``, ``"ctl5"``, ``"ctl5_of_10"``).
+        num_joints: ``J``, the number of heatmap channels (columns); optional for a named grouping.
+        dtype, device: of the returned matrix.
+    """
+    if isinstance(parts, str):
+        if parts not in PART_GROUPINGS:
+            raise ValueError(f"part_groups: unknown grouping {parts!r}; known: {sorted(PART_GROUPINGS)}")
+        parts, default_joints = PART_GROUPINGS[parts]
+        num_joints = default_joints if num_joints is None else num_joints
+    if num_joints is None or isinstance(num_joints, bool) or not isinstance(num_joints, int) \
+            or num_joints < 1:
+        raise ValueError(f"part_groups: num_joints must be an int >= 1, got {num_joints!r}")
+    rows = list(parts.values()) if isinstance(parts, dict) else list(parts)
+    groups = torch.zeros(len(rows), num_joints, dtype=torch.float64)
+    for q, joints in enumerate(rows):
+        joints = list(joints)
+        if not joints:
+            raise ValueError(f"part_groups: part {q} has no joints")
+        if any(isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < num_joints for j in joints):
+            raise ValueError(f"part_groups: part {q} holds joint indices {joints} out of range "
+                             f"[0, {num_joints})")
+        if len(set(joints)) != len(joints):
+            raise ValueError(f"part_groups: part {q} repeats a joint: {joints}")
+        groups[q, joints] = 1.0 / len(joints)
+    return groups.to(dtype=dtype, device=device)

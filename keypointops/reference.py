@@ -10,7 +10,7 @@ from torch import Tensor
 
 from keypointops.graphs import Graph
 
-__all__ = ["msg_pass"]
+__all__ = ["msg_pass", "part_pool"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,3 +35,15 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
     out = torch.zeros(num_nodes, channels, dtype=dtype, device=x.device)
     out = out.index_add(0, dst, weights / denom[dst] * messages)
     return out.to(x.dtype)
+
+
+def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None,
+              temperature: float = 1.0) -> Tensor:
+    """``out[b, q] = sum_{h, w} softmax_{h, w}((groups @ heatmaps)[b, q] / temperature) * features[b, :, h, w]``."""
+    dtype = _accumulation_dtype(features.dtype)
+    logits = heatmaps.to(dtype).flatten(2)                                       # [B, J, H*W]
+    if groups is not None:
+        logits = torch.einsum("pj,bjs->bps", groups.to(dtype), logits)          # [B, P, H*W]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    out = torch.einsum("bps,bcs->bpc", probs, features.to(dtype).flatten(2))    # [B, P, C]
+    return out.to(features.dtype)

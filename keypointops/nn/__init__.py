@@ -1,5 +1,6 @@
 """Modules built on the ops (drop-in graph layers, pooling and gather modules)."""
 from keypointops.nn.deep_gcn import DeepGCNLayer
 from keypointops.nn.gen_conv import GENConv, MessageNorm, MsgPassAggregation
+from keypointops.nn.part_pool import PartPool
 
-__all__ = ["DeepGCNLayer", "GENConv", "MessageNorm", "MsgPassAggregation"]
+__all__ = ["DeepGCNLayer", "GENConv", "MessageNorm", "MsgPassAggregation", "PartPool"]

@@ -1,0 +1,427 @@
+// part_pool CPU kernel.
+//
+// Images run in parallel, one thread per image.  For image b, with S = H * W:
+//   r = (groups @ heatmaps[b]) / temperature   [P, S]   (identity groups: the heatmap rows)
+//   p = softmax_s(r),  lse[q] = logsumexp_s r[q, s]     in a per-thread [P, S] buffer
+//   out[b] = p @ F[b]^T                                   a GEMM over S
+// F[b] is the [C, S] matrix of the image read in place, NCHW (rows contiguous along S) or
+// channels_last (contiguous along C): the features are never copied or transposed.
+// Backward recomputes p from the saved lse, then per image
+//   grad_features[b] = dout[b]^T @ p                      a GEMM written into grad_features' layout
+//   grad_r = p * (dout[b] @ F[b] - rowsum(dout[b] * out[b])) / temperature     a GEMM + epilogue
+//   grad_heatmaps[b] = groups^T @ grad_r,   grad_groups += grad_r @ heatmaps[b]^T
+// (grad_groups from per-image partials summed in image order: bitwise deterministic).
+// The GEMMs are register-blocked at::vec loops, one thread per image: BLAS called from inside
+// at::parallel_for nests OpenMP teams (measured 5x slower than a single thread on 2 cores).
+// Each GEMM reads the features once (one read in forward, one in backward) and writes
+// grad_features once.
+// Memory: forward out [B, P, C] and lse [B, P]; backward grad_features, grad_heatmaps and a [B, P, J]
+// grad_groups partial; two [P, S] buffers per thread.  Nothing of size [B, P, C, H, W].
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "ops/part_pool.h"
+
+namespace keypointops {
+namespace {
+
+// [B, C, H, W] as [B, C, S] matrices with unit stride along S (NCHW) or along C (channels_last):
+// a view of such tensors; other layouts are copied.
+at::Tensor image_matrices(const at::Tensor& t) {
+  auto m = t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)});
+  return m.stride(2) == 1 || m.stride(1) == 1 ? m : m.contiguous();
+}
+
+// f(std::integral_constant<int, n>{}) for a runtime n in [1, N]: picks a register-tile size.
+template <int N, typename F>
+void with_count(int64_t n, const F& f) {
+  if constexpr (N > 1) {
+    if (n < N) return with_count<N - 1>(n, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
+
+// One MR x (NV vectors) tile of Y (+)= A @ Z with A[m, k] = A[m * a_m + k * a_k] broadcast and the
+// rows of Z (stride ldz) loaded as vectors; with kTail the last vector holds only `tail` columns.
+template <typename scalar_t, int MR, int NV, bool kTail>
+void broadcast_tile(int64_t K, int64_t tail, const scalar_t* A, int64_t a_m, int64_t a_k,
+                    const scalar_t* Z, int64_t ldz, scalar_t* Y, int64_t ldy, bool accumulate) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  const auto width = [tail](int j) { return kTail && j == NV - 1 ? tail : VL; };
+  Vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NV; ++j) {
+      acc[i][j] = accumulate ? Vec::loadu(Y + i * ldy + j * VL, width(j)) : Vec(0);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec z[NV];
+    for (int j = 0; j < NV; ++j) z[j] = Vec::loadu(Z + k * ldz + j * VL, width(j));
+    for (int i = 0; i < MR; ++i) {
+      const Vec a(A[i * a_m + k * a_k]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(a, z[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NV; ++j) acc[i][j].store(Y + i * ldy + j * VL, width(j));
+  }
+}
+
+// Y[m, n] (+)= sum_k A[m * a_m + k * a_k] * Z[k * ldz + n] for m < M, n < N (Y row stride ldy).
+// Column blocks outside, row blocks inside and K in chunks, so that the Z block in use stays in L1;
+// the next Z block is prefetched (it streams from memory).
+template <typename scalar_t>
+void gemm_broadcast(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t a_m, int64_t a_k,
+                    const scalar_t* Z, int64_t ldz, scalar_t* Y, int64_t ldy, bool accumulate) {
+  constexpr int64_t VL = at::vec::Vectorized<scalar_t>::size();
+  constexpr int kRows = 4, kVectors = 2;
+  constexpr int64_t kChunk = 64, kBlock = kVectors * VL;
+  if (K == 0 && !accumulate) {
+    for (int64_t m = 0; m < M; ++m) std::fill(Y + m * ldy, Y + m * ldy + N, scalar_t(0));
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t kc = std::min(kChunk, K - k0);
+    for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+      const int64_t next_k = n0 + kBlock < N ? k0 : k0 + kChunk;
+      const int64_t next_n = n0 + kBlock < N ? n0 + kBlock : 0;
+      for (int64_t k = next_k; k < std::min(next_k + kChunk, K); ++k) {
+        __builtin_prefetch(Z + k * ldz + next_n);
+        __builtin_prefetch(Z + k * ldz + std::min(next_n + kBlock, N) - 1);
+      }
+      const int64_t nb = std::min<int64_t>(kBlock, N - n0);
+      const int64_t nv = (nb + VL - 1) / VL, tail = nb - (nv - 1) * VL;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const scalar_t* a = A + m0 * a_m + k0 * a_k;
+        const scalar_t* z = Z + k0 * ldz + n0;
+        scalar_t* y = Y + m0 * ldy + n0;
+        const bool acc = accumulate || k0 > 0;
+        with_count<kRows>(std::min<int64_t>(kRows, M - m0), [&](auto rows) {
+          with_count<kVectors>(nv, [&](auto vectors) {
+            constexpr int MR = decltype(rows)::value, NV = decltype(vectors)::value;
+            if (tail == VL) {
+              broadcast_tile<scalar_t, MR, NV, false>(kc, tail, a, a_m, a_k, z, ldz, y, ldy, acc);
+            } else {
+              broadcast_tile<scalar_t, MR, NV, true>(kc, tail, a, a_m, a_k, z, ldz, y, ldy, acc);
+            }
+          });
+        });
+      }
+    }
+  }
+}
+
+// One MR x NR tile of Y = A @ Z^T: dot products of rows of A and rows of Z, both contiguous along K.
+template <typename scalar_t, int MR, int NR>
+void dot_tile(int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z, int64_t ldz, scalar_t* Y,
+              int64_t ldy) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  Vec acc[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) acc[i][j] = Vec(0);
+  }
+  const auto step = [&](int64_t k, int64_t n) {  // loadu zero-fills the lanes past n
+    Vec z[NR];
+    for (int j = 0; j < NR; ++j) z[j] = Vec::loadu(Z + j * ldz + k, n);
+    for (int i = 0; i < MR; ++i) {
+      const Vec a = Vec::loadu(A + i * lda + k, n);
+      for (int j = 0; j < NR; ++j) acc[i][j] = at::vec::fmadd(a, z[j], acc[i][j]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + VL <= K; k += VL) step(k, VL);
+  if (k < K) step(k, K - k);
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      Y[i * ldy + j] = at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; },
+                                                         acc[i][j]);
+    }
+  }
+}
+
+// Y[m, n] = sum_k A[m * lda + k] * Z[n * ldz + k] for m < M, n < N (Y row stride ldy).
+// Rows of Z outside (prefetched one block ahead: they stream from memory), rows of A inside.
+template <typename scalar_t>
+void gemm_dot(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z,
+              int64_t ldz, scalar_t* Y, int64_t ldy) {
+  constexpr int kRows = 3, kCols = 3;
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t n0 = 0; n0 < N; n0 += kCols) {
+    for (int64_t n = n0 + kCols; n < std::min<int64_t>(n0 + 2 * kCols, N); ++n) {
+      for (int64_t k = 0; k < K; k += kLine) __builtin_prefetch(Z + n * ldz + k);
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      with_count<kRows>(std::min<int64_t>(kRows, M - m0), [&](auto rows) {
+        with_count<kCols>(std::min<int64_t>(kCols, N - n0), [&](auto cols) {
+          dot_tile<scalar_t, decltype(rows)::value, decltype(cols)::value>(
+              K, A + m0 * lda, lda, Z + n0 * ldz, ldz, Y + m0 * ldy + n0, ldy);
+        });
+      });
+    }
+  }
+}
+
+// A fresh output of several MiB is first written by this op: on Linux, transparent huge pages for
+// its 2 MiB-aligned interior turn ~512 page faults per MiB into one per 2 MiB (PyTorch's allocator
+// does the same for every large allocation under THP_MEM_ALLOC_ENABLE=1).  A hint: failure is harmless.
+void advise_huge_pages(const at::Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
+// The logits of one image, r [P, S] = (groups @ hm) / temperature, from hm [J, S] and groups [P, J]
+// (nullptr: the identity).
+template <typename scalar_t>
+void image_logits(const scalar_t* hm, const scalar_t* groups, int64_t P, int64_t J, int64_t S,
+                  scalar_t temperature, scalar_t* r) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  const Vec t_v(temperature);
+  for (int64_t q = 0; q < P; ++q) {
+    for (int64_t s = 0; s < S; s += VL) {
+      const int64_t n = std::min(VL, S - s);
+      Vec logit(0);
+      if (groups == nullptr) {
+        logit = Vec::loadu(hm + q * S + s, n);
+      } else {
+        for (int64_t j = 0; j < J; ++j) {
+          logit = at::vec::fmadd(Vec(groups[q * J + j]), Vec::loadu(hm + j * S + s, n), logit);
+        }
+      }
+      (logit / t_v).store(r + q * S + s, n);
+    }
+  }
+}
+
+// Softmax of every row of r [P, S], in place: p = exp(r - max) / sum, and lse[q] = max + log(sum).
+// (Forward normalises by the sum itself rather than through the rounded lse, so that out is as
+// accurate as the softmax; backward's exp(r - lse) differs from it by one factor per row.)
+template <typename scalar_t>
+void row_softmax(scalar_t* r, int64_t P, int64_t S, scalar_t* lse) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t q = 0; q < P; ++q) {
+    scalar_t* row = r + q * S;
+    const scalar_t row_max = at::vec::reduce_all<scalar_t>(
+        [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, row, S);
+    const Vec max_v(row_max);
+    at::vec::map<scalar_t>([&](Vec x) { return (x - max_v).exp(); }, row, row, S);
+    const scalar_t sum = at::vec::reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, row, S);
+    const Vec sum_v(sum);
+    at::vec::map<scalar_t>([&](Vec x) { return x / sum_v; }, row, row, S);
+    lse[q] = row_max + std::log(sum);
+  }
+}
+
+// The probabilities p = exp(r - lse), in place over r [P, S].
+template <typename scalar_t>
+void row_probabilities(scalar_t* r, int64_t P, int64_t S, const scalar_t* lse) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t q = 0; q < P; ++q) {
+    const Vec lse_v(lse[q]);
+    at::vec::map<scalar_t>([&](Vec x) { return (x - lse_v).exp(); }, r + q * S, r + q * S, S);
+  }
+}
+
+// grad_r = p * (grad_p - rowsum(dout * out)) / temperature, in place over grad_p [P, S], for one image.
+template <typename scalar_t>
+void logits_gradient(const scalar_t* p, const scalar_t* dout, const scalar_t* out, int64_t P,
+                     int64_t C, int64_t S, scalar_t temperature, scalar_t* grad_p) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t q = 0; q < P; ++q) {
+    const scalar_t delta = at::vec::map2_reduce_all<scalar_t>(
+        [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, dout + q * C,
+        out + q * C, C);
+    const Vec delta_v(delta), t_v(temperature);
+    at::vec::map2<scalar_t>([&](Vec pv, Vec g) { return pv * (g - delta_v) / t_v; }, grad_p + q * S,
+                            p + q * S, grad_p + q * S, S);
+  }
+}
+
+// grad_heatmaps[b] = groups^T @ grad_r ([J, S]; identity groups: grad_r) and, with grad_groups
+// non-null, grad_groups [P, J] = grad_r @ hm^T, for one image.
+template <typename scalar_t>
+void heatmap_gradients(const scalar_t* grad_r, const scalar_t* hm, const scalar_t* groups, int64_t P,
+                       int64_t J, int64_t S, scalar_t* grad_hm, scalar_t* grad_groups) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  if (grad_hm != nullptr) {
+    if (groups == nullptr) {
+      std::copy(grad_r, grad_r + P * S, grad_hm);
+    } else {
+      for (int64_t j = 0; j < J; ++j) {
+        for (int64_t s = 0; s < S; s += VL) {
+          const int64_t n = std::min(VL, S - s);
+          Vec acc(0);
+          for (int64_t q = 0; q < P; ++q) {
+            acc = at::vec::fmadd(Vec(groups[q * J + j]), Vec::loadu(grad_r + q * S + s, n), acc);
+          }
+          acc.store(grad_hm + j * S + s, n);
+        }
+      }
+    }
+  }
+  if (grad_groups != nullptr) {
+    for (int64_t q = 0; q < P; ++q) {
+      for (int64_t j = 0; j < J; ++j) {
+        grad_groups[q * J + j] = at::vec::map2_reduce_all<scalar_t>(
+            [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, grad_r + q * S,
+            hm + j * S, S);
+      }
+    }
+  }
+}
+
+void check_cpu_dtype(const at::Tensor& features) {
+  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
+              "part_pool: the CPU kernel takes float32 or float64 features, got ",
+              features.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> part_pool_cpu(const at::Tensor& features_in,
+                                                 const at::Tensor& heatmaps_in,
+                                                 const std::optional<at::Tensor>& groups_in,
+                                                 double temperature) {
+  const int64_t P = check_part_pool_args(features_in, heatmaps_in, groups_in, temperature);
+  check_cpu_dtype(features_in);
+  const int64_t B = features_in.size(0), C = features_in.size(1), J = heatmaps_in.size(1);
+  const int64_t S = features_in.size(2) * features_in.size(3);
+  const auto features = image_matrices(features_in);
+  const auto heatmaps = heatmaps_in.contiguous();
+  const auto groups = groups_in.has_value() ? groups_in->contiguous() : at::Tensor();
+  auto out = at::empty({B, P, C}, features.options());
+  auto lse = at::empty({B, P}, features.options());
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "part_pool_cpu", [&] {
+    const scalar_t* fp = features.data_ptr<scalar_t>();
+    const scalar_t* hp = heatmaps.data_ptr<scalar_t>();
+    const scalar_t* gp = groups.defined() ? groups.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* lp = lse.data_ptr<scalar_t>();
+    const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> probs(P * S);
+      for (int64_t b = begin; b < end; ++b) {
+        image_logits<scalar_t>(hp + b * J * S, gp, P, J, S, static_cast<scalar_t>(temperature),
+                               probs.data());
+        row_softmax<scalar_t>(probs.data(), P, S, lp + b * P);
+        const scalar_t* f = fp + b * f_batch;
+        if (f_s == 1) {  // NCHW: out[q, c] = p[q, :] . F[c, :]
+          gemm_dot<scalar_t>(P, C, S, probs.data(), S, f, f_c, op + b * P * C, C);
+        } else {         // channels_last: out[q, :] = sum_s p[q, s] F[s, :]
+          gemm_broadcast<scalar_t>(P, C, S, probs.data(), S, 1, f, f_s, op + b * P * C, C, false);
+        }
+      }
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& features_in, const at::Tensor& heatmaps_in,
+    const std::optional<at::Tensor>& groups_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    double temperature, std::array<bool, 3> output_mask) {
+  const int64_t P = check_part_pool_args(features_in, heatmaps_in, groups_in, temperature);
+  check_part_pool_backward_args(grad_out_in, features_in, out_in, lse_in, P);
+  check_cpu_dtype(features_in);
+  const int64_t B = features_in.size(0), C = features_in.size(1), J = heatmaps_in.size(1);
+  const int64_t H = features_in.size(2), W = features_in.size(3), S = H * W;
+  const bool need_features = output_mask[0], need_heatmaps = output_mask[1];
+  const bool need_groups = output_mask[2] && groups_in.has_value();
+  const auto features = image_matrices(features_in);
+  const auto heatmaps = heatmaps_in.contiguous();
+  const auto groups = groups_in.has_value() ? groups_in->contiguous() : at::Tensor();
+  const auto grad_out = grad_out_in.contiguous();
+  const auto out = out_in.contiguous();
+  const auto lse = lse_in.contiguous();
+  const auto options = features.options();
+  const bool need_logits = need_heatmaps || need_groups;
+  at::Tensor grad_features = at::empty({0}, options), grad_heatmaps = at::empty({0}, options);
+  at::Tensor grad_groups = at::empty({0}, options), grad_groups_partial;
+  if (need_features) {
+    // channels_last features get a channels_last gradient (as autograd expects), others NCHW.
+    const bool channels_last =
+        features_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !features_in.is_contiguous();
+    grad_features = at::empty({B, C, H, W}, options.memory_format(
+        channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+    advise_huge_pages(grad_features);
+  }
+  if (need_heatmaps) grad_heatmaps = at::empty({B, J, H, W}, options);
+  if (need_groups) grad_groups_partial = at::empty({B, P, J}, options);
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "part_pool_backward_cpu", [&] {
+    const scalar_t* fp = features.data_ptr<scalar_t>();
+    const scalar_t* hp = heatmaps.data_ptr<scalar_t>();
+    const scalar_t* gp = groups.defined() ? groups.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* dp = grad_out.data_ptr<scalar_t>();
+    const scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* lp = lse.data_ptr<scalar_t>();
+    const auto t = static_cast<scalar_t>(temperature);
+    const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
+    scalar_t* gfp = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
+    // grad_features as [B, C, S]: strides (C*S, S, 1) or, channels_last, (S*C, 1, C).
+    const int64_t gf_c = need_features ? grad_features.stride(1) : 0;
+    const int64_t gf_s = need_features ? grad_features.stride(3) : 0;
+    scalar_t* ghp = need_heatmaps ? grad_heatmaps.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ggp = grad_groups_partial.defined() ? grad_groups_partial.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> probs(P * S), grad_logits(need_logits ? P * S : 0);
+      for (int64_t b = begin; b < end; ++b) {
+        image_logits<scalar_t>(hp + b * J * S, gp, P, J, S, t, probs.data());
+        row_probabilities<scalar_t>(probs.data(), P, S, lp + b * P);
+        const scalar_t* dout = dp + b * P * C;
+        const scalar_t* f = fp + b * f_batch;
+        if (need_features) {
+          scalar_t* grad_f = gfp + b * C * S;
+          if (gf_s == 1) {  // NCHW: grad_f[c, :] = sum_q dout[q, c] p[q, :]
+            gemm_broadcast<scalar_t>(C, S, P, dout, 1, C, probs.data(), S, grad_f, gf_c, false);
+          } else {          // channels_last: grad_f[s, :] = sum_q p[q, s] dout[q, :]
+            gemm_broadcast<scalar_t>(S, C, P, probs.data(), 1, S, dout, C, grad_f, gf_s, false);
+          }
+        }
+        if (!need_logits) continue;
+        if (f_s == 1) {  // NCHW: grad_p[q, :] = sum_c dout[q, c] F[c, :]
+          gemm_broadcast<scalar_t>(P, S, C, dout, C, 1, f, f_c, grad_logits.data(), S, false);
+        } else {         // channels_last: grad_p[q, s] = dout[q, :] . F[s, :]
+          gemm_dot<scalar_t>(P, S, C, dout, C, f, f_s, grad_logits.data(), S);
+        }
+        logits_gradient<scalar_t>(probs.data(), dout, op + b * P * C, P, C, S, t, grad_logits.data());
+        heatmap_gradients<scalar_t>(grad_logits.data(), hp + b * J * S, gp, P, J, S,
+                                    ghp ? ghp + b * J * S : nullptr, ggp ? ggp + b * P * J : nullptr);
+      }
+    });
+    if (ggp != nullptr) {  // the per-image partials summed in image order
+      grad_groups = at::zeros({P, J}, options);
+      scalar_t* dst = grad_groups.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = 0; i < P * J; ++i) dst[i] += ggp[b * P * J + i];
+      }
+    }
+  });
+  return {grad_features, grad_heatmaps, grad_groups};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(keypointops, CPU, m) {
+  m.impl("part_pool", &part_pool_cpu);
+  m.impl("part_pool_backward", &part_pool_backward_cpu);
+}
+
+}  // namespace keypointops

@@ -1,0 +1,366 @@
+"""part_pool: every fused backend against the reference, gradients, registration, bad input, the
+part groupings and the PartPool module."""
+import pytest
+import torch
+
+import keypointops
+from keypointops import graphs, reference
+from keypointops.nn import PartPool
+
+from conftest import device_backend_params, tolerances
+
+
+
+def random_groups(parts, joints):
+    """A builder of a random [parts, joints] grouping (non-negative weights, not normalised)."""
+    return lambda gen, dtype: torch.rand(parts, joints, generator=gen, dtype=dtype)
+
+
+# name -> (joints J, groups builder or None for the identity)
+CASES = {
+    "identity": (5, None),                      # P = J = 5
+    "fewer_parts": (7, random_groups(3, 7)),    # P = 3 < J
+    "single_part": (4, random_groups(1, 4)),    # P = 1
+}
+GRAD_TOLERANCES = {torch.float64: dict(rtol=1e-8, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def make_inputs(joints, make_groups, *, batch=2, channels=13, height=5, width=7, dtype=torch.float64,
+                device="cpu", seed=0, channels_last=False, scale=1.0, offset=0.0):
+    """Odd sizes; features contiguous or channels_last; every input requires grad."""
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, channels, height, width, generator=gen, dtype=dtype)
+    if channels_last:
+        features = features.to(memory_format=torch.channels_last)
+    heatmaps = torch.randn(batch, joints, height, width, generator=gen, dtype=dtype) * scale + offset
+    groups = None if make_groups is None else make_groups(gen, dtype).to(device).requires_grad_()
+    return features.to(device).requires_grad_(), heatmaps.to(device).requires_grad_(), groups
+
+
+def check_against_reference(features, heatmaps, groups, temperature, backend, fwd_tol, grad_tol):
+    inputs = [t for t in (features, heatmaps, groups) if t is not None]
+    out = keypointops.part_pool(features, heatmaps, groups, temperature=temperature, backend=backend)
+    expected = reference.part_pool(features, heatmaps, groups, temperature)
+    assert out.shape == expected.shape and out.dtype == features.dtype
+    torch.testing.assert_close(out, expected, **fwd_tol)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(99), dtype=out.dtype)
+    got = torch.autograd.grad(out, inputs, grad.to(out.device))
+    want = torch.autograd.grad(expected, inputs, grad.to(out.device))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **grad_tol)
+    return out, got
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
+def test_matches_reference(device, backend, dtype, case, temperature):
+    joints, make_groups = CASES[case]
+    features, heatmaps, groups = make_inputs(joints, make_groups, dtype=dtype, device=device)
+    check_against_reference(features, heatmaps, groups, temperature, backend, tolerances(dtype),
+                            GRAD_TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["identity", "fewer_parts"])
+def test_channels_last_features(device, backend, dtype, case):
+    joints, make_groups = CASES[case]
+    features, heatmaps, groups = make_inputs(joints, make_groups, dtype=dtype, device=device,
+                                             channels_last=True, channels=17, height=4, width=6)
+    _, grads = check_against_reference(features, heatmaps, groups, 0.5, backend, tolerances(dtype),
+                                       GRAD_TOLERANCES[dtype])
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)  # the layout autograd expects
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_contiguous_inputs(device, backend, dtype):
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 22, 5, 3, generator=gen, dtype=dtype).to(device)[:, ::2]  # C stride 2*H*W
+    heatmaps = torch.randn(2, 5, 3, 5, generator=gen, dtype=dtype).to(device).transpose(2, 3)
+    groups = torch.rand(4, 10, generator=gen, dtype=dtype).to(device)[:, ::2]
+    for tensor in (features, heatmaps, groups):
+        tensor.requires_grad_()
+    check_against_reference(features, heatmaps, groups, 0.8, backend, tolerances(dtype),
+                            GRAD_TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["identity", "fewer_parts"])
+def test_large_heatmaps_do_not_overflow(device, backend, dtype, case):
+    """Heatmaps around 1e3 (exp overflows float32 beyond ~88 and float64 beyond ~709): the
+    max-shifted softmax stays finite and right.  Compared with the float64 reference of the same
+    inputs, to the precision a float32 logit of ~1e3 holds (~6e-5); the groups gradient is a sum of
+    heatmap values of ~1e3 whose offset cancels, so it is compared relative to that offset."""
+    joints, make_groups = CASES[case]
+    features, heatmaps, groups = make_inputs(joints, make_groups, dtype=dtype, device=device,
+                                             scale=3.0, offset=1e3)
+    inputs = [t for t in (features, heatmaps, groups) if t is not None]
+    out = keypointops.part_pool(features, heatmaps, groups, backend=backend)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    expected = reference.part_pool(*exact)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad(out, inputs, grad.to(out.device, out.dtype))
+    want = torch.autograd.grad(expected, exact, grad.to(out.device))
+    tol = tolerances(dtype) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in got)
+    torch.testing.assert_close(out.double(), expected, **tol)
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g.double(), w, **tol)
+    if groups is not None:
+        torch.testing.assert_close(got[2].double(), want[2], rtol=0, atol=1e3 * tol["atol"])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_alignnet_grouping(device, backend):
+    groups = graphs.part_groups("alignnet", dtype=torch.float64, device=device).requires_grad_()
+    features, heatmaps, _ = make_inputs(19, None, channels=9, height=6, width=4, device=device)
+    check_against_reference(features, heatmaps, groups, 1.0, backend, tolerances(torch.float64),
+                            GRAD_TOLERANCES[torch.float64])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 / bfloat16 run on CUDA only")
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=pytest.mark.skipif(
+    not keypointops.has_cuda_ops(), reason="keypointops._C built without CUDA kernels")), "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reduced_precision_on_cuda(backend, dtype, channels_last):
+    """float16 / bfloat16 inputs, float32 accumulation: against the float32 reference."""
+    features, heatmaps, groups = make_inputs(7, random_groups(3, 7), channels=70, height=9, width=5,
+                                             dtype=torch.float32, device="cuda",
+                                             channels_last=channels_last)
+    low = [t.detach().to(dtype).requires_grad_() for t in (features, heatmaps, groups)]
+    exact = [t.detach().float().requires_grad_() for t in low]  # the same values in float32
+    out = keypointops.part_pool(*low, temperature=0.5, backend=backend)
+    expected = reference.part_pool(*exact, 0.5)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, **tolerances(dtype))
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(out, low, grad.to(dtype))
+    want = torch.autograd.grad(expected, exact, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("needs", ["features", "heatmaps", "groups"])
+def test_gradient_of_one_input(device, backend, needs):
+    """Backward computes only what is asked for; each gradient alone still matches the reference."""
+    features, heatmaps, groups = make_inputs(6, random_groups(2, 6), device=device)
+    inputs = {"features": features, "heatmaps": heatmaps, "groups": groups}
+    for name, tensor in inputs.items():
+        tensor.requires_grad_(name == needs)
+    out = keypointops.part_pool(features, heatmaps, groups, temperature=0.6, backend=backend)
+    expected = reference.part_pool(features, heatmaps, groups, 0.6)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, inputs[needs], grad)
+    (want,) = torch.autograd.grad(expected, inputs[needs], grad)
+    torch.testing.assert_close(got, want, **GRAD_TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_gradcheck(device, backend):
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(2, 3, 3, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    heatmaps = torch.randn(2, 3, 3, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    groups = torch.rand(2, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda f, h, g: keypointops.part_pool(f, h, g, temperature=0.7, backend=backend),
+        (features, heatmaps, groups))
+    assert torch.autograd.gradcheck(
+        lambda f, h: keypointops.part_pool(f, h, temperature=1.3, backend=backend),
+        (features, heatmaps))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_backward_is_deterministic(device, backend):
+    features, heatmaps, groups = make_inputs(9, random_groups(4, 9), batch=6, channels=40, height=8, width=9,
+                                             dtype=torch.float32, device=device)
+    out = keypointops.part_pool(features, heatmaps, groups, backend=backend)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, (features, heatmaps, groups), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (features, heatmaps, groups), grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_empty_batch_and_channels(device, backend):
+    for batch, channels in ((0, 4), (2, 0)):
+        features = torch.randn(batch, channels, 3, 2, device=device, requires_grad=True)
+        heatmaps = torch.randn(batch, 3, 3, 2, device=device, requires_grad=True)
+        out = keypointops.part_pool(features, heatmaps, backend=backend)
+        assert out.shape == (batch, 3, channels)
+        out.sum().backward()
+        assert features.grad.shape == features.shape and heatmaps.grad.shape == heatmaps.shape
+        assert (heatmaps.grad == 0).all()
+
+
+def _op_samples(device, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(7)
+    features = torch.randn(2, 6, 3, 5, generator=gen, dtype=dtype).to(device).requires_grad_()
+    heatmaps = torch.randn(2, 4, 3, 5, generator=gen, dtype=dtype).to(device).requires_grad_()
+    groups = torch.rand(3, 4, generator=gen, dtype=dtype).to(device).requires_grad_()
+    channels_last = features.detach().to(memory_format=torch.channels_last).requires_grad_()
+    return [(features, heatmaps, None, 1.0), (features, heatmaps, groups, 0.5),
+            (channels_last, heatmaps, groups, 2.0)]
+
+
+def _forward_op(backend):
+    if backend == "triton":
+        from keypointops.triton import part_pool as triton_part_pool
+        return triton_part_pool.part_pool_triton
+    return torch.ops.keypointops.part_pool.default
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_opcheck(device, backend):
+    for args in _op_samples(device):
+        torch.library.opcheck(_forward_op(backend), args)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_torch_compile_fullgraph(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile does not trace Triton kernels in the interpreter on CPU tensors")
+    features, heatmaps, groups = make_inputs(5, random_groups(2, 5), dtype=torch.float32, device=device)
+
+    def layer(f, h, g):
+        return keypointops.part_pool(f.relu(), h, g, temperature=0.5, backend=backend).tanh().sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = compiled(features, heatmaps, groups)
+    torch.testing.assert_close(got, layer(features, heatmaps, groups))
+    grads = torch.autograd.grad(got, (features, heatmaps, groups))
+    want = torch.autograd.grad(layer(features, heatmaps, groups), (features, heatmaps, groups))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def test_bad_input_raises_naming_the_argument():
+    f = torch.randn(2, 4, 5, 3)
+    h = torch.randn(2, 6, 5, 3)
+    with pytest.raises(ValueError, match="heatmaps spatial size \\[4, 3\\] differs from features"):
+        keypointops.part_pool(f, torch.randn(2, 6, 4, 3))
+    with pytest.raises(ValueError, match="heatmaps has 3 images but features has 2"):
+        keypointops.part_pool(f, torch.randn(3, 6, 5, 3))
+    with pytest.raises(ValueError, match=r"groups must be \[P, J\] = \[P, 6\]"):
+        keypointops.part_pool(f, h, torch.rand(3, 5))
+    with pytest.raises(ValueError, match=r"groups must be \[P, J\]"):
+        keypointops.part_pool(f, h, torch.rand(6))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite float > 0"):
+            keypointops.part_pool(f, h, temperature=bad)
+    with pytest.raises(TypeError, match="temperature must be a float"):
+        keypointops.part_pool(f, h, temperature=torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"features must be \[B, C, H, W\]"):
+        keypointops.part_pool(torch.randn(4, 5, 3), h)
+    with pytest.raises(ValueError, match=r"heatmaps must be \[B, J, H, W\]"):
+        keypointops.part_pool(f, torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="heatmaps must have the dtype of features"):
+        keypointops.part_pool(f, h.double())
+    with pytest.raises(ValueError, match="groups must have the dtype of features"):
+        keypointops.part_pool(f, h, torch.rand(2, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="features must be float32"):
+        keypointops.part_pool(f.long(), h.long())
+    with pytest.raises(ValueError, match="H \\* W > 0"):
+        keypointops.part_pool(torch.randn(2, 4, 0, 3), torch.randn(2, 6, 0, 3))
+    with pytest.raises(TypeError, match="groups must be a Tensor or None"):
+        keypointops.part_pool(f, h, [[0, 1]])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        keypointops.part_pool(f, h, backend="gpu")
+
+
+def test_device_mismatch_raises():
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    f = torch.randn(2, 4, 5, 3)
+    h = torch.randn(2, 6, 5, 3)
+    with pytest.raises(ValueError, match=r"features \(cpu\) and heatmaps \(.*\) must be on the same"):
+        keypointops.part_pool(f, h.to(other))
+    with pytest.raises(ValueError, match=r"features \(cpu\) and groups \(.*\) must be on the same"):
+        keypointops.part_pool(f, h, torch.rand(2, 6, device=other))
+
+
+@pytest.mark.skipif(not keypointops.has_ops(), reason="keypointops._C not built")
+def test_compiled_op_checks_its_arguments():
+    """Called directly (no Python checks), the C++ op still refuses bad input with a clear error."""
+    f = torch.randn(2, 4, 5, 3)
+    h = torch.randn(2, 6, 5, 3)
+    op = torch.ops.keypointops.part_pool
+    with pytest.raises(RuntimeError, match="heatmaps .* must match the batch and spatial sizes"):
+        op(f, torch.randn(2, 6, 5, 4), None, 1.0)
+    with pytest.raises(RuntimeError, match=r"groups must be \[P, J\] = \[P, 6\]"):
+        op(f, h, torch.rand(2, 5), 1.0)
+    with pytest.raises(RuntimeError, match="temperature must be a finite number > 0"):
+        op(f, h, None, 0.0)
+    out, lse = op(f, h, None, 1.0)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.keypointops.part_pool_backward(out, f, h, None, out, lse[:, :2], 1.0, [True, True, False])
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.keypointops.part_pool_backward(out[:, :2], f, h, None, out, lse, 1.0, [True, True, False])
+
+
+# --- part groupings and the module --------------------------------------------------------------
+
+def test_part_groups_averages_rows():
+    groups = graphs.part_groups([[0, 2], [1], [0, 1, 3]], 4, dtype=torch.float64)
+    expected = torch.tensor([[0.5, 0, 0.5, 0], [0, 1, 0, 0], [1 / 3, 1 / 3, 0, 1 / 3]], dtype=torch.float64)
+    torch.testing.assert_close(groups, expected)
+    named = graphs.part_groups({"a": (1, 2), "b": (0,)}, 3)
+    torch.testing.assert_close(named, torch.tensor([[0, 0.5, 0.5], [1.0, 0, 0]]))
+    with pytest.raises(ValueError, match="part 1 holds joint indices \\[4\\] out of range"):
+        graphs.part_groups([[0], [4]], 4)
+    with pytest.raises(ValueError, match="part 0 has no joints"):
+        graphs.part_groups([[]], 4)
+    with pytest.raises(ValueError, match="part 0 repeats a joint"):
+        graphs.part_groups([[1, 1]], 4)
+    with pytest.raises(ValueError, match="num_joints must be an int >= 1"):
+        graphs.part_groups([[0]])
+    with pytest.raises(ValueError, match="unknown grouping 'pcb'"):
+        graphs.part_groups("pcb")
+
+
+def test_named_groupings():
+    alignnet = graphs.part_groups("alignnet")
+    assert alignnet.shape == (3, 19)
+    joints = graphs.SKELETONS["openpose18"].joints
+    covered = sorted(j for part in graphs.ALIGNNET_BODY_PARTS.values() for j in part)
+    assert covered == list(range(18)) and (alignnet[:, 18] == 0).all()  # each joint once, no background
+    assert {joints[j] for j in graphs.ALIGNNET_BODY_PARTS["lower"]} == {
+        "right_knee", "right_ankle", "left_knee", "left_ankle"}
+    assert graphs.part_groups("ctl10").shape == (10, 17)
+    assert graphs.part_groups("ctl5").shape == (5, 17)
+    assert graphs.part_groups("ctl5_of_10").shape == (5, 10)
+    names10 = list(graphs.CTL_PARTS_10)
+    for name, members in graphs.CTL_PARTS_5_OF_10.items():  # the levels nest
+        union = set().union(*(graphs.CTL_PARTS_10[names10[i]] for i in members))
+        assert union == set(graphs.CTL_PARTS_5[name])
+    assert set().union(*graphs.CTL_PARTS_10.values()) == set(range(17))
+    for grouping in (alignnet, graphs.part_groups("ctl10"), graphs.part_groups("ctl5")):
+        torch.testing.assert_close(grouping.sum(1), torch.ones(grouping.size(0)))
+
+
+def test_part_pool_module():
+    gen = torch.Generator().manual_seed(11)
+    features = torch.randn(2, 6, 8, 4, generator=gen)
+    heatmaps = torch.randn(2, 19, 16, 8, generator=gen)
+    pool = PartPool("alignnet", temperature=0.5, resize_heatmaps=True)
+    resized = torch.nn.functional.interpolate(heatmaps, size=(8, 4), mode="bilinear", align_corners=False)
+    expected = reference.part_pool(features, resized, graphs.part_groups("alignnet"), 0.5)
+    torch.testing.assert_close(pool(features, heatmaps), expected)
+    assert "groups" in dict(pool.named_buffers()) and pool.num_parts == 3
+    with pytest.raises(ValueError, match="spatial size"):
+        PartPool("alignnet")(features, heatmaps)
+    learned = PartPool([[0, 1], [2]], 3, learn_groups=True)
+    learned(features, heatmaps[:, :3, :8, :4]).sum().backward()
+    assert learned.groups.grad is not None and learned.groups.grad.shape == (2, 3)
+    identity = PartPool()
+    torch.testing.assert_close(identity(features, heatmaps[:, :5, :8, :4]),
+                               reference.part_pool(features, heatmaps[:, :5, :8, :4]))
+    with pytest.raises(ValueError, match="learn_groups needs a grouping"):
+        PartPool(learn_groups=True)
