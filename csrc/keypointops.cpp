@@ -27,4 +27,12 @@ TORCH_LIBRARY(keypointops, m) {
   m.def("msg_pass_backward(Tensor grad_out, Tensor x, Tensor out, Tensor row_max, Tensor row_sum, "
         "Tensor rowptr_t, "
         "Tensor col_t, Tensor t, float eps, bool compute_grad_t) -> (Tensor, Tensor)");
+  // window_graph_conv: sliding-window block-adjacency graph conv, x [B, T, N, C] and adj [L, L],
+  // [B, L, L] or [B, T, L, L] (L = window * N) -> [B, T, L, C]; window slot w of frame t reads frame
+  // t - (window - 1) * dilation / 2 + w * dilation (zeros outside [0, T)).
+  m.def("window_graph_conv(Tensor x, Tensor adj, int window, int dilation) -> Tensor");
+  // Backward from x and adj alone (no window tensor saved).  Returns (grad_x, grad_adj); each is an
+  // empty [0] tensor when its compute_ flag is false.
+  m.def("window_graph_conv_backward(Tensor grad_out, Tensor x, Tensor adj, int window, int dilation, "
+        "bool compute_grad_x, bool compute_grad_adj) -> (Tensor, Tensor)");
 }
