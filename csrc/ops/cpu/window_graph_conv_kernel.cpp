@@ -1,29 +1,33 @@
-// window_graph_conv CPU kernel: small GEMMs on views of x, adj and grad_out.
+// window_graph_conv CPU kernel: register-blocked small GEMMs whose operands are gathered through
+// row-pointer tables (nothing is copied).
 //
 // Window slot w of output frame t reads frame f_w = t - pad + w * dilation; the slots whose frame is
-// in [0, T) form one range [lo, hi) (the others read zeros and are skipped).  A_bt = adj[b, t]
-// (the same matrix for every t, or every (b, t), when adj is per sample or shared).
-// Forward, per (b, t):   out[b, t] = sum_w A_bt[:, wN:(w+1)N] @ x[b, f_w]          ([L, N] @ [N, C])
-//   With dilation 1 the frames of the slots lo..hi-1 are consecutive rows of x[b] viewed as
-//   [T*N, C]: a single [L, K] @ [K, C] GEMM with K = (hi - lo) * N.
+// in [0, T) form one range [lo, hi), the others read zeros and are skipped.  A_bt = adj[b, t] (the
+// same matrix for every t, or every (b, t), when adj is per sample or shared).
+// Forward, per (b, t):   out[b, t] = sum_{valid j} A_bt[:, j] (x) x[b, f(j), j % N]
+//   ([L, C] = sum over the K <= L valid window nodes of a column of A times a row of x).
 // grad_x, per (b, f), over the slots w whose window t = f + pad - w * dilation is in [0, T):
-//   grad_x[b, f] = sum_w A_bt[:, wN:(w+1)N]^T @ grad_out[b, t]                     ([N, L] @ [L, C])
-//   Each frame of grad_x has one writer: no atomics, deterministic.
-// grad_adj, per (b, t):  grad_A_bt[:, wN:(w+1)N] += grad_out[b, t] @ x[b, f_w]^T   ([L, C] @ [C, K])
-//   accumulated per window (per-window adj), over t per sample (per-sample adj), or over fixed
-//   chunks of (b, t) for a shared adj whose [chunks, L, L] partial sums are then added in chunk
-//   order: the chunks depend on B * T only, so the result is the same for any thread count.
-// The GEMMs run in BLAS (at::cpu::mm_out / addmm_) on from_blob views, one (b, t) or (b, f) per
-// task of at::parallel_for (BLAS single-threaded inside it).
+//   grad_x[b, f] = sum_{w, i} A_bt[i, wN:(w+1)N]^T (x) grad_out[b, t, i]   (K = slots * L terms)
+//   Each frame of grad_x has one writer: no atomics.
+// Both are "broadcast" GEMMs: a 6-row x 2-vector block of the output stays in registers while the
+// K terms stream by (one broadcast of the left operand per row and term, channels vectorised).
+// grad_adj, per (b, t): grad_A_bt[i, j] += grad_out[b, t, i, :] . x[b, f(j), j % N, :] (dot
+// products over the channels, 3 x 3 blocks of vector accumulators), accumulated per window
+// (per-window adj), over t per sample (per-sample adj), or over fixed chunks of windows for a shared
+// adj, whose [chunks, L, L] partial sums are then added in chunk order.  The chunks depend on B * T
+// only, and every sum runs in a fixed order: the results are bitwise the same for any thread count.
+// One at::parallel_for per pass over (b, t) windows, (b, f) frames or chunks; no BLAS call, so no
+// nested threading.
 // Memory: forward only the output [B, T, L, C]; backward grad_x, grad_adj and, for a shared adj,
-// at most kSharedAdjChunks [L, L] partials.  The unfolded window tensor [B, T, L, C] is never built.
+// at most kSharedAdjChunks [L, L] partials (plus per-thread pointer tables of <= window * L
+// entries).  The unfolded window tensor [B, T, L, C] is never built.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "ops/window_graph_conv.h"
 
@@ -47,84 +51,185 @@ struct Shape {
   }
 };
 
-// Row-major [rows, cols] matrix over raw memory with row stride ld, and its transpose [cols, rows]:
-// the GEMM operands (plain tensors: no autograd, no dispatcher call to make them).
+// The K terms of a product sum_k left_k (x) right_k: term k has a left column (element m at
+// left[k][m * left_stride]) and a right row (element n at right[k][n], contiguous).
 template <typename scalar_t>
-at::Tensor matrix(const scalar_t* data, int64_t rows, int64_t cols, int64_t ld,
-                  const at::TensorOptions& options) {
-  return at::from_blob(const_cast<scalar_t*>(data), {rows, cols}, {ld, 1}, options);
-}
+struct Terms {
+  std::vector<const scalar_t*> left, right;
 
-template <typename scalar_t>
-at::Tensor matrix_t(const scalar_t* data, int64_t rows, int64_t cols, int64_t ld,
-                    const at::TensorOptions& options) {
-  return at::from_blob(const_cast<scalar_t*>(data), {cols, rows}, {1, ld}, options);
-}
+  void clear() {
+    left.clear();
+    right.clear();
+  }
+  void add(const scalar_t* l, const scalar_t* r) {
+    left.push_back(l);
+    right.push_back(r);
+  }
+  int64_t size() const { return static_cast<int64_t>(left.size()); }
+};
 
-// c = a @ b, or c += a @ b.
-void gemm(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (accumulate) {
-    at::cpu::addmm_(c, a, b);
-  } else {
-    at::cpu::mm_out(c, a, b);
+// out[m0 + r, n0 : n0 + count] = sum_k left[k][(m0 + r) * stride] * right[k][n0 : n0 + count] for
+// r < kRows, count <= 2 vectors; the 2 * kRows accumulators stay in registers.
+template <typename scalar_t, int kRows>
+void broadcast_block(const Terms<scalar_t>& terms, int64_t stride, int64_t m0, int64_t n0,
+                     int64_t count, scalar_t* out, int64_t ld_out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  Vec acc0[kRows], acc1[kRows];
+  for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = Vec(scalar_t(0));
+  const int64_t count0 = std::min(VL, count), count1 = count - count0;
+  const scalar_t* const* left = terms.left.data();
+  const scalar_t* const* right = terms.right.data();
+  const int64_t K = terms.size();
+  if (count == 2 * VL) {
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec b0 = Vec::loadu(right[k] + n0), b1 = Vec::loadu(right[k] + n0 + VL);
+      const scalar_t* a = left[k] + m0 * stride;
+      for (int r = 0; r < kRows; ++r) {
+        const Vec a_r(a[r * stride]);
+        acc0[r] = at::vec::fmadd(a_r, b0, acc0[r]);
+        acc1[r] = at::vec::fmadd(a_r, b1, acc1[r]);
+      }
+    }
+  } else {  // channel tail: masked loads (lanes past `count` read as 0)
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec b0 = Vec::loadu(right[k] + n0, count0);
+      const Vec b1 = count1 > 0 ? Vec::loadu(right[k] + n0 + VL, count1) : Vec(scalar_t(0));
+      const scalar_t* a = left[k] + m0 * stride;
+      for (int r = 0; r < kRows; ++r) {
+        const Vec a_r(a[r * stride]);
+        acc0[r] = at::vec::fmadd(a_r, b0, acc0[r]);
+        acc1[r] = at::vec::fmadd(a_r, b1, acc1[r]);
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    scalar_t* o = out + (m0 + r) * ld_out + n0;
+    acc0[r].store(o, count0);
+    if (count1 > 0) acc1[r].store(o + VL, count1);
   }
 }
 
-// Calls fn(w_begin, w_end, frame) for runs of slots [w_begin, w_end) that read consecutive frames
-// from `frame` on: the whole valid range with dilation 1, one slot at a time otherwise.
-template <typename Fn>
-void for_each_frame_run(const Shape& s, int64_t t, Fn&& fn) {
+// out[m, n] = sum_k left[k][m * stride] * right[k][n] for m < M, n < N (out row stride ld_out);
+// zeros when there is no term.
+template <typename scalar_t>
+void broadcast_gemm(const Terms<scalar_t>& terms, int64_t stride, int64_t M, int64_t N,
+                    scalar_t* out, int64_t ld_out) {
+  constexpr int64_t kCols = 2 * at::vec::Vectorized<scalar_t>::size();
+  for (int64_t n0 = 0; n0 < N; n0 += kCols) {
+    const int64_t count = std::min(kCols, N - n0);
+    int64_t m0 = 0;
+    for (; m0 + 6 <= M; m0 += 6) broadcast_block<scalar_t, 6>(terms, stride, m0, n0, count, out, ld_out);
+    for (; m0 + 4 <= M; m0 += 4) broadcast_block<scalar_t, 4>(terms, stride, m0, n0, count, out, ld_out);
+    for (; m0 + 2 <= M; m0 += 2) broadcast_block<scalar_t, 2>(terms, stride, m0, n0, count, out, ld_out);
+    for (; m0 < M; ++m0) broadcast_block<scalar_t, 1>(terms, stride, m0, n0, count, out, ld_out);
+  }
+}
+
+constexpr int kDotBlock = 3;  // 3 x 3 vector accumulators (+ 3 + 1 loaded vectors: 13 registers)
+
+// target[i * L + cols[k]] += rows_a[i] . rows_b[k] (length C) for i < M, k < K.  Tails of i and k
+// reuse the last row and drop its results, so every block has the same 3 x 3 shape.
+template <typename scalar_t>
+void dot_add(const scalar_t* const* rows_a, int64_t M, const scalar_t* const* rows_b,
+             const int64_t* cols, int64_t K, int64_t C, scalar_t* target, int64_t L) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  for (int64_t i0 = 0; i0 < M; i0 += kDotBlock) {
+    const scalar_t* a[kDotBlock];
+    for (int r = 0; r < kDotBlock; ++r) a[r] = rows_a[std::min(i0 + r, M - 1)];
+    for (int64_t k0 = 0; k0 < K; k0 += kDotBlock) {
+      const scalar_t* b[kDotBlock];
+      for (int s = 0; s < kDotBlock; ++s) b[s] = rows_b[std::min(k0 + s, K - 1)];
+      Vec acc[kDotBlock][kDotBlock];
+      for (auto& row : acc) {
+        for (auto& v : row) v = Vec(scalar_t(0));
+      }
+      for (int64_t c = 0; c < C; c += VL) {
+        const int64_t count = std::min(VL, C - c);
+        Vec bv[kDotBlock];
+        for (int s = 0; s < kDotBlock; ++s) bv[s] = Vec::loadu(b[s] + c, count);
+        for (int r = 0; r < kDotBlock; ++r) {
+          const Vec av = Vec::loadu(a[r] + c, count);
+          for (int s = 0; s < kDotBlock; ++s) acc[r][s] = at::vec::fmadd(av, bv[s], acc[r][s]);
+        }
+      }
+      for (int r = 0; r < kDotBlock && i0 + r < M; ++r) {
+        for (int s = 0; s < kDotBlock && k0 + s < K; ++s) {
+          scalar_t lanes[VL];
+          acc[r][s].store(lanes);
+          scalar_t sum = 0;
+          for (int64_t v = 0; v < VL; ++v) sum += lanes[v];
+          target[(i0 + r) * L + cols[k0 + s]] += sum;
+        }
+      }
+    }
+  }
+}
+
+// Appends the terms of window (b, t)'s valid nodes j: column j of A_bt and the row of x it reads.
+template <typename scalar_t>
+void window_terms(const Shape& s, const scalar_t* x, const scalar_t* a_bt, int64_t b, int64_t t,
+                  Terms<scalar_t>& terms) {
   const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation);
-  const int64_t first = t - s.pad;  // frame of slot 0
-  if (s.dilation == 1) {
-    if (slots.lo < slots.hi) fn(slots.lo, slots.hi, first + slots.lo);
-    return;
-  }
-  for (int64_t w = slots.lo; w < slots.hi; ++w) fn(w, w + 1, first + w * s.dilation);
-}
-
-template <typename scalar_t>
-void forward_window(const Shape& s, const scalar_t* x, const scalar_t* adj, int64_t b, int64_t t,
-                    scalar_t* out, const at::TensorOptions& options) {
-  const scalar_t* a = adj + s.adj_offset(b, t);
-  const scalar_t* x_b = x + b * s.T * s.N * s.C;
-  auto out_bt = matrix(out + (b * s.T + t) * s.L * s.C, s.L, s.C, s.C, options);
-  bool accumulate = false;
-  for_each_frame_run(s, t, [&](int64_t w_begin, int64_t w_end, int64_t frame) {
-    const int64_t K = (w_end - w_begin) * s.N;
-    gemm(out_bt, matrix(a + w_begin * s.N, s.L, K, s.L, options),
-         matrix(x_b + frame * s.N * s.C, K, s.C, s.C, options), accumulate);
-    accumulate = true;
-  });
-  if (!accumulate) out_bt.zero_();
-}
-
-template <typename scalar_t>
-void grad_x_frame(const Shape& s, const scalar_t* grad_out, const scalar_t* adj, int64_t b,
-                  int64_t f, scalar_t* grad_x, const at::TensorOptions& options) {
-  auto grad_x_bf = matrix(grad_x + (b * s.T + f) * s.N * s.C, s.N, s.C, s.C, options);
-  const SlotRange slots = slots_reading_frame(f, s.T, s.window, s.dilation);
-  bool accumulate = false;
   for (int64_t w = slots.lo; w < slots.hi; ++w) {
-    const int64_t t = f + s.pad - w * s.dilation;
-    gemm(grad_x_bf, matrix_t(adj + s.adj_offset(b, t) + w * s.N, s.L, s.N, s.L, options),
-         matrix(grad_out + (b * s.T + t) * s.L * s.C, s.L, s.C, s.C, options), accumulate);
-    accumulate = true;
+    const scalar_t* frame = x + ((b * s.T + t - s.pad + w * s.dilation) * s.N) * s.C;
+    for (int64_t n = 0; n < s.N; ++n) terms.add(a_bt + w * s.N + n, frame + n * s.C);
   }
-  if (!accumulate) grad_x_bf.zero_();
 }
 
-// target[:, wN:(w+1)N] += grad_out[b, t] @ x[b, f_w]^T for the valid slots of window (b, t).
 template <typename scalar_t>
-void add_grad_adj_window(const Shape& s, const scalar_t* grad_out, const scalar_t* x, int64_t b,
-                         int64_t t, scalar_t* target, const at::TensorOptions& options) {
-  const auto g = matrix(grad_out + (b * s.T + t) * s.L * s.C, s.L, s.C, s.C, options);
-  const scalar_t* x_b = x + b * s.T * s.N * s.C;
-  for_each_frame_run(s, t, [&](int64_t w_begin, int64_t w_end, int64_t frame) {
-    const int64_t K = (w_end - w_begin) * s.N;
-    auto block = matrix(target + w_begin * s.N, s.L, K, s.L, options);
-    gemm(block, g, matrix_t(x_b + frame * s.N * s.C, K, s.C, s.C, options), true);
-  });
+void forward_windows(const Shape& s, const scalar_t* x, const scalar_t* adj, int64_t begin,
+                     int64_t end, scalar_t* out) {
+  Terms<scalar_t> terms;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / s.T, t = r % s.T;
+    terms.clear();
+    window_terms(s, x, adj + s.adj_offset(b, t), b, t, terms);
+    broadcast_gemm(terms, s.L, s.L, s.C, out + r * s.L * s.C, s.C);
+  }
+}
+
+template <typename scalar_t>
+void grad_x_frames(const Shape& s, const scalar_t* grad_out, const scalar_t* adj, int64_t begin,
+                   int64_t end, scalar_t* grad_x) {
+  Terms<scalar_t> terms;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / s.T, f = r % s.T;
+    terms.clear();
+    const SlotRange slots = slots_reading_frame(f, s.T, s.window, s.dilation);
+    for (int64_t w = slots.lo; w < slots.hi; ++w) {
+      const int64_t t = f + s.pad - w * s.dilation;
+      const scalar_t* a = adj + s.adj_offset(b, t) + w * s.N;  // A_bt[:, wN:(w+1)N]
+      const scalar_t* g = grad_out + (b * s.T + t) * s.L * s.C;
+      for (int64_t i = 0; i < s.L; ++i) terms.add(a + i * s.L, g + i * s.C);
+    }
+    broadcast_gemm(terms, 1, s.N, s.C, grad_x + r * s.N * s.C, s.C);
+  }
+}
+
+// target += grad_A of the windows [begin, end).
+template <typename scalar_t>
+void add_grad_adj_windows(const Shape& s, const scalar_t* grad_out, const scalar_t* x,
+                          int64_t begin, int64_t end, scalar_t* target) {
+  std::vector<const scalar_t*> grad_rows(s.L), x_rows;
+  std::vector<int64_t> cols;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / s.T, t = r % s.T;
+    x_rows.clear();
+    cols.clear();
+    const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation);
+    for (int64_t w = slots.lo; w < slots.hi; ++w) {
+      const scalar_t* frame = x + ((b * s.T + t - s.pad + w * s.dilation) * s.N) * s.C;
+      for (int64_t n = 0; n < s.N; ++n) {
+        x_rows.push_back(frame + n * s.C);
+        cols.push_back(w * s.N + n);
+      }
+    }
+    for (int64_t i = 0; i < s.L; ++i) grad_rows[i] = grad_out + (r * s.L + i) * s.C;
+    dot_add(grad_rows.data(), s.L, x_rows.data(), cols.data(), static_cast<int64_t>(cols.size()),
+            s.C, target, s.L);
+  }
 }
 
 void check_cpu_dtype(const at::Tensor& x) {
@@ -141,15 +246,12 @@ at::Tensor window_graph_conv_cpu(const at::Tensor& x_in, const at::Tensor& adj_i
   const auto adj = adj_in.contiguous();
   auto out = at::empty({s.B, s.T, s.L, s.C}, x.options());
   if (out.numel() == 0) return out;
-  const auto options = x.options();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "window_graph_conv_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* ap = adj.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, s.B * s.T, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        forward_window<scalar_t>(s, xp, ap, r / s.T, r % s.T, op, options);
-      }
+      forward_windows<scalar_t>(s, xp, ap, begin, end, op);
     });
   });
   return out;
@@ -169,8 +271,7 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
   auto grad_x = compute_grad_x ? at::empty(x.sizes(), options) : at::empty({0}, options);
   auto grad_adj = compute_grad_adj ? at::zeros(adj.sizes(), options) : at::empty({0}, options);
   const int64_t windows = s.B * s.T;
-  if (x.numel() == 0 || windows == 0 || s.L == 0) {
-    if (compute_grad_x) grad_x.zero_();
+  if (x.numel() == 0) {
     return {grad_x, grad_adj};
   }
   // grad_adj work units: each adds the windows [unit * per_unit, (unit + 1) * per_unit) into its
@@ -189,19 +290,16 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
     if (compute_grad_x) {
       scalar_t* gxp = grad_x.data_ptr<scalar_t>();
       at::parallel_for(0, windows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          grad_x_frame<scalar_t>(s, gp, ap, r / s.T, r % s.T, gxp, options);
-        }
+        grad_x_frames<scalar_t>(s, gp, ap, begin, end, gxp);
       });
     }
     if (compute_grad_adj) {
       scalar_t* tp = targets.data_ptr<scalar_t>();
       at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
         for (int64_t unit = begin; unit < end; ++unit) {
-          for (int64_t r = unit * per_unit; r < std::min(windows, (unit + 1) * per_unit); ++r) {
-            add_grad_adj_window<scalar_t>(s, gp, xp, r / s.T, r % s.T,
-                                          tp + unit * s.L * s.L, options);
-          }
+          add_grad_adj_windows<scalar_t>(s, gp, xp, unit * per_unit,
+                                         std::min(windows, (unit + 1) * per_unit),
+                                         tp + unit * s.L * s.L);
         }
       });
     }
