@@ -41,6 +41,24 @@ inline SlotRange slots_reading_frame(int64_t f, int64_t frames, int64_t window, 
   return {lo, std::max(lo, hi)};
 }
 
+// grad_adj is summed over work units of consecutive windows r = b * T + t, each unit into its own
+// [L, L] target: one window (per-window adj, adj_dim 4), one sample (per-sample adj, adj_dim 3) or
+// a chunk of at most max_chunks of a shared adj (adj_dim 2), whose partial sums are added
+// afterwards in a fixed order.
+struct AdjGradUnits {
+  int64_t windows_per_unit, units;
+};
+
+inline AdjGradUnits adj_grad_units(int64_t adj_dim, int64_t batch, int64_t frames,
+                                   int64_t max_chunks) {
+  const int64_t windows = batch * frames;
+  if (windows == 0) return {1, 0};
+  const int64_t per_unit = adj_dim == 4   ? 1
+                           : adj_dim == 3 ? frames
+                                          : (windows + max_chunks - 1) / max_chunks;
+  return {per_unit, (windows + per_unit - 1) / per_unit};
+}
+
 // C++ entry points (go through the dispatcher, like torch.ops.keypointops.*).
 at::Tensor window_graph_conv(const at::Tensor& x, const at::Tensor& adj, int64_t window,
                              int64_t dilation);

@@ -274,14 +274,9 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
   if (x.numel() == 0) {
     return {grad_x, grad_adj};
   }
-  // grad_adj work units: each adds the windows [unit * per_unit, (unit + 1) * per_unit) into its
-  // own [L, L] target: one window (per-window adj), one sample (per-sample adj), or one chunk of a
-  // shared adj, whose partial sums are added up afterwards.
   const bool shared = adj.dim() == 2;
-  const int64_t per_unit = adj.dim() == 4 ? 1
-                           : adj.dim() == 3 ? s.T
-                                            : (windows + kSharedAdjChunks - 1) / kSharedAdjChunks;
-  const int64_t units = (windows + per_unit - 1) / per_unit;
+  const AdjGradUnits work = adj_grad_units(adj.dim(), s.B, s.T, kSharedAdjChunks);
+  const int64_t per_unit = work.windows_per_unit, units = work.units;
   auto targets = compute_grad_adj && shared ? at::zeros({units, s.L, s.L}, options) : grad_adj;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "window_graph_conv_backward_cpu", [&] {
     const scalar_t* gp = grad_out.data_ptr<scalar_t>();

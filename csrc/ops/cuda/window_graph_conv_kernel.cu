@@ -22,7 +22,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <limits>
 
 #include "ops/window_graph_conv.h"
@@ -78,11 +77,33 @@ __device__ __forceinline__ void accumulate_tile(int64_t k_size, const LoadA& loa
   }
 }
 
-// Frame read by window node j of output frame t, or -1 when it is outside [0, T).
-__device__ __forceinline__ int64_t node_frame(int64_t t, int64_t j, int64_t N, int64_t T,
-                                              int64_t pad, int64_t dilation) {
+// x[b, t - pad + (j / N) * dilation, j % N, c] for window node j of output frame t (x_b = x[b]),
+// 0 outside the matrix (j >= L or c >= C) or when the frame is outside [0, T).
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t window_node(const scalar_t* x_b, int64_t t, int64_t j, int64_t c,
+                                             int64_t T, int64_t N, int64_t C, int64_t L,
+                                             int64_t pad, int64_t dilation) {
+  if (j >= L || c >= C) return acc_t(0);
   const int64_t frame = t - pad + (j / N) * dilation;
-  return frame >= 0 && frame < T ? frame : -1;
+  if (frame < 0 || frame >= T) return acc_t(0);
+  return static_cast<acc_t>(x_b[(frame * N + j % N) * C + c]);
+}
+
+// out[(m0 + ty + 16 r) * ld + n0 + tx + 16 s] = acc[r][s], inside the rows x cols matrix.
+template <typename acc_t, typename out_t>
+__device__ __forceinline__ void store_tile(const acc_t (&acc)[kMicro][kMicro], out_t* out,
+                                           int64_t ld, int64_t m0, int64_t n0, int64_t rows,
+                                           int64_t cols) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int r = 0; r < kMicro; ++r) {
+    const int64_t m = m0 + ty + 16 * r;
+#pragma unroll
+    for (int s = 0; s < kMicro; ++s) {
+      const int64_t n = n0 + tx + 16 * s;
+      if (m < rows && n < cols) out[m * ld + n] = static_cast<out_t>(acc[r][s]);
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -103,23 +124,11 @@ forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ adj,
     return i < L && j < L ? static_cast<acc_t>(a_bt[i * L + j]) : acc_t(0);
   };
   const auto load_b = [&](int64_t j, int n) -> acc_t {
-    const int64_t c = c0 + n;
-    if (j >= L || c >= C) return acc_t(0);
-    const int64_t frame = node_frame(t, j, N, T, pad, dilation);
-    return frame < 0 ? acc_t(0) : static_cast<acc_t>(x_b[(frame * N + j % N) * C + c]);
+    return window_node<acc_t>(x_b, t, j, c0 + n, T, N, C, L, pad, dilation);
   };
   acc_t acc[kMicro][kMicro] = {};
   accumulate_tile<true, false>(L, load_a, load_b, tile, acc);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-  for (int r = 0; r < kMicro; ++r) {
-    const int64_t i = i0 + ty + 16 * r;
-#pragma unroll
-    for (int s = 0; s < kMicro; ++s) {
-      const int64_t c = c0 + tx + 16 * s;
-      if (i < L && c < C) out[(window_id * L + i) * C + c] = static_cast<scalar_t>(acc[r][s]);
-    }
-  }
+  store_tile(acc, out + window_id * L * C, C, i0, c0, L, C);
 }
 
 template <typename scalar_t>
@@ -149,16 +158,7 @@ grad_x_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict_
     };
     accumulate_tile<false, false>(L, load_a, load_b, tile, acc);
   }
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-  for (int r = 0; r < kMicro; ++r) {
-    const int64_t n = n0 + ty + 16 * r;
-#pragma unroll
-    for (int s = 0; s < kMicro; ++s) {
-      const int64_t c = c0 + tx + 16 * s;
-      if (n < N && c < C) grad_x[(frame_id * N + n) * C + c] = static_cast<scalar_t>(acc[r][s]);
-    }
-  }
+  store_tile(acc, grad_x + frame_id * N * C, C, n0, c0, N, C);
 }
 
 template <typename scalar_t>
@@ -184,23 +184,11 @@ grad_adj_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restric
       return i < L && c < C ? static_cast<acc_t>(g_bt[i * C + c]) : acc_t(0);
     };
     const auto load_b = [&](int64_t c, int n) -> acc_t {
-      const int64_t j = j0 + n;
-      if (j >= L || c >= C) return acc_t(0);
-      const int64_t frame = node_frame(t, j, N, T, pad, dilation);
-      return frame < 0 ? acc_t(0) : static_cast<acc_t>(x_b[(frame * N + j % N) * C + c]);
+      return window_node<acc_t>(x_b, t, j0 + n, c, T, N, C, L, pad, dilation);
     };
     accumulate_tile<true, true>(C, load_a, load_b, tile, acc);
   }
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-  for (int r = 0; r < kMicro; ++r) {
-    const int64_t i = i0 + ty + 16 * r;
-#pragma unroll
-    for (int s = 0; s < kMicro; ++s) {
-      const int64_t j = j0 + tx + 16 * s;
-      if (i < L && j < L) targets[(unit * L + i) * L + j] = acc[r][s];
-    }
-  }
+  store_tile(acc, targets + unit * L * L, L, i0, j0, L, L);
 }
 
 unsigned int tiles(int64_t size) { return static_cast<unsigned int>((size + kTile - 1) / kTile); }
@@ -268,11 +256,10 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cuda(
 
   auto grad_adj = at::empty({0}, adj.options());
   if (compute_grad_adj) {
-    // Units of windows, each summed into its own [L, L] target (see the header comment).
-    const int64_t chunk = std::max<int64_t>(1, (windows + kSharedAdjChunks - 1) / kSharedAdjChunks);
-    const int64_t per_unit = adj.dim() == 4 ? 1 : adj.dim() == 3 ? T : chunk;
-    const int64_t units = windows > 0 ? (windows + per_unit - 1) / per_unit : 0;
-    auto targets = at::zeros({units, L, L}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+    const AdjGradUnits work = adj_grad_units(adj.dim(), B, T, kSharedAdjChunks);
+    const int64_t per_unit = work.windows_per_unit, units = work.units;
+    const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+    auto targets = at::zeros({units, L, L}, acc_options);
     if (units > 0 && L > 0 && C > 0) {
       const dim3 grid(static_cast<unsigned int>(units), tiles(L), tiles(L));
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
