@@ -25,8 +25,7 @@ TORCH_LIBRARY(keypointops, m) {
   // Backward walks the transposed CSR: each row of grad_x has one writer, no atomics.
   // Returns (grad_x [N, C], grad_t [C]); grad_t is all zeros unless compute_grad_t.
   m.def("msg_pass_backward(Tensor grad_out, Tensor x, Tensor out, Tensor row_max, Tensor row_sum, "
-        "Tensor rowptr_t, "
-        "Tensor col_t, Tensor t, float eps, bool compute_grad_t) -> (Tensor, Tensor)");
+        "Tensor rowptr_t, Tensor col_t, Tensor t, float eps, bool compute_grad_t) -> (Tensor, Tensor)");
   // part_pool: softmax over H*W of the part logits (groups @ heatmaps) / temperature, then the
   // probability-weighted sum of the features.  groups = None is the identity (P = J).
   // Returns (out [B, P, C], lse [B, P]): the log-sum-exp of the logits of every (image, part), saved
@@ -36,4 +35,12 @@ TORCH_LIBRARY(keypointops, m) {
   // Returns (grad_features, grad_heatmaps, grad_groups); the ones output_mask leaves out are empty [0].
   m.def("part_pool_backward(Tensor grad_out, Tensor features, Tensor heatmaps, Tensor? groups, "
         "Tensor out, Tensor lse, float temperature, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // window_graph_conv: sliding-window block-adjacency graph conv, x [B, T, N, C] and adj [L, L],
+  // [B, L, L] or [B, T, L, L] (L = window * N) -> [B, T, L, C]; window slot w of frame t reads frame
+  // t - (window - 1) * dilation / 2 + w * dilation (zeros outside [0, T)).
+  m.def("window_graph_conv(Tensor x, Tensor adj, int window, int dilation) -> Tensor");
+  // Backward from x and adj alone (no window tensor saved).  Returns (grad_x, grad_adj); each is an
+  // empty [0] tensor when its compute_ flag is false.
+  m.def("window_graph_conv_backward(Tensor grad_out, Tensor x, Tensor adj, int window, int dilation, "
+        "bool compute_grad_x, bool compute_grad_adj) -> (Tensor, Tensor)");
 }

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["Graph", "Skeleton", "SKELETONS", "skeleton", "part_groups", "PART_GROUPINGS",
-           "ALIGNNET_BODY_PARTS", "CTL_PARTS_10", "CTL_PARTS_5", "CTL_PARTS_5_OF_10"]
+           "ALIGNNET_BODY_PARTS", "CTL_PARTS_10", "CTL_PARTS_5", "CTL_PARTS_5_OF_10",
+           "normalize_adjacency", "block_adjacency"]
 
 
 @dataclass(frozen=True)
@@ -303,3 +304,58 @@ def part_groups(parts, num_joints: int | None = None, *, dtype: torch.dtype = to
             raise ValueError(f"part_groups: part {q} repeats a joint: {joints}")
         groups[q, joints] = 1.0 / len(joints)
     return groups.to(dtype=dtype, device=device)
+
+
+def _check_square(adj, name: str, fn: str) -> None:
+    if not isinstance(adj, Tensor):
+        raise TypeError(f"{fn}: {name} must be a Tensor, got {type(adj).__name__}")
+    if adj.dim() < 2 or adj.size(-1) != adj.size(-2):
+        raise ValueError(f"{fn}: {name} must be [..., N, N], got shape {list(adj.shape)}")
+    if not adj.is_floating_point():
+        raise ValueError(f"{fn}: {name} must be floating point, got {adj.dtype}")
+
+
+def normalize_adjacency(adj: Tensor, add_self_loops: bool = True) -> Tensor:
+    """Symmetric normalisation ``D^-1/2 (A + I) D^-1/2`` of a dense adjacency (GCN, MS-G3D).
+
+    Args:
+        adj: ``[..., N, N]`` floating point adjacency (a batch of them is normalised one by one);
+            differentiable, so a learnable part of it trains through the normalisation.
+        add_self_loops: add the identity before normalising; pass False when ``adj`` already holds
+            its self loops (as :func:`block_adjacency` builds them).
+
+    Returns:
+        ``[..., N, N]``: ``d_i^-1/2 (A + I)_ij d_j^-1/2`` with ``d`` the row sums of ``A + I``; the
+        rows and columns of a node whose degree is ``<= 0`` are 0 (never inf or NaN, nor in the
+        gradient).
+    """
+    _check_square(adj, "adj", "normalize_adjacency")
+    if add_self_loops:
+        adj = adj + torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device)
+    degree = adj.sum(-1)
+    positive = degree > 0
+    # rsqrt of 1 where the degree is <= 0, so that its (discarded) branch has a finite gradient.
+    inv_sqrt = torch.where(positive, torch.where(positive, degree, 1.0).rsqrt(), 0.0)
+    return inv_sqrt[..., :, None] * adj * inv_sqrt[..., None, :]
+
+
+def block_adjacency(adj: Tensor, window: int) -> Tensor:
+    """The ``[L, L]`` adjacency of a window of ``window`` frames (``L = window * N``), as MS-G3D builds it.
+
+    Every ``N x N`` block ``(w, w')`` is ``A + I``: a joint is linked to its skeleton neighbours
+    and to itself, in its own frame and in every other frame of the window (MS-G3D's
+    ``build_spatial_temporal_graph``: ``np.tile(A + I, (window, window))``).  Window node
+    ``w * N + n`` is joint ``n`` of slot ``w``, the order :func:`keypointops.window_graph_conv`
+    uses.  Normalise the result with ``normalize_adjacency(..., add_self_loops=False)`` (its
+    diagonal already holds the self loops).
+
+    Args:
+        adj: ``[..., N, N]`` adjacency without self loops (e.g. a skeleton's 0/1 matrix).
+        window: number of frames of the window, ``>= 1``.
+    """
+    _check_square(adj, "adj", "block_adjacency")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"block_adjacency: window must be an int >= 1, got {window!r}")
+    with_loops = adj + torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device)
+    return with_loops.repeat(*([1] * (adj.dim() - 2)), window, window)
+

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from keypointops.graphs import Graph
 
-__all__ = ["msg_pass", "part_pool"]
+__all__ = ["msg_pass", "part_pool", "window_graph_conv"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,3 +47,29 @@ def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None,
     probs = torch.softmax(logits / temperature, dim=-1)
     out = torch.einsum("bps,bcs->bpc", probs, features.to(dtype).flatten(2))    # [B, P, C]
     return out.to(features.dtype)
+
+
+def window_graph_conv(x: Tensor, adj: Tensor, window: int, dilation: int = 1) -> Tensor:
+    """``out[b, t, i] = sum_j adj[.., i, j] * x[b, t - pad + (j // N) * dilation, j % N]`` (zero padded).
+
+    Builds the unfolded windows ``[B, T, L, C]`` explicitly (gather of the frames of every window,
+    zeroed where the frame is outside ``[0, T)``), then multiplies by ``adj``.
+    """
+    batch, frames, nodes, channels = x.shape
+    size = window * nodes
+    pad = (window - 1) * dilation // 2
+    dtype = _accumulation_dtype(x.dtype)
+    slots = torch.arange(window, device=x.device)
+    window_frames = torch.arange(frames, device=x.device)[:, None] - pad + slots[None] * dilation
+    inside = (window_frames >= 0) & (window_frames < frames)                      # [T, window]
+    windows = x.to(dtype)[:, window_frames.clamp(0, max(frames - 1, 0))]           # [B, T, window, N, C]
+    windows = (windows * inside[None, :, :, None, None]).reshape(batch, frames, size, channels)
+    a = adj.to(dtype)
+    if a.dim() == 2:
+        out = torch.einsum("ij,btjc->btic", a, windows)
+    elif a.dim() == 3:
+        out = torch.einsum("bij,btjc->btic", a, windows)
+    else:
+        out = torch.einsum("btij,btjc->btic", a, windows)
+    return out.to(x.dtype)
+

@@ -2,5 +2,6 @@
 from keypointops.nn.deep_gcn import DeepGCNLayer
 from keypointops.nn.gen_conv import GENConv, MessageNorm, MsgPassAggregation
 from keypointops.nn.part_pool import PartPool
+from keypointops.nn.window_graph_conv import WindowGraphConv3D
 
-__all__ = ["DeepGCNLayer", "GENConv", "MessageNorm", "MsgPassAggregation", "PartPool"]
+__all__ = ["DeepGCNLayer", "GENConv", "MessageNorm", "MsgPassAggregation", "PartPool", "WindowGraphConv3D"]

@@ -1,0 +1,134 @@
+"""``window_graph_conv``: sliding-window block-adjacency graph conv (CTL's 3D-GCL, MS-G3D's G3D)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from keypointops import reference
+from keypointops._extension import has_ops
+from keypointops.ops._backend import resolve_backend
+
+__all__ = ["window_graph_conv"]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def window_graph_conv(x: Tensor, adj: Tensor, window: int, *, dilation: int = 1,
+                      backend: str = "auto") -> Tensor:
+    r"""Graph conv over a sliding window of frames with a block adjacency (no unfolded input).
+
+    Window ``t`` holds the frames ``t - pad + w * dilation``, ``w = 0 .. window-1``,
+    ``pad = (window - 1) * dilation // 2`` (zeros for frames outside ``[0, T)``); node
+    ``j = w * N + n`` of the window is node ``n`` of slot ``w``'s frame, and
+
+    .. math:: \mathrm{out}[b, t, i, :] = \sum_{j < L} \mathrm{adj}[b, t, i, j]\,
+              x[b,\ t - \mathrm{pad} + \lfloor j / N \rfloor \mathrm{dilation},\ j \bmod N,\ :]
+
+    with ``L = window * N``.  This is the aggregation of MS-G3D's G3D and CTL's 3D graph conv
+    layer (there written as an ``nn.Unfold`` of the input followed by an ``einsum``); here the
+    ``[B, T, L, C]`` unfolded input is never built: every window's product reads its frames from
+    ``x`` in place, in forward and in backward (which saves only ``x`` and ``adj``).
+
+    Args:
+        x: ``[B, T, N, C]`` node features of ``T`` frames, float32 or float64 (float16/bfloat16 on
+            CUDA, accumulated in float32).
+        adj: the window adjacency, already normalised (see
+            :func:`keypointops.graphs.normalize_adjacency` and
+            :func:`keypointops.graphs.block_adjacency`): ``[L, L]`` shared by every window,
+            ``[B, L, L]`` per sample or ``[B, T, L, L]`` per window; same dtype as ``x``.
+            Differentiable.
+        window: number of frames of a window, odd (the window is centred on its frame).
+        dilation: frame step inside a window.
+        backend: ``"auto"`` (compiled kernel for the tensor's device), ``"cpu"``, ``"cuda"``,
+            ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``[B, T, L, C]`` tensor of ``x``'s dtype: row ``i`` of window ``t``; MS-G3D / CTL then
+        collapse the ``window`` slots of each node (see :class:`keypointops.nn.WindowGraphConv3D`).
+    """
+    _check_args(x, adj, window, dilation)
+    backend = resolve_backend("window_graph_conv", backend, x.device)
+    if backend == "reference":
+        return reference.window_graph_conv(x, adj, window, dilation=dilation)
+    if backend == "triton":
+        from keypointops.triton import window_graph_conv as triton_window_graph_conv
+        forward = triton_window_graph_conv.window_graph_conv_triton
+    else:
+        forward = torch.ops.keypointops.window_graph_conv
+    return forward(x, adj, window, dilation)
+
+
+def _check_args(x, adj, window, dilation) -> None:
+    for name, value in (("x", x), ("adj", adj)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"window_graph_conv: {name} must be a Tensor, got {type(value).__name__}")
+    for name, value in (("window", window), ("dilation", dilation)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"window_graph_conv: {name} must be an int, got {type(value).__name__}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window_graph_conv: window must be a positive odd number (the window is "
+                         f"centred on its frame), got {window}")
+    if dilation < 1:
+        raise ValueError(f"window_graph_conv: dilation must be >= 1, got {dilation}")
+    if x.dim() != 4:
+        raise ValueError(f"window_graph_conv: x must be [B, T, N, C], got shape {list(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"window_graph_conv: x must be float32, float64, float16 or bfloat16, got "
+                         f"{x.dtype}")
+    batch, frames, nodes, _ = x.shape
+    size = window * nodes
+    if adj.dim() not in (2, 3, 4) or tuple(adj.shape[-2:]) != (size, size):
+        raise ValueError(f"window_graph_conv: adj must be [L, L], [B, L, L] or [B, T, L, L] with "
+                         f"L = window * N = {window} * {nodes} = {size}, got shape {list(adj.shape)}")
+    if adj.dim() >= 3 and adj.size(0) != batch:
+        raise ValueError(f"window_graph_conv: adj holds {adj.size(0)} samples (shape "
+                         f"{list(adj.shape)}) but x holds B = {batch}")
+    if adj.dim() == 4 and adj.size(1) != frames:
+        raise ValueError(f"window_graph_conv: adj holds {adj.size(1)} windows per sample (shape "
+                         f"{list(adj.shape)}) but x holds T = {frames} frames")
+    if adj.dtype != x.dtype:
+        raise ValueError(f"window_graph_conv: adj ({adj.dtype}) must have the dtype of x "
+                         f"({x.dtype}); cast it with adj.to(x.dtype)")
+    if adj.device != x.device:
+        raise ValueError(f"window_graph_conv: x ({x.device}) and adj ({adj.device}) must be on the "
+                         "same device")
+
+
+# --- torch.library registrations: fake kernels and the autograd formula --------------------------
+
+def _fake_forward(x, adj, window, dilation):
+    batch, frames, nodes, channels = x.shape
+    return x.new_empty((batch, frames, window * nodes, channels))
+
+
+def _fake_backward(grad_out, x, adj, window, dilation, compute_grad_x, compute_grad_adj):
+    return (x.new_empty(x.shape) if compute_grad_x else x.new_empty(0),
+            adj.new_empty(adj.shape) if compute_grad_adj else adj.new_empty(0))
+
+
+def register_kernels_of(forward_name: str, backward_name: str) -> None:
+    """Registers the fake kernels and the autograd formula of a (forward, backward) op pair.
+
+    Used for the compiled ops and for the Triton ops, which share their schemas.  Backward saves
+    only ``x`` and ``adj``.
+    """
+    torch.library.register_fake(forward_name)(_fake_forward)
+    torch.library.register_fake(backward_name)(_fake_backward)
+    backward_op = getattr(torch.ops.keypointops, backward_name.split("::")[1]).default
+
+    def setup_context(ctx, inputs, output):
+        x, adj, window, dilation = inputs
+        ctx.save_for_backward(x, adj)
+        ctx.window, ctx.dilation = window, dilation
+
+    def backward(ctx, grad_out):
+        x, adj = ctx.saved_tensors
+        need_x, need_adj = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, grad_adj = backward_op(grad_out, x, adj, ctx.window, ctx.dilation, need_x, need_adj)
+        return grad_x if need_x else None, grad_adj if need_adj else None, None, None
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+
+
+if has_ops():
+    register_kernels_of("keypointops::window_graph_conv", "keypointops::window_graph_conv_backward")

@@ -1,0 +1,380 @@
+"""window_graph_conv: every fused backend against the reference and MS-G3D's unfold + einsum,
+gradients, registration, bad input; the adjacency helpers of graphs.py; WindowGraphConv3D."""
+import pytest
+import torch
+
+import keypointops
+from keypointops import reference
+from keypointops.graphs import block_adjacency, normalize_adjacency
+from keypointops.nn import WindowGraphConv3D
+
+from conftest import device_backend_params, tolerances
+
+# (window, dilation, T, N, C): window 1 / 3 / 5, dilation 1 / 2, T smaller than the window (and
+# than its dilated span), T = 1, N = 1, odd C.
+CASES = [
+    (1, 1, 4, 3, 5),
+    (3, 1, 5, 4, 7),
+    (3, 2, 6, 3, 5),
+    (5, 1, 7, 2, 3),
+    (5, 1, 3, 2, 5),
+    (5, 2, 4, 3, 9),
+    (3, 1, 1, 5, 4),
+    (5, 1, 6, 1, 6),
+]
+ADJ_KINDS = ["shared", "per_sample", "per_window"]
+GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: tolerances(torch.float64)}
+
+
+def make_inputs(batch, frames, nodes, channels, window, adj_kind, *, dtype=torch.float32,
+                device="cpu", seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    size = window * nodes
+    adj_shape = {"shared": (size, size), "per_sample": (batch, size, size),
+                 "per_window": (batch, frames, size, size)}[adj_kind]
+    x = torch.randn(batch, frames, nodes, channels, generator=gen, dtype=dtype).to(device)
+    adj = torch.randn(adj_shape, generator=gen, dtype=dtype).to(device)
+    return x.requires_grad_(requires_grad), adj.requires_grad_(requires_grad)
+
+
+def msg3d_unfold_einsum(x, adj, window, dilation):
+    """MS-G3D's G3D aggregation, its way: ``UnfoldTemporalWindows`` (``nn.Unfold`` in the
+    ``[B, C, T, V]`` layout) then ``einsum('vu,nctu->nctv')``; returned as ``[B, T, L, C]``."""
+    batch, frames, nodes, channels = x.shape
+    padding = (window + (window - 1) * (dilation - 1) - 1) // 2
+    unfold = torch.nn.Unfold(kernel_size=(window, 1), dilation=(dilation, 1), stride=(1, 1),
+                             padding=(padding, 0))
+    windows = unfold(x.permute(0, 3, 1, 2))                                   # [B, C*window, T*V]
+    windows = windows.view(batch, channels, window, -1, nodes).permute(0, 1, 3, 2, 4).contiguous()
+    windows = windows.view(batch, channels, -1, window * nodes)              # [B, C, T, L]
+    pattern = "vu,nctu->nctv" if adj.dim() == 2 else "nvu,nctu->nctv"
+    return torch.einsum(pattern, adj, windows).permute(0, 2, 3, 1)
+
+
+def check_against(fn, expected_fn, x, adj, dtype):
+    out = fn(x, adj)
+    expected = expected_fn(x, adj)
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(99), dtype=dtype)
+    got = torch.autograd.grad(out, (x, adj), grad.to(out.device))
+    want = torch.autograd.grad(expected, (x, adj), grad.to(out.device))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("adj_kind", ADJ_KINDS)
+@pytest.mark.parametrize("window,dilation,frames,nodes,channels", CASES)
+def test_matches_reference(device, backend, dtype, adj_kind, window, dilation, frames, nodes,
+                           channels):
+    x, adj = make_inputs(2, frames, nodes, channels, window, adj_kind, dtype=dtype, device=device,
+                         requires_grad=True)
+    check_against(
+        lambda x, adj: keypointops.window_graph_conv(x, adj, window, dilation=dilation, backend=backend),
+        lambda x, adj: reference.window_graph_conv(x, adj, window, dilation),
+        x, adj, dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params() + [("cpu", "reference")])
+@pytest.mark.parametrize("adj_kind", ["shared", "per_sample"])
+@pytest.mark.parametrize("window,dilation", [(3, 1), (5, 2)])
+def test_matches_msg3d_unfold_einsum(device, backend, adj_kind, window, dilation):
+    x, adj = make_inputs(3, 6, 4, 5, window, adj_kind, dtype=torch.float64, device=device, seed=1,
+                         requires_grad=True)
+    check_against(
+        lambda x, adj: keypointops.window_graph_conv(x, adj, window, dilation=dilation, backend=backend),
+        lambda x, adj: msg3d_unfold_einsum(x, adj, window, dilation),
+        x, adj, torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16/bfloat16 run on CUDA only")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("adj_kind", ADJ_KINDS)
+def test_reduced_precision_on_cuda(backend, dtype, adj_kind):
+    if backend == "cuda" and not keypointops.has_cuda_ops():
+        pytest.skip("keypointops._C built without CUDA kernels")
+    x, adj = make_inputs(2, 5, 7, 40, 3, adj_kind, device="cuda", seed=2)
+    adj = adj / 8
+    x16, adj16 = x.to(dtype).requires_grad_(), adj.to(dtype).requires_grad_()
+    out = keypointops.window_graph_conv(x16, adj16, 3, backend=backend)
+    assert out.dtype == dtype
+    expected = reference.window_graph_conv(x16.float(), adj16.float(), 3)
+    torch.testing.assert_close(out.float(), expected, **tolerances(dtype))
+    grad = torch.randn_like(expected)
+    gx, gadj = torch.autograd.grad(out, (x16, adj16), grad.to(dtype))
+    x32, adj32 = x16.detach().float().requires_grad_(), adj16.detach().float().requires_grad_()
+    wx, wadj = torch.autograd.grad(reference.window_graph_conv(x32, adj32, 3), (x32, adj32), grad)
+    torch.testing.assert_close(gx.float(), wx, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(gadj.float(), wadj, rtol=5e-2, atol=2e-1)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("adj_kind", ADJ_KINDS)
+def test_gradcheck(device, backend, adj_kind):
+    x, adj = make_inputs(2, 4, 2, 3, 3, adj_kind, dtype=torch.float64, device=device, seed=3,
+                         requires_grad=True)
+    # The Triton interpreter is slow: on CPU its check takes gradcheck's fast mode (random
+    # projections of the Jacobians instead of every entry).
+    fast_mode = backend == "triton" and device == "cpu"
+    for dilation in (1, 2):
+        assert torch.autograd.gradcheck(
+            lambda x, adj: keypointops.window_graph_conv(x, adj, 3, dilation=dilation, backend=backend),
+            (x, adj), fast_mode=fast_mode)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_only_the_needed_gradient(device, backend):
+    x, adj = make_inputs(2, 5, 3, 4, 3, "per_sample", device=device, seed=4)
+    out = keypointops.window_graph_conv(x.requires_grad_(), adj, 3, backend=backend)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(
+        reference.window_graph_conv(x, adj, 3).sum(), x)[0])
+    x.requires_grad_(False)
+    adj.requires_grad_()
+    (gadj,) = torch.autograd.grad(keypointops.window_graph_conv(x, adj, 3, backend=backend).sum(), adj)
+    torch.testing.assert_close(gadj, torch.autograd.grad(
+        reference.window_graph_conv(x, adj, 3).sum(), adj)[0])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("adj_kind", ADJ_KINDS)
+def test_backward_is_deterministic(device, backend, adj_kind):
+    batch, frames = (8, 20) if backend != "triton" or device == "cuda" else (3, 6)
+    x, adj = make_inputs(batch, frames, 5, 33, 3, adj_kind, device=device, seed=5,
+                         requires_grad=True)
+    out = keypointops.window_graph_conv(x, adj, 3, backend=backend)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(device)
+    first = torch.autograd.grad(out, (x, adj), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (x, adj), grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not keypointops.has_ops(), reason="keypointops._C not built")
+@pytest.mark.parametrize("adj_kind", ADJ_KINDS)
+def test_cpu_results_do_not_depend_on_the_thread_count(adj_kind):
+    x, adj = make_inputs(5, 9, 7, 35, 3, adj_kind, seed=12, requires_grad=True)
+    grad = torch.randn(5, 9, 21, 35, generator=torch.Generator().manual_seed(13))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (1, 3):
+            torch.set_num_threads(num_threads)
+            out = keypointops.window_graph_conv(x, adj, 3, dilation=2, backend="cpu")
+            results.append((out, *torch.autograd.grad(out, (x, adj), grad)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_non_contiguous_inputs(device, backend):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 5, 3, generator=gen).to(device).transpose(1, 3)    # [2, 3, 5, 6] strided
+    adj = torch.randn(15, 15, generator=gen).to(device).t()
+    torch.testing.assert_close(keypointops.window_graph_conv(x, adj, 3, backend=backend),
+                               reference.window_graph_conv(x, adj, 3))
+    adj_expanded = torch.randn(15, 15, generator=gen).to(device).expand(2, 15, 15)
+    torch.testing.assert_close(keypointops.window_graph_conv(x, adj_expanded, 3, backend=backend),
+                               reference.window_graph_conv(x, adj_expanded, 3))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("shape", [(0, 4, 3, 5), (2, 0, 3, 5), (2, 4, 3, 0), (2, 4, 0, 5)])
+def test_empty_inputs(device, backend, shape):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    size = 3 * shape[2]
+    adj = torch.randn(size, size, device=device, requires_grad=True)
+    out = keypointops.window_graph_conv(x, adj, 3, backend=backend)
+    assert out.shape == (shape[0], shape[1], size, shape[3])
+    gx, gadj = torch.autograd.grad(out.sum(), (x, adj), allow_unused=True)
+    assert gx.shape == x.shape and gadj.shape == adj.shape
+    assert (gadj == 0).all()
+
+
+def _op_samples(device):
+    samples = []
+    for adj_kind, dilation in (("shared", 1), ("per_sample", 2), ("per_window", 1)):
+        x, adj = make_inputs(2, 5, 3, 4, 3, adj_kind, dtype=torch.float64, device=device, seed=8,
+                             requires_grad=True)
+        samples.append((x, adj, 3, dilation))
+    return samples
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_opcheck(device, backend):
+    if backend == "triton":
+        from keypointops.triton import window_graph_conv as triton_window_graph_conv
+        op = triton_window_graph_conv.window_graph_conv_triton
+    else:
+        op = torch.ops.keypointops.window_graph_conv.default
+    for args in _op_samples(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_torch_compile_fullgraph(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile does not trace Triton kernels in the interpreter on CPU tensors")
+    x, adj = make_inputs(2, 5, 3, 8, 3, "per_sample", device=device, seed=9, requires_grad=True)
+
+    def layer(x, adj):
+        return keypointops.window_graph_conv(x, adj.softmax(-1), 3, dilation=2, backend=backend).relu().sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = compiled(x, adj)
+    torch.testing.assert_close(got, layer(x, adj))
+    for g, w in zip(torch.autograd.grad(got, (x, adj)), torch.autograd.grad(layer(x, adj), (x, adj))):
+        torch.testing.assert_close(g, w)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def test_bad_input_raises_naming_the_argument():
+    x = torch.randn(2, 5, 4, 3)
+    adj = torch.randn(12, 12)
+    with pytest.raises(ValueError, match=r"adj must be \[L, L\].*L = window \* N = 3 \* 4 = 12"):
+        keypointops.window_graph_conv(x, torch.randn(10, 10), 3)
+    with pytest.raises(ValueError, match="window must be a positive odd number"):
+        keypointops.window_graph_conv(x, torch.randn(8, 8), 2)
+    with pytest.raises(ValueError, match="window must be a positive odd number"):
+        keypointops.window_graph_conv(x, adj, 0)
+    with pytest.raises(TypeError, match="window must be an int"):
+        keypointops.window_graph_conv(x, adj, 3.0)
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
+        keypointops.window_graph_conv(x, adj, 3, dilation=0)
+    with pytest.raises(ValueError, match="adj holds 3 samples .* but x holds B = 2"):
+        keypointops.window_graph_conv(x, torch.randn(3, 12, 12), 3)
+    with pytest.raises(ValueError, match="adj holds 4 windows per sample .* but x holds T = 5"):
+        keypointops.window_graph_conv(x, torch.randn(2, 4, 12, 12), 3)
+    with pytest.raises(ValueError, match=r"x must be \[B, T, N, C\]"):
+        keypointops.window_graph_conv(torch.randn(5, 4, 3), adj, 3)
+    with pytest.raises(ValueError, match="adj .* must have the dtype of x"):
+        keypointops.window_graph_conv(x, adj.double(), 3)
+    with pytest.raises(ValueError, match="x must be float32, float64"):
+        keypointops.window_graph_conv(x.long(), adj.long(), 3)
+    with pytest.raises(TypeError, match="adj must be a Tensor"):
+        keypointops.window_graph_conv(x, adj.tolist(), 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        keypointops.window_graph_conv(x, adj, 3, backend="gpu")
+
+
+@pytest.mark.skipif(not keypointops.has_ops(), reason="keypointops._C not built")
+def test_compiled_op_checks_its_arguments_itself():
+    """Called directly (no Python checks), the C++ kernels still refuse bad shapes."""
+    op = torch.ops.keypointops.window_graph_conv
+    x = torch.randn(2, 5, 4, 3)
+    with pytest.raises(RuntimeError, match="adj must be .* L = window \\* N = 12"):
+        op(x, torch.randn(10, 10), 3, 1)
+    with pytest.raises(RuntimeError, match="window must be a positive odd number"):
+        op(x, torch.randn(8, 8), 2, 1)
+    with pytest.raises(RuntimeError, match="adj holds 3 samples but x holds B = 2"):
+        op(x, torch.randn(3, 12, 12), 3, 1)
+    with pytest.raises(RuntimeError, match="adj holds 4 windows per sample but x holds T = 5"):
+        op(x, torch.randn(2, 4, 12, 12), 3, 1)
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.keypointops.window_graph_conv_backward(torch.randn(2, 5, 12, 4), x,
+                                                         torch.randn(12, 12), 3, 1, True, True)
+
+
+def test_device_mismatch_raises():
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    with pytest.raises(ValueError, match=r"x \(cpu\) and adj \(.*\) must be on the same device"):
+        keypointops.window_graph_conv(torch.randn(2, 5, 4, 3), torch.randn(12, 12, device=other), 3)
+
+
+# --- graphs.normalize_adjacency, graphs.block_adjacency -------------------------------------------
+
+def test_normalize_adjacency():
+    gen = torch.Generator().manual_seed(10)
+    adj = torch.rand(3, 6, 6, generator=gen, dtype=torch.float64)
+    for add_self_loops in (True, False):
+        a = adj + torch.eye(6, dtype=torch.float64) if add_self_loops else adj
+        degree = a.sum(-1)
+        expected = torch.diag_embed(degree.rsqrt()) @ a @ torch.diag_embed(degree.rsqrt())
+        torch.testing.assert_close(normalize_adjacency(adj, add_self_loops), expected)
+    torch.testing.assert_close(normalize_adjacency(adj[0]), normalize_adjacency(adj)[0])
+
+
+def test_normalize_adjacency_zero_degree_gives_zero_and_finite_gradient():
+    adj = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]], requires_grad=True)
+    norm = normalize_adjacency(adj)                  # node 2: degree 1 + (-1) = 0
+    assert (norm[2] == 0).all() and (norm[:, 2] == 0).all()
+    torch.testing.assert_close(norm[:2, :2], torch.full((2, 2), 0.5))
+    (grad,) = torch.autograd.grad(norm.sum(), adj)
+    assert torch.isfinite(grad).all()
+    isolated = normalize_adjacency(torch.zeros(4, 4), add_self_loops=False)
+    assert (isolated == 0).all()
+
+
+def test_block_adjacency_is_msg3d_tiling():
+    joints = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    block = block_adjacency(joints, 3)
+    assert block.shape == (9, 9)
+    with_loops = joints + torch.eye(3)
+    for w in range(3):
+        for v in range(3):
+            torch.testing.assert_close(block[3 * w:3 * w + 3, 3 * v:3 * v + 3], with_loops)
+    batched = block_adjacency(torch.stack([joints, 2 * joints]), 2)
+    torch.testing.assert_close(batched[1], block_adjacency(2 * joints, 2))
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        block_adjacency(joints, 0)
+    with pytest.raises(ValueError, match=r"adj must be \[..., N, N\]"):
+        block_adjacency(torch.ones(2, 3), 3)
+
+
+def test_block_adjacency_window_graph_conv_links_a_joint_across_frames():
+    """Joint n of frame t receives joint n of frames t - 1 and t + 1 through the identity blocks."""
+    adj = normalize_adjacency(block_adjacency(torch.zeros(2, 2), 3), add_self_loops=False)
+    x = torch.zeros(1, 3, 2, 1)
+    x[0, 0, 1, 0] = 1.0                                          # joint 1 of frame 0
+    out = keypointops.window_graph_conv(x, adj, 3)               # [1, 3, 6, 1]
+    received = out[0, :, :, 0].view(3, 3, 2).sum(1)              # per (window, joint)
+    torch.testing.assert_close(received, torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 0.0]]))
+
+
+# --- nn.WindowGraphConv3D -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_window_graph_conv_3d_matches_reference_backend(device, backend):
+    torch.manual_seed(11)
+    layer = WindowGraphConv3D(6, 10, "coco17", 3, backend=backend).to(device).double()
+    twin = WindowGraphConv3D(6, 10, "coco17", 3, backend="reference").to(device).double()
+    with torch.no_grad():
+        layer.learned.normal_(0, 0.1)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4, 17, 6, dtype=torch.float64, device=device)
+    context = torch.rand(2, 17, 17, dtype=torch.float64, device=device)
+    for ctx in (None, context):
+        out = layer(x, ctx)
+        expected = twin(x, ctx)
+        assert out.shape == (2, 4, 17, 10)
+        torch.testing.assert_close(out, expected)
+        grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+        want = torch.autograd.grad(expected.square().sum(), list(twin.parameters()))
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w)
+
+
+def test_window_graph_conv_3d_options_and_errors():
+    x = torch.randn(2, 5, 4, 8)
+    ring = torch.roll(torch.eye(4), 1, 0) + torch.roll(torch.eye(4), -1, 0)
+    same = WindowGraphConv3D(8, 8, ring, 5, dilation=2)
+    assert isinstance(same.residual, torch.nn.Identity)
+    assert same(x).shape == (2, 5, 4, 8)
+    plain = WindowGraphConv3D(8, 3, ring, 1, residual=False)
+    assert plain.residual is None and plain(x).shape == (2, 5, 4, 3)
+    assert (plain(x) >= 0).all()
+    # A zero learned part: the adjacency is the normalised physical graph.
+    torch.testing.assert_close(same.adjacency(), normalize_adjacency(block_adjacency(ring, 5),
+                                                                     add_self_loops=False))
+    assert same.adjacency(torch.rand(2, 20, 20)).shape == (2, 20, 20)
+    with pytest.raises(ValueError, match="window must be a positive odd int"):
+        WindowGraphConv3D(8, 8, ring, 4)
+    with pytest.raises(ValueError, match="context must be"):
+        same(x, torch.rand(2, 5, 5))
+    with pytest.raises(ValueError, match=r"x must be \[B, T, N, C\] with N = 4"):
+        same(torch.randn(2, 5, 3, 8))
