@@ -2,7 +2,7 @@
 from keypointops import graphs, reference
 from keypointops._extension import has_cuda_ops, has_ops
 from keypointops.graphs import Graph
-from keypointops.ops import msg_pass
+from keypointops.ops import keypoint_gather, msg_pass
 
 __version__ = "0.1.0"
-__all__ = ["Graph", "graphs", "has_cuda_ops", "has_ops", "msg_pass", "reference"]
+__all__ = ["Graph", "graphs", "has_cuda_ops", "has_ops", "keypoint_gather", "msg_pass", "reference"]
