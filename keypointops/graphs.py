@@ -7,12 +7,13 @@ no atomics.  ``edge_index`` follows PyTorch Geometric: row 0 the source, row 1 t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Graph", "Skeleton", "SKELETONS", "skeleton"]
+__all__ = ["Graph", "Skeleton", "SKELETONS", "render_heatmaps", "skeleton"]
 
 
 @dataclass(frozen=True)
@@ -216,3 +217,51 @@ def _validate_csr(rowptr: Tensor, col: Tensor, rowptr_name: str, col_name: str) 
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= num_nodes):
         raise ValueError(f"Graph: {col_name} holds node indices in [{int(col.min())}, {int(col.max())}], "
                          f"out of range [0, {num_nodes})")
+
+
+def render_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float,
+                    valid: Tensor | None = None) -> Tensor:
+    """Gaussian heatmaps of keypoints, one channel per keypoint: ``[..., K, H, W]``.
+
+    ``heatmap[..., k, i, j] = exp(-((j - x_k)^2 + (i - y_k)^2) / (2 sigma^2))``: keypoints are in
+    heatmap pixels with pixel ``(i, j)`` centred at ``(x, y) = (j, i)`` (the convention of
+    OpenPose / HRNet training targets), so a keypoint on a pixel centre peaks at 1 there.
+
+    Args:
+        keypoints: ``[..., K, 2]`` ``(x, y)`` or ``[..., K, 3]`` ``(x, y, confidence)``, floating.
+        size: ``(H, W)`` of the heatmaps.
+        sigma: standard deviation in heatmap pixels, finite and positive.
+        valid: optional ``[..., K]`` bool; defaults to ``confidence > 0`` for ``[..., K, 3]``.
+            Invalid keypoints, and keypoints with a non-finite coordinate, get all-zero heatmaps.
+
+    Returns:
+        ``[..., K, H, W]`` tensor of ``keypoints``' dtype and device.
+    """
+    if not isinstance(keypoints, Tensor) or not keypoints.is_floating_point():
+        raise ValueError("render_heatmaps: keypoints must be a floating point Tensor")
+    if keypoints.dim() < 2 or keypoints.shape[-1] not in (2, 3):
+        raise ValueError(f"render_heatmaps: keypoints must be [..., K, 2] or [..., K, 3], got shape "
+                         f"{list(keypoints.shape)}")
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(n, int) and n > 0 for n in size)):
+        raise ValueError(f"render_heatmaps: size must be (H, W) of positive ints, got {size!r}")
+    if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"render_heatmaps: sigma must be a finite positive number, got {sigma!r}")
+    if valid is None:
+        valid = keypoints[..., 2] > 0 if keypoints.shape[-1] == 3 else torch.ones(
+            keypoints.shape[:-1], dtype=torch.bool, device=keypoints.device)
+    elif (not isinstance(valid, Tensor) or valid.dtype != torch.bool
+          or valid.shape != keypoints.shape[:-1] or valid.device != keypoints.device):
+        raise ValueError(f"render_heatmaps: valid must be a bool tensor of shape "
+                         f"{list(keypoints.shape[:-1])} on {keypoints.device}")
+    points = keypoints[..., :2]
+    valid = valid & points.isfinite().all(-1)
+    points = torch.where(valid[..., None], points, torch.zeros_like(points))
+    height, width = size
+    cols = torch.arange(width, dtype=keypoints.dtype, device=keypoints.device)
+    rows = torch.arange(height, dtype=keypoints.dtype, device=keypoints.device)
+    scale = -0.5 / sigma ** 2
+    along_x = ((cols - points[..., 0:1]) ** 2 * scale).exp()                    # [..., K, W]
+    along_y = ((rows - points[..., 1:2]) ** 2 * scale).exp()                    # [..., K, H]
+    along_y = along_y * valid[..., None].to(keypoints.dtype)
+    return along_y[..., :, None] * along_x[..., None, :]

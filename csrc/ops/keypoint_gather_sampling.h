@@ -22,6 +22,7 @@ C10_HOST_DEVICE inline bool is_finite(T x) {
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace keypointops {
 
@@ -62,6 +63,27 @@ C10_HOST_DEVICE inline T sample_coordinate(const BoxAxis<T>& axis, int64_t i) {
   return axis.start + static_cast<T>(i + 0.5) * axis.extent / static_cast<T>(axis.grid);
 }
 
+// A range [first, last) of sample indices holding every sample whose coordinate lies in
+// [lo, hi]: a superset, widened by a margin for the rounding of the coordinates (callers still
+// test each sample).  It keeps the loops short when a large adaptive grid reaches past the map.
+template <typename T>
+C10_HOST_DEVICE inline void sample_range(const BoxAxis<T>& axis, double lo, double hi,
+                                         int64_t& first, int64_t& last) {
+  first = 0;
+  last = axis.grid;
+  if (!(axis.extent > T(0))) return;  // every sample sits at start
+  const double start = static_cast<double>(axis.start), extent = static_cast<double>(axis.extent);
+  const double slack = 8 * static_cast<double>(std::numeric_limits<T>::epsilon()) *
+                       ((start < 0 ? -start : start) + extent + (lo < 0 ? -lo : lo) +
+                        (hi < 0 ? -hi : hi) + 1);
+  const double per_pixel = static_cast<double>(axis.grid) / extent;
+  const double from = (lo - slack - start) * per_pixel - 1.5;
+  const double to = (hi + slack - start) * per_pixel + 1.5;
+  const auto grid = static_cast<double>(axis.grid);
+  if (from > 0) first = from < grid ? static_cast<int64_t>(from) : axis.grid;
+  if (to < grid) last = to > 0 ? static_cast<int64_t>(to) : 0;
+}
+
 // torchvision's bilinear rule along one axis for coordinate p: false when the sample lies outside
 // [-1, size]; otherwise the rows low and high (both size - 1 at the far border) and the weight
 // `frac` of high (low gets 1 - frac).
@@ -86,7 +108,9 @@ C10_HOST_DEVICE inline void axis_range(const BoxAxis<T>& axis, int64_t size, int
                                        int64_t& last) {
   first = size;
   last = -1;
-  for (int64_t i = 0; i < axis.grid; ++i) {
+  int64_t begin, end;
+  sample_range(axis, -1.0, static_cast<double>(size), begin, end);
+  for (int64_t i = begin; i < end; ++i) {
     int64_t low, high;
     T frac;
     if (!axis_taps(sample_coordinate(axis, i), size, low, high, frac)) continue;
@@ -99,7 +123,9 @@ C10_HOST_DEVICE inline void axis_range(const BoxAxis<T>& axis, int64_t size, int
 template <typename T>
 C10_HOST_DEVICE inline T axis_weight(const BoxAxis<T>& axis, int64_t size, int64_t row) {
   T weight = T(0);
-  for (int64_t i = 0; i < axis.grid; ++i) {
+  int64_t begin, end;  // only samples in [row - 1, row + 1] can weigh on the row
+  sample_range(axis, static_cast<double>(row - 1), static_cast<double>(row + 1), begin, end);
+  for (int64_t i = begin; i < end; ++i) {
     int64_t low, high;
     T frac;
     if (!axis_taps(sample_coordinate(axis, i), size, low, high, frac)) continue;

@@ -80,6 +80,24 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_sampling_args(spatial_scale, roi_size, sampling_ratio, aligned) -> None:
+    """Raises unless the scalar arguments are valid (shared with ``keypointops.nn.KeypointGather``)."""
+    if not _is_number(spatial_scale) or not math.isfinite(spatial_scale) or spatial_scale <= 0:
+        raise ValueError(f"keypoint_gather: spatial_scale must be a finite positive number, got "
+                         f"{spatial_scale!r}")
+    if not _is_number(roi_size) or not math.isfinite(roi_size) or roi_size < 0:
+        raise ValueError(f"keypoint_gather: roi_size must be a finite number >= 0, got {roi_size!r}")
+    if roi_size * spatial_scale >= MAX_BOX_EXTENT:
+        raise ValueError(f"keypoint_gather: roi_size * spatial_scale must be below {MAX_BOX_EXTENT:g} "
+                         f"feature pixels, got {roi_size * spatial_scale:g}")
+    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool) or not (
+            sampling_ratio == -1 or sampling_ratio > 0):
+        raise ValueError(f"keypoint_gather: sampling_ratio must be -1 (adaptive) or a positive int, "
+                         f"got {sampling_ratio!r}")
+    if not isinstance(aligned, bool):
+        raise TypeError(f"keypoint_gather: aligned must be a bool, got {type(aligned).__name__}")
+
+
 def _check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid):
     """Raises on bad input; returns ``valid`` (from the confidences when not given)."""
     if not isinstance(features, Tensor):
@@ -105,20 +123,7 @@ def _check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, al
     if keypoints.device != features.device:
         raise ValueError(f"keypoint_gather: features ({features.device}) and keypoints "
                          f"({keypoints.device}) must be on the same device")
-    if not _is_number(spatial_scale) or not math.isfinite(spatial_scale) or spatial_scale <= 0:
-        raise ValueError(f"keypoint_gather: spatial_scale must be a finite positive number, got "
-                         f"{spatial_scale!r}")
-    if not _is_number(roi_size) or not math.isfinite(roi_size) or roi_size < 0:
-        raise ValueError(f"keypoint_gather: roi_size must be a finite number >= 0, got {roi_size!r}")
-    if roi_size * spatial_scale >= MAX_BOX_EXTENT:
-        raise ValueError(f"keypoint_gather: roi_size * spatial_scale must be below {MAX_BOX_EXTENT:g} "
-                         f"feature pixels, got {roi_size * spatial_scale:g}")
-    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool) or not (
-            sampling_ratio == -1 or sampling_ratio > 0):
-        raise ValueError(f"keypoint_gather: sampling_ratio must be -1 (adaptive) or a positive int, "
-                         f"got {sampling_ratio!r}")
-    if not isinstance(aligned, bool):
-        raise TypeError(f"keypoint_gather: aligned must be a bool, got {type(aligned).__name__}")
+    check_sampling_args(spatial_scale, roi_size, sampling_ratio, aligned)
     if valid is None:
         return keypoints[..., 2] > 0 if keypoints.shape[2] == 3 else None
     if not isinstance(valid, Tensor):
@@ -140,6 +145,10 @@ def uses_channels_last(features: Tensor) -> bool:
 # --- torch.library registrations: fake kernels and the autograd formula --------------------------
 
 def _fake_forward(features, keypoints, valid, spatial_scale, roi_size, sampling_ratio, aligned):
+    for name, tensor in (("keypoints", keypoints), ("valid", valid)):
+        if tensor is not None and tensor.device != features.device:
+            raise RuntimeError(f"keypoint_gather: features ({features.device}) and {name} ({tensor.device}) "
+                               "must be on the same device")
     return features.new_empty((features.shape[0], keypoints.shape[1], features.shape[1]))
 
 

@@ -47,6 +47,23 @@ def _box_axis(center, half_size, scale, sampling_ratio, size, ALIGNED: tl.conste
 
 
 @triton.jit
+def _sample_range(start, extent, grid, size, EPS: tl.constexpr):
+    """A range [first, last) of sample indices holding every sample whose coordinate lies in
+    [-1, size], widened by a margin for rounding (each sample is still tested): it keeps the loops
+    short when a large adaptive grid reaches past the map."""
+    spread = (grid > 0) & (extent > 0)
+    start = tl.where(spread, start, 0.0)
+    grid_f = grid.to(start.dtype)
+    per_pixel = grid_f / tl.where(spread, extent, 1.0)
+    slack = 8 * EPS * (tl.abs(start) + tl.abs(extent) + size + 2)
+    lo = (-1.0 - slack - start) * per_pixel - 1.5
+    hi = (size + slack - start) * per_pixel + 1.5
+    first = tl.where(spread, tl.minimum(tl.maximum(lo, 0.0), grid_f), 0.0)
+    last = tl.where(spread, tl.maximum(tl.minimum(hi, grid_f), 0.0), grid_f)
+    return first.to(tl.int32), last.to(tl.int32)
+
+
+@triton.jit
 def _sample_taps(start, extent, grid, i, size, ACC: tl.constexpr):
     """Sample i of an axis under torchvision's bilinear rule: (inside, low, high, weight of high).
     Outside [-1, size] it contributes nothing; it clamps to >= 0; from size - 1 on, all on size - 1."""
@@ -83,7 +100,8 @@ def _forward_kernel(features_ptr, keypoints_ptr, valid_ptr, out_ptr, K, C, H, W,
                     stride_b, stride_c, stride_h, stride_w, stride_kb, stride_kk, stride_kd,
                     stride_vb, stride_vk, spatial_scale: tl.float64, half_size: tl.float64,
                     sampling_ratio, ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr,
-                    HAS_VALID: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+                    HAS_VALID: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     node = tl.program_id(0).to(tl.int64)
     b = node // K
     k = node % K
@@ -94,10 +112,12 @@ def _forward_kernel(features_ptr, keypoints_ptr, valid_ptr, out_ptr, K, C, H, W,
         spatial_scale, half_size, sampling_ratio, ALIGNED, ADAPTIVE, HAS_VALID, ACC)
     image = features_ptr + b * stride_b + c.to(tl.int64) * stride_c
     acc = tl.zeros([BLOCK_C], ACC)
-    for iy in range(0, y_grid):
+    iy_first, iy_last = _sample_range(y_start, y_extent, y_grid, H, EPS)
+    ix_first, ix_last = _sample_range(x_start, x_extent, x_grid, W, EPS)
+    for iy in range(iy_first, iy_last):
         y_in, y_low, y_high, ly = _sample_taps(y_start, y_extent, y_grid, iy, H, ACC)
         hy = 1.0 - ly
-        for ix in range(0, x_grid):
+        for ix in range(ix_first, ix_last):
             x_in, x_low, x_high, lx = _sample_taps(x_start, x_extent, x_grid, ix, W, ACC)
             hx = 1.0 - lx
             mask = tl.where(y_in & x_in, c_mask, False)
@@ -115,7 +135,8 @@ def _backward_kernel(grad_out_ptr, keypoints_ptr, valid_ptr, grad_ptr, K, C, H, 
                      stride_b, stride_c, stride_h, stride_w, stride_kb, stride_kk, stride_kd,
                      stride_vb, stride_vk, spatial_scale: tl.float64, half_size: tl.float64,
                      sampling_ratio, ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr,
-                     HAS_VALID: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+                     HAS_VALID: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -126,10 +147,12 @@ def _backward_kernel(grad_out_ptr, keypoints_ptr, valid_ptr, grad_ptr, K, C, H, 
             W, spatial_scale, half_size, sampling_ratio, ALIGNED, ADAPTIVE, HAS_VALID, ACC)
         count = tl.maximum(y_grid * x_grid, 1).to(ACC)
         g = tl.load(grad_out_ptr + (b * K + k) * C + c, mask=c_mask, other=0.0).to(ACC) / count
-        for iy in range(0, y_grid):
+        iy_first, iy_last = _sample_range(y_start, y_extent, y_grid, H, EPS)
+        ix_first, ix_last = _sample_range(x_start, x_extent, x_grid, W, EPS)
+        for iy in range(iy_first, iy_last):
             y_in, y_low, y_high, ly = _sample_taps(y_start, y_extent, y_grid, iy, H, ACC)
             hy = 1.0 - ly
-            for ix in range(0, x_grid):
+            for ix in range(ix_first, ix_last):
                 x_in, x_low, x_high, lx = _sample_taps(x_start, x_extent, x_grid, ix, W, ACC)
                 hx = 1.0 - lx
                 mask = tl.where(y_in & x_in, c_mask, False)
@@ -148,13 +171,18 @@ def _accumulation(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+def _epsilon(acc) -> float:
+    return torch.finfo(torch.float64 if acc == tl.float64 else torch.float32).eps
+
+
 def _launch_args(keypoints: Tensor, valid: Optional[Tensor], spatial_scale: float, roi_size: float,
                  sampling_ratio: int, aligned: bool, acc) -> tuple:
     """The keypoint, valid and sampling arguments shared by both kernels, and their constexprs."""
     valid_args = (valid, *valid.stride()) if valid is not None else (keypoints, 0, 0)
     args = (keypoints, valid_args[0], *keypoints.stride(), *valid_args[1:], spatial_scale,
             roi_size / 2, sampling_ratio)
-    constexprs = dict(ALIGNED=aligned, ADAPTIVE=sampling_ratio <= 0, HAS_VALID=valid is not None, ACC=acc)
+    constexprs = dict(ALIGNED=aligned, ADAPTIVE=sampling_ratio <= 0, HAS_VALID=valid is not None, ACC=acc,
+                      EPS=_epsilon(acc))
     return args, constexprs
 
 
