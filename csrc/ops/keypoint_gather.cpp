@@ -44,6 +44,19 @@ void check_keypoint_gather_args(at::IntArrayRef features_size, c10::Device devic
               sampling_ratio);
 }
 
+void check_keypoint_gather_backward_args(const at::Tensor& grad_out, at::IntArrayRef features_size,
+                                         const at::Tensor& keypoints,
+                                         const std::optional<at::Tensor>& valid,
+                                         double spatial_scale, double roi_size,
+                                         int64_t sampling_ratio) {
+  check_keypoint_gather_args(features_size, grad_out.device(), keypoints, valid, spatial_scale,
+                             roi_size, sampling_ratio);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == features_size[0] &&
+                  grad_out.size(1) == keypoints.size(1) && grad_out.size(2) == features_size[1],
+              "keypoint_gather_backward: grad_out must be [B, K, C] = [", features_size[0], ", ",
+              keypoints.size(1), ", ", features_size[1], "], got ", grad_out.sizes());
+}
+
 bool uses_channels_last(const at::Tensor& features) {
   return features.dim() == 4 && !features.is_contiguous() &&
          features.is_contiguous(at::MemoryFormat::ChannelsLast);

@@ -11,6 +11,13 @@ void check_keypoint_gather_args(at::IntArrayRef features_size, c10::Device devic
                                 const at::Tensor& keypoints, const std::optional<at::Tensor>& valid,
                                 double spatial_scale, double roi_size, int64_t sampling_ratio);
 
+// check_keypoint_gather_args for backward, and grad_out [B, K, C] on the same device.
+void check_keypoint_gather_backward_args(const at::Tensor& grad_out, at::IntArrayRef features_size,
+                                         const at::Tensor& keypoints,
+                                         const std::optional<at::Tensor>& valid,
+                                         double spatial_scale, double roi_size,
+                                         int64_t sampling_ratio);
+
 // True when features are laid out channels_last and not also contiguous (both hold when C == 1
 // or H == W == 1): the kernels then read [B, H, W, C] and write the gradient that way.
 bool uses_channels_last(const at::Tensor& features);

@@ -36,9 +36,10 @@ def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *
     ``[-1, 0)`` clamp to 0 and from ``H - 1`` (``W - 1``) on the last row (column) is used.
 
     The result is written directly as ``[B, K, C]`` (graph node features): no ``[B*K, C, 1, 1]``
-    intermediate, no permute.  The kernels reduce each keypoint's sample grid to separable
-    per-axis weights once and reuse them for every channel; ``features`` may be contiguous or
-    channels_last (read in place).  Backward gives the gradient of ``features`` only
+    intermediate, no permute.  The compiled kernels reduce each keypoint's sample grid to
+    separable per-axis weights once and reuse them for every channel (the Triton kernels compute
+    each sample's weights once per block of channels); ``features`` may be contiguous or
+    channels_last, read in place (the CUDA and Triton kernels read any strides).  Backward gives the gradient of ``features`` only
     (``keypoints`` are not differentiated): it recomputes the weights and scatters ``grad_out``.
     Every backend's backward is bitwise deterministic: the CPU kernel gives each (image, channel
     block) to one thread, the CUDA and Triton kernels give each (image, channel) slice of the

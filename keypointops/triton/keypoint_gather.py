@@ -81,8 +81,10 @@ def _sample_taps(start, extent, grid, i, size, ACC: tl.constexpr):
 @triton.jit
 def _keypoint_boxes(keypoints_ptr, valid_ptr, b, k, stride_kb, stride_kk, stride_kd, stride_vb,
                     stride_vk, H, W, spatial_scale, half_size, sampling_ratio, ALIGNED: tl.constexpr,
-                    ADAPTIVE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr):
-    """Both box axes of keypoint (b, k); an invalid keypoint gets no sample rows."""
+                    ADAPTIVE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
+                    EPS: tl.constexpr):
+    """Both box axes of keypoint (b, k) and the index ranges of its samples that can reach the
+    map; an invalid keypoint gets no sample rows."""
     scale = tl.full((), spatial_scale, ACC)
     half = tl.full((), half_size, ACC)
     point = keypoints_ptr + b * stride_kb + k * stride_kk
@@ -92,7 +94,25 @@ def _keypoint_boxes(keypoints_ptr, valid_ptr, b, k, stride_kb, stride_kk, stride
     y_start, y_extent, y_grid = _box_axis(y, half, scale, sampling_ratio, H, ALIGNED, ADAPTIVE)
     if HAS_VALID:
         y_grid = tl.where(tl.load(valid_ptr + b * stride_vb + k * stride_vk) != 0, y_grid, 0)
-    return x_start, x_extent, x_grid, y_start, y_extent, y_grid
+    iy_first, iy_last = _sample_range(y_start, y_extent, y_grid, H, EPS)
+    ix_first, ix_last = _sample_range(x_start, x_extent, x_grid, W, EPS)
+    return (x_start, x_extent, x_grid, ix_first, ix_last), (y_start, y_extent, y_grid, iy_first, iy_last)
+
+
+@triton.jit
+def _sample_corners(x_axis, y_axis, ix, iy, H, W, stride_h, stride_w, c_mask, ACC: tl.constexpr):
+    """Sample (iy, ix) of a keypoint: its mask over the channel block, and the offsets and
+    bilinear weights (torchvision's w1..w4) of its four corners."""
+    x_start, x_extent, x_grid, _, _ = x_axis
+    y_start, y_extent, y_grid, _, _ = y_axis
+    y_in, y_low, y_high, ly = _sample_taps(y_start, y_extent, y_grid, iy, H, ACC)
+    x_in, x_low, x_high, lx = _sample_taps(x_start, x_extent, x_grid, ix, W, ACC)
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    mask = tl.where(y_in & x_in, c_mask, False)
+    offsets = (y_low * stride_h + x_low * stride_w, y_low * stride_h + x_high * stride_w,
+               y_high * stride_h + x_low * stride_w, y_high * stride_h + x_high * stride_w)
+    return mask, offsets, (hy * hx, hy * lx, ly * hx, ly * lx)
 
 
 @triton.jit
@@ -107,25 +127,20 @@ def _forward_kernel(features_ptr, keypoints_ptr, valid_ptr, out_ptr, K, C, H, W,
     k = node % K
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    x_start, x_extent, x_grid, y_start, y_extent, y_grid = _keypoint_boxes(
+    x_axis, y_axis = _keypoint_boxes(
         keypoints_ptr, valid_ptr, b, k, stride_kb, stride_kk, stride_kd, stride_vb, stride_vk, H, W,
-        spatial_scale, half_size, sampling_ratio, ALIGNED, ADAPTIVE, HAS_VALID, ACC)
+        spatial_scale, half_size, sampling_ratio, ALIGNED, ADAPTIVE, HAS_VALID, ACC, EPS)
+    _, _, x_grid, ix_first, ix_last = x_axis
+    _, _, y_grid, iy_first, iy_last = y_axis
     image = features_ptr + b * stride_b + c.to(tl.int64) * stride_c
     acc = tl.zeros([BLOCK_C], ACC)
-    iy_first, iy_last = _sample_range(y_start, y_extent, y_grid, H, EPS)
-    ix_first, ix_last = _sample_range(x_start, x_extent, x_grid, W, EPS)
     for iy in range(iy_first, iy_last):
-        y_in, y_low, y_high, ly = _sample_taps(y_start, y_extent, y_grid, iy, H, ACC)
-        hy = 1.0 - ly
         for ix in range(ix_first, ix_last):
-            x_in, x_low, x_high, lx = _sample_taps(x_start, x_extent, x_grid, ix, W, ACC)
-            hx = 1.0 - lx
-            mask = tl.where(y_in & x_in, c_mask, False)
-            v1 = tl.load(image + y_low * stride_h + x_low * stride_w, mask=mask, other=0.0).to(ACC)
-            v2 = tl.load(image + y_low * stride_h + x_high * stride_w, mask=mask, other=0.0).to(ACC)
-            v3 = tl.load(image + y_high * stride_h + x_low * stride_w, mask=mask, other=0.0).to(ACC)
-            v4 = tl.load(image + y_high * stride_h + x_high * stride_w, mask=mask, other=0.0).to(ACC)
-            acc += hy * hx * v1 + hy * lx * v2 + ly * hx * v3 + ly * lx * v4
+            mask, offsets, weights = _sample_corners(x_axis, y_axis, ix, iy, H, W, stride_h, stride_w,
+                                                     c_mask, ACC)
+            for corner in tl.static_range(4):
+                value = tl.load(image + offsets[corner], mask=mask, other=0.0).to(ACC)
+                acc += weights[corner] * value
     count = tl.maximum(y_grid * x_grid, 1).to(ACC)
     tl.store(out_ptr + node * C + c, (acc / count).to(out_ptr.dtype.element_ty), mask=c_mask)
 
@@ -136,35 +151,26 @@ def _backward_kernel(grad_out_ptr, keypoints_ptr, valid_ptr, grad_ptr, K, C, H, 
                      stride_vb, stride_vk, spatial_scale: tl.float64, half_size: tl.float64,
                      sampling_ratio, ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr,
                      HAS_VALID: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     image = grad_ptr + b * stride_b + c.to(tl.int64) * stride_c
     for k in range(0, K):
-        x_start, x_extent, x_grid, y_start, y_extent, y_grid = _keypoint_boxes(
+        x_axis, y_axis = _keypoint_boxes(
             keypoints_ptr, valid_ptr, b, k, stride_kb, stride_kk, stride_kd, stride_vb, stride_vk, H,
-            W, spatial_scale, half_size, sampling_ratio, ALIGNED, ADAPTIVE, HAS_VALID, ACC)
+            W, spatial_scale, half_size, sampling_ratio, ALIGNED, ADAPTIVE, HAS_VALID, ACC, EPS)
+        _, _, x_grid, ix_first, ix_last = x_axis
+        _, _, y_grid, iy_first, iy_last = y_axis
         count = tl.maximum(y_grid * x_grid, 1).to(ACC)
         g = tl.load(grad_out_ptr + (b * K + k) * C + c, mask=c_mask, other=0.0).to(ACC) / count
-        iy_first, iy_last = _sample_range(y_start, y_extent, y_grid, H, EPS)
-        ix_first, ix_last = _sample_range(x_start, x_extent, x_grid, W, EPS)
         for iy in range(iy_first, iy_last):
-            y_in, y_low, y_high, ly = _sample_taps(y_start, y_extent, y_grid, iy, H, ACC)
-            hy = 1.0 - ly
             for ix in range(ix_first, ix_last):
-                x_in, x_low, x_high, lx = _sample_taps(x_start, x_extent, x_grid, ix, W, ACC)
-                hx = 1.0 - lx
-                mask = tl.where(y_in & x_in, c_mask, False)
-                dtype = grad_ptr.dtype.element_ty
-                tl.atomic_add(image + y_low * stride_h + x_low * stride_w, (hy * hx * g).to(dtype),
-                              mask=mask, sem="relaxed")
-                tl.atomic_add(image + y_low * stride_h + x_high * stride_w, (hy * lx * g).to(dtype),
-                              mask=mask, sem="relaxed")
-                tl.atomic_add(image + y_high * stride_h + x_low * stride_w, (ly * hx * g).to(dtype),
-                              mask=mask, sem="relaxed")
-                tl.atomic_add(image + y_high * stride_h + x_high * stride_w, (ly * lx * g).to(dtype),
-                              mask=mask, sem="relaxed")
+                mask, offsets, weights = _sample_corners(x_axis, y_axis, ix, iy, H, W, stride_h,
+                                                         stride_w, c_mask, ACC)
+                for corner in tl.static_range(4):
+                    value = (weights[corner] * g).to(grad_ptr.dtype.element_ty)
+                    tl.atomic_add(image + offsets[corner], value, mask=mask, sem="relaxed")
 
 
 def _accumulation(dtype: torch.dtype):

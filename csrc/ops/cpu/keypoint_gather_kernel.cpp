@@ -283,15 +283,11 @@ at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at:
                                         at::IntArrayRef features_size, bool channels_last,
                                         double spatial_scale, double roi_size,
                                         int64_t sampling_ratio, bool aligned) {
-  check_keypoint_gather_args(features_size, grad_out_in.device(), keypoints_in, valid_in,
-                             spatial_scale, roi_size, sampling_ratio);
+  check_keypoint_gather_backward_args(grad_out_in, features_size, keypoints_in, valid_in,
+                                      spatial_scale, roi_size, sampling_ratio);
   check_cpu_dtype(grad_out_in.scalar_type(), "grad_out");
   const GatherParams p = make_params(features_size, keypoints_in, spatial_scale, roi_size,
                                      sampling_ratio, aligned);
-  TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == p.B && grad_out_in.size(1) == p.K &&
-                  grad_out_in.size(2) == p.C,
-              "keypoint_gather_backward: grad_out must be [B, K, C] = [", p.B, ", ", p.K, ", ", p.C,
-              "], got ", grad_out_in.sizes());
   const auto grad_out = grad_out_in.contiguous();
   const auto keypoints = keypoints_in.to(grad_out.scalar_type()).contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();

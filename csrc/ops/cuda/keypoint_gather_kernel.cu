@@ -24,7 +24,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <cstdint>
+#include <limits>
 
 #include "ops/keypoint_gather.h"
 #include "ops/keypoint_gather_sampling.h"
@@ -203,6 +204,14 @@ Strides strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
+// Blocks of a launch over (image, channel tile).
+int64_t num_blocks(int64_t images, int64_t channel_tiles) {
+  const int64_t blocks = images * channel_tiles;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "keypoint_gather: B * ceil(C / ",
+              kThreads, ") must fit a CUDA grid, got ", blocks, " blocks");
+  return blocks;
+}
+
 Sampling make_sampling(at::IntArrayRef features_size, const at::Tensor& keypoints,
                        double spatial_scale, double roi_size, int64_t sampling_ratio,
                        bool aligned) {
@@ -231,12 +240,13 @@ at::Tensor keypoint_gather_cuda(const at::Tensor& features, const at::Tensor& ke
   if (out.numel() == 0) return out;
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
   const int64_t channel_tiles = (s.C + kThreads - 1) / kThreads;
+  const int64_t blocks = num_blocks(B, channel_tiles);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "keypoint_gather_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto keypoints = keypoints_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    keypoint_gather_forward_kernel<scalar_t, acc_t><<<B * channel_tiles, kThreads, 0, stream>>>(
+    keypoint_gather_forward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         features.const_data_ptr<scalar_t>(), strides_of(features), keypoints.const_data_ptr<acc_t>(),
         valid.defined() ? valid.const_data_ptr<bool>() : nullptr, s, channel_tiles,
         out.mutable_data_ptr<scalar_t>());
@@ -250,17 +260,13 @@ at::Tensor keypoint_gather_backward_cuda(const at::Tensor& grad_out_in, const at
                                          at::IntArrayRef features_size, bool channels_last,
                                          double spatial_scale, double roi_size,
                                          int64_t sampling_ratio, bool aligned) {
-  check_keypoint_gather_args(features_size, grad_out_in.device(), keypoints_in, valid_in,
-                             spatial_scale, roi_size, sampling_ratio);
+  check_keypoint_gather_backward_args(grad_out_in, features_size, keypoints_in, valid_in,
+                                      spatial_scale, roi_size, sampling_ratio);
   check_cuda_dtype(grad_out_in.scalar_type(), "grad_out");
   const c10::cuda::CUDAGuard device_guard(grad_out_in.device());
   const int64_t B = features_size[0];
   const Sampling s = make_sampling(features_size, keypoints_in, spatial_scale, roi_size,
                                    sampling_ratio, aligned);
-  TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == B && grad_out_in.size(1) == s.K &&
-                  grad_out_in.size(2) == s.C,
-              "keypoint_gather_backward: grad_out must be [B, K, C] = [", B, ", ", s.K, ", ", s.C,
-              "], got ", grad_out_in.sizes());
   const auto grad_out = grad_out_in.contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
   const auto acc_type = at::toOpMathType(grad_out.scalar_type());
@@ -269,12 +275,13 @@ at::Tensor keypoint_gather_backward_cuda(const at::Tensor& grad_out_in, const at
   grad.zero_();
   if (grad.numel() == 0 || s.K == 0) return grad.to(grad_out.scalar_type());
   const int64_t channel_tiles = (s.C + kThreads - 1) / kThreads;
+  const int64_t blocks = num_blocks(B, channel_tiles);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
                                   "keypoint_gather_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto keypoints = keypoints_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    keypoint_gather_backward_kernel<scalar_t, acc_t><<<B * channel_tiles, kThreads, 0, stream>>>(
+    keypoint_gather_backward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         grad_out.const_data_ptr<scalar_t>(), keypoints.const_data_ptr<acc_t>(),
         valid.defined() ? valid.const_data_ptr<bool>() : nullptr, s, channel_tiles,
         strides_of(grad), grad.mutable_data_ptr<acc_t>());
