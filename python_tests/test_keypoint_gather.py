@@ -48,7 +48,7 @@ def gather(features, keypoints, backend, **kwargs):
 ROI_SIZES = [0.0, 1.0, 5.3, 29.0]  # 29 input pixels = 14.5 feature pixels, larger than the map
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sampling_ratio", [-1, 1, 2, 3])
 @pytest.mark.parametrize("aligned", [True, False])
@@ -86,7 +86,7 @@ def test_reference_follows_torchvision_rules():
     assert at(1.0, 1.0, roi_size=0.0, sampling_ratio=-1, aligned=True) == 0.0
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 def test_layouts_and_non_contiguous_keypoints(device, backend, layout):
     gen = torch.Generator().manual_seed(3)
@@ -108,7 +108,7 @@ def test_layouts_and_non_contiguous_keypoints(device, backend, layout):
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gradients_match_reference(device, backend, dtype, channels_last):
@@ -129,7 +129,7 @@ def test_gradients_match_reference(device, backend, dtype, channels_last):
         torch.testing.assert_close(got, want, **tolerances(dtype))
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 def test_gradcheck(device, backend):
     gen = torch.Generator().manual_seed(5)
     features = make_features((2, 3, 5, 4), torch.float64, device, gen).requires_grad_()
@@ -142,7 +142,7 @@ def test_gradcheck(device, backend):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, interpreted
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 def test_invalid_keypoints_give_zeros_and_no_gradient(device, backend):
     gen = torch.Generator().manual_seed(6)
     features = make_features((2, 4, 7, 5), torch.float64, device, gen).requires_grad_()
@@ -168,7 +168,7 @@ def test_invalid_keypoints_give_zeros_and_no_gradient(device, backend):
     assert (overridden[0, 1] != 0).any()
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 def test_far_keypoints_with_adaptive_grid(device, backend):
     """A keypoint far outside gives zeros at once, even with an adaptive grid."""
     features = torch.randn(1, 2, 4, 3, device=device)
@@ -178,7 +178,7 @@ def test_far_keypoints_with_adaptive_grid(device, backend):
     assert (out[0, :2] == 0).all() and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 def test_non_dyadic_scale_and_empty_sizes(device, backend):
     gen = torch.Generator().manual_seed(7)
     features = make_features((2, 5, 9, 6), torch.float64, device, gen)
@@ -195,7 +195,7 @@ def test_non_dyadic_scale_and_empty_sizes(device, backend):
     assert torch.autograd.grad(out.sum(), empty)[0].shape == (0, 5, 9, 6)
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 def test_backward_is_deterministic(device, backend):
     gen = torch.Generator().manual_seed(8)
     # Many overlapping boxes, so that pixels receive several keypoints' contributions.
@@ -225,7 +225,7 @@ def _compiled_or_triton_ops(backend):
     return torch.ops.keypointops.keypoint_gather.default, torch.ops.keypointops.keypoint_gather_backward.default
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 def test_opcheck(device, backend):
     forward, backward = _compiled_or_triton_ops(backend)
     gen = torch.Generator().manual_seed(9)
@@ -239,7 +239,7 @@ def test_opcheck(device, backend):
     torch.library.opcheck(backward, (grad_out, keypoints, valid, [2, 3, 5, 4], True, 0.5, 1.0, 2, True))
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 def test_torch_compile_fullgraph(device, backend):
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile does not trace Triton kernels in the interpreter on CPU tensors")
@@ -262,6 +262,8 @@ def test_torch_compile_fullgraph(device, backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_on_cuda(backend, dtype):
+    if backend == "cuda" and not keypointops.has_cuda_ops("keypoint_gather"):
+        pytest.skip("keypointops._C built without CUDA kernels")
     gen = torch.Generator().manual_seed(11)
     features = make_features((2, 40, 7, 5), dtype, "cuda", gen).requires_grad_()
     keypoints = make_keypoints(2, 9, 7, 5, torch.float32, "cuda", gen)
@@ -290,7 +292,8 @@ def test_matches_torchvision_roi_align(device, dtype, sampling_ratio, roi_size, 
     expected = ops.roi_align(features, boxes, 1, 1 / STRIDE, sampling_ratio, aligned).reshape(3, 10, 6)
     grad = torch.randn(3, 10, 6, generator=gen, dtype=dtype).to(device)
     want, = torch.autograd.grad(expected, features, grad)
-    backends = [device] + (["triton"] if device == "cuda" else [])
+    backends = ([device] if device == "cpu" or keypointops.has_cuda_ops("keypoint_gather") else []) + (
+        ["triton"] if device == "cuda" else [])
     for backend in backends:
         out = gather(features, keypoints, backend, roi_size=roi_size, sampling_ratio=sampling_ratio,
                      aligned=aligned)
