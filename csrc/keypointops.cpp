@@ -43,4 +43,13 @@ TORCH_LIBRARY(keypointops, m) {
   // empty [0] tensor when its compute_ flag is false.
   m.def("window_graph_conv_backward(Tensor grad_out, Tensor x, Tensor adj, int window, int dilation, "
         "bool compute_grad_x, bool compute_grad_adj) -> (Tensor, Tensor)");
+  // keypoint_gather: torchvision RoIAlign (output_size=1) of a roi_size box around each keypoint
+  // (x, y = keypoints[b, k, 0:2]), written node-major [B, K, C]; valid [B, K] bool or None.
+  m.def("keypoint_gather(Tensor features, Tensor keypoints, Tensor? valid, float spatial_scale, "
+        "float roi_size, int sampling_ratio, bool aligned) -> Tensor");
+  // Backward recomputes the sample weights from the keypoints; returns grad_features of
+  // features_size, channels_last or contiguous.
+  m.def("keypoint_gather_backward(Tensor grad_out, Tensor keypoints, Tensor? valid, "
+        "SymInt[] features_size, bool channels_last, float spatial_scale, float roi_size, "
+        "int sampling_ratio, bool aligned) -> Tensor");
 }

@@ -2,8 +2,8 @@
 from keypointops import graphs, nn, reference
 from keypointops._extension import has_cuda_ops, has_ops
 from keypointops.graphs import Graph
-from keypointops.ops import msg_pass, part_pool, window_graph_conv
+from keypointops.ops import keypoint_gather, msg_pass, part_pool, window_graph_conv
 
 __version__ = "0.1.0"
-__all__ = ["Graph", "graphs", "has_cuda_ops", "has_ops", "msg_pass", "nn", "part_pool", "reference",
-           "window_graph_conv"]
+__all__ = ["Graph", "graphs", "has_cuda_ops", "has_ops", "keypoint_gather", "msg_pass", "nn", "part_pool",
+           "reference", "window_graph_conv"]

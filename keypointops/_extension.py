@@ -29,17 +29,24 @@ def has_ops() -> bool:
     return _LOAD_ERROR is None
 
 
-def has_cuda_ops() -> bool:
-    """True when the compiled library holds CUDA kernels (built with a CUDA toolkit)."""
-    return has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key("keypointops::msg_pass", "CUDA")
+def has_cuda_ops(op_name: str | None = None) -> bool:
+    """True when the compiled library holds CUDA kernels (built with a CUDA toolkit): the kernel of
+    op ``op_name`` (e.g. ``"keypoint_gather"``) when given, else that of any op."""
+    if not has_ops():
+        return False
+    names = [f"keypointops::{op_name}"] if op_name else [
+        name for name in torch._C._dispatch_get_all_op_names() if name.startswith("keypointops::")]
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") for name in names)
 
 
-def require_ops(device_type: str = "cpu") -> None:
-    """Raises RuntimeError unless compiled kernels for ``device_type`` are available."""
+def require_ops(device_type: str = "cpu", op_name: str | None = None) -> None:
+    """Raises RuntimeError unless compiled kernels for ``device_type`` (of ``op_name`` when given)
+    are available."""
     if _LOAD_ERROR is not None:
         raise RuntimeError(f"keypointops: the compiled extension keypointops._C is not available "
                            f"({_LOAD_ERROR}); {BUILD_HINT}.")
-    if device_type == "cuda" and not has_cuda_ops():
-        raise RuntimeError("keypointops: the compiled extension has no CUDA kernels (it was built "
+    if device_type == "cuda" and not has_cuda_ops(op_name):
+        what = f"a CUDA kernel for {op_name}" if op_name else "CUDA kernels"
+        raise RuntimeError(f"keypointops: the compiled extension has no {what} (it was built "
                            "without a CUDA toolkit); rebuild with a CUDA build of torch and nvcc on "
                            "PATH, or FORCE_CUDA=1, or use backend='triton'.")

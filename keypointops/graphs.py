@@ -7,6 +7,7 @@ no atomics.  ``edge_index`` follows PyTorch Geometric: row 0 the source, row 1 t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor
 
 __all__ = ["Graph", "Skeleton", "SKELETONS", "skeleton", "part_groups", "PART_GROUPINGS",
            "ALIGNNET_BODY_PARTS", "CTL_PARTS_10", "CTL_PARTS_5", "CTL_PARTS_5_OF_10",
-           "normalize_adjacency", "block_adjacency"]
+           "normalize_adjacency", "block_adjacency", "render_heatmaps"]
 
 
 @dataclass(frozen=True)
@@ -359,3 +360,49 @@ def block_adjacency(adj: Tensor, window: int) -> Tensor:
     with_loops = adj + torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device)
     return with_loops.repeat(*([1] * (adj.dim() - 2)), window, window)
 
+def render_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float,
+                    valid: Tensor | None = None) -> Tensor:
+    """Gaussian heatmaps of keypoints, one channel per keypoint: ``[..., K, H, W]``.
+
+    ``heatmap[..., k, i, j] = exp(-((j - x_k)^2 + (i - y_k)^2) / (2 sigma^2))``: keypoints are in
+    heatmap pixels with pixel ``(i, j)`` centred at ``(x, y) = (j, i)`` (the convention of
+    OpenPose / HRNet training targets), so a keypoint on a pixel centre peaks at 1 there.
+
+    Args:
+        keypoints: ``[..., K, 2]`` ``(x, y)`` or ``[..., K, 3]`` ``(x, y, confidence)``, floating.
+        size: ``(H, W)`` of the heatmaps.
+        sigma: standard deviation in heatmap pixels, finite and positive.
+        valid: optional ``[..., K]`` bool; defaults to ``confidence > 0`` for ``[..., K, 3]``.
+            Invalid keypoints, and keypoints with a non-finite coordinate, get all-zero heatmaps.
+
+    Returns:
+        ``[..., K, H, W]`` tensor of ``keypoints``' dtype and device.
+    """
+    if not isinstance(keypoints, Tensor) or not keypoints.is_floating_point():
+        raise ValueError("render_heatmaps: keypoints must be a floating point Tensor")
+    if keypoints.dim() < 2 or keypoints.shape[-1] not in (2, 3):
+        raise ValueError(f"render_heatmaps: keypoints must be [..., K, 2] or [..., K, 3], got shape "
+                         f"{list(keypoints.shape)}")
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(n, int) and n > 0 for n in size)):
+        raise ValueError(f"render_heatmaps: size must be (H, W) of positive ints, got {size!r}")
+    if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"render_heatmaps: sigma must be a finite positive number, got {sigma!r}")
+    if valid is None:
+        valid = keypoints[..., 2] > 0 if keypoints.shape[-1] == 3 else torch.ones(
+            keypoints.shape[:-1], dtype=torch.bool, device=keypoints.device)
+    elif (not isinstance(valid, Tensor) or valid.dtype != torch.bool
+          or valid.shape != keypoints.shape[:-1] or valid.device != keypoints.device):
+        raise ValueError(f"render_heatmaps: valid must be a bool tensor of shape "
+                         f"{list(keypoints.shape[:-1])} on {keypoints.device}")
+    points = keypoints[..., :2]
+    valid = valid & points.isfinite().all(-1)
+    points = torch.where(valid[..., None], points, torch.zeros_like(points))
+    height, width = size
+    cols = torch.arange(width, dtype=keypoints.dtype, device=keypoints.device)
+    rows = torch.arange(height, dtype=keypoints.dtype, device=keypoints.device)
+    scale = -0.5 / sigma ** 2
+    along_x = ((cols - points[..., 0:1]) ** 2 * scale).exp()                    # [..., K, W]
+    along_y = ((rows - points[..., 1:2]) ** 2 * scale).exp()                    # [..., K, H]
+    along_y = along_y * valid[..., None].to(keypoints.dtype)
+    return along_y[..., :, None] * along_x[..., None, :]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from keypointops.graphs import Graph
 
-__all__ = ["msg_pass", "part_pool", "window_graph_conv"]
+__all__ = ["keypoint_gather", "msg_pass", "part_pool", "window_graph_conv"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,3 +73,71 @@ def window_graph_conv(x: Tensor, adj: Tensor, window: int, dilation: int = 1) ->
         out = torch.einsum("btij,btjc->btic", a, windows)
     return out.to(x.dtype)
 
+def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *, roi_size: float = 1.0,
+                    sampling_ratio: int = 2, aligned: bool = True, valid: Tensor | None = None) -> Tensor:
+    """torchvision's ``roi_align(features, boxes, 1, spatial_scale, sampling_ratio, aligned)`` for
+    the box of side ``roi_size`` centred on each keypoint, as ``[B, K, C]``; invalid keypoints
+    (``valid`` False, confidence <= 0 for ``[B, K, 3]`` keypoints, or a non-finite coordinate) give 0.
+
+    Every sample of the grid is interpolated on its own with torchvision's rules, in the order of
+    torchvision's kernels; the ``[B, K, G, G, C]`` samples are materialised.
+    """
+    batch, channels, height, width = features.shape
+    dtype = _accumulation_dtype(features.dtype)
+    if valid is None:
+        valid = keypoints[..., 2] > 0 if keypoints.size(-1) == 3 else torch.ones(
+            keypoints.shape[:2], dtype=torch.bool, device=keypoints.device)
+    centers = keypoints[..., :2].to(dtype)                                      # [B, K, 2] (x, y)
+    valid = valid & centers.isfinite().all(-1)
+    centers = torch.where(valid[..., None], centers, torch.zeros_like(centers))
+    # The box [x1, y1, x2, y2] in input pixels, then as torchvision: scale, shift, extent.
+    offset = 0.5 if aligned else 0.0
+    start = (centers - roi_size / 2) * spatial_scale - offset
+    end = (centers + roi_size / 2) * spatial_scale - offset
+    extent = end - start
+    if not aligned:
+        extent = extent.clamp(min=1.0)
+    if sampling_ratio > 0:
+        grid = torch.full_like(extent, sampling_ratio, dtype=torch.long)
+    else:
+        grid = extent.ceil().long()
+    grid = torch.where(valid[..., None], grid, torch.zeros_like(grid))     # [B, K, 2]
+    max_grid = max(int(grid.max()), 1) if grid.numel() else 1
+    index = torch.arange(max_grid, device=features.device)
+    # Sample i of an axis sits at start + (i + 0.5) * extent / grid.
+    coords = start[..., None] + (index + 0.5).to(dtype) * extent[..., None] / grid[..., None].clamp(min=1)
+    in_grid = index < grid[..., None]                                          # [B, K, 2, G]
+
+    def axis(p, size):
+        """torchvision's bilinear rule along one axis: (inside, low, high, weight of high)."""
+        inside = (p >= -1) & (p <= size)
+        p = torch.where(inside, p.clamp(min=0), torch.zeros_like(p))
+        low = p.long()
+        at_end = low >= size - 1
+        low = torch.where(at_end, torch.full_like(low, size - 1), low)
+        high = torch.where(at_end, low, low + 1)
+        frac = torch.where(at_end, torch.zeros_like(p), p - low.to(dtype))
+        return inside, low, high, frac
+
+    x_in, x_low, x_high, lx = axis(coords[:, :, 0], width)                     # [B, K, G]
+    y_in, y_low, y_high, ly = axis(coords[:, :, 1], height)
+    x_in, y_in = x_in & in_grid[:, :, 0], y_in & in_grid[:, :, 1]
+    hy, hx = 1 - ly, 1 - lx
+    # Samples (iy, ix): [B, K, G, G]; corners gathered from [B, H, W, C].
+    pixels = features.to(dtype).permute(0, 2, 3, 1)
+    b = torch.arange(batch, device=features.device)[:, None, None, None]
+
+    def corner(rows, cols):
+        return pixels[b, rows[:, :, :, None], cols[:, :, None, :]]             # [B, K, G, G, C]
+
+    def outer(wy, wx):
+        return (wy[:, :, :, None] * wx[:, :, None, :])[..., None]
+
+    value = (outer(hy, hx) * corner(y_low, x_low) + outer(hy, lx) * corner(y_low, x_high)
+             + outer(ly, hx) * corner(y_high, x_low) + outer(ly, lx) * corner(y_high, x_high))
+    counted = (y_in[:, :, :, None] & x_in[:, :, None, :])[..., None]
+    total = torch.where(counted, value, torch.zeros_like(value)).sum((2, 3))  # [B, K, C]
+    count = (grid[..., 0] * grid[..., 1]).clamp(min=1).to(dtype)
+    out = total / count[..., None]
+    out = torch.where(valid[..., None], out, torch.zeros_like(out))
+    return out.to(features.dtype)

@@ -17,21 +17,23 @@ from keypointops.ops._backend import triton_available  # noqa: E402
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backends(device: str) -> list:
-    """The fused backends that run on ``device`` here, each a pytest param with its skip reason."""
+def backends(device: str, op_name: str | None = None) -> list:
+    """The fused backends that run on ``device`` here (for op ``op_name`` when given), each a
+    pytest param with its skip reason."""
     compiled = pytest.param(device, marks=pytest.mark.skipif(
-        not (has_cuda_ops() if device == "cuda" else has_ops()),
+        not (has_cuda_ops(op_name) if device == "cuda" else has_ops()),
         reason=f"keypointops._C built without {device} kernels"))
     triton = pytest.param("triton", marks=pytest.mark.skipif(
         not triton_available(torch.device(device)), reason="triton not installed"))
     return [compiled, triton]
 
 
-def device_backend_params():
-    """(device, backend) pairs for parametrize: every fused backend on every device present."""
+def device_backend_params(op_name: str | None = None):
+    """(device, backend) pairs for parametrize: every fused backend on every device present (that
+    has a compiled kernel of ``op_name`` when given)."""
     params = []
     for device in DEVICES:
-        for backend in backends(device):
+        for backend in backends(device, op_name):
             params.append(pytest.param(device, backend.values[0], marks=backend.marks,
                                        id=f"{device}-{backend.values[0]}"))
     return params

@@ -34,7 +34,7 @@ def resolve_backend(op_name: str, backend: str, device: torch.device) -> str:
     if backend in ("cpu", "cuda"):
         if device.type != backend:
             raise ValueError(f"{op_name}: backend={backend!r} needs {backend} tensors, got {device}")
-        require_ops(backend)
+        require_ops(backend, op_name)
     elif backend == "triton" and not triton_available(device):
         raise RuntimeError(f"{op_name}: backend='triton' needs the triton package and CUDA tensors "
                            f"(or TRITON_INTERPRET=1 set before triton is imported, for CPU tensors); "

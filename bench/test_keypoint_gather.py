@@ -1,0 +1,120 @@
+"""keypoint_gather against what a user would otherwise write: F.grid_sample on the RoIAlign sample
+grid then permute (the baseline), and torchvision's roi_align + reshape when torchvision is installed.
+
+Cases: KMPNet stage 1 (256 images = 32 clips x 8 frames, C=256, 64x32 map, stride 4, 17 COCO
+keypoints) and stage 4 (C=2048, 16x8 map, stride 16), with the op's defaults (box of 1 input
+pixel, sampling_ratio=2, aligned=True); features NCHW as a backbone returns them (the
+channels_last row converts them beforehand, untimed).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import keypointops
+from keypointops.ops._backend import triton_available
+
+from conftest import SMALL
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = {  # SMALL: a smoke run (the Triton interpreter is slow) with 1/8 of the channels
+    "stage1": dict(channels=32 if SMALL else 256, height=64, width=32, stride=4),
+    "stage4": dict(channels=256 if SMALL else 2048, height=16, width=8, stride=16),
+}
+IMAGES = 2 if SMALL else 256
+KEYPOINTS = 17
+ROI_SIZE, SAMPLING_RATIO, ALIGNED = 1.0, 2, True
+IMPLS = ["keypointops", "keypointops-channels_last", "triton", "reference", "grid_sample", "torchvision"]
+
+try:
+    from torchvision.ops import roi_align
+except ImportError:
+    roi_align = None
+
+
+def grid_sample_gather(features, keypoints, spatial_scale):
+    """What a user without torchvision writes: the sampling_ratio x sampling_ratio sample grid of
+    each box, F.grid_sample (align_corners=False: pixel p -> (2p + 1) / size - 1; border padding
+    clamps as RoIAlign does inside [-1, size]), the mean over the samples, permute to [B, K, C]."""
+    batch, _, height, width = features.shape
+    offset = 0.5 if ALIGNED else 0.0
+    start = (keypoints - ROI_SIZE / 2) * spatial_scale - offset                     # [B, K, 2]
+    extent = ROI_SIZE * spatial_scale if ALIGNED else max(ROI_SIZE * spatial_scale, 1.0)
+    steps = (torch.arange(SAMPLING_RATIO, device=features.device, dtype=features.dtype) + 0.5) \
+        * extent / SAMPLING_RATIO
+    xs = start[..., 0, None] + steps                                                 # [B, K, s]
+    ys = start[..., 1, None] + steps
+    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), -1)
+    size = torch.tensor([width, height], device=features.device, dtype=features.dtype)
+    grid = ((2 * grid + 1) / size - 1).reshape(batch, keypoints.shape[1], -1, 2)      # [B, K, s*s, 2]
+    samples = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return samples.mean(-1).permute(0, 2, 1)                                         # [B, K, C]
+
+
+def torchvision_gather(features, keypoints, spatial_scale):
+    batch, channels = features.shape[:2]
+    num_keypoints = keypoints.shape[1]
+    image = torch.arange(batch, device=features.device, dtype=features.dtype).repeat_interleave(num_keypoints)
+    points = keypoints.reshape(-1, 2)
+    boxes = torch.cat([image[:, None], points - ROI_SIZE / 2, points + ROI_SIZE / 2], 1)
+    out = roi_align(features, boxes, 1, spatial_scale, SAMPLING_RATIO, ALIGNED)      # [B*K, C, 1, 1]
+    return out.reshape(batch, num_keypoints, channels)
+
+
+def make_case(case, device):
+    spec = CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(IMAGES, spec["channels"], spec["height"], spec["width"], generator=gen)
+    image_size = torch.tensor([spec["width"], spec["height"]], dtype=torch.float32) * spec["stride"]
+    keypoints = torch.rand(IMAGES, KEYPOINTS, 2, generator=gen) * image_size
+    return features.to(device), keypoints.to(device), 1.0 / spec["stride"]
+
+
+def make_forward(impl, spatial_scale):
+    """forward(features, keypoints) -> [B, K, C] of one implementation."""
+    if impl == "grid_sample":
+        return lambda f, k: grid_sample_gather(f, k, spatial_scale)
+    if impl == "torchvision":
+        return lambda f, k: torchvision_gather(f, k, spatial_scale)
+    backend = {"triton": "triton", "reference": "reference"}.get(impl, "auto")
+    return lambda f, k: keypointops.keypoint_gather(f, k, spatial_scale, roi_size=ROI_SIZE,
+                                                    sampling_ratio=SAMPLING_RATIO, aligned=ALIGNED,
+                                                    backend=backend)
+
+
+def make_fn(forward, features, keypoints, backward):
+    features = features.detach().requires_grad_(backward)
+    if not backward:
+        def fn():
+            with torch.no_grad():
+                return forward(features, keypoints)
+        return fn
+
+    def fn():
+        out = forward(features, keypoints)
+        out.backward(torch.ones_like(out))
+        features.grad = None
+    return fn
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_keypoint_gather(measure, case, impl, backward, device):
+    if impl == "triton" and (not triton_available(torch.device(device)) or (device == "cpu" and not SMALL)):
+        pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
+    if impl == "torchvision" and roi_align is None:
+        pytest.skip("torchvision is not installed")
+    features, keypoints, spatial_scale = make_case(case, device)
+    if impl == "keypointops-channels_last":
+        features = features.contiguous(memory_format=torch.channels_last)
+    forward = make_forward(impl, spatial_scale)
+    # Every implementation computes the same thing (the keypoints lie inside the image).
+    with torch.no_grad():
+        expected = keypointops.keypoint_gather(features[:2], keypoints[:2], spatial_scale, roi_size=ROI_SIZE,
+                                               sampling_ratio=SAMPLING_RATIO, aligned=ALIGNED,
+                                               backend="reference")
+        torch.testing.assert_close(forward(features[:2], keypoints[:2]), expected, rtol=1e-4, atol=1e-4)
+    measure(make_fn(forward, features, keypoints, backward),
+            group=f"keypoint_gather {case} {'fwd+bwd' if backward else 'fwd'} {device}",
+            impl=impl, device=device, baseline=impl == "grid_sample")

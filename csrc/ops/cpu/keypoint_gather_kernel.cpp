@@ -1,0 +1,322 @@
+// keypoint_gather CPU kernel.
+//
+// For each keypoint the RoIAlign sample grid is reduced once to separable per-axis weights
+// (ops/keypoint_gather_sampling.h): a few rows and columns of the map, whose products, with
+// 1/count folded in, are the keypoint's taps (pixel offset, weight) -- about 4 for a small box.
+// Every channel reuses the same taps:
+//   forward   out[b, k, c] = sum_taps weight * features[b, c, pixel]     (written node-major)
+//   backward  grad[b, c, pixel] += weight * grad_out[b, k, c]            (k ascending)
+// Work is split into tasks of (image, block of channels), run in parallel; a task computes the
+// taps of all the image's keypoints once and then walks its channels, each channel serving every
+// keypoint.  Two layouts are read in place:
+//  - contiguous NCHW: a channel plane is visited once for all keypoints (not once per keypoint),
+//    and the cache lines the taps need in the plane a few channels ahead are software-prefetched;
+//    backward zeroes each plane of the gradient and scatters into it while it is in cache.
+//  - channels_last: a pixel's channels are contiguous, so every tap is a vector fmadd over the
+//    channel block (at::vec).
+// Other strides are copied to NCHW first.
+// Backward: each task owns its slice of the gradient (its image, its channels): no data races,
+// and every element receives its keypoints' contributions in keypoint order, so the result is
+// bitwise deterministic and independent of the thread count.  The gradient is written in full, so
+// on Linux it is advised to transparent huge pages before the first touch (page faults on a fresh
+// multi-hundred-MB buffer otherwise cost more than the kernel itself).
+// Memory: the output [B, K, C] and the gradient [B, C, H, W]; per task the taps of one image's
+// keypoints (K * taps); no [B*K, C, ...] intermediate.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#include "ops/keypoint_gather.h"
+#include "ops/keypoint_gather_sampling.h"
+
+namespace keypointops {
+namespace {
+
+constexpr int64_t kPrefetchChannels = 4;     // NCHW: prefetch the taps' lines this many planes ahead
+constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
+constexpr int64_t kCacheLineBytes = 64;
+constexpr int64_t kHugePageAdviceBytes = 8 << 20;  // advise huge pages for gradients from this size
+
+struct GatherParams {
+  int64_t B, C, H, W, K;
+  double scale, half_size;
+  int64_t sampling_ratio;
+  bool aligned;
+};
+
+// The taps of the keypoints of one image: keypoint k's are offset / weight [begin[k], begin[k+1]),
+// offsets in pixels (row-major over H x W); an invalid keypoint has none.
+template <typename T>
+struct ImageTaps {
+  std::vector<int64_t> offset;
+  std::vector<T> weight;
+  std::vector<int64_t> begin;
+  std::vector<int64_t> line_offsets;  // NCHW: start of every distinct cache line the taps touch
+  std::vector<T> row_weight, col_weight;
+
+  void compute(const GatherParams& p, const T* keypoints, int64_t point_dims, const bool* valid,
+               int64_t b) {
+    offset.clear();
+    weight.clear();
+    begin.assign(1, 0);
+    for (int64_t k = 0; k < p.K; ++k) {
+      const int64_t n = b * p.K + k;
+      if (valid == nullptr || valid[n]) {
+        add_keypoint(keypoints[n * point_dims], keypoints[n * point_dims + 1], p);
+      }
+      begin.push_back(static_cast<int64_t>(offset.size()));
+    }
+  }
+
+  void add_keypoint(T x, T y, const GatherParams& p) {
+    const auto half = static_cast<T>(p.half_size), scale = static_cast<T>(p.scale);
+    const BoxAxis<T> ay = box_axis(y, half, scale, p.aligned, p.sampling_ratio, p.H);
+    const BoxAxis<T> ax = box_axis(x, half, scale, p.aligned, p.sampling_ratio, p.W);
+    int64_t row0, row1, col0, col1;
+    axis_range(ay, p.H, row0, row1);
+    axis_range(ax, p.W, col0, col1);
+    if (row0 > row1 || col0 > col1) return;
+    const T inv_count = inverse_sample_count(ay, ax);
+    row_weight.clear();
+    col_weight.clear();
+    for (int64_t r = row0; r <= row1; ++r) row_weight.push_back(axis_weight(ay, p.H, r) * inv_count);
+    for (int64_t q = col0; q <= col1; ++q) col_weight.push_back(axis_weight(ax, p.W, q));
+    for (int64_t r = row0; r <= row1; ++r) {
+      for (int64_t q = col0; q <= col1; ++q) {
+        const T w = row_weight[r - row0] * col_weight[q - col0];
+        if (w == T(0)) continue;
+        offset.push_back(r * p.W + q);
+        weight.push_back(w);
+      }
+    }
+  }
+
+  // The distinct cache lines of a plane (offsets in elements, relative to the plane) that the
+  // taps touch, assuming 64-byte aligned planes; used only to prefetch.
+  void collect_lines() {
+    constexpr int64_t per_line = kCacheLineBytes / sizeof(T);
+    line_offsets.clear();
+    for (const int64_t off : offset) line_offsets.push_back(off / per_line * per_line);
+    std::sort(line_offsets.begin(), line_offsets.end());
+    line_offsets.erase(std::unique(line_offsets.begin(), line_offsets.end()), line_offsets.end());
+  }
+};
+
+// NCHW forward of channels [c0, c1) of one image: out[k * C + c] = sum_t w_t * plane_c[off_t].
+template <typename scalar_t>
+void gather_nchw(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K, int64_t C,
+                 int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
+  const int64_t* off = taps.offset.data();
+  const scalar_t* w = taps.weight.data();
+  for (int64_t c = c0; c < c1; ++c) {
+    if (c + kPrefetchChannels < c1) {
+      const scalar_t* ahead = image + (c + kPrefetchChannels) * HW;
+      for (const int64_t line : taps.line_offsets) __builtin_prefetch(ahead + line);
+    }
+    const scalar_t* plane = image + c * HW;
+    for (int64_t k = 0; k < K; ++k) {
+      scalar_t acc = 0;
+      for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) acc += w[t] * plane[off[t]];
+      out[k * C + c] = acc;
+    }
+  }
+}
+
+// channels_last forward of channels [c0, c1) of one image: out[k * C + c] = sum_t w_t * pixel_t[c].
+template <typename scalar_t>
+void gather_channels_last(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K,
+                          int64_t C, int64_t c0, int64_t c1, scalar_t* out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = c0; c < c1; c += VL) {
+      const int64_t n = std::min(VL, c1 - c);
+      Vec acc(0);
+      for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) {
+        acc = at::vec::fmadd(Vec(taps.weight[t]), Vec::loadu(image + taps.offset[t] * C + c, n), acc);
+      }
+      acc.store(out + k * C + c, n);
+    }
+  }
+}
+
+// NCHW backward of channels [c0, c1) of one image: zero plane c, then
+// plane_c[off_t] += w_t * grad_out[k * C + c] for every keypoint k in order.
+template <typename scalar_t>
+void scatter_nchw(const scalar_t* grad_out, const ImageTaps<scalar_t>& taps, int64_t K, int64_t C,
+                  int64_t HW, int64_t c0, int64_t c1, scalar_t* image) {
+  const int64_t* off = taps.offset.data();
+  const scalar_t* w = taps.weight.data();
+  for (int64_t c = c0; c < c1; ++c) {
+    scalar_t* plane = image + c * HW;
+    std::fill(plane, plane + HW, scalar_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const scalar_t g = grad_out[k * C + c];
+      for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) plane[off[t]] += w[t] * g;
+    }
+  }
+}
+
+// channels_last backward of channels [c0, c1) of one image: zero them, then
+// pixel_t[c] += w_t * grad_out[k * C + c] for every keypoint k in order.
+template <typename scalar_t>
+void scatter_channels_last(const scalar_t* grad_out, const ImageTaps<scalar_t>& taps, int64_t K,
+                           int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* image) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  for (int64_t pixel = 0; pixel < HW; ++pixel) {
+    std::fill(image + pixel * C + c0, image + pixel * C + c1, scalar_t(0));
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) {
+      const Vec w(taps.weight[t]);
+      scalar_t* pixel = image + taps.offset[t] * C;
+      for (int64_t c = c0; c < c1; c += VL) {
+        const int64_t n = std::min(VL, c1 - c);
+        at::vec::fmadd(w, Vec::loadu(grad_out + k * C + c, n), Vec::loadu(pixel + c, n))
+            .store(pixel + c, n);
+      }
+    }
+  }
+}
+
+// Channel block size such that (image, channel block) tasks keep every thread busy.
+int64_t channel_block(int64_t B, int64_t C) {
+  const int64_t wanted = (4 * at::get_num_threads() + B - 1) / B;
+  const int64_t max_blocks = std::max<int64_t>(1, C / kMinChannelBlock);
+  const int64_t blocks = std::clamp<int64_t>(wanted, 1, max_blocks);
+  return (C + blocks - 1) / blocks;
+}
+
+// Runs fn(b, c0, c1, taps) for every (image, channel block) task in parallel; taps holds the
+// image's keypoint taps.
+template <typename scalar_t, typename Fn>
+void for_each_task(const GatherParams& p, const at::Tensor& keypoints, const at::Tensor& valid,
+                   bool need_lines, const Fn& fn) {
+  const scalar_t* kp = keypoints.const_data_ptr<scalar_t>();
+  const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  const int64_t point_dims = keypoints.size(2);
+  const int64_t block = channel_block(p.B, p.C);
+  const int64_t blocks = (p.C + block - 1) / block;
+  at::parallel_for(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
+    ImageTaps<scalar_t> taps;
+    int64_t tapped_image = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks;
+      const int64_t c0 = task % blocks * block, c1 = std::min(p.C, c0 + block);
+      if (b != tapped_image) {
+        taps.compute(p, kp, point_dims, vp, b);
+        if (need_lines) taps.collect_lines();
+        tapped_image = b;
+      }
+      fn(b, c0, c1, taps);
+    }
+  });
+}
+
+// Asks the kernel to back [ptr, ptr + bytes) with transparent huge pages (a hint; no-op elsewhere).
+void advise_huge_pages(void* ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes < kHugePageAdviceBytes) return;
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto start = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t first = (start + page - 1) / page * page;
+  const uintptr_t last = (start + static_cast<uintptr_t>(bytes)) / page * page;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
+GatherParams make_params(at::IntArrayRef features_size, const at::Tensor& keypoints,
+                         double spatial_scale, double roi_size, int64_t sampling_ratio,
+                         bool aligned) {
+  return {features_size[0], features_size[1], features_size[2], features_size[3],
+          keypoints.size(1), spatial_scale, roi_size * 0.5, sampling_ratio, aligned};
+}
+
+void check_cpu_dtype(at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "keypoint_gather: the CPU kernel takes "
+              "float32 or float64 ", name, ", got ", dtype);
+}
+
+at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& keypoints_in,
+                               const std::optional<at::Tensor>& valid_in, double spatial_scale,
+                               double roi_size, int64_t sampling_ratio, bool aligned) {
+  check_keypoint_gather_args(features_in.sizes(), features_in.device(), keypoints_in, valid_in,
+                             spatial_scale, roi_size, sampling_ratio);
+  check_cpu_dtype(features_in.scalar_type(), "features");
+  const bool channels_last = uses_channels_last(features_in);
+  const auto features = channels_last ? features_in : features_in.contiguous();
+  const auto keypoints = keypoints_in.to(features.scalar_type()).contiguous();
+  const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
+  const GatherParams p = make_params(features.sizes(), keypoints, spatial_scale, roi_size,
+                                     sampling_ratio, aligned);
+  auto out = at::empty({p.B, p.K, p.C}, features.options());
+  if (out.numel() == 0) return out;
+  const int64_t image_size = p.C * p.H * p.W;
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "keypoint_gather_cpu", [&] {
+    const scalar_t* fp = features.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for_each_task<scalar_t>(p, keypoints, valid, !channels_last,
+                            [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<scalar_t>& taps) {
+      if (channels_last) {
+        gather_channels_last(fp + b * image_size, taps, p.K, p.C, c0, c1, op + b * p.K * p.C);
+      } else {
+        gather_nchw(fp + b * image_size, taps, p.K, p.C, p.H * p.W, c0, c1, op + b * p.K * p.C);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& keypoints_in,
+                                        const std::optional<at::Tensor>& valid_in,
+                                        at::IntArrayRef features_size, bool channels_last,
+                                        double spatial_scale, double roi_size,
+                                        int64_t sampling_ratio, bool aligned) {
+  check_keypoint_gather_backward_args(grad_out_in, features_size, keypoints_in, valid_in,
+                                      spatial_scale, roi_size, sampling_ratio);
+  check_cpu_dtype(grad_out_in.scalar_type(), "grad_out");
+  const GatherParams p = make_params(features_size, keypoints_in, spatial_scale, roi_size,
+                                     sampling_ratio, aligned);
+  const auto grad_out = grad_out_in.contiguous();
+  const auto keypoints = keypoints_in.to(grad_out.scalar_type()).contiguous();
+  const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
+  auto grad = at::empty(features_size, grad_out.options().memory_format(
+      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  if (grad.numel() == 0) return grad;
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  const int64_t image_size = p.C * p.H * p.W;
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "keypoint_gather_backward_cpu", [&] {
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* grad_p = grad.mutable_data_ptr<scalar_t>();
+    for_each_task<scalar_t>(p, keypoints, valid, false,
+                            [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<scalar_t>& taps) {
+      const scalar_t* g = gp + b * p.K * p.C;
+      if (channels_last) {
+        scatter_channels_last(g, taps, p.K, p.C, p.H * p.W, c0, c1, grad_p + b * image_size);
+      } else {
+        scatter_nchw(g, taps, p.K, p.C, p.H * p.W, c0, c1, grad_p + b * image_size);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(keypointops, CPU, m) {
+  m.impl("keypoint_gather", &keypoint_gather_cpu);
+  m.impl("keypoint_gather_backward", &keypoint_gather_backward_cpu);
+}
+
+}  // namespace keypointops
