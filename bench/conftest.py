@@ -72,6 +72,23 @@ def peak_memory_bytes(fn, device: str) -> int | None:
         return None
 
 
+def timed_pass(forward, leaves, backward: bool):
+    """The function to time for one pass: ``forward()`` under no_grad, or forward then backward of
+    a ones gradient (the gradients of ``leaves`` cleared after each call)."""
+    if not backward:
+        def fn():
+            with torch.no_grad():
+                return forward()
+        return fn
+
+    def fn():
+        out = forward()
+        out.backward(torch.ones_like(out))
+        for leaf in leaves:
+            leaf.grad = None
+    return fn
+
+
 @pytest.fixture
 def measure(benchmark):
     """``measure(fn, group=..., impl=..., device=..., baseline=False)`` times ``fn`` in ``group``."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import keypointops
 from keypointops.ops._backend import triton_available
 
-from conftest import SMALL
+from conftest import SMALL, timed_pass
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = {  # SMALL: a smoke run (the Triton interpreter is slow) with 1/8 of the channels
@@ -83,17 +83,7 @@ def make_forward(impl, spatial_scale):
 
 def make_fn(forward, features, keypoints, backward):
     features = features.detach().requires_grad_(backward)
-    if not backward:
-        def fn():
-            with torch.no_grad():
-                return forward(features, keypoints)
-        return fn
-
-    def fn():
-        out = forward(features, keypoints)
-        out.backward(torch.ones_like(out))
-        features.grad = None
-    return fn
+    return timed_pass(lambda: forward(features, keypoints), [features], backward)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,7 +10,7 @@ import keypointops
 from keypointops.graphs import Graph
 from keypointops.ops._backend import triton_available
 
-from conftest import SMALL
+from conftest import SMALL, timed_pass
 
 pyg_aggr = pytest.importorskip("torch_geometric.nn.aggr")
 
@@ -52,17 +52,7 @@ def make_fn(impl, x, graph, device, backward):
         def forward():
             return keypointops.msg_pass(x, graph, t, EPS, backend=backend)
 
-    if not backward:
-        def fn():
-            with torch.no_grad():
-                return forward()
-        return fn
-
-    def fn():
-        out = forward()
-        out.backward(torch.ones_like(out))
-        x.grad = None
-    return fn
+    return timed_pass(forward, [x] if t is None else [x, t], backward)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,7 +12,7 @@ import keypointops
 from keypointops import graphs
 from keypointops.ops._backend import triton_available
 
-from conftest import SMALL
+from conftest import SMALL, timed_pass
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = {
@@ -56,18 +56,7 @@ def make_fn(impl, features, heatmaps, groups, backward):
         def forward():
             return keypointops.part_pool(features, heatmaps, groups, backend=backend)
 
-    if not backward:
-        def fn():
-            with torch.no_grad():
-                return forward()
-        return fn
-
-    def fn():
-        out = forward()
-        out.backward(torch.ones_like(out))
-        features.grad = None
-        heatmaps.grad = None
-    return fn
+    return timed_pass(forward, [features, heatmaps], backward)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,7 +11,7 @@ import torch
 import keypointops
 from keypointops.ops._backend import triton_available
 
-from conftest import SMALL
+from conftest import SMALL, timed_pass
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = {
@@ -56,17 +56,7 @@ def make_fn(impl, x, adj, window, backward):
         def forward():
             return keypointops.window_graph_conv(x, adj, window, backend=backend)
 
-    if not backward:
-        def fn():
-            with torch.no_grad():
-                return forward()
-        return fn
-
-    def fn():
-        out = forward()
-        out.backward(torch.ones_like(out))
-        x.grad = adj.grad = None
-    return fn
+    return timed_pass(forward, [x, adj], backward)
 
 
 @pytest.mark.parametrize("device", DEVICES)
