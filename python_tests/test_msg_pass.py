@@ -5,6 +5,7 @@ import torch
 import keypointops
 from keypointops import reference
 from keypointops.graphs import Graph
+from keypointops.ops._backend import triton_available
 
 from conftest import device_backend_params, tolerances
 
@@ -211,6 +212,24 @@ def test_wide_and_misaligned_rows(device, backend, channels, offset):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not triton_available(torch.device("cpu")), reason="needs the Triton interpreter")
+def test_triton_gpu_tile_shapes_in_the_interpreter(monkeypatch):
+    """The interpreter runs the Triton kernels with larger tiles than the GPU; the GPU's tile shapes
+    (several programs per graph, several steps per hub segment) must give the same results."""
+    from keypointops.triton import msg_pass as triton_msg_pass
+    monkeypatch.setattr(triton_msg_pass, "INTERPRETER_TILE", triton_msg_pass.GPU_TILE)
+    gen = torch.Generator().manual_seed(13)
+    graph = random_graph(23, 70, hub_edges=40)
+    x = torch.randn(23, 70, generator=gen, dtype=torch.float64).requires_grad_()
+    t = torch.rand(70, generator=gen, dtype=torch.float64).requires_grad_()
+    out = keypointops.msg_pass(x, graph, t, backend="triton")
+    expected = reference.msg_pass(x, graph, t)
+    torch.testing.assert_close(out, expected, **tolerances(torch.float64))
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(out, (x, t), grad), torch.autograd.grad(expected, (x, t), grad)):
+        torch.testing.assert_close(g, w, **tolerances(torch.float64))
+
+
 @pytest.mark.parametrize("device,backend", gpu_kernel_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision(device, backend, dtype):
@@ -247,9 +266,9 @@ def test_out_of_range_indices_are_skipped(device, backend):
     x = torch.randn(4, 3, generator=gen, dtype=torch.float64).to(device)
     t = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, device=device)
     index = lambda *values: torch.tensor(values, device=device)  # noqa: E731
-    # Valid edges 1 -> 0 and 0 -> 1; node 1 also lists source 9, node 3 only source -5.
-    rowptr, col = index(0, 1, 3, 3, 4), index(1, 9, 0, -5)
-    rowptr_t, col_t = index(0, 2, 3, 3, 4), index(1, 99, 0, -1)
+    # Valid edges 1 -> 0 and 0 -> 1; node 1 also lists source N = 4, node 3 only source -5.
+    rowptr, col = index(0, 1, 3, 3, 4), index(1, 4, 0, -5)
+    rowptr_t, col_t = index(0, 2, 3, 3, 4), index(1, 99, 0, 4)
     out, row_max, row_sum = forward(x, rowptr, col, rowptr_t, col_t, t, 1e-7)
     valid = index([1, 0], [0, 1])
     x_ref = x.clone().requires_grad_()

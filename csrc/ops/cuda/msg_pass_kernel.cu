@@ -83,6 +83,13 @@ __device__ __forceinline__ void edge_range(const int64_t* rowptr, int64_t node, 
   end = end > num_edges ? num_edges : end;
 }
 
+// col[e] if e < end and it lies in [0, num_nodes), else -1 (an edge to skip).
+__device__ __forceinline__ int64_t checked_node(const int64_t* col, int64_t e, int64_t end,
+                                                int64_t num_nodes) {
+  const int64_t node = e < end ? col[e] : -1;
+  return node >= 0 && node < num_nodes ? node : -1;
+}
+
 // One step of the online softmax of (M, Z, A) with the logit s of message m.
 template <typename acc_t>
 __device__ __forceinline__ void online_softmax_step(acc_t s, acc_t m, acc_t& M, acc_t& Z, acc_t& A) {
@@ -123,16 +130,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     bool any_edge = false;
     for (int64_t e0 = e_begin; e0 < e_end; e0 += kForwardUnroll) {
       Pack<scalar_t, VEC> rows[kForwardUnroll];
-      bool valid[kForwardUnroll];
+      int64_t u[kForwardUnroll];
 #pragma unroll
       for (int k = 0; k < kForwardUnroll; ++k) {
-        const int64_t u = e0 + k < e_end ? col[e0 + k] : -1;
-        valid[k] = u >= 0 && u < num_nodes;
-        if (valid[k]) rows[k] = load_pack<VEC>(x + u * channels + c);
+        u[k] = checked_node(col, e0 + k, e_end, num_nodes);
+        if (u[k] >= 0) rows[k] = load_pack<VEC>(x + u[k] * channels + c);
       }
 #pragma unroll
       for (int k = 0; k < kForwardUnroll; ++k) {
-        if (!valid[k]) continue;
+        if (u[k] < 0) continue;
         any_edge = true;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
@@ -194,13 +200,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
       for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
         Pack<acc_t, VEC> max_v[kUnroll], sum_v[kUnroll];
         Pack<scalar_t, VEC> grad_v[kUnroll], out_v[kUnroll];
-        bool valid[kUnroll];
+        int64_t v[kUnroll];
 #pragma unroll
         for (int k = 0; k < kUnroll; ++k) {
-          const int64_t v = e0 + k < e_end ? col_t[e0 + k] : -1;
-          valid[k] = v >= 0 && v < num_nodes;
-          if (valid[k]) {
-            const int64_t i = v * channels + c;
+          v[k] = checked_node(col_t, e0 + k, e_end, num_nodes);
+          if (v[k] >= 0) {
+            const int64_t i = v[k] * channels + c;
             max_v[k] = load_pack<VEC>(row_max + i);
             sum_v[k] = load_pack<VEC>(row_sum + i);
             grad_v[k] = load_pack<VEC>(grad_out + i);
@@ -209,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
         }
 #pragma unroll
         for (int k = 0; k < kUnroll; ++k) {
-          if (!valid[k]) continue;
+          if (v[k] < 0) continue;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const acc_t w = exp_acc(s[j] - max_v[k].v[j]);
@@ -297,11 +302,7 @@ void with_vector_width(bool vectorize, Launch&& launch) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cuda(
     const at::Tensor& x_in, const at::Tensor& rowptr_in, const at::Tensor& col_in,
     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps) {
-  check_msg_pass_args(x_in, rowptr_in, col_in, t_in, "rowptr", "col");
-  check_msg_pass_args(x_in, rowptr_t, col_t, t_in, "rowptr_t", "col_t");
-  TORCH_CHECK(col_t.numel() == col_in.numel(), "msg_pass: col_t must have as many edges as col (",
-              col_in.numel(), "), got ", col_t.numel());
-  TORCH_CHECK(x_in.is_cuda(), "msg_pass: the CUDA kernel takes CUDA tensors, got x on ", x_in.device());
+  check_msg_pass_forward_args(x_in, rowptr_in, col_in, rowptr_t, col_t, t_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const auto x = x_in.contiguous();
@@ -321,7 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cuda(
     const int lanes_log2 = group_lanes_log2(C, vectorize ? kVec : 1);
     const int64_t blocks = num_blocks(N, lanes_log2);
     with_vector_width<scalar_t>(vectorize, [&](auto vec) {
-      forward_kernel<scalar_t, decltype(vec)::value><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      forward_kernel<scalar_t, decltype(vec)::value>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
           t.data_ptr<acc_t>(), static_cast<acc_t>(eps), N, E, C, lanes_log2,
           out.data_ptr<scalar_t>(), row_max.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>());
@@ -335,21 +337,8 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const at::Tensor& row_max_in, const at::Tensor& row_sum_in, const at::Tensor& rowptr_t_in,
     const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t) {
-  check_msg_pass_args(x_in, rowptr_t_in, col_t_in, t_in, "rowptr_t", "col_t");
-  TORCH_CHECK(x_in.is_cuda(), "msg_pass_backward: the CUDA kernel takes CUDA tensors, got x on ",
-              x_in.device());
-  for (const auto* arg : {&grad_out_in, &out_in}) {
-    TORCH_CHECK(arg->sizes() == x_in.sizes() && arg->scalar_type() == x_in.scalar_type() &&
-                    arg->device() == x_in.device(),
-                "msg_pass_backward: grad_out and out must match x (", x_in.sizes(), ", ",
-                x_in.scalar_type(), ", ", x_in.device(), ")");
-  }
-  for (const auto* arg : {&row_max_in, &row_sum_in}) {
-    TORCH_CHECK(arg->sizes() == x_in.sizes() && arg->scalar_type() == t_in.scalar_type() &&
-                    arg->device() == x_in.device(),
-                "msg_pass_backward: row_max and row_sum must be ", x_in.sizes(), " of ",
-                t_in.scalar_type(), " on ", x_in.device());
-  }
+  check_msg_pass_backward_args(grad_out_in, x_in, out_in, row_max_in, row_sum_in, rowptr_t_in,
+                               col_t_in, t_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const auto grad_out = grad_out_in.contiguous();
