@@ -5,6 +5,7 @@ import torch
 import keypointops
 from keypointops import reference
 from keypointops.graphs import Graph
+from keypointops.ops._backend import triton_available
 
 from conftest import device_backend_params, tolerances
 
@@ -124,6 +125,19 @@ def test_backward_is_deterministic(device, backend):
         assert torch.equal(a, b)
 
 
+def ops_of(backend):
+    """The (forward, backward) ops of a fused backend."""
+    if backend == "triton":
+        from keypointops.triton import msg_pass as triton_msg_pass
+        return triton_msg_pass.msg_pass_triton, torch.ops.keypointops.msg_pass_triton_backward.default
+    return torch.ops.keypointops.msg_pass.default, torch.ops.keypointops.msg_pass_backward.default
+
+
+def gpu_kernel_params():
+    """The (device, backend) pairs of the CUDA and Triton kernels: every pair but the CPU kernel."""
+    return [p for p in device_backend_params() if p.values[1] != "cpu"]
+
+
 def _op_samples(device, dtype=torch.float64):
     gen = torch.Generator().manual_seed(7)
     graph = random_graph(17, 50, device=device)
@@ -134,11 +148,7 @@ def _op_samples(device, dtype=torch.float64):
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_opcheck(device, backend):
-    if backend == "triton":
-        from keypointops.triton import msg_pass as triton_msg_pass
-        op = triton_msg_pass.msg_pass_triton
-    else:
-        op = torch.ops.keypointops.msg_pass.default
+    op, _ = ops_of(backend)
     for args in _op_samples(device):
         torch.library.opcheck(op, args)
 
@@ -180,6 +190,100 @@ def test_non_contiguous_x_and_t():
     x = torch.randn(9, 21, generator=gen).t()          # [21, 9], non-contiguous
     t = torch.rand(18, generator=gen)[::2]              # [9], strided
     torch.testing.assert_close(keypointops.msg_pass(x, graph, t), reference.msg_pass(x, graph, t))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("channels", [64, 200])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_wide_and_misaligned_rows(device, backend, channels, offset):
+    """C = 64 and 200 take the GPU kernels' vectorised paths (200: several channel blocks, lanes
+    looping over channel chunks); x starting one element into its storage cannot be loaded in
+    16-byte vectors (scalar fallback)."""
+    gen = torch.Generator().manual_seed(11)
+    graph = random_graph(23, 90, device=device)
+    x = torch.randn(23 * channels + offset, generator=gen).to(device)[offset:].view(23, channels)
+    x.requires_grad_()
+    t = (torch.rand(channels, generator=gen) * 2).to(device).requires_grad_()
+    out = keypointops.msg_pass(x, graph, t, backend=backend)
+    expected = reference.msg_pass(x, graph, t)
+    torch.testing.assert_close(out, expected, **tolerances(torch.float32))
+    grad = torch.randn(out.shape, generator=gen).to(device)
+    for g, w in zip(torch.autograd.grad(out, (x, t), grad), torch.autograd.grad(expected, (x, t), grad)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not triton_available(torch.device("cpu")), reason="needs the Triton interpreter")
+def test_triton_gpu_tile_shapes_in_the_interpreter(monkeypatch):
+    """The interpreter runs the Triton kernels with larger tiles than the GPU; the GPU's tile shapes
+    (several programs per graph, several steps per hub segment) must give the same results."""
+    from keypointops.triton import msg_pass as triton_msg_pass
+    monkeypatch.setattr(triton_msg_pass, "INTERPRETER_TILE", triton_msg_pass.GPU_TILE)
+    gen = torch.Generator().manual_seed(13)
+    graph = random_graph(23, 70, hub_edges=40)
+    x = torch.randn(23, 70, generator=gen, dtype=torch.float64).requires_grad_()
+    t = torch.rand(70, generator=gen, dtype=torch.float64).requires_grad_()
+    out = keypointops.msg_pass(x, graph, t, backend="triton")
+    expected = reference.msg_pass(x, graph, t)
+    torch.testing.assert_close(out, expected, **tolerances(torch.float64))
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(out, (x, t), grad), torch.autograd.grad(expected, (x, t), grad)):
+        torch.testing.assert_close(g, w, **tolerances(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", gpu_kernel_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision(device, backend, dtype):
+    """float16/bfloat16 x: float32 accumulation and statistics; out and grad_x in x's dtype."""
+    gen = torch.Generator().manual_seed(10)
+    graph = random_graph(37, 130, device=device)
+    x = (torch.randn(37, 24, generator=gen) * 2).to(device, dtype).requires_grad_()
+    t = torch.rand(24, generator=gen).to(device).requires_grad_()
+    forward, _ = ops_of(backend)
+    _, row_max, row_sum = forward(x, graph.rowptr, graph.col, graph.rowptr_t, graph.col_t, t, 1e-7)
+    assert row_max.dtype == row_sum.dtype == torch.float32
+    out = keypointops.msg_pass(x, graph, t, backend=backend)
+    expected = reference.msg_pass(x, graph, t)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+    grad_x, grad_t = torch.autograd.grad(out, (x, t), grad)
+    want_x, want_t = torch.autograd.grad(expected, (x, t), grad)
+    assert grad_x.dtype == dtype and grad_t.dtype == torch.float32
+    torch.testing.assert_close(grad_x, want_x, **tolerances(dtype))
+    # Backward reads out as saved, rounded to x's dtype (unit roundoff u), so grad_t, a sum over the
+    # nodes of terms centred on out, is off by up to u * sum_v |grad_out_v| * out_v^2 per channel.
+    bound = torch.finfo(dtype).eps / 2 * (grad.float().abs() * expected.float() ** 2).sum(0)
+    assert ((grad_t - want_t).abs() <= bound + 1e-4 * (1 + want_t.abs())).all()
+
+
+@pytest.mark.parametrize("device,backend", gpu_kernel_params())
+def test_out_of_range_indices_are_skipped(device, backend):
+    """The CUDA and Triton kernels do not validate index contents (Graph does, on the CPU): they
+    skip edges whose node index lies outside [0, N) and clamp rowptr to [0, E], never reading
+    out of range."""
+    forward, backward = ops_of(backend)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64).to(device)
+    t = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, device=device)
+    index = lambda *values: torch.tensor(values, device=device)  # noqa: E731
+    # Valid edges 1 -> 0 and 0 -> 1; node 1 also lists source N = 4, node 3 only source -5.
+    rowptr, col = index(0, 1, 3, 3, 4), index(1, 4, 0, -5)
+    rowptr_t, col_t = index(0, 2, 3, 3, 4), index(1, 99, 0, 4)
+    out, row_max, row_sum = forward(x, rowptr, col, rowptr_t, col_t, t, 1e-7)
+    valid = index([1, 0], [0, 1])
+    x_ref = x.clone().requires_grad_()
+    t_ref = t.clone().requires_grad_()
+    expected = reference.msg_pass(x_ref, valid, t_ref)
+    torch.testing.assert_close(out, expected, **tolerances(torch.float64))
+    assert (row_max[3] == 0).all() and (row_sum[3] == 1).all()
+    grad = torch.randn(4, 3, generator=gen, dtype=torch.float64).to(device)
+    got = backward(grad, x, out, row_max, row_sum, rowptr_t, col_t, t, 1e-7, True)
+    want = torch.autograd.grad(expected, (x_ref, t_ref), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tolerances(torch.float64))
+    bad_rowptr = index(0, 7, 2, -3, 4)  # decreasing, beyond E, negative
+    out, _, _ = forward(x, bad_rowptr, col, bad_rowptr, col_t, t, 1e-7)
+    assert torch.isfinite(out).all()
 
 
 # --- bad input ----------------------------------------------------------------------------------

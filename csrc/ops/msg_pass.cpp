@@ -29,6 +29,36 @@ void check_msg_pass_args(const at::Tensor& x, const at::Tensor& rowptr, const at
   }
 }
 
+void check_msg_pass_forward_args(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
+                                 const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                                 const at::Tensor& t) {
+  check_msg_pass_args(x, rowptr, col, t, "rowptr", "col");
+  check_msg_pass_args(x, rowptr_t, col_t, t, "rowptr_t", "col_t");
+  TORCH_CHECK(col_t.numel() == col.numel(), "msg_pass: col_t must have as many edges as col (",
+              col.numel(), "), got ", col_t.numel());
+}
+
+void check_msg_pass_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& out, const at::Tensor& row_max,
+                                  const at::Tensor& row_sum, const at::Tensor& rowptr_t,
+                                  const at::Tensor& col_t, const at::Tensor& t) {
+  check_msg_pass_args(x, rowptr_t, col_t, t, "rowptr_t", "col_t");
+  for (const auto* arg : {&grad_out, &out}) {
+    TORCH_CHECK(arg->sizes() == x.sizes() && arg->scalar_type() == x.scalar_type() &&
+                    arg->device() == x.device(),
+                "msg_pass_backward: ", arg == &out ? "out" : "grad_out", " must match x (",
+                x.sizes(), ", ", x.scalar_type(), ", ", x.device(), "), got (", arg->sizes(), ", ",
+                arg->scalar_type(), ", ", arg->device(), ")");
+  }
+  for (const auto* arg : {&row_max, &row_sum}) {
+    TORCH_CHECK(arg->sizes() == x.sizes() && arg->scalar_type() == t.scalar_type() &&
+                    arg->device() == x.device(),
+                "msg_pass_backward: ", arg == &row_max ? "row_max" : "row_sum", " must be ",
+                x.sizes(), " of ", t.scalar_type(), " on ", x.device(), ", got (", arg->sizes(), ", ",
+                arg->scalar_type(), ", ", arg->device(), ")");
+  }
+}
+
 void check_csr_cpu(const at::Tensor& rowptr, const at::Tensor& col, int64_t num_nodes,
                    const char* rowptr_name, const char* col_name) {
   const auto rp = rowptr.contiguous();

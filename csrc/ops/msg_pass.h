@@ -8,6 +8,18 @@ namespace keypointops {
 void check_msg_pass_args(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
                          const at::Tensor& t, const char* rowptr_name, const char* col_name);
 
+// Checks of the forward op's arguments: both CSRs (shapes, dtypes, devices) and one edge count.
+void check_msg_pass_forward_args(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
+                                 const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                                 const at::Tensor& t);
+
+// Checks of the backward op's arguments: the transposed CSR and t as above, grad_out and out of
+// x's shape, dtype and device, row_max and row_sum of x's shape and device and t's dtype.
+void check_msg_pass_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& out, const at::Tensor& row_max,
+                                  const at::Tensor& row_sum, const at::Tensor& rowptr_t,
+                                  const at::Tensor& col_t, const at::Tensor& t);
+
 // Content check of a CSR on the CPU: rowptr[0] == 0, non-decreasing, rowptr[N] == E, col in [0, N).
 void check_csr_cpu(const at::Tensor& rowptr, const at::Tensor& col, int64_t num_nodes,
                    const char* rowptr_name, const char* col_name);

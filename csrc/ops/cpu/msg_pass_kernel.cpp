@@ -168,10 +168,7 @@ void backward_nodes(const scalar_t* x, const scalar_t* factors, const int64_t* r
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
     const at::Tensor& x_in, const at::Tensor& rowptr_in, const at::Tensor& col_in,
     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps) {
-  check_msg_pass_args(x_in, rowptr_in, col_in, t_in, "rowptr", "col");
-  check_msg_pass_args(x_in, rowptr_t, col_t, t_in, "rowptr_t", "col_t");
-  TORCH_CHECK(col_t.numel() == col_in.numel(), "msg_pass: col_t must have as many edges as col (",
-              col_in.numel(), "), got ", col_t.numel());
+  check_msg_pass_forward_args(x_in, rowptr_in, col_in, rowptr_t, col_t, t_in);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "msg_pass: the CPU kernel takes float32 or float64 x, got ", x_in.scalar_type());
   const int64_t N = x_in.size(0), C = x_in.size(1);
@@ -207,13 +204,8 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const at::Tensor& row_max_in, const at::Tensor& row_sum_in, const at::Tensor& rowptr_t_in,
     const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t) {
-  check_msg_pass_args(x_in, rowptr_t_in, col_t_in, t_in, "rowptr_t", "col_t");
-  for (const auto* arg : {&grad_out_in, &out_in, &row_max_in, &row_sum_in}) {
-    TORCH_CHECK(arg->sizes() == x_in.sizes() && arg->scalar_type() == x_in.scalar_type() &&
-                    arg->device() == x_in.device(),
-                "msg_pass_backward: grad_out, out, row_max and row_sum must match x (",
-                x_in.sizes(), ", ", x_in.scalar_type(), ")");
-  }
+  check_msg_pass_backward_args(grad_out_in, x_in, out_in, row_max_in, row_sum_in, rowptr_t_in,
+                               col_t_in, t_in);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "msg_pass: the CPU kernel takes float32 or float64 x, got ", x_in.scalar_type());
   const int64_t N = x_in.size(0), C = x_in.size(1);

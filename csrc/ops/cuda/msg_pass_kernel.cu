@@ -1,0 +1,395 @@
+// msg_pass CUDA kernels.
+//
+// Lane groups: L lanes own one row slice, each lane VEC consecutive channels (VEC = 16 bytes of x
+// when C and every pointer allow, else 1), L = the power of two covering C / VEC, at most 32 (a
+// lane loops over further channel chunks).  A row of C = 64 float32 is one coalesced 256-byte
+// access of 16 lanes with 16-byte loads.
+// Forward: one group per destination node v walks col[rowptr[v]:rowptr[v+1]], issuing the gathers
+// of kForwardUnroll edges before using any (memory-level parallelism), and folds them into an
+// online softmax per channel with one exp per element, m = relu(x_u) + eps, s = t m:
+//   d = s - M, w = exp(-|d|);  d > 0 (new max): Z = Z w + 1, A = A w + m, M = s;  else Z += w, A += w m.
+// out = A / Z; M (row_max) and Z (row_sum) are saved for backward in the accumulation dtype (float32
+// for half, bfloat16 and float32 x; float64 for float64).
+// Bytes the forward must move (each destination gathers its sources' rows once):
+//   E*C*sizeof(x) gathered + E*8 (col) + (N+1)*8 (rowptr) read, N*C*(sizeof(x) + 2*sizeof(acc)) written.
+// N = 1M, E = 5M, C = 64, float32: 1.28 GB + 40 MB + 8 MB + 768 MB = 2.10 GB, so the issue's target
+// (half the device's copy bandwidth, about 1.5 TB/s on an H100) means at most 1.4 ms.
+// Backward: one group per kNodesPerGroup consecutive source nodes u walks their outgoing edges
+// u -> v (transposed CSR), gathering row_max, row_sum, grad_out and out of v:
+//   w = exp(s_u - M_v), q = grad_out_v / Z_v, r = q out_v,
+//   grad_m_u = sum_v w (q (1 + s_u) - t r),  grad_t += m_u sum_v w (q m_u - r),  grad_x_u = grad_m_u [x_u > 0].
+// Every grad_x row has one writer; each group writes its grad_t partial to its own row of
+// [num_groups, C] and a second kernel sums the rows in a fixed order: no atomics, deterministic.
+// Memory: forward out, row_max, row_sum ([N, C] each); backward grad_x [N, C] and the grad_t partials
+// [ceil(N / kNodesPerGroup), C]; nothing of size E x C.
+// Index contents are validated on the CPU only (Graph): here rowptr entries are clamped to [0, E]
+// and edges whose node index lies outside [0, N) are skipped, so bad indices never read out of range.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "ops/msg_pass.h"
+
+namespace keypointops {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kForwardUnroll = 8;      // gathered rows in flight per lane (forward: 1 row per edge)
+// Edges in flight per lane in backward (4 rows per edge): 4, or 2 for 8-wide (16-bit) vectors
+// whose float32 row_max / row_sum packs would otherwise take most of the register file.
+template <int VEC>
+constexpr int kBackwardUnroll = VEC >= 8 ? 2 : 4;
+constexpr int64_t kNodesPerGroup = 32;  // backward: source nodes per group (one grad_t partial row)
+constexpr int kSumChannels = 32;       // grad_t sum: channels per block (one warp wide) ...
+constexpr int kSumSlices = 16;         // ... times row slices per block
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pack) {
+  *reinterpret_cast<Pack<T, N>*>(p) = pack;
+}
+
+__device__ __forceinline__ float exp_acc(float v) { return __expf(v); }
+__device__ __forceinline__ double exp_acc(double v) { return ::exp(v); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t message(acc_t x, acc_t eps) {
+  return (x > acc_t(0) ? x : acc_t(0)) + eps;
+}
+
+// [rowptr[node], rowptr[node + 1]) clamped to [0, num_edges]: an empty range if rowptr is bad.
+__device__ __forceinline__ void edge_range(const int64_t* rowptr, int64_t node, int64_t num_edges,
+                                           int64_t& begin, int64_t& end) {
+  begin = rowptr[node];
+  end = rowptr[node + 1];
+  begin = begin < 0 ? 0 : (begin > num_edges ? num_edges : begin);
+  end = end > num_edges ? num_edges : end;
+}
+
+// col[e] if e < end and it lies in [0, num_nodes), else -1 (an edge to skip).
+__device__ __forceinline__ int64_t checked_node(const int64_t* col, int64_t e, int64_t end,
+                                                int64_t num_nodes) {
+  const int64_t node = e < end ? col[e] : -1;
+  return node >= 0 && node < num_nodes ? node : -1;
+}
+
+// One step of the online softmax of (M, Z, A) with the logit s of message m.
+template <typename acc_t>
+__device__ __forceinline__ void online_softmax_step(acc_t s, acc_t m, acc_t& M, acc_t& Z, acc_t& A) {
+  const acc_t d = s - M;  // +inf for the first message (M = -inf)
+  const acc_t w = exp_acc(-fabs(d));
+  if (d > acc_t(0)) {
+    Z = Z * w + acc_t(1);
+    A = A * w + m;
+    M = s;
+  } else {
+    Z += w;
+    A += w * m;
+  }
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads) forward_kernel(
+    const scalar_t* __restrict__ x, const int64_t* __restrict__ rowptr,
+    const int64_t* __restrict__ col, const at::opmath_type<scalar_t>* __restrict__ t,
+    at::opmath_type<scalar_t> eps, int64_t num_nodes, int64_t num_edges, int64_t channels,
+    int lanes_log2, scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ row_max,
+    at::opmath_type<scalar_t>* __restrict__ row_sum) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t v = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
+  if (v >= num_nodes) return;
+  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
+  int64_t e_begin, e_end;
+  edge_range(rowptr, v, num_edges, e_begin, e_end);
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
+    acc_t t_c[VEC], M[VEC], Z[VEC], A[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      t_c[j] = t[c + j];
+      M[j] = -std::numeric_limits<acc_t>::infinity();
+      Z[j] = acc_t(0);
+      A[j] = acc_t(0);
+    }
+    bool any_edge = false;
+    for (int64_t e0 = e_begin; e0 < e_end; e0 += kForwardUnroll) {
+      Pack<scalar_t, VEC> rows[kForwardUnroll];
+      int64_t u[kForwardUnroll];
+#pragma unroll
+      for (int k = 0; k < kForwardUnroll; ++k) {
+        u[k] = checked_node(col, e0 + k, e_end, num_nodes);
+        if (u[k] >= 0) rows[k] = load_pack<VEC>(x + u[k] * channels + c);
+      }
+#pragma unroll
+      for (int k = 0; k < kForwardUnroll; ++k) {
+        if (u[k] < 0) continue;
+        any_edge = true;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t m = message(static_cast<acc_t>(rows[k].v[j]), eps);
+          online_softmax_step(t_c[j] * m, m, M[j], Z[j], A[j]);
+        }
+      }
+    }
+    Pack<scalar_t, VEC> out_pack;
+    Pack<acc_t, VEC> max_pack, sum_pack;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {  // no incoming edge: out 0, and M = 0, Z = 1 as the CPU kernel
+      out_pack.v[j] = static_cast<scalar_t>(any_edge ? A[j] / Z[j] : acc_t(0));
+      max_pack.v[j] = any_edge ? M[j] : acc_t(0);
+      sum_pack.v[j] = any_edge ? Z[j] : acc_t(1);
+    }
+    const int64_t i = v * channels + c;
+    store_pack(out + i, out_pack);
+    store_pack(row_max + i, max_pack);
+    store_pack(row_sum + i, sum_pack);
+  }
+}
+
+template <typename scalar_t, int VEC, bool kGradT>
+__global__ void __launch_bounds__(kThreads) backward_kernel(
+    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ out, const at::opmath_type<scalar_t>* __restrict__ row_max,
+    const at::opmath_type<scalar_t>* __restrict__ row_sum, const int64_t* __restrict__ rowptr_t,
+    const int64_t* __restrict__ col_t, const at::opmath_type<scalar_t>* __restrict__ t,
+    at::opmath_type<scalar_t> eps, int64_t num_nodes, int64_t num_edges, int64_t channels,
+    int lanes_log2, scalar_t* __restrict__ grad_x,
+    at::opmath_type<scalar_t>* __restrict__ grad_t_partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
+  const int64_t u_begin = group * kNodesPerGroup;
+  if (u_begin >= num_nodes) return;
+  const int64_t u_end = u_begin + kNodesPerGroup < num_nodes ? u_begin + kNodesPerGroup : num_nodes;
+  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
+    acc_t t_c[VEC], grad_t[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      t_c[j] = t[c + j];
+      grad_t[j] = acc_t(0);
+    }
+    for (int64_t u = u_begin; u < u_end; ++u) {
+      const Pack<scalar_t, VEC> x_u = load_pack<VEC>(x + u * channels + c);
+      acc_t m[VEC], s[VEC], grad_m[VEC], grad_t_u[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        m[j] = message(static_cast<acc_t>(x_u.v[j]), eps);
+        s[j] = t_c[j] * m[j];
+        grad_m[j] = acc_t(0);
+        grad_t_u[j] = acc_t(0);
+      }
+      int64_t e_begin, e_end;
+      edge_range(rowptr_t, u, num_edges, e_begin, e_end);
+      constexpr int kUnroll = kBackwardUnroll<VEC>;
+      for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
+        Pack<acc_t, VEC> max_v[kUnroll], sum_v[kUnroll];
+        Pack<scalar_t, VEC> grad_v[kUnroll], out_v[kUnroll];
+        int64_t v[kUnroll];
+#pragma unroll
+        for (int k = 0; k < kUnroll; ++k) {
+          v[k] = checked_node(col_t, e0 + k, e_end, num_nodes);
+          if (v[k] >= 0) {
+            const int64_t i = v[k] * channels + c;
+            max_v[k] = load_pack<VEC>(row_max + i);
+            sum_v[k] = load_pack<VEC>(row_sum + i);
+            grad_v[k] = load_pack<VEC>(grad_out + i);
+            out_v[k] = load_pack<VEC>(out + i);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < kUnroll; ++k) {
+          if (v[k] < 0) continue;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const acc_t w = exp_acc(s[j] - max_v[k].v[j]);
+            const acc_t q = static_cast<acc_t>(grad_v[k].v[j]) / sum_v[k].v[j];
+            const acc_t r = q * static_cast<acc_t>(out_v[k].v[j]);
+            grad_m[j] += w * (q * (acc_t(1) + s[j]) - t_c[j] * r);
+            if constexpr (kGradT) grad_t_u[j] += w * (q * m[j] - r);
+          }
+        }
+      }
+      Pack<scalar_t, VEC> grad_pack;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        grad_pack.v[j] = static_cast<scalar_t>(static_cast<acc_t>(x_u.v[j]) > acc_t(0) ? grad_m[j]
+                                                                                      : acc_t(0));
+        if constexpr (kGradT) grad_t[j] += grad_t_u[j] * m[j];
+      }
+      store_pack(grad_x + u * channels + c, grad_pack);
+    }
+    if constexpr (kGradT) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) grad_t_partial[group * channels + c + j] = grad_t[j];
+    }
+  }
+}
+
+// grad_t[c] = sum_r partial[r, c]: thread (c, slice) sums the rows slice, slice + kSumSlices, ...
+// in order, then the kSumSlices slice sums are added in order.  Deterministic.
+template <typename acc_t>
+__global__ void __launch_bounds__(kSumChannels * kSumSlices) sum_partials_kernel(
+    const acc_t* __restrict__ partial, int64_t rows, int64_t channels, acc_t* __restrict__ grad_t) {
+  __shared__ acc_t slice_sums[kSumSlices][kSumChannels];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumChannels + threadIdx.x;
+  acc_t sum = acc_t(0);
+  if (c < channels) {
+    for (int64_t r = threadIdx.y; r < rows; r += kSumSlices) sum += partial[r * channels + c];
+  }
+  slice_sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < channels) {
+    acc_t total = acc_t(0);
+#pragma unroll
+    for (int i = 0; i < kSumSlices; ++i) total += slice_sums[i][threadIdx.x];
+    grad_t[c] = total;
+  }
+}
+
+// log2 of the lanes per group: the power of two covering channels / vec, at most 32.
+int group_lanes_log2(int64_t channels, int vec) {
+  const int64_t columns = (channels + vec - 1) / vec;
+  int lanes_log2 = 0;
+  while (lanes_log2 < 5 && (int64_t{1} << lanes_log2) < columns) ++lanes_log2;
+  return lanes_log2;
+}
+
+// True when every row of every tensor starts on a boundary of vec elements.
+bool rows_aligned(int64_t channels, int vec, std::initializer_list<const at::Tensor*> tensors) {
+  if (channels % vec != 0) return false;
+  for (const auto* tensor : tensors) {
+    if (reinterpret_cast<uintptr_t>(tensor->data_ptr()) % (vec * tensor->element_size()) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+int64_t num_blocks(int64_t groups, int lanes_log2) {
+  const int64_t blocks = ((groups << lanes_log2) + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "msg_pass: too many nodes for one launch (",
+              groups, " lane groups)");
+  return blocks;
+}
+
+// Calls launch(std::integral_constant<int, VEC>) with VEC = 16 bytes of scalar_t, or 1.
+template <typename scalar_t, typename Launch>
+void with_vector_width(bool vectorize, Launch&& launch) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (vectorize) {
+    launch(std::integral_constant<int, kVec>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cuda(
+    const at::Tensor& x_in, const at::Tensor& rowptr_in, const at::Tensor& col_in,
+    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps) {
+  check_msg_pass_forward_args(x_in, rowptr_in, col_in, rowptr_t, col_t, t_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const auto x = x_in.contiguous();
+  const auto rowptr = rowptr_in.contiguous();
+  const auto col = col_in.contiguous();
+  const auto t = t_in.contiguous();
+  auto out = at::empty({N, C}, x.options());
+  auto row_max = at::empty({N, C}, t.options());
+  auto row_sum = at::empty({N, C}, t.options());
+  if (N == 0 || C == 0) return {out, row_max, row_sum};
+  const int64_t E = col.numel();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msg_pass_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vectorize = rows_aligned(C, kVec, {&x, &out, &row_max, &row_sum});
+    const int lanes_log2 = group_lanes_log2(C, vectorize ? kVec : 1);
+    const int64_t blocks = num_blocks(N, lanes_log2);
+    with_vector_width<scalar_t>(vectorize, [&](auto vec) {
+      forward_kernel<scalar_t, decltype(vec)::value>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+          t.data_ptr<acc_t>(), static_cast<acc_t>(eps), N, E, C, lanes_log2,
+          out.data_ptr<scalar_t>(), row_max.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, row_max, row_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
+    const at::Tensor& row_max_in, const at::Tensor& row_sum_in, const at::Tensor& rowptr_t_in,
+    const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t) {
+  check_msg_pass_backward_args(grad_out_in, x_in, out_in, row_max_in, row_sum_in, rowptr_t_in,
+                               col_t_in, t_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const auto grad_out = grad_out_in.contiguous();
+  const auto x = x_in.contiguous();
+  const auto out = out_in.contiguous();
+  const auto row_max = row_max_in.contiguous();
+  const auto row_sum = row_sum_in.contiguous();
+  const auto rowptr_t = rowptr_t_in.contiguous();
+  const auto col_t = col_t_in.contiguous();
+  const auto t = t_in.contiguous();
+  auto grad_x = at::empty({N, C}, x.options());
+  if (N == 0 || C == 0) return {grad_x, at::zeros_like(t)};
+  // grad_t is all zeros unless asked for.
+  auto grad_t = compute_grad_t ? at::empty({C}, t.options()) : at::zeros({C}, t.options());
+  const int64_t E = col_t.numel();
+  const int64_t num_groups = (N + kNodesPerGroup - 1) / kNodesPerGroup;
+  auto grad_t_partial = at::empty({compute_grad_t ? num_groups : 0, C}, t.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msg_pass_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vectorize = rows_aligned(C, kVec, {&grad_out, &x, &out, &row_max, &row_sum, &grad_x});
+    const int lanes_log2 = group_lanes_log2(C, vectorize ? kVec : 1);
+    const int64_t blocks = num_blocks(num_groups, lanes_log2);
+    with_vector_width<scalar_t>(vectorize, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const auto kernel = compute_grad_t ? backward_kernel<scalar_t, VEC, true>
+                                         : backward_kernel<scalar_t, VEC, false>;
+      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          row_max.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>(), rowptr_t.data_ptr<int64_t>(),
+          col_t.data_ptr<int64_t>(), t.data_ptr<acc_t>(), static_cast<acc_t>(eps), N, E, C,
+          lanes_log2, grad_x.data_ptr<scalar_t>(),
+          compute_grad_t ? grad_t_partial.data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (compute_grad_t) {
+      const dim3 block(kSumChannels, kSumSlices);
+      sum_partials_kernel<acc_t><<<(C + kSumChannels - 1) / kSumChannels, block, 0, stream>>>(
+          grad_t_partial.data_ptr<acc_t>(), num_groups, C, grad_t.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grad_x, grad_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(keypointops, CUDA, m) {
+  m.impl("msg_pass", &msg_pass_cuda);
+  m.impl("msg_pass_backward", &msg_pass_backward_cuda);
+}
+
+}  // namespace keypointops

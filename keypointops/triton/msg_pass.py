@@ -1,0 +1,236 @@
+"""Triton kernels of ``msg_pass`` and the ops ``keypointops::msg_pass_triton`` (+ ``_backward``).
+
+Forward: one program per (block of BLOCK_N destination nodes v, block of BLOCK_C channels) steps
+through the nodes' CSR segments ``col[rowptr[v]:rowptr[v+1]]`` together, BLOCK_E neighbours per node
+per step, up to the block's largest in-degree: it gathers a [BLOCK_N, BLOCK_E, BLOCK_C] tile of x,
+forms m = relu(x) + eps and s = t * m, and folds the tile into an online softmax per (node, channel)
+(running max M, sum Z = sum exp(s - M), numerator A = sum exp(s - M) * m, rescaled when M grows);
+out = A / Z.  M and Z are saved for backward in the accumulation dtype (float32; float64 for
+float64 x).
+Backward: one program per (block of BLOCK_N source nodes u, channel block) steps the same way
+through the transposed CSR (the targets v of the edges leaving u) with w = exp(s_u - M_v),
+q_v = grad_out_v / Z_v, r_v = q_v * out_v:
+grad_m_u = sum_v w (q_v (1 + s_u) - t r_v),  grad_t += m_u sum_v w (q_v m_u - r_v),
+grad_x_u = grad_m_u * (x_u > 0).  Each row of grad_x has one writer; each program writes its grad_t
+partial to its own row of [num_programs, C], summed afterwards row by row in a fixed order: no
+atomics, bitwise deterministic.  Edge indices outside [0, N) are skipped and rowptr entries are
+clamped to [0, E], never read through (index contents are only validated on the CPU).
+Memory: forward out [N, C] + row_max, row_sum [N, C]; backward grad_x [N, C] and the grad_t
+partials [ceil(N / BLOCK_N), C]; nothing of size E x C.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from keypointops.ops._backend import triton_available
+from keypointops.ops.msg_pass import register_kernels_of
+
+__all__ = ["msg_pass_triton", "msg_pass_triton_backward"]
+
+# Tile sizes: (nodes, edges per node, channels) per step.  On the GPU the tile stays small enough
+# for registers; the interpreter runs every program and every op in Python, so it gets fewer,
+# larger tiles (the same code; only the tile shapes differ).
+GPU_TILE = dict(BLOCK_N=4, BLOCK_E=8, MAX_BLOCK_C=64, num_warps=4)
+INTERPRETER_TILE = dict(BLOCK_N=64, BLOCK_E=16, MAX_BLOCK_C=64, num_warps=4)
+SUM_BLOCK_ROWS = 64       # rows of grad_t partials per step of the final sum
+
+
+@triton.jit
+def _tile_setup(t_ptr, rowptr_ptr, num_nodes, num_edges, channels, EPS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's nodes (axis 0 block of BLOCK_N) and channels (axis 1 block of BLOCK_C):
+    node ids, their CSR segments [e_begin, e_begin + degree) clamped to [0, E], the channels and
+    their mask, t[c] and eps in t's dtype."""
+    nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    node_mask = nodes < num_nodes
+    e_begin = tl.minimum(tl.maximum(tl.load(rowptr_ptr + nodes, mask=node_mask, other=0), 0), num_edges)
+    e_end = tl.minimum(tl.load(rowptr_ptr + nodes + 1, mask=node_mask, other=0), num_edges)
+    degree = tl.maximum(e_end - e_begin, 0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    t = tl.load(t_ptr + c, mask=c_mask, other=0.0)
+    eps = tl.full([BLOCK_C], EPS, t_ptr.dtype.element_ty)
+    return nodes, node_mask, e_begin, degree, c, c_mask, t, eps
+
+
+@triton.jit
+def _gather_step(col_ptr, e_begin, degree, k0, num_nodes, c_mask, BLOCK_E: tl.constexpr):
+    """Neighbours k0 .. k0 + BLOCK_E - 1 of every node of the tile: their ids [BLOCK_N, BLOCK_E]
+    (-1 past the segment or out of [0, N)) and the [BLOCK_N, BLOCK_E, BLOCK_C] gather mask."""
+    k = k0 + tl.arange(0, BLOCK_E)
+    in_segment = k[None, :] < degree[:, None]
+    nbr = tl.load(col_ptr + e_begin[:, None] + k[None, :], mask=in_segment, other=-1)
+    nbr = tl.where((nbr >= 0) & (nbr < num_nodes), nbr, -1)
+    return nbr, (nbr >= 0)[:, :, None] & c_mask[None, None, :]
+
+
+@triton.jit
+def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, t_ptr, out_ptr, row_max_ptr, row_sum_ptr,
+                    num_nodes, num_edges, channels, EPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+    acc_dtype = t_ptr.dtype.element_ty
+    nodes, node_mask, e_begin, degree, c, c_mask, t, eps = _tile_setup(
+        t_ptr, rowptr_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
+    row_max = tl.full([BLOCK_N, BLOCK_C], float("-inf"), acc_dtype)
+    row_sum = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
+    weighted = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
+    valid_edges = tl.zeros([BLOCK_N], tl.int32)
+    for k0 in range(0, tl.max(degree, axis=0), BLOCK_E):
+        src, tile_mask = _gather_step(col_ptr, e_begin, degree, k0, num_nodes, c_mask, BLOCK_E)
+        valid_edges += tl.sum((src >= 0).to(tl.int32), axis=1)
+        x = tl.load(x_ptr + src[:, :, None] * channels + c[None, None, :], mask=tile_mask, other=0.0)
+        m = tl.maximum(x.to(acc_dtype), 0.0) + eps[None, None, :]
+        s = tl.where(tile_mask, t[None, None, :] * m, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid edge yet: keep exp finite
+        scale = tl.exp(row_max - shift)
+        w = tl.exp(s - shift[:, None, :])
+        row_sum = row_sum * scale + tl.sum(w, axis=1)
+        weighted = weighted * scale + tl.sum(w * m, axis=1)
+        row_max = new_max
+    has_edges = (valid_edges > 0)[:, None] & c_mask[None, :]  # else out 0, M 0, Z 1 (as the CPU kernel)
+    out = tl.where(has_edges, weighted / tl.where(has_edges, row_sum, 1.0), 0.0)
+    offsets = nodes[:, None] * channels + c[None, :]
+    mask = node_mask[:, None] & c_mask[None, :]
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(row_max_ptr + offsets, tl.where(has_edges, row_max, 0.0), mask=mask)
+    tl.store(row_sum_ptr + offsets, tl.where(has_edges, row_sum, 1.0), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(grad_out_ptr, x_ptr, out_ptr, row_max_ptr, row_sum_ptr, rowptr_t_ptr, col_t_ptr,
+                     t_ptr, grad_x_ptr, grad_t_partial_ptr, num_nodes, num_edges, channels,
+                     EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                     BLOCK_C: tl.constexpr, COMPUTE_GRAD_T: tl.constexpr):
+    acc_dtype = t_ptr.dtype.element_ty
+    nodes, node_mask, e_begin, degree, c, c_mask, t, eps = _tile_setup(
+        t_ptr, rowptr_t_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
+    mask = node_mask[:, None] & c_mask[None, :]
+    offsets = nodes[:, None] * channels + c[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+    m = tl.maximum(x, 0.0) + eps[None, :]
+    s = t[None, :] * m
+    grad_m = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
+    grad_t = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
+    for k0 in range(0, tl.max(degree, axis=0), BLOCK_E):
+        dst, tile_mask = _gather_step(col_t_ptr, e_begin, degree, k0, num_nodes, c_mask, BLOCK_E)
+        gathered = dst[:, :, None] * channels + c[None, None, :]
+        # Masked entries: M = +inf gives w = 0, and q = r = 0.
+        row_max_v = tl.load(row_max_ptr + gathered, mask=tile_mask, other=float("inf"))
+        row_sum_v = tl.load(row_sum_ptr + gathered, mask=tile_mask, other=1.0)
+        grad_v = tl.load(grad_out_ptr + gathered, mask=tile_mask, other=0.0).to(acc_dtype)
+        out_v = tl.load(out_ptr + gathered, mask=tile_mask, other=0.0).to(acc_dtype)
+        w = tl.exp(s[:, None, :] - row_max_v)
+        q = grad_v / row_sum_v
+        r = q * out_v
+        grad_m += tl.sum(w * (q * (1.0 + s[:, None, :]) - t[None, None, :] * r), axis=1)
+        if COMPUTE_GRAD_T:
+            grad_t += tl.sum(w * (q * m[:, None, :] - r), axis=1)
+    grad_x = tl.where(x > 0, grad_m, 0.0)
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if COMPUTE_GRAD_T:
+        grad_t_partial = tl.sum(grad_t * m, axis=0)  # rows past N hold 0
+        tl.store(grad_t_partial_ptr + tl.program_id(0).to(tl.int64) * channels + c, grad_t_partial,
+                 mask=c_mask)
+
+
+@triton.jit
+def _sum_rows_kernel(partial_ptr, total_ptr, rows, channels, BLOCK_R: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """total[c] = sum_r partial[r, c] in a fixed order (deterministic)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < channels
+    acc = tl.zeros([BLOCK_R, BLOCK_C], partial_ptr.dtype.element_ty)
+    for r0 in range(0, rows, BLOCK_R):
+        r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask = (r < rows)[:, None] & c_mask[None, :]
+        acc += tl.load(partial_ptr + r[:, None] * channels + c[None, :], mask=mask, other=0.0)
+    tl.store(total_ptr + c, tl.sum(acc, axis=0), mask=c_mask)
+
+
+def _tile(x: Tensor) -> dict:
+    """Tile sizes and launch grid helpers for x's device (see GPU_TILE / INTERPRETER_TILE)."""
+    tile = dict(GPU_TILE if x.device.type == "cuda" else INTERPRETER_TILE)
+    tile["BLOCK_C"] = min(triton.next_power_of_2(x.size(1)), tile.pop("MAX_BLOCK_C"))
+    return tile
+
+
+def _check_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_name: str, col_name: str):
+    """The checks of the C++ ops (csrc/ops/msg_pass.cpp), for direct calls of the Triton ops."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"msg_pass: x must be a floating point [N, C] tensor, got {x.dtype} {list(x.shape)}")
+    if rowptr.shape != (x.size(0) + 1,) or col.dim() != 1:
+        raise ValueError(f"msg_pass: {rowptr_name} must be [N + 1] = [{x.size(0) + 1}] and {col_name} "
+                         f"1-D, got {list(rowptr.shape)} and {list(col.shape)}")
+    if rowptr.dtype != torch.int64 or col.dtype != torch.int64:
+        raise ValueError(f"msg_pass: {rowptr_name} and {col_name} must be int64, got {rowptr.dtype} "
+                         f"and {col.dtype}")
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if t.shape != (x.size(1),) or t.dtype != acc_dtype:
+        raise ValueError(f"msg_pass: t must be [C] = [{x.size(1)}] of {acc_dtype} for x of {x.dtype}, "
+                         f"got {t.dtype} {list(t.shape)}")
+    for name, arg in ((rowptr_name, rowptr), (col_name, col), ("t", t)):
+        if arg.device != x.device:
+            raise ValueError(f"msg_pass: x ({x.device}) and {name} ({arg.device}) must be on the same device")
+    if not triton_available(x.device):
+        raise RuntimeError(f"msg_pass: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), "
+                           f"got {x.device}")
+
+
+@torch.library.custom_op("keypointops::msg_pass_triton", mutates_args=())
+def msg_pass_triton(x: Tensor, rowptr: Tensor, col: Tensor, rowptr_t: Tensor, col_t: Tensor, t: Tensor,
+                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    _check_args(x, rowptr, col, t, "rowptr", "col")
+    _check_args(x, rowptr_t, col_t, t, "rowptr_t", "col_t")
+    if col_t.numel() != col.numel():
+        raise ValueError(f"msg_pass: col_t must have as many edges as col ({col.numel()}), got {col_t.numel()}")
+    x, rowptr, col, t = x.contiguous(), rowptr.contiguous(), col.contiguous(), t.contiguous()
+    num_nodes, channels = x.shape
+    out = torch.empty_like(x)
+    row_max = torch.empty(x.shape, dtype=t.dtype, device=x.device)
+    row_sum = torch.empty(x.shape, dtype=t.dtype, device=x.device)
+    if num_nodes == 0 or channels == 0:
+        return out, row_max, row_sum
+    tile = _tile(x)
+    grid = (triton.cdiv(num_nodes, tile["BLOCK_N"]), triton.cdiv(channels, tile["BLOCK_C"]))
+    _forward_kernel[grid](x, rowptr, col, t, out, row_max, row_sum, num_nodes, col.numel(), channels,
+                          EPS=float(eps), **tile)
+    return out, row_max, row_sum
+
+
+@torch.library.custom_op("keypointops::msg_pass_triton_backward", mutates_args=())
+def msg_pass_triton_backward(grad_out: Tensor, x: Tensor, out: Tensor, row_max: Tensor, row_sum: Tensor,
+                             rowptr_t: Tensor, col_t: Tensor, t: Tensor, eps: float,
+                             compute_grad_t: bool) -> tuple[Tensor, Tensor]:
+    _check_args(x, rowptr_t, col_t, t, "rowptr_t", "col_t")
+    for name, arg, dtype in (("grad_out", grad_out, x.dtype), ("out", out, x.dtype),
+                             ("row_max", row_max, t.dtype), ("row_sum", row_sum, t.dtype)):
+        if arg.shape != x.shape or arg.dtype != dtype or arg.device != x.device:
+            raise ValueError(f"msg_pass_backward: {name} must be {list(x.shape)} {dtype} on {x.device}, "
+                             f"got {list(arg.shape)} {arg.dtype} on {arg.device}")
+    grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t = (
+        arg.contiguous() for arg in (grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t))
+    num_nodes, channels = x.shape
+    grad_x = torch.empty_like(x)
+    if num_nodes == 0 or channels == 0:
+        return grad_x, torch.zeros_like(t)
+    tile = _tile(x)
+    num_programs = triton.cdiv(num_nodes, tile["BLOCK_N"])
+    grad_t_partial = torch.empty((num_programs if compute_grad_t else 1, channels), dtype=t.dtype,
+                                 device=x.device)
+    grid = (num_programs, triton.cdiv(channels, tile["BLOCK_C"]))
+    _backward_kernel[grid](grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, grad_x,
+                           grad_t_partial, num_nodes, col_t.numel(), channels, EPS=float(eps),
+                           COMPUTE_GRAD_T=compute_grad_t, **tile)
+    if not compute_grad_t:
+        return grad_x, torch.zeros_like(t)
+    grad_t = torch.empty_like(t)
+    _sum_rows_kernel[(triton.cdiv(channels, tile["BLOCK_C"]),)](
+        grad_t_partial, grad_t, num_programs, channels, BLOCK_R=SUM_BLOCK_ROWS, BLOCK_C=tile["BLOCK_C"])
+    return grad_x, grad_t
+
+
+register_kernels_of("keypointops::msg_pass_triton", "keypointops::msg_pass_triton_backward")
