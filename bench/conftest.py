@@ -134,7 +134,8 @@ def _summary_rows(config):
                 "median_ms": median * 1e3,
                 "speedup": base.stats.median / median if base else None,
                 "peak_mb": peak,
-                "peak_ratio": peak / base_peak if peak is not None and base_peak else None,
+                # A baseline peak under 1 MiB is noise (freed memory reused): no ratio.
+                "peak_ratio": peak / base_peak if peak is not None and base_peak and base_peak >= 1 else None,
             })
     return rows
 

@@ -31,11 +31,7 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
+#include "ops/cpu/huge_pages.h"
 #include "ops/keypoint_gather.h"
 #include "ops/keypoint_gather_sampling.h"
 
@@ -45,7 +41,6 @@ namespace {
 constexpr int64_t kPrefetchChannels = 4;     // NCHW: prefetch the taps' lines this many planes ahead
 constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
 constexpr int64_t kCacheLineBytes = 64;
-constexpr int64_t kHugePageAdviceBytes = 8 << 20;  // advise huge pages for gradients from this size
 
 struct GatherParams {
   int64_t B, C, H, W, K;
@@ -224,18 +219,6 @@ void for_each_task(const GatherParams& p, const at::Tensor& keypoints, const at:
   });
 }
 
-// Asks the kernel to back [ptr, ptr + bytes) with transparent huge pages (a hint; no-op elsewhere).
-void advise_huge_pages(void* ptr, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (bytes < kHugePageAdviceBytes) return;
-  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto start = reinterpret_cast<uintptr_t>(ptr);
-  const uintptr_t first = (start + page - 1) / page * page;
-  const uintptr_t last = (start + static_cast<uintptr_t>(bytes)) / page * page;
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 GatherParams make_params(at::IntArrayRef features_size, const at::Tensor& keypoints,
                          double spatial_scale, double roi_size, int64_t sampling_ratio,
                          bool aligned) {
@@ -294,7 +277,7 @@ at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at:
   auto grad = at::empty(features_size, grad_out.options().memory_format(
       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   if (grad.numel() == 0) return grad;
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  advise_huge_pages(grad);
   const int64_t image_size = p.C * p.H * p.W;
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "keypoint_gather_backward_cpu", [&] {
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();

@@ -11,7 +11,8 @@
 // and the chunk partials in chunk order, so backward is bitwise deterministic.
 // Work is split into chunks of about kChunkWork (edges + nodes) that do not depend on the thread
 // count, so a hub node costs one chunk and threads stay balanced by edge count.
-// Rows gathered at random are software-prefetched two nodes ahead.
+// Rows gathered at random are software-prefetched two nodes ahead; large fresh buffers are advised
+// onto transparent huge pages (ops/cpu/huge_pages.h).
 // Memory: forward out, row_max, row_sum ([N, C] each); backward the packed factors [N, 3, C],
 // grad_x [N, C] and [num_chunks, C] grad_t partials; nothing of size E x C.  Channels are vectorised with at::vec (AVX2 when built).
 #include <ATen/ATen.h>
@@ -23,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "ops/cpu/huge_pages.h"
 #include "ops/msg_pass.h"
 
 namespace keypointops {
@@ -180,6 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
   auto out = at::empty({N, C}, x.options());
   auto row_max = at::empty({N, C}, x.options());
   auto row_sum = at::empty({N, C}, x.options());
+  for (const auto* fresh : {&out, &row_max, &row_sum}) advise_huge_pages(*fresh);
   if (N == 0 || C == 0) return {out, row_max, row_sum};
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const auto chunks = balanced_chunks(rp, N);
@@ -225,6 +228,8 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
   const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
   auto grad_t_partial = at::zeros({compute_grad_t ? num_chunks : 1, C}, x.options());
   auto factors = at::empty({N, 3, C}, x.options());
+  advise_huge_pages(grad_x);
+  advise_huge_pages(factors);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "msg_pass_backward_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int64_t* cp = col_t.data_ptr<int64_t>();

@@ -29,10 +29,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
+#include "ops/cpu/huge_pages.h"
 #include "ops/part_pool.h"
 
 namespace keypointops {
@@ -173,19 +170,6 @@ void gemm_dot(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, c
       });
     }
   }
-}
-
-// A fresh output of several MiB is first written by this op: on Linux, transparent huge pages for
-// its 2 MiB-aligned interior turn ~512 page faults per MiB into one per 2 MiB (PyTorch's allocator
-// does the same for every large allocation under THP_MEM_ALLOC_ENABLE=1).  A hint: failure is harmless.
-void advise_huge_pages(const at::Tensor& fresh) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
 }
 
 // The logits of one image, r [P, S] = (groups @ hm) / temperature, from hm [J, S] and groups [P, J]
