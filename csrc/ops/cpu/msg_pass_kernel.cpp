@@ -10,7 +10,8 @@
 // grad_x_u = grad_m_u * (x_u > 0).  Every row of grad_x has one writer; grad_t is summed per chunk
 // and the chunk partials in chunk order, so backward is bitwise deterministic.
 // Work is split into chunks of about kChunkWork (edges + nodes) that do not depend on the thread
-// count, so a hub node costs one chunk and threads stay balanced by edge count.
+// count, so a hub node costs one chunk and threads stay balanced by edge count; calls under
+// kParallelWork updates run on the calling thread.
 // Rows gathered at random are software-prefetched two nodes ahead; large fresh buffers are advised
 // onto transparent huge pages (ops/cpu/huge_pages.h).
 // Memory: forward out, row_max, row_sum ([N, C] each); backward the packed factors [N, 3, C],
@@ -31,6 +32,10 @@ namespace keypointops {
 namespace {
 
 constexpr int64_t kChunkWork = 1 << 14;
+// Below this many (edge + node) x channel updates a call runs on the calling thread: a parallel
+// region costs more than it saves there, and far more when the cores are shared (a descheduled
+// OpenMP worker stalls the whole region).
+constexpr int64_t kParallelWork = int64_t{1} << 22;
 constexpr int64_t kPrefetchNodes = 2;   // prefetch the rows gathered this many nodes ahead
 constexpr int64_t kPrefetchEdges = 16;  // ... for at most this many edges of that node
 constexpr int64_t kPrefetchBytes = 1024;  // ... and at most this many bytes of each row
@@ -46,6 +51,10 @@ inline void prefetch_rows(const scalar_t* base, const int64_t* idx, int64_t begi
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
   }
 }
+
+// Grain for at::parallel_for over `items` pieces of a call of `work` updates: all of them (run
+// inline) for small calls, else one.
+int64_t grain_for(int64_t work, int64_t items) { return work < kParallelWork ? std::max<int64_t>(items, 1) : 1; }
 
 // Node boundaries 0 = b_0 < b_1 < ... < b_k = N, each chunk holding about kChunkWork of
 // (in-degree + 1) summed over its nodes.
@@ -193,7 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* mp = row_max.data_ptr<scalar_t>();
     scalar_t* sp = row_sum.data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
+    const int64_t work = (col.numel() + N) * C;
+    at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         forward_nodes<scalar_t>(xp, rp, cp, tp, static_cast<scalar_t>(eps), C, chunks[k],
                                 chunks[k + 1], op, mp, sp);
@@ -238,12 +249,13 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     scalar_t* gtp = grad_t_partial.data_ptr<scalar_t>();
     const auto e = static_cast<scalar_t>(eps);
-    at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+    const int64_t work = (col_t.numel() + N) * C;
+    at::parallel_for(0, N, std::max<int64_t>(1024, grain_for(work, N)), [&](int64_t begin, int64_t end) {
       pack_target_factors<scalar_t>(grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                     row_max.data_ptr<scalar_t>(), row_sum.data_ptr<scalar_t>(), C,
                                     begin, end, fp);
     });
-    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         if (compute_grad_t) {
           backward_nodes<scalar_t, true>(xp, fp, rp, cp, tp, e, C, chunks[k], chunks[k + 1], gxp,
