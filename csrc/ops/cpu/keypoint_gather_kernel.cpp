@@ -6,7 +6,8 @@
 // Every channel reuses the same taps:
 //   forward   out[b, k, c] = sum_taps weight * features[b, c, pixel]     (written node-major)
 //   backward  grad[b, c, pixel] += weight * grad_out[b, k, c]            (k ascending)
-// Work is split into tasks of (image, block of channels), run in parallel; a task computes the
+// Work is split into tasks of (image, block of channels), handed to the threads one at a time
+// (dynamically: robust to a thread being descheduled on a shared machine); a task computes the
 // taps of all the image's keypoints once and then walks its channels, each channel serving every
 // keypoint.  Two layouts are read in place:
 //  - contiguous NCHW: a channel plane is visited once for all keypoints (not once per keypoint),
@@ -28,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -203,10 +205,14 @@ void for_each_task(const GatherParams& p, const at::Tensor& keypoints, const at:
   const int64_t point_dims = keypoints.size(2);
   const int64_t block = channel_block(p.B, p.C);
   const int64_t blocks = (p.C + block - 1) / block;
-  at::parallel_for(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = p.B * blocks;
+  // Tasks are handed out one at a time rather than in one fixed range per thread: on a shared
+  // machine a descheduled thread then delays the op by one task, not by its whole share.
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     ImageTaps<scalar_t> taps;
     int64_t tapped_image = -1;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next_task++; task < tasks; task = next_task++) {
       const int64_t b = task / blocks;
       const int64_t c0 = task % blocks * block, c1 = std::min(p.C, c0 + block);
       if (b != tapped_image) {
