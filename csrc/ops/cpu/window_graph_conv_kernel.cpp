@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "ops/cpu/huge_pages.h"
 #include "ops/window_graph_conv.h"
 
 namespace keypointops {
@@ -118,11 +119,24 @@ void broadcast_gemm(const Terms<scalar_t>& terms, int64_t stride, int64_t M, int
   constexpr int64_t kCols = 2 * at::vec::Vectorized<scalar_t>::size();
   for (int64_t n0 = 0; n0 < N; n0 += kCols) {
     const int64_t count = std::min(kCols, N - n0);
+    // 6-row blocks, then one block of the 1-5 rows left, except that 7 rows left go as 4 + 3: a
+    // single-row block does 2 FMAs per 5 loads, so it is left only when M is 1.
     int64_t m0 = 0;
-    for (; m0 + 6 <= M; m0 += 6) broadcast_block<scalar_t, 6>(terms, stride, m0, n0, count, out, ld_out);
-    for (; m0 + 4 <= M; m0 += 4) broadcast_block<scalar_t, 4>(terms, stride, m0, n0, count, out, ld_out);
-    for (; m0 + 2 <= M; m0 += 2) broadcast_block<scalar_t, 2>(terms, stride, m0, n0, count, out, ld_out);
-    for (; m0 < M; ++m0) broadcast_block<scalar_t, 1>(terms, stride, m0, n0, count, out, ld_out);
+    for (; M - m0 >= 6 && M - m0 != 7; m0 += 6) {
+      broadcast_block<scalar_t, 6>(terms, stride, m0, n0, count, out, ld_out);
+    }
+    if (M - m0 == 7) {
+      broadcast_block<scalar_t, 4>(terms, stride, m0, n0, count, out, ld_out);
+      m0 += 4;
+    }
+    switch (M - m0) {
+      case 5: broadcast_block<scalar_t, 5>(terms, stride, m0, n0, count, out, ld_out); break;
+      case 4: broadcast_block<scalar_t, 4>(terms, stride, m0, n0, count, out, ld_out); break;
+      case 3: broadcast_block<scalar_t, 3>(terms, stride, m0, n0, count, out, ld_out); break;
+      case 2: broadcast_block<scalar_t, 2>(terms, stride, m0, n0, count, out, ld_out); break;
+      case 1: broadcast_block<scalar_t, 1>(terms, stride, m0, n0, count, out, ld_out); break;
+      default: break;
+    }
   }
 }
 
@@ -246,6 +260,7 @@ at::Tensor window_graph_conv_cpu(const at::Tensor& x_in, const at::Tensor& adj_i
   const auto adj = adj_in.contiguous();
   auto out = at::empty({s.B, s.T, s.L, s.C}, x.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "window_graph_conv_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* ap = adj.data_ptr<scalar_t>();
@@ -283,6 +298,7 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* ap = adj.data_ptr<scalar_t>();
     if (compute_grad_x) {
+      advise_huge_pages(grad_x);
       scalar_t* gxp = grad_x.data_ptr<scalar_t>();
       at::parallel_for(0, windows, 1, [&](int64_t begin, int64_t end) {
         grad_x_frames<scalar_t>(s, gp, ap, begin, end, gxp);
