@@ -43,7 +43,10 @@ def extensions():
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     with_cuda = force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None)
     cpu_flags, cpu_arch = _cpu_flags()
-    cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas", "-DKEYPOINTOPS_PYTHON_MODULE", "-DPy_LIMITED_API=0x030A0000"] + cpu_flags
+    # -fopenmp: at::parallel_for is a header template that runs serially unless _OPENMP is defined.
+    # The soname libgomp.so.1 resolves to the OpenMP runtime torch has already loaded.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas", "-DKEYPOINTOPS_PYTHON_MODULE",
+           "-DPy_LIMITED_API=0x030A0000"] + cpu_flags
     define_macros = []
     if with_cuda:
         sources += cuda_sources
@@ -58,7 +61,8 @@ def extensions():
           + (f" and {len(cuda_sources)} CUDA kernel file(s)" if with_cuda else "; CUDA kernels skipped "
              "(torch has no CUDA or nvcc not found; set FORCE_CUDA=1 to force)"))
     return [ext_cls("keypointops._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                    define_macros=define_macros, extra_compile_args=extra, py_limited_api=True)]
+                    define_macros=define_macros, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                    py_limited_api=True)]
 
 
 setup(
