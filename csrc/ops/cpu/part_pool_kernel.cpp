@@ -4,6 +4,8 @@
 //   r = (groups @ heatmaps[b]) / temperature   [P, S]   (identity groups: the heatmap rows)
 //   p = softmax_s(r),  lse[q] = logsumexp_s r[q, s]     in a per-thread [P, S] buffer
 //   out[b] = p @ F[b]^T                                   a GEMM over S
+// (NCHW: the parts that fill whole vectors from p^T [S, P - P % VL], register tiles of feature rows
+// x part vectors with no horizontal sums; the last P % VL parts as dot products.)
 // F[b] is the [C, S] matrix of the image read in place, NCHW (rows contiguous along S) or
 // channels_last (contiguous along C): the features are never copied or transposed.
 // Backward recomputes p from the saved lse, then per image
@@ -16,7 +18,7 @@
 // Each GEMM reads the features once (one read in forward, one in backward) and writes
 // grad_features once.
 // Memory: forward out [B, P, C] and lse [B, P]; backward grad_features, grad_heatmaps and a [B, P, J]
-// grad_groups partial; two [P, S] buffers per thread.  Nothing of size [B, P, C, H, W].
+// grad_groups partial; two [P, S] buffers per thread (forward: p and p^T).  Nothing of size [B, P, C, H, W].
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -172,6 +174,73 @@ void gemm_dot(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, c
   }
 }
 
+// One MR x (NV vectors) tile of Y^T, Y[n, m] = sum_k A[m * lda + k] * Zt[k * ldz + n]: the MR rows
+// of A (contiguous along K) broadcast one scalar at a time, Zt's rows loaded as vectors; the tile is
+// stored transposed (Y row stride ldy), its first `cols` columns only.
+template <typename scalar_t, int MR, int NV>
+void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, int64_t lda,
+                     const scalar_t* __restrict__ Zt, int64_t ldz, scalar_t* __restrict__ Y, int64_t ldy,
+                     scalar_t* __restrict__ lanes) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  // Fully unrolled loops over the tile, so that the accumulators stay in registers.
+  Vec acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[i][j] = Vec(0);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec z[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) z[j] = Vec::loadu(Zt + k * ldz + j * VL);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const Vec a(A[i * lda + k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(a, z[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[i][j].store(lanes + i * NV * VL + j * VL);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int64_t n = 0; n < cols; ++n) Y[n * ldy + i] = lanes[i * NV * VL + n];
+  }
+}
+
+// Y[n, m] = sum_k A[m * lda + k] * Zt[k * ldz + n] for m < M, n < N, i.e. Y = Z @ A^T with Z given
+// transposed (Zt [K, ldz], ldz a multiple of the vector length covering N, padded lanes ignored).
+// For a small N (the parts) against a long streamed A (the feature rows): each row of A is read once
+// from memory, Zt stays in L1, and a column block of up to 3 vectors of Zt lives in registers.
+template <typename scalar_t>
+void gemm_transposed(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                     const scalar_t* Zt, int64_t ldz, scalar_t* Y, int64_t ldy) {
+  constexpr int64_t VL = at::vec::Vectorized<scalar_t>::size();
+  constexpr int kVectors = 3, kMaxRows = 8;
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  scalar_t lanes[kMaxRows * kVectors * VL];  // one tile, before it is stored transposed
+  for (int64_t n0 = 0; n0 < N; n0 += kVectors * VL) {
+    const int64_t cols = std::min<int64_t>(kVectors * VL, N - n0);
+    with_count<kVectors>((cols + VL - 1) / VL, [&](auto vectors) {
+      // As many rows as 16 vector registers hold: MR * NV accumulators, NV loads, one broadcast.
+      constexpr int NV = decltype(vectors)::value, kRows = NV == 1 ? 8 : NV == 2 ? 6 : 4;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t ahead = std::min<int64_t>(m0 + 2 * kRows, M);  // rows two tiles ahead: from memory
+        for (int64_t m = std::min<int64_t>(m0 + kRows, ahead); m < ahead; ++m) {
+          for (int64_t k = 0; k < K; k += kLine) __builtin_prefetch(A + m * lda + k);
+        }
+        with_count<kRows>(std::min<int64_t>(kRows, M - m0), [&](auto rows) {
+          transposed_tile<scalar_t, decltype(rows)::value, NV>(
+              K, cols, A + m0 * lda, lda, Zt + n0, ldz, Y + n0 * ldy + m0, ldy, lanes);
+        });
+      }
+    });
+  }
+}
+
 // The logits of one image, r [P, S] = (groups @ hm) / temperature, from hm [J, S] and groups [P, J]
 // (nullptr: the identity).
 template <typename scalar_t>
@@ -300,15 +369,24 @@ std::tuple<at::Tensor, at::Tensor> part_pool_cpu(const at::Tensor& features_in,
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* lp = lse.data_ptr<scalar_t>();
     const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
+    constexpr int64_t VL = at::vec::Vectorized<scalar_t>::size();
+    const int64_t p_vectors = P / VL * VL;  // the parts that fill whole vectors
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> probs(P * S);
+      std::vector<scalar_t> probs(P * S), probs_t(f_s == 1 ? S * p_vectors : 0);
       for (int64_t b = begin; b < end; ++b) {
         image_logits<scalar_t>(hp + b * J * S, gp, P, J, S, static_cast<scalar_t>(temperature),
                                probs.data());
         row_softmax<scalar_t>(probs.data(), P, S, lp + b * P);
         const scalar_t* f = fp + b * f_batch;
         if (f_s == 1) {  // NCHW: out[q, c] = p[q, :] . F[c, :]
-          gemm_dot<scalar_t>(P, C, S, probs.data(), S, f, f_c, op + b * P * C, C);
+          // Whole vectors of parts against the feature rows, from p^T (no horizontal sums); the
+          // last P % VL parts as dot products (padding them to a vector would waste more lanes).
+          for (int64_t q = 0; q < p_vectors; ++q) {
+            for (int64_t s = 0; s < S; ++s) probs_t[s * p_vectors + q] = probs[q * S + s];
+          }
+          gemm_transposed<scalar_t>(C, p_vectors, S, f, f_c, probs_t.data(), p_vectors, op + b * P * C, C);
+          gemm_dot<scalar_t>(P - p_vectors, C, S, probs.data() + p_vectors * S, S, f, f_c,
+                             op + (b * P + p_vectors) * C, C);
         } else {         // channels_last: out[q, :] = sum_s p[q, s] F[s, :]
           gemm_broadcast<scalar_t>(P, C, S, probs.data(), S, 1, f, f_s, op + b * P * C, C, false);
         }
