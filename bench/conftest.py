@@ -161,6 +161,7 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(line)
     path = config.getoption("--kp-results")
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             f.write(f"{stamp}\n\n" + "\n".join(lines) + "\n")
         with open(os.path.splitext(path)[0] + ".json", "w") as f:
