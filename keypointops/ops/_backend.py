@@ -40,3 +40,17 @@ def resolve_backend(op_name: str, backend: str, device: torch.device) -> str:
                            f"(or TRITON_INTERPRET=1 set before triton is imported, for CPU tensors); "
                            f"got a tensor on {device}")
     return backend
+
+
+def register_op_pair(forward_name: str, backward_name: str, fake_forward, fake_backward, setup_context,
+                     backward) -> None:
+    """Registers the fake kernels of a (forward, backward) op pair and the forward's autograd formula.
+
+    ``backward(ctx, backward_op, *grads)`` receives the backward op itself, so one formula serves
+    the compiled ops and the Triton ops, which share their schemas.
+    """
+    torch.library.register_fake(forward_name)(fake_forward)
+    torch.library.register_fake(backward_name)(fake_backward)
+    backward_op = getattr(torch.ops.keypointops, backward_name.split("::")[1]).default
+    torch.library.register_autograd(forward_name, lambda ctx, *grads: backward(ctx, backward_op, *grads),
+                                    setup_context=setup_context)

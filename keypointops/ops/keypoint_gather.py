@@ -8,7 +8,7 @@ from torch import Tensor
 
 from keypointops import reference
 from keypointops._extension import has_ops
-from keypointops.ops._backend import resolve_backend
+from keypointops.ops._backend import register_op_pair, resolve_backend
 
 __all__ = ["keypoint_gather"]
 
@@ -160,31 +160,29 @@ def _fake_backward(grad_out, keypoints, valid, features_size, channels_last, spa
                        memory_format=memory_format)
 
 
+def _setup_context(ctx, inputs, output):
+    features, keypoints, valid, spatial_scale, roi_size, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(keypoints, valid)
+    ctx.features_size = features.shape
+    ctx.channels_last = uses_channels_last(features)
+    ctx.sampling = (spatial_scale, roi_size, sampling_ratio, aligned)
+
+
+def _backward(ctx, backward_op, grad_out):
+    keypoints, valid = ctx.saved_tensors
+    grad_features = None
+    if ctx.needs_input_grad[0]:
+        grad_features = backward_op(grad_out, keypoints, valid, ctx.features_size, ctx.channels_last,
+                                    *ctx.sampling)
+    return grad_features, None, None, None, None, None, None
+
+
 def register_kernels_of(forward_name: str, backward_name: str) -> None:
     """Registers the fake kernels and the autograd formula of a (forward, backward) op pair.
 
     Used for the compiled ops and for the Triton ops, which share their schemas.
     """
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = getattr(torch.ops.keypointops, backward_name.split("::")[1]).default
-
-    def setup_context(ctx, inputs, output):
-        features, keypoints, valid, spatial_scale, roi_size, sampling_ratio, aligned = inputs
-        ctx.save_for_backward(keypoints, valid)
-        ctx.features_size = features.shape
-        ctx.channels_last = uses_channels_last(features)
-        ctx.sampling = (spatial_scale, roi_size, sampling_ratio, aligned)
-
-    def backward(ctx, grad_out):
-        keypoints, valid = ctx.saved_tensors
-        grad_features = None
-        if ctx.needs_input_grad[0]:
-            grad_features = backward_op(grad_out, keypoints, valid, ctx.features_size, ctx.channels_last,
-                                        *ctx.sampling)
-        return grad_features, None, None, None, None, None, None
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    register_op_pair(forward_name, backward_name, _fake_forward, _fake_backward, _setup_context, _backward)
 
 
 if has_ops():

@@ -9,7 +9,7 @@ from torch import Tensor
 from keypointops import reference
 from keypointops._extension import has_ops
 from keypointops.graphs import Graph
-from keypointops.ops._backend import resolve_backend
+from keypointops.ops._backend import register_op_pair, resolve_backend
 
 __all__ = ["msg_pass"]
 
@@ -109,29 +109,27 @@ def _fake_backward(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, eps, 
     return torch.empty_like(x), torch.empty_like(t)
 
 
+def _setup_context(ctx, inputs, output):
+    x, _, _, rowptr_t, col_t, t, eps = inputs
+    out, row_max, row_sum = output
+    ctx.save_for_backward(x, t, out, row_max, row_sum, rowptr_t, col_t)
+    ctx.eps = eps
+
+
+def _backward(ctx, backward_op, grad_out, _grad_row_max, _grad_row_sum):
+    x, t, out, row_max, row_sum, rowptr_t, col_t = ctx.saved_tensors
+    need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
+    grad_x, grad_t = backward_op(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t,
+                                 ctx.eps, need_t)
+    return grad_x if need_x else None, None, None, None, None, grad_t if need_t else None, None
+
+
 def register_kernels_of(forward_name: str, backward_name: str) -> None:
     """Registers the fake kernels and the autograd formula of a (forward, backward) op pair.
 
     Used for the compiled ops and for the Triton ops, which share their schemas.
     """
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = getattr(torch.ops.keypointops, backward_name.split("::")[1]).default
-
-    def setup_context(ctx, inputs, output):
-        x, _, _, rowptr_t, col_t, t, eps = inputs
-        out, row_max, row_sum = output
-        ctx.save_for_backward(x, t, out, row_max, row_sum, rowptr_t, col_t)
-        ctx.eps = eps
-
-    def backward(ctx, grad_out, _grad_row_max, _grad_row_sum):
-        x, t, out, row_max, row_sum, rowptr_t, col_t = ctx.saved_tensors
-        need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
-        grad_x, grad_t = backward_op(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t,
-                                     ctx.eps, need_t)
-        return grad_x if need_x else None, None, None, None, None, grad_t if need_t else None, None
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    register_op_pair(forward_name, backward_name, _fake_forward, _fake_backward, _setup_context, _backward)
 
 
 if has_ops():

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from keypointops import reference
 from keypointops._extension import has_ops
-from keypointops.ops._backend import resolve_backend
+from keypointops.ops._backend import register_op_pair, resolve_backend
 
 __all__ = ["part_pool"]
 
@@ -129,29 +129,27 @@ def _fake_backward(grad_out, features, heatmaps, groups, out, lse, temperature, 
             features.new_empty(groups.shape if need_groups and groups is not None else (0,)))
 
 
+def _setup_context(ctx, inputs, output):
+    features, heatmaps, groups, temperature = inputs
+    out, lse = output
+    ctx.save_for_backward(features, heatmaps, groups, out, lse)
+    ctx.temperature = temperature
+
+
+def _backward(ctx, backward_op, grad_out, _grad_lse):
+    features, heatmaps, groups, out, lse = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            groups is not None and ctx.needs_input_grad[2]]
+    grads = backward_op(grad_out, features, heatmaps, groups, out, lse, ctx.temperature, mask)
+    return tuple(grad if need else None for grad, need in zip(grads, mask)) + (None,)
+
+
 def register_kernels_of(forward_name: str, backward_name: str) -> None:
     """Registers the fake kernels and the autograd formula of a (forward, backward) op pair.
 
     Used for the compiled ops and for the Triton ops, which share their schemas.
     """
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = getattr(torch.ops.keypointops, backward_name.split("::")[1]).default
-
-    def setup_context(ctx, inputs, output):
-        features, heatmaps, groups, temperature = inputs
-        out, lse = output
-        ctx.save_for_backward(features, heatmaps, groups, out, lse)
-        ctx.temperature = temperature
-
-    def backward(ctx, grad_out, _grad_lse):
-        features, heatmaps, groups, out, lse = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                groups is not None and ctx.needs_input_grad[2]]
-        grads = backward_op(grad_out, features, heatmaps, groups, out, lse, ctx.temperature, mask)
-        return tuple(grad if need else None for grad, need in zip(grads, mask)) + (None,)
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    register_op_pair(forward_name, backward_name, _fake_forward, _fake_backward, _setup_context, _backward)
 
 
 if has_ops():

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from keypointops import reference
 from keypointops._extension import has_ops
-from keypointops.ops._backend import resolve_backend
+from keypointops.ops._backend import register_op_pair, resolve_backend
 
 __all__ = ["window_graph_conv"]
 
@@ -106,28 +106,25 @@ def _fake_backward(grad_out, x, adj, window, dilation, compute_grad_x, compute_g
             adj.new_empty(adj.shape) if compute_grad_adj else adj.new_empty(0))
 
 
+def _setup_context(ctx, inputs, output):
+    x, adj, window, dilation = inputs
+    ctx.save_for_backward(x, adj)
+    ctx.window, ctx.dilation = window, dilation
+
+
+def _backward(ctx, backward_op, grad_out):
+    x, adj = ctx.saved_tensors
+    need_x, need_adj = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_adj = backward_op(grad_out, x, adj, ctx.window, ctx.dilation, need_x, need_adj)
+    return grad_x if need_x else None, grad_adj if need_adj else None, None, None
+
+
 def register_kernels_of(forward_name: str, backward_name: str) -> None:
     """Registers the fake kernels and the autograd formula of a (forward, backward) op pair.
 
-    Used for the compiled ops and for the Triton ops, which share their schemas.  Backward saves
-    only ``x`` and ``adj``.
+    Used for the compiled ops and for the Triton ops, which share their schemas.
     """
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = getattr(torch.ops.keypointops, backward_name.split("::")[1]).default
-
-    def setup_context(ctx, inputs, output):
-        x, adj, window, dilation = inputs
-        ctx.save_for_backward(x, adj)
-        ctx.window, ctx.dilation = window, dilation
-
-    def backward(ctx, grad_out):
-        x, adj = ctx.saved_tensors
-        need_x, need_adj = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x, grad_adj = backward_op(grad_out, x, adj, ctx.window, ctx.dilation, need_x, need_adj)
-        return grad_x if need_x else None, grad_adj if need_adj else None, None, None
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    register_op_pair(forward_name, backward_name, _fake_forward, _fake_backward, _setup_context, _backward)
 
 
 if has_ops():
