@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compile-only check of CUDA sources with nvcc against the installed torch headers (sm_90).
 # The CPU wheel of torch lacks c10/cuda/impl/cuda_cmake_macros.h: a one-line stand-in is supplied.
+# The files compile in parallel (NVCC_JOBS at a time, default: the number of cores); each file's
+# output is printed after all of them, in file order.  Exits non-zero if any file fails.
 # Usage: .ci/compile_cuda.sh [file.cu ...]   (default: every csrc/**/*.cu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,14 +10,32 @@ files=("$@")
 if [ ${#files[@]} -eq 0 ]; then mapfile -t files < <(find csrc -name '*.cu' | sort); fi
 torch_dir=$(python -c "import os, torch; print(os.path.dirname(torch.__file__))")
 py_include=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-stub=$(mktemp -d)
-trap 'rm -rf "$stub"' EXIT
-mkdir -p "$stub/c10/cuda/impl"
-echo '#define C10_CUDA_BUILD_SHARED_LIBS' > "$stub/c10/cuda/impl/cuda_cmake_macros.h"
-for f in "${files[@]}"; do
-  echo "nvcc -c $f"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/c10/cuda/impl"
+echo '#define C10_CUDA_BUILD_SHARED_LIBS' > "$work/c10/cuda/impl/cuda_cmake_macros.h"
+
+# compile FILE: nvcc -c of FILE, output in $work/N.log and exit status in $work/N.rc (N: the
+# file's index, second argument).
+compile() {
+  local status=0
   nvcc -c -std=c++20 -arch=sm_90 -O3 -DWITH_CUDA --expt-relaxed-constexpr -Xcudafe --diag_suppress=20012 \
-    -I csrc -I "$stub" -I "$torch_dir/include" -I "$torch_dir/include/torch/csrc/api/include" \
-    -I "$py_include" -o /dev/null "$f"
+    -I csrc -I "$work" -I "$torch_dir/include" -I "$torch_dir/include/torch/csrc/api/include" \
+    -I "$py_include" -o /dev/null "$1" > "$work/$2.log" 2>&1 || status=$?
+  echo "$status" > "$work/$2.rc"
+}
+export -f compile
+export work torch_dir py_include
+
+# shellcheck disable=SC2016  # $0 and $1 expand in the inner bash
+for i in "${!files[@]}"; do printf '%s\0%s\0' "${files[$i]}" "$i"; done |
+  xargs -0 -n 2 -P "${NVCC_JOBS:-$(nproc)}" bash -c 'compile "$0" "$1"'
+
+failed=0
+for i in "${!files[@]}"; do
+  echo "nvcc -c ${files[$i]}: exit $(cat "$work/$i.rc")"
+  cat "$work/$i.log"
+  [ "$(cat "$work/$i.rc")" = 0 ] || failed=$((failed + 1))
 done
-echo "compiled ${#files[@]} CUDA file(s)"
+echo "compiled ${#files[@]} CUDA file(s), $failed failed"
+[ "$failed" = 0 ]

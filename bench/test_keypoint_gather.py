@@ -1,28 +1,37 @@
 """keypoint_gather against what a user would otherwise write: F.grid_sample on the RoIAlign sample
 grid then permute (the baseline), and torchvision's roi_align + reshape when torchvision is installed.
 
-Cases: KMPNet stage 1 (256 images = 32 clips x 8 frames, C=256, 64x32 map, stride 4, 17 COCO
-keypoints) and stage 4 (C=2048, 16x8 map, stride 16), with the op's defaults (box of 1 input
-pixel, sampling_ratio=2, aligned=True); features NCHW as a backbone returns them (the
-channels_last row converts them beforehand, untimed).
+Cases, features NCHW as a backbone returns them (the channels_last row converts them beforehand,
+untimed):
+- stage1, stage4: KMPNet stage 1 (256 images = 32 clips x 8 frames, C=256, 64x32 map, stride 4) and
+  stage 4 (C=2048, 16x8 map, stride 16), 17 COCO keypoints, the op's defaults (box of 1 input
+  pixel, sampling_ratio=2, aligned=True: 4 bilinear samples per keypoint).
+- stage1_kmpnet, stage1_point: stage 1 with KMPNet's 12 keypoints and one bilinear sample per
+  keypoint: KMPNet's own setting (box [x, y, x+1, y+1], aligned=False, sampling_ratio=1, i.e.
+  keypoints + 0.5 with roi_size=1) and a plain point sample (roi_size=0, aligned=True).  The
+  grid_sample baseline then takes its single sample directly (no mean over samples).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import keypointops
-from keypointops.ops._backend import triton_available
+from keypointops._opdefs.backend import triton_available
 
 from conftest import SMALL, timed_pass
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Sampling of the 4-samples cases (the op's defaults) and of the single-sample cases.
+DEFAULTS = dict(keypoints=17, roi_size=1.0, sampling_ratio=2, aligned=True, shift=0.0)
+KMPNET = dict(keypoints=12, roi_size=1.0, sampling_ratio=1, aligned=False, shift=0.5)
+POINT = dict(keypoints=12, roi_size=0.0, sampling_ratio=1, aligned=True, shift=0.0)
 CASES = {  # SMALL: a smoke run (the Triton interpreter is slow) with 1/8 of the channels
-    "stage1": dict(channels=32 if SMALL else 256, height=64, width=32, stride=4),
-    "stage4": dict(channels=256 if SMALL else 2048, height=16, width=8, stride=16),
+    "stage1": dict(channels=32 if SMALL else 256, height=64, width=32, stride=4, **DEFAULTS),
+    "stage4": dict(channels=256 if SMALL else 2048, height=16, width=8, stride=16, **DEFAULTS),
+    "stage1_kmpnet": dict(channels=32 if SMALL else 256, height=64, width=32, stride=4, **KMPNET),
+    "stage1_point": dict(channels=32 if SMALL else 256, height=64, width=32, stride=4, **POINT),
 }
 IMAGES = 2 if SMALL else 256
-KEYPOINTS = 17
-ROI_SIZE, SAMPLING_RATIO, ALIGNED = 1.0, 2, True
 IMPLS = ["keypointops", "keypointops-channels_last", "triton", "reference", "grid_sample", "torchvision"]
 
 try:
@@ -31,54 +40,59 @@ except ImportError:
     roi_align = None
 
 
-def grid_sample_gather(features, keypoints, spatial_scale):
+def grid_sample_gather(features, keypoints, spatial_scale, spec):
     """What a user without torchvision writes: the sampling_ratio x sampling_ratio sample grid of
     each box, F.grid_sample (align_corners=False: pixel p -> (2p + 1) / size - 1; border padding
-    clamps as RoIAlign does inside [-1, size]), the mean over the samples, permute to [B, K, C]."""
+    clamps as RoIAlign does inside [-1, size]), the mean over the samples (when more than one),
+    permute to [B, K, C]."""
     batch, _, height, width = features.shape
-    offset = 0.5 if ALIGNED else 0.0
-    start = (keypoints - ROI_SIZE / 2) * spatial_scale - offset                     # [B, K, 2]
-    extent = ROI_SIZE * spatial_scale if ALIGNED else max(ROI_SIZE * spatial_scale, 1.0)
-    steps = (torch.arange(SAMPLING_RATIO, device=features.device, dtype=features.dtype) + 0.5) \
-        * extent / SAMPLING_RATIO
+    ratio, roi_size = spec["sampling_ratio"], spec["roi_size"]
+    offset = 0.5 if spec["aligned"] else 0.0
+    start = (keypoints - roi_size / 2) * spatial_scale - offset                      # [B, K, 2]
+    extent = roi_size * spatial_scale if spec["aligned"] else max(roi_size * spatial_scale, 1.0)
+    steps = (torch.arange(ratio, device=features.device, dtype=features.dtype) + 0.5) * extent / ratio
     xs = start[..., 0, None] + steps                                                 # [B, K, s]
     ys = start[..., 1, None] + steps
     grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), -1)
     size = torch.tensor([width, height], device=features.device, dtype=features.dtype)
     grid = ((2 * grid + 1) / size - 1).reshape(batch, keypoints.shape[1], -1, 2)      # [B, K, s*s, 2]
     samples = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return samples.mean(-1).permute(0, 2, 1)                                         # [B, K, C]
+    samples = samples[..., 0] if ratio == 1 else samples.mean(-1)                     # [B, C, K]
+    return samples.permute(0, 2, 1)                                                  # [B, K, C]
 
 
-def torchvision_gather(features, keypoints, spatial_scale):
+def torchvision_gather(features, keypoints, spatial_scale, spec):
     batch, channels = features.shape[:2]
     num_keypoints = keypoints.shape[1]
+    half = spec["roi_size"] / 2
     image = torch.arange(batch, device=features.device, dtype=features.dtype).repeat_interleave(num_keypoints)
     points = keypoints.reshape(-1, 2)
-    boxes = torch.cat([image[:, None], points - ROI_SIZE / 2, points + ROI_SIZE / 2], 1)
-    out = roi_align(features, boxes, 1, spatial_scale, SAMPLING_RATIO, ALIGNED)      # [B*K, C, 1, 1]
+    boxes = torch.cat([image[:, None], points - half, points + half], 1)
+    out = roi_align(features, boxes, 1, spatial_scale, spec["sampling_ratio"], spec["aligned"])  # [B*K, C, 1, 1]
     return out.reshape(batch, num_keypoints, channels)
 
 
 def make_case(case, device):
+    """Features, keypoints (as the op takes them, KMPNet's + 0.5 included) and the spatial scale.
+    The sample points lie inside the map, where every implementation computes the same thing."""
     spec = CASES[case]
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(IMAGES, spec["channels"], spec["height"], spec["width"], generator=gen)
-    image_size = torch.tensor([spec["width"], spec["height"]], dtype=torch.float32) * spec["stride"]
-    keypoints = torch.rand(IMAGES, KEYPOINTS, 2, generator=gen) * image_size
+    image_size = torch.tensor([spec["width"] - 1, spec["height"] - 1], dtype=torch.float32) * spec["stride"]
+    keypoints = torch.rand(IMAGES, spec["keypoints"], 2, generator=gen) * image_size + spec["shift"]
     return features.to(device), keypoints.to(device), 1.0 / spec["stride"]
 
 
-def make_forward(impl, spatial_scale):
+def make_forward(impl, spatial_scale, spec):
     """forward(features, keypoints) -> [B, K, C] of one implementation."""
     if impl == "grid_sample":
-        return lambda f, k: grid_sample_gather(f, k, spatial_scale)
+        return lambda f, k: grid_sample_gather(f, k, spatial_scale, spec)
     if impl == "torchvision":
-        return lambda f, k: torchvision_gather(f, k, spatial_scale)
+        return lambda f, k: torchvision_gather(f, k, spatial_scale, spec)
     backend = {"triton": "triton", "reference": "reference"}.get(impl, "auto")
-    return lambda f, k: keypointops.keypoint_gather(f, k, spatial_scale, roi_size=ROI_SIZE,
-                                                    sampling_ratio=SAMPLING_RATIO, aligned=ALIGNED,
-                                                    backend=backend)
+    return lambda f, k: keypointops.keypoint_gather(f, k, spatial_scale, roi_size=spec["roi_size"],
+                                                    sampling_ratio=spec["sampling_ratio"],
+                                                    aligned=spec["aligned"], backend=backend)
 
 
 def make_fn(forward, features, keypoints, backward):
@@ -98,12 +112,10 @@ def test_keypoint_gather(measure, case, impl, backward, device):
     features, keypoints, spatial_scale = make_case(case, device)
     if impl == "keypointops-channels_last":
         features = features.contiguous(memory_format=torch.channels_last)
-    forward = make_forward(impl, spatial_scale)
-    # Every implementation computes the same thing (the keypoints lie inside the image).
+    spec = CASES[case]
+    forward = make_forward(impl, spatial_scale, spec)
     with torch.no_grad():
-        expected = keypointops.keypoint_gather(features[:2], keypoints[:2], spatial_scale, roi_size=ROI_SIZE,
-                                               sampling_ratio=SAMPLING_RATIO, aligned=ALIGNED,
-                                               backend="reference")
+        expected = make_forward("reference", spatial_scale, spec)(features[:2], keypoints[:2])
         torch.testing.assert_close(forward(features[:2], keypoints[:2]), expected, rtol=1e-4, atol=1e-4)
     measure(make_fn(forward, features, keypoints, backward),
             group=f"keypoint_gather {case} {'fwd+bwd' if backward else 'fwd'} {device}",

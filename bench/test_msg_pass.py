@@ -8,7 +8,7 @@ import torch
 
 import keypointops
 from keypointops.graphs import Graph
-from keypointops.ops._backend import triton_available
+from keypointops._opdefs.backend import triton_available
 
 from conftest import SMALL, timed_pass
 

@@ -10,7 +10,7 @@ import torch
 
 import keypointops
 from keypointops import graphs
-from keypointops.ops._backend import triton_available
+from keypointops._opdefs.backend import triton_available
 
 from conftest import SMALL, timed_pass
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import keypointops
-from keypointops.ops._backend import triton_available
+from keypointops._opdefs.backend import triton_available
 
 from conftest import SMALL, timed_pass
 

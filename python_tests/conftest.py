@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from keypointops._extension import has_cuda_ops, has_ops  # noqa: E402
-from keypointops.ops._backend import triton_available  # noqa: E402
+from keypointops._opdefs.backend import triton_available  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -49,3 +49,20 @@ def test_cuda_backend_without_cuda_kernels_raises():
     g = keypointops.Graph.from_edge_index(torch.tensor([[0, 1], [1, 2]]), 4)
     with pytest.raises(ValueError, match="backend='cuda' needs cuda tensors"):
         keypointops.msg_pass(x, g, backend="cuda")
+
+
+def test_op_modules_depend_one_way():
+    """ops/<op>.py imports triton/<op>.py (lazily) and both import _opdefs/<op>.py; neither the Triton
+    modules nor _opdefs import keypointops.ops, and _opdefs imports no Triton module."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(keypointops.__file__).parent
+    forbidden = {"triton": ("keypointops.ops",), "_opdefs": ("keypointops.ops", "keypointops.triton")}
+    for package, prefixes in forbidden.items():
+        for path in sorted((root / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                         else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                for name in names:
+                    assert not name.startswith(prefixes), f"{package}/{path.name} imports {name}"

@@ -5,7 +5,7 @@ import torch
 import keypointops
 from keypointops import reference
 from keypointops.graphs import Graph
-from keypointops.ops._backend import triton_available
+from keypointops._opdefs.backend import triton_available
 
 from conftest import device_backend_params, tolerances
 

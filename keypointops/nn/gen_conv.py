@@ -17,7 +17,7 @@ from torch.nn import BatchNorm1d, Dropout, InstanceNorm1d, LayerNorm, Linear, Pa
 
 from keypointops.graphs import Graph
 from keypointops.ops import msg_pass
-from keypointops.ops._backend import BACKENDS
+from keypointops._opdefs.backend import BACKENDS
 
 __all__ = ["GENConv", "MessageNorm", "MsgPassAggregation"]
 

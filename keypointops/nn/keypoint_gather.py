@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from keypointops.ops._backend import BACKENDS
-from keypointops.ops.keypoint_gather import check_sampling_args, keypoint_gather
+from keypointops._opdefs.backend import BACKENDS
+from keypointops._opdefs.keypoint_gather import check_sampling_args
+from keypointops.ops.keypoint_gather import keypoint_gather
 
 __all__ = ["KeypointGather"]
 

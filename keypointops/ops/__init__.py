@@ -1,4 +1,4 @@
-"""Public op functions: one module per op (argument checks, backend choice, autograd, fake kernels)."""
+"""Public op functions: one module per op (docstring, backend choice, registration of the compiled ops)."""
 from keypointops.ops.keypoint_gather import keypoint_gather
 from keypointops.ops.msg_pass import msg_pass
 from keypointops.ops.part_pool import part_pool

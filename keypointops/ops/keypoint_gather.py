@@ -1,20 +1,15 @@
 """``keypoint_gather``: fused keypoint RoIAlign-to-node gather (torchvision RoIAlign, output_size=1)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from keypointops import reference
 from keypointops._extension import has_ops
-from keypointops.ops._backend import register_op_pair, resolve_backend
+from keypointops._opdefs.backend import resolve_backend
+from keypointops._opdefs.keypoint_gather import check_args, register_kernels_of
 
 __all__ = ["keypoint_gather"]
-
-# roi_size * spatial_scale limit (feature pixels) shared with the C++ checks: keeps the adaptive
-# sample grid of any keypoint finite and sane.
-MAX_BOX_EXTENT = 1e6
 
 
 def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *, roi_size: float = 1.0,
@@ -63,7 +58,7 @@ def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *
     Returns:
         ``[B, K, C]`` tensor of ``features``' dtype.
     """
-    valid = _check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid)
+    valid = check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid)
     backend = resolve_backend("keypoint_gather", backend, features.device)
     if backend == "reference":
         return reference.keypoint_gather(features, keypoints, spatial_scale, roi_size=roi_size,
@@ -75,114 +70,6 @@ def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *
         forward = torch.ops.keypointops.keypoint_gather
     return forward(features, keypoints, valid, float(spatial_scale), float(roi_size), int(sampling_ratio),
                    bool(aligned))
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_sampling_args(spatial_scale, roi_size, sampling_ratio, aligned) -> None:
-    """Raises unless the scalar arguments are valid (shared with ``keypointops.nn.KeypointGather``)."""
-    if not _is_number(spatial_scale) or not math.isfinite(spatial_scale) or spatial_scale <= 0:
-        raise ValueError(f"keypoint_gather: spatial_scale must be a finite positive number, got "
-                         f"{spatial_scale!r}")
-    if not _is_number(roi_size) or not math.isfinite(roi_size) or roi_size < 0:
-        raise ValueError(f"keypoint_gather: roi_size must be a finite number >= 0, got {roi_size!r}")
-    if roi_size * spatial_scale >= MAX_BOX_EXTENT:
-        raise ValueError(f"keypoint_gather: roi_size * spatial_scale must be below {MAX_BOX_EXTENT:g} "
-                         f"feature pixels, got {roi_size * spatial_scale:g}")
-    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool) or not (
-            sampling_ratio == -1 or sampling_ratio > 0):
-        raise ValueError(f"keypoint_gather: sampling_ratio must be -1 (adaptive) or a positive int, "
-                         f"got {sampling_ratio!r}")
-    if not isinstance(aligned, bool):
-        raise TypeError(f"keypoint_gather: aligned must be a bool, got {type(aligned).__name__}")
-
-
-def _check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid):
-    """Raises on bad input; returns ``valid`` (from the confidences when not given)."""
-    if not isinstance(features, Tensor):
-        raise TypeError(f"keypoint_gather: features must be a Tensor, got {type(features).__name__}")
-    if not isinstance(keypoints, Tensor):
-        raise TypeError(f"keypoint_gather: keypoints must be a Tensor, got {type(keypoints).__name__}")
-    if features.dim() != 4:
-        raise ValueError(f"keypoint_gather: features must be [B, C, H, W], got shape {list(features.shape)}")
-    if features.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise ValueError(f"keypoint_gather: features must be float32, float64, float16 or bfloat16, "
-                         f"got {features.dtype}")
-    if features.shape[2] == 0 or features.shape[3] == 0:
-        raise ValueError(f"keypoint_gather: features must have a non-empty H x W map, got shape "
-                         f"{list(features.shape)}")
-    if keypoints.dim() != 3 or keypoints.shape[2] not in (2, 3):
-        raise ValueError(f"keypoint_gather: keypoints must be [B, K, 2] or [B, K, 3], got shape "
-                         f"{list(keypoints.shape)}")
-    if keypoints.shape[0] != features.shape[0]:
-        raise ValueError(f"keypoint_gather: keypoints hold {keypoints.shape[0]} images but features "
-                         f"hold {features.shape[0]}")
-    if not keypoints.is_floating_point():
-        raise ValueError(f"keypoint_gather: keypoints must be floating point, got {keypoints.dtype}")
-    if keypoints.device != features.device:
-        raise ValueError(f"keypoint_gather: features ({features.device}) and keypoints "
-                         f"({keypoints.device}) must be on the same device")
-    check_sampling_args(spatial_scale, roi_size, sampling_ratio, aligned)
-    if valid is None:
-        return keypoints[..., 2] > 0 if keypoints.shape[2] == 3 else None
-    if not isinstance(valid, Tensor):
-        raise TypeError(f"keypoint_gather: valid must be a bool Tensor or None, got {type(valid).__name__}")
-    if valid.dtype != torch.bool or valid.shape != keypoints.shape[:2]:
-        raise ValueError(f"keypoint_gather: valid must be a [B, K] = {list(keypoints.shape[:2])} bool "
-                         f"tensor, got {valid.dtype} of shape {list(valid.shape)}")
-    if valid.device != features.device:
-        raise ValueError(f"keypoint_gather: features ({features.device}) and valid ({valid.device}) "
-                         "must be on the same device")
-    return valid
-
-
-def uses_channels_last(features: Tensor) -> bool:
-    """The layout the kernels read ``features`` in and write the gradient in (as the C++ rule)."""
-    return not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last)
-
-
-# --- torch.library registrations: fake kernels and the autograd formula --------------------------
-
-def _fake_forward(features, keypoints, valid, spatial_scale, roi_size, sampling_ratio, aligned):
-    for name, tensor in (("keypoints", keypoints), ("valid", valid)):
-        if tensor is not None and tensor.device != features.device:
-            raise RuntimeError(f"keypoint_gather: features ({features.device}) and {name} ({tensor.device}) "
-                               "must be on the same device")
-    return features.new_empty((features.shape[0], keypoints.shape[1], features.shape[1]))
-
-
-def _fake_backward(grad_out, keypoints, valid, features_size, channels_last, spatial_scale, roi_size,
-                   sampling_ratio, aligned):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(features_size, dtype=grad_out.dtype, device=grad_out.device,
-                       memory_format=memory_format)
-
-
-def _setup_context(ctx, inputs, output):
-    features, keypoints, valid, spatial_scale, roi_size, sampling_ratio, aligned = inputs
-    ctx.save_for_backward(keypoints, valid)
-    ctx.features_size = features.shape
-    ctx.channels_last = uses_channels_last(features)
-    ctx.sampling = (spatial_scale, roi_size, sampling_ratio, aligned)
-
-
-def _backward(ctx, backward_op, grad_out):
-    keypoints, valid = ctx.saved_tensors
-    grad_features = None
-    if ctx.needs_input_grad[0]:
-        grad_features = backward_op(grad_out, keypoints, valid, ctx.features_size, ctx.channels_last,
-                                    *ctx.sampling)
-    return grad_features, None, None, None, None, None, None
-
-
-def register_kernels_of(forward_name: str, backward_name: str) -> None:
-    """Registers the fake kernels and the autograd formula of a (forward, backward) op pair.
-
-    Used for the compiled ops and for the Triton ops, which share their schemas.
-    """
-    register_op_pair(forward_name, backward_name, _fake_forward, _fake_backward, _setup_context, _backward)
 
 
 if has_ops():

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from keypointops.ops.keypoint_gather import _check_args, register_kernels_of, uses_channels_last
+from keypointops._opdefs.keypoint_gather import check_args, register_kernels_of, uses_channels_last
 
 MAX_BLOCK_C = 256
 
@@ -199,7 +199,7 @@ def _block_c(channels: int) -> int:
 @torch.library.custom_op("keypointops::keypoint_gather_triton", mutates_args=())
 def keypoint_gather_triton(features: Tensor, keypoints: Tensor, valid: Optional[Tensor], spatial_scale: float,
                            roi_size: float, sampling_ratio: int, aligned: bool) -> Tensor:
-    _check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid)
+    check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid)
     B, C, H, W = features.shape
     K = keypoints.shape[1]
     out = features.new_empty((B, K, C))

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from keypointops.ops._backend import triton_available
-from keypointops.ops.msg_pass import register_kernels_of
+from keypointops._opdefs.backend import triton_available
+from keypointops._opdefs.msg_pass import register_kernels_of
 
 __all__ = ["msg_pass_triton", "msg_pass_triton_backward"]
 

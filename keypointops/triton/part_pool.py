@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from keypointops.ops.part_pool import grad_features_format, register_kernels_of
+from keypointops._opdefs.part_pool import grad_features_format, register_kernels_of
 
 __all__ = ["part_pool_triton", "part_pool_triton_backward"]
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from keypointops.ops.window_graph_conv import _check_args, register_kernels_of
+from keypointops._opdefs.window_graph_conv import check_args, register_kernels_of
 
 __all__ = ["window_graph_conv_triton", "window_graph_conv_triton_backward"]
 
@@ -145,7 +145,7 @@ def _adj_strides(adj: Tensor) -> tuple[int, int, int, int]:
 @torch.library.custom_op("keypointops::window_graph_conv_triton", mutates_args=())
 def window_graph_conv_triton(x: Tensor, adj: Tensor, window: int, dilation: int) -> Tensor:
     """Forward of :func:`keypointops.window_graph_conv` in Triton (same schema as the compiled op)."""
-    _check_args(x, adj, window, dilation)
+    check_args(x, adj, window, dilation)
     B, T, N, C = x.shape
     L = window * N
     out = torch.empty((B, T, L, C), dtype=x.dtype, device=x.device)
@@ -165,7 +165,7 @@ def window_graph_conv_triton_backward(grad_out: Tensor, x: Tensor, adj: Tensor, 
                                       dilation: int, compute_grad_x: bool,
                                       compute_grad_adj: bool) -> tuple[Tensor, Tensor]:
     """Backward of :func:`window_graph_conv_triton`: (grad_x, grad_adj), ``[0]`` when not asked for."""
-    _check_args(x, adj, window, dilation)
+    check_args(x, adj, window, dilation)
     B, T, N, C = x.shape
     L = window * N
     if grad_out.shape != (B, T, L, C):

@@ -1,11 +1,15 @@
 #pragma once
-// Transparent huge pages for large fresh CPU buffers.
+// Large fresh CPU buffers: transparent huge pages, and zeros from the kernel's zero-filled pages.
 //
 // A fresh buffer of many MiB costs one page fault per 4 KiB on its first write, which on the CPUs
 // here is slower than the kernels that fill it.  Advising its 2 MiB-aligned interior onto huge pages
 // turns ~512 faults per MiB into one per 2 MiB, as PyTorch's own allocator does for every large
 // allocation under THP_MEM_ALLOC_ENABLE=1.  A hint: it has no effect off Linux, and failure is harmless.
-#include <ATen/core/Tensor.h>
+// A large buffer that must start as zeros and is then written sparsely (a scattered gradient) is
+// mapped anonymously instead, as calloc does: the kernel hands out its pages already zeroed, on
+// first touch, so the buffer costs no zero-fill pass of its own (and a page nobody writes stays the
+// shared zero page).
+#include <ATen/ATen.h>
 
 #include <cstdint>
 
@@ -15,15 +19,41 @@
 
 namespace keypointops {
 
+constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+
 // Call on a tensor the kernel is about to write for the first time.
 inline void advise_huge_pages(const at::Tensor& fresh) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
   const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
   const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
   const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
+}
+
+// A zero CPU tensor of `sizes` in `memory_format`.  From kHugePage bytes on (Linux), its memory is a
+// fresh anonymous mapping whose 2 MiB-aligned interior is advised onto huge pages, unmapped when
+// the tensor is freed; below that, or where the mapping fails, a zero-filled at::empty.
+inline at::Tensor zeros_from_fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options,
+                                         at::MemoryFormat memory_format) {
+  const auto layout = at::empty(sizes, options.device(at::kMeta).memory_format(memory_format));
+  const size_t bytes = layout.nbytes();
+#if defined(__linux__)
+  if (bytes >= kHugePage) {
+    const size_t length = bytes + kHugePage;  // room to start on a huge-page boundary
+    void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) & ~(kHugePage - 1);
+      void* data = reinterpret_cast<void*>(aligned);
+#if defined(MADV_HUGEPAGE)
+      madvise(data, bytes & ~(kHugePage - 1), MADV_HUGEPAGE);
+#endif
+      return at::from_blob(data, sizes, layout.strides(),
+                           [base, length](void*) { munmap(base, length); }, options.device(at::kCPU));
+    }
+  }
+#endif
+  return at::empty(sizes, options.memory_format(memory_format)).zero_();
 }
 
 }  // namespace keypointops

@@ -7,20 +7,20 @@
 //   forward   out[b, k, c] = sum_taps weight * features[b, c, pixel]     (written node-major)
 //   backward  grad[b, c, pixel] += weight * grad_out[b, k, c]            (k ascending)
 // Work is split into tasks of (image, block of channels), handed to the threads one at a time
-// (dynamically: robust to a thread being descheduled on a shared machine); a task computes the
-// taps of all the image's keypoints once and then walks its channels, each channel serving every
-// keypoint.  Two layouts are read in place:
+// (ops/cpu/dynamic_tasks.h: robust to a thread being descheduled on a shared machine); a task
+// computes the taps of all the image's keypoints once and then walks its channels, each channel
+// serving every keypoint.  Two layouts are read in place:
 //  - contiguous NCHW: a channel plane is visited once for all keypoints (not once per keypoint),
-//    and the cache lines the taps need in the plane a few channels ahead are software-prefetched;
-//    backward zeroes each plane of the gradient and scatters into it while it is in cache.
+//    and the cache lines the taps need in the plane a few channels ahead are software-prefetched.
 //  - channels_last: a pixel's channels are contiguous, so every tap is a vector fmadd over the
 //    channel block (at::vec).
 // Other strides are copied to NCHW first.
 // Backward: each task owns its slice of the gradient (its image, its channels): no data races,
 // and every element receives its keypoints' contributions in keypoint order, so the result is
-// bitwise deterministic and independent of the thread count.  The gradient is written in full, so
-// on Linux it is advised to transparent huge pages before the first touch (page faults on a fresh
-// multi-hundred-MB buffer otherwise cost more than the kernel itself).
+// bitwise deterministic and independent of the thread count.  The gradient is zero except at the
+// taps: a large one is a fresh anonymous mapping on huge pages (ops/cpu/huge_pages.h), whose pages
+// the kernel hands out zeroed, so the kernels only scatter (no zero-fill pass over [B, C, H, W],
+// which costs more than everything else here).
 // Memory: the output [B, K, C] and the gradient [B, C, H, W]; per task the taps of one image's
 // keypoints (K * taps); no [B*K, C, ...] intermediate.
 #include <ATen/ATen.h>
@@ -29,10 +29,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
+#include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/huge_pages.h"
 #include "ops/keypoint_gather.h"
 #include "ops/keypoint_gather_sampling.h"
@@ -147,7 +147,7 @@ void gather_channels_last(const scalar_t* image, const ImageTaps<scalar_t>& taps
   }
 }
 
-// NCHW backward of channels [c0, c1) of one image: zero plane c, then
+// NCHW backward of channels [c0, c1) of one image (zeros on entry):
 // plane_c[off_t] += w_t * grad_out[k * C + c] for every keypoint k in order.
 template <typename scalar_t>
 void scatter_nchw(const scalar_t* grad_out, const ImageTaps<scalar_t>& taps, int64_t K, int64_t C,
@@ -156,7 +156,6 @@ void scatter_nchw(const scalar_t* grad_out, const ImageTaps<scalar_t>& taps, int
   const scalar_t* w = taps.weight.data();
   for (int64_t c = c0; c < c1; ++c) {
     scalar_t* plane = image + c * HW;
-    std::fill(plane, plane + HW, scalar_t(0));
     for (int64_t k = 0; k < K; ++k) {
       const scalar_t g = grad_out[k * C + c];
       for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) plane[off[t]] += w[t] * g;
@@ -164,16 +163,13 @@ void scatter_nchw(const scalar_t* grad_out, const ImageTaps<scalar_t>& taps, int
   }
 }
 
-// channels_last backward of channels [c0, c1) of one image: zero them, then
+// channels_last backward of channels [c0, c1) of one image (zeros on entry):
 // pixel_t[c] += w_t * grad_out[k * C + c] for every keypoint k in order.
 template <typename scalar_t>
 void scatter_channels_last(const scalar_t* grad_out, const ImageTaps<scalar_t>& taps, int64_t K,
-                           int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* image) {
+                           int64_t C, int64_t c0, int64_t c1, scalar_t* image) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
-  for (int64_t pixel = 0; pixel < HW; ++pixel) {
-    std::fill(image + pixel * C + c0, image + pixel * C + c1, scalar_t(0));
-  }
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) {
       const Vec w(taps.weight[t]);
@@ -195,24 +191,18 @@ int64_t channel_block(int64_t B, int64_t C) {
   return (C + blocks - 1) / blocks;
 }
 
-// Runs fn(b, c0, c1, taps) for every (image, channel block) task in parallel; taps holds the
-// image's keypoint taps.
+// Runs fn(b, c0, c1, taps) for every (image, channel block) task in parallel, tasks handed out
+// one at a time (ops/cpu/dynamic_tasks.h); taps holds the image's keypoint taps.
 template <typename scalar_t, typename Fn>
-void for_each_task(const GatherParams& p, const at::Tensor& keypoints, const at::Tensor& valid,
-                   bool need_lines, const Fn& fn) {
+void for_each_image_task(const GatherParams& p, const at::Tensor& keypoints, const at::Tensor& valid,
+                         bool need_lines, const Fn& fn) {
   const scalar_t* kp = keypoints.const_data_ptr<scalar_t>();
   const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
   const int64_t point_dims = keypoints.size(2);
   const int64_t block = channel_block(p.B, p.C);
   const int64_t blocks = (p.C + block - 1) / block;
-  const int64_t tasks = p.B * blocks;
-  // Tasks are handed out one at a time rather than in one fixed range per thread: on a shared
-  // machine a descheduled thread then delays the op by one task, not by its whole share.
-  std::atomic<int64_t> next_task{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    ImageTaps<scalar_t> taps;
-    int64_t tapped_image = -1;
-    for (int64_t task = next_task++; task < tasks; task = next_task++) {
+  for_each_task(p.B * blocks, [&] {
+    return [&, taps = ImageTaps<scalar_t>(), tapped_image = int64_t{-1}](int64_t task) mutable {
       const int64_t b = task / blocks;
       const int64_t c0 = task % blocks * block, c1 = std::min(p.C, c0 + block);
       if (b != tapped_image) {
@@ -221,7 +211,7 @@ void for_each_task(const GatherParams& p, const at::Tensor& keypoints, const at:
         tapped_image = b;
       }
       fn(b, c0, c1, taps);
-    }
+    };
   });
 }
 
@@ -255,7 +245,7 @@ at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "keypoint_gather_cpu", [&] {
     const scalar_t* fp = features.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    for_each_task<scalar_t>(p, keypoints, valid, !channels_last,
+    for_each_image_task<scalar_t>(p, keypoints, valid, !channels_last,
                             [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<scalar_t>& taps) {
       if (channels_last) {
         gather_channels_last(fp + b * image_size, taps, p.K, p.C, c0, c1, op + b * p.K * p.C);
@@ -280,19 +270,18 @@ at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at:
   const auto grad_out = grad_out_in.contiguous();
   const auto keypoints = keypoints_in.to(grad_out.scalar_type()).contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
-  auto grad = at::empty(features_size, grad_out.options().memory_format(
-      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  auto grad = zeros_from_fresh_pages(features_size, grad_out.options(),
+      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (grad.numel() == 0) return grad;
-  advise_huge_pages(grad);
   const int64_t image_size = p.C * p.H * p.W;
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "keypoint_gather_backward_cpu", [&] {
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* grad_p = grad.mutable_data_ptr<scalar_t>();
-    for_each_task<scalar_t>(p, keypoints, valid, false,
+    for_each_image_task<scalar_t>(p, keypoints, valid, false,
                             [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<scalar_t>& taps) {
       const scalar_t* g = gp + b * p.K * p.C;
       if (channels_last) {
-        scatter_channels_last(g, taps, p.K, p.C, p.H * p.W, c0, c1, grad_p + b * image_size);
+        scatter_channels_last(g, taps, p.K, p.C, c0, c1, grad_p + b * image_size);
       } else {
         scatter_nchw(g, taps, p.K, p.C, p.H * p.W, c0, c1, grad_p + b * image_size);
       }

@@ -1,5 +1,5 @@
 // window_graph_conv CPU kernel: register-blocked small GEMMs whose operands are gathered through
-// row-pointer tables (nothing is copied).
+// row-pointer tables (the unfolded input is never built).
 //
 // Window slot w of output frame t reads frame f_w = t - pad + w * dilation; the slots whose frame is
 // in [0, T) form one range [lo, hi), the others read zeros and are skipped.  A_bt = adj[b, t] (the
@@ -9,26 +9,29 @@
 // grad_x, per (b, f), over the slots w whose window t = f + pad - w * dilation is in [0, T):
 //   grad_x[b, f] = sum_{w, i} A_bt[i, wN:(w+1)N]^T (x) grad_out[b, t, i]   (K = slots * L terms)
 //   Each frame of grad_x has one writer: no atomics.
-// Both are "broadcast" GEMMs: a 6-row x 2-vector block of the output stays in registers while the
-// K terms stream by (one broadcast of the left operand per row and term, channels vectorised).
-// grad_adj, per (b, t): grad_A_bt[i, j] += grad_out[b, t, i, :] . x[b, f(j), j % N, :] (dot
-// products over the channels, 3 x 3 blocks of vector accumulators), accumulated per window
-// (per-window adj), over t per sample (per-sample adj), or over fixed chunks of windows for a shared
-// adj, whose [chunks, L, L] partial sums are then added in chunk order.  The chunks depend on B * T
-// only, and every sum runs in a fixed order: the results are bitwise the same for any thread count.
-// One at::parallel_for per pass over (b, t) windows, (b, f) frames or chunks; no BLAS call, so no
-// nested threading.
+// grad_adj, per (b, t): grad_A_bt = sum_c grad_out[b, t, :, c] (x) Xt[c, :]   (K = C terms)
+//   with Xt [C, L] the window's x rows transposed (zero for slots outside the clip), a per-thread
+//   copy of L * C elements per window against its L * L * C multiply-adds.  Accumulated per window
+//   (per-window adj), over t per sample (per-sample adj), or over fixed chunks of windows for a
+//   shared adj, whose [chunks, L, L] partial sums are then added in chunk order.  The chunks depend
+//   on B * T only, and every sum runs in a fixed order: bitwise the same for any thread count.
+// All three are "broadcast" GEMMs: a block of up to 6 rows x 2 vectors of the output stays in
+// registers while the terms stream by (one broadcast of the left operand per row and term, the
+// right operand's row vectorised), over chunks of the right rows packed contiguously per strip.
+// One parallel pass over (b, t) windows, (b, f) frames or chunks, the tasks handed to the threads
+// one at a time (ops/cpu/dynamic_tasks.h); no BLAS call, so no nested threading.
 // Memory: forward only the output [B, T, L, C]; backward grad_x, grad_adj and, for a shared adj,
-// at most kSharedAdjChunks [L, L] partials (plus per-thread pointer tables of <= window * L
-// entries).  The unfolded window tensor [B, T, L, C] is never built.
+// at most kSharedAdjChunks [L, L] partials, plus per thread a pointer table of <= window * L
+// entries, Xt [C, L] and a packed strip of kTermChunk x 2 vectors.  The unfolded window tensor
+// [B, T, L, C] is never built.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/huge_pages.h"
 #include "ops/window_graph_conv.h"
 
@@ -53,10 +56,12 @@ struct Shape {
 };
 
 // The K terms of a product sum_k left_k (x) right_k: term k has a left column (element m at
-// left[k][m * left_stride]) and a right row (element n at right[k][n], contiguous).
+// left[k][m * left_stride]) and a right row (element n at right[k][n], contiguous); `packed` is
+// the scratch buffer of broadcast_gemm.
 template <typename scalar_t>
 struct Terms {
   std::vector<const scalar_t*> left, right;
+  std::vector<scalar_t> packed;
 
   void clear() {
     left.clear();
@@ -69,39 +74,33 @@ struct Terms {
   int64_t size() const { return static_cast<int64_t>(left.size()); }
 };
 
-// out[m0 + r, n0 : n0 + count] = sum_k left[k][(m0 + r) * stride] * right[k][n0 : n0 + count] for
-// r < kRows, count <= 2 vectors; the 2 * kRows accumulators stay in registers.
+// Terms per packed column strip: kTermChunk x 2 vectors (16 KiB of float) stay in L1 while every
+// row block of the output streams over them.
+constexpr int64_t kTermChunk = 256;
+
+// out[m0 + r, n0 : n0 + count] (+)= sum_{k0 <= k < k1} left[k][(m0 + r) * stride] *
+// packed[k - k0][0 : count] for r < kRows; the 2 * kRows accumulators stay in registers.
+// `accumulate` adds to out instead of overwriting it.
 template <typename scalar_t, int kRows>
-void broadcast_block(const Terms<scalar_t>& terms, int64_t stride, int64_t m0, int64_t n0,
-                     int64_t count, scalar_t* out, int64_t ld_out) {
+void broadcast_block(const scalar_t* const* left, const scalar_t* packed, int64_t k0, int64_t k1,
+                     int64_t stride, int64_t m0, int64_t n0, int64_t count, bool accumulate,
+                     scalar_t* out, int64_t ld_out) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
-  Vec acc0[kRows], acc1[kRows];
-  for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = Vec(scalar_t(0));
   const int64_t count0 = std::min(VL, count), count1 = count - count0;
-  const scalar_t* const* left = terms.left.data();
-  const scalar_t* const* right = terms.right.data();
-  const int64_t K = terms.size();
-  if (count == 2 * VL) {
-    for (int64_t k = 0; k < K; ++k) {
-      const Vec b0 = Vec::loadu(right[k] + n0), b1 = Vec::loadu(right[k] + n0 + VL);
-      const scalar_t* a = left[k] + m0 * stride;
-      for (int r = 0; r < kRows; ++r) {
-        const Vec a_r(a[r * stride]);
-        acc0[r] = at::vec::fmadd(a_r, b0, acc0[r]);
-        acc1[r] = at::vec::fmadd(a_r, b1, acc1[r]);
-      }
-    }
-  } else {  // channel tail: masked loads (lanes past `count` read as 0)
-    for (int64_t k = 0; k < K; ++k) {
-      const Vec b0 = Vec::loadu(right[k] + n0, count0);
-      const Vec b1 = count1 > 0 ? Vec::loadu(right[k] + n0 + VL, count1) : Vec(scalar_t(0));
-      const scalar_t* a = left[k] + m0 * stride;
-      for (int r = 0; r < kRows; ++r) {
-        const Vec a_r(a[r * stride]);
-        acc0[r] = at::vec::fmadd(a_r, b0, acc0[r]);
-        acc1[r] = at::vec::fmadd(a_r, b1, acc1[r]);
-      }
+  Vec acc0[kRows], acc1[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    const scalar_t* o = out + (m0 + r) * ld_out + n0;
+    acc0[r] = accumulate ? Vec::loadu(o, count0) : Vec(scalar_t(0));
+    acc1[r] = accumulate && count1 > 0 ? Vec::loadu(o + VL, count1) : Vec(scalar_t(0));
+  }
+  for (int64_t k = k0; k < k1; ++k, packed += 2 * VL) {
+    const Vec b0 = Vec::loadu(packed), b1 = Vec::loadu(packed + VL);
+    const scalar_t* a = left[k] + m0 * stride;
+    for (int r = 0; r < kRows; ++r) {
+      const Vec a_r(a[r * stride]);
+      acc0[r] = at::vec::fmadd(a_r, b0, acc0[r]);
+      acc1[r] = at::vec::fmadd(a_r, b1, acc1[r]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
@@ -111,71 +110,49 @@ void broadcast_block(const Terms<scalar_t>& terms, int64_t stride, int64_t m0, i
   }
 }
 
-// out[m, n] = sum_k left[k][m * stride] * right[k][n] for m < M, n < N (out row stride ld_out);
-// zeros when there is no term.
+// out[m, n] (+)= sum_k left[k][m * stride] * right[k][n] for m < M, n < N (out row stride
+// ld_out); without `accumulate` and without terms, zeros.  The terms go in chunks of kTermChunk;
+// per chunk and column strip of 2 vectors the right rows are packed contiguously (zeros past N:
+// no masked loads; and the rows, often a power of two apart, no longer fight over L1 sets), then
+// ceil(M / 6) row blocks of nearly equal size run over the packed strip (25 rows: 5 x 5, not
+// 6 + 6 + 6 + 4 + 3: a block of r rows keeps 2r FMA chains in flight, and fewer than 8 leave the
+// FMA units waiting on their latency).
 template <typename scalar_t>
-void broadcast_gemm(const Terms<scalar_t>& terms, int64_t stride, int64_t M, int64_t N,
-                    scalar_t* out, int64_t ld_out) {
+void broadcast_gemm(Terms<scalar_t>& terms, int64_t stride, int64_t M, int64_t N, scalar_t* out,
+                    int64_t ld_out, bool accumulate = false) {
   constexpr int64_t kCols = 2 * at::vec::Vectorized<scalar_t>::size();
-  for (int64_t n0 = 0; n0 < N; n0 += kCols) {
-    const int64_t count = std::min(kCols, N - n0);
-    // 6-row blocks, then one block of the 1-5 rows left, except that 7 rows left go as 4 + 3: a
-    // single-row block does 2 FMAs per 5 loads, so it is left only when M is 1.
-    int64_t m0 = 0;
-    for (; M - m0 >= 6 && M - m0 != 7; m0 += 6) {
-      broadcast_block<scalar_t, 6>(terms, stride, m0, n0, count, out, ld_out);
-    }
-    if (M - m0 == 7) {
-      broadcast_block<scalar_t, 4>(terms, stride, m0, n0, count, out, ld_out);
-      m0 += 4;
-    }
-    switch (M - m0) {
-      case 5: broadcast_block<scalar_t, 5>(terms, stride, m0, n0, count, out, ld_out); break;
-      case 4: broadcast_block<scalar_t, 4>(terms, stride, m0, n0, count, out, ld_out); break;
-      case 3: broadcast_block<scalar_t, 3>(terms, stride, m0, n0, count, out, ld_out); break;
-      case 2: broadcast_block<scalar_t, 2>(terms, stride, m0, n0, count, out, ld_out); break;
-      case 1: broadcast_block<scalar_t, 1>(terms, stride, m0, n0, count, out, ld_out); break;
-      default: break;
-    }
-  }
-}
-
-constexpr int kDotBlock = 3;  // 3 x 3 vector accumulators (+ 3 + 1 loaded vectors: 13 registers)
-
-// target[i * L + cols[k]] += rows_a[i] . rows_b[k] (length C) for i < M, k < K.  Tails of i and k
-// reuse the last row and drop its results, so every block has the same 3 x 3 shape.
-template <typename scalar_t>
-void dot_add(const scalar_t* const* rows_a, int64_t M, const scalar_t* const* rows_b,
-             const int64_t* cols, int64_t K, int64_t C, scalar_t* target, int64_t L) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr int64_t VL = Vec::size();
-  for (int64_t i0 = 0; i0 < M; i0 += kDotBlock) {
-    const scalar_t* a[kDotBlock];
-    for (int r = 0; r < kDotBlock; ++r) a[r] = rows_a[std::min(i0 + r, M - 1)];
-    for (int64_t k0 = 0; k0 < K; k0 += kDotBlock) {
-      const scalar_t* b[kDotBlock];
-      for (int s = 0; s < kDotBlock; ++s) b[s] = rows_b[std::min(k0 + s, K - 1)];
-      Vec acc[kDotBlock][kDotBlock];
-      for (auto& row : acc) {
-        for (auto& v : row) v = Vec(scalar_t(0));
+  const int64_t K = terms.size();
+  const int64_t blocks = (M + 5) / 6;
+  if (blocks == 0) return;
+  terms.packed.resize(kTermChunk * kCols);
+  scalar_t* packed = terms.packed.data();
+  const scalar_t* const* left = terms.left.data();
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kTermChunk) {
+    const int64_t k1 = std::min(K, k0 + kTermChunk);
+    const bool add = accumulate || k0 > 0;
+    for (int64_t n0 = 0; n0 < N; n0 += kCols) {
+      const int64_t count = std::min(kCols, N - n0);
+      for (int64_t k = k0; k < k1; ++k) {
+        scalar_t* row = packed + (k - k0) * kCols;
+        std::copy_n(terms.right[k] + n0, count, row);
+        std::fill(row + count, row + kCols, scalar_t(0));
       }
-      for (int64_t c = 0; c < C; c += VL) {
-        const int64_t count = std::min(VL, C - c);
-        Vec bv[kDotBlock];
-        for (int s = 0; s < kDotBlock; ++s) bv[s] = Vec::loadu(b[s] + c, count);
-        for (int r = 0; r < kDotBlock; ++r) {
-          const Vec av = Vec::loadu(a[r] + c, count);
-          for (int s = 0; s < kDotBlock; ++s) acc[r][s] = at::vec::fmadd(av, bv[s], acc[r][s]);
+      for (int64_t block = 0, m0 = 0; block < blocks; ++block) {
+        const int64_t rows = M / blocks + (block < M % blocks ? 1 : 0);
+        switch (rows) {
+#define KEYPOINTOPS_BLOCK(R)                                                                    \
+  case R:                                                                                       \
+    broadcast_block<scalar_t, R>(left, packed, k0, k1, stride, m0, n0, count, add, out, ld_out); \
+    break;
+          KEYPOINTOPS_BLOCK(6)
+          KEYPOINTOPS_BLOCK(5)
+          KEYPOINTOPS_BLOCK(4)
+          KEYPOINTOPS_BLOCK(3)
+          KEYPOINTOPS_BLOCK(2)
+          default: KEYPOINTOPS_BLOCK(1)
+#undef KEYPOINTOPS_BLOCK
         }
-      }
-      for (int r = 0; r < kDotBlock && i0 + r < M; ++r) {
-        for (int s = 0; s < kDotBlock && k0 + s < K; ++s) {
-          scalar_t lanes[VL];
-          acc[r][s].store(lanes);
-          scalar_t sum = 0;
-          for (int64_t v = 0; v < VL; ++v) sum += lanes[v];
-          target[(i0 + r) * L + cols[k0 + s]] += sum;
-        }
+        m0 += rows;
       }
     }
   }
@@ -192,57 +169,55 @@ void window_terms(const Shape& s, const scalar_t* x, const scalar_t* a_bt, int64
   }
 }
 
+// out[b, t] of window r = b * T + t.
 template <typename scalar_t>
-void forward_windows(const Shape& s, const scalar_t* x, const scalar_t* adj, int64_t begin,
-                     int64_t end, scalar_t* out) {
-  Terms<scalar_t> terms;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / s.T, t = r % s.T;
-    terms.clear();
-    window_terms(s, x, adj + s.adj_offset(b, t), b, t, terms);
-    broadcast_gemm(terms, s.L, s.L, s.C, out + r * s.L * s.C, s.C);
-  }
+void forward_window(const Shape& s, const scalar_t* x, const scalar_t* adj, int64_t r,
+                    Terms<scalar_t>& terms, scalar_t* out) {
+  const int64_t b = r / s.T, t = r % s.T;
+  terms.clear();
+  window_terms(s, x, adj + s.adj_offset(b, t), b, t, terms);
+  broadcast_gemm(terms, s.L, s.L, s.C, out + r * s.L * s.C, s.C);
 }
 
+// grad_x[b, f] of frame r = b * T + f.
 template <typename scalar_t>
-void grad_x_frames(const Shape& s, const scalar_t* grad_out, const scalar_t* adj, int64_t begin,
-                   int64_t end, scalar_t* grad_x) {
-  Terms<scalar_t> terms;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / s.T, f = r % s.T;
-    terms.clear();
-    const SlotRange slots = slots_reading_frame(f, s.T, s.window, s.dilation);
-    for (int64_t w = slots.lo; w < slots.hi; ++w) {
-      const int64_t t = f + s.pad - w * s.dilation;
-      const scalar_t* a = adj + s.adj_offset(b, t) + w * s.N;  // A_bt[:, wN:(w+1)N]
-      const scalar_t* g = grad_out + (b * s.T + t) * s.L * s.C;
-      for (int64_t i = 0; i < s.L; ++i) terms.add(a + i * s.L, g + i * s.C);
-    }
-    broadcast_gemm(terms, 1, s.N, s.C, grad_x + r * s.N * s.C, s.C);
+void grad_x_frame(const Shape& s, const scalar_t* grad_out, const scalar_t* adj, int64_t r,
+                  Terms<scalar_t>& terms, scalar_t* grad_x) {
+  const int64_t b = r / s.T, f = r % s.T;
+  terms.clear();
+  const SlotRange slots = slots_reading_frame(f, s.T, s.window, s.dilation);
+  for (int64_t w = slots.lo; w < slots.hi; ++w) {
+    const int64_t t = f + s.pad - w * s.dilation;
+    const scalar_t* a = adj + s.adj_offset(b, t) + w * s.N;  // A_bt[:, wN:(w+1)N]
+    const scalar_t* g = grad_out + (b * s.T + t) * s.L * s.C;
+    for (int64_t i = 0; i < s.L; ++i) terms.add(a + i * s.L, g + i * s.C);
   }
+  broadcast_gemm(terms, 1, s.N, s.C, grad_x + r * s.N * s.C, s.C);
 }
 
-// target += grad_A of the windows [begin, end).
+// target = grad_A summed over the windows [begin, end): per window r, grad_A[i, j] +=
+// sum_c G[i, c] Xt[c, j] with G = grad_out[r] ([L, C]) and Xt ([C, L]) the window's x rows
+// transposed, zero for the slots outside the clip: a broadcast GEMM over the C channels.
 template <typename scalar_t>
-void add_grad_adj_windows(const Shape& s, const scalar_t* grad_out, const scalar_t* x,
-                          int64_t begin, int64_t end, scalar_t* target) {
-  std::vector<const scalar_t*> grad_rows(s.L), x_rows;
-  std::vector<int64_t> cols;
+void grad_adj_windows(const Shape& s, const scalar_t* grad_out, const scalar_t* x, int64_t begin,
+                      int64_t end, std::vector<scalar_t>& xt, Terms<scalar_t>& terms,
+                      scalar_t* target) {
+  xt.resize(s.C * s.L);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / s.T, t = r % s.T;
-    x_rows.clear();
-    cols.clear();
     const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation);
-    for (int64_t w = slots.lo; w < slots.hi; ++w) {
+    for (int64_t w = 0; w < s.window; ++w) {
+      const bool inside = w >= slots.lo && w < slots.hi;
       const scalar_t* frame = x + ((b * s.T + t - s.pad + w * s.dilation) * s.N) * s.C;
       for (int64_t n = 0; n < s.N; ++n) {
-        x_rows.push_back(frame + n * s.C);
-        cols.push_back(w * s.N + n);
+        scalar_t* column = xt.data() + w * s.N + n;
+        for (int64_t c = 0; c < s.C; ++c) column[c * s.L] = inside ? frame[n * s.C + c] : scalar_t(0);
       }
     }
-    for (int64_t i = 0; i < s.L; ++i) grad_rows[i] = grad_out + (r * s.L + i) * s.C;
-    dot_add(grad_rows.data(), s.L, x_rows.data(), cols.data(), static_cast<int64_t>(cols.size()),
-            s.C, target, s.L);
+    terms.clear();
+    const scalar_t* g = grad_out + r * s.L * s.C;
+    for (int64_t c = 0; c < s.C; ++c) terms.add(g + c, xt.data() + c * s.L);
+    broadcast_gemm(terms, s.C, s.L, s.L, target, s.L, /*accumulate=*/true);
   }
 }
 
@@ -265,8 +240,10 @@ at::Tensor window_graph_conv_cpu(const at::Tensor& x_in, const at::Tensor& adj_i
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* ap = adj.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * s.T, 1, [&](int64_t begin, int64_t end) {
-      forward_windows<scalar_t>(s, xp, ap, begin, end, op);
+    for_each_task(s.B * s.T, [&] {
+      return [&, terms = Terms<scalar_t>()](int64_t r) mutable {
+        forward_window<scalar_t>(s, xp, ap, r, terms, op);
+      };
     });
   });
   return out;
@@ -300,18 +277,20 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
     if (compute_grad_x) {
       advise_huge_pages(grad_x);
       scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-      at::parallel_for(0, windows, 1, [&](int64_t begin, int64_t end) {
-        grad_x_frames<scalar_t>(s, gp, ap, begin, end, gxp);
+      for_each_task(windows, [&] {
+        return [&, terms = Terms<scalar_t>()](int64_t r) mutable {
+          grad_x_frame<scalar_t>(s, gp, ap, r, terms, gxp);
+        };
       });
     }
     if (compute_grad_adj) {
       scalar_t* tp = targets.data_ptr<scalar_t>();
-      at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t unit = begin; unit < end; ++unit) {
-          add_grad_adj_windows<scalar_t>(s, gp, xp, unit * per_unit,
-                                         std::min(windows, (unit + 1) * per_unit),
-                                         tp + unit * s.L * s.L);
-        }
+      for_each_task(units, [&] {
+        return [&, xt = std::vector<scalar_t>(), terms = Terms<scalar_t>()](int64_t unit) mutable {
+          grad_adj_windows<scalar_t>(s, gp, xp, unit * per_unit,
+                                     std::min(windows, (unit + 1) * per_unit), xt, terms,
+                                     tp + unit * s.L * s.L);
+        };
       });
     }
   });

@@ -1,0 +1,81 @@
+"""``msg_pass``: what the compiled op (``keypointops.ops``) and the Triton op
+(``keypointops.triton``) share: argument checks, fake kernels and the autograd formula."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from keypointops._opdefs.backend import register_op_pair
+from keypointops.graphs import Graph
+
+
+def check_args(x, graph, t, eps) -> Graph:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"msg_pass: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"msg_pass: x must be [N, C], got shape {list(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise ValueError(f"msg_pass: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if isinstance(graph, Tensor):
+        if graph.device != x.device:
+            raise ValueError(f"msg_pass: x ({x.device}) and edge_index ({graph.device}) must be on the "
+                             "same device")
+        graph = Graph.from_edge_index(graph, x.size(0))
+    elif not isinstance(graph, Graph):
+        raise TypeError(f"msg_pass: graph must be a keypointops.Graph or an edge_index Tensor, got "
+                        f"{type(graph).__name__}")
+    if graph.num_nodes != x.size(0):
+        raise ValueError(f"msg_pass: graph has {graph.num_nodes} nodes but x has {x.size(0)} rows")
+    if graph.device != x.device:
+        raise ValueError(f"msg_pass: x ({x.device}) and graph ({graph.device}) must be on the same "
+                         "device; move the graph with graph.to(x.device)")
+    if isinstance(t, Tensor):
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.size(1))):
+            raise ValueError(f"msg_pass: t must be a float, a 0-dim or [1] tensor, or a [C] = "
+                             f"[{x.size(1)}] tensor, got shape {list(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"msg_pass: t must be a floating point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"msg_pass: x ({x.device}) and t ({t.device}) must be on the same device")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
+            raise ValueError("msg_pass: t must be finite")
+    elif not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise ValueError(f"msg_pass: t must be a finite float or a tensor, got {t!r}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise ValueError(f"msg_pass: eps must be a finite float, got {eps!r}")
+    return graph
+
+
+# --- torch.library registrations: fake kernels and the autograd formula --------------------------
+
+def _fake_forward(x, rowptr, col, rowptr_t, col_t, t, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=t.dtype), x.new_empty(x.shape, dtype=t.dtype)
+
+
+def _fake_backward(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, eps, compute_grad_t):
+    return torch.empty_like(x), torch.empty_like(t)
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, _, rowptr_t, col_t, t, eps = inputs
+    out, row_max, row_sum = output
+    ctx.save_for_backward(x, t, out, row_max, row_sum, rowptr_t, col_t)
+    ctx.eps = eps
+
+
+def _backward(ctx, backward_op, grad_out, _grad_row_max, _grad_row_sum):
+    x, t, out, row_max, row_sum, rowptr_t, col_t = ctx.saved_tensors
+    need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
+    grad_x, grad_t = backward_op(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t,
+                                 ctx.eps, need_t)
+    return grad_x if need_x else None, None, None, None, None, grad_t if need_t else None, None
+
+
+def register_kernels_of(forward_name: str, backward_name: str) -> None:
+    """Registers the fake kernels and the autograd formula of a (forward, backward) op pair.
+
+    Used for the compiled ops and for the Triton ops, which share their schemas.
+    """
+    register_op_pair(forward_name, backward_name, _fake_forward, _fake_backward, _setup_context, _backward)
