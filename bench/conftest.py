@@ -6,7 +6,9 @@ memory of one call beside the timing; the terminal summary prints, per group, th
 the speed-up over the group's baseline and the peak memory as a ratio of the baseline's.
 
 Sizes: full by default (``pytest bench/ --benchmark-only``); ``KEYPOINTOPS_BENCH_SMALL=1`` shrinks
-every case so that CI can smoke-run the suite (``--benchmark-disable`` runs each function once).
+every case so that CI can smoke-run the suite (``--benchmark-disable``): sizes that still take
+every code path (several programs and blocks, clip borders and interior windows), each function
+called twice (the peak-memory call and the benchmark's own) without a warm-up.
 ``--kp-results FILE.md`` also writes the summary table to FILE.md (and FILE.json).
 """
 from __future__ import annotations
@@ -101,7 +103,8 @@ def measure(benchmark):
         else:
             timed = fn
         start = time.perf_counter()
-        timed()  # warm-up (compilation, caches)
+        if not SMALL:  # warm-up (compilation, caches); a smoke run times nothing
+            timed()
         slow = time.perf_counter() - start > 1.0
         peak = peak_memory_bytes(fn, device)
         benchmark.group = group

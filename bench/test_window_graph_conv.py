@@ -16,7 +16,7 @@ from conftest import SMALL, timed_pass
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = {
     "ctl": dict(batch=2 if SMALL else 32, frames=6, nodes=17, channels=64 if SMALL else 2048, window=3),
-    "skeleton": dict(batch=2 if SMALL else 64, frames=16, nodes=25, channels=32 if SMALL else 256,
+    "skeleton": dict(batch=2 if SMALL else 64, frames=6 if SMALL else 16, nodes=25, channels=32 if SMALL else 256,
                      window=5),
 }
 ADJ_KINDS = ["shared", "per_sample"]

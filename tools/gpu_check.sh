@@ -66,7 +66,7 @@ run_stage() {
     124|137) status="timeout (${limit} s)"; failed=1 ;;
     *) status="failed (exit $rc)"; failed=1 ;;
   esac
-  echo "::: $name: $status" >> "$log"
+  printf '\n::: %s: %s\n' "$name" "$status" >> "$log"
   printf '%s\t%s\t%s\n' "$name" "$status" "$(($(date +%s) - t0))" >> "$summary"
 }
 
