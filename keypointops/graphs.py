@@ -30,6 +30,15 @@ class Skeleton:
     def num_joints(self) -> int:
         return len(self.joints)
 
+    def adjacency(self, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+        """The symmetric 0/1 ``[K, K]`` adjacency of the undirected edges, without self loops."""
+        adj = torch.zeros(self.num_joints, self.num_joints, dtype=dtype, device=device)
+        if self.edges:
+            a, b = torch.tensor(self.edges, device=device).t()
+            adj[a, b] = 1.0
+            adj[b, a] = 1.0
+        return adj
+
 
 _COCO17_JOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
                   "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
