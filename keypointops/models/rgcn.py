@@ -70,7 +70,7 @@ from keypointops.ops.part_pool import part_pool
 from keypointops.ops.window_graph_conv import window_graph_conv
 
 __all__ = ["RGCN", "LGCN", "RecurrentGraphConv", "DualAttention", "TemporalAggregator",
-           "pose14_from_coco17", "pose14_adjacency", "PRESETS"]
+           "pose14_from_coco17", "PRESETS"]
 
 # COCO-17 joint of each pose14 joint (rgcn.md §1.2's table); the neck (pose14 joint 1) has none.
 _COCO17_OF_POSE14 = (0, None, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15)
@@ -107,11 +107,6 @@ def pose14_from_coco17(keypoints: Tensor, *, size: tuple[int, int] | None = None
         height, width = size
         joints = joints / joints.new_tensor([float(width), float(height)])
     return torch.where(torch.stack(ok, -1)[..., None], joints, torch.zeros_like(joints))
-
-
-def pose14_adjacency(dtype: torch.dtype = torch.float32) -> Tensor:
-    """``Â = D^-1/2 (A + I) D^-1/2`` ``[14, 14]`` of the 13 limbs of ``pose14`` (rgcn.md §1.4)."""
-    return normalize_adjacency(skeleton("pose14").adjacency(dtype))
 
 
 def _check_choice(owner: str, name: str, value, choices) -> None:
@@ -156,7 +151,8 @@ class RecurrentGraphConv(nn.Module):
         self.recurrence, self.hidden, self.inner_act = recurrence, hidden, bool(inner_act)
         self.gates = _RECURRENCES[recurrence]
         self.ops_backend = ops_backend
-        self.register_buffer("adjacency", pose14_adjacency())
+        # The 0/1 skeleton; Â is normalised in the input's dtype (exact in float64 after .double()).
+        self.register_buffer("skeleton", skeleton("pose14").adjacency())
         self.input_weights = nn.ParameterList(
             [nn.Parameter(torch.empty(in_channels, self.gates, hidden))]
             + [nn.Parameter(torch.empty(self.gates, hidden, hidden)) for _ in range(gc_layers - 1)])
@@ -168,29 +164,36 @@ class RecurrentGraphConv(nn.Module):
             for weight in self.input_weights[1:]:
                 nn.init.xavier_uniform_(weight.data[gate])
 
-    def aggregate(self, z: Tensor) -> Tensor:
+    def adjacency(self, dtype: torch.dtype) -> Tensor:
+        """``Â = D^-1/2 (A + I) D^-1/2`` ``[14, 14]`` of the 13 limbs of ``pose14`` (rgcn.md §1.4)."""
+        return normalize_adjacency(self.skeleton.to(dtype))
+
+    def aggregate(self, z: Tensor, adjacency: Tensor | None = None) -> Tensor:
         """``Â z_t`` for every frame of ``z`` ``[B, T, 14, C]``: the graph conv's aggregation."""
-        return window_graph_conv(z.contiguous(), self.adjacency.to(z.dtype), 1, backend=self.ops_backend)
+        if adjacency is None:
+            adjacency = self.adjacency(z.dtype)
+        return window_graph_conv(z.contiguous(), adjacency, 1, backend=self.ops_backend)
 
     def input_term(self, x: Tensor) -> Tensor:
         """``ReLU(Â X_t W)`` of every frame and gate: ``[B, T, 14, in]`` -> ``[B, T, 14, G*n]``."""
+        adjacency = self.adjacency(x.dtype)
         first, rest = self.input_weights[0], list(self.input_weights[1:])
         if not self.inner_act:
             z = x
             weight = first                                                   # [C, G, n]
             for layer in rest:
-                z = self.aggregate(z)
+                z = self.aggregate(z, adjacency)
                 weight = torch.einsum("cgn,gnm->cgm", weight, layer)
-            return torch.relu(self.aggregate(z) @ weight.flatten(1))
-        z = torch.relu(self.aggregate(x) @ first.flatten(1))
+            return torch.relu(self.aggregate(z, adjacency) @ weight.flatten(1))
+        z = torch.relu(self.aggregate(x, adjacency) @ first.flatten(1))
         for layer in rest:
-            z = self.aggregate(z).unflatten(-1, (self.gates, self.hidden))
+            z = self.aggregate(z, adjacency).unflatten(-1, (self.gates, self.hidden))
             z = torch.relu(torch.einsum("btkgn,gnm->btkgm", z, layer).flatten(-2))
         return z
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.size(2) != self.adjacency.size(0):
-            raise ValueError(f"RecurrentGraphConv: x must be [B, T, {self.adjacency.size(0)}, "
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.size(2) != self.skeleton.size(0):
+            raise ValueError(f"RecurrentGraphConv: x must be [B, T, {self.skeleton.size(0)}, "
                              f"{self.input_weights[0].size(0)}], got {list(getattr(x, 'shape', []))}")
         inputs = self.input_term(x) + self.bias                              # [B, T, K, G*n]
         state = inputs.new_zeros(inputs.size(0), inputs.size(2), self.hidden)
