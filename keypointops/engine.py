@@ -89,7 +89,8 @@ def _all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, flo
     return {k: float(v) / world_size for k, v in zip(keys, buf)}
 
 
-def _device() -> torch.device:
+def device_for_rank() -> torch.device:
+    """The device of this process: its GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
@@ -329,7 +330,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
     """
     start_time = time.perf_counter()
     rank, world_size = _dist_info()
-    device = _device()
+    device = device_for_rank()
     _init_distributed(world_size, device)
     out = Path(out)
     ckpt_path, metrics_path = out / "model.pt", out / "metrics.jsonl"
