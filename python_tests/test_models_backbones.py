@@ -1,9 +1,21 @@
 """ResNet backbones (torchvision names, stage outputs, width multiplier, local pretrained loading) and heads."""
+import functools
+
 import pytest
 import torch
 
 from keypointops.models.backbones import ResNet, load_pretrained, resnet
 from keypointops.models.heads import BNNeck, PCBHead
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread (two spin-wait on a busy 2-core machine, up to 6x slower).
+    The model test modules import this fixture."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def torchvision_resnet_keys(depth):
@@ -23,8 +35,10 @@ def torchvision_resnet_keys(depth):
     return keys + ["fc.weight", "fc.bias"]
 
 
+@functools.lru_cache(maxsize=None)
 def torchvision_state_dict(depth):
-    """A state dict with torchvision's keys and shapes (taken from a width-1 backbone), random values."""
+    """A state dict with torchvision's keys and shapes (taken from a width-1 backbone), random values
+    (cached: copy it before changing it)."""
     g = torch.Generator().manual_seed(depth)
     own = ResNet(depth).state_dict()
     state = {}
@@ -100,7 +114,7 @@ def test_load_pretrained_errors(tmp_path):
         load_pretrained(ResNet(18), tmp_path / "missing.pth")
     with pytest.raises(TypeError, match="hold one as .backbone"):
         load_pretrained(torch.nn.Linear(2, 2), path)
-    state = torchvision_state_dict(18)
+    state = dict(torchvision_state_dict(18))
     del state["layer4.1.bn2.running_var"]
     torch.save(state, path)
     with pytest.raises(RuntimeError, match="Missing key"):

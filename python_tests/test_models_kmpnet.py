@@ -10,18 +10,10 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.kmpnet import JRPP_GROUPS, KMPNet, flip_frames, headless_keypoints
 from keypointops.nn import GENConv, KeypointGather
-from test_models_backbones import torchvision_state_dict
+from test_models_backbones import one_thread, torchvision_state_dict  # noqa: F401 (autouse fixture)
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (two spin-wait on a busy 2-core machine, up to 6x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(**options):
