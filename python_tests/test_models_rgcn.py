@@ -265,6 +265,8 @@ def test_one_optimisation_step_lowers_the_loss(name):
     before, _ = model.loss(model(images, keypoints), pids)
     optimizer.zero_grad()
     before.backward()
+    for key, parameter in [*model.pose.named_parameters(), *model.readout.named_parameters()]:
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, key   # the pose branch trains
     optimizer.step()
     with torch.no_grad():
         after, _ = model.loss(model(images, keypoints), pids)
