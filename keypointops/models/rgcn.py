@@ -66,15 +66,14 @@ from torch import Tensor, nn
 from keypointops.graphs import normalize_adjacency, skeleton
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth
 from keypointops.models.backbones import ResNet, load_pretrained
+from keypointops.models.pose_maps import openpose18_from_coco17
 from keypointops.ops.part_pool import part_pool
 from keypointops.ops.window_graph_conv import window_graph_conv
 
 __all__ = ["RGCN", "LGCN", "RecurrentGraphConv", "DualAttention", "TemporalAggregator",
            "pose14_from_coco17", "PRESETS"]
 
-# COCO-17 joint of each pose14 joint (rgcn.md §1.2's table); the neck (pose14 joint 1) has none.
-_COCO17_OF_POSE14 = (0, None, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15)
-_COCO17_SHOULDERS = (5, 6)
+_POSE14_JOINTS = skeleton("pose14").num_joints   # OpenPose COCO-18 joints 0..13 (rgcn.md §1.2)
 _RECURRENCES = {"tanh": 1, "lstm": 4}     # recurrence -> number of gates (weight blocks)
 _READOUTS = ("dam", "nam", "tam", "mean")
 _AGGREGATORS = ("avg", "attention", "lstm")
@@ -84,29 +83,19 @@ def pose14_from_coco17(keypoints: Tensor, *, size: tuple[int, int] | None = None
                        conf_thresh: float = 0.0) -> Tensor:
     """The pose branch's node features ``[..., 14, 2]`` from COCO-17 keypoints ``[..., 17, 3]``.
 
-    Joint order of ``graphs.skeleton("pose14")`` (OpenPose COCO-18 joints 0..13); the neck is the
-    mean of the two shoulders and is valid only when both are.  A joint is missing when its
-    confidence is ``<= conf_thresh``; missing joints get exactly ``(0, 0)`` (the paper's zero
-    padding).  With ``size = (H, W)`` x is divided by ``W`` and y by ``H`` (visible joints in
-    ``[0, 1]`` for points inside the image); ``None`` keeps pixels.
+    Joint order of ``graphs.skeleton("pose14")``: OpenPose COCO-18 joints 0..13 of
+    :func:`~keypointops.models.pose_maps.openpose18_from_coco17` (the neck is the mean of the two
+    shoulders with the smaller of their confidences, so it is valid only when both are).  A joint
+    is missing when its confidence is ``<= conf_thresh``; missing joints get exactly ``(0, 0)``
+    (the paper's zero padding).  With ``size = (H, W)`` x is divided by ``W`` and y by ``H``
+    (visible joints in ``[0, 1]`` for points inside the image); ``None`` keeps pixels.
     """
-    if not isinstance(keypoints, Tensor) or keypoints.dim() < 2 or tuple(keypoints.shape[-2:]) != (17, 3):
-        raise ValueError(f"pose14_from_coco17: keypoints must be [..., 17, 3] (x, y, confidence) in "
-                         f"COCO-17 order, got {list(getattr(keypoints, 'shape', []))}")
-    xy = keypoints[..., :2]
-    valid = keypoints[..., 2] > conf_thresh
-    left, right = _COCO17_SHOULDERS
-    neck = (xy[..., left, :] + xy[..., right, :]) * 0.5
-    neck_valid = valid[..., left] & valid[..., right]
-    rows, ok = [], []
-    for coco in _COCO17_OF_POSE14:
-        rows.append(neck if coco is None else xy[..., coco, :])
-        ok.append(neck_valid if coco is None else valid[..., coco])
-    joints = torch.stack(rows, -2)
+    joints = openpose18_from_coco17(keypoints)[..., :_POSE14_JOINTS, :]
+    xy = joints[..., :2]
     if size is not None:
         height, width = size
-        joints = joints / joints.new_tensor([float(width), float(height)])
-    return torch.where(torch.stack(ok, -1)[..., None], joints, torch.zeros_like(joints))
+        xy = xy / xy.new_tensor([float(width), float(height)])
+    return torch.where((joints[..., 2] > conf_thresh)[..., None], xy, torch.zeros_like(xy))
 
 
 def _check_choice(owner: str, name: str, value, choices) -> None:
