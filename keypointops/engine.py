@@ -16,6 +16,7 @@ does not change the data). A run killed mid-epoch restarts that epoch.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import tempfile
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from keypointops.evaluation import evaluate
 
 __all__ = ["CheckpointError", "make_config", "build_run", "train", "extract_features", "evaluate_models", "baselines",
-           "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+           "forward_backward", "distributed", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
 
 CHECKPOINT_FORMAT = "keypointops-checkpoint-1"
 
@@ -70,14 +71,20 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
 
 # ----------------------------------------------------------------------------------------- distributed
 
-def _dist_info() -> tuple[int, int]:
+def dist_info() -> tuple[int, int]:
     """(rank, world_size): from torchrun's environment, (0, 1) in a plain process."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _init_distributed(world_size: int, device: torch.device) -> None:
+def init_distributed(world_size: int, device: torch.device) -> None:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def distributed(core: nn.Module, device: torch.device) -> nn.Module:
+    """``core`` wrapped in DistributedDataParallel (gradients averaged over the ranks)."""
+    return nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=True)
 
 
 def _all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
@@ -263,6 +270,20 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
+def forward_backward(model: nn.Module, core: nn.Module, batch: dict, device: torch.device):
+    """Forward of one training batch through ``model`` (the model or its DDP wrapper), the model's
+    loss (``core.loss``) and its backward; returns ``(loss, parts)``. bf16 autocast on CUDA."""
+    images, keypoints = batch["images"].to(device), batch["keypoints"].to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with amp:
+        output = model(images, keypoints)
+    loss, parts = core.loss(output, batch["pids"].to(device))
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the training loss is {float(loss)}")
+    loss.backward()
+    return loss, parts
+
+
 def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: int, rank: int) -> dict:
     """One epoch; returns the mean of the loss and of each named loss part, and the clip count.
 
@@ -273,30 +294,20 @@ def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: in
     loader.batch_sampler.set_epoch(epoch)
     batches = iter(loader)
     torch.manual_seed(epoch_seed(config["seed"], epoch, rank))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     totals: dict[str, float] = {}
     steps = clips = 0
     total = len(loader) if max_steps is None else min(len(loader), max_steps)
-    for batch in tqdm(batches, desc=f"epoch {epoch + 1}", total=total, disable=rank != 0, leave=False,
-                      mininterval=2):
-        if steps == total:
-            break
-        images, keypoints = batch["images"].to(device), batch["keypoints"].to(device)
-        pids = batch["pids"].to(device)
-        with amp:
-            output = model(images, keypoints)
-        loss, parts = core.loss(output, pids)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"epoch {epoch + 1}, step {steps + 1}: the loss is {float(loss)}")
+    for batch in tqdm(itertools.islice(batches, total), desc=f"epoch {epoch + 1}", total=total,
+                      disable=rank != 0, leave=False, mininterval=2):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, parts = forward_backward(model, core, batch, device)
         if t["grad_clip"]:
             nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
         optimizer.step()
         for name, value in {"loss": loss, **parts}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach())
         steps += 1
-        clips += len(pids)
+        clips += len(batch["pids"])
     if steps == 0:
         raise RuntimeError("the training loader yielded no batch (too few identities or tracklets for "
                            "batch_size / instances?)")
@@ -329,9 +340,9 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
     evaluation}, "dataset", "model", "seconds"}`` (evaluations on rank 0 only, None / {} elsewhere).
     """
     start_time = time.perf_counter()
-    rank, world_size = _dist_info()
+    rank, world_size = dist_info()
     device = device_for_rank()
-    _init_distributed(world_size, device)
+    init_distributed(world_size, device)
     out = Path(out)
     ckpt_path, metrics_path = out / "model.pt", out / "metrics.jsonl"
     if rank == 0:
@@ -352,10 +363,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"]
         log(f"resuming {ckpt_path} after epoch {start_epoch}")
-    model = core
-    if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(
-            core, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    model = distributed(core, device) if world_size > 1 else core
     if rank == 0:
         (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         _write_metrics(metrics_path, start_epoch, None)
