@@ -142,9 +142,9 @@ def train_preset(**overrides) -> dict:
     return train
 
 
-# The CPU presets: ResNet-18 blocks at half width on 128x64 frames, 4 frames per clip, 16 clips per
+# The CPU presets: ResNet-18 blocks at quarter width on 128x64 frames, 4 frames per clip, 16 clips per
 # step, Adam 1e-3 (from scratch: no pretrained weights exist here).
-CPU_BACKBONE = dict(depth=18, width=0.5)
+CPU_BACKBONE = dict(depth=18, width=0.25)
 CPU_TRAIN = dict(frames=4, height=128, width=64, batch_size=16, lr=1e-3, epochs=20, lr_milestones=[15],
                  test_sampling="evenly")
 
