@@ -97,7 +97,8 @@ def test_shapes_train_and_eval(name):
 @pytest.mark.parametrize("options, dim", [(dict(aggregator="attention"), 64 + 16),
                                           (dict(aggregator="lstm", lstm_hidden=12), 12 + 16),
                                           (dict(readout="nam"), 64 + 8), (dict(readout="tam"), 64 + 8),
-                                          (dict(readout="mean", gc_layers=2, inner_act=True), 64 + 8)])
+                                          (dict(readout="mean", gc_layers=2, inner_act=True), 64 + 8)],
+                         ids=["AA", "RA", "NAM", "TAM", "mean-2-layers-inner-act"])
 def test_variant_shapes(options, dim):
     images, keypoints, _ = clips()
     model = build_model("rgcn", 5, **{**SMALL, **options}).eval()

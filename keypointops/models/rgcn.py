@@ -37,8 +37,8 @@ Fused ops (rgcn.md §9), each called with ``backend=ops_backend``:
   ``S = 14`` nodes / ``T`` frames with the scores as a one-channel heatmap (softmax over the
   positions, then the weighted sum); the AA aggregator uses it the same way over frames.
 
-``ops_backend="reference"`` gives the plain-PyTorch model (the reference ops are exactly the
-dense ``einsum`` and ``softmax`` + weighted sum).  The recurrences, the ResNet and the losses have
+``ops_backend="reference"`` gives the plain-PyTorch model (the reference ops are a gather + the
+dense ``einsum``, and ``softmax`` + a weighted sum); it exports to ONNX.  The recurrences, the ResNet and the losses have
 no fused op (§9.4).
 
 Deviations from rgcn.md, with the reason:
@@ -53,8 +53,15 @@ Deviations from rgcn.md, with the reason:
   default); the ``sum`` switch of A13 is not offered.  The ID loss is
   :func:`keypointops.losses.cross_entropy_label_smooth` with ``label_smooth=0`` by default (plain
   cross-entropy, as §4).
-* ``width``/``depth`` of the backbone, ``hidden`` (n) and ``frames`` are options for the small CPU
-  variants (``PRESETS["rgcn"]["cpu"]``); they are not in the paper.
+* Test clips: the engine's ``test_sampling="all"`` cuts a tracklet into consecutive clips of ``T``
+  frames (the loader's padding of the last clip, not §6's cyclic repeat) and averages the clip
+  embeddings; the mean of ``[f^a; f^p]`` is §6's per-branch mean, concatenated.
+* ``depth``/``width`` of the backbone and ``hidden`` (n) give the small CPU variant
+  (``PRESETS["rgcn"]["cpu"]``, with a shorter clip and smaller images); it is not in the paper.
+
+Not implemented: the pose-branch baselines of Tables IV/V (GCN&RNN, GCN&LSTM, ST-GCN, EvolveGCN),
+the BiCnet-TKS appearance model, and the appearance-only rows (``resnet50`` of
+:mod:`keypointops.models.baselines` is the nearest, with its own loss).
 """
 from __future__ import annotations
 
