@@ -80,7 +80,7 @@ _TRAIN_PAPER = dict(frames=6, train_sampling="restricted_random", test_sampling=
                     weight_decay=5e-4, momentum=0.9, epochs=240, lr_milestones=[60, 120, 180],
                     lr_gamma=0.1, warmup_epochs=0, flip=True, random_erase=True, grad_clip=None)
 PRESETS = {"ctl": {
-    "cpu": {"model": dict(depth=50, width=0.25, frames=4),
+    "cpu": {"model": dict(depth=18, width=0.25, frames=4, embed_dim=16),
             "train": dict(_TRAIN_PAPER, frames=4, height=128, width=64, batch_size=16, epochs=30,
                           lr_milestones=[20], warmup_epochs=0)},
     "paper": {"model": dict(depth=50, width=1.0, frames=6), "train": _TRAIN_PAPER},
