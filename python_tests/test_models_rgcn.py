@@ -8,6 +8,7 @@ from keypointops._extension import has_ops
 from keypointops.models import build_model, get_preset
 from keypointops.models.rgcn import (PRESETS, DualAttention, RecurrentGraphConv, TemporalAggregator,
                                      pose14_from_coco17)
+from keypointops.ops._backend import triton_available
 from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
@@ -214,11 +215,15 @@ def test_fused_attentions_equal_plain():
 
 
 @needs_ops
-@pytest.mark.parametrize("name", ["rgcn", "lgcn"])
-def test_reference_backend_agrees(name):
+@pytest.mark.parametrize("name, other", [
+    ("rgcn", "reference"), ("lgcn", "reference"),
+    pytest.param("lgcn", "triton", marks=pytest.mark.skipif(not triton_available(torch.device("cpu")),
+                                                            reason="triton not installed"))])
+def test_reference_backend_agrees(name, other):
+    """The compiled ops against ``ops_backend="reference"`` (and the Triton kernels, interpreted)."""
     torch.manual_seed(3)
     fused = build_model(name, 5, **SMALL, aggregator="attention").double()
-    plain = build_model(name, 5, **SMALL, aggregator="attention", ops_backend="reference").double()
+    plain = build_model(name, 5, **SMALL, aggregator="attention", ops_backend=other).double()
     plain.load_state_dict(fused.state_dict())
     images, keypoints, pids = clips(dtype=torch.float64)
     losses = [model.loss(model(images, keypoints), pids)[0] for model in (fused, plain)]
