@@ -147,8 +147,9 @@ class RecurrentGraphConv(nn.Module):
         self.recurrence, self.hidden, self.inner_act = recurrence, hidden, bool(inner_act)
         self.gates = _RECURRENCES[recurrence]
         self.ops_backend = ops_backend
-        # The 0/1 skeleton; Â is normalised in the input's dtype (exact in float64 after .double()).
-        self.register_buffer("skeleton", skeleton("pose14").adjacency())
+        # The 0/1 skeleton (a constant, not in the state dict); Â is normalised in the input's dtype
+        # (exact in float64 after .double()).
+        self.register_buffer("skeleton", skeleton("pose14").adjacency(), persistent=False)
         self.input_weights = nn.ParameterList(
             [nn.Parameter(torch.empty(in_channels, self.gates, hidden))]
             + [nn.Parameter(torch.empty(self.gates, hidden, hidden)) for _ in range(gc_layers - 1)])
