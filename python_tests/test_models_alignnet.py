@@ -10,7 +10,8 @@ from keypointops import graphs
 from keypointops._extension import has_ops
 from keypointops.models import build_model, get_preset
 from keypointops.models.alignnet import PRESETS, AlignNet
-from test_pose_maps import upright_keypoints
+from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
+from test_pose_maps import clips
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 
@@ -24,18 +25,6 @@ SMALL = dict(depth=50, width=0.0625, last_stride=1)  # C = 128, a 4 x 2 grid at 
 TRAIN_KEYS = {"frames", "train_sampling", "test_sampling", "height", "width", "batch_size", "instances",
               "optimizer", "lr", "weight_decay", "momentum", "epochs", "lr_milestones", "lr_gamma",
               "warmup_epochs", "flip", "random_erase", "grad_clip"}
-
-
-def clips(batch=4, frames=2, height=64, width=32, seed=0, dtype=torch.float32):
-    """Random images and jittered upright-person COCO-17 keypoints (some joints missing), shaped
-    like the data loader's batches; 2 clips per identity."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, frames, 3, height, width, generator=g, dtype=dtype)
-    keypoints = upright_keypoints(height, width).to(dtype).repeat(batch, frames, 1, 1)
-    keypoints[..., :2] += torch.randn(batch, frames, 17, 2, generator=g, dtype=dtype) * 2
-    keypoints[..., 2] = (torch.rand(batch, frames, 17, generator=g, dtype=dtype) > 0.15).to(dtype)
-    pids = torch.arange(batch // 2).repeat_interleave(2)
-    return images, keypoints, pids
 
 
 def test_grouping_is_the_papers():

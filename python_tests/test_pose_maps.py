@@ -6,6 +6,7 @@ import torch
 from keypointops import graphs
 from keypointops.models.pose_maps import (OPENPOSE_LIMBS, OpenPoseBody, PoseMaps, load_openpose_weights,
                                           openpose18_from_coco17, openpose_input, render_pose_maps)
+from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
 
 OP18 = graphs.SKELETONS["openpose18"].joints
 COCO17 = graphs.SKELETONS["coco17"].joints
@@ -27,6 +28,18 @@ def upright_keypoints(height: int, width: int) -> torch.Tensor:
         dx = 0.0 if name == "nose" else spread[part] * width * (1 if side == "left" else -1)
         points.append([cx + dx, rows[name] * height, 1.0])
     return torch.tensor(points)
+
+
+def clips(batch=4, frames=2, height=64, width=32, seed=0, dtype=torch.float32):
+    """Random images and jittered upright-person COCO-17 keypoints (some joints missing), shaped
+    like the data loader's batches; 2 clips per identity.  Shared by the model tests."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, frames, 3, height, width, generator=g, dtype=dtype)
+    keypoints = upright_keypoints(height, width).to(dtype).repeat(batch, frames, 1, 1)
+    keypoints[..., :2] += torch.randn(batch, frames, 17, 2, generator=g, dtype=dtype) * 2
+    keypoints[..., 2] = (torch.rand(batch, frames, 17, generator=g, dtype=dtype) > 0.15).to(dtype)
+    pids = torch.arange(batch // 2).repeat_interleave(2)
+    return images, keypoints, pids
 
 
 def test_openpose18_from_coco17():
