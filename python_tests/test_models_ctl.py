@@ -1,4 +1,6 @@
 """CTL (keypointops.models.ctl) and its 3D-GCL against ../shared/models/ctl.md, at small sizes on CPU."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.ctl import ABLATIONS, CTL, PRESETS
 from keypointops.nn import WindowGraphConv3D
 from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
-from test_pose_maps import upright_keypoints
+from test_pose_maps import clips as pose_clips, upright_keypoints
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 
@@ -18,18 +20,7 @@ SMALL = dict(depth=18, width=0.125, frames=3, embed_dim=8)   # C = 64, a 4 x 2 g
 TRAIN_KEYS = {"frames", "train_sampling", "test_sampling", "height", "width", "batch_size", "instances",
               "optimizer", "lr", "weight_decay", "momentum", "epochs", "lr_milestones", "lr_gamma",
               "warmup_epochs", "flip", "random_erase", "grad_clip"}
-
-
-def clips(batch=4, frames=3, height=64, width=32, seed=0, dtype=torch.float32):
-    """Random images and jittered upright-person COCO-17 keypoints (some joints missing), shaped
-    like the data loader's batches; 2 clips per identity."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, frames, 3, height, width, generator=g, dtype=dtype)
-    keypoints = upright_keypoints(height, width).to(dtype).repeat(batch, frames, 1, 1)
-    keypoints[..., :2] += torch.randn(batch, frames, 17, 2, generator=g, dtype=dtype) * 2
-    keypoints[..., 2] = (torch.rand(batch, frames, 17, generator=g, dtype=dtype) > 0.15).to(dtype)
-    pids = torch.arange(batch // 2).repeat_interleave(2)
-    return images, keypoints, pids
+clips = functools.partial(pose_clips, frames=3)   # images, keypoints, pids of 2-clip identities
 
 
 @pytest.mark.parametrize("row", sorted(ABLATIONS))

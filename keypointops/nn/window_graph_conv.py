@@ -8,12 +8,12 @@ from torch import Tensor, nn
 from keypointops.graphs import Skeleton, block_adjacency, normalize_adjacency, skeleton
 from keypointops.ops.window_graph_conv import window_graph_conv
 
-__all__ = ["WindowGraphConv3D"]
+__all__ = ["ContextTopology", "WindowGraphConv3D"]
 
 _CONTEXT_MODES = (None, "window", "sample")
 
 
-def unfold_windows(z: Tensor, window: int, dilation: int = 1) -> Tensor:
+def _unfold_windows(z: Tensor, window: int, dilation: int = 1) -> Tensor:
     """``[B, T, N]`` per-node scalars -> ``[B, T, window * N]``: the values of every window's nodes.
 
     Entry ``w * N + n`` of window ``t`` is ``z[:, t - pad + w * dilation, n]`` (0 outside
@@ -41,7 +41,7 @@ class ContextTopology(nn.Module):
        ``[B, T, L, L]`` (``"window"``) or ``[B, L, L]`` (``"sample"``).
 
     Step 1 is linear in the features, so it runs on the ``T * N`` nodes and only the scalars are
-    unfolded into windows (:func:`unfold_windows`; a padded slot gets the conv's bias, as the conv of
+    unfolded into windows (:func:`_unfold_windows`; a padded slot gets the conv's bias, as the conv of
     a zero feature): the same numbers as convolving the unfolded ``[B, C, T, L]`` input, without it.
     """
 
@@ -67,7 +67,7 @@ class ContextTopology(nn.Module):
         if frames != self.frames:
             raise ValueError(f"ContextTopology: x holds T = {frames} frames but the block was built "
                              f"for frames = {self.frames} (its temporal conv has T input channels)")
-        z = unfold_windows(F.linear(x, self.squeeze.weight).squeeze(-1), self.window, self.dilation)
+        z = _unfold_windows(F.linear(x, self.squeeze.weight).squeeze(-1), self.window, self.dilation)
         z = self.squeeze_norm((z + self.squeeze.bias).view(batch, 1, -1)).relu()
         z = self.temporal_norm(self.temporal(z.view(batch, frames, self.size))).relu()
         adj = F.normalize(self.expand(z).view(batch, -1, self.size, self.size), p=2, dim=-1)
