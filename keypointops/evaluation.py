@@ -149,14 +149,24 @@ def _match_ranks(dist: torch.Tensor, q_pids, q_camids, gallery: _Gallery, worksp
     hist = torch.bincount(flat.view(-1), minlength=b * (bins + 1))
     below = torch.from_numpy(np.cumsum(np.concatenate([[0], hist.numpy()])))  # items in bins < k
     before = below[t_bin] - below[base.long()]
-    # Items sharing a true match's bin: compare exactly.
-    marked = torch.zeros(b * (bins + 1), dtype=torch.bool)
-    marked[t_bin.view(-1)] = True
-    lin = marked.index_select(0, flat.view(-1)).nonzero()[:, 0]
-    rows, cand = lin // g, (lin % g)[:, None]
-    same_bin = flat.view(-1)[lin][:, None] == t_bin[rows]
-    ahead = same_bin & _before(dist.reshape(-1)[lin][:, None], cand, t_dist[rows], t_idx[rows])
-    before.index_add_(0, rows, ahead.long())
+    # Items sharing a true match's bin: the matches of one bin are a contiguous run of a row's sorted
+    # matches (first position, count); an item precedes the matches of the run from the first one it
+    # does not follow: +1 there, -1 at the run's end, a prefix sum adds that to each match.
+    size, run_pos = b * (bins + 1), torch.arange(b * width).view(b, width)[~pad]
+    run_bin = t_bin[~pad]
+    count = torch.bincount(run_bin, minlength=size)
+    first = torch.full((size,), b * width).scatter_reduce_(0, run_bin, run_pos, "amin")
+    lin = (count > 0).index_select(0, flat.view(-1)).nonzero()[:, 0]
+    k = flat.view(-1)[lin].long()
+    f, n = first[k], count[k]
+    step = torch.arange(int(n.max()) if lin.numel() else 0)
+    at = (f[:, None] + step).clamp_(max=b * width - 1)
+    not_after = (step < n[:, None]) & ~_before(dist.reshape(-1)[lin][:, None], (lin % g)[:, None],
+                                               t_dist.view(-1)[at], t_idx.view(-1)[at])
+    diff = torch.zeros(b * width + 1, dtype=torch.int64)
+    diff.index_add_(0, f + not_after.sum(1), torch.ones_like(f))
+    diff.index_add_(0, f + n, torch.full_like(f, -1))
+    before += torch.cumsum(diff[:-1], 0).view(b, width)
     # Remove the items that are not negatives (the true matches among them come back as the
     # column index: match j has j true matches before it).
     ahead = has[:, :, None] & _before(ex_dist[:, :, None], cols[:, :, None], t_dist[:, None, :], t_idx[:, None, :])
