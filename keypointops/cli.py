@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, metavar="PATH", help="local torchvision ResNet weights")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes per rank")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes per rank")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per rank (default: this rank's share of the cores minus --workers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
@@ -70,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--root", default=None, help="dataset folder (default: the one it was trained on)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
 
     p = sub.add_parser("export", help="export the inference model, check it against PyTorch")
@@ -122,14 +124,20 @@ def _report(label: str, result: dict, baseline_results: dict, dataset, out: Path
 
 # ----------------------------------------------------------------------------------------- commands
 
-def _train(args) -> None:
+def _set_threads(args) -> None:
+    """Intra-op threads: ``--threads``, else the rank's share of the cores less one per loader worker
+    (on a 2-core machine: 1 thread and 1 worker; more threads than free cores make OpenMP spin)."""
     import torch
 
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(args.threads or max(1, share - args.workers))
+
+
+def _train(args) -> None:
     from keypointops import engine
     from keypointops.plots import plot_curves
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     overrides = {k: getattr(args, k) for k in ("epochs", "frames", "batch_size", "instances", "height", "width",
                                                "lr", "warmup_epochs", "grad_clip") if getattr(args, k) is not None}
     config = engine.make_config(args.model, args.preset, args.data, args.root, seed=args.seed, workers=args.workers,
@@ -151,6 +159,7 @@ def _evaluate(args) -> None:
     from keypointops import engine
     from keypointops.data import build_dataset
 
+    _set_threads(args)
     state = engine.load_checkpoint(args.checkpoint, args.model)
     config = dict(state["config"], workers=args.workers)
     if args.root is not None:
@@ -253,6 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"keypointops {args.command}: interrupted", file=sys.stderr)
         return 130
-    if args.command in ("train", "evaluate"):
+    if args.command in ("train", "evaluate") and os.environ.get("RANK", "0") == "0":
         print(f"total {time.perf_counter() - start:.0f} s")
     return 0

@@ -44,7 +44,7 @@ class CheckpointError(ValueError):
 
 
 def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthetic", root: str | None = None, *,
-                seed: int = 0, workers: int = 2, pretrained: str | None = None, eval_every: int = 0,
+                seed: int = 0, workers: int = 1, pretrained: str | None = None, eval_every: int = 0,
                 max_steps: int | None = None, train_overrides: dict | None = None,
                 model_overrides: dict | None = None, data_options: dict | None = None) -> dict:
     """The config of a run: the model preset's ``"model"`` options and ``"train"`` settings
@@ -90,10 +90,9 @@ def distributed(core: nn.Module, device: torch.device) -> nn.Module:
 def _all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
     if world_size == 1 or not values:
         return values
-    keys = sorted(values)
-    buf = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    buf = torch.tensor(list(values.values()), dtype=torch.float64)  # same keys, same order on every rank
     dist.all_reduce(buf)
-    return {k: float(v) / world_size for k, v in zip(keys, buf)}
+    return {k: float(v) / world_size for k, v in zip(values, buf)}
 
 
 def device_for_rank() -> torch.device:
