@@ -244,5 +244,7 @@ def test_bad_input_names_the_argument():
         CTL(3, **SMALL, cross_scale_sources=("s3",))
     with pytest.raises(ValueError, match="cross_scale_stages"):
         CTL(3, **SMALL, graph_layers=1, cross_scale_stages=2)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         CTL(3, **SMALL, temperature=0.0)
+    with pytest.raises(ValueError, match="heatmap_sigma must be a finite number > 0"):
+        CTL(3, **SMALL, heatmap_sigma=float("nan"))

@@ -215,8 +215,10 @@ class CTL(nn.Module):
         if cross_scale_stages not in (1, 2) or (cross_scale_stages == 2 and graph_layers < 2):
             raise ValueError(f"CTL: cross_scale_stages must be 1, or 2 with graph_layers >= 2 (the "
                              f"second fusion follows the first 3D-GCL), got {cross_scale_stages!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"CTL: temperature must be a finite number > 0, got {temperature!r}")
+        for name, value in (("temperature", temperature), ("heatmap_sigma", heatmap_sigma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"CTL: {name} must be a finite number > 0, got {value!r}")
         self.frames, self.temperature, self.heatmap_sigma = frames, float(temperature), float(heatmap_sigma)
         self.cross_scale, self.sources, self.stages = cross_scale, sources, cross_scale_stages
         self.alpha, self.margin, self.label_smoothing = alpha, margin, label_smoothing
