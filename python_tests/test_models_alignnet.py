@@ -1,6 +1,7 @@
 """AlignNet (keypointops.models.alignnet) against ../shared/models/alignnet.md, at small sizes on CPU."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -237,3 +238,18 @@ def test_bad_options_name_the_argument():
         model(images, keypoints[:, :, :12])
     with pytest.raises(ValueError, match="images must be"):
         model(images[0], keypoints)
+
+
+def test_reference_backend_traces_for_onnx():
+    """Eval mode with ops_backend="reference" (what ``keypointops export`` builds) is plain PyTorch
+    that the tracer of ``torch.onnx.export`` records, rendered pose maps included (shapes read as
+    ints), and the trace reproduces the model on another clip."""
+    torch.manual_seed(0)
+    model = AlignNet(3, ops_backend="reference", **SMALL).eval()
+    images, keypoints, _ = clips(batch=1, height=32, width=16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the tracer's notes on Python-side shape checks
+        traced = torch.jit.trace(model, (images, keypoints), check_trace=False)
+        assert "keypointops::" not in str(traced.inlined_graph)   # no op of the library
+        other = clips(batch=1, height=32, width=16, seed=1)[:2]
+        torch.testing.assert_close(traced(*other), model(*other))

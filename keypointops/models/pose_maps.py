@@ -273,7 +273,8 @@ class PoseMaps(nn.Module):
         if self.net is not None:
             return self.net(openpose_input(images))
         with torch.no_grad():
-            return render_pose_maps(keypoints.to(images.dtype), tuple(images.shape[-2:]),
+            size = (int(images.shape[-2]), int(images.shape[-1]))   # ints also under the ONNX tracer
+            return render_pose_maps(keypoints.to(images.dtype), size,
                                     sigma=self.sigma, limb_width=self.limb_width)
 
     def extra_repr(self) -> str:
