@@ -239,19 +239,19 @@ class _TwoCameraDataset(VideoReIDDataset):
     """Query = camera 0 of the test people, gallery = camera 1, train = both cameras of the train
     people, for one of 10 train/test splits of the people."""
 
-    def _build(self, split: dict, cam_dirs: tuple[Path, Path], suffix: str, pid_of: Callable[[str], int],
-               split_id: int, num_splits: int):
-        if not 0 <= split_id < num_splits:
-            raise ValueError(f"{type(self).__name__}: split_id must be in [0, {num_splits}), got {split_id}")
+    def _build(self, splits: list[dict], split_id: int, cam_dirs: tuple[Path, Path], pid_of: Callable[[str], int]):
+        if not 0 <= split_id < len(splits):
+            raise ValueError(f"{type(self).__name__}: split_id must be in [0, {len(splits)}), got {split_id}")
+        split = splits[split_id]
 
         def tracklets(people, cams):
             out = []
             for person in people:
                 for camid in cams:
                     folder = cam_dirs[camid] / person
-                    frames = _frames_in(folder, suffix)
+                    frames = _frames_in(folder, ".png")
                     if not frames:
-                        raise DatasetNotFoundError(f"{type(self).__name__}: no {suffix} frames in {folder}")
+                        raise DatasetNotFoundError(f"{type(self).__name__}: no .png frames in {folder}")
                     out.append(Tracklet(frames, pid_of(person), camid))
             return out
 
@@ -288,8 +288,7 @@ class iLIDSVID(_TwoCameraDataset):  # noqa: N801 (the dataset's own spelling)
             _require("iLIDS-VID", root, [str(mat.relative_to(root))], ILIDSVID_SOURCE)
             splits = self._splits_from_mat(mat, sorted(p.name for p in cams[0].iterdir() if p.is_dir()))
             _store_splits(split_path, splits, "iLIDS-VID")
-        self._build(splits[split_id], cams, ".png", lambda person: int(person[len("person"):]), split_id,
-                    len(splits))
+        self._build(splits, split_id, cams, lambda person: int(person[len("person"):]))
 
     @staticmethod
     def _splits_from_mat(path: Path, people: list[str]) -> list[dict]:
@@ -332,8 +331,7 @@ class PRID2011(_TwoCameraDataset):
                                  f"by both cameras with more than {min_frames} frames")
             splits = _random_splits(people)
             _store_splits(split_path, splits, "PRID2011")
-        self._build(splits[split_id], cams, ".png", lambda person: int(person[len("person_"):]), split_id,
-                    len(splits))
+        self._build(splits, split_id, cams, lambda person: int(person[len("person_"):]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -215,7 +215,10 @@ def write_cache(path: str | os.PathLike, keypoints: np.ndarray, missing_files: i
 def read_cache(path: str | os.PathLike) -> np.ndarray:
     """Reads a tracklet's ``[F, 17, 3]`` keypoints from a cache written by :func:`write_cache`."""
     try:
-        with np.load(path) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with data:
             kp = data["keypoints"]
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: unreadable keypoint cache: {e}") from None

@@ -39,10 +39,12 @@ Deterministic: the same parameters give byte-identical files.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -56,7 +58,7 @@ from PIL import Image, ImageDraw
 from keypointops.data.keypoint_files import write_pose
 
 __all__ = ["VERSION", "DEFAULTS", "generate", "default_root", "ensure_synthetic", "render_tracklet",
-           "make_identity", "make_camera"]
+           "make_family", "make_identity", "make_camera"]
 
 #: Bumped whenever the rendering changes, so cached datasets of an older version are not reused.
 VERSION = 1
@@ -70,6 +72,7 @@ PALETTE = np.array([(30, 30, 35), (225, 225, 220), (125, 125, 130), (185, 35, 40
                     (40, 125, 65), (220, 190, 50), (150, 105, 65), (140, 60, 150)], np.float64)
 SKIN = np.array([(235, 195, 165), (195, 145, 105), (120, 80, 55)], np.float64)
 HAIR = np.array([(25, 20, 20), (100, 65, 35), (210, 180, 110), (150, 150, 150)], np.float64)
+SCENE_WIDTH = 8  # a camera's scene, in crop widths: tracklets see different stretches of it
 TOP_PATTERNS = ("solid", "stripes", "two_tone", "jacket", "logo")
 LOWER_STYLES = ("trousers", "trousers", "shorts", "skirt")
 
@@ -106,37 +109,43 @@ def _jitter(rng: np.random.Generator, color, amount: float = 10.0) -> tuple[int,
     return _rgb(np.asarray(color, np.float64) + rng.normal(0, amount, 3))
 
 
-def make_identity(rng: np.random.Generator, family: tuple[int, int, int], member: int) -> Identity:
-    """An identity of a colour family: ``family`` = three palette indices (A, B, C); the member
-    number picks where they go (top / lower body swap, pattern colour, shoes), so members share
-    their colours but not their placement."""
-    a, b, c = (PALETTE[i] for i in family)
+def make_family(rng: np.random.Generator) -> dict:
+    """The traits a colour family shares: three palette colours (A, B, C), skin, hair, shoes, hat,
+    bag, sleeve length, lower-body style and a pair of top patterns with similar areas of C."""
+    a, b, c = (PALETTE[int(i)] for i in rng.choice(len(PALETTE), 3, replace=False))
+    pairs = (("stripes", "two_tone"), ("solid", "logo"), ("jacket", "jacket"), ("two_tone", "stripes"))
+    return dict(colors=(a, b, c), skin=SKIN[int(rng.integers(len(SKIN)))], hair=HAIR[int(rng.integers(len(HAIR)))],
+                shoes=PALETTE[0] if rng.random() < 0.5 else c, hat=c if rng.random() < 0.2 else None,
+                bag=(c if rng.random() < 0.5 else PALETTE[int(rng.integers(len(PALETTE)))])
+                if rng.random() < 0.3 else None,
+                short_sleeves=bool(rng.random() < 0.35),
+                lower_style=LOWER_STYLES[int(rng.integers(len(LOWER_STYLES)))],
+                patterns=pairs[int(rng.integers(len(pairs)))])
+
+
+def make_identity(rng: np.random.Generator, family: dict, member: int) -> Identity:
+    """Member ``member`` of a colour family (:func:`make_family`): members wear the same colours
+    placed differently (A on the top and B below, or the reverse; one pattern of the pair or the
+    other), so their colour histograms nearly agree; body shape and gait are the member's own."""
+    a, b, c = family["colors"]
     if member % 2:
         a, b = b, a
-    pattern = TOP_PATTERNS[int(rng.integers(len(TOP_PATTERNS)))]
-    top2 = c if (member // 2) % 2 == 0 else b
-    shoes = PALETTE[0] if rng.random() < 0.5 else c
+    optional = {key: None if family[key] is None else _jitter(rng, family[key]) for key in ("hat", "bag")}
     return Identity(
-        skin=_jitter(rng, SKIN[int(rng.integers(len(SKIN)))], 6),
-        hair=_jitter(rng, HAIR[int(rng.integers(len(HAIR)))], 6),
-        hat=_jitter(rng, c) if rng.random() < 0.2 else None,
-        top=_jitter(rng, a), top2=_jitter(rng, top2), pattern=pattern,
-        short_sleeves=bool(rng.random() < 0.35),
-        lower=_jitter(rng, b), lower_style=LOWER_STYLES[int(rng.integers(len(LOWER_STYLES)))],
-        shoes=_jitter(rng, shoes),
-        bag=_jitter(rng, c if rng.random() < 0.5 else PALETTE[int(rng.integers(len(PALETTE)))])
-        if rng.random() < 0.3 else None,
+        skin=_jitter(rng, family["skin"], 6), hair=_jitter(rng, family["hair"], 6),
+        top=_jitter(rng, a), top2=_jitter(rng, c), pattern=family["patterns"][(member // 2) % 2],
+        short_sleeves=family["short_sleeves"], lower=_jitter(rng, b), lower_style=family["lower_style"],
+        shoes=_jitter(rng, family["shoes"]),
         height=float(rng.uniform(0.80, 0.92)), build=float(rng.uniform(0.85, 1.2)),
         legs=float(rng.uniform(0.45, 0.53)), stride=float(rng.uniform(0.25, 0.5)),
-        cadence=float(rng.uniform(0.06, 0.11)), arm_swing=float(rng.uniform(0.15, 0.55)),
-    )
+        cadence=float(rng.uniform(0.06, 0.11)), arm_swing=float(rng.uniform(0.15, 0.55)), **optional)
 
 
 def _identities(rng: np.random.Generator, count: int) -> list[Identity]:
     """``count`` identities in colour families of 2-4 members."""
     out = []
     while len(out) < count:
-        family = tuple(int(i) for i in rng.choice(len(PALETTE), 3, replace=False))
+        family = make_family(rng)
         for member in range(int(rng.integers(2, 5))):
             out.append(make_identity(rng, family, member))
     return out[:count]
@@ -146,37 +155,43 @@ def _identities(rng: np.random.Generator, count: int) -> list[Identity]:
 class Camera:
     """One camera: background scene (wider than a crop), colour gains, viewing angles, sharpness."""
 
-    background: np.ndarray   # uint8 [H, 3 W, 3] scaled by ``sharpness``
+    background: np.ndarray   # uint8 [H, SCENE_WIDTH * W, 3] scaled by ``sharpness``
     gains: np.ndarray        # per-channel multipliers (colour cast and brightness)
     view: float              # main viewing angle (rad): 0 = people walk toward the camera
     sharpness: float         # render scale (1 = full resolution)
 
 
 def make_camera(rng: np.random.Generator, size: tuple[int, int]) -> Camera:
-    """A camera with a random scene (wall with windows and posters, floor) and colour cast."""
+    """A camera with a random scene ``SCENE_WIDTH`` crops wide (stretches of wall with windows,
+    doors and posters, a floor) and a colour cast."""
     height, width = size
-    image = Image.new("RGB", (3 * width, height))
+    scene = SCENE_WIDTH * width
+    image = Image.new("RGB", (scene, height))
     draw = ImageDraw.Draw(image)
     horizon = int(height * rng.uniform(0.45, 0.7))
     # Scenes are mostly grey (a slight tint) as real corridors and streets are.
-    wall = rng.uniform(80, 190) * rng.uniform(0.9, 1.1, 3)
-    floor = rng.uniform(60, 150) * rng.uniform(0.9, 1.1, 3)
-    draw.rectangle([0, 0, 3 * width, horizon], fill=_rgb(wall))
-    draw.rectangle([0, horizon, 3 * width, height], fill=_rgb(floor))
-    for _ in range(int(rng.integers(6, 12))):
-        x0 = rng.uniform(-10, 3 * width)
-        y0 = rng.uniform(-10, horizon - 8)
-        w, h = rng.uniform(6, 30) * width / 64, rng.uniform(8, 40) * height / 128
-        color = PALETTE[int(rng.integers(len(PALETTE)))] if rng.random() < 0.2 else wall * rng.uniform(0.5, 1.3)
-        draw.rectangle([x0, y0, x0 + w, min(y0 + h, horizon)], fill=_jitter(rng, color, 15))
-    for x in np.arange(rng.uniform(0, 20), 3 * width, rng.uniform(12, 30) * width / 64):
-        draw.line([(x, horizon), (x + rng.uniform(-20, 20), height)], fill=_rgb(floor * 0.8), width=1)
-    cast = rng.uniform(0.88, 1.12, 3)
+    x = 0.0
+    while x < scene:
+        wall = rng.uniform(70, 200) * rng.uniform(0.88, 1.12, 3)
+        floor = rng.uniform(60, 160) * rng.uniform(0.9, 1.1, 3)
+        stretch = rng.uniform(0.7, 2.5) * width
+        draw.rectangle([x, 0, x + stretch, horizon], fill=_rgb(wall))
+        draw.rectangle([x, horizon, x + stretch, height], fill=_rgb(floor))
+        for _ in range(int(rng.integers(1, 4))):
+            x0 = x + rng.uniform(-5, stretch)
+            y0 = rng.uniform(-10, horizon - 8)
+            w, h = rng.uniform(6, 30) * width / 64, rng.uniform(8, 50) * height / 128
+            color = PALETTE[int(rng.integers(len(PALETTE)))] if rng.random() < 0.15 else wall * rng.uniform(0.5, 1.3)
+            draw.rectangle([x0, y0, x0 + w, min(y0 + h, horizon)], fill=_jitter(rng, color, 15))
+        x += stretch
+    for x in np.arange(rng.uniform(0, 20), scene, rng.uniform(12, 30) * width / 64):
+        draw.line([(x, horizon), (x + rng.uniform(-20, 20), height)], fill=(60, 60, 60), width=1)
+    cast = rng.uniform(0.9, 1.1, 3)
     gains = cast / cast.mean() * rng.uniform(0.8, 1.1)
     view = float(rng.choice([0.0, math.pi, math.pi / 2, -math.pi / 2, math.pi / 4, -3 * math.pi / 4]))
     sharpness = float(rng.choice([1.0, 1.0, 0.75, 0.6]))
     if sharpness != 1.0:
-        image = image.resize((round(3 * width * sharpness), round(height * sharpness)), Image.BILINEAR)
+        image = image.resize((round(scene * sharpness), round(height * sharpness)), Image.BILINEAR)
     return Camera(np.asarray(image), gains, view, sharpness)
 
 
@@ -440,7 +455,7 @@ def render_tracklet(rng: np.random.Generator, person: Identity, camera: Camera, 
     theta = camera.view + (math.pi if rng.random() < 0.5 else 0.0) + rng.normal(0, 0.25)
     walk = math.sin(theta)  # sideways component: the background scrolls
     phase0 = rng.uniform(0, 2 * math.pi)
-    bg_x = rng.uniform(0, width)
+    bg_x = rng.uniform(width, (SCENE_WIDTH - 2) * width)
     jitter = np.zeros(3)
     base_scale = person.height * height * rng.uniform(0.95, 1.05)
     if junk:
@@ -480,7 +495,7 @@ def render_tracklet(rng: np.random.Generator, person: Identity, camera: Camera, 
         cx = width / 2 + jitter[0] + offset[0]
         feet = height * 0.965 + jitter[1] + offset[1] + (scale - base_scale) * 0.5
         proj = _Projection(theta, scale * render_scale, cx * render_scale, feet * render_scale)
-        x = int(np.clip(bg_x + walk * t * 1.5 + 0.5 * jitter[0], 0, 2 * width - 1) * render_scale)
+        x = int(np.clip(bg_x + walk * t * 1.5 + 0.5 * jitter[0], 0, (SCENE_WIDTH - 1) * width - 1) * render_scale)
         image = Image.fromarray(np.ascontiguousarray(background[:rh, x:x + rw]))
         mask = Image.new("L", (rw, rh), 0) if with_masks else None
         canvas = _Canvas(image, mask)
@@ -595,6 +610,34 @@ def _plan(params: dict) -> dict[str, list[dict]]:
     return plan
 
 
+_STATE: tuple = ()
+
+
+def _set_state(state: tuple) -> None:
+    """Sets what :func:`_write_tracklet` needs (root, parameters, cameras, people) in a process."""
+    global _STATE
+    _STATE = state
+
+
+def _write_tracklet(job: tuple[str, int, dict]) -> list[str]:
+    """Renders tracklet ``number`` of ``split`` and writes its frames and .pose files; returns the
+    frame names.  Its randomness depends only on (seed, split, number): any process may render it."""
+    split, number, row = job
+    root, params, cameras, people = _STATE
+    pid, cam = row["pid"], row["cam"]
+    folder = _folder(pid)
+    rng = np.random.default_rng((params["seed"], 3, 0 if split == "train" else 1, number))
+    images, keypoints, _ = render_tracklet(rng, people[row["identity"] - 1], cameras[cam - 1], row["length"],
+                                           tuple(params["size"]), occluders=params["occluders"], junk=pid == -1)
+    names = []
+    for f, (image, kp) in enumerate(zip(images, keypoints)):
+        name = f"{folder}C{cam}T{row['tracklet']:04d}F{f + 1:03d}"
+        image.save(root / f"bbox_{split}" / folder / f"{name}.jpg", quality=90)
+        write_pose(root / f"bbox_{split}_keypoints" / folder / f"{name}.pose", kp)
+        names.append(f"{name}.jpg")
+    return names
+
+
 def _folder(pid: int) -> str:
     return "00-1" if pid == -1 else f"{pid:04d}"
 
@@ -617,7 +660,7 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
              num_cameras: int = DEFAULTS["num_cameras"], frames: int = DEFAULTS["frames"],
              size=DEFAULTS["size"], distractors: float = DEFAULTS["distractors"],
              junk: float = DEFAULTS["junk"], occluders: float = DEFAULTS["occluders"],
-             progress: bool = True) -> dict:
+             workers: int = 2, progress: bool = True) -> dict:
     """Writes the synthetic dataset (MARS layout, see the module docstring) into ``root`` and
     returns its description (also written to ``root/synthetic.json``).
 
@@ -630,6 +673,8 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
         size: frame (height, width) in pixels, or a height (width = height / 2).
         distractors, junk: pid-0 / pid-(-1) test tracklets, as a fraction of the test tracklets.
         occluders: fraction of tracklets with an occluder over a run of frames.
+        workers: processes rendering in parallel (the files do not depend on it).
+        progress: show a progress bar.
     """
     from tqdm import tqdm
 
@@ -643,40 +688,40 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
     num_identities = max(r["identity"] for rows in plan.values() for r in rows)
     people = _identities(np.random.default_rng((params["seed"], 2)), num_identities)
     (root / "info").mkdir(parents=True, exist_ok=True)
-    total = sum(r["length"] for rows in plan.values() for r in rows)
+    for split, rows in plan.items():
+        for folder in {_folder(r["pid"]) for r in rows}:
+            (root / f"bbox_{split}" / folder).mkdir(parents=True, exist_ok=True)
+            (root / f"bbox_{split}_keypoints" / folder).mkdir(parents=True, exist_ok=True)
+    jobs = [(split, number, row) for split, rows in plan.items() for number, row in enumerate(rows)]
+    state = (root, params, cameras, people)
+    workers = max(1, min(int(workers), len(jobs)))
+    names = {split: [] for split in plan}
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=sum(r["length"] for _, _, r in jobs), desc="synthetic frames",
+                                       unit="frame", disable=not progress))
+        if workers > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(
+                workers, initializer=_set_state, initargs=(state,)))
+            results = pool.imap(_write_tracklet, jobs, chunksize=4)
+        else:
+            _set_state(state)
+            results = map(_write_tracklet, jobs)
+        for (split, _, row), tracklet_names in zip(jobs, results):
+            row["frames"] = (len(names[split]) + 1, len(names[split]) + len(tracklet_names))
+            names[split].extend(tracklet_names)
+            bar.update(row["length"])
     counts = {}
-    with tqdm(total=total, desc="synthetic frames", unit="frame", disable=not progress) as bar:
-        for split, rows in plan.items():
-            names, info, query_rows = [], [], []
-            for number, row in enumerate(rows):
-                pid, cam = row["pid"], row["cam"]
-                folder = _folder(pid)
-                image_dir = root / f"bbox_{split}" / folder
-                pose_dir = root / f"bbox_{split}_keypoints" / folder
-                image_dir.mkdir(parents=True, exist_ok=True)
-                pose_dir.mkdir(parents=True, exist_ok=True)
-                tracklet_rng = np.random.default_rng((params["seed"], 3, 0 if split == "train" else 1, number))
-                images, keypoints, _ = render_tracklet(
-                    tracklet_rng, people[row["identity"] - 1], cameras[cam - 1], row["length"], size,
-                    occluders=params["occluders"], junk=pid == -1)
-                start = len(names) + 1
-                for f, (image, kp) in enumerate(zip(images, keypoints)):
-                    name = f"{folder}C{cam}T{row['tracklet']:04d}F{f + 1:03d}"
-                    image.save(image_dir / f"{name}.jpg", quality=90)
-                    write_pose(pose_dir / f"{name}.pose", kp)
-                    names.append(f"{name}.jpg")
-                info.append((start, len(names), pid, cam))
-                if row["role"] == "query":
-                    query_rows.append(number + 1)
-                bar.update(row["length"])
-            (root / "info" / f"{split}_name.txt").write_text("".join(n + "\n" for n in names))
-            _savemat(root / "info" / f"tracks_{split}_info.mat", f"track_{split}_info", np.array(info, np.float64))
-            if split == "test":
-                _savemat(root / "info" / "query_IDX.mat", "query_IDX", np.array([query_rows], np.float64))
-            counts[split] = dict(tracklets=len(rows), frames=len(names),
-                                 ids=len({r["pid"] for r in rows if r["pid"] > 0}),
-                                 query=len(query_rows), distractors=sum(r["pid"] == 0 for r in rows),
-                                 junk=sum(r["pid"] == -1 for r in rows))
+    for split, rows in plan.items():
+        info = [(r["frames"][0], r["frames"][1], r["pid"], r["cam"]) for r in rows]
+        query_rows = [number + 1 for number, r in enumerate(rows) if r["role"] == "query"]
+        (root / "info" / f"{split}_name.txt").write_text("".join(n + "\n" for n in names[split]))
+        _savemat(root / "info" / f"tracks_{split}_info.mat", f"track_{split}_info", np.array(info, np.float64))
+        if split == "test":
+            _savemat(root / "info" / "query_IDX.mat", "query_IDX", np.array([query_rows], np.float64))
+        counts[split] = dict(tracklets=len(rows), frames=len(names[split]),
+                             ids=len({r["pid"] for r in rows if r["pid"] > 0}),
+                             query=len(query_rows), distractors=sum(r["pid"] == 0 for r in rows),
+                             junk=sum(r["pid"] == -1 for r in rows))
     description = dict(version=VERSION, params=params, counts=counts)
     (root / "synthetic.json").write_text(json.dumps(description, indent=1) + "\n")
     return description
@@ -694,7 +739,8 @@ def default_root(**params) -> Path:
     return base / f"synthetic-v{VERSION}-{_params_key(params)}"
 
 
-def ensure_synthetic(root: str | os.PathLike | None = None, *, progress: bool = True, **params) -> Path:
+def ensure_synthetic(root: str | os.PathLike | None = None, *, progress: bool = True, workers: int = 2,
+                     **params) -> Path:
     """The synthetic dataset's folder, generated on first use: ``root`` (default
     :func:`default_root`) is reused when it holds a complete dataset (``synthetic.json``), else it is
     generated into a temporary sibling folder and renamed into place, so an interrupted or concurrent
@@ -714,7 +760,7 @@ def ensure_synthetic(root: str | os.PathLike | None = None, *, progress: bool = 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        generate(tmp, progress=progress, **params)
+        generate(tmp, progress=progress, workers=workers, **params)
         if root.exists():
             root.rmdir()
         os.rename(tmp, root)
