@@ -61,7 +61,7 @@ __all__ = ["VERSION", "DEFAULTS", "generate", "default_root", "ensure_synthetic"
            "make_family", "make_identity", "make_camera"]
 
 #: Bumped whenever the rendering changes, so cached datasets of an older version are not reused.
-VERSION = 1
+VERSION = 2
 
 #: The default parameters (the main job's dataset): ~12k frames of 128 x 64, generated in seconds.
 DEFAULTS = dict(num_train_ids=80, num_test_ids=80, seed=0, num_cameras=6, frames=20, size=(128, 64),
