@@ -58,12 +58,10 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     settings = copy.deepcopy(get_preset(model, preset))
     train_cfg = settings["train"]
     for key, value in (train_overrides or {}).items():
-        if key not in train_cfg and key != "eval_every":
+        if key not in train_cfg:
             raise ValueError(f"unknown train setting {key!r}; the preset has {sorted(train_cfg)}")
         train_cfg[key] = value
-    train_cfg.setdefault("eval_every", eval_every)
-    if eval_every:
-        train_cfg["eval_every"] = eval_every
+    train_cfg["eval_every"] = eval_every or train_cfg.get("eval_every", 0)
     return {"model": model, "preset": preset, "model_options": {**settings["model"], **(model_overrides or {})},
             "train": train_cfg, "data": data, "root": root, "data_options": dict(data_options or {}),
             "seed": seed, "workers": workers, "pretrained": pretrained, "max_steps": max_steps}
@@ -378,14 +376,10 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         seconds = time.perf_counter() - tick
         record = {"epoch": epoch + 1, "lr": lr, **stats, **counts, "seconds": seconds,
                   "clips_per_s": counts["clips"] / seconds}
-        every = t.get("eval_every") or 0
-        if rank == 0 and (epoch + 1 == epochs or (every and (epoch + 1) % every == 0)):
-            last = epoch + 1 == epochs
-            results = evaluate_models({"model": core, **(baselines() if last and with_baselines else {})},
-                                      dataset, config, device)
-            result = results.pop("model")
+        last = epoch + 1 == epochs
+        if rank == 0 and (last or (t["eval_every"] and (epoch + 1) % t["eval_every"] == 0)):
+            result, baseline_results = _evaluate_run(core, dataset, config, device, last and with_baselines)
             record.update(summary(result))
-            baseline_results = results
         if rank == 0:
             _write_metrics(metrics_path, epoch, record)
             save_checkpoint(ckpt_path, {
@@ -396,13 +390,17 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         if world_size > 1:
             dist.barrier()
     if result is None and rank == 0:  # resumed a finished run: evaluate its weights
-        results = evaluate_models({"model": core, **(baselines() if with_baselines else {})}, dataset, config, device)
-        result = results.pop("model")
-        baseline_results = results
+        result, baseline_results = _evaluate_run(core, dataset, config, device, with_baselines)
     if world_size > 1:
         dist.destroy_process_group()
     return {"metrics": record, "eval": result, "baselines": baseline_results, "dataset": dataset, "model": core,
             "seconds": time.perf_counter() - start_time}
+
+
+def _evaluate_run(core, dataset, config, device, with_baselines: bool) -> tuple[dict, dict]:
+    """The model's evaluation and, when asked, the baselines' (one pass over the test frames)."""
+    results = evaluate_models({"model": core, **(baselines() if with_baselines else {})}, dataset, config, device)
+    return results.pop("model"), results
 
 
 def _epoch_line(record: dict, epochs: int) -> str:

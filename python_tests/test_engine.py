@@ -16,7 +16,7 @@ from keypointops import engine
 
 TINY_DATA = dict(num_train_ids=6, num_test_ids=5, frames=6, size=[64, 32], progress=False)
 TINY_TRAIN = dict(batch_size=4, frames=2, height=64, width=32)
-CLI_ARGS = ["--workers", "0", "--threads", "1", "--batch-size", "4", "--frames", "2", "--height", "64",
+CLI_ARGS = ["--workers", "0", "--threads", "1", "--max-steps", "2", "--batch-size", "4", "--frames", "2", "--height", "64",
             "--width", "32", "--model-option", "width=0.125", "--no-baselines"]
 CLI_ARGS += [f"--data-option={k}={v}" for k, v in TINY_DATA.items() if k != "progress"]
 
