@@ -237,33 +237,49 @@ def _random_splits(people: list[str], num_splits: int = 10, seed: int = 0) -> li
 
 class _TwoCameraDataset(VideoReIDDataset):
     """Query = camera 0 of the test people, gallery = camera 1, train = both cameras of the train
-    people, for one of 10 train/test splits of the people."""
+    people, for one of 10 train/test splits of the people (made once by ``_make_splits`` and stored
+    as ``split_file`` beside the data).  Subclasses set the class attributes below."""
 
-    def _build(self, splits: list[dict], split_id: int, cam_dirs: tuple[Path, Path], pid_of: Callable[[str], int]):
+    label: str              # the dataset's name in messages
+    subdir: str             # root may be the folder above the dataset, which holds it under this name
+    cam_dirs: tuple[str, str]
+    split_file: str
+    person_prefix: str      # person folder = prefix + number (the pid)
+    source: str
+
+    def __init__(self, root: str | Path, split_id: int = 0):
+        root = Path(root).expanduser()
+        if not (root / self.cam_dirs[0]).is_dir() and (root / self.subdir).is_dir():
+            root = root / self.subdir
+        _require(self.label, root, list(self.cam_dirs), self.source)
+        self.root = root
+        cams = tuple(root / c for c in self.cam_dirs)
+        splits = _load_splits(root / self.split_file, self.label)
+        if splits is None:
+            splits = self._make_splits(cams)
+            _store_splits(root / self.split_file, splits, self.label)
         if not 0 <= split_id < len(splits):
-            raise ValueError(f"{type(self).__name__}: split_id must be in [0, {len(splits)}), got {split_id}")
-        split = splits[split_id]
+            raise ValueError(f"{self.label}: split_id must be in [0, {len(splits)}), got {split_id}")
 
-        def tracklets(people, cams):
+        def tracklets(people, camids):
             out = []
             for person in people:
-                for camid in cams:
-                    folder = cam_dirs[camid] / person
-                    frames = _frames_in(folder, ".png")
+                for camid in camids:
+                    frames = _frames_in(cams[camid] / person, ".png")
                     if not frames:
-                        raise DatasetNotFoundError(f"{type(self).__name__}: no .png frames in {folder}")
-                    out.append(Tracklet(frames, pid_of(person), camid))
+                        raise DatasetNotFoundError(f"{self.label}: no .png frames in {cams[camid] / person}")
+                    out.append(Tracklet(frames, int(person[len(self.person_prefix):]), camid))
             return out
 
+        split = splits[split_id]
         train, query, gallery = (
-            _sidecar_keypoints(tracklets(people, cams), self.root, f"{type(self).__name__} {name}", name)
-            for people, cams, name in ((split["train"], (0, 1), "train"), (split["test"], (0,), "query"),
-                                       (split["test"], (1,), "gallery")))
+            _sidecar_keypoints(tracklets(people, camids), root, f"{self.label} {name}", name)
+            for people, camids, name in ((split["train"], (0, 1), "train"), (split["test"], (0,), "query"),
+                                         (split["test"], (1,), "gallery")))
         super().__init__(_relabel(train), query, gallery)
 
-
-ILIDSVID_SOURCE = ("iLIDS-VID comes from https://xiatian-zhu.github.io/downloads_qmul_iLIDS-VID_ReID_dataset.html "
-                   "(i-LIDS-VID.tar with its 'train-test people splits' folder).")
+    def _make_splits(self, cams: tuple[Path, Path]) -> list[dict]:
+        raise NotImplementedError
 
 
 class iLIDSVID(_TwoCameraDataset):  # noqa: N801 (the dataset's own spelling)
@@ -273,36 +289,22 @@ class iLIDSVID(_TwoCameraDataset):  # noqa: N801 (the dataset's own spelling)
     ``ls_set``, as torchreid); they are stored once as ``splits.json`` beside the data."""
 
     name = "ilidsvid"
+    label, subdir, split_file, person_prefix = "iLIDS-VID", "ilids-vid", "splits.json", "person"
+    cam_dirs = ("i-LIDS-VID/sequences/cam1", "i-LIDS-VID/sequences/cam2")
+    source = ("iLIDS-VID comes from https://xiatian-zhu.github.io/downloads_qmul_iLIDS-VID_ReID_dataset.html "
+              "(i-LIDS-VID.tar with its 'train-test people splits' folder).")
 
-    def __init__(self, root: str | Path, split_id: int = 0):
-        root = Path(root).expanduser()
-        if not (root / "i-LIDS-VID").is_dir() and (root / "ilids-vid").is_dir():
-            root = root / "ilids-vid"
-        _require("iLIDS-VID", root, ["i-LIDS-VID/sequences/cam1", "i-LIDS-VID/sequences/cam2"], ILIDSVID_SOURCE)
-        self.root = root
-        cams = (root / "i-LIDS-VID/sequences/cam1", root / "i-LIDS-VID/sequences/cam2")
-        split_path = root / "splits.json"
-        splits = _load_splits(split_path, "iLIDS-VID")
-        if splits is None:
-            mat = root / "train-test people splits" / "train_test_splits_ilidsvid.mat"
-            _require("iLIDS-VID", root, [str(mat.relative_to(root))], ILIDSVID_SOURCE)
-            splits = self._splits_from_mat(mat, sorted(p.name for p in cams[0].iterdir() if p.is_dir()))
-            _store_splits(split_path, splits, "iLIDS-VID")
-        self._build(splits, split_id, cams, lambda person: int(person[len("person"):]))
-
-    @staticmethod
-    def _splits_from_mat(path: Path, people: list[str]) -> list[dict]:
-        ls_set = MARS._mat(path, "ls_set").astype(np.int64) - 1
+    def _make_splits(self, cams):
+        mat = "train-test people splits/train_test_splits_ilidsvid.mat"
+        _require(self.label, self.root, [mat], self.source)
+        people = sorted(p.name for p in cams[0].iterdir() if p.is_dir())
+        ls_set = MARS._mat(self.root / mat, "ls_set").astype(np.int64) - 1
         if ls_set.ndim != 2 or ls_set.min() < 0 or ls_set.max() >= len(people):
-            raise ValueError(f"{path}: ls_set must be [splits, people] of indices 1..{len(people)} "
+            raise ValueError(f"{self.root / mat}: ls_set must be [splits, people] of indices 1..{len(people)} "
                              f"(the person folders of cam1), got shape {ls_set.shape}")
         half = ls_set.shape[1] // 2
         return [{"train": sorted(people[i] for i in row[half:]), "test": sorted(people[i] for i in row[:half])}
                 for row in ls_set]
-
-
-PRID2011_SOURCE = ("PRID2011 comes from https://www.tugraz.at/institute/icg/research/team-bischof/"
-                   "learning-recognition-surveillance/downloads/prid11 (prid_2011.zip).")
 
 
 class PRID2011(_TwoCameraDataset):
@@ -313,25 +315,22 @@ class PRID2011(_TwoCameraDataset):
     ``splits_prid2011.json`` beside the data (torchreid's file is used when present)."""
 
     name = "prid2011"
+    label, subdir, split_file, person_prefix = "PRID2011", "prid2011", "splits_prid2011.json", "person_"
+    cam_dirs = ("prid_2011/multi_shot/cam_a", "prid_2011/multi_shot/cam_b")
+    source = ("PRID2011 comes from https://www.tugraz.at/institute/icg/research/team-bischof/"
+              "learning-recognition-surveillance/downloads/prid11 (prid_2011.zip).")
 
     def __init__(self, root: str | Path, split_id: int = 0, min_frames: int = 21):
-        root = Path(root).expanduser()
-        if not (root / "prid_2011").is_dir() and (root / "prid2011").is_dir():
-            root = root / "prid2011"
-        _require("PRID2011", root, ["prid_2011/multi_shot/cam_a", "prid_2011/multi_shot/cam_b"], PRID2011_SOURCE)
-        self.root = root
-        cams = (root / "prid_2011/multi_shot/cam_a", root / "prid_2011/multi_shot/cam_b")
-        split_path = root / "splits_prid2011.json"
-        splits = _load_splits(split_path, "PRID2011")
-        if splits is None:
-            people = [p.name for p in sorted(cams[0].iterdir()) if p.is_dir() and (cams[1] / p.name).is_dir()
-                      and all(len(_frames_in(cam / p.name, ".png")) > min_frames for cam in cams)]
-            if len(people) < 2:
-                raise ValueError(f"PRID2011: fewer than 2 people in {root / 'prid_2011/multi_shot'} are seen "
-                                 f"by both cameras with more than {min_frames} frames")
-            splits = _random_splits(people)
-            _store_splits(split_path, splits, "PRID2011")
-        self._build(splits, split_id, cams, lambda person: int(person[len("person_"):]))
+        self.min_frames = min_frames
+        super().__init__(root, split_id)
+
+    def _make_splits(self, cams):
+        people = [p.name for p in sorted(cams[0].iterdir()) if p.is_dir() and (cams[1] / p.name).is_dir()
+                  and all(len(_frames_in(cam / p.name, ".png")) > self.min_frames for cam in cams)]
+        if len(people) < 2:
+            raise ValueError(f"{self.label}: fewer than 2 people in {cams[0].parent} are seen by both cameras "
+                             f"with more than {self.min_frames} frames")
+        return _random_splits(people)
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,15 +71,18 @@ class HorizontalFlip:
 
 
 class Normalize:
-    """``uint8 [T, H, W, 3]`` -> ``float32 [T, 3, H, W]``, ``(x / 255 - mean) / std``."""
+    """``uint8 [T, H, W, 3]`` -> ``float32 [T, 3, H, W]``, ``(x / 255 - mean) / std`` (numpy: no
+    intra-op threads in the loader)."""
 
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
-        self.shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+        self.scale = np.array([1 / (255 * s) for s in std], np.float32).reshape(1, 3, 1, 1)
+        self.shift = np.array([m / s for m, s in zip(mean, std)], np.float32).reshape(1, 3, 1, 1)
 
     def __call__(self, images: np.ndarray, keypoints: np.ndarray, rng):
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-        return x.mul_(self.scale).sub_(self.shift), keypoints
+        x = images.transpose(0, 3, 1, 2).astype(np.float32)
+        x *= self.scale
+        x -= self.shift
+        return x, keypoints
 
 
 class RandomErasing:
@@ -90,7 +93,7 @@ class RandomErasing:
     def __init__(self, p: float = 0.5, area: tuple[float, float] = (0.02, 0.4), aspect: float = 0.3):
         self.p, self.area, self.aspect = p, area, aspect
 
-    def __call__(self, images: torch.Tensor, keypoints: np.ndarray, rng):
+    def __call__(self, images: np.ndarray, keypoints: np.ndarray, rng):
         if rng.random() >= self.p:
             return images, keypoints
         height, width = images.shape[-2:]
@@ -106,7 +109,8 @@ class RandomErasing:
 
 
 class Compose:
-    """Applies the steps in order; returns ``(images float32 [T, 3, H, W], keypoints float32 [T, 17, 3])``."""
+    """Applies the steps in order; returns torch ``(images float32 [T, 3, H, W], keypoints float32
+    [T, 17, 3])``."""
 
     def __init__(self, steps):
         self.steps = list(steps)
@@ -114,7 +118,8 @@ class Compose:
     def __call__(self, images, keypoints: np.ndarray, rng: np.random.Generator):
         for step in self.steps:
             images, keypoints = step(images, keypoints, rng)
-        return images, torch.from_numpy(np.ascontiguousarray(keypoints, dtype=np.float32))
+        return (torch.from_numpy(np.ascontiguousarray(images)),
+                torch.from_numpy(np.ascontiguousarray(keypoints, dtype=np.float32)))
 
 
 def build_transform(height: int, width: int, *, train: bool, flip: bool = True,
