@@ -46,6 +46,14 @@ def test_train_prints_table_and_writes_run_folder(run):
         assert all(0 <= v <= 100 for v in values) and values[:4] == sorted(values[:4])
 
 
+def test_evaluate_checkpoint(run, capsys):
+    out, stdout = run
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--workers", "0", "--threads", "1"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    trained = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert table == trained  # the same numbers as at the end of training
+
+
 def test_export_onnx_round_trip(run, capsys):
     out, _ = run
     assert main(["export", "--checkpoint", str(out / "model.pt"), "--format", "onnx"]) == 0
