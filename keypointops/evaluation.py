@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 __all__ = ["compute_distance", "evaluate", "evaluate_rank", "re_ranking"]
 
@@ -271,7 +272,8 @@ def evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, *, metric: str = "eucli
         raise ValueError("q_pids and q_camids must have one entry per query feature")
     acc = _RankAccumulator(g_pids, g_camids, max_rank)
     step = _query_block(gf.shape[0])
-    for start in range(0, qf.shape[0], step):
+    blocks = range(0, qf.shape[0], step)
+    for start in tqdm(blocks, desc="ranking", leave=False, mininterval=2, disable=None if len(blocks) > 1 else True):
         dist = compute_distance(qf[start:start + step], gf, metric)
         acc.add(dist, q_pids[start:start + step], q_camids[start:start + step])
     return acc.result()
