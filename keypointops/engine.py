@@ -272,9 +272,8 @@ def forward_backward(model: nn.Module, core: nn.Module, batch: dict, device: tor
     loss (``core.loss``) and its backward; returns ``(loss, parts)``. bf16 autocast on CUDA."""
     images, keypoints = batch["images"].to(device), batch["keypoints"].to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with amp:
-        output = model(images, keypoints)
-    loss, parts = core.loss(output, batch["pids"].to(device))
+    with amp:  # the loss too: autocast computes losses in float32
+        loss, parts = core.loss(model(images, keypoints), batch["pids"].to(device))
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the training loss is {float(loss)}")
     loss.backward()
