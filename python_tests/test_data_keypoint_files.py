@@ -56,9 +56,11 @@ def test_malformed_pose_raises_naming_the_file(tmp_path, content):
 
 
 def test_sanitize():
-    kp = np.array([[1, 2, 0.5], [np.inf, 2, 0.5], [1, 2, 0], [0, 0, 1], [0, 3, 1]], np.float32)
+    kp = np.array([[1, 2, 0.5], [np.inf, 2, 0.5], [1, 2, 0], [0, 0, 1], [0, 3, 1], [-1, -1, 1], [-2, 5, 1]],
+                  np.float32)
     out = sanitize(kp)
-    np.testing.assert_array_equal(out, [[1, 2, 0.5], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 3, 1]])
+    np.testing.assert_array_equal(out, [[1, 2, 0.5], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 3, 1], [0, 0, 0],
+                                        [-2, 5, 1]])
 
 
 def test_coco17_flip_swaps_left_and_right():

@@ -3,8 +3,8 @@ conversion.
 
 Every keypoint array here is canonical COCO-17 ``float32 [..., 17, 3]`` = ``(x, y, confidence)``
 in pixels of the frame the keypoints were estimated on.  A missing joint is ``(0, 0, 0)``; NaN,
-a negative confidence, a zero confidence and the ``(0, 0)`` convention of pose estimators all
-become missing (:func:`sanitize`).
+a negative or zero confidence and the pose estimators' ``(0, 0)`` / ``(-1, -1)`` conventions
+(KMPNet's rule: ``x <= 0 and y <= 0``) all become missing (:func:`sanitize`).
 
 No reader runs code: ``.pose`` files (a one-line Python-literal list of 17 ``[x, y, score]``) are
 parsed as JSON after a small rewrite of the Python spellings (``nan``, ``inf``, tuples), and a file
@@ -48,11 +48,12 @@ COCO17_FLIP = tuple(_COCO17.index(_mirror_name(name)) for name in _COCO17)
 
 def sanitize(keypoints: np.ndarray) -> np.ndarray:
     """A float32 copy of ``keypoints [..., 3]`` in which every missing joint is ``(0, 0, 0)``:
-    any NaN / infinite value, confidence <= 0, or coordinates exactly ``(0, 0)``."""
+    any NaN / infinite value, confidence <= 0, or ``x <= 0 and y <= 0`` (the (0, 0) and (-1, -1)
+    conventions)."""
     kp = np.array(keypoints, dtype=np.float32)
     if kp.shape[-1] != 3:
         raise ValueError(f"sanitize: keypoints must end in (x, y, confidence), got shape {kp.shape}")
-    missing = (~np.isfinite(kp).all(-1)) | ~(kp[..., 2] > 0) | ((kp[..., 0] == 0) & (kp[..., 1] == 0))
+    missing = (~np.isfinite(kp).all(-1)) | ~(kp[..., 2] > 0) | ((kp[..., 0] <= 0) & (kp[..., 1] <= 0))
     kp[missing] = 0.0
     return kp
 

@@ -4,11 +4,14 @@ What it models
 --------------
 * **People** built from a small shared palette: skin, hair, an optional hat, a top (solid, striped,
   two-tone, an open jacket over a shirt, or a chest logo) with long or short sleeves, trousers /
-  shorts / a skirt, shoes, an optional backpack.  Identities come in *families* that share the same
-  colours placed on different body parts (a red top over blue trousers and a blue top over red
-  trousers), so a global colour histogram confuses them while a model that knows where the torso and
-  the legs are separates them.  Identities also differ by body proportions (height, build, leg
-  length) and gait (stride, cadence, arm swing).
+  shorts / a skirt, shoes, an optional backpack.  Identities come in *families* that share their
+  colours, skin, hair and accessories, placed on different body parts (a red top over blue trousers
+  and a blue top over red trousers; stripes or a two-tone top), so their colour histograms are close
+  while a model that knows where the torso and the legs are separates them.  (Top and legs do not
+  cover equal areas, so a histogram of the person's pixels alone still tells most members apart;
+  what defeats a whole-crop histogram is mostly the background and each camera's colour cast.)
+  Identities also differ by body proportions (height, build, leg length) and gait (stride, cadence,
+  arm swing).
 * **Walking**: an articulated 3-D stick figure (hip / knee / shoulder / elbow angles driven by the
   gait phase, a vertical bob), seen from the camera's viewing angle (front, back, side, oblique) by
   an orthographic projection, drawn with depth order (the far arm behind the torso).
