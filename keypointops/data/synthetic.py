@@ -66,7 +66,8 @@ __all__ = ["VERSION", "DEFAULTS", "generate", "default_root", "ensure_synthetic"
 #: Bumped whenever the rendering changes, so cached datasets of an older version are not reused.
 VERSION = 2
 
-#: The default parameters (the main job's dataset): ~12k frames of 128 x 64, generated in seconds.
+#: The default parameters (the main job's dataset): 12,934 frames of 128 x 64 (39 MB), 35 CPU-seconds
+#: to generate in two processes (83 s of wall time measured on a 2-core machine at load average ~8).
 DEFAULTS = dict(num_train_ids=80, num_test_ids=80, seed=0, num_cameras=6, frames=20, size=(128, 64),
                 distractors=0.08, junk=0.04, occluders=0.3)
 
