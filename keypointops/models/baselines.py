@@ -144,8 +144,8 @@ def train_preset(**overrides) -> dict:
 
 # The CPU presets (the main job, `keypointops train`): ResNet-18 blocks at quarter width on 128x64
 # frames, 4 frames per clip, 16 clips per step, Adam 1e-3, 20 epochs (from scratch: no pretrained
-# weights exist here).  KMPNet with it: 58.9% mAP on the default synthetic dataset (18 steps per
-# epoch, ~1.3-1.9 s per step on one core of a busy 2-core machine).
+# weights exist here).  KMPNet with it: 57.3% mAP, rank-1 50.8%, on the default synthetic dataset
+# (version 2; 18 steps per epoch), 638 s in all with one thread on a busy 2-core machine.
 CPU_BACKBONE = dict(depth=18, width=0.25)
 CPU_TRAIN = dict(frames=4, height=128, width=64, batch_size=16, lr=1e-3, epochs=20, lr_milestones=[15])
 
