@@ -54,6 +54,28 @@ class VideoReIDDataset:
         self.train, self.query, self.gallery = train, query, gallery
         self.num_train_pids = len({t.pid for t in train})
         self.num_train_cams = len({t.camid for t in train})
+        missing, total = getattr(self, "_keypoint_files", (0, 0))
+        if missing:
+            logger.warning("%s: %d of %d frames have no keypoint file; their joints are missing",
+                           type(self).__name__, missing, total)
+
+    def _with_keypoints(self, tracklets: list[Tracklet], frame_file: Callable[[str], Path | None],
+                        cache_dir: Path, label: str) -> list[Tracklet]:
+        """Keypoints through the per-tracklet cache; frames without a file are counted for the
+        dataset's one report."""
+        if not tracklets:
+            return tracklets
+        tracklets, missing, total = cache_tracklet_keypoints(tracklets, frame_file, cache_dir, label)
+        counted = getattr(self, "_keypoint_files", (0, 0))
+        self._keypoint_files = (counted[0] + missing, counted[1] + total)
+        return tracklets
+
+    def _sidecar_keypoints(self, tracklets: list[Tracklet], split: str) -> list[Tracklet]:
+        """Keypoints from the files beside the frames, when the first frame has one (else None)."""
+        if not tracklets or _sidecar(tracklets[0].frames[0]) is None:
+            return tracklets
+        return self._with_keypoints(tracklets, _sidecar, self.root / "keypoints_cache" / split,
+                                    f"{type(self).__name__} {split}")
 
     def __repr__(self) -> str:
         def stats(split):
@@ -69,11 +91,6 @@ def _relabel(tracklets: list[Tracklet]) -> list[Tracklet]:
     return [t._replace(pid=label[t.pid]) for t in tracklets]
 
 
-def _with_keypoints(tracklets: list[Tracklet], frame_file: Callable[[str], Path | None],
-                    cache_dir: Path, dataset: str) -> list[Tracklet]:
-    return cache_tracklet_keypoints(tracklets, frame_file, cache_dir, dataset) if tracklets else tracklets
-
-
 def _sidecar(frame: str) -> Path | None:
     """A frame's keypoint file beside its image: ``<stem>.pose`` or OpenPose ``<stem>_keypoints.json``."""
     image = Path(frame)
@@ -81,13 +98,6 @@ def _sidecar(frame: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def _sidecar_keypoints(tracklets: list[Tracklet], root: Path, dataset: str, split: str) -> list[Tracklet]:
-    """Keypoints from the files beside the frames, when the first frame has one (else None)."""
-    if not tracklets or _sidecar(tracklets[0].frames[0]) is None:
-        return tracklets
-    return _with_keypoints(tracklets, _sidecar, root / "keypoints_cache" / split, dataset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +201,7 @@ class MARS(VideoReIDDataset):
             path = folder / Path(frame).parent.name / (Path(frame).stem + ".pose")
             return path if path.is_file() else None
 
-        return _with_keypoints(tracklets, frame_file, self.root / "keypoints_cache" / split, f"MARS {split}")
+        return self._with_keypoints(tracklets, frame_file, self.root / "keypoints_cache" / split, f"MARS {split}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +283,7 @@ class _TwoCameraDataset(VideoReIDDataset):
 
         split = splits[split_id]
         train, query, gallery = (
-            _sidecar_keypoints(tracklets(people, camids), root, f"{self.label} {name}", name)
+            self._sidecar_keypoints(tracklets(people, camids), name)
             for people, camids, name in ((split["train"], (0, 1), "train"), (split["test"], (0,), "query"),
                                          (split["test"], (1,), "gallery")))
         super().__init__(_relabel(train), query, gallery)
@@ -378,7 +388,7 @@ class DukeMTMCVideoReID(VideoReIDDataset):
                 if len(cams) != 1:
                     raise ValueError(f"{track_dir}: frames of one tracklet from several cameras {sorted(cams)}")
                 out.append(Tracklet(tuple(p for _, _, p in parsed), int(pid_dir.name), parsed[0][1] - 1))
-        return _sidecar_keypoints(out, self.root, f"DukeMTMC-VideoReID {name}", name)
+        return self._sidecar_keypoints(out, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +438,7 @@ class PoseTrackReID(VideoReIDDataset):
             p = pose_root / Path(frame).parent.name / (Path(frame).stem + ".pose")
             return p if p.is_file() else None
 
-        return _with_keypoints(out, frame_file, self.root / "keypoints_cache" / split, f"PoseTrackReID {split}")
+        return self._with_keypoints(out, frame_file, self.root / "keypoints_cache" / split, f"PoseTrackReID {split}")
 
 
 DATASETS: dict[str, type[VideoReIDDataset]] = {

@@ -273,13 +273,14 @@ def _read_frames(paths: Sequence[Path | None]) -> tuple[np.ndarray, int]:
 
 
 def cache_tracklet_keypoints(tracklets: list, frame_file: Callable[[str], Path | None],
-                             cache_dir: Path, dataset: str) -> list:
-    """Attaches keypoints to ``tracklets`` through a per-tracklet ``.npz`` cache in ``cache_dir``.
+                             cache_dir: Path, label: str) -> tuple[list, int, int]:
+    """Attaches keypoints to ``tracklets`` through a per-tracklet ``.npz`` cache in ``cache_dir``;
+    returns ``(tracklets, frames without a keypoint file, frames)`` (the dataset reports the count).
 
     ``frame_file(frame_path)`` gives the keypoint file of a frame (None when it has none).  Each
     tracklet's files are parsed once into ``cache_dir/<first frame stem>_<F>.npz``; later calls
-    reuse the cache.  Frames without a file have every joint missing; their number is logged once
-    for the whole ``dataset``.  When ``cache_dir`` cannot be written the arrays stay in memory.
+    reuse the cache.  Frames without a file have every joint missing.  When ``cache_dir`` cannot be
+    written the arrays stay in memory.  ``label`` names the progress bar and messages.
     """
     from tqdm import tqdm
 
@@ -290,9 +291,9 @@ def cache_tracklet_keypoints(tracklets: list, frame_file: Callable[[str], Path |
         writable = False
     if not writable:
         logger.warning("%s: cannot write the keypoint cache %s; keeping keypoints in memory",
-                       dataset, cache_dir)
+                       label, cache_dir)
     out, missing, total = [], 0, 0
-    for tracklet in tqdm(tracklets, desc=f"{dataset} keypoints", unit="tracklet", leave=False,
+    for tracklet in tqdm(tracklets, desc=f"{label} keypoints", unit="tracklet", leave=False,
                          disable=len(tracklets) < 200):
         total += len(tracklet.frames)
         path = cache_dir / f"{Path(tracklet.frames[0]).stem}_{len(tracklet.frames)}.npz"
@@ -308,7 +309,4 @@ def cache_tracklet_keypoints(tracklets: list, frame_file: Callable[[str], Path |
             out.append(tracklet._replace(keypoints=str(path)))
         else:
             out.append(tracklet._replace(keypoints=kp))
-    if missing:
-        logger.warning("%s: %d of %d frames have no keypoint file; their joints are missing",
-                       dataset, missing, total)
-    return out
+    return out, missing, total
