@@ -43,6 +43,8 @@ def test_loader_throughput(measure, benchmark, datasets, size, workers):
 
     measure(run, group=f"data loader {size[0]}x{size[1]}, {CLIPS}x{FRAMES} frames/batch",
             impl=f"workers={workers}", device="cpu", baseline=workers == 0)
+    if benchmark.disabled:  # smoke run (--benchmark-disable): nothing was timed
+        return
     frames_per_s = batches * CLIPS * FRAMES / benchmark.stats.stats.median
     benchmark.extra_info["frames_per_s"] = frames_per_s
     print(f"\nloader {size[0]}x{size[1]} workers={workers}: {frames_per_s:.0f} frames/s")
