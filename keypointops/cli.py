@@ -40,6 +40,7 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     from keypointops.models import MODELS, PRESET_NAMES
+    from keypointops.data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
 
     parser = argparse.ArgumentParser(prog="keypointops", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,10 +84,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the synthetic dataset (MARS layout)")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-train-ids", type=int, default=80)
-    p.add_argument("--num-test-ids", type=int, default=80)
-    p.add_argument("--frames", type=int, default=20, help="mean tracklet length")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ids", type=int, default=SYNTHETIC_DEFAULTS["num_train_ids"],
+                   help="identities of each split (train and test)")
+    p.add_argument("--cameras", type=int, default=SYNTHETIC_DEFAULTS["num_cameras"])
+    p.add_argument("--frames", type=int, default=SYNTHETIC_DEFAULTS["frames"], help="mean tracklet length")
+    p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=SYNTHETIC_DEFAULTS["size"],
+                   help="frame size in pixels")
+    p.add_argument("--seed", type=int, default=SYNTHETIC_DEFAULTS["seed"])
 
     p = sub.add_parser("bench", help="print the op benchmark table")
     p.add_argument("--run", action="store_true",
@@ -218,8 +222,8 @@ def _export(args) -> None:
 def _synth(args) -> None:
     from keypointops.data.synthetic import generate
 
-    description = generate(args.out, num_train_ids=args.num_train_ids, num_test_ids=args.num_test_ids,
-                           frames=args.frames, seed=args.seed)
+    description = generate(args.out, num_train_ids=args.ids, num_test_ids=args.ids, num_cameras=args.cameras,
+                           frames=args.frames, size=tuple(args.size), seed=args.seed)
     print(json.dumps(description["counts"], indent=1))
     print(f"wrote the synthetic dataset to {args.out}")
 
