@@ -2,8 +2,8 @@
 
 Cases: (a) CTL: 192 images (8 ids x 4 clips x 6 frames), C=2048, 16x8 map, 17 COCO keypoint
 heatmaps pooled one part per keypoint (groups = identity, P=17); (b) AlignNet: 240 images, C=2048,
-16x8 map, 19 OpenPose heatmaps (18 joints + background) pooled into upper / middle / lower body
-(P=3).  Gradients flow into the features and the heatmaps.
+16x8 map, 57 OpenPose maps (19 heatmaps + 38 part-affinity fields) pooled into head / torso+arms /
+legs (P=3).  Gradients flow into the features and the heatmaps.
 """
 import pytest
 import torch
@@ -17,7 +17,7 @@ from conftest import SMALL, timed_pass
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = {
     "ctl": dict(images=4 if SMALL else 192, joints=17, groups=None),
-    "alignnet": dict(images=4 if SMALL else 240, joints=19, groups=graphs.ALIGNNET_BODY_PARTS),
+    "alignnet": dict(images=4 if SMALL else 240, joints=57, groups=graphs.ALIGNNET_BODY_PARTS),
 }
 CHANNELS = 64 if SMALL else 2048
 HEIGHT, WIDTH = 16, 8

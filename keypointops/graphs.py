@@ -30,6 +30,15 @@ class Skeleton:
     def num_joints(self) -> int:
         return len(self.joints)
 
+    def adjacency(self, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+        """The symmetric 0/1 ``[K, K]`` adjacency of the undirected edges, without self loops."""
+        adj = torch.zeros(self.num_joints, self.num_joints, dtype=dtype, device=device)
+        if self.edges:
+            a, b = torch.tensor(self.edges, device=device).t()
+            adj[a, b] = 1.0
+            adj[b, a] = 1.0
+        return adj
+
 
 _COCO17_JOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
                   "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
@@ -65,8 +74,10 @@ SKELETONS: dict[str, Skeleton] = {
     "coco17": Skeleton("coco17", _COCO17_JOINTS, _COCO17_EDGES),
     "openpose18": Skeleton("openpose18", _OPENPOSE18_JOINTS, _OPENPOSE18_EDGES),
     "body25": Skeleton("body25", _BODY25_JOINTS, _BODY25_EDGES),
-    # KMPNet's headless graph: COCO-17 without nose, eyes and ears.
-    "kmpnet12": _subset("kmpnet12", _COCO17_JOINTS, _COCO17_EDGES, list(range(5, 17))),
+    # KMPNet's headless graph (kmpnet.md §2.4): COCO-17 without nose, eyes and ears, and without the
+    # hip-hip limb of the COCO skeleton: 11 edges, a tree, as the authors' released graph builder.
+    "kmpnet12": _subset("kmpnet12", _COCO17_JOINTS, tuple(e for e in _COCO17_EDGES if e != (11, 12)),
+                        list(range(5, 17))),
     # COCO-18 (OpenPose order) joints 0..13: no eyes and ears.
     "pose14": _subset("pose14", _OPENPOSE18_JOINTS, _OPENPOSE18_EDGES, list(range(14))),
 }
@@ -223,15 +234,18 @@ def _validate_csr(rowptr: Tensor, col: Tensor, rowptr_name: str, col_name: str) 
 
 # --- part groupings: which joints (heatmap channels) make up each body part ----------------------
 
-# AlignNet (Jones & Rambhatla, BMVC 2019) pools upper / middle / lower body parts from OpenPose's 19
-# heatmaps (the 18 joints of "openpose18" + background) but does not list the joints of each part.
-# Chosen here: three horizontal bands of an upright pedestrian, each joint in the band it lies in:
-# the head and shoulders; the elbows, wrists and hips (hanging arms end at hip height); the knees
-# and ankles.  Every joint belongs to one part; the background channel (18) to none.
+# AlignNet (Rambhatla & Jones, BMVC 2019, Eq. 2) averages three sets of OpenPose's 57 output maps,
+# pose57 = cat([19 heatmaps ("openpose18" joints + background), 38 part-affinity fields]) with the
+# PAF of OpenPose limb k at channels 19 + mapIdx (x, y), into head / torso+arms / legs.  The sets are
+# the paper's (../shared/models/alignnet.md section 1.3): the joint heatmaps plus the x and y PAFs of
+# the listed limbs.  Background (18) and the Neck-shoulder and shoulder-ear PAFs are in no set.
 ALIGNNET_BODY_PARTS: dict[str, tuple[int, ...]] = {
-    "upper": (0, 1, 2, 5, 14, 15, 16, 17),   # nose, neck, shoulders, eyes, ears
-    "middle": (3, 4, 6, 7, 8, 11),           # elbows, wrists, hips
-    "lower": (9, 10, 12, 13),                # knees, ankles
+    # nose, neck, eyes, ears; PAFs Neck-Nose, Nose-REye, Nose-LEye, REye-REar, LEye-LEar
+    "upper": (0, 1, 14, 15, 16, 17, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56),
+    # shoulders, elbows, wrists; PAFs Neck-RHip, Neck-LHip, RSho-RElb, RElb-RWr, LSho-LElb, LElb-LWr
+    "middle": (2, 3, 4, 5, 6, 7, 19, 20, 25, 26, 33, 34, 35, 36, 41, 42, 43, 44),
+    # hips, knees, ankles; PAFs RHip-RKnee, RKnee-RAnk, LHip-LKnee, LKnee-LAnk
+    "lower": (8, 9, 10, 11, 12, 13, 21, 22, 23, 24, 27, 28, 29, 30),
 }
 
 # CTL (Liu et al., CVPR 2021) pools its 17 COCO keypoints into 10 and then 5 parts without listing
@@ -264,7 +278,7 @@ CTL_PARTS_5_OF_10: dict[str, tuple[int, ...]] = {
 }
 # Each grouping by name, with the number of joints (heatmap channels) it indexes.
 PART_GROUPINGS: dict[str, tuple[dict[str, tuple[int, ...]], int]] = {
-    "alignnet": (ALIGNNET_BODY_PARTS, 19),
+    "alignnet": (ALIGNNET_BODY_PARTS, 57),
     "ctl10": (CTL_PARTS_10, 17),
     "ctl5": (CTL_PARTS_5, 17),
     "ctl5_of_10": (CTL_PARTS_5_OF_10, 10),

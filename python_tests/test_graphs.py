@@ -6,7 +6,7 @@ from keypointops.graphs import SKELETONS, Graph, skeleton
 
 
 @pytest.mark.parametrize("name,joints,edges", [("coco17", 17, 19), ("openpose18", 18, 17),
-                                               ("body25", 25, 24), ("kmpnet12", 12, 12), ("pose14", 14, 13)])
+                                               ("body25", 25, 24), ("kmpnet12", 12, 11), ("pose14", 14, 13)])
 def test_skeletons(name, joints, edges):
     skel = skeleton(name)
     assert skel.num_joints == joints and len(skel.joints) == len(set(skel.joints))
@@ -27,6 +27,9 @@ def test_skeletons(name, joints, edges):
 
 def test_kmpnet12_is_coco17_without_the_head():
     assert SKELETONS["kmpnet12"].joints == SKELETONS["coco17"].joints[5:]
+    # KMPNet's 11 edges (kmpnet.md §2.4): no L-hip - R-hip link (nodes 6, 7)
+    assert sorted(tuple(sorted(e)) for e in SKELETONS["kmpnet12"].edges) == sorted(
+        [(8, 10), (6, 8), (0, 6), (7, 9), (9, 11), (1, 7), (2, 4), (0, 2), (0, 1), (1, 3), (3, 5)])
     assert SKELETONS["pose14"].joints == SKELETONS["openpose18"].joints[:14]
     with pytest.raises(ValueError, match="unknown skeleton"):
         skeleton("coco19")

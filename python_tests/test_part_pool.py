@@ -117,7 +117,7 @@ def test_large_heatmaps_do_not_overflow(device, backend, dtype, case):
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_alignnet_grouping(device, backend):
     groups = graphs.part_groups("alignnet", dtype=torch.float64, device=device).requires_grad_()
-    features, heatmaps, _ = make_inputs(19, None, channels=9, height=6, width=4, device=device)
+    features, heatmaps, _ = make_inputs(57, None, channels=9, height=6, width=4, device=device)
     check_against_reference(features, heatmaps, groups, 1.0, backend, tolerances(torch.float64),
                             GRAD_TOLERANCES[torch.float64])
 
@@ -327,12 +327,12 @@ def test_part_groups_averages_rows():
 
 def test_named_groupings():
     alignnet = graphs.part_groups("alignnet")
-    assert alignnet.shape == (3, 19)
+    assert alignnet.shape == (3, 57)  # over cat([19 OpenPose heatmaps, 38 PAFs])
     joints = graphs.SKELETONS["openpose18"].joints
-    covered = sorted(j for part in graphs.ALIGNNET_BODY_PARTS.values() for j in part)
+    covered = sorted(j for part in graphs.ALIGNNET_BODY_PARTS.values() for j in part if j < 19)
     assert covered == list(range(18)) and (alignnet[:, 18] == 0).all()  # each joint once, no background
-    assert {joints[j] for j in graphs.ALIGNNET_BODY_PARTS["lower"]} == {
-        "right_knee", "right_ankle", "left_knee", "left_ankle"}
+    assert {joints[j] for j in graphs.ALIGNNET_BODY_PARTS["lower"] if j < 19} == {
+        "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle"}
     assert graphs.part_groups("ctl10").shape == (10, 17)
     assert graphs.part_groups("ctl5").shape == (5, 17)
     assert graphs.part_groups("ctl5_of_10").shape == (5, 10)
@@ -348,7 +348,7 @@ def test_named_groupings():
 def test_part_pool_module():
     gen = torch.Generator().manual_seed(11)
     features = torch.randn(2, 6, 8, 4, generator=gen)
-    heatmaps = torch.randn(2, 19, 16, 8, generator=gen)
+    heatmaps = torch.randn(2, 57, 16, 8, generator=gen)
     pool = PartPool("alignnet", temperature=0.5, resize_heatmaps=True)
     resized = torch.nn.functional.interpolate(heatmaps, size=(8, 4), mode="bilinear", align_corners=False)
     expected = reference.part_pool(features, resized, graphs.part_groups("alignnet"), 0.5)

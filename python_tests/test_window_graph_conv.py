@@ -339,42 +339,50 @@ def test_block_adjacency_window_graph_conv_links_a_joint_across_frames():
 # --- nn.WindowGraphConv3D -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
-def test_window_graph_conv_3d_matches_reference_backend(device, backend):
+@pytest.mark.parametrize("context", [None, "window", "sample"])
+def test_window_graph_conv_3d_matches_reference_backend(device, backend, context):
     torch.manual_seed(11)
-    layer = WindowGraphConv3D(6, 10, "coco17", 3, backend=backend).to(device).double()
-    twin = WindowGraphConv3D(6, 10, "coco17", 3, backend="reference").to(device).double()
+    options = dict(context=context, frames=4, residual=False)
+    layer = WindowGraphConv3D(6, 10, "coco17", 3, backend=backend, **options).to(device).double()
+    twin = WindowGraphConv3D(6, 10, "coco17", 3, backend="reference", **options).to(device).double()
     with torch.no_grad():
         layer.learned.normal_(0, 0.1)
     twin.load_state_dict(layer.state_dict())
     x = torch.randn(2, 4, 17, 6, dtype=torch.float64, device=device)
-    context = torch.rand(2, 17, 17, dtype=torch.float64, device=device)
-    for ctx in (None, context):
-        out = layer(x, ctx)
-        expected = twin(x, ctx)
-        assert out.shape == (2, 4, 17, 10)
-        torch.testing.assert_close(out, expected)
-        grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
-        want = torch.autograd.grad(expected.square().sum(), list(twin.parameters()))
-        for g, w in zip(grads, want):
-            torch.testing.assert_close(g, w)
+    out = layer(x)
+    expected = twin(x)
+    assert out.shape == (2, 4, 17, 10)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+    want = torch.autograd.grad(expected.square().sum(), list(twin.parameters()))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_window_graph_conv_3d_options_and_errors():
     x = torch.randn(2, 5, 4, 8)
     ring = torch.roll(torch.eye(4), 1, 0) + torch.roll(torch.eye(4), -1, 0)
-    same = WindowGraphConv3D(8, 8, ring, 5, dilation=2)
-    assert isinstance(same.residual, torch.nn.Identity)
+    same = WindowGraphConv3D(8, 8, ring, 5, dilation=2, residual=True)
     assert same(x).shape == (2, 5, 4, 8)
     plain = WindowGraphConv3D(8, 3, ring, 1, residual=False)
-    assert plain.residual is None and plain(x).shape == (2, 5, 4, 3)
+    assert plain(x).shape == (2, 5, 4, 3)
     assert (plain(x) >= 0).all()
-    # A zero learned part: the adjacency is the normalised physical graph.
-    torch.testing.assert_close(same.adjacency(), normalize_adjacency(block_adjacency(ring, 5),
-                                                                     add_self_loops=False))
-    assert same.adjacency(torch.rand(2, 20, 20)).shape == (2, 20, 20)
+    # A zero learned part: the adjacency is the normalised physical graph (tiled A + I, plus I).
+    torch.testing.assert_close(same.adjacency(), normalize_adjacency(block_adjacency(ring, 5)))
+    fixed = WindowGraphConv3D(8, 8, ring, 5, learned=False)
+    assert fixed.learned is None and fixed.adjacency() is fixed.physical   # normalised once, in __init__
+    torch.testing.assert_close(fixed.adjacency(), same.adjacency())
+    with_context = WindowGraphConv3D(8, 8, ring, 5, context="window", frames=5)
+    assert with_context.adjacency(x).shape == (2, 5, 20, 20)
     with pytest.raises(ValueError, match="window must be a positive odd int"):
         WindowGraphConv3D(8, 8, ring, 4)
-    with pytest.raises(ValueError, match="context must be"):
-        same(x, torch.rand(2, 5, 5))
+    with pytest.raises(ValueError, match="context must be one of"):
+        WindowGraphConv3D(8, 8, ring, 3, context="frame")
+    with pytest.raises(ValueError, match="residual needs in_channels == out_channels"):
+        WindowGraphConv3D(8, 3, ring, 3, residual=True)
+    with pytest.raises(ValueError, match="frames must be a positive int"):
+        WindowGraphConv3D(8, 8, ring, 3, context="sample")
+    with pytest.raises(ValueError, match="built for frames = 5"):
+        with_context(torch.randn(2, 4, 4, 8))
     with pytest.raises(ValueError, match=r"x must be \[B, T, N, C\] with N = 4"):
         same(torch.randn(2, 5, 3, 8))

@@ -19,12 +19,13 @@ class PartPool(nn.Module):
 
     Args:
         parts: the ``[P, J]`` grouping: None (identity, one part per heatmap channel), the name of a
-            grouping in :data:`keypointops.graphs.PART_GROUPINGS` (``"alignnet"``: upper / middle /
-            lower body from 19 OpenPose heatmaps, ``"ctl10"`` / ``"ctl5"``: CTL's parts of the 17
-            COCO keypoints), a sequence or mapping of joint-index lists (row-averaged by
-            :func:`keypointops.graphs.part_groups`, needs ``num_joints``), or a ``[P, J]`` tensor.
+            grouping in :data:`keypointops.graphs.PART_GROUPINGS` (``"alignnet"``: head /
+            torso+arms / legs from OpenPose's 19 heatmaps + 38 part-affinity fields, ``"ctl10"`` /
+            ``"ctl5"``: CTL's parts of the 17 COCO keypoints), a sequence or mapping of joint-index
+            lists (row-averaged by :func:`keypointops.graphs.part_groups`, needs ``num_joints``), or
+            a ``[P, J]`` tensor.
         num_joints: ``J``, the heatmap channels, for a sequence or mapping of joint lists (for a
-            named grouping it overrides the grouping's own count, e.g. 18 instead of 19).
+            named grouping it overrides the grouping's own count).
         temperature: softmax temperature (> 0).
         learn_groups: make the grouping a trainable parameter (initialised as given) instead of a
             buffer.

@@ -2,120 +2,181 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from keypointops.graphs import Skeleton, block_adjacency, normalize_adjacency, skeleton
 from keypointops.ops.window_graph_conv import window_graph_conv
 
-__all__ = ["WindowGraphConv3D"]
+__all__ = ["ContextTopology", "WindowGraphConv3D"]
+
+_CONTEXT_MODES = (None, "window", "sample")
 
 
-def _skeleton_adjacency(layout: str | Skeleton) -> Tensor:
-    """0/1 ``[N, N]`` adjacency of a skeleton's undirected edges (no self loops)."""
-    skel = skeleton(layout)
-    adj = torch.zeros(skel.num_joints, skel.num_joints)
-    for a, b in skel.edges:
-        adj[a, b] = adj[b, a] = 1.0
-    return adj
+def _unfold_windows(z: Tensor, window: int, dilation: int = 1) -> Tensor:
+    """``[B, T, N]`` per-node scalars -> ``[B, T, window * N]``: the values of every window's nodes.
+
+    Entry ``w * N + n`` of window ``t`` is ``z[:, t - pad + w * dilation, n]`` (0 outside
+    ``[0, T)``), the node order of :func:`keypointops.window_graph_conv`.  Only for scalars per node
+    (the context block's squeezed features); the ``C``-channel windows are never unfolded.
+    """
+    batch, frames, nodes = z.shape
+    pad = (window - 1) * dilation // 2
+    span = (window - 1) * dilation + 1
+    padded = F.pad(z, (0, 0, pad, span - 1 - pad))                       # [B, T + span - 1, N]
+    windows = padded.unfold(1, span, 1)[..., ::dilation]                 # [B, T, N, window]
+    return windows.transpose(-1, -2).reshape(batch, frames, window * nodes)
+
+
+class ContextTopology(nn.Module):
+    r"""CTL's context block (ctl.md §2.2-2.3): a data-dependent window adjacency ``A_c``.
+
+    From the layer input ``x`` ``[B, T, N, C]``, with ``L = window * N``:
+
+    1. a 1x1 conv ``C -> 1`` of every node of the zero-padded windows, BN, ReLU -> ``[B, T, L]``;
+    2. a 1x1 conv over the ``T`` windows as channels: ``T -> T`` (``mode="window"``, CTL's advanced
+       block: one topology per window) or ``T -> 1`` (``mode="sample"``: one per sample; with
+       ``window=1`` CTL's basic frame-level block), BN, ReLU;
+    3. a linear map ``L -> L * L`` (with bias), rows L2-normalised:
+       ``[B, T, L, L]`` (``"window"``) or ``[B, L, L]`` (``"sample"``).
+
+    Step 1 is linear in the features, so it runs on the ``T * N`` nodes and only the scalars are
+    unfolded into windows (:func:`_unfold_windows`; a padded slot gets the conv's bias, as the conv of
+    a zero feature): the same numbers as convolving the unfolded ``[B, C, T, L]`` input, without it.
+    """
+
+    def __init__(self, channels: int, nodes: int, window: int, frames: int, mode: str = "window",
+                 *, dilation: int = 1):
+        super().__init__()
+        if mode not in ("window", "sample"):
+            raise ValueError(f"ContextTopology: mode must be 'window' or 'sample', got {mode!r}")
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"ContextTopology: frames must be a positive int (the block's temporal "
+                             f"conv has T input channels), got {frames!r}")
+        self.window, self.dilation, self.frames, self.mode = window, dilation, frames, mode
+        self.size = window * nodes
+        outputs = frames if mode == "window" else 1
+        self.squeeze = nn.Linear(channels, 1)
+        self.squeeze_norm = nn.BatchNorm1d(1)
+        self.temporal = nn.Conv1d(frames, outputs, 1)
+        self.temporal_norm = nn.BatchNorm1d(outputs)
+        self.expand = nn.Linear(self.size, self.size * self.size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, frames = x.shape[:2]
+        if frames != self.frames:
+            raise ValueError(f"ContextTopology: x holds T = {frames} frames but the block was built "
+                             f"for frames = {self.frames} (its temporal conv has T input channels)")
+        z = _unfold_windows(F.linear(x, self.squeeze.weight).squeeze(-1), self.window, self.dilation)
+        z = self.squeeze_norm((z + self.squeeze.bias).view(batch, 1, -1)).relu()
+        z = self.temporal_norm(self.temporal(z.view(batch, frames, self.size))).relu()
+        adj = F.normalize(self.expand(z).view(batch, -1, self.size, self.size), p=2, dim=-1)
+        return adj.squeeze(1) if self.mode == "sample" else adj
 
 
 class WindowGraphConv3D(nn.Module):
-    r"""3D graph conv layer of CTL: graph conv over sliding windows of frames, then window collapse.
+    r"""CTL's 3D graph conv layer (ctl.md §2.3, Eqs. 2-4): graph conv over windows of frames, then collapse.
 
-    For ``x`` ``[B, T, N, C_in]`` (``N`` joints of ``T`` frames):
+    For ``x`` ``[B, T, N, C_in]`` (``N`` nodes of ``T`` frames), with ``L = window * N``:
 
-    1. ``h = x W``: per-frame linear map ``C_in -> C_out`` (no bias), applied before the
-       aggregation so that it runs on ``T * N`` rows rather than ``T * window * N``.
-    2. ``A = normalize_adjacency(A_p + A_m [+ A_c], add_self_loops=False)``, ``[L, L]`` with
-       ``L = window * N``: ``A_p = block_adjacency(skeleton, window)`` the physical connections
-       tiled over the window (each block ``A + I``, as MS-G3D), ``A_m`` a learnable ``[L, L]``
-       matrix (zero at initialisation, so the layer starts from the normalised physical graph),
-       ``A_c`` the optional per-sample context topology given to :meth:`forward` (CTL's
-       context-reinforced topology), which makes ``A`` per sample ``[B, L, L]``.
-    3. ``y = relu(window_graph_conv(h, A, window, dilation))``: ``[B, T, L, C_out]``, the window
-       of every frame aggregated without building the unfolded input.
-    4. Window collapse: MS-G3D's ``Conv3d`` with kernel ``(1, window, 1)`` over the window slots,
-       i.e. a linear map of each joint's ``window * C_out`` slot features to ``C_out`` (with bias),
-       then ``BatchNorm`` over the channels: ``z`` ``[B, T, N, C_out]``.
-    5. ``out = relu(z + res(x))`` with ``res`` the identity when ``C_in == C_out``, else a linear
-       map and ``BatchNorm`` (``residual=False``: ``out = relu(z)``).
+    1. ``h = x W``: per-node linear map ``C_in -> C_out`` (no bias), applied before the aggregation
+       (same result, on ``T * N`` rows rather than ``T * L``).
+    2. The window adjacency (Eq. 3 + Eq. 4's self loops), normalised
+       ``D^-1/2 Â D^-1/2`` with ``D`` the row sums of the full ``Â``:
+
+       ``Â = tile(A_p + I) + tile(A_m) + A_c + I_L``
+
+       ``A_p`` the physical graph (fixed), tiled over the ``window x window`` blocks with self links
+       (:func:`keypointops.graphs.block_adjacency`, a node linked to its copies in the other frames);
+       ``A_m`` a learnable ``[N, N]`` matrix (zero at initialisation, ``learned=True``) tiled the same
+       way; ``A_c`` the :class:`ContextTopology` of the input (``context="window"``: per window
+       ``[B, T, L, L]``; ``"sample"``: ``[B, L, L]``; ``None``: no context term).  The constant part
+       is a buffer built once; with neither ``A_m`` nor ``A_c`` the normalised adjacency is.
+    3. ``y = relu(window_graph_conv(h, Â_norm, window))``: ``[B, T, L, C_out]``, the window of every
+       frame aggregated without building the unfolded input.
+    4. Window collapse: MS-G3D's ``Conv3d(C_out, C_out, (1, window, 1))`` without bias over the
+       window slots (a linear map of each node's ``window * C_out`` slot features), ``BatchNorm``,
+       ReLU: ``z`` ``[B, T, N, C_out]``.
+    5. ``out = x + z`` with ``residual=True`` (needs ``C_in == C_out``), else ``out = z``: CTL adds the
+       shortcut from its second layer on.
+
+    Deviation from ctl.md §2.3: a node whose degree is ``<= 0`` (possible only when ``A_m`` and
+    ``A_c`` are negative enough) gets a zero row and column (:func:`~keypointops.graphs.normalize_adjacency`)
+    instead of ``deg.clamp_min(1e-3)``, which would scale such a row by ~32; both avoid NaN.
 
     Args:
         in_channels, out_channels: ``C_in`` and ``C_out``.
-        adjacency: the joints' graph, a skeleton name of :mod:`keypointops.graphs` (e.g.
-            ``"coco17"``) or a :class:`~keypointops.graphs.Skeleton`, or an ``[N, N]`` adjacency
+        adjacency: the frame graph ``A_p``: a skeleton name of :mod:`keypointops.graphs` (e.g.
+            ``"coco17"``), a :class:`~keypointops.graphs.Skeleton`, or an ``[N, N]`` 0/1 adjacency
             without self loops.
         window: frames per window (odd); CTL's ``tau``.
         dilation: frame step inside a window.
-        residual: add the residual branch.
+        learned: include the learnable ``A_m``.
+        context: ``"window"``, ``"sample"`` or None: the context term ``A_c`` (see above).
+        frames: ``T``, required with a context term (its temporal conv has ``T`` input channels).
+        residual: add the identity shortcut.
         backend: backend of :func:`keypointops.window_graph_conv`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, adjacency: str | Skeleton | Tensor,
-                 window: int = 3, *, dilation: int = 1, residual: bool = True,
-                 backend: str = "auto"):
+                 window: int = 3, *, dilation: int = 1, learned: bool = True, context: str | None = None,
+                 frames: int | None = None, residual: bool = False, backend: str = "auto"):
         super().__init__()
         joint_adjacency = (adjacency if isinstance(adjacency, Tensor)
-                           else _skeleton_adjacency(adjacency))
+                           else skeleton(adjacency).adjacency())
         if joint_adjacency.dim() != 2 or joint_adjacency.size(0) != joint_adjacency.size(1):
             raise ValueError(f"WindowGraphConv3D: adjacency must be [N, N], got shape "
                              f"{list(joint_adjacency.shape)}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
             raise ValueError(f"WindowGraphConv3D: window must be a positive odd int, got {window!r}")
+        if context not in _CONTEXT_MODES:
+            raise ValueError(f"WindowGraphConv3D: context must be one of {_CONTEXT_MODES}, got {context!r}")
+        if residual and in_channels != out_channels:
+            raise ValueError(f"WindowGraphConv3D: residual needs in_channels == out_channels, got "
+                             f"{in_channels} and {out_channels}")
         self.num_joints = joint_adjacency.size(0)
-        self.window, self.dilation, self.backend = window, dilation, backend
+        self.window, self.dilation, self.residual, self.backend = window, dilation, residual, backend
         size = window * self.num_joints
-        self.register_buffer("physical", block_adjacency(joint_adjacency.float(), window))
-        self.learned = nn.Parameter(torch.zeros(size, size))
+        physical = block_adjacency(joint_adjacency.float(), window) + torch.eye(size)
+        self.constant = not learned and context is None
+        if self.constant:
+            physical = normalize_adjacency(physical, add_self_loops=False)
+        self.register_buffer("physical", physical)
+        self.learned = nn.Parameter(torch.zeros(self.num_joints, self.num_joints)) if learned else None
+        self.context = (ContextTopology(in_channels, self.num_joints, window, frames, context,
+                                        dilation=dilation) if context is not None else None)
         self.linear = nn.Linear(in_channels, out_channels, bias=False)
-        self.collapse = nn.Linear(window * out_channels, out_channels)
+        self.collapse = nn.Linear(window * out_channels, out_channels, bias=False)
         self.norm = nn.BatchNorm1d(out_channels)
-        if not residual:
-            self.residual = None
-        elif in_channels == out_channels:
-            self.residual = nn.Identity()
-        else:
-            self.residual = nn.Sequential(nn.Linear(in_channels, out_channels, bias=False),
-                                          nn.BatchNorm1d(out_channels))
 
-    def adjacency(self, context: Tensor | None = None) -> Tensor:
-        """The normalised window adjacency: ``[L, L]``, or ``[B, L, L]`` with a context topology.
-
-        ``context``: ``[B, N, N]`` joint-to-joint context topology (tiled over the window slots)
-        or ``[B, L, L]`` already in window form.
-        """
-        adj = self.physical + self.learned
-        if context is not None:
-            size = self.window * self.num_joints
-            if context.dim() == 3 and context.shape[1:] == (self.num_joints, self.num_joints):
-                context = context.repeat(1, self.window, self.window)
-            if context.dim() != 3 or context.shape[1:] != (size, size):
-                raise ValueError(f"WindowGraphConv3D: context must be [B, N, N] = [B, "
-                                 f"{self.num_joints}, {self.num_joints}] or [B, L, L] = [B, {size}, "
-                                 f"{size}], got shape {list(context.shape)}")
-            adj = adj + context
+    def adjacency(self, x: Tensor | None = None) -> Tensor:
+        """The normalised window adjacency: ``[L, L]``, or with a context term (computed from the
+        layer input ``x``) ``[B, T, L, L]`` / ``[B, L, L]``."""
+        if self.constant:
+            return self.physical
+        adj = self.physical
+        if self.learned is not None:
+            adj = adj + self.learned.repeat(self.window, self.window)
+        if self.context is not None:
+            if x is None:
+                raise ValueError("WindowGraphConv3D.adjacency: x is required with a context term")
+            adj = adj + self.context(x)
         return normalize_adjacency(adj, add_self_loops=False)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``x`` ``[B, T, N, C_in]`` -> ``[B, T, N, C_out]``; ``context`` as in :meth:`adjacency`."""
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``[B, T, N, C_in]`` -> ``[B, T, N, C_out]``."""
         if x.dim() != 4 or x.size(2) != self.num_joints:
             raise ValueError(f"WindowGraphConv3D: x must be [B, T, N, C] with N = {self.num_joints}, "
                              f"got shape {list(x.shape)}")
         batch, frames, joints, _ = x.shape
         h = self.linear(x)
-        adj = self.adjacency(context).to(h.dtype)
-        y = window_graph_conv(h, adj, self.window, dilation=self.dilation, backend=self.backend).relu()
-        # [B, T, window * N, C] -> per joint, its window slots' features side by side.
-        slots = y.view(batch, frames, self.window, joints, -1).permute(0, 1, 3, 2, 4)
-        z = self.collapse(slots.reshape(batch, frames, joints, -1))
-        z = self.norm(z.reshape(-1, z.size(-1))).view_as(z)
-        if self.residual is not None:
-            z = z + self._residual(x)
-        return z.relu()
-
-    def _residual(self, x: Tensor) -> Tensor:
-        if isinstance(self.residual, nn.Identity):
-            return x
-        linear, norm = self.residual
-        r = linear(x)
-        return norm(r.reshape(-1, r.size(-1))).view_as(r)
+        adj = self.adjacency(x).to(h.dtype)
+        y = window_graph_conv(h, adj, self.window, dilation=self.dilation, backend=self.backend)
+        # Each node's window slots side by side ([B, T, N, window * C]) for the collapse GEMM.  The
+        # one copy of y is made before the ReLU, which then runs in place on it: y itself is not
+        # kept for backward, so the layer holds a single [B, T, L, C] tensor.
+        slots = y.view(batch, frames, self.window, joints, -1).transpose(2, 3)
+        slots = slots.reshape(batch, frames, joints, -1).relu_()
+        z = self.collapse(slots)
+        z = self.norm(z.view(-1, z.size(-1))).relu_().view_as(z)
+        return x + z if self.residual else z

@@ -1,0 +1,271 @@
+"""The ``keypointops`` command (also ``python -m keypointops``): train, evaluate, export, synth, bench.
+
+``keypointops train`` with no argument trains KMPNet's ``cpu`` preset on the synthetic dataset
+(generated on first use into a cache folder), evaluates it, and prints rank-1/5/10/20, mAP and mINP
+beside two colour-histogram baselines evaluated on the same split. ``torchrun --nproc_per_node=N -m
+keypointops train ...`` trains with DDP. Bad input (a missing dataset folder, an unknown model, a
+checkpoint of another model, a corrupt checkpoint) ends with a one-line error and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["main"]
+
+DATA_NAMES = ("synthetic", "mars", "ilidsvid", "prid2011", "dukev", "posetrackreid")
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict:
+    """``["a=1", "b=[2, 3]", "c=resnet50"]`` -> ``{"a": 1, "b": [2, 3], "c": "resnet50"}`` (JSON values,
+    else strings)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    from keypointops.models import MODELS, PRESET_NAMES
+    from keypointops.data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
+
+    parser = argparse.ArgumentParser(prog="keypointops", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model, evaluate it beside the colour-histogram baselines")
+    p.add_argument("--model", default="kmpnet", choices=sorted(MODELS))
+    p.add_argument("--data", default="synthetic", choices=DATA_NAMES)
+    p.add_argument("--root", default=None, help="dataset folder (synthetic: default a cache folder)")
+    p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
+    p.add_argument("--pretrained", default=None, metavar="PATH", help="local torchvision ResNet weights")
+    p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes per rank")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per rank (default: this rank's share of the cores minus --workers)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs")
+    for name, kind in (("frames", int), ("batch-size", int), ("instances", int), ("height", int),
+                       ("width", int), ("lr", float), ("warmup-epochs", int), ("grad-clip", float)):
+        p.add_argument(f"--{name}", type=kind, help=f"override the preset's {name.replace('-', '_')}")
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                   help="override a build_model option of the preset (JSON value), e.g. width=0.25")
+    p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
+                   help="dataset option, e.g. num_train_ids=20 for a smaller synthetic dataset")
+    p.add_argument("--no-baselines", action="store_true", help="skip the colour-histogram baselines")
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--root", default=None, help="dataset folder (default: the one it was trained on)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
+
+    p = sub.add_parser("export", help="export the inference model, check it against PyTorch")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=("onnx", "exported"), default="onnx")
+    p.add_argument("--out", default=None, help="output file (default beside the checkpoint)")
+    p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
+
+    p = sub.add_parser("synth", help="write the synthetic dataset (MARS layout)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ids", type=int, default=SYNTHETIC_DEFAULTS["num_train_ids"],
+                   help="identities of each split (train and test)")
+    p.add_argument("--cameras", type=int, default=SYNTHETIC_DEFAULTS["num_cameras"])
+    p.add_argument("--frames", type=int, default=SYNTHETIC_DEFAULTS["frames"], help="mean tracklet length")
+    p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=SYNTHETIC_DEFAULTS["size"],
+                   help="frame size in pixels")
+    p.add_argument("--seed", type=int, default=SYNTHETIC_DEFAULTS["seed"])
+
+    p = sub.add_parser("bench", help="print the op benchmark table")
+    p.add_argument("--run", action="store_true",
+                   help="run the benchmark suite now (source checkout) instead of printing stored results")
+    p.add_argument("--small", action="store_true", help="with --run: the small CI sizes")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+def _table(rows: dict[str, dict]) -> str:
+    """Markdown table of ``{name: summary()}`` rows."""
+    keys = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
+    width = max(len(name) for name in rows)
+    lines = [f"| {'method':<{width}} | rank-1 | rank-5 | rank-10 | rank-20 |   mAP |  mINP |",
+             f"|{'-' * (width + 2)}|-------:|-------:|--------:|--------:|------:|------:|"]
+    for name, s in rows.items():
+        lines.append(f"| {name:<{width}} | " + " | ".join(f"{s[k]:{len(h)}.1f}" for k, h in zip(
+            keys, ("rank-1", "rank-5", "rank-10", "rank-20", "  mAP", " mINP"))) + " |")
+    return "\n".join(lines)
+
+
+def _report(label: str, result: dict, baseline_results: dict, dataset, out: Path | None) -> None:
+    """Prints the table of the model and baselines; with ``out``, writes the CMC and ranking PNGs."""
+    from keypointops.engine import summary
+    from keypointops.evaluation import compute_distance
+    from keypointops.plots import plot_cmc, plot_ranking
+
+    print(_table({label: summary(result), **{k: summary(v) for k, v in baseline_results.items()}}))
+    if out is not None:
+        plot_cmc({label: result["cmc"], **{k: v["cmc"] for k, v in baseline_results.items()}}, out / "cmc.png")
+        plot_ranking(compute_distance(result["qf"], result["gf"]).numpy(), dataset.query, dataset.gallery,
+                     out / "ranking.png")
+
+
+# ----------------------------------------------------------------------------------------- commands
+
+def _set_threads(args) -> None:
+    """Intra-op threads: ``--threads``, else the rank's share of the cores less one per loader worker
+    (on a 2-core machine: 1 thread and 1 worker; more threads than free cores make OpenMP spin)."""
+    import torch
+
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(args.threads or max(1, share - args.workers))
+
+
+def _train(args) -> None:
+    from keypointops import engine
+    from keypointops.plots import plot_curves
+
+    _set_threads(args)
+    overrides = {k: getattr(args, k) for k in ("epochs", "frames", "batch_size", "instances", "height", "width",
+                                               "lr", "warmup_epochs", "grad_clip") if getattr(args, k) is not None}
+    config = engine.make_config(args.model, args.preset, args.data, args.root, seed=args.seed, workers=args.workers,
+                                pretrained=args.pretrained, eval_every=args.eval_every, max_steps=args.max_steps,
+                                train_overrides=overrides,
+                                model_overrides=_key_values(args.model_option, "--model-option"),
+                                data_options=_key_values(args.data_option, "--data-option"))
+    out = Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
+    run = engine.train(config, out, resume=args.resume, with_baselines=not args.no_baselines)
+    if run["eval"] is None:  # a DDP rank other than 0
+        return
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    print(f"\n{args.model} ({args.preset} preset) on {args.data}, {config['train']['epochs']} epochs, "
+          f"{run['seconds']:.0f} s; run folder {out}")
+    _report(args.model, run["eval"], run["baselines"], run["dataset"], out)
+
+
+def _evaluate(args) -> None:
+    from keypointops import engine
+    from keypointops.data import build_dataset
+
+    _set_threads(args)
+    state = engine.load_checkpoint(args.checkpoint, args.model)
+    config = dict(state["config"], workers=args.workers)
+    if args.root is not None:
+        config["root"] = args.root
+    model = engine.model_from_checkpoint(state)
+    dataset = build_dataset(config["data"], config["root"], **config["data_options"])
+    device = engine.device_for_rank()
+    results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device)
+    print(f"{config['model']} after {state['epoch']} epochs on {config['data']}")
+    _report(config["model"], results.pop("model"), results, dataset, None)
+
+
+def _export(args) -> None:
+    import torch
+
+    from keypointops import engine
+
+    state = engine.load_checkpoint(args.checkpoint, args.model)
+    # KMPNet in eval mode runs no graph branch; the reference backend leaves only standard ops.
+    model = engine.model_from_checkpoint(state, ops_backend="reference")
+    t = state["config"]["train"]
+    out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt2"))
+
+    def clip(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randn(1, t["frames"], 3, t["height"], t["width"], generator=g)
+        scale = torch.tensor([t["width"], t["height"], 1.0])
+        return images, torch.rand(1, t["frames"], 17, 3, generator=g) * scale
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape checks
+        check = clip(1)
+        expected = model(*check)
+        if args.format == "onnx":
+            import onnxruntime
+
+            torch.onnx.export(model, clip(0), out, input_names=["images", "keypoints"], output_names=["embedding"],
+                              dynamo=False)
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            feed = dict(zip(("images", "keypoints"), (x.numpy() for x in check)))
+            got = torch.from_numpy(session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})[0])
+            runtime = f"ONNX Runtime {onnxruntime.__version__}"
+        else:
+            program = torch.export.export(model, clip(0))
+            if "keypointops" in str(program.graph):
+                raise RuntimeError("the exported graph still holds a keypointops op")
+            torch.export.save(program, out)
+            got = torch.export.load(out).module()(*check)
+            runtime = "torch.export.load"
+    error = float((got - expected).abs().max())
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {state['config']['model']} inference model, "
+          f"embedding {tuple(expected.shape)}")
+    print(f"max abs error vs PyTorch ({runtime}, a clip other than the traced one): {error:.3g}")
+
+
+def _synth(args) -> None:
+    from keypointops.data.synthetic import generate
+
+    description = generate(args.out, num_train_ids=args.ids, num_test_ids=args.ids, num_cameras=args.cameras,
+                           frames=args.frames, size=tuple(args.size), seed=args.seed)
+    print(json.dumps(description["counts"], indent=1))
+    print(f"wrote the synthetic dataset to {args.out}")
+
+
+def _bench(args) -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    if args.run:
+        if not (bench / "conftest.py").is_file():
+            raise FileNotFoundError("the benchmark suite (bench/) ships with the source checkout, not the "
+                                    "installed package; run this from a clone of keypointops")
+        with tempfile.TemporaryDirectory() as tmp:
+            results = Path(tmp) / "results.md"
+            env = dict(os.environ, **({"KEYPOINTOPS_BENCH_SMALL": "1"} if args.small else {}))
+            subprocess.run([sys.executable, "-m", "pytest", str(bench), "-q", "--benchmark-only",
+                            f"--kp-results={results}", "-p", "no:cacheprovider"], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            print(results.read_text())
+        return
+    stored = sorted((bench / "results").glob("*.md"), key=lambda p: p.stat().st_mtime)
+    if not stored:
+        raise FileNotFoundError(f"no stored benchmark results in {bench / 'results'}; "
+                                "`keypointops bench --run` measures them (source checkout)")
+    for path in stored:
+        print(f"## {path.name}\n\n{path.read_text()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``keypointops`` console script; returns the exit code."""
+    from keypointops.data import DatasetNotFoundError
+    from keypointops.engine import CheckpointError
+
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    command = {"train": _train, "evaluate": _evaluate, "export": _export, "synth": _synth, "bench": _bench}
+    try:
+        command[args.command](args)
+    except (CheckpointError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"keypointops {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"keypointops {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if args.command in ("train", "evaluate") and os.environ.get("RANK", "0") == "0":
+        print(f"total {time.perf_counter() - start:.0f} s")
+    return 0

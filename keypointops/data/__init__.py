@@ -1,0 +1,37 @@
+"""Video re-ID data: tracklets, dataset readers, the synthetic dataset, keypoint files, sampling,
+clip transforms and the loader.
+
+``build_dataset(name, root=None, **options)`` -> a dataset with ``train`` / ``query`` / ``gallery``
+(lists of :class:`Tracklet`), ``num_train_pids``, ``num_train_cams``;
+``build_loader(tracklets, ...)`` -> a DataLoader of dict batches (see :func:`build_loader`).
+"""
+from __future__ import annotations
+
+from keypointops.data.datasets import (DATASETS, MARS, PRID2011, DatasetNotFoundError, DukeMTMCVideoReID,
+                                       PoseTrackReID, Tracklet, VideoReIDDataset, iLIDSVID)
+from keypointops.data.keypoint_files import load_keypoints
+from keypointops.data.loader import VideoDataset, build_loader
+from keypointops.data.sampling import PKBatchSampler, RandomBatchSampler, sample_frames
+from keypointops.data.synthetic import ensure_synthetic
+
+__all__ = ["Tracklet", "build_dataset", "build_loader", "DATASETS", "DatasetNotFoundError", "MARS", "iLIDSVID",
+           "PRID2011", "DukeMTMCVideoReID", "PoseTrackReID", "VideoReIDDataset", "VideoDataset",
+           "PKBatchSampler", "RandomBatchSampler", "sample_frames", "load_keypoints", "ensure_synthetic"]
+
+DATASET_NAMES = ("synthetic",) + tuple(DATASETS)
+
+
+def build_dataset(name: str, root=None, **options) -> VideoReIDDataset:
+    """The dataset ``name``: ``synthetic`` (generated on first use into ``root``, default a cache
+    folder, see :func:`keypointops.data.synthetic.ensure_synthetic`; options: the generator's
+    parameters, ``progress``, and ``drop_distractors``), ``mars``, ``ilidsvid``, ``prid2011``,
+    ``dukev``, ``posetrackreid`` (``root`` required; options go to the reader)."""
+    key = name.lower()
+    if key == "synthetic":
+        reader = {k: options.pop(k) for k in ("drop_distractors",) if k in options}
+        return MARS(ensure_synthetic(root, **options), **reader)
+    if key not in DATASETS:
+        raise ValueError(f"build_dataset: unknown dataset {name!r}; known: {DATASET_NAMES}")
+    if root is None:
+        raise ValueError(f"build_dataset: dataset {name!r} needs root (the folder holding it)")
+    return DATASETS[key](root, **options)

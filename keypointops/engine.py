@@ -1,0 +1,424 @@
+"""Training and evaluation of the re-ID models: the loop behind ``keypointops train``.
+
+A run is described by a plain config dict (:func:`make_config`): the model and its preset, the
+dataset, and the preset's ``"train"`` settings with any overrides. :func:`train` trains it (one
+process, or DDP under ``torchrun``), writes ``metrics.jsonl`` (one JSON object per epoch) and an
+atomic checkpoint ``model.pt`` at the end of every epoch, and evaluates the model.
+
+Exact resume: an epoch's batches and clip augmentations are a pure function of ``(seed, epoch)``
+(the data layer's samplers and datasets), the model's own randomness is seeded from ``(seed,
+epoch, rank)`` at the start of every epoch (:func:`epoch_seed`), and the checkpoint written at the
+end of an epoch holds the model, optimizer and scheduler state, the epoch count and the config
+(with the seed): all the state there is. A resumed run restores them and continues with the next
+epoch, so it ends with the same weights as an uninterrupted run (CPU; the loader's worker count
+does not change the data). A run killed mid-epoch restarts that epoch.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from keypointops.evaluation import evaluate
+
+__all__ = ["CheckpointError", "make_config", "build_run", "train", "extract_features", "evaluate_models", "baselines",
+           "forward_backward", "distributed", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+
+CHECKPOINT_FORMAT = "keypointops-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (missing, corrupt, not a keypointops checkpoint, or one
+    of another model)."""
+
+
+def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthetic", root: str | None = None, *,
+                seed: int = 0, workers: int = 1, pretrained: str | None = None, eval_every: int = 0,
+                max_steps: int | None = None, train_overrides: dict | None = None,
+                model_overrides: dict | None = None, data_options: dict | None = None) -> dict:
+    """The config of a run: the model preset's ``"model"`` options and ``"train"`` settings
+    (:func:`keypointops.models.get_preset`) updated with ``model_overrides`` / ``train_overrides``.
+
+    ``eval_every``: evaluate every N epochs (0: only after the last one, unless the preset's train
+    settings hold ``eval_every``). ``max_steps``: stop each epoch after that many steps (quick runs).
+    """
+    from keypointops.models import get_preset
+
+    settings = copy.deepcopy(get_preset(model, preset))
+    train_cfg = settings["train"]
+    for key, value in (train_overrides or {}).items():
+        if key not in train_cfg:
+            raise ValueError(f"unknown train setting {key!r}; the preset has {sorted(train_cfg)}")
+        train_cfg[key] = value
+    train_cfg["eval_every"] = eval_every or train_cfg.get("eval_every", 0)
+    return {"model": model, "preset": preset, "model_options": {**settings["model"], **(model_overrides or {})},
+            "train": train_cfg, "data": data, "root": root, "data_options": dict(data_options or {}),
+            "seed": seed, "workers": workers, "pretrained": pretrained, "max_steps": max_steps}
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size): from torchrun's environment, (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(world_size: int, device: torch.device) -> None:
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def distributed(core: nn.Module, device: torch.device) -> nn.Module:
+    """``core`` wrapped in DistributedDataParallel (gradients averaged over the ranks)."""
+    return nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=True)
+
+
+def _all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
+    if world_size == 1 or not values:
+        return values
+    buf = torch.tensor(list(values.values()), dtype=torch.float64)  # same keys, same order on every rank
+    dist.all_reduce(buf)
+    return {k: float(v) / world_size for k, v in zip(values, buf)}
+
+
+def device_for_rank() -> torch.device:
+    """The device of this process: its GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Writes ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to disk,
+    then renamed over ``path`` (a reader never sees a half-written checkpoint)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, model: str | None = None) -> dict:
+    """Reads a checkpoint with ``torch.load(weights_only=True)``; raises :class:`CheckpointError`
+    with a one-line reason when the file is missing, corrupt, not a keypointops checkpoint, or (when
+    ``model`` is given) holds another model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a keypointops training checkpoint")
+    if model is not None and state["config"]["model"] != model:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {state['config']['model']!r} model, "
+                              f"not {model!r}")
+    return state
+
+
+def model_from_checkpoint(state: dict, **options) -> nn.Module:
+    """The model of a checkpoint (eval mode, CPU); ``options`` override its build options (e.g.
+    ``ops_backend="reference"``)."""
+    from keypointops.models import build_model
+
+    config = state["config"]
+    model = build_model(config["model"], state["num_classes"], **{**config["model_options"], **options})
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"the checkpoint's weights do not fit model {config['model']!r}: "
+                              f"{str(err).splitlines()[0]}") from None
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------- data + model
+
+def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
+    """Builds ``(dataset, train_loader, model)`` of a config (the model on CPU, training mode)."""
+    from keypointops.data import build_dataset, build_loader
+    from keypointops.models import build_model
+    from keypointops.models.backbones import load_pretrained
+
+    dataset = build_dataset(config["data"], config["root"], **config["data_options"])
+    t = config["train"]
+    loader = build_loader(dataset.train, train=True, frames=t["frames"], sampling=t["train_sampling"],
+                          height=t["height"], width=t["width"], batch_size=t["batch_size"],
+                          instances=t["instances"], flip=t["flip"], random_erase=t["random_erase"],
+                          workers=config["workers"], seed=config["seed"], rank=rank, world_size=world_size)
+    torch.manual_seed(config["seed"])  # the initial weights
+    model = build_model(config["model"], dataset.num_train_pids, **config["model_options"])
+    if config["pretrained"]:
+        load_pretrained(model, config["pretrained"])
+    return dataset, loader, model
+
+
+def _optimizer(model: nn.Module, t: dict) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    if t["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
+    raise ValueError(f"unknown optimizer {t['optimizer']!r} (adam or sgd)")
+
+
+def lr_factor(epoch: int, t: dict) -> float:
+    """The learning-rate multiplier of ``epoch`` (0-based): a linear warmup from 0.1 over
+    ``warmup_epochs``, then ``lr_gamma`` at every milestone passed."""
+    warmup = t["warmup_epochs"]
+    factor = 0.1 + 0.9 * epoch / warmup if epoch < warmup else 1.0
+    return factor * t["lr_gamma"] ** sum(epoch >= m for m in t["lr_milestones"])
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def extract_features(models: dict[str, nn.Module], loader, num_tracklets: int, device: torch.device,
+                     desc: str = "features") -> dict[str, torch.Tensor]:
+    """Tracklet embeddings ``{name: [num_tracklets, D]}`` of each model in one pass over ``loader``:
+    the eval-mode clip embeddings averaged per tracklet (the batch's ``index``)."""
+    for model in models.values():
+        model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts = torch.zeros(num_tracklets)
+    for batch in tqdm(loader, desc=desc, leave=False, mininterval=2):
+        images, keypoints = batch["images"].to(device), batch["keypoints"].to(device)
+        for name, model in models.items():
+            emb = model(images, keypoints).float().cpu()
+            if name not in sums:
+                sums[name] = torch.zeros(num_tracklets, emb.shape[1])
+            sums[name].index_add_(0, batch["index"], emb)
+        counts.index_add_(0, batch["index"], torch.ones(len(batch["index"])))
+    if bool((counts == 0).any()):
+        raise RuntimeError("feature extraction: some tracklets got no clip from the loader")
+    return {name: total / counts[:, None] for name, total in sums.items()}
+
+
+def _ids(tracklets) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([t.pid for t in tracklets]), np.array([t.camid for t in tracklets])
+
+
+def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device: torch.device) -> dict[str, dict]:
+    """Rank-k, mAP and mINP of each model on the dataset's query / gallery split (eval mode, the
+    config's test sampling and input size, one pass over the frames for all models).
+
+    Returns ``{name: evaluate() dict + "qf", "gf" (the tracklet embeddings)}``."""
+    from keypointops.data import build_loader
+
+    t = config["train"]
+    feats = {}
+    for split, tracklets in (("query", dataset.query), ("gallery", dataset.gallery)):
+        loader = build_loader(tracklets, train=False, frames=t["frames"], sampling=t["test_sampling"],
+                              height=t["height"], width=t["width"], batch_size=t["batch_size"],
+                              flip=False, random_erase=False, workers=config["workers"], seed=config["seed"])
+        feats[split] = extract_features(models, loader, len(tracklets), device, desc=f"{split} features")
+    (q_pids, q_cams), (g_pids, g_cams) = _ids(dataset.query), _ids(dataset.gallery)
+    results = {}
+    for name in models:
+        qf, gf = feats["query"][name], feats["gallery"][name]
+        results[name] = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams) | {"qf": qf, "gf": gf}
+    return results
+
+
+def baselines() -> dict[str, nn.Module]:
+    """The no-learning baselines printed beside a trained model."""
+    from keypointops.models.color_histogram import ColorHistogram
+
+    return {"global colour histogram": ColorHistogram(stripes=1), "4-stripe colour histogram": ColorHistogram(stripes=4)}
+
+
+def summary(result: dict) -> dict:
+    """The JSON-friendly numbers of an evaluation: rank-1/5/10/20 (as far as the gallery allows),
+    mAP and mINP, in percent."""
+    cmc = result["cmc"]
+    out = {f"rank{k}": 100.0 * float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10, 20)}
+    out.update(mAP=100.0 * result["mAP"], mINP=100.0 * result["mINP"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------- training
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch seed of an epoch on a rank (the model's own randomness, e.g. dropout)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def forward_backward(model: nn.Module, core: nn.Module, batch: dict, device: torch.device):
+    """Forward of one training batch through ``model`` (the model or its DDP wrapper), the model's
+    loss (``core.loss``) and its backward; returns ``(loss, parts)``. bf16 autocast on CUDA."""
+    images, keypoints = batch["images"].to(device), batch["keypoints"].to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with amp:  # the loss too: autocast computes losses in float32
+        loss, parts = core.loss(model(images, keypoints), batch["pids"].to(device))
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the training loss is {float(loss)}")
+    loss.backward()
+    return loss, parts
+
+
+def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: int, rank: int) -> dict:
+    """One epoch; returns the mean of the loss and of each named loss part, and the clip count.
+
+    The torch RNG is seeded from ``(seed, epoch, rank)`` once the epoch's batch iterator exists
+    (creating an iterator may draw from it), so the epoch does not depend on what ran before it."""
+    t, max_steps = config["train"], config["max_steps"]
+    model.train()
+    loader.batch_sampler.set_epoch(epoch)
+    batches = iter(loader)
+    torch.manual_seed(epoch_seed(config["seed"], epoch, rank))
+    totals: dict[str, float] = {}
+    steps = clips = 0
+    total = len(loader) if max_steps is None else min(len(loader), max_steps)
+    for batch in tqdm(itertools.islice(batches, total), desc=f"epoch {epoch + 1}", total=total,
+                      disable=rank != 0, leave=False, mininterval=2):
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = forward_backward(model, core, batch, device)
+        if t["grad_clip"]:
+            nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        optimizer.step()
+        for name, value in {"loss": loss, **parts}.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach())
+        steps += 1
+        clips += len(batch["pids"])
+    if steps == 0:
+        raise RuntimeError("the training loader yielded no batch (too few identities or tracklets for "
+                           "batch_size / instances?)")
+    return {name: value / steps for name, value in totals.items()} | {"steps": steps, "clips": clips}
+
+
+def _write_metrics(path: Path, epoch_done: int, record: dict | None) -> None:
+    """Keeps the records of the first ``epoch_done`` epochs of ``path``, then appends ``record``."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    lines = [line for line in lines if json.loads(line)["epoch"] <= epoch_done]
+    if record is not None:
+        lines.append(json.dumps(record))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_baselines: bool = False,
+          log=print) -> dict:
+    """Trains (and evaluates) the run of ``config`` into the folder ``out``.
+
+    Writes ``config.json``, ``metrics.jsonl`` and ``model.pt`` (every epoch) there; with ``resume``
+    continues from ``out/model.pt`` (the settings of ``config`` that change the result must equal
+    the checkpoint's, ``epochs`` may grow). Under ``torchrun`` (``WORLD_SIZE > 1``) runs DDP: each
+    rank takes its share of every epoch's batches, gradients are averaged, epoch metrics are reduced,
+    rank 0 writes and evaluates.
+
+    ``with_baselines``: the final evaluation also evaluates :func:`baselines` on the same frames.
+    Returns ``{"metrics": last epoch record, "eval": the model's evaluation, "baselines": {name:
+    evaluation}, "dataset", "model", "seconds"}`` (evaluations on rank 0 only, None / {} elsewhere).
+    """
+    start_time = time.perf_counter()
+    rank, world_size = dist_info()
+    device = device_for_rank()
+    init_distributed(world_size, device)
+    out = Path(out)
+    ckpt_path, metrics_path = out / "model.pt", out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_path, config["model"])
+        _check_resumable(state["config"], config)
+    dataset, loader, core = build_run(config, rank=rank, world_size=world_size)
+    core.to(device)
+    t = config["train"]
+    optimizer = _optimizer(core, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, t))
+    start_epoch = 0
+    if state is not None:
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"]
+        log(f"resuming {ckpt_path} after epoch {start_epoch}")
+    model = distributed(core, device) if world_size > 1 else core
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        _write_metrics(metrics_path, start_epoch, None)
+    record, result, baseline_results = None, None, {}
+    epochs = t["epochs"]
+    for epoch in range(start_epoch, epochs):
+        tick = time.perf_counter()
+        stats = _train_epoch(model, core, loader, optimizer, config, device, epoch, rank)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        counts = {"steps": stats.pop("steps"), "clips": stats.pop("clips") * world_size}
+        stats = _all_reduce_mean(stats, world_size)
+        seconds = time.perf_counter() - tick
+        record = {"epoch": epoch + 1, "lr": lr, **stats, **counts, "seconds": seconds,
+                  "clips_per_s": counts["clips"] / seconds}
+        last = epoch + 1 == epochs
+        if rank == 0 and (last or (t["eval_every"] and (epoch + 1) % t["eval_every"] == 0)):
+            result, baseline_results = _evaluate_run(core, dataset, config, device, last and with_baselines)
+            record.update(summary(result))
+        if rank == 0:
+            _write_metrics(metrics_path, epoch, record)
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "config": config, "num_classes": dataset.num_train_pids,
+                "epoch": epoch + 1, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()})
+            log(_epoch_line(record, epochs))
+        if world_size > 1:
+            dist.barrier()
+    if result is None and rank == 0:  # resumed a finished run: evaluate its weights
+        result, baseline_results = _evaluate_run(core, dataset, config, device, with_baselines)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return {"metrics": record, "eval": result, "baselines": baseline_results, "dataset": dataset, "model": core,
+            "seconds": time.perf_counter() - start_time}
+
+
+def _evaluate_run(core, dataset, config, device, with_baselines: bool) -> tuple[dict, dict]:
+    """The model's evaluation and, when asked, the baselines' (one pass over the test frames)."""
+    results = evaluate_models({"model": core, **(baselines() if with_baselines else {})}, dataset, config, device)
+    return results.pop("model"), results
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    line = (f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"{record['clips_per_s']:.1f} clips/s  {record['seconds']:.0f} s")
+    if "mAP" in record:
+        line += f"  rank-1 {record['rank1']:.1f}%  mAP {record['mAP']:.1f}%"
+    return line
+
+
+_RESULT_KEYS = ("model", "preset", "model_options", "data", "root", "data_options", "seed", "pretrained")
+
+
+def _check_resumable(saved: dict, config: dict) -> None:
+    """A resumed run must train the same thing: only ``epochs``, ``eval_every``, ``workers`` and
+    ``max_steps`` may differ from the checkpoint's config."""
+    changed = [k for k in _RESULT_KEYS if saved.get(k) != config.get(k)]
+    changed += [f"train.{k}" for k in config["train"]
+                if k not in ("epochs", "eval_every") and saved["train"].get(k) != config["train"][k]]
+    if changed:
+        raise CheckpointError(f"cannot resume: the checkpoint was trained with other settings ({', '.join(changed)})")
+

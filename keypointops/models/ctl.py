@@ -1,0 +1,321 @@
+"""CTL (Liu et al., CVPR 2021): spatial-temporal correlation and topology learning for video re-ID.
+
+Architecture (``../shared/models/ctl.md``; section numbers below refer to it), for a clip of ``T``
+frames, ``C`` backbone channels:
+
+* **Backbone** (§1.2): ResNet-50 with last stride 1 (:mod:`keypointops.models.backbones`), the
+  layer4 map ``F`` ``[B*T, C, H/16, W/16]``.
+* **Keypoint features** (§1.3-1.5, Eq. 1): the frozen HRNet is stood in for by heatmaps rendered
+  from the batch's keypoints (:func:`keypointops.graphs.render_heatmaps`, HRNet's output grid
+  ``H/4 x W/4`` and its training-target sigma 2, peak = the keypoint confidence as HRNet's maximum
+  is its score), resized bilinearly to ``F``'s grid; 17 keypoint features
+  ``V_s1 = part_pool(F, heatmaps, temperature=0.1)`` (the softmax-weighted sum over the map, §7 A1,
+  A2); 10 and 5 part features averaged from them (``V_s2 = P2 V_s1``, ``V_s3 = P3 V_s1`` with the
+  groupings ``graphs.CTL_PARTS_10`` / ``CTL_PARTS_5``); the global feature ``V_g`` = GAP of ``F``.
+* **3D-GCL** (§2.2-2.3, Eqs. 2-4): per scale ``L = 2`` layers of
+  :class:`keypointops.nn.WindowGraphConv3D`: window ``tau = 3``, adjacency
+  ``tile(A_p + I) + tile(A_m) + A_c + I`` normalised per window (``A_m`` learnable, zero-init,
+  ``N x N``; ``A_c`` the advanced context block, one ``[L, L]`` topology per window, so the fused
+  op gets the ``[B, T, L, L]`` adjacency), the window-collapse conv, the shortcut from layer 2 on.
+  The physical graphs: the COCO skeleton (s1), :data:`CTL10_SKELETON` and :data:`CTL5_SKELETON` (§1.6).
+* **CS-GCL** (§2.4, Eqs. 5-7): :class:`CrossScaleGraphConv` s1 -> s3 and s2 -> s3 (a dense
+  softmax attention over the source nodes, plain PyTorch), ``V_p = X_s3 + alpha (X_s13 + X_s23)``.
+* **Fusion** (§2.5): ``V_f^g = TAP(V_g)``, ``V_f^a = TAP(sum_n V_p[n] + V_g)``,
+  ``V_f^c = TAP(concat_n g_c(V_p[n])[:C] + V_g)``; one BNNeck classifier per vector.
+* **Loss** (§3, Eq. 9): label-smoothed CE on the three logits + batch-hard triplet on the three
+  pre-BN vectors + the diversity loss of the time-averaged ``V_p`` (:mod:`keypointops.losses`).
+  At test time: the BNNeck output of ``V_f^a`` (§5).
+
+Switches for the paper's ablations (:data:`ABLATIONS` lists the rows of Tables 3-5):
+``graph_layers`` (0 = "Basel"), ``window`` (``tau``; 1 with ``context="sample"`` = the frame-level
+"+ContRe"), ``learned_adjacency`` and ``context`` (Table 4's adjacency terms), ``cross_scale``
+(``"graph"`` = CS-GCL, ``"pool"`` = the addition fusion of Basel / +ContRe / +3D),
+``cross_scale_sources`` and ``cross_scale_stages`` (Table 5).
+
+Deviations from ctl.md: the heatmaps are rendered from keypoints, not predicted by HRNet (the
+weights cannot be fetched; for a frozen pose net this is the same information, DESIGN.md);
+degree normalisation as :class:`~keypointops.nn.WindowGraphConv3D` documents (a node of degree
+``<= 0`` is zeroed rather than clamped to 1e-3).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keypointops.graphs import CTL_PARTS_5, CTL_PARTS_10, Skeleton, part_groups, render_heatmaps
+from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth, diversity_loss
+from keypointops.models.backbones import ResNet, load_pretrained
+from keypointops.models.baselines import CPU_BACKBONE
+from keypointops.models.heads import BNNeck
+from keypointops.nn import WindowGraphConv3D
+from keypointops.ops.part_pool import part_pool
+
+__all__ = ["CTL", "CrossScaleGraphConv", "CTL10_SKELETON", "CTL5_SKELETON", "ABLATIONS", "PRESETS"]
+
+# The physical graphs of the part scales (ctl.md §1.6): s2 links the torso to the head and to the
+# upper limb bones, and each upper bone to its lower one; s3 is a star on the trunk.
+CTL10_SKELETON = Skeleton("ctl10", tuple(CTL_PARTS_10),
+                          ((0, 1), (1, 2), (2, 3), (1, 4), (4, 5), (1, 6), (6, 7), (1, 8), (8, 9)))
+CTL5_SKELETON = Skeleton("ctl5", tuple(CTL_PARTS_5), ((0, 1), (0, 2), (0, 3), (0, 4)))
+_SCALES = {"s1": "coco17", "s2": CTL10_SKELETON, "s3": CTL5_SKELETON}
+_HEATMAP_STRIDE = 4   # HRNet's output grid: 1/4 of the input
+
+# build_model("ctl", n, **ABLATIONS[row]) for the rows of Tables 3-5 (ctl.md §6.4-6.6).
+ABLATIONS: dict[str, dict] = {
+    "basel": dict(graph_layers=0, cross_scale="pool"),
+    "basel+contre": dict(window=1, context="sample", cross_scale="pool"),
+    "basel+contre+3d": dict(cross_scale="pool"),
+    "ctl": {},
+    "ctl-ap": dict(learned_adjacency=False, context=None),
+    "ctl-apam": dict(context=None),
+    "cs-gcl-m2": dict(cross_scale_stages=2),
+    "cs-gcl-s3": dict(cross_scale_sources=()),
+    "cs-gcl-s3s1": dict(cross_scale_sources=("s1",)),
+}
+
+_TRAIN_PAPER = dict(frames=6, train_sampling="restricted_random", test_sampling="all", height=256,
+                    width=128, batch_size=32, instances=4, optimizer="adam", lr=3e-4,
+                    weight_decay=5e-4, momentum=0.9, epochs=240, lr_milestones=[60, 120, 180],
+                    lr_gamma=0.1, warmup_epochs=0, flip=True, random_erase=True, grad_clip=None)
+# "paper": ctl.md §4 and §9.  "cpu": the main job's small variant: the cpu backbone every model
+# shares (ResNet-18 blocks at quarter width: C = 128, an 8 x 4 grid at 128 x 64 with CTL's last
+# stride 1), CS-GCL width d = C / 8 = 16 as the paper's 256 = 2048 / 8, T = 4 (two frames of
+# temporal context in every inner window), 16 clips = 8 ids x 2, and the other cpu presets' budget
+# (Adam 1e-3, 20 epochs: it trains from scratch); test clips sampled evenly.
+PRESETS = {"ctl": {
+    "cpu": {"model": dict(CPU_BACKBONE, frames=4, embed_dim=16),
+            "train": dict(_TRAIN_PAPER, frames=4, test_sampling="evenly", height=128, width=64,
+                          batch_size=16, instances=2, lr=1e-3, epochs=20, lr_milestones=[15])},
+    "paper": {"model": dict(depth=50, width=1.0, frames=6), "train": _TRAIN_PAPER},
+}}
+
+
+class _FCBN(nn.Module):
+    """CTL's ``FC + BN + ReLU`` on the last dimension (BN statistics over all leading dimensions).
+
+    The CS-GCL applies the FC of some of these in parts (split weights, pairwise differences) and
+    then :meth:`activate`; :meth:`forward` is the plain composition.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.norm = nn.BatchNorm1d(out_features)
+
+    def activate(self, y: Tensor) -> Tensor:
+        return self.norm(y.reshape(-1, y.size(-1))).view_as(y).relu()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.activate(self.linear(x))
+
+
+class CrossScaleGraphConv(nn.Module):
+    r"""CTL's cross-scale graph conv (ctl.md §2.4, Eqs. 5-6): source-scale nodes -> target-scale nodes.
+
+    For source nodes ``x_i`` (``[..., N_a, C]``) and target nodes ``x_m`` (``[..., N_b, C]``) of a
+    frame, with ``phi``, ``psi``, ``h``, ``f`` each ``FC + BN + ReLU`` (embedding width ``d``)::
+
+        p_i = sum_j h_a([phi(x_i), psi(x_j - x_i)]);   r_i = f_a([x_i, p_i])     (source)
+        p_m = sum_j h_b([phi(x_m), psi(x_j - x_m)]);   r_m = f_b([x_m, p_m])     (target)
+        A[m, i] = softmax_i(r_m . r_i);   out = relu(A X_a W)
+
+    ``phi`` and ``psi`` are shared by both scales, ``h`` and ``f`` are per scale (§7 A14); the
+    softmax runs over the source nodes (A15), temperature 1.  Computed exactly but without the
+    concatenations: ``psi``'s FC is applied to the nodes before the pairwise difference, and
+    ``h`` / ``f`` apply the two halves of their weight to the two halves of their input.
+    """
+
+    def __init__(self, channels: int, embed_dim: int = 256):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.phi = _FCBN(channels, embed_dim)
+        self.psi = _FCBN(channels, embed_dim)
+        self.h_source = _FCBN(2 * embed_dim, embed_dim)
+        self.f_source = _FCBN(channels + embed_dim, embed_dim)
+        self.h_target = _FCBN(2 * embed_dim, embed_dim)
+        self.f_target = _FCBN(channels + embed_dim, embed_dim)
+        self.weight = nn.Linear(channels, channels, bias=False)
+
+    def relation(self, x: Tensor, h: _FCBN, f: _FCBN) -> Tensor:
+        """``r`` ``[..., N, d]`` of nodes ``x`` ``[..., N, C]`` (Eq. 5's ``r``, with ``h``, ``f`` of their scale)."""
+        d = self.embed_dim
+        phi = self.phi(x)                                                     # [..., N, d]
+        u = F.linear(x, self.psi.linear.weight)
+        pair = self.psi.activate(u.unsqueeze(-3) - u.unsqueeze(-2) + self.psi.linear.bias)  # [.., i, j, d]
+        h_weight = h.linear.weight
+        h_in = (F.linear(phi, h_weight[:, :d], h.linear.bias).unsqueeze(-2)
+                + F.linear(pair, h_weight[:, d:]))
+        p = h.activate(h_in).sum(-2)                                          # [..., N, d]
+        f_weight = f.linear.weight
+        channels = x.size(-1)
+        return f.activate(F.linear(x, f_weight[:, :channels], f.linear.bias)
+                          + F.linear(p, f_weight[:, channels:]))
+
+    def forward(self, source: Tensor, target: Tensor) -> Tensor:
+        """``source`` ``[..., N_a, C]``, ``target`` ``[..., N_b, C]`` -> ``[..., N_b, C]``."""
+        r_source = self.relation(source, self.h_source, self.f_source)
+        r_target = self.relation(target, self.h_target, self.f_target)
+        attention = torch.softmax(r_target @ r_source.transpose(-1, -2), dim=-1)   # [..., N_b, N_a]
+        return (attention @ self.weight(source)).relu()
+
+
+class CTL(nn.Module):
+    """CTL for clips ``images`` ``[B, T, 3, H, W]`` with ``keypoints`` ``[B, T, 17, 3]`` (see the module doc).
+
+    ``forward`` returns, in training mode, a dict with ``features`` (the three pre-BN vectors
+    ``V_f^g, V_f^a, V_f^c``, each ``[B, C]``), ``logits`` (three ``[B, num_classes]``) and ``parts``
+    (``V_p`` averaged over time, ``[B, 5, C]``); in eval mode the BNNeck output of ``V_f^a``
+    ``[B, C]``.  :meth:`loss` turns the training output into Eq. 9's loss.
+
+    Args:
+        num_classes: training identities.
+        depth, width: of the ResNet backbone (50 and 1.0 in the paper; ``width`` scales every stage).
+        pretrained: path of a local torchvision ImageNet ResNet state dict, or None.
+        frames: ``T``; the context block's temporal conv has ``T`` input channels, so every clip
+            (train and test) has ``T`` frames.
+        temperature: of the heatmap softmax (``theta``, §1.4; 1.0 is the literal reading).
+        heatmap_sigma: of the rendered heatmaps, in heatmap (1/4 input) pixels.
+        graph_layers: 3D-GCLs per scale (``L``; 0 = no graph layers, Table 3's "Basel").
+        window: ``tau`` (odd; 1 = frame-level graphs).
+        learned_adjacency: include ``A_m``.
+        context: the context term ``A_c``: ``"window"`` (per window, the advanced block),
+            ``"sample"`` (one per sample; with ``window=1`` the basic block) or None.
+        cross_scale: ``"graph"`` (the CS-GCLs) or ``"pool"`` (Basel's addition fusion: the source
+            features averaged into the 5 parts).
+        cross_scale_sources: the scales fused into s3: ``("s1", "s2")``, ``("s1",)``, ``("s2",)``
+            or ``()`` (``V_p = X_s3``).
+        cross_scale_stages: ``M``, 1 or 2 (2: another fusion of s3 after the first 3D-GCL).
+        alpha: the cross-scale weight of Eq. 7.
+        embed_dim: ``d`` of the CS-GCL embeddings.
+        margin, label_smoothing: of the triplet and cross-entropy losses.
+        ops_backend: backend of the fused ops (``part_pool``, ``window_graph_conv``).
+    """
+
+    def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
+                 pretrained: str | None = None, frames: int = 6, temperature: float = 0.1,
+                 heatmap_sigma: float = 2.0, graph_layers: int = 2, window: int = 3,
+                 learned_adjacency: bool = True, context: str | None = "window",
+                 cross_scale: str = "graph", cross_scale_sources: tuple[str, ...] = ("s1", "s2"),
+                 cross_scale_stages: int = 1, alpha: float = 0.3, embed_dim: int = 256,
+                 margin: float = 0.3, label_smoothing: float = 0.1, ops_backend: str = "auto"):
+        super().__init__()
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"CTL: frames must be a positive int, got {frames!r}")
+        if isinstance(graph_layers, bool) or not isinstance(graph_layers, int) or graph_layers < 0:
+            raise ValueError(f"CTL: graph_layers must be an int >= 0, got {graph_layers!r}")
+        if cross_scale not in ("graph", "pool"):
+            raise ValueError(f"CTL: cross_scale must be 'graph' or 'pool', got {cross_scale!r}")
+        sources = tuple(cross_scale_sources)
+        if not set(sources) <= {"s1", "s2"} or len(set(sources)) != len(sources):
+            raise ValueError(f"CTL: cross_scale_sources must be distinct scales of ('s1', 's2'), got "
+                             f"{cross_scale_sources!r}")
+        if cross_scale_stages not in (1, 2) or (cross_scale_stages == 2 and graph_layers < 2):
+            raise ValueError(f"CTL: cross_scale_stages must be 1, or 2 with graph_layers >= 2 (the "
+                             f"second fusion follows the first 3D-GCL), got {cross_scale_stages!r}")
+        for name, value in (("temperature", temperature), ("heatmap_sigma", heatmap_sigma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"CTL: {name} must be a finite number > 0, got {value!r}")
+        self.frames, self.temperature, self.heatmap_sigma = frames, float(temperature), float(heatmap_sigma)
+        self.cross_scale, self.sources, self.stages = cross_scale, sources, cross_scale_stages
+        self.alpha, self.margin, self.label_smoothing = alpha, margin, label_smoothing
+        self.ops_backend = ops_backend
+
+        self.backbone = ResNet(depth, last_stride=1, width=width)
+        if pretrained is not None:
+            load_pretrained(self.backbone, pretrained)
+        channels = self.backbone.channels[-1]
+        self.register_buffer("groups10", part_groups("ctl10"))          # [10, 17]
+        self.register_buffer("groups5", part_groups("ctl5"))            # [5, 17]
+        self.register_buffer("groups5_of_10", part_groups("ctl5_of_10"))  # [5, 10]
+        self.graph = nn.ModuleDict({
+            scale: nn.ModuleList(
+                WindowGraphConv3D(channels, channels, graph, window, learned=learned_adjacency,
+                                  context=context, frames=frames, residual=layer > 0, backend=ops_backend)
+                for layer in range(graph_layers))
+            for scale, graph in _SCALES.items()})
+        self.cross = nn.ModuleList(
+            nn.ModuleDict({source: CrossScaleGraphConv(channels, embed_dim) for source in sources})
+            for _ in range(cross_scale_stages if cross_scale == "graph" else 0))
+        self.reduce = nn.Linear(channels, -(-channels // 5))                # g_c: C -> ceil(C / 5)
+        self.necks = nn.ModuleList(BNNeck(channels, num_classes) for _ in range(3))
+
+    def heatmaps(self, keypoints: Tensor, image_size: tuple[int, int],
+                 feature_size: tuple[int, int]) -> Tensor:
+        """The stand-in of the frozen HRNet: ``[B*T, 17, h, w]`` heatmaps on the feature grid.
+
+        Rendered on HRNet's ``H/4 x W/4`` grid (sigma ``heatmap_sigma``, peak = the keypoint's
+        confidence clipped to [0, 1]; a missing keypoint gives a zero map), then resized bilinearly
+        (``align_corners=False``) to the feature grid, as ctl.md §1.4 resizes HRNet's output.
+        """
+        with torch.no_grad():
+            size = (image_size[0] // _HEATMAP_STRIDE, image_size[1] // _HEATMAP_STRIDE)
+            confidence = keypoints[..., 2].clamp(0.0, 1.0)
+            heat = render_heatmaps(keypoints[..., :2] / _HEATMAP_STRIDE, size, self.heatmap_sigma,
+                                   valid=confidence > 0) * confidence[..., None, None]
+            return F.interpolate(heat.flatten(0, 1), size=feature_size, mode="bilinear",
+                                 align_corners=False)
+
+    def scale_features(self, images: Tensor, keypoints: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``({"s1": V_s1, "s2": V_s2, "s3": V_s3}, V_g)``: ``[B, T, N_s, C]`` each and ``[B, T, C]`` (Eq. 1)."""
+        if not isinstance(images, Tensor) or images.dim() != 5 or images.size(2) != 3:
+            raise ValueError(f"CTL: images must be [B, T, 3, H, W], got {list(getattr(images, 'shape', []))}")
+        batch, frames = images.shape[:2]
+        if (not isinstance(keypoints, Tensor) or keypoints.dim() != 4
+                or tuple(keypoints.shape) != (batch, frames, 17, 3)):
+            raise ValueError(f"CTL: keypoints must be [B, T, 17, 3] = [{batch}, {frames}, 17, 3], got "
+                             f"{list(getattr(keypoints, 'shape', []))}")
+        if frames != self.frames:
+            raise ValueError(f"CTL: images hold T = {frames} frames but the model was built with "
+                             f"frames = {self.frames}")
+        features = self.backbone(images.flatten(0, 1))[-1]                   # [B*T, C, h, w]
+        heat = self.heatmaps(keypoints, tuple(images.shape[-2:]), tuple(features.shape[-2:]))
+        v1 = part_pool(features, heat.to(features.dtype), temperature=self.temperature,
+                       backend=self.ops_backend)
+        v1 = v1.view(batch, frames, *v1.shape[1:])                            # [B, T, 17, C]
+        globl = features.mean((2, 3)).view(batch, frames, -1)
+        return {"s1": v1, "s2": self.groups10 @ v1, "s3": self.groups5 @ v1}, globl
+
+    def fuse_scales(self, stage: int, xs: dict[str, Tensor]) -> Tensor:
+        """``X_s3 + alpha * sum_a X_a3`` over the cross-scale sources (Eq. 7): ``[B, T, 5, C]``."""
+        fused = xs["s3"]
+        for source in self.sources:
+            if self.cross_scale == "graph":
+                message = self.cross[stage][source](xs[source], xs["s3"])
+            else:
+                groups = self.groups5 if source == "s1" else self.groups5_of_10
+                message = groups @ xs[source]
+            fused = fused + self.alpha * message
+        return fused
+
+    def parts(self, xs: dict[str, Tensor]) -> Tensor:
+        """``V_p`` ``[B, T, 5, C]``: the 3D-GCL stacks of the three scales, then the cross-scale fusion."""
+        for layer in range(len(self.graph["s1"])):
+            xs = {scale: self.graph[scale][layer](x) for scale, x in xs.items()}
+            if layer == 0 and self.stages == 2:
+                xs["s3"] = self.fuse_scales(0, xs)
+        return self.fuse_scales(self.stages - 1, xs)
+
+    def forward(self, images: Tensor, keypoints: Tensor) -> dict | Tensor:
+        xs, globl = self.scale_features(images, keypoints)
+        vp = self.parts(xs)
+        attended = (vp.sum(2) + globl).mean(1)                                # V_f^a
+        if not self.training:
+            return self.necks[1](attended)[1]
+        channels = globl.size(-1)
+        reduced = self.reduce(vp).flatten(-2)[..., :channels]                 # concat_n g_c(V_p[n])
+        vectors = (globl.mean(1), attended, (reduced + globl).mean(1))        # V_f^g, V_f^a, V_f^c
+        heads = [neck(v) for neck, v in zip(self.necks, vectors)]
+        return {"features": [h[0] for h in heads], "logits": [h[2] for h in heads], "parts": vp.mean(1)}
+
+    def loss(self, output: dict, pids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eq. 9 with ``lambda = 1``: CE (label smoothing) and batch-hard triplet summed over the three
+        vectors, plus the diversity loss of ``V_p``.  Returns ``(total, {"cross_entropy", "triplet",
+        "diversity"})``."""
+        ce = sum(cross_entropy_label_smooth(logits, pids, self.label_smoothing) for logits in output["logits"])
+        triplet = sum(batch_hard_triplet(f, pids, self.margin) for f in output["features"])
+        diversity = diversity_loss(output["parts"])
+        return ce + triplet + diversity, {"cross_entropy": ce, "triplet": triplet, "diversity": diversity}

@@ -1,0 +1,220 @@
+"""KMPNet (Chen et al., AAAI 2022): keypoint message passing for video person re-ID.
+
+Written to ``../shared/models/kmpnet.md`` (and ``kmpnet_released_code.md``, the authors' code).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keypointops.graphs import Graph, Skeleton, skeleton
+from keypointops.models.backbones import ResNet
+from keypointops.models.baselines import (CPU_BACKBONE, CPU_TRAIN, PCBVideo, ResNet50Video, check_clip, frame_loss,
+                                          train_preset)
+from keypointops.models.heads import BNNeck, init_kaiming_fan_out
+from keypointops.nn import DeepGCNLayer, GENConv, KeypointGather
+
+__all__ = ["KMPNet", "PRESETS", "JRPP_GROUPS", "headless_keypoints", "flip_frames"]
+
+# Graph pooling (JRPP with G1, G2, G3 on the 12 headless joints, kmpnet.md §3.6): name -> nodes.
+JRPP_GROUPS: dict[str, tuple[int, ...]] = {
+    "whole": tuple(range(12)),
+    "upper": (0, 1, 2, 3, 4, 5),
+    "lower": (6, 7, 8, 9, 10, 11),
+    "left_arm_right_leg": (0, 2, 4, 7, 9, 11),
+    "right_arm_left_leg": (1, 3, 5, 6, 8, 10),
+}
+GRAPHS = ("both", "spatial", "temporal")
+VISUALS = {"pcb": PCBVideo, "resnet50": ResNet50Video}
+EMBEDDINGS = ("x_c", "x_g")
+
+
+def headless_keypoints(keypoints: Tensor) -> tuple[Tensor, Tensor]:
+    """COCO-17 ``[B, T, 17, 3]`` -> the 12 headless joints ``xy [B*T, 12, 2]`` and ``valid [B*T, 12]``.
+
+    A joint is invalid iff ``x <= 0 and y <= 0`` (the released code's rule for the unannotated
+    (0, 0) joint) or its confidence is ``<= 0`` (the batch contract's mark of a missing joint,
+    which stays valid under transforms that move coordinates).  Otherwise the confidence is unused.
+    """
+    kp = keypoints[:, :, 5:].flatten(0, 1)
+    x, y, conf = kp.unbind(-1)
+    valid = ~((x <= 0) & (y <= 0)) & (conf > 0)
+    return kp[..., :2], valid
+
+
+def flip_frames(images: Tensor, xy: Tensor, flipped: Tensor, mirror_keypoints: bool = True) -> tuple[Tensor, Tensor]:
+    """Mirrors the frames ``flipped [N]`` of ``images [N, 3, H, W]``; with ``mirror_keypoints`` their
+    keypoints ``xy [N, K, 2]`` too (``x <- W - x``, joint labels kept, kmpnet.md §9-A15).  The
+    validity of a joint must be computed before (a mirrored (0, 0) would look valid)."""
+    images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    if mirror_keypoints:
+        mirrored = torch.stack([images.size(-1) - xy[..., 0], xy[..., 1]], -1)
+        xy = torch.where(flipped[:, None, None], mirrored, xy)
+    return images, xy
+
+
+class KMPNet(nn.Module):
+    r"""KMPNet: a frame-level re-ID CNN trained with a keypoint graph branch that is dropped at inference.
+
+    **Visual branch** (kmpnet.md §3.1): PCB-p4 on ResNet-50 with last stride 1 (``visual="pcb"``,
+    :class:`~keypointops.models.baselines.PCBVideo`), or the IDE ResNet-50 with last stride 2
+    (``visual="resnet50"``, :class:`~keypointops.models.baselines.ResNet50Video`); ``self.visual``
+    is that baseline, so stage A's checkpoint loads into it.
+
+    **Graph branch** (training only, §3.2-3.6): after each of the 5 CNN stages (stem, layer1..4)
+    :func:`keypointops.keypoint_gather` samples the stage's map at the 12 headless joints
+    (``keypoints + 0.5, roi_size=1, aligned=False, sampling_ratio=1``: the released code's one
+    bilinear sample at ``x * s + 0.5``); an invalid joint (:func:`headless_keypoints`) gets the
+    stage's global average instead.  Fusion (Eq. 1): ``h <- W_down,k(f_k(kp) + W_up,k(h))``
+    (``down.0`` takes the stem's features alone; ``up.k-1``/``down.k``: Linear with Kaiming fan_out
+    init, zero bias).  Between fusions run the 27 DeeperGCN res+ blocks (:class:`keypointops.nn.DeepGCNLayer`
+    with :class:`keypointops.nn.GENConv`: LayerNorm, ReLU, dropout 0.1, softmax aggregation with a
+    learnable scalar t, MLP 64-128-64 with LayerNorm) split ``5/7/11/4`` (``gcn[0..3]``) over the
+    spatial-temporal graph (12 joints x T frames; KMPNet's 11 skeleton edges in every frame and
+    same-joint edges between consecutive frames, both directions, no self loops), built once per
+    (clips, frames, device) and reused by all 27 layers.  Read-out: LayerNorm, ReLU, dropout 0.1,
+    per frame the mean over the 5 JRPP node groups (:data:`JRPP_GROUPS`), each into its own BNNeck
+    (``Linear(64 -> 256)``, BN1d with frozen zero bias, bias-free classifier).
+
+    **Loss** (§4): the plain mean of the label-smoothed (ε = 0.1) CE of every classifier (4 PCB
+    stripes + 5 graph heads = 9; 1 + 5 = 6 with ``visual="resnet50"``), every frame labelled with
+    its tracklet's identity.
+
+    **Inference** (§3.8): eval mode with ``embedding="x_c"`` runs ``self.visual`` only: no
+    keypoints, no graph, no fused op, no graph-branch parameter (8192-d per frame for PCB,
+    averaged over the clip).  ``embedding="x_g"`` (Table 4) runs the graph branch in eval mode
+    and returns the per-frame L2-normalised concatenation of the 5 BN outputs, averaged (1280-d).
+
+    Args:
+        num_classes: training identities.
+        visual: ``"pcb"`` or ``"resnet50"``.
+        depth, width: the visual branch's ResNet (50, 1.0 in the paper; smaller for the CPU).
+        graph: ``"both"`` (E_S and E_T, the paper's model), ``"spatial"`` or ``"temporal"`` (Table 3).
+        embedding: eval-mode output, ``"x_c"`` (the paper's) or ``"x_g"``.
+        gcn_channels: hidden width of the graph branch (64).
+        gcn_split: res+ blocks between consecutive fusions ((5, 7, 11, 4)).
+        frame_flip: probability of mirroring each frame independently inside the model in training
+            (0: the data pipeline flips, per clip, moving the keypoints with the pixels).  This is
+            the released code's per-frame flip, for exact reproduction.
+        flip_keypoints: mirror the keypoints of the frames flipped by ``frame_flip`` (§9-A15);
+            ``False`` reproduces the released code's bug (images flipped, keypoints not).
+        ops_backend: backend of every fused op (``keypoint_gather``, ``msg_pass``).
+        visual_options: further options of the visual branch (``parts``, ``reduced_dim``).
+
+    Deviations from the spec: ``frame_flip`` defaults to 0 with the data pipeline flipping whole
+    clips (consistent frames for every temporal model) instead of each frame; a joint with
+    confidence 0 is also invalid (the batch contract's missing joint); invalid joints take the
+    plain global mean (the spec's [R] resolution of §3.2, not the released code's slightly
+    skewed RoIAlign weights).  Stage-A/stage-B training (§5) is a training protocol, not a model
+    option: load a trained ``PCBVideo`` state dict into ``model.visual``.
+    """
+
+    def __init__(self, num_classes: int, *, visual: str = "pcb", depth: int = 50, width: float = 1.0,
+                 graph: str = "both", embedding: str = "x_c", gcn_channels: int = 64,
+                 gcn_split: tuple[int, ...] = (5, 7, 11, 4), frame_flip: float = 0.0, flip_keypoints: bool = True,
+                 ops_backend: str = "auto", **visual_options):
+        super().__init__()
+        if visual not in VISUALS:
+            raise ValueError(f"KMPNet: visual must be one of {sorted(VISUALS)}, got {visual!r}")
+        if graph not in GRAPHS:
+            raise ValueError(f"KMPNet: graph must be one of {GRAPHS}, got {graph!r}")
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"KMPNet: embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        if len(gcn_split) != 4 or not all(isinstance(n, int) and n >= 0 for n in gcn_split):
+            raise ValueError(f"KMPNet: gcn_split must be 4 block counts (one per fusion after the stem), "
+                             f"got {gcn_split!r}")
+        if not 0.0 <= frame_flip <= 1.0:
+            raise ValueError(f"KMPNet: frame_flip must be a probability, got {frame_flip!r}")
+        self.visual = VISUALS[visual](num_classes, depth=depth, width=width, ops_backend=ops_backend,
+                                      **visual_options)
+        self.ops_backend = ops_backend
+        self.graph_kind, self.embedding = graph, embedding
+        self.frame_flip, self.flip_keypoints = float(frame_flip), bool(flip_keypoints)
+        backbone, c = self.visual.backbone, gcn_channels
+        self.gather = nn.ModuleList(
+            KeypointGather(1.0 / stride, roi_size=1.0, sampling_ratio=1, aligned=False, backend=ops_backend)
+            for stride in backbone.strides)
+        self.up = nn.ModuleList(init_kaiming_fan_out(nn.Linear(c, ch)) for ch in backbone.channels[1:])
+        self.down = nn.ModuleList(init_kaiming_fan_out(nn.Linear(ch, c)) for ch in backbone.channels)
+        self.gcn = nn.ModuleList(nn.ModuleList(self._block(c, ops_backend) for _ in range(n)) for n in gcn_split)
+        self.post_norm = nn.LayerNorm(c)
+        self.register_buffer("pool", self._pool_matrix(), persistent=False)
+        self.heads = nn.ModuleList(BNNeck(c, num_classes, embed_dim=256) for _ in JRPP_GROUPS)
+        self._graphs: dict[tuple, Graph] = {}
+
+    @staticmethod
+    def _block(channels: int, ops_backend: str) -> DeepGCNLayer:
+        conv = GENConv(channels, channels, aggr="softmax", t=1.0, learn_t=True, num_layers=2, norm="layer",
+                       bias=True, backend=ops_backend)
+        return DeepGCNLayer(conv, nn.LayerNorm(channels), nn.ReLU(), block="res+", dropout=0.1)
+
+    @staticmethod
+    def _pool_matrix() -> Tensor:
+        pool = torch.zeros(len(JRPP_GROUPS), 12)
+        for i, nodes in enumerate(JRPP_GROUPS.values()):
+            pool[i, list(nodes)] = 1.0 / len(nodes)
+        return pool
+
+    @property
+    def backbone(self) -> ResNet:
+        """The visual branch's ResNet (what :func:`keypointops.models.backbones.load_pretrained` fills)."""
+        return self.visual.backbone
+
+    def graph_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the graph branch (fusion projections, GCN blocks, read-out, heads)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("visual.")]
+
+    def graph(self, clips: int, frames: int, device: torch.device) -> Graph:
+        """The spatial-temporal graph of ``clips`` clips of ``frames`` frames (built once, cached)."""
+        key = (clips, frames, str(device))
+        if key not in self._graphs:
+            skel = skeleton("kmpnet12")
+            if self.graph_kind == "temporal":
+                skel = Skeleton("kmpnet12_no_limbs", skel.joints, ())
+            self._graphs[key] = Graph.spatial_temporal(skel, frames=frames, batch=clips,
+                                                       temporal=self.graph_kind != "spatial", device=device)
+        return self._graphs[key]
+
+    def forward(self, images: Tensor, keypoints: Tensor | None = None):
+        graph_needed = self.training or self.embedding == "x_g"
+        check_clip(images, keypoints, "KMPNet", need_keypoints=graph_needed)
+        if not graph_needed:
+            return self.visual(images)
+        B, T = images.shape[:2]
+        x = images.flatten(0, 1)
+        xy, valid = headless_keypoints(keypoints)
+        xy = xy.to(x.dtype)
+        if self.training and self.frame_flip > 0:
+            flipped = torch.rand(x.size(0), device=x.device) < self.frame_flip
+            x, xy = flip_frames(x, xy, flipped, self.flip_keypoints)
+        graph = self.graph(B, T, x.device)
+        f, h = x, None
+        for k, stage in enumerate(self.visual.backbone.stages):
+            f = stage(f)
+            if k > 0:
+                for block in self.gcn[k - 1]:
+                    h = block(h, graph)
+            nodes = self.gather[k](f, xy + 0.5, valid)
+            nodes = torch.where(valid[..., None], nodes, f.mean((2, 3))[:, None, :]).flatten(0, 1)
+            h = self.down[k](nodes if h is None else nodes + self.up[k - 1](h))
+        h = F.dropout(F.relu(self.post_norm(h)), p=0.1, training=self.training)
+        parts = torch.einsum("pk,nkc->npc", self.pool, h.view(B * T, 12, -1))
+        heads = [head(parts[:, i]) for i, head in enumerate(self.heads)]
+        if not self.training:
+            x_g = F.normalize(torch.cat([bn for _, bn, _ in heads], 1), dim=1)
+            return x_g.view(B, T, -1).mean(1)
+        logits = self.visual.logits(f)
+        logits.update({f"graph_{name}": out for name, (_, _, out) in zip(JRPP_GROUPS, heads)})
+        return {"logits": logits, "frames": T}
+
+    def loss(self, output: dict, pids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The plain mean of the 9 (6) per-frame label-smoothed CE terms (kmpnet.md §4)."""
+        return frame_loss(output["logits"], pids, output["frames"])
+
+
+PRESETS = {"kmpnet": {
+    "paper": {"model": {}, "train": train_preset()},
+    # the small variant of the main job: the visual branch of the PCB cpu preset, the full graph branch
+    "cpu": {"model": dict(CPU_BACKBONE, reduced_dim=64), "train": train_preset(**CPU_TRAIN)},
+}}

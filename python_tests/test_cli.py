@@ -1,0 +1,95 @@
+"""The ``keypointops`` command: a tiny train run (table, run folder), the ONNX export round trip,
+and the one-line errors of bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keypointops.cli import main
+
+TINY = ["--workers", "0", "--threads", "1", "--epochs", "2", "--batch-size", "4", "--frames", "2", "--height", "64",
+        "--width", "32", "--model-option", "width=0.125", "--data-option", "num_train_ids=6",
+        "--data-option", "num_test_ids=5", "--data-option", "frames=6", "--data-option", "size=[64,32]"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny ``keypointops train`` run: (run folder, its stdout)."""
+    out = tmp_path_factory.mktemp("run")
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    capture = tmp_path_factory.mktemp("log") / "stdout.txt"
+    with open(capture, "w") as f:
+        saved, sys.stdout = sys.stdout, f
+        try:
+            code = main(["train", *TINY, "--root", str(root), "--out", str(out)])
+        finally:
+            sys.stdout = saved
+    assert code == 0
+    return out, capture.read_text()
+
+
+def test_train_prints_table_and_writes_run_folder(run):
+    out, stdout = run
+    assert {"config.json", "metrics.jsonl", "model.pt", "cmc.png", "curves.png", "ranking.png"} <= {
+        p.name for p in out.iterdir()}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert "mAP" in records[-1] and "mAP" not in records[0]  # evaluated once, at the end
+    table = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert table[0].split("|")[2:-1] == [" rank-1 ", " rank-5 ", " rank-10 ", " rank-20 ", "   mAP ", "  mINP "]
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]] for line in table[2:]}
+    assert set(rows) == {"kmpnet", "global colour histogram", "4-stripe colour histogram"}
+    assert rows["kmpnet"][4] == pytest.approx(records[-1]["mAP"], abs=0.05)
+    for values in rows.values():
+        assert all(0 <= v <= 100 for v in values) and values[:4] == sorted(values[:4])
+
+
+def test_evaluate_checkpoint(run, capsys):
+    out, stdout = run
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--workers", "0", "--threads", "1"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    trained = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert table == trained  # the same numbers as at the end of training
+
+
+def test_export_onnx_round_trip(run, capsys):
+    out, _ = run
+    assert main(["export", "--checkpoint", str(out / "model.pt"), "--format", "onnx"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "model.onnx").is_file()
+    error = float(printed.split("max abs error vs PyTorch")[1].split(":")[-1])
+    assert error < 1e-4
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}  # standard ops only
+
+
+def one_line_error(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and match in err, err
+
+
+def test_missing_dataset_folder(capsys, tmp_path):
+    one_line_error(capsys, ["train", "--data", "mars", "--root", str(tmp_path / "nowhere")], "mars")
+
+
+def test_checkpoint_of_another_model(run, capsys):
+    out, _ = run
+    one_line_error(capsys, ["train", "--model", "pcb", "--resume", "--out", str(out)], "holds a 'kmpnet' model")
+    one_line_error(capsys, ["export", "--checkpoint", str(out / "model.pt"), "--model", "ctl"], "not 'ctl'")
+
+
+def test_corrupt_checkpoint(capsys, tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04 truncated")
+    one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "model.pt")], "corrupt")
+
+
+def test_unknown_model_from_the_console():
+    proc = subprocess.run([sys.executable, "-m", "keypointops", "train", "--model", "nope"], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2
+    assert "invalid choice: 'nope'" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,163 @@
+"""Engine: exact resume after kill -9, two-process DDP gradients, atomic and checked checkpoints.
+
+Tiny sizes throughout: a synthetic dataset of a few identities, KMPNet at 1/8 width on 64 x 32
+frames, 2 frames per clip."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from keypointops import engine
+
+TINY_DATA = dict(num_train_ids=6, num_test_ids=5, frames=6, size=[64, 32], progress=False)
+TINY_TRAIN = dict(batch_size=4, frames=2, height=64, width=32)
+CLI_ARGS = ["--workers", "0", "--threads", "1", "--max-steps", "2", "--batch-size", "4", "--frames", "2", "--height", "64",
+            "--width", "32", "--model-option", "width=0.125", "--no-baselines"]
+CLI_ARGS += [f"--data-option={k}={v}" for k, v in TINY_DATA.items() if k != "progress"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One synthetic dataset for the module (KEYPOINTOPS_CACHE, so subprocesses reuse it)."""
+    path = tmp_path_factory.getbasetemp() / "keypointops-cache"
+    saved = os.environ.get("KEYPOINTOPS_CACHE")
+    os.environ["KEYPOINTOPS_CACHE"] = str(path)
+    from keypointops.data import build_dataset
+    build_dataset("synthetic", **TINY_DATA)
+    yield path
+    if saved is None:
+        del os.environ["KEYPOINTOPS_CACHE"]
+    else:
+        os.environ["KEYPOINTOPS_CACHE"] = saved
+
+
+def tiny_config(**overrides):
+    return engine.make_config("kmpnet", "cpu", "synthetic", workers=0, train_overrides={**TINY_TRAIN, **overrides},
+                              model_overrides=dict(width=0.125), data_options=dict(TINY_DATA))
+
+
+def run_cli(args, env):
+    return subprocess.Popen([sys.executable, "-m", "keypointops", "train", *CLI_ARGS, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_and_resume_equals_uninterrupted(cache, tmp_path):
+    env = dict(os.environ, KEYPOINTOPS_CACHE=str(cache), OMP_NUM_THREADS="1")
+    # Uninterrupted: 3 epochs.
+    full = run_cli(["--epochs", "3", "--out", str(tmp_path / "full")], env)
+    # Killed with SIGKILL as soon as the checkpoint of epoch 1 exists, then resumed.
+    killed = run_cli(["--epochs", "3", "--out", str(tmp_path / "killed")], env)
+    ckpt = tmp_path / "killed" / "model.pt"
+    while not ckpt.exists() and killed.poll() is None:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert engine.load_checkpoint(ckpt)["epoch"] < 3
+    resumed = run_cli(["--epochs", "3", "--out", str(tmp_path / "killed"), "--resume"], env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    a = engine.load_checkpoint(tmp_path / "full" / "model.pt")
+    b = engine.load_checkpoint(ckpt)
+    assert a["epoch"] == b["epoch"] == 3
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # the epochs redone after the kill are not logged twice
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    engine.save_checkpoint(tmp_path / "model.pt", {"format": engine.CHECKPOINT_FORMAT, "config": tiny_config()})
+    with pytest.raises(engine.CheckpointError, match="train.lr"):
+        engine.train(tiny_config(epochs=2, lr=0.5), tmp_path, resume=True)
+
+
+DDP_SCRIPT = """
+import sys, torch
+from keypointops import engine
+from test_engine import tiny_config
+rank, world_size = engine.dist_info()
+device = engine.device_for_rank()
+engine.init_distributed(world_size, device)
+config = tiny_config()
+dataset, loader, core = engine.build_run(config, rank=rank, world_size=world_size)
+model = engine.distributed(core, device) if world_size > 1 else core
+model.train()
+loader.batch_sampler.set_epoch(0)
+batch = next(iter(loader))
+torch.manual_seed(engine.epoch_seed(config["seed"], 0, rank))
+engine.forward_backward(model, core, batch, device)
+grads = {n: p.grad for n, p in core.named_parameters() if p.grad is not None}
+torch.save({"batch": batch, "grads": grads}, f"{sys.argv[1]}/rank{rank}.pt")
+"""
+
+
+def test_ddp_two_processes_first_step_gradients(cache, tmp_path):
+    """Two gloo ranks, each on its shard of the first global batch: the averaged gradients equal
+    one process's gradients for the same two batches (each batch a forward of its own, as each
+    rank's batch-norm statistics are its own), averaged."""
+    script = tmp_path / "ddp_step.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    env = dict(os.environ, KEYPOINTOPS_CACHE=str(cache), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # The ranks saw disjoint tracklets.
+    assert not set(ranks[0]["batch"]["index"].tolist()) & set(ranks[1]["batch"]["index"].tolist())
+    # One process: the same two batches, gradients averaged.
+    config = tiny_config()
+    _, _, core = engine.build_run(config)
+    core.train()
+    total = {}
+    for r, saved in enumerate(ranks):
+        core.zero_grad(set_to_none=True)
+        torch.manual_seed(engine.epoch_seed(config["seed"], 0, r))
+        engine.forward_backward(core, core, saved["batch"], torch.device("cpu"))
+        for n, p in core.named_parameters():
+            if p.grad is not None:
+                total[n] = total.get(n, 0) + p.grad / 2
+    assert set(total) == set(ranks[0]["grads"])
+    for n, g in total.items():
+        torch.testing.assert_close(ranks[0]["grads"][n], g, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(ranks[1]["grads"][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    engine.save_checkpoint(path, {"x": torch.ones(3)})
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_checkpoint(path, {"x": torch.zeros(3)})
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(engine.CheckpointError, match="does not exist"):
+        engine.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(engine.CheckpointError, match="corrupt"):
+        engine.load_checkpoint(tmp_path / "corrupt.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(engine.CheckpointError, match="not a keypointops training checkpoint"):
+        engine.load_checkpoint(tmp_path / "other.pt")
+    torch.save({"format": engine.CHECKPOINT_FORMAT, "config": {"model": "pcb"}}, tmp_path / "pcb.pt")
+    with pytest.raises(engine.CheckpointError, match="holds a 'pcb' model"):
+        engine.load_checkpoint(tmp_path / "pcb.pt", "kmpnet")
+
+
+def test_lr_schedule():
+    t = dict(warmup_epochs=2, lr_gamma=0.1, lr_milestones=[3, 5])
+    assert [round(engine.lr_factor(e, t), 6) for e in range(6)] == [0.1, 0.55, 1.0, 0.1, 0.1, 0.01]

@@ -1,0 +1,250 @@
+"""CTL (keypointops.models.ctl) and its 3D-GCL against ../shared/models/ctl.md, at small sizes on CPU."""
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keypointops._extension import has_ops
+from keypointops.graphs import skeleton
+from keypointops.models import build_model, get_preset
+from keypointops.models.ctl import ABLATIONS, CTL, PRESETS
+from keypointops.nn import WindowGraphConv3D
+from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
+from test_pose_maps import clips as pose_clips, upright_keypoints
+
+needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
+
+SMALL = dict(depth=18, width=0.125, frames=3, embed_dim=8)   # C = 64, a 4 x 2 grid at 64 x 32
+TRAIN_KEYS = {"frames", "train_sampling", "test_sampling", "height", "width", "batch_size", "instances",
+              "optimizer", "lr", "weight_decay", "momentum", "epochs", "lr_milestones", "lr_gamma",
+              "warmup_epochs", "flip", "random_erase", "grad_clip"}
+clips = functools.partial(pose_clips, frames=3)   # images, keypoints, pids of 2-clip identities
+
+
+@pytest.mark.parametrize("row", sorted(ABLATIONS))
+def test_shapes_train_and_eval(row):
+    torch.manual_seed(0)
+    model = build_model("ctl", 5, **SMALL, **ABLATIONS[row])
+    images, keypoints, pids = clips()
+    out = model(images, keypoints)
+    assert [f.shape for f in out["features"]] == [(4, 64)] * 3
+    assert [logits.shape for logits in out["logits"]] == [(4, 5)] * 3
+    assert out["parts"].shape == (4, 5, 64)
+    total, parts = model.loss(out, pids)
+    assert total.dim() == 0 and set(parts) == {"cross_entropy", "triplet", "diversity"}
+    torch.testing.assert_close(total, sum(parts.values()))
+    model.eval()
+    with torch.no_grad():
+        assert model(images, keypoints).shape == (4, 64)
+
+
+def test_full_size_forward():
+    """The paper's model (ResNet-50, C = 2048, tau = 3, L = 2, d = 256) on 1 clip x 6 frames at 256 x 128."""
+    torch.manual_seed(0)
+    model = CTL(625).eval()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model) == 142_613_804                          # ctl.md §7: "about 142 M"
+    assert count(model.backbone) == 23_508_032                  # the ResNet-50 trunk: 23.5 M
+    assert count(model.graph) == 101_034_834                    # 3D-GCLs (W + collapse ~100.7 M)
+    assert count(model.cross) == 13_378_560                     # 2 CS-GCLs, ~6.69 M each
+    shapes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes[name] = tuple((output[-1] if name == "backbone" else output).shape)
+        return hook
+
+    for name in ("backbone", "graph.s1.1", "graph.s2.1", "graph.s3.1"):
+        model.get_submodule(name).register_forward_hook(record(name))
+    images, keypoints, _ = clips(batch=1, frames=6, height=256, width=128)
+    with torch.no_grad():
+        assert model(images, keypoints).shape == (1, 2048)
+    assert shapes == {"backbone": (6, 2048, 16, 8), "graph.s1.1": (1, 6, 17, 2048),
+                      "graph.s2.1": (1, 6, 10, 2048), "graph.s3.1": (1, 6, 5, 2048)}
+
+
+def test_keypoint_and_part_features():
+    """V_s1 = softmax(heatmap / theta)-weighted sum of the map (Eq. 1), V_s2 / V_s3 averages of V_s1
+    over the parts of ctl.md §1.5, V_g the GAP of the map."""
+    torch.manual_seed(0)
+    model = CTL(5, **SMALL)
+    images, keypoints, _ = clips()
+    xs, globl = model.scale_features(images, keypoints)
+    fmap = model.backbone(images.flatten(0, 1))[-1]
+    heat = model.heatmaps(keypoints, (64, 32), tuple(fmap.shape[-2:]))
+    weights = torch.softmax(heat.flatten(2) / 0.1, dim=-1)
+    v1 = torch.einsum("bks,bcs->bkc", weights, fmap.flatten(2)).view(4, 3, 17, 64)
+    torch.testing.assert_close(xs["s1"], v1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(globl, fmap.mean((2, 3)).view(4, 3, 64))
+    torch.testing.assert_close(xs["s2"][:, :, 2], (v1[:, :, 5] + v1[:, :, 7]) / 2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xs["s3"][:, :, 1], (v1[:, :, 5] + v1[:, :, 7] + v1[:, :, 9]) / 3,
+                               rtol=1e-4, atol=1e-5)
+    # A missing joint's heatmap is zero (uniform weights); a visible one peaks in the grid cell
+    # holding it: the ankles of the upright person (x = 19.8 / 12.2, y = 58.9 of 32 x 64) in the
+    # bottom row of the 2 x 4 grid, the left one (image right) in column 1.
+    missing = (keypoints[..., 2] == 0).flatten(0, 1)
+    assert missing.any() and (heat[missing] == 0).all() and (heat[~missing].amax(-1).amax(-1) > 0.3).all()
+    upright = upright_keypoints(64, 32).expand(1, 3, 17, 3)
+    peaks = model.heatmaps(upright, (64, 32), (4, 2))[0].flatten(1).argmax(-1)
+    assert peaks[15] == 3 * 2 + 1 and peaks[16] == 3 * 2 + 0
+
+
+@pytest.mark.parametrize("scale", ["s1", "s2", "s3"])
+def test_physical_adjacency_is_symmetric_with_positive_rows(scale):
+    """A_m = 0, no context: D^-1/2 (tile(A_p + I) + I) D^-1/2, built here with np.tile as ctl.md §2.3."""
+    model = CTL(5, **SMALL, context=None)
+    layer = model.graph[scale][0]
+    adj = layer.adjacency()
+    n = layer.num_joints
+    a_p = skeleton("coco17").adjacency().numpy() if scale == "s1" else np.zeros((n, n))
+    if scale != "s1":
+        for a, b in {"s2": [(0, 1), (1, 2), (2, 3), (1, 4), (4, 5), (1, 6), (6, 7), (1, 8), (8, 9)],
+                     "s3": [(0, 1), (0, 2), (0, 3), (0, 4)]}[scale]:
+            a_p[a, b] = a_p[b, a] = 1
+    a_hat = np.tile(a_p + np.eye(n), (3, 3)) + np.eye(3 * n)
+    d = a_hat.sum(1) ** -0.5
+    torch.testing.assert_close(adj, torch.tensor(d[:, None] * a_hat * d[None, :], dtype=torch.float32))
+    torch.testing.assert_close(adj, adj.t())
+    assert (adj >= 0).all() and (adj.sum(1) > 0).all()
+    assert torch.diagonal(adj).gt(0).all()
+
+
+def test_alpha_zero_gives_the_s3_features():
+    torch.manual_seed(0)
+    images, keypoints, _ = clips()
+    for alpha in (0.0, 0.3):
+        model = CTL(5, **SMALL, alpha=alpha).eval()
+        with torch.no_grad():
+            xs, _ = model.scale_features(images, keypoints)
+            vp = model.parts(dict(xs))
+            x3 = xs["s3"]
+            for layer in model.graph["s3"]:
+                x3 = layer(x3)
+        if alpha == 0:
+            assert torch.equal(vp, x3)
+        else:
+            assert not torch.allclose(vp, x3)
+
+
+def test_diversity_loss_is_zero_for_orthonormal_parts():
+    model = CTL(3, **SMALL)
+    pids = torch.tensor([0, 0, 1, 1])
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(4, 64, 5, generator=g))                 # orthonormal columns
+    output = {"features": [torch.randn(4, 64, generator=g)] * 3, "logits": [torch.randn(4, 3, generator=g)] * 3}
+    _, parts = model.loss(dict(output, parts=q.transpose(1, 2) * 7.0), pids)   # any part norm
+    assert parts["diversity"].abs() < 1e-10
+    _, parts = model.loss(dict(output, parts=torch.ones(4, 5, 64)), pids)      # identical parts
+    torch.testing.assert_close(parts["diversity"], torch.tensor(20.0))      # P (P - 1) cos^2 = 1
+
+
+def dense_3d_gcl(layer, x):
+    """ctl.md §2.3's 3D-GCL written densely: zero-pad + unfold the C-channel windows, the context block
+    on them, Eq. 3-4's adjacency, einsum, Conv3d(C, C, (1, tau, 1)) collapse, BN, ReLU, shortcut."""
+    batch, frames, n, c = x.shape
+    tau = layer.window
+    padded = F.pad(x, (0, 0, 0, 0, 1, 1))                                        # [B, T + 2, N, C]
+    windows = padded.unfold(1, tau, 1).permute(0, 1, 4, 2, 3).reshape(batch, frames, tau * n, c)
+    ctx = layer.context
+    bn = lambda t, m: F.batch_norm(t, None, None, m.weight, m.bias, training=True, eps=m.eps)  # noqa: E731
+    z = ctx.squeeze(windows).view(batch, 1, -1)                                  # 1x1 conv C -> 1
+    z = bn(z, ctx.squeeze_norm).relu().view(batch, frames, tau * n)
+    z = torch.einsum("st,btl->bsl", ctx.temporal.weight[:, :, 0], z) + ctx.temporal.bias[:, None]
+    z = bn(z, ctx.temporal_norm).relu()
+    a_c = F.normalize(ctx.expand(z).view(batch, frames, tau * n, tau * n), dim=-1)
+    eye = torch.eye(n, dtype=x.dtype)
+    a_p = torch.tensor(np.tile((skeleton("coco17").adjacency().double() + eye).numpy(), (tau, tau)))
+    a_hat = a_p + layer.learned.repeat(tau, tau) + a_c + torch.eye(tau * n, dtype=x.dtype)
+    d = a_hat.sum(-1).rsqrt()
+    a_norm = d[..., :, None] * a_hat * d[..., None, :]
+    h = torch.einsum("btij,btjc->btic", a_norm, windows @ layer.linear.weight.t()).relu()
+    h = h.view(batch, frames, tau, n, c).permute(0, 4, 1, 2, 3)                   # [B, C, T, tau, N]
+    kernel = layer.collapse.weight.view(c, tau, c).permute(0, 2, 1)[:, :, None, :, None]
+    z = bn(F.conv3d(h, kernel).squeeze(3), layer.norm).relu()                     # [B, C, T, N]
+    return x + z.permute(0, 2, 3, 1)
+
+
+def test_3d_gcl_equals_dense_unfold_einsum():
+    torch.manual_seed(0)
+    layer = WindowGraphConv3D(6, 6, "coco17", 3, context="window", frames=4, residual=True).double()
+    with torch.no_grad():
+        layer.learned.normal_(0, 0.1)
+        for p in layer.context.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 4, 17, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense_3d_gcl(layer, x))
+
+
+@needs_ops
+def test_per_window_adjacency_fused_matches_reference():
+    """float64: the model with the fused ops (per-window [B, T, L, L] adjacency) and the plain-PyTorch
+    reference give the same loss and gradients."""
+    torch.manual_seed(0)
+    fused = CTL(3, **SMALL).double()
+    reference = CTL(3, **SMALL, ops_backend="reference").double()
+    with torch.no_grad():
+        # psi(x_i - x_i) sits exactly on the ReLU's kink at BN bias 0 (the BN centres the
+        # antisymmetric differences on it), where the last bit decides the gradient; move it off.
+        for stage in fused.cross:
+            for module in stage.values():
+                module.psi.norm.bias.fill_(0.1)
+    reference.load_state_dict(fused.state_dict())
+    images, keypoints, pids = clips(dtype=torch.float64)
+    assert fused.graph["s1"][0].adjacency(torch.randn(4, 3, 17, 64, dtype=torch.float64)).shape == (4, 3, 51, 51)
+    losses, grads = [], []
+    for model in (fused, reference):
+        loss, _ = model.loss(model(images, keypoints), pids)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-8)
+    assert grads[0].keys() == grads[1].keys() and "graph.s1.0.learned" in grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-7, atol=1e-8, msg=name)
+
+
+def test_training_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = build_model("ctl", 4, **SMALL)
+    images, keypoints, pids = clips(batch=8, seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    before, _ = model.loss(model(images, keypoints), pids)
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    after, _ = model.loss(model(images, keypoints), pids)
+    assert after.item() < before.item()
+
+
+def test_presets():
+    assert set(PRESETS["ctl"]) == {"cpu", "paper"}
+    for name in ("cpu", "paper"):
+        preset = get_preset("ctl", name)
+        assert set(preset["train"]) == TRAIN_KEYS
+        assert preset["train"]["frames"] == preset["model"]["frames"]
+        assert preset["train"]["batch_size"] % preset["train"]["instances"] == 0
+    paper = get_preset("ctl", "paper")
+    assert paper["model"]["depth"] == 50 and paper["train"]["frames"] == 6
+    model = build_model("ctl", 10, **get_preset("ctl", "cpu")["model"])
+    assert model.backbone.channels[-1] == 128
+
+
+def test_bad_input_names_the_argument():
+    model = CTL(3, **SMALL)
+    images, keypoints, _ = clips()
+    with pytest.raises(ValueError, match="built with frames = 3"):
+        model(images[:, :2], keypoints[:, :2])
+    with pytest.raises(ValueError, match=r"keypoints must be \[B, T, 17, 3\]"):
+        model(images, keypoints[..., :2])
+    with pytest.raises(ValueError, match="cross_scale must be"):
+        CTL(3, **SMALL, cross_scale="sum")
+    with pytest.raises(ValueError, match="cross_scale_sources"):
+        CTL(3, **SMALL, cross_scale_sources=("s3",))
+    with pytest.raises(ValueError, match="cross_scale_stages"):
+        CTL(3, **SMALL, graph_layers=1, cross_scale_stages=2)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        CTL(3, **SMALL, temperature=0.0)
+    with pytest.raises(ValueError, match="heatmap_sigma must be a finite number > 0"):
+        CTL(3, **SMALL, heatmap_sigma=float("nan"))
