@@ -8,7 +8,7 @@ from keypointops._extension import has_ops
 from keypointops.models import build_model, get_preset
 from keypointops.models.rgcn import (PRESETS, DualAttention, RecurrentGraphConv, TemporalAggregator,
                                      pose14_from_coco17)
-from keypointops.ops._backend import triton_available
+from keypointops._opdefs.backend import triton_available
 from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")

@@ -57,7 +57,7 @@ from keypointops.models.backbones import ResNet, load_pretrained
 from keypointops.models.baselines import CPU_BACKBONE
 from keypointops.models.heads import init_kaiming_fan_out
 from keypointops.models.pose_maps import NUM_POSE_MAPS, PoseMaps
-from keypointops.ops._backend import BACKENDS
+from keypointops._opdefs.backend import BACKENDS
 from keypointops.ops.part_pool import part_pool
 
 __all__ = ["AlignNet", "TemporalAttentionPooling", "PRESETS"]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from keypointops.losses import cross_entropy_label_smooth
 from keypointops.models.backbones import ResNet
 from keypointops.models.heads import PCBHead, init_classifier
-from keypointops.ops._backend import BACKENDS
+from keypointops._opdefs.backend import BACKENDS
 
 __all__ = ["VideoBaseline", "ResNet50Video", "PCBVideo", "PRESETS", "check_clip", "frame_loss"]
 
