@@ -42,3 +42,20 @@ def device_backend_params(op_name: str | None = None):
 def tolerances(dtype: torch.dtype) -> dict:
     return {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
             torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+
+
+def optimisation_step(model, images, keypoints, pids, lr: float):
+    """One real Adam step of ``model`` on a batch: returns (loss before, loss after). The RNG is
+    re-seeded before each loss so that both see the same dropout masks and random choices."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def loss():
+        torch.manual_seed(5)
+        return model.loss(model(images, keypoints), pids)[0]
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss()
+    return before.item(), after.item()

@@ -11,6 +11,7 @@ from keypointops import graphs
 from keypointops._extension import has_ops
 from keypointops.models import build_model, get_preset
 from keypointops.models.alignnet import PRESETS, AlignNet
+from conftest import optimisation_step
 from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
 from test_pose_maps import clips
 
@@ -179,13 +180,8 @@ def test_training_step_lowers_the_loss():
     torch.manual_seed(0)
     model = build_model("alignnet", 4, **SMALL)
     images, keypoints, pids = clips(batch=8, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)   # the cpu preset's optimizer
-    before, _ = model.loss(model(images, keypoints), pids)
-    optimizer.zero_grad()
-    before.backward()
-    optimizer.step()
-    after, _ = model.loss(model(images, keypoints), pids)
-    assert after.item() < before.item()
+    before, after = optimisation_step(model, images, keypoints, pids, lr=1e-4)
+    assert after < before
 
 
 @needs_ops

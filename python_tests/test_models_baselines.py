@@ -8,6 +8,7 @@ from keypointops.losses import cross_entropy_label_smooth
 from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.baselines import PCBVideo, ResNet50Video
+from conftest import optimisation_step
 from test_models_backbones import one_thread, torchvision_state_dict  # noqa: F401 (autouse fixture)
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
@@ -88,17 +89,8 @@ def test_torchvision_weights_and_state_dict_round_trip(tmp_path, name):
 def test_one_optimisation_step_lowers_the_loss(name):
     images, keypoints, pids = clip(seed=2)
     model = small(name).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def loss():
-        torch.manual_seed(5)
-        return model.loss(model(images, keypoints), pids)[0]
-    before = loss()
-    opt.zero_grad()
-    before.backward()
-    opt.step()
-    with torch.no_grad():
-        assert loss().item() < before.item() - 1e-3
+    before, after = optimisation_step(model, images, keypoints, pids, lr=1e-3)
+    assert after < before - 1e-3
 
 
 @pytest.mark.parametrize("name", ["resnet50", "pcb"])

@@ -11,6 +11,7 @@ from keypointops.graphs import skeleton
 from keypointops.models import build_model, get_preset
 from keypointops.models.ctl import ABLATIONS, CTL, PRESETS
 from keypointops.nn import WindowGraphConv3D
+from conftest import optimisation_step
 from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
 from test_pose_maps import clips as pose_clips, upright_keypoints
 
@@ -209,13 +210,8 @@ def test_training_step_lowers_the_loss():
     torch.manual_seed(0)
     model = build_model("ctl", 4, **SMALL)
     images, keypoints, pids = clips(batch=8, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
-    before, _ = model.loss(model(images, keypoints), pids)
-    optimizer.zero_grad()
-    before.backward()
-    optimizer.step()
-    after, _ = model.loss(model(images, keypoints), pids)
-    assert after.item() < before.item()
+    before, after = optimisation_step(model, images, keypoints, pids, lr=3e-4)
+    assert after < before
 
 
 def test_presets():

@@ -10,6 +10,7 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.kmpnet import JRPP_GROUPS, KMPNet, flip_frames, headless_keypoints
 from keypointops.nn import GENConv, KeypointGather
+from conftest import optimisation_step
 from test_models_backbones import one_thread, torchvision_state_dict  # noqa: F401 (autouse fixture)
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
@@ -269,18 +270,8 @@ def test_torchvision_resnet50_weights_load(tmp_path):
 def test_one_optimisation_step_lowers_the_loss():
     images, keypoints, pids = batch(seed=4)
     model = small().train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def loss():
-        torch.manual_seed(5)                     # the same dropout masks before and after the step
-        return model.loss(model(images, keypoints), pids)[0]
-    before = loss()
-    opt.zero_grad()
-    before.backward()
-    opt.step()
-    with torch.no_grad():
-        after = loss()
-    assert after.item() < before.item() - 1e-3
+    before, after = optimisation_step(model, images, keypoints, pids, lr=1e-3)
+    assert after < before - 1e-3
 
 
 def test_presets_and_bad_options():
