@@ -19,11 +19,19 @@ from PIL import Image
 
 from keypointops.data.keypoint_files import COCO17_FLIP
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Resize", "HorizontalFlip", "Normalize", "RandomErasing",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "denormalize", "Resize", "HorizontalFlip", "Normalize", "RandomErasing",
            "Compose", "build_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised images (channel in dim -3, the batch contract) back to RGB in [0, 1]
+    (unclamped)."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return images * std + mean
 
 
 def _keep_missing(keypoints: np.ndarray, missing: np.ndarray) -> np.ndarray:

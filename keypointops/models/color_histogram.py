@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from keypointops.data.transforms import denormalize
+
 __all__ = ["ColorHistogram", "PartColorHistogram", "PART_SEGMENTS"]
 
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 #: Body parts as joint segments (COCO-17 indices); left and right limbs share a part.
 PART_SEGMENTS: dict[str, tuple[tuple[int, int], ...]] = {
@@ -34,9 +34,7 @@ _TORSO = (5, 6, 11, 12)  # left / right shoulder, left / right hip
 
 
 def _rgb(images: Tensor) -> Tensor:
-    mean = images.new_tensor(_MEAN).view(3, 1, 1)
-    std = images.new_tensor(_STD).view(3, 1, 1)
-    return (images * std + mean).clamp(0, 1)
+    return denormalize(images).clamp(0, 1)
 
 
 def _hsv_bins(rgb: Tensor, bins: tuple[int, int, int]) -> Tensor:

@@ -42,6 +42,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from keypointops.data.transforms import denormalize
 from keypointops.graphs import render_heatmaps
 
 __all__ = ["OPENPOSE_LIMBS", "NUM_POSE_MAPS", "POSE_STRIDE", "openpose18_from_coco17",
@@ -133,20 +134,13 @@ def render_pose_maps(keypoints: Tensor, image_size: tuple[int, int], *, sigma: f
     return torch.cat([heat, background, paf.index_select(-3, order)], -3)
 
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def openpose_input(images: Tensor) -> Tensor:
     """OpenPose's input from ImageNet-normalised RGB images ``[N, 3, H, W]`` (the batch contract).
 
     The CMU COCO model reads BGR ``uint8 / 256 - 0.5``: the images are un-normalised to RGB in
     ``[0, 1]``, reordered to BGR and mapped to ``x * 255 / 256 - 0.5``.
     """
-    mean = images.new_tensor(_IMAGENET_MEAN).view(3, 1, 1)
-    std = images.new_tensor(_IMAGENET_STD).view(3, 1, 1)
-    rgb = images * std + mean
-    return rgb.flip(-3) * (255 / 256) - 0.5
+    return denormalize(images).flip(-3) * (255 / 256) - 0.5
 
 
 # OpenPose COCO body network: (name, in, out, kernel) per conv; "pool" is a 2x2 max-pool, stride 2.
