@@ -62,7 +62,14 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
             raise ValueError(f"unknown train setting {key!r}; the preset has {sorted(train_cfg)}")
         train_cfg[key] = value
     train_cfg["eval_every"] = eval_every or train_cfg.get("eval_every", 0)
-    return {"model": model, "preset": preset, "model_options": {**settings["model"], **(model_overrides or {})},
+    # Model options that mirror the clip shape (CTL's frames, RGCN's input_size) follow the train
+    # settings, so a --frames / --height / --width override reaches the model too.
+    model_cfg = settings["model"]
+    if "frames" in model_cfg:
+        model_cfg["frames"] = train_cfg["frames"]
+    if "input_size" in model_cfg:
+        model_cfg["input_size"] = [train_cfg["height"], train_cfg["width"]]
+    return {"model": model, "preset": preset, "model_options": {**model_cfg, **(model_overrides or {})},
             "train": train_cfg, "data": data, "root": root, "data_options": dict(data_options or {}),
             "seed": seed, "workers": workers, "pretrained": pretrained, "max_steps": max_steps}
 

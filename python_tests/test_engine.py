@@ -161,3 +161,11 @@ def test_load_checkpoint_errors(tmp_path):
 def test_lr_schedule():
     t = dict(warmup_epochs=2, lr_gamma=0.1, lr_milestones=[3, 5])
     assert [round(engine.lr_factor(e, t), 6) for e in range(6)] == [0.1, 0.55, 1.0, 0.1, 0.1, 0.01]
+
+
+def test_clip_shape_overrides_reach_the_model_options():
+    ctl = engine.make_config("ctl", "cpu", train_overrides=dict(frames=6))
+    assert ctl["model_options"]["frames"] == 6
+    rgcn = engine.make_config("rgcn", "cpu", train_overrides=dict(height=64, width=32))
+    assert rgcn["model_options"]["input_size"] == [64, 32]
+    assert "frames" not in engine.make_config("kmpnet", "cpu", train_overrides=dict(frames=2))["model_options"]
