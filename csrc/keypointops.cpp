@@ -52,4 +52,9 @@ TORCH_LIBRARY(keypointops, m) {
   m.def("keypoint_gather_backward(Tensor grad_out, Tensor keypoints, Tensor? valid, "
         "SymInt[] features_size, bool channels_last, float spatial_scale, float roi_size, "
         "int sampling_ratio, bool aligned) -> Tensor");
+  // rank_stats (CPU only, used by keypointops.evaluation): per query of a [Q, G] distance matrix,
+  // (first true-match rank int64 [Q] (-1: no true match), AP float64 [Q], INP float64 [Q]) under
+  // the MARS / torchreid rules (same pid and camera removed, pid -1 junk removed, ties by index).
+  m.def("rank_stats(Tensor dist, Tensor q_pids, Tensor q_camids, Tensor g_pids, Tensor g_camids) "
+        "-> (Tensor, Tensor, Tensor)");
 }

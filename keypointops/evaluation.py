@@ -7,17 +7,18 @@ matches. Queries left without a true match are skipped (``num_valid_queries`` co
 Ties in distance are ordered by gallery index, as a stable argsort orders them.
 
 Speed: AP, INP and CMC need only the rank of each true match among the query's remaining gallery
-items, not a sorted row. Per block of queries, the true matches' distances are sorted (a few per
-query) and every other remaining item is bucketed between them with one batched
-``torch.searchsorted``; a cumulative count of the buckets gives the ranks. The cost is
-``O(Q * G * log M)`` with M the largest number of true matches of a query, against
-``O(Q * G * log G)`` for a full argsort of each row.
+items, not a sorted row. The compiled ``keypointops::rank_stats`` kernel sorts the few true matches
+of each query and places every other item between them with a binary search: ``O(Q * G * log M)``
+with M the number of true matches of a query, against ``O(Q * G * log G)`` for the full argsort of
+each row that torchreid starts with. It needs the compiled extension (like every CPU op).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from keypointops._extension import require_ops
 
 __all__ = ["compute_distance", "evaluate", "evaluate_rank", "re_ranking"]
 
@@ -59,173 +60,37 @@ def _as_ids(values) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values), dtype=torch.int64).reshape(-1)
 
 
-def _before(dist_a, idx_a, dist_b, idx_b):
-    """Whether gallery item a ranks before item b: a smaller distance, or an equal one and a
-    smaller gallery index (a stable argsort's order)."""
-    return (dist_a < dist_b) | ((dist_a == dist_b) & (idx_a < idx_b))
-
-
-class _Gallery:
-    """The gallery's ids, grouped by pid, for the per-query lists of same-pid and junk items."""
-
-    def __init__(self, g_pids, g_camids):
-        self.pids, self.camids = _as_ids(g_pids), _as_ids(g_camids)
-        if self.pids.numel() != self.camids.numel():
-            raise ValueError("g_pids and g_camids must have the same length")
-        self.order = torch.argsort(self.pids, stable=True)
-        self.sorted_pids = self.pids[self.order]
-        self.junk = (self.pids == -1).nonzero(as_tuple=True)[0]
-
-    def excluded(self, q_pids):
-        """``[b, S]`` gallery indices that are never a negative of each query (its own pid, junk),
-        padded with -1."""
-        start = torch.searchsorted(self.sorted_pids, q_pids)
-        count = torch.searchsorted(self.sorted_pids, q_pids, right=True) - start
-        count[q_pids == -1] = 0  # their same-pid items are the junk items
-        width = int(count.max()) if q_pids.numel() else 0
-        slot = torch.arange(width)
-        same = self.order[(start[:, None] + slot).clamp(max=max(self.order.numel() - 1, 0))]
-        same = torch.where(slot < count[:, None], same, -1)
-        return torch.cat([same, self.junk.expand(q_pids.numel(), -1)], 1)
-
-
-class _Workspace:
-    """Reusable ``[b, G]`` buffers of the blocks of one evaluation (no fresh allocation per block)."""
-
-    def __init__(self):
-        self.buffers = {}
-
-    def get(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or like.dtype
-        buf = self.buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.shape[1] != like.shape[1] or buf.shape[0] < like.shape[0]:
-            buf = self.buffers[name] = torch.empty(like.shape, dtype=dtype)
-        return buf[:like.shape[0]]
-
-
-def _match_ranks(dist: torch.Tensor, q_pids, q_camids, gallery: _Gallery, workspace: _Workspace):
-    """Ranks (0-based, among the query's remaining gallery items) of the true matches of a block of
-    queries, without sorting the rows.
-
-    Each row's distances are mapped by a monotone function to ``bins`` bins spanning
-    ``[row min, largest true-match distance]``; one ``bincount`` gives the number of items in every
-    bin below a true match's bin, and exact comparisons settle the few items that share its bin.
-    The items that are not negatives (the query's pid, junk) are then subtracted, again by exact
-    comparisons. Returns ``(ranks [b, M], num_matches [b])``: row q holds the ranks of its
-    ``num_matches[q]`` true matches in increasing order, then padding.
-    """
-    b, g = dist.shape
-    excluded = gallery.excluded(q_pids)  # [b, S]
-    has = excluded >= 0
-    cols = excluded.clamp(min=0)
-    ex_dist = torch.gather(dist, 1, cols)
-    positive = (has & (gallery.pids[cols] == q_pids[:, None]) & (gallery.camids[cols] != q_camids[:, None])
-                & (q_pids != -1)[:, None])
-    num_matches = positive.sum(1)
-    width = max(int(num_matches.max()) if b else 0, 1)
-    # The true matches sorted by (distance, index): [b, width], padded with the row's last match.
-    key_dist = torch.where(positive, ex_dist, torch.inf)
-    key_dist, order = torch.sort(key_dist, dim=1, stable=True)  # `excluded` is in index order
-    key_dist, order = key_dist[:, :width], order[:, :width]
-    t_idx = torch.gather(cols, 1, order)
-    lo = dist.amin(1, keepdim=True)
-    last = torch.gather(key_dist, 1, (num_matches - 1).clamp(min=0)[:, None])
-    last = torch.where(num_matches[:, None] > 0, last, lo)
-    last_idx = torch.gather(t_idx, 1, (num_matches - 1).clamp(min=0)[:, None])
-    pad = torch.arange(width)[None, :] >= num_matches[:, None]
-    t_dist = torch.where(pad, last, key_dist)  # padding repeats the last match
-    t_idx = torch.where(pad, last_idx, t_idx)
-    # Monotone bin of every item, row r in [r * (bins + 1), r * (bins + 1) + bins]: one multiply and
-    # one add, each rounded once (no fused multiply-add), so a <= b gives bin(a) <= bin(b).
-    bins = min(max(g // 4, 16), 4096)
-    span = last - lo
-    scale = (bins - 1) / torch.where(span > 0, span, torch.ones_like(span))
-    base = (torch.arange(b, dtype=dist.dtype) * (bins + 1))[:, None]
-    x = torch.mul(dist, scale, out=workspace.get("x", dist))
-    x += base - lo * scale
-    x.clamp_(base, base + bins)
-    flat = workspace.get("flat", dist, torch.int32).copy_(x)
-    t_bin = torch.gather(flat, 1, t_idx).long()
-    # Items in the bins of the row before each true match's bin (a prefix sum over the block).
-    hist = torch.bincount(flat.view(-1), minlength=b * (bins + 1))
-    below = torch.from_numpy(np.cumsum(np.concatenate([[0], hist.numpy()])))  # items in bins < k
-    before = below[t_bin] - below[base.long()]
-    # Items sharing a true match's bin: the matches of one bin are a contiguous run of a row's sorted
-    # matches (first position, count); an item precedes the matches of the run from the first one it
-    # does not follow: +1 there, -1 at the run's end, a prefix sum adds that to each match.
-    size, run_pos = b * (bins + 1), torch.arange(b * width).view(b, width)[~pad]
-    run_bin = t_bin[~pad]
-    count = torch.bincount(run_bin, minlength=size)
-    first = torch.full((size,), b * width).scatter_reduce_(0, run_bin, run_pos, "amin")
-    lin = (count > 0).index_select(0, flat.view(-1)).nonzero()[:, 0]
-    k = flat.view(-1)[lin].long()
-    f, n = first[k], count[k]
-    step = torch.arange(int(n.max()) if lin.numel() else 0)
-    at = (f[:, None] + step).clamp_(max=b * width - 1)
-    not_after = (step < n[:, None]) & ~_before(dist.reshape(-1)[lin][:, None], (lin % g)[:, None],
-                                               t_dist.view(-1)[at], t_idx.view(-1)[at])
-    diff = torch.zeros(b * width + 1, dtype=torch.int64)
-    diff.index_add_(0, f + not_after.sum(1), torch.ones_like(f))
-    diff.index_add_(0, f + n, torch.full_like(f, -1))
-    before += torch.cumsum(diff[:-1], 0).view(b, width)
-    # Remove the items that are not negatives (the true matches among them come back as the
-    # column index: match j has j true matches before it).
-    ahead = has[:, :, None] & _before(ex_dist[:, :, None], cols[:, :, None], t_dist[:, None, :], t_idx[:, None, :])
-    before -= ahead.sum(1)
-    return before + torch.arange(width)[None, :], num_matches
-
-
-def _rank_stats(dist, q_pids, q_camids, gallery: _Gallery, workspace: _Workspace):
-    """Per-query ``(valid, first_rank, AP, INP)`` of one block of queries (float64 AP / INP)."""
-    ranks, num_matches = _match_ranks(dist, q_pids, q_camids, gallery, workspace)
-    width = ranks.shape[1]
-    is_match = torch.arange(width)[None, :] < num_matches[:, None]
-    precision = torch.arange(1, width + 1, dtype=torch.float64)[None, :] / (ranks + 1).double()
-    valid = num_matches > 0
-    n = num_matches.clamp(min=1).double()
-    ap = (precision * is_match).sum(1) / n
-    last = torch.gather(ranks, 1, (num_matches - 1).clamp(min=0)[:, None])[:, 0]
-    inp = n / (last + 1).double()
-    return valid, ranks[:, 0], ap, inp
-
-
 class _RankAccumulator:
-    """Sums the per-query statistics of the blocks of one evaluation.
-
-    The ranking of a block runs on one intra-op thread: it is a chain of short memory-bound passes
-    and serial ops (bincount, nonzero), which a second thread barely speeds up, while on a busy
-    machine every parallel region waits for its threads to be scheduled (measured here under load:
-    0.7 s on one thread, 5.5 s on two, for the MARS-sized case)."""
+    """Sums the per-query statistics of the blocks of one evaluation; the ranking itself is the
+    compiled ``keypointops::rank_stats`` kernel (csrc/ops/cpu/rank_stats_kernel.cpp)."""
 
     def __init__(self, g_pids, g_camids, max_rank: int):
-        self.gallery = _Gallery(g_pids, g_camids)
-        self.workspace = _Workspace()
+        require_ops("cpu", "rank_stats")
+        self.g_pids, self.g_camids = _as_ids(g_pids), _as_ids(g_camids)
+        if self.g_pids.numel() != self.g_camids.numel():
+            raise ValueError("g_pids and g_camids must have the same length")
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         # torchreid's rule: a gallery smaller than max_rank shortens the CMC curve.
-        self.max_rank = min(max_rank, self.gallery.pids.numel())
+        self.max_rank = min(max_rank, self.g_pids.numel())
         self.first_hist = torch.zeros(self.max_rank, dtype=torch.int64)
         self.num_valid = 0
         self.ap_sum = 0.0
         self.inp_sum = 0.0
 
     def add(self, dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            self._add(dist, q_pids, q_camids)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _add(self, dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor):
-        if dist.shape != (q_pids.numel(), self.gallery.pids.numel()):
+        if dist.shape != (q_pids.numel(), self.g_pids.numel()):
             raise ValueError(f"distmat block of shape {tuple(dist.shape)} does not match "
-                             f"{q_pids.numel()} queries x {self.gallery.pids.numel()} gallery items")
+                             f"{q_pids.numel()} queries x {self.g_pids.numel()} gallery items")
         if dist.dtype != torch.float64:
             dist = dist.float()
-        if not (bool(torch.isfinite(dist.amin(1)).all()) and bool(torch.isfinite(dist.amax(1)).all())):
-            raise ValueError("distmat must be finite (it holds NaN or infinity)")
-        valid, first, ap, inp = _rank_stats(dist, q_pids, q_camids, self.gallery, self.workspace)
+        try:
+            first, ap, inp = torch.ops.keypointops.rank_stats(dist, q_pids, q_camids, self.g_pids, self.g_camids)
+        except RuntimeError as err:
+            if "NaN or infinity" in str(err):
+                raise ValueError("distmat must be finite (it holds NaN or infinity)") from None
+            raise
+        valid = first >= 0
         first = first[valid]
         self.first_hist += torch.bincount(first[first < self.max_rank], minlength=self.max_rank)
         self.num_valid += int(valid.sum())

@@ -123,9 +123,20 @@ def test_equals_oracle_across_blocks(monkeypatch):
     assert_matches_oracle(dist, q_pids, g_pids, q_cams, g_cams)
 
 
+def test_many_true_matches_per_query():
+    """Hundreds of true matches per query (a frame-level gallery), with ties among them."""
+    rng = np.random.default_rng(11)
+    q_pids, g_pids = rng.integers(0, 3, 12), rng.integers(0, 3, 900)
+    q_cams, g_cams = rng.integers(0, 4, 12), rng.integers(0, 4, 900)
+    dist = rng.integers(0, 50, (12, 900)).astype(np.float64)
+    assert_matches_oracle(dist, q_pids, g_pids, q_cams, g_cams)
+
+
 def test_bad_distances_are_rejected():
     with pytest.raises(ValueError, match="finite"):
         evaluate_rank(np.array([[np.nan, 1.0]]), [1], [1, 2], [0], [1, 1])
+    with pytest.raises(ValueError, match="finite"):  # a query without a true match is checked too
+        evaluate_rank(np.array([[np.inf, 1.0], [0.0, 1.0]]), [3, 1], [1, 2], [0, 0], [1, 1])
     with pytest.raises(ValueError, match=r"\[Q, G\]"):
         evaluate_rank(np.zeros(3), [1], [1, 2, 3], [0], [1, 1, 1])
 

@@ -1,4 +1,6 @@
-"""Backend choice shared by every op: ``auto``, ``cpu``/``cuda`` (compiled), ``triton``, ``reference``."""
+"""What every op shares: the backend choice (``auto``, ``cpu``/``cuda`` (compiled), ``triton``,
+``reference``), the Tensor and dtype checks of its arguments, and the registration of its
+(forward, backward) pair with torch.library."""
 from __future__ import annotations
 
 import os
@@ -8,6 +10,20 @@ import torch
 from keypointops._extension import require_ops
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_tensors(op_name: str, **named) -> None:
+    """Raises TypeError naming the first argument of ``named`` that is not a Tensor."""
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op_name}: {name} must be a Tensor, got {type(value).__name__}")
+
+
+def check_float_dtype(op_name: str, name: str, tensor: torch.Tensor) -> None:
+    """Raises ValueError unless ``tensor`` is float32, float64, float16 or bfloat16."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op_name}: {name} must be float32, float64, float16 or bfloat16, got {tensor.dtype}")
 
 
 def triton_available(device: torch.device) -> bool:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from keypointops._opdefs.backend import register_op_pair
+from keypointops._opdefs.backend import check_float_dtype, check_tensors, register_op_pair
 
 
 # roi_size * spatial_scale limit (feature pixels) shared with the C++ checks: keeps the adaptive
@@ -39,15 +39,10 @@ def check_sampling_args(spatial_scale, roi_size, sampling_ratio, aligned) -> Non
 
 def check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid):
     """Raises on bad input; returns ``valid`` (from the confidences when not given)."""
-    if not isinstance(features, Tensor):
-        raise TypeError(f"keypoint_gather: features must be a Tensor, got {type(features).__name__}")
-    if not isinstance(keypoints, Tensor):
-        raise TypeError(f"keypoint_gather: keypoints must be a Tensor, got {type(keypoints).__name__}")
+    check_tensors("keypoint_gather", features=features, keypoints=keypoints)
     if features.dim() != 4:
         raise ValueError(f"keypoint_gather: features must be [B, C, H, W], got shape {list(features.shape)}")
-    if features.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise ValueError(f"keypoint_gather: features must be float32, float64, float16 or bfloat16, "
-                         f"got {features.dtype}")
+    check_float_dtype("keypoint_gather", "features", features)
     if features.shape[2] == 0 or features.shape[3] == 0:
         raise ValueError(f"keypoint_gather: features must have a non-empty H x W map, got shape "
                          f"{list(features.shape)}")

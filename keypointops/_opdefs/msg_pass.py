@@ -7,17 +7,15 @@ import math
 import torch
 from torch import Tensor
 
-from keypointops._opdefs.backend import register_op_pair
+from keypointops._opdefs.backend import check_float_dtype, check_tensors, register_op_pair
 from keypointops.graphs import Graph
 
 
 def check_args(x, graph, t, eps) -> Graph:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"msg_pass: x must be a Tensor, got {type(x).__name__}")
+    check_tensors("msg_pass", x=x)
     if x.dim() != 2:
         raise ValueError(f"msg_pass: x must be [N, C], got shape {list(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise ValueError(f"msg_pass: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    check_float_dtype("msg_pass", "x", x)
     if isinstance(graph, Tensor):
         if graph.device != x.device:
             raise ValueError(f"msg_pass: x ({x.device}) and edge_index ({graph.device}) must be on the "

@@ -7,22 +7,16 @@ import math
 import torch
 from torch import Tensor
 
-from keypointops._opdefs.backend import register_op_pair
-
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from keypointops._opdefs.backend import check_float_dtype, check_tensors, register_op_pair
 
 
 def check_args(features, heatmaps, groups, temperature) -> None:
-    for name, value in (("features", features), ("heatmaps", heatmaps)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"part_pool: {name} must be a Tensor, got {type(value).__name__}")
+    check_tensors("part_pool", features=features, heatmaps=heatmaps)
     if features.dim() != 4:
         raise ValueError(f"part_pool: features must be [B, C, H, W], got shape {list(features.shape)}")
     if heatmaps.dim() != 4:
         raise ValueError(f"part_pool: heatmaps must be [B, J, H, W], got shape {list(heatmaps.shape)}")
-    if features.dtype not in _DTYPES:
-        raise ValueError(f"part_pool: features must be float32, float64, float16 or bfloat16, got "
-                         f"{features.dtype}")
+    check_float_dtype("part_pool", "features", features)
     batch, _, height, width = features.shape
     if heatmaps.size(0) != batch:
         raise ValueError(f"part_pool: heatmaps has {heatmaps.size(0)} images but features has {batch}")

@@ -2,18 +2,11 @@
 (``keypointops.triton``) share: argument checks, fake kernels and the autograd formula."""
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from keypointops._opdefs.backend import register_op_pair
-
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from keypointops._opdefs.backend import check_float_dtype, check_tensors, register_op_pair
 
 
 def check_args(x, adj, window, dilation) -> None:
-    for name, value in (("x", x), ("adj", adj)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"window_graph_conv: {name} must be a Tensor, got {type(value).__name__}")
+    check_tensors("window_graph_conv", x=x, adj=adj)
     for name, value in (("window", window), ("dilation", dilation)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"window_graph_conv: {name} must be an int, got {type(value).__name__}")
@@ -24,9 +17,7 @@ def check_args(x, adj, window, dilation) -> None:
         raise ValueError(f"window_graph_conv: dilation must be >= 1, got {dilation}")
     if x.dim() != 4:
         raise ValueError(f"window_graph_conv: x must be [B, T, N, C], got shape {list(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"window_graph_conv: x must be float32, float64, float16 or bfloat16, got "
-                         f"{x.dtype}")
+    check_float_dtype("window_graph_conv", "x", x)
     batch, frames, nodes, _ = x.shape
     size = window * nodes
     if adj.dim() not in (2, 3, 4) or tuple(adj.shape[-2:]) != (size, size):
