@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "ops/cpu/dynamic_tasks.h"
@@ -40,9 +41,8 @@
 namespace keypointops {
 namespace {
 
-constexpr int64_t kPrefetchChannels = 4;     // NCHW: prefetch the taps' lines this many planes ahead
+constexpr int64_t kChannelTile = 64;         // NCHW forward: channels a keypoint walks before the next
 constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
-constexpr int64_t kCacheLineBytes = 64;
 
 struct GatherParams {
   int64_t B, C, H, W, K;
@@ -58,7 +58,6 @@ struct ImageTaps {
   std::vector<int64_t> offset;
   std::vector<T> weight;
   std::vector<int64_t> begin;
-  std::vector<int64_t> line_offsets;  // NCHW: start of every distinct cache line the taps touch
   std::vector<T> row_weight, col_weight;
 
   void compute(const GatherParams& p, const T* keypoints, int64_t point_dims, const bool* valid,
@@ -97,34 +96,89 @@ struct ImageTaps {
       }
     }
   }
-
-  // The distinct cache lines of a plane (offsets in elements, relative to the plane) that the
-  // taps touch, assuming 64-byte aligned planes; used only to prefetch.
-  void collect_lines() {
-    constexpr int64_t per_line = kCacheLineBytes / sizeof(T);
-    line_offsets.clear();
-    for (const int64_t off : offset) line_offsets.push_back(off / per_line * per_line);
-    std::sort(line_offsets.begin(), line_offsets.end());
-    line_offsets.erase(std::unique(line_offsets.begin(), line_offsets.end()), line_offsets.end());
-  }
 };
 
+// NCHW forward, keypoint-major: for a pair of keypoints with NA and NB taps (compile-time counts),
+// walk channels [c0, c1): outA[c] = sum_t wA_t * plane_c[offA_t], likewise outB.  The taps are
+// summed in their order, as acc += w * x from 0, like the generic loop below (bitwise the same).
+template <int NA, int NB, typename scalar_t>
+void gather_nchw_pair(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
+                      const int64_t* offset_a, const scalar_t* weight_a, scalar_t* out_a,
+                      const int64_t* offset_b, const scalar_t* weight_b, scalar_t* out_b) {
+  int64_t oa[NA > 0 ? NA : 1], ob[NB > 0 ? NB : 1];
+  scalar_t wa[NA > 0 ? NA : 1], wb[NB > 0 ? NB : 1];
+  for (int t = 0; t < NA; ++t) oa[t] = offset_a[t], wa[t] = weight_a[t];
+  for (int t = 0; t < NB; ++t) ob[t] = offset_b[t], wb[t] = weight_b[t];
+  const scalar_t* plane = image + c0 * HW;
+  for (int64_t c = c0; c < c1; ++c, plane += HW) {
+    scalar_t a = 0, b = 0;
+    for (int t = 0; t < NA; ++t) a += wa[t] * plane[oa[t]];
+    for (int t = 0; t < NB; ++t) b += wb[t] * plane[ob[t]];
+    out_a[c] = a;
+    if (out_b != nullptr) out_b[c] = b;
+  }
+}
+
+// The same for any tap counts (more than kMaxFixedTaps: boxes that span several pixels).
+template <typename scalar_t>
+void gather_nchw_pair_any(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
+                          const int64_t* offset_a, const scalar_t* weight_a, int64_t na, scalar_t* out_a,
+                          const int64_t* offset_b, const scalar_t* weight_b, int64_t nb, scalar_t* out_b) {
+  const scalar_t* plane = image + c0 * HW;
+  for (int64_t c = c0; c < c1; ++c, plane += HW) {
+    scalar_t a = 0, b = 0;
+    for (int64_t t = 0; t < na; ++t) a += weight_a[t] * plane[offset_a[t]];
+    for (int64_t t = 0; t < nb; ++t) b += weight_b[t] * plane[offset_b[t]];
+    out_a[c] = a;
+    if (out_b != nullptr) out_b[c] = b;
+  }
+}
+
+constexpr int64_t kMaxFixedTaps = 4;  // a single bilinear sample inside the map has 4 taps
+
+// Calls fn(std::integral_constant<int, n>) for n in [0, kMaxFixedTaps].
+template <typename Fn>
+void with_tap_count(int64_t n, const Fn& fn) {
+  switch (n) {
+    case 0: fn(std::integral_constant<int, 0>()); break;
+    case 1: fn(std::integral_constant<int, 1>()); break;
+    case 2: fn(std::integral_constant<int, 2>()); break;
+    case 3: fn(std::integral_constant<int, 3>()); break;
+    default: fn(std::integral_constant<int, 4>()); break;
+  }
+}
+
 // NCHW forward of channels [c0, c1) of one image: out[k * C + c] = sum_t w_t * plane_c[off_t].
+// Keypoint-major within tiles of kChannelTile channels: one pair of keypoints walks the tile's
+// planes (a constant 8 KB stride per tap at KMPNet's stage 1, which the hardware prefetcher
+// follows, and few lines per plane in flight), then the next pair re-walks them, its lines mostly
+// still in L2; see the measurements in the comment at the top.
 template <typename scalar_t>
 void gather_nchw(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K, int64_t C,
                  int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
   const int64_t* off = taps.offset.data();
   const scalar_t* w = taps.weight.data();
-  for (int64_t c = c0; c < c1; ++c) {
-    if (c + kPrefetchChannels < c1) {
-      const scalar_t* ahead = image + (c + kPrefetchChannels) * HW;
-      for (const int64_t line : taps.line_offsets) __builtin_prefetch(ahead + line);
-    }
-    const scalar_t* plane = image + c * HW;
-    for (int64_t k = 0; k < K; ++k) {
-      scalar_t acc = 0;
-      for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) acc += w[t] * plane[off[t]];
-      out[k * C + c] = acc;
+  const int64_t* begin = taps.begin.data();
+  for (int64_t t0 = c0; t0 < c1; t0 += kChannelTile) {
+    const int64_t t1 = std::min(c1, t0 + kChannelTile);
+    for (int64_t k = 0; k < K; k += 2) {
+      const bool pair = k + 1 < K;
+      const int64_t ka = k, kb = pair ? k + 1 : k;
+      const int64_t na = begin[ka + 1] - begin[ka], nb = pair ? begin[kb + 1] - begin[kb] : 0;
+      scalar_t* out_a = out + ka * C;
+      scalar_t* out_b = pair ? out + kb * C : nullptr;
+      if (na > kMaxFixedTaps || nb > kMaxFixedTaps) {
+        gather_nchw_pair_any(image, HW, t0, t1, off + begin[ka], w + begin[ka], na, out_a,
+                             off + begin[kb], w + begin[kb], nb, out_b);
+        continue;
+      }
+      with_tap_count(na, [&](auto NA) {
+        with_tap_count(nb, [&](auto NB) {
+          gather_nchw_pair<decltype(NA)::value, decltype(NB)::value>(
+              image, HW, t0, t1, off + begin[ka], w + begin[ka], out_a, off + begin[kb],
+              w + begin[kb], out_b);
+        });
+      });
     }
   }
 }
@@ -195,7 +249,7 @@ int64_t channel_block(int64_t B, int64_t C) {
 // one at a time (ops/cpu/dynamic_tasks.h); taps holds the image's keypoint taps.
 template <typename scalar_t, typename Fn>
 void for_each_image_task(const GatherParams& p, const at::Tensor& keypoints, const at::Tensor& valid,
-                         bool need_lines, const Fn& fn) {
+                         const Fn& fn) {
   const scalar_t* kp = keypoints.const_data_ptr<scalar_t>();
   const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
   const int64_t point_dims = keypoints.size(2);
@@ -207,7 +261,6 @@ void for_each_image_task(const GatherParams& p, const at::Tensor& keypoints, con
       const int64_t c0 = task % blocks * block, c1 = std::min(p.C, c0 + block);
       if (b != tapped_image) {
         taps.compute(p, kp, point_dims, vp, b);
-        if (need_lines) taps.collect_lines();
         tapped_image = b;
       }
       fn(b, c0, c1, taps);
@@ -245,7 +298,7 @@ at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "keypoint_gather_cpu", [&] {
     const scalar_t* fp = features.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    for_each_image_task<scalar_t>(p, keypoints, valid, !channels_last,
+    for_each_image_task<scalar_t>(p, keypoints, valid,
                             [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<scalar_t>& taps) {
       if (channels_last) {
         gather_channels_last(fp + b * image_size, taps, p.K, p.C, c0, c1, op + b * p.K * p.C);
@@ -277,7 +330,7 @@ at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at:
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "keypoint_gather_backward_cpu", [&] {
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* grad_p = grad.mutable_data_ptr<scalar_t>();
-    for_each_image_task<scalar_t>(p, keypoints, valid, false,
+    for_each_image_task<scalar_t>(p, keypoints, valid,
                             [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<scalar_t>& taps) {
       const scalar_t* g = gp + b * p.K * p.C;
       if (channels_last) {
