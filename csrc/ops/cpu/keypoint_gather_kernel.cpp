@@ -8,19 +8,21 @@
 //   backward  grad[b, c, pixel] += weight * grad_out[b, k, c]            (k ascending)
 // Work is split into tasks of (image, block of channels), handed to the threads one at a time
 // (ops/cpu/dynamic_tasks.h: robust to a thread being descheduled on a shared machine); a task
-// computes the taps of all the image's keypoints once and then walks its channels.  Two layouts are
-// read in place:
+// computes the taps of all the image's keypoints once and then walks its channels.  Two layouts
+// are read in place:
 //  - contiguous NCHW, planes of a page (4 KiB) or more (KMPNet stage 1: 64x32 floats = 8 KiB):
-//    keypoint-major.  Within a tile of 64 channels, a pair of keypoints walks the planes c, c+1, ...
-//    (each tap a load at a constant stride of one plane; tap counts up to 4, a single bilinear
-//    sample, fixed at compile time), then the next pair.  A channel's value of a keypoint is
-//    sum_t w_t * plane[off_t], in tap order, as before.  Measured at KMPNet stage 1 (256 images,
-//    C=256, 12 keypoints, 1 sample; 2-core AMD EPYC VM): the forward reads ~23 of the 128 cache
-//    lines of every plane, ~95 MB of a 512 MiB map that is cold on every call, and takes 1.0-1.1x
-//    the time of a loop that only loads one float per needed line (latency/bandwidth floor);
-//    plane-major (each plane once for all keypoints, its lines prefetched a few planes ahead) took
-//    ~1.5x longer: with ~20 scattered lines per plane in flight the out-of-order window covers
-//    fewer planes, and huge pages (TLB) did not close that gap.
+//    keypoint-major.  Within a tile of 64 channels, a pair of keypoints walks the planes c, c+1,
+//    ... (each tap a load at a constant stride of one plane; tap counts up to 4, i.e. a single
+//    bilinear sample, fixed at compile time), then the next pair.  A channel's value of a keypoint
+//    is sum_t w_t * plane[off_t], in tap order.  Measured at KMPNet stage 1 (256 images, C=256,
+//    12 keypoints, one sample; 2-core AMD EPYC VM): the forward needs ~23 of the 128 cache lines
+//    of every plane, ~95 MB of a 512 MiB map that is cold on every call, and takes 0.95-1.15x the
+//    time of a loop that only loads one float from each of those lines, so it is bound by the
+//    memory system (11-12 ms quiet, 20-30 ms when other machines load the memory system).
+//    Plane-major (each plane once for all keypoints, its lines prefetched 4 planes ahead, as
+//    before) was as fast when the memory system was quiet but 1.1-1.45x slower when it was
+//    loaded (likely fewer misses in flight with ~20 scattered lines per plane; huge pages did
+//    not close the gap, so it is not the TLB).
 //  - contiguous NCHW, smaller planes (stage 4: 16x8): plane-major, each plane visited once for all
 //    keypoints, the cache lines the taps need a few channels ahead software-prefetched.
 //  - channels_last: a pixel's channels are contiguous, so every tap is a vector fmadd over the
@@ -52,9 +54,10 @@
 namespace keypointops {
 namespace {
 
-constexpr int64_t kChannelTile = 64;         // NCHW keypoint-major forward: channels a keypoint walks before the next
-constexpr int64_t kKeypointMajorPlaneBytes = 4096;  // NCHW forward: keypoint-major from planes of a page on
-constexpr int64_t kPrefetchChannels = 4;     // NCHW plane-major: prefetch the taps' lines this many planes ahead
+// NCHW forward: keypoint-major from planes of this many bytes (a page) on, plane-major below.
+constexpr int64_t kKeypointMajorPlaneBytes = 4096;
+constexpr int64_t kChannelTile = 64;      // keypoint-major: channels a pair walks at a time
+constexpr int64_t kPrefetchChannels = 4;  // plane-major: prefetch this many planes ahead
 constexpr int64_t kCacheLineBytes = 64;
 constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
 
@@ -72,7 +75,7 @@ struct ImageTaps {
   std::vector<int64_t> offset;
   std::vector<T> weight;
   std::vector<int64_t> begin;
-  std::vector<int64_t> line_offsets;  // NCHW plane-major: start of every distinct cache line the taps touch
+  std::vector<int64_t> line_offsets;  // NCHW plane-major: every distinct cache line the taps touch
   std::vector<T> row_weight, col_weight;
 
   void compute(const GatherParams& p, const T* keypoints, int64_t point_dims, const bool* valid,
@@ -123,9 +126,10 @@ struct ImageTaps {
   }
 };
 
-// NCHW forward, keypoint-major (planes of a page or more): for a pair of keypoints with NA and NB taps (compile-time counts),
-// walk channels [c0, c1): outA[c] = sum_t wA_t * plane_c[offA_t], likewise outB.  The taps are
-// summed in their order, as acc += w * x from 0, like the generic loop below (bitwise the same).
+// NCHW forward, keypoint-major (planes of a page or more): for a pair of keypoints with NA and NB
+// taps (compile-time counts), walk channels [c0, c1): out_a[c] = sum_t wa_t * plane_c[oa_t], and
+// likewise out_b.  The taps are summed in their order, acc += w * x from 0, like the generic loop
+// below (bitwise the same).
 template <int NA, int NB, typename scalar_t>
 void gather_nchw_pair(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
                       const int64_t* offset_a, const scalar_t* weight_a, scalar_t* out_a,
@@ -147,8 +151,9 @@ void gather_nchw_pair(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
 // The same for any tap counts (more than kMaxFixedTaps: boxes that span several pixels).
 template <typename scalar_t>
 void gather_nchw_pair_any(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
-                          const int64_t* offset_a, const scalar_t* weight_a, int64_t na, scalar_t* out_a,
-                          const int64_t* offset_b, const scalar_t* weight_b, int64_t nb, scalar_t* out_b) {
+                          const int64_t* offset_a, const scalar_t* weight_a, int64_t na,
+                          scalar_t* out_a, const int64_t* offset_b, const scalar_t* weight_b,
+                          int64_t nb, scalar_t* out_b) {
   const scalar_t* plane = image + c0 * HW;
   for (int64_t c = c0; c < c1; ++c, plane += HW) {
     scalar_t a = 0, b = 0;
@@ -178,8 +183,8 @@ void with_tap_count(int64_t n, const Fn& fn) {
   }
 }
 
-// NCHW forward, plane-major (small planes, where the keypoints' taps cover most of a plane's lines):
-// each plane is visited once for all keypoints, the taps' lines a few planes ahead software-prefetched.
+// NCHW forward, plane-major (small planes, where the taps cover most of a plane's lines): each
+// plane is visited once for all keypoints, the taps' lines a few planes ahead software-prefetched.
 template <typename scalar_t>
 void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K,
                              int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
@@ -200,9 +205,9 @@ void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<scalar_t>& t
 }
 
 // NCHW forward of channels [c0, c1) of one image: out[k * C + c] = sum_t w_t * plane_c[off_t].
-// Planes smaller than a page: plane-major (above).  Otherwise keypoint-major, see the comment at the
-// top: within a tile of kChannelTile channels, one pair of keypoints walks the tile's planes, then
-// the next pair re-walks them (lines shared with an earlier pair still in L2).
+// Planes smaller than a page: plane-major (above).  Otherwise keypoint-major, see the comment at
+// the top: within a tile of kChannelTile channels, one pair of keypoints walks the tile's planes,
+// then the next pair re-walks them (lines shared with an earlier pair still in L2).
 template <typename scalar_t>
 void gather_nchw(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K, int64_t C,
                  int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
