@@ -8,10 +8,23 @@
 //   backward  grad[b, c, pixel] += weight * grad_out[b, k, c]            (k ascending)
 // Work is split into tasks of (image, block of channels), handed to the threads one at a time
 // (ops/cpu/dynamic_tasks.h: robust to a thread being descheduled on a shared machine); a task
-// computes the taps of all the image's keypoints once and then walks its channels, each channel
-// serving every keypoint.  Two layouts are read in place:
-//  - contiguous NCHW: a channel plane is visited once for all keypoints (not once per keypoint),
-//    and the cache lines the taps need in the plane a few channels ahead are software-prefetched.
+// computes the taps of all the image's keypoints once and then walks its channels.  Two layouts
+// are read in place:
+//  - contiguous NCHW, planes of a page (4 KiB) or more (KMPNet stage 1: 64x32 floats = 8 KiB):
+//    keypoint-major.  Within a tile of 64 channels, a pair of keypoints walks the planes c, c+1,
+//    ... (each tap a load at a constant stride of one plane; tap counts up to 4, i.e. a single
+//    bilinear sample, fixed at compile time), then the next pair.  A channel's value of a keypoint
+//    is sum_t w_t * plane[off_t], in tap order.  Measured at KMPNet stage 1 (256 images, C=256,
+//    12 keypoints, one sample; 2-core AMD EPYC VM): the forward needs ~23 of the 128 cache lines
+//    of every plane, ~95 MB of a 512 MiB map that is cold on every call, and takes 0.95-1.15x the
+//    time of a loop that only loads one float from each of those lines, so it is bound by the
+//    memory system (11-12 ms quiet, 20-30 ms when other machines load the memory system).
+//    Plane-major (each plane once for all keypoints, its lines prefetched 4 planes ahead, as
+//    before) was as fast when the memory system was quiet but 1.1-1.45x slower when it was
+//    loaded (likely fewer misses in flight with ~20 scattered lines per plane; huge pages did
+//    not close the gap, so it is not the TLB).
+//  - contiguous NCHW, smaller planes (stage 4: 16x8): plane-major, each plane visited once for all
+//    keypoints, the cache lines the taps need a few channels ahead software-prefetched.
 //  - channels_last: a pixel's channels are contiguous, so every tap is a vector fmadd over the
 //    channel block (at::vec).
 // Other strides are copied to NCHW first.
@@ -30,6 +43,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "ops/cpu/dynamic_tasks.h"
@@ -40,9 +54,12 @@
 namespace keypointops {
 namespace {
 
-constexpr int64_t kPrefetchChannels = 4;     // NCHW: prefetch the taps' lines this many planes ahead
-constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
+// NCHW forward: keypoint-major from planes of this many bytes (a page) on, plane-major below.
+constexpr int64_t kKeypointMajorPlaneBytes = 4096;
+constexpr int64_t kChannelTile = 64;      // keypoint-major: channels a pair walks at a time
+constexpr int64_t kPrefetchChannels = 4;  // plane-major: prefetch this many planes ahead
 constexpr int64_t kCacheLineBytes = 64;
+constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
 
 struct GatherParams {
   int64_t B, C, H, W, K;
@@ -58,7 +75,7 @@ struct ImageTaps {
   std::vector<int64_t> offset;
   std::vector<T> weight;
   std::vector<int64_t> begin;
-  std::vector<int64_t> line_offsets;  // NCHW: start of every distinct cache line the taps touch
+  std::vector<int64_t> line_offsets;  // NCHW plane-major: every distinct cache line the taps touch
   std::vector<T> row_weight, col_weight;
 
   void compute(const GatherParams& p, const T* keypoints, int64_t point_dims, const bool* valid,
@@ -109,10 +126,68 @@ struct ImageTaps {
   }
 };
 
-// NCHW forward of channels [c0, c1) of one image: out[k * C + c] = sum_t w_t * plane_c[off_t].
+// NCHW forward, keypoint-major (planes of a page or more): for a pair of keypoints with NA and NB
+// taps (compile-time counts), walk channels [c0, c1): out_a[c] = sum_t wa_t * plane_c[oa_t], and
+// likewise out_b.  The taps are summed in their order, acc += w * x from 0, like the generic loop
+// below (bitwise the same).
+template <int NA, int NB, typename scalar_t>
+void gather_nchw_pair(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
+                      const int64_t* offset_a, const scalar_t* weight_a, scalar_t* out_a,
+                      const int64_t* offset_b, const scalar_t* weight_b, scalar_t* out_b) {
+  int64_t oa[NA > 0 ? NA : 1], ob[NB > 0 ? NB : 1];
+  scalar_t wa[NA > 0 ? NA : 1], wb[NB > 0 ? NB : 1];
+  for (int t = 0; t < NA; ++t) oa[t] = offset_a[t], wa[t] = weight_a[t];
+  for (int t = 0; t < NB; ++t) ob[t] = offset_b[t], wb[t] = weight_b[t];
+  const scalar_t* plane = image + c0 * HW;
+  for (int64_t c = c0; c < c1; ++c, plane += HW) {
+    scalar_t a = 0, b = 0;
+    for (int t = 0; t < NA; ++t) a += wa[t] * plane[oa[t]];
+    for (int t = 0; t < NB; ++t) b += wb[t] * plane[ob[t]];
+    out_a[c] = a;
+    if (out_b != nullptr) out_b[c] = b;
+  }
+}
+
+// The same for any tap counts (more than kMaxFixedTaps: boxes that span several pixels).
 template <typename scalar_t>
-void gather_nchw(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K, int64_t C,
-                 int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
+void gather_nchw_pair_any(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
+                          const int64_t* offset_a, const scalar_t* weight_a, int64_t na,
+                          scalar_t* out_a, const int64_t* offset_b, const scalar_t* weight_b,
+                          int64_t nb, scalar_t* out_b) {
+  const scalar_t* plane = image + c0 * HW;
+  for (int64_t c = c0; c < c1; ++c, plane += HW) {
+    scalar_t a = 0, b = 0;
+    for (int64_t t = 0; t < na; ++t) a += weight_a[t] * plane[offset_a[t]];
+    for (int64_t t = 0; t < nb; ++t) b += weight_b[t] * plane[offset_b[t]];
+    out_a[c] = a;
+    if (out_b != nullptr) out_b[c] = b;
+  }
+}
+
+template <typename scalar_t>
+bool keypoint_major_nchw(int64_t HW) {
+  return HW * static_cast<int64_t>(sizeof(scalar_t)) >= kKeypointMajorPlaneBytes;
+}
+
+constexpr int64_t kMaxFixedTaps = 4;  // a single bilinear sample inside the map has 4 taps
+
+// Calls fn(std::integral_constant<int, n>) for n in [0, kMaxFixedTaps].
+template <typename Fn>
+void with_tap_count(int64_t n, const Fn& fn) {
+  switch (n) {
+    case 0: fn(std::integral_constant<int, 0>()); break;
+    case 1: fn(std::integral_constant<int, 1>()); break;
+    case 2: fn(std::integral_constant<int, 2>()); break;
+    case 3: fn(std::integral_constant<int, 3>()); break;
+    default: fn(std::integral_constant<int, 4>()); break;
+  }
+}
+
+// NCHW forward, plane-major (small planes, where the taps cover most of a plane's lines): each
+// plane is visited once for all keypoints, the taps' lines a few planes ahead software-prefetched.
+template <typename scalar_t>
+void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K,
+                             int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
   const int64_t* off = taps.offset.data();
   const scalar_t* w = taps.weight.data();
   for (int64_t c = c0; c < c1; ++c) {
@@ -125,6 +200,44 @@ void gather_nchw(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t
       scalar_t acc = 0;
       for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) acc += w[t] * plane[off[t]];
       out[k * C + c] = acc;
+    }
+  }
+}
+
+// NCHW forward of channels [c0, c1) of one image: out[k * C + c] = sum_t w_t * plane_c[off_t].
+// Planes smaller than a page: plane-major (above).  Otherwise keypoint-major, see the comment at
+// the top: within a tile of kChannelTile channels, one pair of keypoints walks the tile's planes,
+// then the next pair re-walks them (lines shared with an earlier pair still in L2).
+template <typename scalar_t>
+void gather_nchw(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K, int64_t C,
+                 int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
+  const int64_t* off = taps.offset.data();
+  const scalar_t* w = taps.weight.data();
+  const int64_t* begin = taps.begin.data();
+  if (!keypoint_major_nchw<scalar_t>(HW)) {
+    gather_nchw_plane_major(image, taps, K, C, HW, c0, c1, out);
+    return;
+  }
+  for (int64_t t0 = c0; t0 < c1; t0 += kChannelTile) {
+    const int64_t t1 = std::min(c1, t0 + kChannelTile);
+    for (int64_t k = 0; k < K; k += 2) {
+      const bool pair = k + 1 < K;
+      const int64_t ka = k, kb = pair ? k + 1 : k;
+      const int64_t na = begin[ka + 1] - begin[ka], nb = pair ? begin[kb + 1] - begin[kb] : 0;
+      scalar_t* out_a = out + ka * C;
+      scalar_t* out_b = pair ? out + kb * C : nullptr;
+      if (na > kMaxFixedTaps || nb > kMaxFixedTaps) {
+        gather_nchw_pair_any(image, HW, t0, t1, off + begin[ka], w + begin[ka], na, out_a,
+                             off + begin[kb], w + begin[kb], nb, out_b);
+        continue;
+      }
+      with_tap_count(na, [&](auto NA) {
+        with_tap_count(nb, [&](auto NB) {
+          gather_nchw_pair<decltype(NA)::value, decltype(NB)::value>(
+              image, HW, t0, t1, off + begin[ka], w + begin[ka], out_a, off + begin[kb],
+              w + begin[kb], out_b);
+        });
+      });
     }
   }
 }
@@ -245,7 +358,8 @@ at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "keypoint_gather_cpu", [&] {
     const scalar_t* fp = features.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    for_each_image_task<scalar_t>(p, keypoints, valid, !channels_last,
+    const bool need_lines = !channels_last && !keypoint_major_nchw<scalar_t>(p.H * p.W);
+    for_each_image_task<scalar_t>(p, keypoints, valid, need_lines,
                             [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<scalar_t>& taps) {
       if (channels_last) {
         gather_channels_last(fp + b * image_size, taps, p.K, p.C, c0, c1, op + b * p.K * p.C);
