@@ -1,12 +1,6 @@
 #pragma once
 // keypoint_gather: the sampling rules of torchvision's RoIAlign (output_size=1), per axis, shared
 // by the CPU and CUDA kernels.
-//
-// Finite test that needs no <cmath> overload in device code: x - x is 0 exactly when x is finite.
-template <typename T>
-C10_HOST_DEVICE inline bool is_finite(T x) {
-  return x - x == T(0);
-}
 
 // The box of a keypoint is the square of side roi_size (input-image pixels) centred on it.  Along
 // one axis its start is (center - roi_size / 2) * scale - offset (offset 0.5 when aligned), its
