@@ -10,6 +10,11 @@ every case so that CI can smoke-run the suite (``--benchmark-disable``): sizes t
 every code path (several programs and blocks, clip borders and interior windows), each function
 called twice (the peak-memory call and the benchmark's own) without a warm-up.
 ``--kp-results FILE.md`` also writes the summary table to FILE.md (and FILE.json).
+``--kp-threads N`` sets torch's intra-op threads for the whole run (default: torch's default, one
+per core).  On a machine shared with other work, use fewer threads than free cores: an OpenMP
+thread that the OS has descheduled stalls every parallel region at its barrier, which slows every
+implementation by a different, unrepeatable factor (KMPNet's graph branch: 0.3 s on one thread,
+0.8-7 s on two, on 2 cores at load 7).  The stamp of the summary gives the thread count.
 """
 from __future__ import annotations
 
@@ -32,6 +37,14 @@ if not torch.cuda.is_available():
 def pytest_addoption(parser):
     parser.addoption("--kp-results", default=None,
                      help="also write the summary table to this markdown file (and .json beside it)")
+    parser.addoption("--kp-threads", type=int, default=None,
+                     help="torch intra-op threads for the run (default: torch's default)")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--kp-threads")
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def device_name(device: str) -> str:
@@ -40,21 +53,33 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def _status_bytes() -> dict:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                key, value = line.split(":")
-                values[key] = int(value.split()[0]) * 1024
-    return values
+def _cpu_peak_bytes(fn) -> int:
+    """Peak, above its value at the start, of the CPU allocator's running total while ``fn()`` runs,
+    from the profiler's memory events (each allocation and free gives its size and the new total)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
+    if not events:
+        return 0
+    _, size, total = min(events)
+    return max(0, max(total for _, _, total in events) - (total - size))
 
 
-def peak_memory_bytes(fn, device: str) -> int | None:
-    """Peak memory allocated by one call of ``fn`` above what was allocated before it.
+def peak_memory_bytes(fn, device: str) -> int:
+    """Peak bytes of tensor memory allocated by one call of ``fn`` and alive at the same time.
 
-    CUDA: the caching allocator's peak.  CPU: the process's peak resident set (VmHWM, reset through
-    /proc/self/clear_refs) minus the resident set before the call; None where /proc lacks it.
+    CUDA: the caching allocator's peak above what was allocated before the call.  CPU: the peak
+    of the CPU allocator's running total of the allocations made during the call (the profiler's
+    memory events; memory freed that was allocated before the call is not subtracted), so memory
+    that the call reuses from the heap counts, unlike a resident-set difference.
     """
     if device == "cuda":
         torch.cuda.synchronize()
@@ -63,15 +88,7 @@ def peak_memory_bytes(fn, device: str) -> int | None:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_bytes()["VmRSS"]
-        fn()
-        return max(0, _status_bytes()["VmHWM"] - before)
-    except OSError:
-        fn()
-        return None
+    return _cpu_peak_bytes(fn)
 
 
 def timed_pass(forward, leaves, backward: bool):
@@ -109,7 +126,7 @@ def measure(benchmark):
         peak = peak_memory_bytes(fn, device)
         benchmark.group = group
         benchmark.extra_info.update(impl=impl, baseline=baseline, device=device_name(device),
-                                    peak_mb=None if peak is None else peak / 2**20)
+                                    peak_mb=peak / 2**20)
         rounds = 1 if SMALL else (3 if slow else 7)
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
 
@@ -137,8 +154,7 @@ def _summary_rows(config):
                 "median_ms": median * 1e3,
                 "speedup": base.stats.median / median if base else None,
                 "peak_mb": peak,
-                # A baseline peak under 1 MiB is noise (freed memory reused): no ratio.
-                "peak_ratio": peak / base_peak if peak is not None and base_peak and base_peak >= 1 else None,
+                "peak_ratio": peak / base_peak if peak is not None and base_peak else None,
             })
     return rows
 
@@ -157,7 +173,7 @@ def pytest_terminal_summary(terminalreporter, config):
         f"| {r['group']} | {r['impl']} | {r['median_ms']:.2f} | {_fmt(r['speedup'], '.2f')}x | "
         f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['peak_ratio'], '.2f')} |" for r in rows]
     stamp = (f"{datetime.date.today().isoformat()}, {rows[0]['device']}, torch {torch.__version__}, "
-             f"{'small' if SMALL else 'full'} sizes")
+             f"{torch.get_num_threads()} threads, {'small' if SMALL else 'full'} sizes")
     terminalreporter.write_sep("=", "keypointops benchmark summary")
     terminalreporter.write_line(stamp)
     for line in lines:
