@@ -15,6 +15,11 @@ per core).  On a machine shared with other work, use fewer threads than free cor
 thread that the OS has descheduled stalls every parallel region at its barrier, which slows every
 implementation by a different, unrepeatable factor (KMPNet's graph branch: 0.3 s on one thread,
 0.8-7 s on two, on 2 cores at load 7).  The stamp of the summary gives the thread count.
+``--kp-interleave R``: after the tests, time every group again in R rounds that call each of its
+functions once in turn, and report those medians: the load of a shared machine then weighs on every
+implementation of a group alike (run one after the other, as pytest-benchmark does, the ratio of
+two 0.7 s steps moved from 0.63x to 1.19x with the load).  It keeps every function, with its model
+and inputs, alive until the end of the run: for the small cases (``bench/test_models.py``).
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ def pytest_addoption(parser):
                      help="also write the summary table to this markdown file (and .json beside it)")
     parser.addoption("--kp-threads", type=int, default=None,
                      help="torch intra-op threads for the run (default: torch's default)")
+    parser.addoption("--kp-interleave", type=int, default=0,
+                     help="also time each group in this many interleaved rounds; the summary uses them")
 
 
 def pytest_configure(config):
@@ -108,8 +115,12 @@ def timed_pass(forward, leaves, backward: bool):
     return fn
 
 
+# group -> [(impl, timed function)], kept for --kp-interleave
+_KEPT: dict[str, list] = {}
+
+
 @pytest.fixture
-def measure(benchmark):
+def measure(benchmark, request):
     """``measure(fn, group=..., impl=..., device=..., baseline=False)`` times ``fn`` in ``group``."""
 
     def run(fn, *, group: str, impl: str, device: str, baseline: bool = False):
@@ -129,30 +140,48 @@ def measure(benchmark):
                                     peak_mb=peak / 2**20)
         rounds = 1 if SMALL else (3 if slow else 7)
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+        if request.config.getoption("--kp-interleave") > 0:
+            _KEPT.setdefault(group, []).append((impl, timed))
 
     return run
+
+
+def _interleaved_medians(rounds: int) -> dict[tuple[str, str], float]:
+    """(group, impl) -> median seconds over ``rounds`` rounds, each calling every function of the
+    group once in turn (the functions kept by ``measure``, released afterwards)."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for group, entries in _KEPT.items():
+        for _ in range(rounds):
+            for impl, timed in entries:
+                start = time.perf_counter()
+                timed()
+                times.setdefault((group, impl), []).append(time.perf_counter() - start)
+    _KEPT.clear()
+    return {key: sorted(values)[len(values) // 2] for key, values in times.items()}
 
 
 def _summary_rows(config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
         return []
+    interleaved = _interleaved_medians(config.getoption("--kp-interleave"))
     groups: dict[str, list] = {}
     for bench in session.benchmarks:
         if bench.stats is not None and bench.stats.rounds:
             groups.setdefault(bench.group, []).append(bench)
     rows = []
     for group, benches in sorted(groups.items()):
+        median_of = {b: interleaved.get((group, b.extra_info.get("impl")), b.stats.median) for b in benches}
         base = next((b for b in benches if b.extra_info.get("baseline")), None)
-        for b in sorted(benches, key=lambda b: b.stats.median):
-            median = b.stats.median
+        for b in sorted(benches, key=median_of.get):
+            median = median_of[b]
             peak = b.extra_info.get("peak_mb")
             base_peak = base.extra_info.get("peak_mb") if base else None
             rows.append({
                 "group": group, "impl": b.extra_info.get("impl", b.name),
                 "device": b.extra_info.get("device", ""),
                 "median_ms": median * 1e3,
-                "speedup": base.stats.median / median if base else None,
+                "speedup": median_of[base] / median if base else None,
                 "peak_mb": peak,
                 "peak_ratio": peak / base_peak if peak is not None and base_peak else None,
             })
@@ -172,8 +201,10 @@ def pytest_terminal_summary(terminalreporter, config):
     lines = [header] + [
         f"| {r['group']} | {r['impl']} | {r['median_ms']:.2f} | {_fmt(r['speedup'], '.2f')}x | "
         f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['peak_ratio'], '.2f')} |" for r in rows]
+    rounds = config.getoption("--kp-interleave")
     stamp = (f"{datetime.date.today().isoformat()}, {rows[0]['device']}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {'small' if SMALL else 'full'} sizes")
+             f"{torch.get_num_threads()} threads, {'small' if SMALL else 'full'} sizes"
+             + (f", medians of {rounds} interleaved rounds" if rounds else ""))
     terminalreporter.write_sep("=", "keypointops benchmark summary")
     terminalreporter.write_line(stamp)
     for line in lines:
