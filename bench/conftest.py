@@ -19,7 +19,9 @@ implementation by a different, unrepeatable factor (KMPNet's graph branch: 0.3 s
 functions once in turn, and report those medians: the load of a shared machine then weighs on every
 implementation of a group alike (run one after the other, as pytest-benchmark does, the ratio of
 two 0.7 s steps moved from 0.63x to 1.19x with the load).  It keeps every function, with its model
-and inputs, alive until the end of the run: for the small cases (``bench/test_models.py``).
+and inputs, alive until the end of the run: for the small cases (``bench/test_models.py``).  On a
+shared machine, also ``--benchmark-timer time.process_time`` with ``--kp-threads 1``: the CPU time
+of the one thread, not the time other jobs hold the core (these rounds use the benchmark's timer).
 """
 from __future__ import annotations
 
@@ -146,16 +148,16 @@ def measure(benchmark, request):
     return run
 
 
-def _interleaved_medians(rounds: int) -> dict[tuple[str, str], float]:
-    """(group, impl) -> median seconds over ``rounds`` rounds, each calling every function of the
-    group once in turn (the functions kept by ``measure``, released afterwards)."""
+def _interleaved_medians(rounds: int, timer) -> dict[tuple[str, str], float]:
+    """(group, impl) -> median seconds (of ``timer``) over ``rounds`` rounds, each calling every
+    function of the group once in turn (the functions kept by ``measure``, released afterwards)."""
     times: dict[tuple[str, str], list[float]] = {}
     for group, entries in _KEPT.items():
         for _ in range(rounds):
             for impl, timed in entries:
-                start = time.perf_counter()
+                start = timer()
                 timed()
-                times.setdefault((group, impl), []).append(time.perf_counter() - start)
+                times.setdefault((group, impl), []).append(timer() - start)
     _KEPT.clear()
     return {key: sorted(values)[len(values) // 2] for key, values in times.items()}
 
@@ -164,7 +166,7 @@ def _summary_rows(config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
         return []
-    interleaved = _interleaved_medians(config.getoption("--kp-interleave"))
+    interleaved = _interleaved_medians(config.getoption("--kp-interleave"), session.options["timer"].target)
     groups: dict[str, list] = {}
     for bench in session.benchmarks:
         if bench.stats is not None and bench.stats.rounds:
@@ -202,8 +204,10 @@ def pytest_terminal_summary(terminalreporter, config):
         f"| {r['group']} | {r['impl']} | {r['median_ms']:.2f} | {_fmt(r['speedup'], '.2f')}x | "
         f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['peak_ratio'], '.2f')} |" for r in rows]
     rounds = config.getoption("--kp-interleave")
+    timer = config._benchmarksession.options["timer"].target
     stamp = (f"{datetime.date.today().isoformat()}, {rows[0]['device']}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {'small' if SMALL else 'full'} sizes"
+             f"{torch.get_num_threads()} threads, {'small' if SMALL else 'full'} sizes, "
+             f"timer {getattr(timer, '__name__', timer)}"
              + (f", medians of {rounds} interleaved rounds" if rounds else ""))
     terminalreporter.write_sep("=", "keypointops benchmark summary")
     terminalreporter.write_line(stamp)
