@@ -16,8 +16,9 @@ thread that the OS has descheduled stalls every parallel region at its barrier, 
 implementation by a different, unrepeatable factor (KMPNet's graph branch: 0.3 s on one thread,
 0.8-7 s on two, on 2 cores at load 7).  The stamp of the summary gives the thread count.
 ``--kp-interleave R``: after the tests, time every group again in R rounds that call each of its
-functions once in turn, and report those medians: the load of a shared machine then weighs on every
-implementation of a group alike (run one after the other, as pytest-benchmark does, the ratio of
+functions once in turn, and report those medians and, as the speed-up, the median over the rounds
+of the baseline's time over the function's in that round: the load of a shared machine then weighs
+on every implementation of a group alike (run one after the other, as pytest-benchmark does, the ratio of
 two 0.7 s steps moved from 0.63x to 1.19x with the load).  It keeps every function, with its model
 and inputs, alive until the end of the run: for the small cases (``bench/test_models.py``).  On a
 shared machine, also ``--benchmark-timer time.process_time`` with ``--kp-threads 1``: the CPU time
@@ -117,7 +118,7 @@ def timed_pass(forward, leaves, backward: bool):
     return fn
 
 
-# group -> [(impl, timed function)], kept for --kp-interleave
+# group -> [(impl, timed function, baseline)], kept for --kp-interleave
 _KEPT: dict[str, list] = {}
 
 
@@ -143,30 +144,42 @@ def measure(benchmark, request):
         rounds = 1 if SMALL else (3 if slow else 7)
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
         if request.config.getoption("--kp-interleave") > 0:
-            _KEPT.setdefault(group, []).append((impl, timed))
+            _KEPT.setdefault(group, []).append((impl, timed, baseline))
 
     return run
 
 
-def _interleaved_medians(rounds: int, timer) -> dict[tuple[str, str], float]:
-    """(group, impl) -> median seconds (of ``timer``) over ``rounds`` rounds, each calling every
-    function of the group once in turn (the functions kept by ``measure``, released afterwards)."""
-    times: dict[tuple[str, str], list[float]] = {}
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _interleaved(rounds: int, timer) -> tuple[dict, dict]:
+    """``rounds`` rounds per group, each calling every function of the group once in turn (the
+    functions kept by ``measure``, released afterwards).  Returns (group, impl) -> the median
+    seconds of ``timer``, and (group, impl) -> the median over the rounds of the baseline's seconds
+    over the function's in the same round (groups with a baseline)."""
+    medians, speedups = {}, {}
     for group, entries in _KEPT.items():
-        for _ in range(rounds):
-            for impl, timed in entries:
+        times = [[0.0] * rounds for _ in entries]
+        for r in range(rounds):
+            for i, (_, timed, _) in enumerate(entries):
                 start = timer()
                 timed()
-                times.setdefault((group, impl), []).append(timer() - start)
+                times[i][r] = timer() - start
+        base = next((times[i] for i, entry in enumerate(entries) if entry[2]), None)
+        for (impl, _, _), t in zip(entries, times):
+            medians[group, impl] = _median(t)
+            if base is not None:
+                speedups[group, impl] = _median([b / x for b, x in zip(base, t)])
     _KEPT.clear()
-    return {key: sorted(values)[len(values) // 2] for key, values in times.items()}
+    return medians, speedups
 
 
 def _summary_rows(config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
         return []
-    interleaved = _interleaved_medians(config.getoption("--kp-interleave"), session.options["timer"].target)
+    interleaved, paired = _interleaved(config.getoption("--kp-interleave"), session.options["timer"].target)
     groups: dict[str, list] = {}
     for bench in session.benchmarks:
         if bench.stats is not None and bench.stats.rounds:
@@ -183,7 +196,8 @@ def _summary_rows(config):
                 "group": group, "impl": b.extra_info.get("impl", b.name),
                 "device": b.extra_info.get("device", ""),
                 "median_ms": median * 1e3,
-                "speedup": median_of[base] / median if base else None,
+                "speedup": paired.get((group, b.extra_info.get("impl")),
+                                      median_of[base] / median if base else None),
                 "peak_mb": peak,
                 "peak_ratio": peak / base_peak if peak is not None and base_peak else None,
             })
@@ -208,7 +222,7 @@ def pytest_terminal_summary(terminalreporter, config):
     stamp = (f"{datetime.date.today().isoformat()}, {rows[0]['device']}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {'small' if SMALL else 'full'} sizes, "
              f"timer {getattr(timer, '__name__', timer)}"
-             + (f", medians of {rounds} interleaved rounds" if rounds else ""))
+             + (f", medians of {rounds} interleaved rounds (speed-up: of the per-round ratios)" if rounds else ""))
     terminalreporter.write_sep("=", "keypointops benchmark summary")
     terminalreporter.write_line(stamp)
     for line in lines:
