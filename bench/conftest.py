@@ -10,6 +10,19 @@ every case so that CI can smoke-run the suite (``--benchmark-disable``): sizes t
 every code path (several programs and blocks, clip borders and interior windows), each function
 called twice (the peak-memory call and the benchmark's own) without a warm-up.
 ``--kp-results FILE.md`` also writes the summary table to FILE.md (and FILE.json).
+``--kp-threads N`` sets torch's intra-op threads for the whole run (default: torch's default, one
+per core).  On a machine shared with other work, use fewer threads than free cores: an OpenMP
+thread that the OS has descheduled stalls every parallel region at its barrier, which slows every
+implementation by a different, unrepeatable factor (KMPNet's graph branch: 0.3 s on one thread,
+0.8-7 s on two, on 2 cores at load 7).  The stamp of the summary gives the thread count.
+``--kp-interleave R``: after the tests, time every group again in R rounds that call each of its
+functions once in turn, and report those medians and, as the speed-up, the median over the rounds
+of the baseline's time over the function's in that round: the load of a shared machine then weighs
+on every implementation of a group alike (run one after the other, as pytest-benchmark does, the ratio of
+two 0.7 s steps moved from 0.63x to 1.19x with the load).  It keeps every function, with its model
+and inputs, alive until the end of the run: for the small cases (``bench/test_models.py``).  On a
+shared machine, also ``--benchmark-timer time.process_time`` with ``--kp-threads 1``: the CPU time
+of the one thread, not the time other jobs hold the core (these rounds use the benchmark's timer).
 """
 from __future__ import annotations
 
@@ -32,6 +45,16 @@ if not torch.cuda.is_available():
 def pytest_addoption(parser):
     parser.addoption("--kp-results", default=None,
                      help="also write the summary table to this markdown file (and .json beside it)")
+    parser.addoption("--kp-threads", type=int, default=None,
+                     help="torch intra-op threads for the run (default: torch's default)")
+    parser.addoption("--kp-interleave", type=int, default=0,
+                     help="also time each group in this many interleaved rounds; the summary uses them")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--kp-threads")
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def device_name(device: str) -> str:
@@ -40,21 +63,33 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def _status_bytes() -> dict:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                key, value = line.split(":")
-                values[key] = int(value.split()[0]) * 1024
-    return values
+def _cpu_peak_bytes(fn) -> int:
+    """Peak, above its value at the start, of the CPU allocator's running total while ``fn()`` runs,
+    from the profiler's memory events (each allocation and free gives its size and the new total)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
+    if not events:
+        return 0
+    _, size, total = min(events)
+    return max(0, max(total for _, _, total in events) - (total - size))
 
 
-def peak_memory_bytes(fn, device: str) -> int | None:
-    """Peak memory allocated by one call of ``fn`` above what was allocated before it.
+def peak_memory_bytes(fn, device: str) -> int:
+    """Peak bytes of tensor memory allocated by one call of ``fn`` and alive at the same time.
 
-    CUDA: the caching allocator's peak.  CPU: the process's peak resident set (VmHWM, reset through
-    /proc/self/clear_refs) minus the resident set before the call; None where /proc lacks it.
+    CUDA: the caching allocator's peak above what was allocated before the call.  CPU: the peak
+    of the CPU allocator's running total of the allocations made during the call (the profiler's
+    memory events; memory freed that was allocated before the call is not subtracted), so memory
+    that the call reuses from the heap counts, unlike a resident-set difference.
     """
     if device == "cuda":
         torch.cuda.synchronize()
@@ -63,15 +98,7 @@ def peak_memory_bytes(fn, device: str) -> int | None:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_bytes()["VmRSS"]
-        fn()
-        return max(0, _status_bytes()["VmHWM"] - before)
-    except OSError:
-        fn()
-        return None
+    return _cpu_peak_bytes(fn)
 
 
 def timed_pass(forward, leaves, backward: bool):
@@ -91,8 +118,12 @@ def timed_pass(forward, leaves, backward: bool):
     return fn
 
 
+# group -> [(impl, timed function, baseline)], kept for --kp-interleave
+_KEPT: dict[str, list] = {}
+
+
 @pytest.fixture
-def measure(benchmark):
+def measure(benchmark, request):
     """``measure(fn, group=..., impl=..., device=..., baseline=False)`` times ``fn`` in ``group``."""
 
     def run(fn, *, group: str, impl: str, device: str, baseline: bool = False):
@@ -109,36 +140,66 @@ def measure(benchmark):
         peak = peak_memory_bytes(fn, device)
         benchmark.group = group
         benchmark.extra_info.update(impl=impl, baseline=baseline, device=device_name(device),
-                                    peak_mb=None if peak is None else peak / 2**20)
+                                    peak_mb=peak / 2**20)
         rounds = 1 if SMALL else (3 if slow else 7)
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+        if request.config.getoption("--kp-interleave") > 0:
+            _KEPT.setdefault(group, []).append((impl, timed, baseline))
 
     return run
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _interleaved(rounds: int, timer) -> tuple[dict, dict]:
+    """``rounds`` rounds per group, each calling every function of the group once in turn (the
+    functions kept by ``measure``, released afterwards).  Returns (group, impl) -> the median
+    seconds of ``timer``, and (group, impl) -> the median over the rounds of the baseline's seconds
+    over the function's in the same round (groups with a baseline)."""
+    medians, speedups = {}, {}
+    for group, entries in _KEPT.items():
+        times = [[0.0] * rounds for _ in entries]
+        for r in range(rounds):
+            for i, (_, timed, _) in enumerate(entries):
+                start = timer()
+                timed()
+                times[i][r] = timer() - start
+        base = next((times[i] for i, entry in enumerate(entries) if entry[2]), None)
+        for (impl, _, _), t in zip(entries, times):
+            medians[group, impl] = _median(t)
+            if base is not None:
+                speedups[group, impl] = _median([b / x for b, x in zip(base, t)])
+    _KEPT.clear()
+    return medians, speedups
 
 
 def _summary_rows(config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
         return []
+    interleaved, paired = _interleaved(config.getoption("--kp-interleave"), session.options["timer"].target)
     groups: dict[str, list] = {}
     for bench in session.benchmarks:
         if bench.stats is not None and bench.stats.rounds:
             groups.setdefault(bench.group, []).append(bench)
     rows = []
     for group, benches in sorted(groups.items()):
+        median_of = {b: interleaved.get((group, b.extra_info.get("impl")), b.stats.median) for b in benches}
         base = next((b for b in benches if b.extra_info.get("baseline")), None)
-        for b in sorted(benches, key=lambda b: b.stats.median):
-            median = b.stats.median
+        for b in sorted(benches, key=median_of.get):
+            median = median_of[b]
             peak = b.extra_info.get("peak_mb")
             base_peak = base.extra_info.get("peak_mb") if base else None
             rows.append({
                 "group": group, "impl": b.extra_info.get("impl", b.name),
                 "device": b.extra_info.get("device", ""),
                 "median_ms": median * 1e3,
-                "speedup": base.stats.median / median if base else None,
+                "speedup": paired.get((group, b.extra_info.get("impl")),
+                                      median_of[base] / median if base else None),
                 "peak_mb": peak,
-                # A baseline peak under 1 MiB is noise (freed memory reused): no ratio.
-                "peak_ratio": peak / base_peak if peak is not None and base_peak and base_peak >= 1 else None,
+                "peak_ratio": peak / base_peak if peak is not None and base_peak else None,
             })
     return rows
 
@@ -156,8 +217,12 @@ def pytest_terminal_summary(terminalreporter, config):
     lines = [header] + [
         f"| {r['group']} | {r['impl']} | {r['median_ms']:.2f} | {_fmt(r['speedup'], '.2f')}x | "
         f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['peak_ratio'], '.2f')} |" for r in rows]
+    rounds = config.getoption("--kp-interleave")
+    timer = config._benchmarksession.options["timer"].target
     stamp = (f"{datetime.date.today().isoformat()}, {rows[0]['device']}, torch {torch.__version__}, "
-             f"{'small' if SMALL else 'full'} sizes")
+             f"{torch.get_num_threads()} threads, {'small' if SMALL else 'full'} sizes, "
+             f"timer {getattr(timer, '__name__', timer)}"
+             + (f", medians of {rounds} interleaved rounds (speed-up: of the per-round ratios)" if rounds else ""))
     terminalreporter.write_sep("=", "keypointops benchmark summary")
     terminalreporter.write_line(stamp)
     for line in lines:

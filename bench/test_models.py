@@ -17,7 +17,8 @@ Sizes: the ``cpu`` preset of each model (``get_preset(name, "cpu")``: batch 16 c
 128 x 64, ResNet-18 at width 0.25); ``KEYPOINTOPS_BENCH_SMALL=1``: 2 clips x 2 frames, 64 x 32,
 backbone width 0.125 (a smoke run of every path).  Inputs: fixed seed, random images, keypoints
 inside the frame with confidence in (0.3, 1), pids ``arange(B) // 2`` (two clips per identity, so
-triplet losses have positives).
+triplet losses have positives).  The README's figures: ``--kp-threads 1 --kp-interleave 7
+--benchmark-timer time.process_time`` (one thread, each group's implementations timed in turn).
 """
 import copy
 

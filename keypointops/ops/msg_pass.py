@@ -57,7 +57,7 @@ def _channel_t(t, x: Tensor) -> Tensor:
     """``t`` as a ``[C]`` tensor of the accumulation dtype (differentiable expand of a scalar)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(t, Tensor):
-        return t.to(dtype).reshape(-1).expand(x.size(1))
+        return t.to(dtype).expand(x.size(1))   # a 0-dim, [1] or [C] t: one view, no copy
     return torch.full((x.size(1),), float(t), dtype=dtype, device=x.device)
 
 
