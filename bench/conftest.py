@@ -27,6 +27,7 @@ of the one thread, not the time other jobs hold the core (these rounds use the b
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -63,14 +64,21 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def _cpu_peak_bytes(fn) -> int:
-    """Peak, above its value at the start, of the CPU allocator's running total while ``fn()`` runs,
-    from the profiler's memory events (each allocation and free gives its size and the new total)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
+def _status_bytes() -> dict:
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0]) * 1024
+    return values
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+
+def _allocator_peak_bytes(prof) -> int:
+    """Peak, above its value at the start, of the CPU allocator's running total in a profile with
+    memory events (each allocation and free gives its size and the new total)."""
+    from torch._C._profiler import _EventType
+
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
@@ -83,13 +91,44 @@ def _cpu_peak_bytes(fn) -> int:
     return max(0, max(total for _, _, total in events) - (total - size))
 
 
-def peak_memory_bytes(fn, device: str) -> int:
-    """Peak bytes of tensor memory allocated by one call of ``fn`` and alive at the same time.
+@functools.cache
+def _start_profiler_once() -> None:
+    """The first profile of a process loads and sets up the profiler (~150 MB resident), which
+    must not count as the first measured call's memory."""
+    from torch.profiler import ProfilerActivity, profile
 
-    CUDA: the caching allocator's peak above what was allocated before the call.  CPU: the peak
-    of the CPU allocator's running total of the allocations made during the call (the profiler's
-    memory events; memory freed that was allocated before the call is not subtracted), so memory
-    that the call reuses from the heap counts, unlike a resident-set difference.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        torch.zeros(1)
+
+
+def _cpu_peak_bytes(fn) -> int:
+    """The larger of two CPU peaks while ``fn()`` runs: the allocator's (counts memory the call
+    reuses from the heap) and the growth of the resident set (VmHWM reset through
+    /proc/self/clear_refs; counts memory mapped outside torch's allocator, such as the fresh
+    zero pages of keypoint_gather's backward, as far as the call touches it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _start_profiler_once()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss_before = _status_bytes()["VmRSS"]
+    except OSError:
+        rss_before = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    resident = max(0, _status_bytes()["VmHWM"] - rss_before) if rss_before is not None else 0
+    return max(_allocator_peak_bytes(prof), resident)
+
+
+def peak_memory_bytes(fn, device: str) -> int:
+    """Peak bytes of memory allocated by one call of ``fn`` and alive at the same time.
+
+    CUDA: the caching allocator's peak above what was allocated before the call.  CPU: the larger
+    of the peak of the CPU allocator's running total of the allocations made during the call (the
+    profiler's memory events; memory freed that was allocated before the call is not subtracted),
+    which counts memory the call reuses from the heap, and the growth of the resident set, which
+    counts memory a kernel maps itself.
     """
     if device == "cuda":
         torch.cuda.synchronize()
