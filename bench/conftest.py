@@ -64,37 +64,10 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def _status_bytes() -> dict:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                key, value = line.split(":")
-                values[key] = int(value.split()[0]) * 1024
-    return values
-
-
-def _allocator_peak_bytes(prof) -> int:
-    """Peak, above its value at the start, of the CPU allocator's running total in a profile with
-    memory events (each allocation and free gives its size and the new total)."""
-    from torch._C._profiler import _EventType
-
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            events.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
-    if not events:
-        return 0
-    _, size, total = min(events)
-    return max(0, max(total for _, _, total in events) - (total - size))
-
-
 @functools.cache
 def _start_profiler_once() -> None:
-    """The first profile of a process loads and sets up the profiler (~150 MB resident), which
-    must not count as the first measured call's memory."""
+    """The first profile of a process sets the profiler up, which must not count in the first
+    measured call."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
@@ -102,33 +75,35 @@ def _start_profiler_once() -> None:
 
 
 def _cpu_peak_bytes(fn) -> int:
-    """The larger of two CPU peaks while ``fn()`` runs: the allocator's (counts memory the call
-    reuses from the heap) and the growth of the resident set (VmHWM reset through
-    /proc/self/clear_refs; counts memory mapped outside torch's allocator, such as the fresh
-    zero pages of keypoint_gather's backward, as far as the call touches it)."""
+    """Peak of the running sum of the CPU allocations and frees made while ``fn()`` runs, from the
+    profiler's memory events: those of torch's CPU allocator and the fresh-page buffers the
+    keypointops kernels map themselves (csrc/ops/cpu/huge_pages.h reports them)."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     _start_profiler_once()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        rss_before = _status_bytes()["VmRSS"]
-    except OSError:
-        rss_before = None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    resident = max(0, _status_bytes()["VmHWM"] - rss_before) if rss_before is not None else 0
-    return max(_allocator_peak_bytes(prof), resident)
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+    running = peak = 0
+    for _, size in sorted(events):
+        running += size
+        peak = max(peak, running)
+    return peak
 
 
 def peak_memory_bytes(fn, device: str) -> int:
     """Peak bytes of memory allocated by one call of ``fn`` and alive at the same time.
 
-    CUDA: the caching allocator's peak above what was allocated before the call.  CPU: the larger
-    of the peak of the CPU allocator's running total of the allocations made during the call (the
-    profiler's memory events; memory freed that was allocated before the call is not subtracted),
-    which counts memory the call reuses from the heap, and the growth of the resident set, which
-    counts memory a kernel maps itself.
+    CUDA: the caching allocator's peak above what was allocated before the call.  CPU: the peak of
+    the running sum of the allocations and frees made during the call (the profiler's memory events;
+    memory freed that was allocated before the call is subtracted, as on CUDA), so memory that the
+    call reuses from the heap counts, unlike a resident-set difference.
     """
     if device == "cuda":
         torch.cuda.synchronize()

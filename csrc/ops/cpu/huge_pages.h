@@ -8,8 +8,10 @@
 // A large buffer that must start as zeros and is then written sparsely (a scattered gradient) is
 // mapped anonymously instead, as calloc does: the kernel hands out its pages already zeroed, on
 // first touch, so the buffer costs no zero-fill pass of its own (and a page nobody writes stays the
-// shared zero page).
+// shared zero page).  Such a mapping is reported to torch's memory profiler like an allocation of
+// the CPU allocator, so that profiles and peak-memory measurements count it.
 #include <ATen/ATen.h>
+#include <c10/core/Allocator.h>
 
 #include <cstdint>
 
@@ -48,8 +50,13 @@ inline at::Tensor zeros_from_fresh_pages(at::IntArrayRef sizes, const at::Tensor
 #if defined(MADV_HUGEPAGE)
       madvise(data, bytes & ~(kHugePage - 1), MADV_HUGEPAGE);
 #endif
-      return at::from_blob(data, sizes, layout.strides(),
-                           [base, length](void*) { munmap(base, length); }, options.device(at::kCPU));
+      const auto nbytes = static_cast<int64_t>(bytes);
+      // The allocator's running totals are not known here: 0, as for memory outside any pool.
+      if (c10::memoryProfilingEnabled()) c10::reportMemoryUsageToProfiler(data, nbytes, 0, 0, c10::Device(c10::kCPU));
+      return at::from_blob(data, sizes, layout.strides(), [base, length, nbytes](void* ptr) {
+        if (c10::memoryProfilingEnabled()) c10::reportMemoryUsageToProfiler(ptr, -nbytes, 0, 0, c10::Device(c10::kCPU));
+        munmap(base, length);
+      }, options.device(at::kCPU));
     }
   }
 #endif
