@@ -74,16 +74,35 @@ def _start_profiler_once() -> None:
         torch.zeros(1)
 
 
+def _status_bytes() -> dict:
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0]) * 1024
+    return values
+
+
 def _cpu_peak_bytes(fn) -> int:
-    """Peak of the running sum of the CPU allocations and frees made while ``fn()`` runs, from the
-    profiler's memory events: those of torch's CPU allocator and the fresh-page buffers the
-    keypointops kernels map themselves (csrc/ops/cpu/huge_pages.h reports them)."""
+    """The larger of two lower bounds of the CPU memory peak while ``fn()`` runs: the peak of the
+    running sum of the allocations and frees in the profiler's memory events (torch's CPU allocator
+    and the fresh-page buffers the keypointops kernels map and report; counts memory reused from
+    the heap), and the growth of the resident set (VmHWM reset through /proc/self/clear_refs;
+    counts memory the profiler does not see, such as numpy's)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     _start_profiler_once()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss_before = _status_bytes()["VmRSS"]
+    except OSError:
+        rss_before = None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    resident = max(0, _status_bytes()["VmHWM"] - rss_before) if rss_before is not None else 0
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
@@ -94,16 +113,17 @@ def _cpu_peak_bytes(fn) -> int:
     for _, size in sorted(events):
         running += size
         peak = max(peak, running)
-    return peak
+    return max(peak, resident)
 
 
 def peak_memory_bytes(fn, device: str) -> int:
     """Peak bytes of memory allocated by one call of ``fn`` and alive at the same time.
 
-    CUDA: the caching allocator's peak above what was allocated before the call.  CPU: the peak of
-    the running sum of the allocations and frees made during the call (the profiler's memory events;
-    memory freed that was allocated before the call is subtracted, as on CUDA), so memory that the
-    call reuses from the heap counts, unlike a resident-set difference.
+    CUDA: the caching allocator's peak above what was allocated before the call.  CPU: the larger of
+    the peak of the running sum of the allocations and frees made during the call (the profiler's
+    memory events; memory freed that was allocated before the call is subtracted, as on CUDA), which
+    counts memory the call reuses from the heap, and the growth of the resident set, which counts
+    allocations the profiler does not see (numpy's).
     """
     if device == "cuda":
         torch.cuda.synchronize()
