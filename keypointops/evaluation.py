@@ -84,12 +84,7 @@ class _RankAccumulator:
                              f"{q_pids.numel()} queries x {self.g_pids.numel()} gallery items")
         if dist.dtype != torch.float64:
             dist = dist.float()
-        try:
-            first, ap, inp = torch.ops.keypointops.rank_stats(dist, q_pids, q_camids, self.g_pids, self.g_camids)
-        except RuntimeError as err:
-            if "NaN or infinity" in str(err):
-                raise ValueError("distmat must be finite (it holds NaN or infinity)") from None
-            raise
+        first, ap, inp = torch.ops.keypointops.rank_stats(dist, q_pids, q_camids, self.g_pids, self.g_camids)
         valid = first >= 0
         first = first[valid]
         self.first_hist += torch.bincount(first[first < self.max_rank], minlength=self.max_rank)

@@ -20,6 +20,13 @@ def check_tensors(op_name: str, **named) -> None:
             raise TypeError(f"{op_name}: {name} must be a Tensor, got {type(value).__name__}")
 
 
+def check_same_device(op_name: str, ref_name: str, ref_device, name: str, device, hint: str = "",
+                      error: type[Exception] = ValueError) -> None:
+    """Raises ``error`` unless ``device`` (of argument ``name``) is ``ref_device`` (of ``ref_name``)."""
+    if device != ref_device:
+        raise error(f"{op_name}: {ref_name} ({ref_device}) and {name} ({device}) must be on the same device{hint}")
+
+
 def check_float_dtype(op_name: str, name: str, tensor: torch.Tensor) -> None:
     """Raises ValueError unless ``tensor`` is float32, float64, float16 or bfloat16."""
     if tensor.dtype not in FLOAT_DTYPES:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from keypointops._opdefs.backend import check_float_dtype, check_tensors, register_op_pair
+from keypointops._opdefs.backend import check_float_dtype, check_same_device, check_tensors, register_op_pair
 
 
 # roi_size * spatial_scale limit (feature pixels) shared with the C++ checks: keeps the adaptive
@@ -54,9 +54,7 @@ def check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, ali
                          f"hold {features.shape[0]}")
     if not keypoints.is_floating_point():
         raise ValueError(f"keypoint_gather: keypoints must be floating point, got {keypoints.dtype}")
-    if keypoints.device != features.device:
-        raise ValueError(f"keypoint_gather: features ({features.device}) and keypoints "
-                         f"({keypoints.device}) must be on the same device")
+    check_same_device("keypoint_gather", "features", features.device, "keypoints", keypoints.device)
     check_sampling_args(spatial_scale, roi_size, sampling_ratio, aligned)
     if valid is None:
         return keypoints[..., 2] > 0 if keypoints.shape[2] == 3 else None
@@ -65,9 +63,7 @@ def check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, ali
     if valid.dtype != torch.bool or valid.shape != keypoints.shape[:2]:
         raise ValueError(f"keypoint_gather: valid must be a [B, K] = {list(keypoints.shape[:2])} bool "
                          f"tensor, got {valid.dtype} of shape {list(valid.shape)}")
-    if valid.device != features.device:
-        raise ValueError(f"keypoint_gather: features ({features.device}) and valid ({valid.device}) "
-                         "must be on the same device")
+    check_same_device("keypoint_gather", "features", features.device, "valid", valid.device)
     return valid
 
 
@@ -80,9 +76,9 @@ def uses_channels_last(features: Tensor) -> bool:
 
 def _fake_forward(features, keypoints, valid, spatial_scale, roi_size, sampling_ratio, aligned):
     for name, tensor in (("keypoints", keypoints), ("valid", valid)):
-        if tensor is not None and tensor.device != features.device:
-            raise RuntimeError(f"keypoint_gather: features ({features.device}) and {name} ({tensor.device}) "
-                               "must be on the same device")
+        if tensor is not None:
+            check_same_device("keypoint_gather", "features", features.device, name, tensor.device,
+                              error=RuntimeError)
     return features.new_empty((features.shape[0], keypoints.shape[1], features.shape[1]))
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from keypointops._opdefs.backend import check_float_dtype, check_tensors, register_op_pair
+from keypointops._opdefs.backend import check_float_dtype, check_same_device, check_tensors, register_op_pair
 from keypointops.graphs import Graph
 
 
@@ -17,26 +17,22 @@ def check_args(x, graph, t, eps) -> Graph:
         raise ValueError(f"msg_pass: x must be [N, C], got shape {list(x.shape)}")
     check_float_dtype("msg_pass", "x", x)
     if isinstance(graph, Tensor):
-        if graph.device != x.device:
-            raise ValueError(f"msg_pass: x ({x.device}) and edge_index ({graph.device}) must be on the "
-                             "same device")
+        check_same_device("msg_pass", "x", x.device, "edge_index", graph.device)
         graph = Graph.from_edge_index(graph, x.size(0))
     elif not isinstance(graph, Graph):
         raise TypeError(f"msg_pass: graph must be a keypointops.Graph or an edge_index Tensor, got "
                         f"{type(graph).__name__}")
     if graph.num_nodes != x.size(0):
         raise ValueError(f"msg_pass: graph has {graph.num_nodes} nodes but x has {x.size(0)} rows")
-    if graph.device != x.device:
-        raise ValueError(f"msg_pass: x ({x.device}) and graph ({graph.device}) must be on the same "
-                         "device; move the graph with graph.to(x.device)")
+    check_same_device("msg_pass", "x", x.device, "graph", graph.device,
+                      hint="; move the graph with graph.to(x.device)")
     if isinstance(t, Tensor):
         if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.size(1))):
             raise ValueError(f"msg_pass: t must be a float, a 0-dim or [1] tensor, or a [C] = "
                              f"[{x.size(1)}] tensor, got shape {list(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"msg_pass: t must be a floating point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"msg_pass: x ({x.device}) and t ({t.device}) must be on the same device")
+        check_same_device("msg_pass", "x", x.device, "t", t.device)
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
             raise ValueError("msg_pass: t must be finite")
     elif not isinstance(t, (int, float)) or not math.isfinite(t):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from keypointops._opdefs.backend import check_float_dtype, check_tensors, register_op_pair
+from keypointops._opdefs.backend import check_float_dtype, check_same_device, check_tensors, register_op_pair
 
 
 def check_args(features, heatmaps, groups, temperature) -> None:
@@ -44,9 +44,7 @@ def _check_like_features(name: str, tensor: Tensor, features: Tensor) -> None:
     if tensor.dtype != features.dtype:
         raise ValueError(f"part_pool: {name} must have the dtype of features ({features.dtype}), "
                          f"got {tensor.dtype}")
-    if tensor.device != features.device:
-        raise ValueError(f"part_pool: features ({features.device}) and {name} ({tensor.device}) "
-                         "must be on the same device")
+    check_same_device("part_pool", "features", features.device, name, tensor.device)
 
 
 # --- torch.library registrations: fake kernels and the autograd formula --------------------------

@@ -2,7 +2,7 @@
 (``keypointops.triton``) share: argument checks, fake kernels and the autograd formula."""
 from __future__ import annotations
 
-from keypointops._opdefs.backend import check_float_dtype, check_tensors, register_op_pair
+from keypointops._opdefs.backend import check_float_dtype, check_same_device, check_tensors, register_op_pair
 
 
 def check_args(x, adj, window, dilation) -> None:
@@ -32,9 +32,7 @@ def check_args(x, adj, window, dilation) -> None:
     if adj.dtype != x.dtype:
         raise ValueError(f"window_graph_conv: adj ({adj.dtype}) must have the dtype of x "
                          f"({x.dtype}); cast it with adj.to(x.dtype)")
-    if adj.device != x.device:
-        raise ValueError(f"window_graph_conv: x ({x.device}) and adj ({adj.device}) must be on the "
-                         "same device")
+    check_same_device("window_graph_conv", "x", x.device, "adj", adj.device)
 
 
 # --- torch.library registrations: fake kernels and the autograd formula --------------------------

@@ -195,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_stats_cpu(const at::Tensor& 
                     gc.data_ptr<int64_t>(), by_pid, keep, num_gallery, num_queries, first.data_ptr<int64_t>(),
                     ap.data_ptr<double>(), inp.data_ptr<double>(), finite);
   });
-  TORCH_CHECK(finite.load(), "rank_stats: the distance matrix holds NaN or infinity");
+  TORCH_CHECK_VALUE(finite.load(), "rank_stats: distmat must be finite (it holds NaN or infinity)");
   return {first, ap, inp};
 }
 
