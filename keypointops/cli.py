@@ -180,18 +180,19 @@ def _export(args) -> None:
     import torch
 
     from keypointops import engine
+    from keypointops.models.presets import TrainSettings
 
     state = engine.load_checkpoint(args.checkpoint, args.model)
     # KMPNet in eval mode runs no graph branch; the reference backend leaves only standard ops.
     model = engine.model_from_checkpoint(state, ops_backend="reference")
-    t = state["config"]["train"]
+    t = TrainSettings.from_dict(state["config"]["train"])
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt2"))
 
     def clip(seed: int):
         g = torch.Generator().manual_seed(seed)
-        images = torch.randn(1, t["frames"], 3, t["height"], t["width"], generator=g)
-        scale = torch.tensor([t["width"], t["height"], 1.0])
-        return images, torch.rand(1, t["frames"], 17, 3, generator=g) * scale
+        images = torch.randn(1, t.frames, 3, t.height, t.width, generator=g)
+        scale = torch.tensor([t.width, t.height, 1.0])
+        return images, torch.rand(1, t.frames, 17, 3, generator=g) * scale
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape checks

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from keypointops.evaluation import evaluate
+from keypointops.models.presets import TrainSettings
 
 __all__ = ["CheckpointError", "make_config", "build_run", "train", "extract_features", "evaluate_models", "baselines",
            "forward_backward", "distributed", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
@@ -53,24 +54,14 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     ``eval_every``: evaluate every N epochs (0: only after the last one, unless the preset's train
     settings hold ``eval_every``). ``max_steps``: stop each epoch after that many steps (quick runs).
     """
-    from keypointops.models import get_preset
+    from keypointops.models import preset_of
 
-    settings = copy.deepcopy(get_preset(model, preset))
-    train_cfg = settings["train"]
-    for key, value in (train_overrides or {}).items():
-        if key not in train_cfg:
-            raise ValueError(f"unknown train setting {key!r}; the preset has {sorted(train_cfg)}")
-        train_cfg[key] = value
-    train_cfg["eval_every"] = eval_every or train_cfg.get("eval_every", 0)
-    # Model options that mirror the clip shape (CTL's frames, RGCN's input_size) follow the train
-    # settings, so a --frames / --height / --width override reaches the model too.
-    model_cfg = settings["model"]
-    if "frames" in model_cfg:
-        model_cfg["frames"] = train_cfg["frames"]
-    if "input_size" in model_cfg:
-        model_cfg["input_size"] = [train_cfg["height"], train_cfg["width"]]
+    settings = preset_of(model, preset)
+    train_cfg = settings.train.replace(**(train_overrides or {}))
+    train_cfg = train_cfg.replace(eval_every=eval_every or train_cfg.eval_every)
+    model_cfg = settings.model_options(train_cfg)
     return {"model": model, "preset": preset, "model_options": {**model_cfg, **(model_overrides or {})},
-            "train": train_cfg, "data": data, "root": root, "data_options": dict(data_options or {}),
+            "train": train_cfg.to_dict(), "data": data, "root": root, "data_options": dict(data_options or {}),
             "seed": seed, "workers": workers, "pretrained": pretrained, "max_steps": max_steps}
 
 
@@ -172,10 +163,10 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
     from keypointops.models.backbones import load_pretrained
 
     dataset = build_dataset(config["data"], config["root"], **config["data_options"])
-    t = config["train"]
-    loader = build_loader(dataset.train, train=True, frames=t["frames"], sampling=t["train_sampling"],
-                          height=t["height"], width=t["width"], batch_size=t["batch_size"],
-                          instances=t["instances"], flip=t["flip"], random_erase=t["random_erase"],
+    t = TrainSettings.from_dict(config["train"])
+    loader = build_loader(dataset.train, train=True, frames=t.frames, sampling=t.train_sampling,
+                          height=t.height, width=t.width, batch_size=t.batch_size,
+                          instances=t.instances, flip=t.flip, random_erase=t.random_erase,
                           workers=config["workers"], seed=config["seed"], rank=rank, world_size=world_size)
     torch.manual_seed(config["seed"])  # the initial weights
     model = build_model(config["model"], dataset.num_train_pids, **config["model_options"])
@@ -184,21 +175,21 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
     return dataset, loader, model
 
 
-def _optimizer(model: nn.Module, t: dict) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, t: TrainSettings) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if t["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=t["lr"], weight_decay=t["weight_decay"])
-    if t["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
-    raise ValueError(f"unknown optimizer {t['optimizer']!r} (adam or sgd)")
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    raise ValueError(f"unknown optimizer {t.optimizer!r} (adam or sgd)")
 
 
-def lr_factor(epoch: int, t: dict) -> float:
+def lr_factor(epoch: int, t: TrainSettings) -> float:
     """The learning-rate multiplier of ``epoch`` (0-based): a linear warmup from 0.1 over
     ``warmup_epochs``, then ``lr_gamma`` at every milestone passed."""
-    warmup = t["warmup_epochs"]
+    warmup = t.warmup_epochs
     factor = 0.1 + 0.9 * epoch / warmup if epoch < warmup else 1.0
-    return factor * t["lr_gamma"] ** sum(epoch >= m for m in t["lr_milestones"])
+    return factor * t.lr_gamma ** sum(epoch >= m for m in t.lr_milestones)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -236,11 +227,11 @@ def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device:
     Returns ``{name: evaluate() dict + "qf", "gf" (the tracklet embeddings)}``."""
     from keypointops.data import build_loader
 
-    t = config["train"]
+    t = TrainSettings.from_dict(config["train"])
     feats = {}
     for split, tracklets in (("query", dataset.query), ("gallery", dataset.gallery)):
-        loader = build_loader(tracklets, train=False, frames=t["frames"], sampling=t["test_sampling"],
-                              height=t["height"], width=t["width"], batch_size=t["batch_size"],
+        loader = build_loader(tracklets, train=False, frames=t.frames, sampling=t.test_sampling,
+                              height=t.height, width=t.width, batch_size=t.batch_size,
                               flip=False, random_erase=False, workers=config["workers"], seed=config["seed"])
         feats[split] = extract_features(models, loader, len(tracklets), device, desc=f"{split} features")
     (q_pids, q_cams), (g_pids, g_cams) = _ids(dataset.query), _ids(dataset.gallery)
@@ -292,7 +283,7 @@ def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: in
 
     The torch RNG is seeded from ``(seed, epoch, rank)`` once the epoch's batch iterator exists
     (creating an iterator may draw from it), so the epoch does not depend on what ran before it."""
-    t, max_steps = config["train"], config["max_steps"]
+    t, max_steps = TrainSettings.from_dict(config["train"]), config["max_steps"]
     model.train()
     loader.batch_sampler.set_epoch(epoch)
     batches = iter(loader)
@@ -304,8 +295,8 @@ def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: in
                       disable=rank != 0, leave=False, mininterval=2):
         optimizer.zero_grad(set_to_none=True)
         loss, parts = forward_backward(model, core, batch, device)
-        if t["grad_clip"]:
-            nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        if t.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         for name, value in {"loss": loss, **parts}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach())
@@ -356,7 +347,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         _check_resumable(state["config"], config)
     dataset, loader, core = build_run(config, rank=rank, world_size=world_size)
     core.to(device)
-    t = config["train"]
+    t = TrainSettings.from_dict(config["train"])
     optimizer = _optimizer(core, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, t))
     start_epoch = 0
@@ -371,7 +362,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         _write_metrics(metrics_path, start_epoch, None)
     record, result, baseline_results = None, None, {}
-    epochs = t["epochs"]
+    epochs = t.epochs
     for epoch in range(start_epoch, epochs):
         tick = time.perf_counter()
         stats = _train_epoch(model, core, loader, optimizer, config, device, epoch, rank)
@@ -383,7 +374,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         record = {"epoch": epoch + 1, "lr": lr, **stats, **counts, "seconds": seconds,
                   "clips_per_s": counts["clips"] / seconds}
         last = epoch + 1 == epochs
-        if rank == 0 and (last or (t["eval_every"] and (epoch + 1) % t["eval_every"] == 0)):
+        if rank == 0 and (last or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
             result, baseline_results = _evaluate_run(core, dataset, config, device, last and with_baselines)
             record.update(summary(result))
         if rank == 0:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from keypointops import engine
+from keypointops.models.presets import TrainSettings
 
 TINY_DATA = dict(num_train_ids=6, num_test_ids=5, frames=6, size=[64, 32], progress=False)
 TINY_TRAIN = dict(batch_size=4, frames=2, height=64, width=32)
@@ -80,6 +81,7 @@ def test_resume_refuses_other_settings(tmp_path):
 DDP_SCRIPT = """
 import sys, torch
 from keypointops import engine
+from keypointops.models.presets import TrainSettings
 from test_engine import tiny_config
 rank, world_size = engine.dist_info()
 device = engine.device_for_rank()
@@ -159,7 +161,7 @@ def test_load_checkpoint_errors(tmp_path):
 
 
 def test_lr_schedule():
-    t = dict(warmup_epochs=2, lr_gamma=0.1, lr_milestones=[3, 5])
+    t = TrainSettings(warmup_epochs=2, lr_gamma=0.1, lr_milestones=[3, 5])
     assert [round(engine.lr_factor(e, t), 6) for e in range(6)] == [0.1, 0.55, 1.0, 0.1, 0.1, 0.01]
 
 

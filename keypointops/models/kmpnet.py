@@ -10,12 +10,12 @@ from torch import Tensor, nn
 
 from keypointops.graphs import Graph, Skeleton, skeleton
 from keypointops.models.backbones import ResNet
-from keypointops.models.baselines import (CPU_BACKBONE, CPU_TRAIN, PCBVideo, ResNet50Video, check_clip, frame_loss,
-                                          train_preset)
+from keypointops.models._common import check_clip, frame_loss
+from keypointops.models.baselines import PCBVideo, ResNet50Video
 from keypointops.models.heads import BNNeck, init_kaiming_fan_out
 from keypointops.nn import DeepGCNLayer, GENConv, KeypointGather
 
-__all__ = ["KMPNet", "PRESETS", "JRPP_GROUPS", "headless_keypoints", "flip_frames"]
+__all__ = ["KMPNet", "JRPP_GROUPS", "headless_keypoints", "flip_frames"]
 
 # Graph pooling (JRPP with G1, G2, G3 on the 12 headless joints, kmpnet.md §3.6): name -> nodes.
 JRPP_GROUPS: dict[str, tuple[int, ...]] = {
@@ -211,10 +211,3 @@ class KMPNet(nn.Module):
     def loss(self, output: dict, pids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The plain mean of the 9 (6) per-frame label-smoothed CE terms (kmpnet.md §4)."""
         return frame_loss(output["logits"], pids, output["frames"])
-
-
-PRESETS = {"kmpnet": {
-    "paper": {"model": {}, "train": train_preset()},
-    # the small variant of the main job: the visual branch of the PCB cpu preset, the full graph branch
-    "cpu": {"model": dict(CPU_BACKBONE, reduced_dim=64), "train": train_preset(**CPU_TRAIN)},
-}}

@@ -57,7 +57,7 @@ Deviations from rgcn.md, with the reason:
   frames (the loader's padding of the last clip, not §6's cyclic repeat) and averages the clip
   embeddings; the mean of ``[f^a; f^p]`` is §6's per-branch mean, concatenated.
 * ``depth``/``width`` of the backbone and ``hidden`` (n) give the small CPU variant
-  (``PRESETS["rgcn"]["cpu"]``, with a shorter clip and smaller images); it is not in the paper.
+  (the ``cpu`` preset of :mod:`keypointops.models.presets`, with a shorter clip and smaller images); it is not in the paper.
 
 Not implemented: the pose-branch baselines of Tables IV/V (GCN&RNN, GCN&LSTM, ST-GCN, EvolveGCN),
 the BiCnet-TKS appearance model, and the appearance-only rows (``resnet50`` of
@@ -70,6 +70,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from keypointops._checks import check_choice
 from keypointops.graphs import normalize_adjacency, skeleton
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth
 from keypointops.models.backbones import ResNet, load_pretrained
@@ -78,7 +79,7 @@ from keypointops.ops.part_pool import part_pool
 from keypointops.ops.window_graph_conv import window_graph_conv
 
 __all__ = ["RGCN", "LGCN", "RecurrentGraphConv", "DualAttention", "TemporalAggregator",
-           "pose14_from_coco17", "PRESETS"]
+           "pose14_from_coco17"]
 
 _POSE14_JOINTS = skeleton("pose14").num_joints   # OpenPose COCO-18 joints 0..13 (rgcn.md §1.2)
 _RECURRENCES = {"tanh": 1, "lstm": 4}     # recurrence -> number of gates (weight blocks)
@@ -103,11 +104,6 @@ def pose14_from_coco17(keypoints: Tensor, *, size: tuple[int, int] | None = None
         height, width = size
         xy = xy / xy.new_tensor([float(width), float(height)])
     return torch.where((joints[..., 2] > conf_thresh)[..., None], xy, torch.zeros_like(xy))
-
-
-def _check_choice(owner: str, name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def _check_positive_int(owner: str, name: str, value) -> None:
@@ -141,7 +137,7 @@ class RecurrentGraphConv(nn.Module):
                  inner_act: bool = False, in_channels: int = 2, ops_backend: str = "auto"):
         super().__init__()
         owner = "RecurrentGraphConv"
-        _check_choice(owner, "recurrence", recurrence, _RECURRENCES)
+        check_choice(owner, "recurrence", recurrence, _RECURRENCES)
         for name, value in (("hidden", hidden), ("gc_layers", gc_layers), ("in_channels", in_channels)):
             _check_positive_int(owner, name, value)
         self.recurrence, self.hidden, self.inner_act = recurrence, hidden, bool(inner_act)
@@ -234,7 +230,7 @@ class DualAttention(nn.Module):
 
     def __init__(self, hidden: int = 256, *, readout: str = "dam", ops_backend: str = "auto"):
         super().__init__()
-        _check_choice("DualAttention", "readout", readout, _READOUTS)
+        check_choice("DualAttention", "readout", readout, _READOUTS)
         _check_positive_int("DualAttention", "hidden", hidden)
         self.readout, self.ops_backend = readout, ops_backend
         bound = hidden ** -0.5
@@ -273,7 +269,7 @@ class TemporalAggregator(nn.Module):
     def __init__(self, channels: int, *, aggregator: str = "avg", map_size: tuple[int, int] | None = None,
                  lstm_hidden: int = 2048, ops_backend: str = "auto"):
         super().__init__()
-        _check_choice("TemporalAggregator", "aggregator", aggregator, _AGGREGATORS)
+        check_choice("TemporalAggregator", "aggregator", aggregator, _AGGREGATORS)
         self.aggregator, self.ops_backend = aggregator, ops_backend
         self.out_features = channels
         if aggregator == "attention":
@@ -352,7 +348,7 @@ class RGCN(nn.Module):
         super().__init__()
         owner = type(self).__name__
         _check_positive_int(owner, "num_classes", num_classes)
-        _check_choice(owner, "coord_norm", coord_norm, ("image", "none"))
+        check_choice(owner, "coord_norm", coord_norm, ("image", "none"))
         if triplet_weight != "adaptive" and (isinstance(triplet_weight, bool)
                                              or not isinstance(triplet_weight, (int, float))
                                              or not 0.0 <= triplet_weight <= 1.0):
@@ -418,21 +414,3 @@ class LGCN(RGCN):
         if "recurrence" in options:
             raise ValueError("LGCN: recurrence is fixed to 'lstm'; use RGCN(recurrence=...) to choose it")
         super().__init__(num_classes, recurrence="lstm", **options)
-
-
-def _presets() -> dict:
-    paper_train = dict(frames=10, train_sampling="random_consecutive", test_sampling="all", height=256,
-                       width=128, batch_size=32, instances=4, optimizer="adam", lr=3e-4, weight_decay=5e-4,
-                       momentum=0.9, epochs=800, lr_milestones=[200, 400, 600], lr_gamma=0.1,
-                       warmup_epochs=0, flip=True, random_erase=False, grad_clip=None)
-    cpu_train = dict(paper_train, frames=4, height=128, width=64, batch_size=16, instances=4, epochs=30,
-                     lr_milestones=[20])
-    return {"paper": {"model": {}, "train": paper_train},
-            "cpu": {"model": dict(depth=18, width=0.25, hidden=64, input_size=(128, 64)), "train": cpu_train}}
-
-
-# Settings per model name: "paper" = rgcn.md §5 (Adam 3e-4, x0.1 every 200 of 800 epochs, 32 clips =
-# 8 ids x 4, T = 10, 256 x 128, flip only); "cpu" = a ResNet-18 at a quarter width, n = 64, T = 4,
-# 128 x 64, 16 clips (4 ids x 4), 30 epochs: a run that fits a 2-core CPU.  ``momentum`` is unused
-# by Adam (a required key of the contract).
-PRESETS = {"rgcn": _presets(), "lgcn": _presets()}
