@@ -153,16 +153,18 @@ def _train(args) -> None:
 
 def _evaluate(args) -> None:
     from keypointops import engine
+    from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
     from keypointops.data import build_dataset
+    from keypointops.distributed import device_for_rank
 
     _set_threads(args)
-    state = engine.load_checkpoint(args.checkpoint, args.model)
+    state = load_checkpoint(args.checkpoint, args.model)
     config = dict(state["config"], workers=args.workers)
     if args.root is not None:
         config["root"] = args.root
-    model = engine.model_from_checkpoint(state)
+    model = model_from_checkpoint(state)
     dataset = build_dataset(config["data"], config["root"], **config["data_options"])
-    device = engine.device_for_rank()
+    device = device_for_rank()
     results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device)
     print(f"{config['model']} after {state['epoch']} epochs on {config['data']}")
     _report(config["model"], results.pop("model"), results, dataset, None)
@@ -171,12 +173,12 @@ def _evaluate(args) -> None:
 def _export(args) -> None:
     import torch
 
-    from keypointops import engine
+    from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
     from keypointops.models.presets import TrainSettings
 
-    state = engine.load_checkpoint(args.checkpoint, args.model)
+    state = load_checkpoint(args.checkpoint, args.model)
     # KMPNet in eval mode runs no graph branch; the reference backend leaves only standard ops.
-    model = engine.model_from_checkpoint(state, ops_backend="reference")
+    model = model_from_checkpoint(state, ops_backend="reference")
     t = TrainSettings.from_dict(state["config"]["train"])
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt2"))
 
@@ -224,7 +226,7 @@ def _synth(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``keypointops`` console script; returns the exit code."""
     from keypointops.data import DatasetNotFoundError
-    from keypointops.engine import CheckpointError
+    from keypointops.checkpoints import CheckpointError
 
     args = _parser().parse_args(argv)
     start = time.perf_counter()

@@ -15,11 +15,9 @@ does not change the data). A run killed mid-epoch restarts that epoch.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,18 +28,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from keypointops.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from keypointops.distributed import all_reduce_mean, device_for_rank, dist_info, init_distributed, wrap_ddp
 from keypointops.evaluation import evaluate
 from keypointops.models.presets import TrainSettings
 
-__all__ = ["CheckpointError", "make_config", "build_run", "train", "extract_features", "evaluate_models", "baselines",
-           "forward_backward", "distributed", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
-
-CHECKPOINT_FORMAT = "keypointops-checkpoint-1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used (missing, corrupt, not a keypointops checkpoint, or one
-    of another model)."""
+__all__ = ["make_config", "build_run", "train", "extract_features", "evaluate_models", "baselines", "forward_backward"]
 
 
 def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthetic", root: str | None = None, *,
@@ -63,95 +55,6 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     return {"model": model, "preset": preset, "model_options": {**model_cfg, **(model_overrides or {})},
             "train": train_cfg.to_dict(), "data": data, "root": root, "data_options": dict(data_options or {}),
             "seed": seed, "workers": workers, "pretrained": pretrained, "max_steps": max_steps}
-
-
-# ----------------------------------------------------------------------------------------- distributed
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size): from torchrun's environment, (0, 1) in a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(world_size: int, device: torch.device) -> None:
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def distributed(core: nn.Module, device: torch.device) -> nn.Module:
-    """``core`` wrapped in DistributedDataParallel (gradients averaged over the ranks)."""
-    return nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=True)
-
-
-def _all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
-    if world_size == 1 or not values:
-        return values
-    buf = torch.tensor(list(values.values()), dtype=torch.float64)  # same keys, same order on every rank
-    dist.all_reduce(buf)
-    return {k: float(v) / world_size for k, v in zip(values, buf)}
-
-
-def device_for_rank() -> torch.device:
-    """The device of this process: its GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Writes ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to disk,
-    then renamed over ``path`` (a reader never sees a half-written checkpoint)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike, model: str | None = None) -> dict:
-    """Reads a checkpoint with ``torch.load(weights_only=True)``; raises :class:`CheckpointError`
-    with a one-line reason when the file is missing, corrupt, not a keypointops checkpoint, or (when
-    ``model`` is given) holds another model."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a keypointops training checkpoint")
-    if model is not None and state["config"]["model"] != model:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {state['config']['model']!r} model, "
-                              f"not {model!r}")
-    return state
-
-
-def model_from_checkpoint(state: dict, **options) -> nn.Module:
-    """The model of a checkpoint (eval mode, CPU); ``options`` override its build options (e.g.
-    ``ops_backend="reference"``)."""
-    from keypointops.models import build_model
-
-    config = state["config"]
-    model = build_model(config["model"], state["num_classes"], **{**config["model_options"], **options})
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"the checkpoint's weights do not fit model {config['model']!r}: "
-                              f"{str(err).splitlines()[0]}") from None
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------- data + model
@@ -357,7 +260,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"]
         log(f"resuming {ckpt_path} after epoch {start_epoch}")
-    model = distributed(core, device) if world_size > 1 else core
+    model = wrap_ddp(core, device) if world_size > 1 else core
     if rank == 0:
         (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         _write_metrics(metrics_path, start_epoch, None)
@@ -369,7 +272,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         counts = {"steps": stats.pop("steps"), "clips": stats.pop("clips") * world_size}
-        stats = _all_reduce_mean(stats, world_size)
+        stats = all_reduce_mean(stats, world_size)
         seconds = time.perf_counter() - tick
         record = {"epoch": epoch + 1, "lr": lr, **stats, **counts, "seconds": seconds,
                   "clips_per_s": counts["clips"] / seconds}
