@@ -17,7 +17,7 @@ from test_pose_maps import clips
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 
-# alignnet.md §1.3's pose57 index sets, written out here independently of graphs.py.
+# AlignNet's pose57 index sets (docs/models/alignnet.md), written out here independently of keypointops.parts.
 SPEC_SETS = [
     [0, 1, 14, 15, 16, 17, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56],
     [2, 3, 4, 5, 6, 7, 19, 20, 25, 26, 33, 34, 35, 36, 41, 42, 43, 44],
@@ -27,7 +27,7 @@ SMALL = dict(depth=50, width=0.0625, last_stride=1)  # C = 128, a 4 x 2 grid at 
 
 
 def test_grouping_is_the_papers():
-    groups = graphs.part_groups("alignnet")
+    groups = parts.part_groups("alignnet")
     assert groups.shape == (3, 57)
     assert [row.nonzero().flatten().tolist() for row in groups] == SPEC_SETS
     assert [int((row > 0).sum()) for row in groups] == [16, 18, 14]

@@ -3,9 +3,9 @@ the OpenPose COCO body network (shapes, caffe layer names, local weights)."""
 import pytest
 import torch
 
-from keypointops import graphs
+from keypointops import graphs, parts
 from keypointops.models.pose_maps import (OPENPOSE_LIMBS, OpenPoseBody, PoseMaps, load_openpose_weights,
-                                          openpose18_from_coco17, openpose_input, render_pose_maps)
+                                          openpose18_from_coco17, openpose_input, render_heatmaps, render_pose_maps)
 from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
 
 OP18 = graphs.SKELETONS["openpose18"].joints
@@ -86,7 +86,7 @@ def test_limb_table_and_alignnet_grouping():
                 [("right_hip", "right_knee"), ("right_knee", "right_ankle"), ("left_hip", "left_knee"),
                  ("left_knee", "left_ankle")]),
     ]
-    groups = graphs.part_groups("alignnet")
+    groups = parts.part_groups("alignnet")
     assert [row.nonzero().flatten().tolist() for row in groups] == expected
 
 
@@ -139,7 +139,7 @@ def test_rendered_maps_put_head_above_legs():
     """alignnet.md §9.5: the argmax cells of the head, torso+arms and legs maps go top to bottom,
     on the pose-map grid (32 x 16) and on the feature grid the part masks live on (8 x 4)."""
     maps = render_pose_maps(upright_keypoints(256, 128), (256, 128))
-    composite = torch.einsum("qf,fhw->qhw", graphs.part_groups("alignnet"), maps)
+    composite = torch.einsum("qf,fhw->qhw", parts.part_groups("alignnet"), maps)
     for grid in (composite, torch.nn.functional.adaptive_avg_pool2d(composite, (8, 4))):
         rows = [int(part.flatten().argmax()) // grid.size(2) for part in grid]
         assert rows[0] < rows[1] < rows[2], rows
@@ -194,3 +194,27 @@ def test_openpose_body_network(tmp_path):
         PoseMaps("openpose")
     with pytest.raises(ValueError, match="weights"):
         PoseMaps("render", weights=path)
+
+
+def test_render_heatmaps():
+    keypoints = torch.tensor([[[2.0, 1.0, 0.9], [0.5, 3.25, 0.0], [float("nan"), 1.0, 1.0]],
+                              [[4.0, 0.0, 1.0], [-3.0, 2.0, 0.5], [1.0, 1.0, 0.2]]], dtype=torch.float64)
+    heatmaps = render_heatmaps(keypoints, (4, 5), 1.5)
+    assert heatmaps.shape == (2, 3, 4, 5) and heatmaps.dtype == torch.float64
+    assert heatmaps[0, 0, 1, 2] == 1.0 and heatmaps[0, 0].argmax() == 1 * 5 + 2
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(5.0), indexing="ij")
+    expected = torch.exp(-((cols + 3.0) ** 2 + (rows - 2.0) ** 2) / (2 * 1.5 ** 2)).double()
+    torch.testing.assert_close(heatmaps[1, 1], expected)
+    assert (heatmaps[0, 1] == 0).all() and (heatmaps[0, 2] == 0).all()   # confidence 0, NaN
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    overridden = render_heatmaps(keypoints[..., :2], (4, 5), 1.5, valid)
+    assert overridden[0, 1].max() > 0 and (overridden[0, 2] == 0).all()
+    assert render_heatmaps(keypoints[0], (4, 5), 1.5).shape == (3, 4, 5)
+    with pytest.raises(ValueError, match="sigma must be"):
+        render_heatmaps(keypoints, (4, 5), 0.0)
+    with pytest.raises(ValueError, match="size must be"):
+        render_heatmaps(keypoints, (4,), 1.0)
+    with pytest.raises(ValueError, match="keypoints must be"):
+        render_heatmaps(keypoints[..., :1], (4, 5), 1.0)
+    with pytest.raises(ValueError, match="valid must be"):
+        render_heatmaps(keypoints, (4, 5), 1.0, valid[:, :2])

@@ -11,7 +11,7 @@ Built as ``../shared/models/alignnet.md`` specifies.  Per frame of a clip ``[B, 
   OpenPose COCO body network fine-tuned end to end (``pose_source="network"``, the paper's), then
   area-averaged to ``h x w`` (``adaptive_avg_pool2d``, §1.3 / A3).
 * **Parts** (Eq. 2-5): one fused :func:`keypointops.part_pool` call with ``groups`` = the constant
-  ``3 x 57`` averaging matrix ``graphs.part_groups("alignnet")`` (head 16 / torso+arms 18 / legs 14
+  ``3 x 57`` averaging matrix ``parts.part_groups("alignnet")`` (head 16 / torso+arms 18 / legs 14
   maps), ``temperature`` 1: ``sum_hw softmax_hw(G pose57) f_a``, times ``1 / (h w)`` for the
   literal average pool of Eq. 5 (``part_norm="avg"``; ``"sum"`` leaves it out, A5).
 * **Frame descriptor** (Eq. 6): ``[GAP(f_a); head; torso; legs]``, ``4 C`` = 8192-d.
@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keypointops.graphs import part_groups
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth
 from keypointops.models.backbones import ResNet, load_pretrained
 from keypointops.models.heads import init_kaiming_fan_out
@@ -59,6 +58,7 @@ from keypointops.models.pose_maps import NUM_POSE_MAPS, PoseMaps
 from keypointops._checks import check_choice
 from keypointops._opdefs.backend import check_backend
 from keypointops.ops.part_pool import part_pool
+from keypointops.parts import part_groups
 
 __all__ = ["AlignNet", "TemporalAttentionPooling"]
 

@@ -6,12 +6,12 @@ frames, ``C`` backbone channels:
 * **Backbone** (§1.2): ResNet-50 with last stride 1 (:mod:`keypointops.models.backbones`), the
   layer4 map ``F`` ``[B*T, C, H/16, W/16]``.
 * **Keypoint features** (§1.3-1.5, Eq. 1): the frozen HRNet is stood in for by heatmaps rendered
-  from the batch's keypoints (:func:`keypointops.graphs.render_heatmaps`, HRNet's output grid
+  from the batch's keypoints (:func:`keypointops.models.pose_maps.render_heatmaps`, HRNet's output grid
   ``H/4 x W/4`` and its training-target sigma 2, peak = the keypoint confidence as HRNet's maximum
   is its score), resized bilinearly to ``F``'s grid; 17 keypoint features
   ``V_s1 = part_pool(F, heatmaps, temperature=0.1)`` (the softmax-weighted sum over the map, §7 A1,
   A2); 10 and 5 part features averaged from them (``V_s2 = P2 V_s1``, ``V_s3 = P3 V_s1`` with the
-  groupings ``graphs.CTL_PARTS_10`` / ``CTL_PARTS_5``); the global feature ``V_g`` = GAP of ``F``.
+  groupings ``parts.CTL_PARTS_10`` / ``CTL_PARTS_5``); the global feature ``V_g`` = GAP of ``F``.
 * **3D-GCL** (§2.2-2.3, Eqs. 2-4): per scale ``L = 2`` layers of
   :class:`keypointops.nn.WindowGraphConv3D`: window ``tau = 3``, adjacency
   ``tile(A_p + I) + tile(A_m) + A_c + I`` normalised per window (``A_m`` learnable, zero-init,
@@ -45,12 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keypointops.graphs import CTL_PARTS_5, CTL_PARTS_10, Skeleton, part_groups, render_heatmaps
+from keypointops.graphs import Skeleton
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth, diversity_loss
 from keypointops.models.backbones import ResNet, load_pretrained
 from keypointops.models.heads import BNNeck
+from keypointops.models.pose_maps import render_heatmaps
 from keypointops.nn import WindowGraphConv3D
 from keypointops.ops.part_pool import part_pool
+from keypointops.parts import CTL_PARTS_5, CTL_PARTS_10, part_groups
 
 __all__ = ["CTL", "CrossScaleGraphConv", "CTL10_SKELETON", "CTL5_SKELETON", "ABLATIONS"]
 
