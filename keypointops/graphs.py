@@ -72,7 +72,7 @@ SKELETONS: dict[str, Skeleton] = {
     "coco17": Skeleton("coco17", _COCO17_JOINTS, _COCO17_EDGES),
     "openpose18": Skeleton("openpose18", _OPENPOSE18_JOINTS, _OPENPOSE18_EDGES),
     "body25": Skeleton("body25", _BODY25_JOINTS, _BODY25_EDGES),
-    # KMPNet's headless graph (kmpnet.md §2.4): COCO-17 without nose, eyes and ears, and without the
+    # KMPNet's headless graph (docs/models/kmpnet.md): COCO-17 without nose, eyes and ears, and without the
     # hip-hip limb of the COCO skeleton: 11 edges, a tree, as the authors' released graph builder.
     "kmpnet12": _subset("kmpnet12", _COCO17_JOINTS, tuple(e for e in _COCO17_EDGES if e != (11, 12)),
                         list(range(5, 17))),

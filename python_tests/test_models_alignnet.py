@@ -1,4 +1,4 @@
-"""AlignNet (keypointops.models.alignnet) against ../shared/models/alignnet.md, at small sizes on CPU."""
+"""AlignNet (keypointops.models.alignnet) against docs/models/alignnet.md, at small sizes on CPU."""
 import copy
 import io
 import warnings
@@ -40,7 +40,7 @@ def test_grouping_is_the_papers():
 
 @needs_ops
 def test_part_pool_path_equals_einsum_reference():
-    """The frame descriptor's part slices are alignnet.md §8's einsum formulation / (h w)."""
+    """The frame descriptor's part slices are docs/models/alignnet.md einsum formulation / (h w)."""
     torch.manual_seed(0)
     model = AlignNet(3, use_tap=False, **SMALL).double().eval()
     images, keypoints, _ = clips(dtype=torch.float64)
@@ -84,7 +84,7 @@ def test_tap_of_ones_gives_the_frame_mean(tap_per_part):
 
 @needs_ops
 def test_eval_descriptor_is_the_mean_of_single_frame_descriptors():
-    """alignnet.md §9.6: any chunk length runs; with tap_agg="mean" each frame is weighted on its own."""
+    """docs/models/alignnet.md: any chunk length runs; with tap_agg="mean" each frame is weighted on its own."""
     torch.manual_seed(0)
     model = AlignNet(3, **SMALL).eval()
     images, keypoints, _ = clips(batch=1, frames=7)

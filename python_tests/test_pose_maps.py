@@ -64,7 +64,7 @@ def test_openpose18_from_coco17():
 
 def test_limb_table_and_alignnet_grouping():
     """The 19 limbs cover the 38 PAF channels once; the AlignNet grouping of graphs is the paper's
-    sets (alignnet.md §1.3), rebuilt here from joint names and limbs."""
+    sets (docs/models/alignnet.md), rebuilt here from joint names and limbs."""
     assert sorted(c for _, _, c in OPENPOSE_LIMBS) == list(range(0, 38, 2))
     undirected = {frozenset(limb[:2]) for limb in OPENPOSE_LIMBS}
     assert {frozenset(e) for e in graphs.SKELETONS["openpose18"].edges} <= undirected
@@ -136,7 +136,7 @@ def test_pafs_point_along_limbs():
 
 
 def test_rendered_maps_put_head_above_legs():
-    """alignnet.md §9.5: the argmax cells of the head, torso+arms and legs maps go top to bottom,
+    """docs/models/alignnet.md: the argmax cells of the head, torso+arms and legs maps go top to bottom,
     on the pose-map grid (32 x 16) and on the feature grid the part masks live on (8 x 4)."""
     maps = render_pose_maps(upright_keypoints(256, 128), (256, 128))
     composite = torch.einsum("qf,fhw->qhw", parts.part_groups("alignnet"), maps)

@@ -1,6 +1,6 @@
 """Re-ID models on top of the ops: ``build_model(name, num_classes, **options)`` and ``get_preset``.
 
-Every model follows one contract (``../DESIGN.md``, "The re-ID layer"): ``forward(images
+Every model follows one contract (``docs/models/README.md``): ``forward(images
 [B, T, 3, H, W], keypoints [B, T, 17, 3])`` returns a model-specific dict in training mode (read
 only by ``model.loss(output, pids) -> (total, parts)``) and the clip embedding ``[B, D]`` in eval
 mode; every model takes ``ops_backend=`` and passes it to every fused op.  A model's module is

@@ -1,6 +1,6 @@
 """AlignNet: body-part alignment + temporal attention pooling (Rambhatla & Jones, BMVC 2019).
 
-Built as ``../shared/models/alignnet.md`` specifies.  Per frame of a clip ``[B, T, 3, H, W]``:
+Built as ``docs/models/alignnet.md`` specifies.  Per frame of a clip ``[B, T, 3, H, W]``:
 
 * **Appearance** (Eq. 1): a torchvision-named ResNet-50 trunk (:class:`~keypointops.models.backbones.ResNet`,
   no ``avgpool``/``fc``, last stride 2) gives ``f_a`` ``[N, C, h, w]`` (``N = B T``, ``C = 2048``,
@@ -9,29 +9,29 @@ Built as ``../shared/models/alignnet.md`` specifies.  Per frame of a clip ``[B, 
   ``cat([19 heatmaps, 38 PAFs])`` at ``H / 8 x W / 8``, rendered from the keypoints
   (``pose_source="render"``, the default here: no OpenPose weights can be fetched) or output by the
   OpenPose COCO body network fine-tuned end to end (``pose_source="network"``, the paper's), then
-  area-averaged to ``h x w`` (``adaptive_avg_pool2d``, §1.3 / A3).
+  area-averaged to ``h x w`` (``adaptive_avg_pool2d``).
 * **Parts** (Eq. 2-5): one fused :func:`keypointops.part_pool` call with ``groups`` = the constant
   ``3 x 57`` averaging matrix ``parts.part_groups("alignnet")`` (head 16 / torso+arms 18 / legs 14
   maps), ``temperature`` 1: ``sum_hw softmax_hw(G pose57) f_a``, times ``1 / (h w)`` for the
-  literal average pool of Eq. 5 (``part_norm="avg"``; ``"sum"`` leaves it out, A5).
+  literal average pool of Eq. 5 (``part_norm="avg"``; ``"sum"`` leaves it out).
 * **Frame descriptor** (Eq. 6): ``[GAP(f_a); head; torso; legs]``, ``4 C`` = 8192-d.
-* **Temporal attention pooling** (Eq. 7-9, §2.5): ``tap_g`` scores ``f_a``, ``tap_p`` the head-masked
+* **Temporal attention pooling** (Eq. 7-9): ``tap_g`` scores ``f_a``, ``tap_p`` the head-masked
   map ``f_a * p_u`` (``p_u`` = the head's softmax mask); each is ``conv3x3(C -> C/8, no bias) -> BN
   -> ReLU -> conv3x3(C/8 -> C/8)``, mean over channels and space, sigmoid: one weight in (0, 1) per
   frame.  ``w_g`` weights the global slice, ``w_p`` the three part slices (``tap_per_part``: one
-  TAP per part on ``f_a * p_r``).  The clip descriptor is ``(1/T) sum_t w_t f_t`` (``tap_agg="mean"``,
-  A6; ``"sum"`` = Eq. 7 literally, ``"wnorm"`` = ``sum w f / sum w``).
-* **Head and losses** (§2.7, §3): ``Linear(8192 -> K)`` on the clip descriptor; cross-entropy
+  TAP per part on ``f_a * p_r``).  The clip descriptor is ``(1/T) sum_t w_t f_t`` (``tap_agg="mean"``;
+  ``"sum"`` = Eq. 7 literally, ``"wnorm"`` = ``sum w f / sum w``).
+* **Head and losses**: ``Linear(8192 -> K)`` on the clip descriptor; cross-entropy
   without label smoothing on the logits plus the batch-hard triplet loss (margin 0.3) on the
   descriptor, weights 1:1 (:mod:`keypointops.losses`).
 
-Ablation switches (§9): ``use_parts=False`` is the paper's Baseline (GAP only, 2048-d),
-``use_tap=False`` is "AlignNet + AvgPool" (``f_video = mean_t f_frame``); ``paf_mode`` (A4),
-``temperature`` (A8), ``last_stride``.  Small CPU variants: ``depth``, ``width`` (the backbone's
+Ablation switches: ``use_parts=False`` is the paper's Baseline (GAP only, 2048-d),
+``use_tap=False`` is "AlignNet + AvgPool" (``f_video = mean_t f_frame``); ``paf_mode``,
+``temperature``, ``last_stride``.  Small CPU variants: ``depth``, ``width`` (the backbone's
 width multiplier; ``C`` and the TAP width scale with it) and the input size (any multiple of 32).
-Eval mode returns the clip descriptor ``[B, D]`` (no L2 normalisation, §5.1).
+Eval mode returns the clip descriptor ``[B, D]`` (no L2 normalisation).
 
-Deviations from the spec, with reasons:
+Deviations from the paper, with reasons:
 
 * ``pose_source="render"`` is the default: OpenPose's COCO weights cannot be fetched here, and a
   randomly initialised OpenPose gives no alignment.  The rendered maps are OpenPose's training
@@ -39,7 +39,7 @@ Deviations from the spec, with reasons:
   constants, so nothing is fine-tuned through them.  ``pose_source="network", pose_weights=PATH``
   is the paper's model.
 * One learning rate for every parameter (the engine's contract has one ``lr``); the paper gives
-  OpenPose the lowest and the TAP nets and classifier a higher one (§4.4).
+  OpenPose the lowest and the TAP nets and classifier a higher one.
 * The paper's ``ReduceLROnPlateau`` schedule is replaced by fixed milestones in its presets (:mod:`keypointops.models.presets`)
   (the training contract has milestones only).
 """
@@ -68,7 +68,7 @@ _TAP_AGGS = ("mean", "sum", "wnorm")
 
 
 class TemporalAttentionPooling(nn.Module):
-    """TAP (§2.5): ``conv3x3(C -> hidden, no bias) -> BN -> ReLU -> conv3x3(hidden -> hidden)``, then
+    """TAP: ``conv3x3(C -> hidden, no bias) -> BN -> ReLU -> conv3x3(hidden -> hidden)``, then
     the mean over channels and space and a sigmoid: ``forward(x [N, C, h, w]) -> [N]`` in (0, 1).
 
     Each frame is scored on its own (2-D convs over the batch of frames).  Kaiming init.
@@ -98,10 +98,10 @@ class AlignNet(nn.Module):
         tap_per_part: one TAP net per part, each on its own masked map, instead of the shared
             ``tap_p`` on the head map.
         tap_hidden: TAP width; None = ``C // 8`` (256 at full size).
-        tap_agg: ``"mean"`` | ``"sum"`` | ``"wnorm"`` temporal aggregation (A6).
-        part_norm: ``"avg"`` (literal Eq. 5, parts divided by ``h w``) | ``"sum"`` (A5).
+        tap_agg: ``"mean"`` | ``"sum"`` | ``"wnorm"`` temporal aggregation.
+        part_norm: ``"avg"`` (literal Eq. 5, parts divided by ``h w``) | ``"sum"``.
         paf_mode: ``"raw"`` (signed PAFs averaged as they are, Eq. 2) | ``"abs"`` | ``"magnitude"``
-            (each x/y pair replaced by its length, counted twice) (A4).
+            (each x/y pair replaced by its length, counted twice).
         temperature: of the part softmax (Eq. 3: 1).
         pose_source: ``"render"`` | ``"network"`` (see :class:`~keypointops.models.pose_maps.PoseMaps`).
         pose_weights: local caffe-converted OpenPose state dict (``pose_source="network"``).
@@ -228,7 +228,7 @@ class AlignNet(nn.Module):
                 "frame_weights": torch.ones_like(frame_features) if weights is None else weights}
 
     def loss(self, output: dict, pids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``L = CE(logits) + batch-hard triplet(features, margin)`` (§3: no label smoothing, 1:1)."""
+        """``L = CE(logits) + batch-hard triplet(features, margin)`` (no label smoothing, 1:1)."""
         ce = cross_entropy_label_smooth(output["logits"], pids, epsilon=0.0)
         triplet = batch_hard_triplet(output["features"], pids, margin=self.margin)
         return ce + triplet, {"ce": ce, "triplet": triplet}

@@ -1,7 +1,7 @@
 """Video re-ID baselines: ResNet IDE (``build_model("resnet50", n)``) and PCB-p4 (``build_model("pcb", n)``).
 
 Both are frame-level CNNs applied to every frame of a clip, as the visual branch of KMPNet
-(``../shared/models/kmpnet.md`` §3.1, stage A of §5): in training every frame is classified
+(Chen et al., AAAI 2022; ``docs/models/kmpnet.md``), as in the first stage of its training: in training every frame is classified
 with its tracklet's identity (``B * T`` samples, label-smoothed cross-entropy, ε = 0.1; the total
 is the mean over the model's classifiers); in eval mode the frame embeddings are averaged over the
 clip.  Neither uses a fused op; ``ops_backend`` is accepted (and checked) for the common contract.
@@ -76,7 +76,7 @@ class ResNet50Video(VideoBaseline):
 
 
 class PCBVideo(VideoBaseline):
-    """PCB-p4 (Sun et al. 2018; torchreid ``pcb_p4``), KMPNet's default visual branch (kmpnet.md §3.1).
+    """PCB-p4 (Sun et al. 2018; torchreid ``pcb_p4``), KMPNet's default visual branch (docs/models/kmpnet.md).
 
     Architecture: ResNet-``depth`` (default 50) with last stride 1 (layer4 at 1/16) -> 4 horizontal
     stripes (``AdaptiveAvgPool2d((4, 1))``) -> training: Dropout(0.5), shared Conv1x1(C -> 256, no

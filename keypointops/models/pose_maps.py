@@ -1,6 +1,6 @@
 """OpenPose-style pose maps for AlignNet: 19 heatmaps + 38 part-affinity fields (``pose57``).
 
-AlignNet (``../shared/models/alignnet.md`` §1.2) reads the 57 output maps of OpenPose's COCO body
+AlignNet (``docs/models/alignnet.md``) reads the 57 output maps of OpenPose's COCO body
 model at 1/8 of the input resolution, in the layout ``pose57 = cat([heatmaps19, paf38])``:
 
 * channels 0-18: the heatmaps of the 18 COCO-18 joints (``graphs.skeleton("openpose18")`` order:
@@ -221,7 +221,7 @@ class OpenPoseBody(nn.Module):
     stages 2-6 five 7x7 convs and two 1x1 convs on ``cat([L1, L2, features])`` (185 channels).
     ReLU after every conv except the last of each branch, so the outputs are linear (the PAFs are
     signed; this drops the ReLU the PyTorch port Hzzone/pytorch-openpose puts after
-    ``Mconv7_stage6_L2``, alignnet.md §1.2).  Every conv is a direct child named as in the caffe
+    ``Mconv7_stage6_L2``, docs/models/alignnet.md).  Every conv is a direct child named as in the caffe
     model, so ``state_dict()`` keys are the converted file's (``conv1_1.weight``,
     ``Mconv7_stage6_L2.bias``, ...).
 

@@ -1,4 +1,4 @@
-r"""RGCN and LGCN: pose features beyond appearance for video person re-ID (``../shared/models/rgcn.md``).
+r"""RGCN and LGCN: pose features beyond appearance for video person re-ID (``docs/models/rgcn.md``).
 
 Two branches with no shared parameters, one clip ``[B, T, 3, H, W]`` + its keypoints
 ``[B, T, 17, 3]`` (COCO-17, network-input pixels) in:
@@ -12,7 +12,7 @@ Two branches with no shared parameters, one clip ``[B, T, 3, H, W]`` + its keypo
 * **pose**: the 14 OpenPose joints (COCO-18 order without eyes and ears, ``graphs.skeleton("pose14")``)
   converted from COCO-17 (the neck synthesised as the mid-shoulder point, valid only when both
   shoulders are); node features = the coordinates divided by the input width / height, missing
-  joints (confidence ``<= conf_thresh``) exactly ``(0, 0)``, no mask anywhere (§1.3).  One graph
+  joints (confidence ``<= conf_thresh``) exactly ``(0, 0)``, no mask anywhere.  One graph
   per frame with ``Â = D^-1/2 (A + I) D^-1/2`` of the 13 skeleton edges, no edge between frames.
   :class:`RecurrentGraphConv` runs Eq. 6 (RGCN, ``recurrence="tanh"``)
 
@@ -26,10 +26,10 @@ Two branches with no shared parameters, one clip ``[B, T, 3, H, W]`` + its keypo
 
 Training: ``logits = Linear([f^a; f^p])`` (the only coupling of the branches); the loss (Eqs. 17-19)
 is ``L_id + λ L_tri(f^a) + (1 - λ) L_tri(f^p)`` with ``λ = L_tri^a / (L_tri^a + L_tri^p)`` recomputed
-every step and detached (§4, A15: no gradient through λ), or a fixed λ (``triplet_weight``, the
+every step and detached (no gradient through λ), or a fixed λ (``triplet_weight``, the
 Table VII ablation).  Inference: the clip embedding is ``[f^a; f^p]``, concatenated raw.
 
-Fused ops (rgcn.md §9), each called with ``backend=ops_backend``:
+Fused ops (docs/models/rgcn.md), each called with ``backend=ops_backend``:
 
 * the per-frame graph conv ``Â X_t`` for every frame is ``window_graph_conv(X, Â, window=1)``
   (a window of one frame holds no cross-frame edge, so it is exactly the paper's graph);
@@ -39,23 +39,23 @@ Fused ops (rgcn.md §9), each called with ``backend=ops_backend``:
 
 ``ops_backend="reference"`` gives the plain-PyTorch model (the reference ops are a gather + the
 dense ``einsum``, and ``softmax`` + a weighted sum); it exports to ONNX.  The recurrences, the ResNet and the losses have
-no fused op (§9.4).
+no fused op.
 
-Deviations from rgcn.md, with the reason:
+Deviations from the paper (docs/models/rgcn.md), with the reason:
 
-* Keypoints come from the data pipeline in COCO-17 (``DESIGN.md``'s batch contract), so the neck is
-  synthesised (rgcn.md §1.2's COCO-17 fallback column) instead of read from OpenPose COCO-18.
+* Keypoints come from the data pipeline in COCO-17 (the data layer's batch contract), so the neck is
+  synthesised (the COCO-17 fallback of docs/models/rgcn.md) instead of read from OpenPose COCO-18.
 * Coordinates are normalised by the network-input size (the pipeline gives keypoints in input
   pixels after every transform) rather than by the original crop size; for a resize it is the
   same number.  The pipeline flips keypoints with the images (left and right joints swapped),
-  where §5 keeps the pose unflipped; the model cannot tell the difference.
-* The triplet losses are :func:`keypointops.losses.batch_hard_triplet` (mean over anchors, §8 A13's
-  default); the ``sum`` switch of A13 is not offered.  The ID loss is
+  where the paper keeps the pose unflipped; the model cannot tell the difference.
+* The triplet losses are :func:`keypointops.losses.batch_hard_triplet` (mean over anchors);
+  a sum over anchors is not offered.  The ID loss is
   :func:`keypointops.losses.cross_entropy_label_smooth` with ``label_smooth=0`` by default (plain
-  cross-entropy, as §4).
+  cross-entropy, as in the paper).
 * Test clips: the engine's ``test_sampling="all"`` cuts a tracklet into consecutive clips of ``T``
-  frames (the loader's padding of the last clip, not §6's cyclic repeat) and averages the clip
-  embeddings; the mean of ``[f^a; f^p]`` is §6's per-branch mean, concatenated.
+  frames (the loader's padding of the last clip, not the paper's cyclic repeat) and averages the clip
+  embeddings; the mean of ``[f^a; f^p]`` is the paper's per-branch mean, concatenated.
 * ``depth``/``width`` of the backbone and ``hidden`` (n) give the small CPU variant
   (the ``cpu`` preset of :mod:`keypointops.models.presets`, with a shorter clip and smaller images); it is not in the paper.
 
@@ -81,7 +81,7 @@ from keypointops.ops.window_graph_conv import window_graph_conv
 __all__ = ["RGCN", "LGCN", "RecurrentGraphConv", "DualAttention", "TemporalAggregator",
            "pose14_from_coco17"]
 
-_POSE14_JOINTS = skeleton("pose14").num_joints   # OpenPose COCO-18 joints 0..13 (rgcn.md §1.2)
+_POSE14_JOINTS = skeleton("pose14").num_joints   # OpenPose COCO-18 joints 0..13 (docs/models/rgcn.md)
 _RECURRENCES = {"tanh": 1, "lstm": 4}     # recurrence -> number of gates (weight blocks)
 _READOUTS = ("dam", "nam", "tam", "mean")
 _AGGREGATORS = ("avg", "attention", "lstm")
@@ -116,21 +116,21 @@ class RecurrentGraphConv(nn.Module):
 
     ``G`` gates (1 for RGCN, 4 for LGCN in the order f, i, o, g) share one layout: the input
     weights ``W^(1)`` ``[in_channels, G, n]`` and, for ``gc_layers = L > 1``, ``W^(l)`` ``[G, n, n]``
-    (one ``n x n`` matrix per gate, Eq. 7 by analogy for LGCN, §2.3); the recurrent weight
+    (one ``n x n`` matrix per gate, Eq. 7 by analogy for LGCN); the recurrent weight
     ``[n, G*n]`` and the bias ``[G*n]``.  The input term of every frame is computed at once:
 
     * ``inner_act=False`` (Eq. 7 as printed, the default): ``ReLU(Â^L X W^(1) ... W^(L))``, the
-      aggregation applied to the 2-channel coordinates (cheapest, §2.2);
-    * ``inner_act=True``: ``ReLU(Â ... ReLU(Â X W^(1)) ... W^(L))`` (§8 A8's alternative).
+      aggregation applied to the 2-channel coordinates (cheapest);
+    * ``inner_act=True``: ``ReLU(Â ... ReLU(Â X W^(1)) ... W^(L))`` (an alternative reading of the paper).
 
     ``Â Z`` for all frames is ``window_graph_conv(Z, Â, window=1, backend=ops_backend)``.  Then for
     ``t = 1..T`` with ``H_0 = C_0 = 0``: RGCN ``H_t = tanh(U_t + H_{t-1} W_h + b)``; LGCN
     ``[F, I, O, G] = [σ, σ, σ, tanh](U_t + H_{t-1} U + b)``, ``C_t = F ⊙ C_{t-1} + I ⊙ G``,
-    ``H_t = O ⊙ tanh(C_t)``.  The recurrent term right-multiplies: nodes do not mix over time
-    (§2.2, A25).  Init (A26): Xavier-uniform per gate matrix, zero bias.
+    ``H_t = O ⊙ tanh(C_t)``.  The recurrent term right-multiplies: nodes do not mix over time.
+    Init: Xavier-uniform per gate matrix, zero bias.
 
     Shapes: ``x`` ``[B, T, 14, in_channels]`` -> ``[B, T, 14, n]``.  n = 256: 66,304 parameters
-    for RGCN, 265,216 for LGCN (§2.6).
+    for RGCN, 265,216 for LGCN.
     """
 
     def __init__(self, hidden: int = 256, *, recurrence: str = "tanh", gc_layers: int = 1,
@@ -158,7 +158,7 @@ class RecurrentGraphConv(nn.Module):
                 nn.init.xavier_uniform_(weight.data[gate])
 
     def adjacency(self, dtype: torch.dtype) -> Tensor:
-        """``Â = D^-1/2 (A + I) D^-1/2`` ``[14, 14]`` of the 13 limbs of ``pose14`` (rgcn.md §1.4)."""
+        """``Â = D^-1/2 (A + I) D^-1/2`` ``[14, 14]`` of the 13 limbs of ``pose14`` (docs/models/rgcn.md)."""
         return normalize_adjacency(self.skeleton.to(dtype))
 
     def aggregate(self, z: Tensor, adjacency: Tensor | None = None) -> Tensor:
@@ -225,7 +225,7 @@ class DualAttention(nn.Module):
     time-attention: ``h̄_t = mean_j H_{t,j}`` ``[B, T, n]``, ``h^(t) = Σ_t softmax_t(h̄_t · w_t) h̄_t``.
     Both pools are :func:`attention_pool` (``part_pool``).  ``readout``: ``"dam"`` ->
     ``[h^(n); h^(t)]`` (2n), ``"nam"`` / ``"tam"`` -> one of them (n), ``"mean"`` -> the mean over
-    nodes and frames (n): the Table VI ablation.  No mask (A23).  ``w_n``, ``w_t`` ~ U(±1/√n) (A26).
+    nodes and frames (n): the Table VI ablation.  No mask.  ``w_n``, ``w_t`` ~ U(±1/√n).
     """
 
     def __init__(self, hidden: int = 256, *, readout: str = "dam", ops_backend: str = "auto"):
@@ -257,7 +257,7 @@ class DualAttention(nn.Module):
 
 
 class TemporalAggregator(nn.Module):
-    """The appearance branch's temporal aggregator (§3.2): ``[B, T, C, h, w]`` final maps -> ``f^a``.
+    """The appearance branch's temporal aggregator: ``[B, T, C, h, w]`` final maps -> ``f^a``.
 
     ``"avg"`` (AP): the mean over frames of the globally average-pooled maps.  ``"attention"``
     (AA, Gao & Nevatia's temporal attention): ``Conv2d(C, 256, kernel = map_size)`` on every
@@ -330,7 +330,7 @@ class RGCN(nn.Module):
             final map).
         pretrained: path of a torchvision ImageNet ResNet state dict, read with
             :func:`keypointops.models.backbones.load_pretrained` (nothing is downloaded).
-        coord_norm: ``"image"`` (x / W, y / H of the input, §1.3) or ``"none"`` (pixels).
+        coord_norm: ``"image"`` (x / W, y / H of the input) or ``"none"`` (pixels).
         conf_thresh: a keypoint with confidence ``<= conf_thresh`` is missing.
         margin: the triplet margin δ (0.3).
         triplet_weight: ``"adaptive"`` (λ = L_a / (L_a + L_p), detached) or a fixed λ in [0, 1].
@@ -394,7 +394,7 @@ class RGCN(nn.Module):
         """``L_id + λ L_tri(f^a) + (1 - λ) L_tri(f^p)`` (Eqs. 17-19) and its parts.
 
         λ is ``L_tri^a / (L_tri^a + L_tri^p + 1e-12)`` of the detached losses (``"adaptive"``) or
-        the fixed ``triplet_weight``; it is a weight, never differentiated (§4, A15).
+        the fixed ``triplet_weight``; it is a weight, never differentiated.
         """
         identity = cross_entropy_label_smooth(output["logits"], pids, epsilon=self.label_smooth)
         appearance = batch_hard_triplet(output["appearance"], pids, margin=self.margin)
