@@ -7,7 +7,7 @@ import keypointops
 from keypointops import reference
 from keypointops.nn import KeypointGather
 
-from conftest import DEVICES, device_backend_params, tolerances
+from helpers import DEVICES, device_backend_params, tolerances
 
 STRIDE = 2  # input pixels per feature pixel in most tests: spatial_scale 0.5
 

@@ -11,9 +11,7 @@ from keypointops import graphs
 from keypointops._extension import has_ops
 from keypointops.models import build_model, get_preset
 from keypointops.models.alignnet import AlignNet
-from conftest import optimisation_step
-from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
-from test_pose_maps import clips
+from helpers import clips, one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 

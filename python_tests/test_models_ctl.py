@@ -11,9 +11,8 @@ from keypointops.graphs import skeleton
 from keypointops.models import build_model, get_preset
 from keypointops.models.ctl import ABLATIONS, CTL
 from keypointops.nn import WindowGraphConv3D
-from conftest import optimisation_step
-from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
-from test_pose_maps import clips as pose_clips, upright_keypoints
+from helpers import one_thread  # noqa: F401 (an autouse fixture)
+from helpers import clips as pose_clips, optimisation_step, upright_keypoints
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 

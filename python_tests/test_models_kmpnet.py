@@ -10,8 +10,8 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.kmpnet import JRPP_GROUPS, KMPNet, flip_frames, headless_keypoints
 from keypointops.nn import GENConv, KeypointGather
-from conftest import optimisation_step
-from test_models_backbones import one_thread, torchvision_state_dict  # noqa: F401 (autouse fixture)
+from helpers import one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
+from test_models_backbones import torchvision_state_dict
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
 

@@ -9,8 +9,7 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.rgcn import (DualAttention, RecurrentGraphConv, TemporalAggregator,
                                      pose14_from_coco17)
 from keypointops._opdefs.backend import triton_available
-from conftest import optimisation_step
-from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
+from helpers import one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 

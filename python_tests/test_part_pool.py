@@ -7,7 +7,7 @@ import keypointops
 from keypointops import parts, reference
 from keypointops.nn import PartPool
 
-from conftest import device_backend_params, tolerances
+from helpers import device_backend_params, tolerances
 
 
 

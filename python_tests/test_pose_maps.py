@@ -6,40 +6,10 @@ import torch
 from keypointops import graphs, parts
 from keypointops.models.pose_maps import (OPENPOSE_LIMBS, OpenPoseBody, PoseMaps, load_openpose_weights,
                                           openpose18_from_coco17, openpose_input, render_heatmaps, render_pose_maps)
-from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
+from helpers import one_thread, upright_keypoints  # noqa: F401 (autouse fixture)
 
 OP18 = graphs.SKELETONS["openpose18"].joints
 COCO17 = graphs.SKELETONS["coco17"].joints
-
-
-def upright_keypoints(height: int, width: int) -> torch.Tensor:
-    """COCO-17 keypoints ``[17, 3]`` of a person standing upright, facing the camera, filling an
-    ``H x W`` frame (the person's right side on the image's left)."""
-    cx = width / 2
-    rows = {"nose": 0.08, "left_eye": 0.06, "right_eye": 0.06, "left_ear": 0.07, "right_ear": 0.07,
-            "left_shoulder": 0.2, "right_shoulder": 0.2, "left_elbow": 0.35, "right_elbow": 0.35,
-            "left_wrist": 0.48, "right_wrist": 0.48, "left_hip": 0.52, "right_hip": 0.52,
-            "left_knee": 0.72, "right_knee": 0.72, "left_ankle": 0.92, "right_ankle": 0.92}
-    spread = {"nose": 0, "eye": 0.04, "ear": 0.08, "shoulder": 0.2, "elbow": 0.25, "wrist": 0.27,
-              "hip": 0.12, "knee": 0.12, "ankle": 0.12}
-    points = []
-    for name in COCO17:
-        side, _, part = name.partition("_")
-        dx = 0.0 if name == "nose" else spread[part] * width * (1 if side == "left" else -1)
-        points.append([cx + dx, rows[name] * height, 1.0])
-    return torch.tensor(points)
-
-
-def clips(batch=4, frames=2, height=64, width=32, seed=0, dtype=torch.float32):
-    """Random images and jittered upright-person COCO-17 keypoints (some joints missing), shaped
-    like the data loader's batches; 2 clips per identity.  Shared by the model tests."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, frames, 3, height, width, generator=g, dtype=dtype)
-    keypoints = upright_keypoints(height, width).to(dtype).repeat(batch, frames, 1, 1)
-    keypoints[..., :2] += torch.randn(batch, frames, 17, 2, generator=g, dtype=dtype) * 2
-    keypoints[..., 2] = (torch.rand(batch, frames, 17, generator=g, dtype=dtype) > 0.15).to(dtype)
-    pids = torch.arange(batch // 2).repeat_interleave(2)
-    return images, keypoints, pids
 
 
 def test_openpose18_from_coco17():
