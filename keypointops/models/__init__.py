@@ -1,9 +1,10 @@
 """Re-ID models on top of the ops: ``build_model(name, num_classes, **options)`` and ``get_preset``.
 
-Every model follows one contract (``docs/models/README.md``): ``forward(images
-[B, T, 3, H, W], keypoints [B, T, 17, 3])`` returns a model-specific dict in training mode (read
-only by ``model.loss(output, pids) -> (total, parts)``) and the clip embedding ``[B, D]`` in eval
-mode; every model takes ``ops_backend=`` and passes it to every fused op.  A model's module is
+Every model follows one contract: ``forward(images [B, T, 3, H, W], keypoints [B, T, 17, 3])``
+returns a model-specific dict in training mode (read only by ``model.loss(output, pids) -> (total,
+parts)``) and the clip embedding ``[B, D]`` in eval mode; every model takes ``ops_backend=`` and
+passes it to every fused op.  Each model's architecture, its deviations from its paper and the
+paper's citation: ``docs/models/<model>.md``; training presets: :mod:`keypointops.models.presets`.  A model's module is
 imported only when that model is built, so one module failing to import does not affect the others.
 """
 from __future__ import annotations
@@ -29,9 +30,13 @@ MODELS: dict[str, tuple[str, str]] = {
 }
 
 
-def _module(name: str):
+def _check_model(name: str) -> None:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+
+
+def _module(name: str):
+    _check_model(name)
     return importlib.import_module(f"keypointops.models.{MODELS[name][0]}")
 
 
@@ -62,8 +67,7 @@ def get_preset(name: str, preset: str) -> dict:
 
 def preset_of(name: str, preset: str) -> Preset:
     """The :class:`~keypointops.models.presets.Preset` ``preset`` of model ``name``."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    _check_model(name)
     if preset not in PRESET_NAMES:
         raise ValueError(f"get_preset: unknown preset {preset!r}; known presets: {', '.join(PRESET_NAMES)}")
     return PRESETS[name][preset]
