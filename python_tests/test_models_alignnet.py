@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from keypointops import graphs
+from keypointops import parts
 from keypointops._extension import has_ops
 from keypointops.models import build_model, get_preset
 from keypointops.models.alignnet import AlignNet
