@@ -70,13 +70,14 @@ def load_checkpoint(path: str | os.PathLike, model: str | None = None) -> dict:
     state = load_weights_file(path, "checkpoint", CheckpointError)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a keypointops training checkpoint")
-    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
-    if missing or not isinstance(state["config"], dict) or "model" not in state["config"]:
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: it lacks "
-                              f"{', '.join(missing) or 'the model name in its config'}")
+    if not isinstance(state.get("config"), dict) or "model" not in state["config"]:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: it holds no run config naming its model")
     if model is not None and state["config"]["model"] != model:
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {state['config']['model']!r} model, "
                               f"not {model!r}")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: it lacks {', '.join(missing)}")
     return state
 
 

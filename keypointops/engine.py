@@ -222,7 +222,7 @@ def forward_backward(model: nn.Module, core: nn.Module, batch: dict, device: tor
     with amp:  # the loss too: autocast computes losses in float32
         loss, parts = core.loss(model(images, keypoints), batch["pids"].to(device))
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"the training loss is {float(loss)}")
+        raise FloatingPointError(f"the training loss is {float(loss.detach())}")
     loss.backward()
     return loss, parts
 

@@ -101,7 +101,7 @@ def clips(batch=4, frames=2, height=64, width=32, seed=0, dtype=torch.float32):
 
 #: Examples per property-based file-parser test: a modest count in CI, more with
 #: ``KEYPOINTOPS_FUZZ_EXAMPLES`` (e.g. 1000 for a thorough run).
-FUZZ_EXAMPLES = int(os.environ.get("KEYPOINTOPS_FUZZ_EXAMPLES", "150"))
+FUZZ_EXAMPLES = int(os.environ.get("KEYPOINTOPS_FUZZ_EXAMPLES", "100"))
 
 # Tokens that parsers of numbers and structure trip on: huge and special numbers, deep nesting,
 # brackets, quotes, other encodings.

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
-from helpers import assert_own_error, fuzz_settings, mutated_bytes
+from hypothesis import given
+from helpers import FUZZ_EXAMPLES, assert_own_error, fuzz_settings, mutated_bytes
 from scipy.io import savemat
 
 from keypointops.data import (MARS, PRID2011, DatasetNotFoundError, DukeMTMCVideoReID, PoseTrackReID, build_dataset,
@@ -194,10 +194,12 @@ def test_fuzz_mars_info_files(name):
     folder = tempfile.TemporaryDirectory()
     root = mars_fixture(Path(folder.name) / "mars", with_keypoints=False)
     valid = (root / "info" / name).read_bytes()
+    examples = []
 
     @fuzz_settings()
     @given(mutated_bytes(valid))
     def run(data):
+        examples.append(len(data))
         (root / "info" / name).write_bytes(data)
         try:
             MARS(root)
@@ -206,6 +208,7 @@ def test_fuzz_mars_info_files(name):
 
     with folder:
         run()
+    assert len(examples) >= FUZZ_EXAMPLES
 
 
 @pytest.mark.parametrize("name", ["tracks_test_info.mat", "test_name.txt"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given
-from helpers import assert_own_error, fuzz_settings, mutated_bytes
+from helpers import FUZZ_EXAMPLES, assert_own_error, fuzz_settings, mutated_bytes
 
 from keypointops.data import Tracklet, load_keypoints
 from keypointops.data.keypoint_files import (COCO17_FLIP, cache_tracklet_keypoints, from_coco17, read_cache,
@@ -216,10 +216,12 @@ def _fuzz(parser, valid: bytes, suffix: str, check_result):
     ``check_result`` or raises its own one-line ValueError naming the file."""
     folder = tempfile.TemporaryDirectory()
     path = Path(folder.name) / f"frame{suffix}"
+    examples = []
 
     @fuzz_settings()
     @given(mutated_bytes(valid))
     def run(data):
+        examples.append(len(data))
         path.write_bytes(data)
         try:
             result = parser(path)
@@ -230,6 +232,7 @@ def _fuzz(parser, valid: bytes, suffix: str, check_result):
 
     with folder:
         run()
+    assert len(examples) >= FUZZ_EXAMPLES
 
 
 def _frame_keypoints(kp):
