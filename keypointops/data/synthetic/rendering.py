@@ -5,13 +5,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from keypointops.data.synthetic.appearance import PALETTE, SCENE_WIDTH, Camera, Identity, _jitter, _rgb
 
-__all__ = ["render_tracklet"]
+__all__ = ["render_tracklet", "Framing"]
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a tracklet's detection boxes frame the person (fractions of the crop's height / width).
+
+    ``height``: the person's height (None: the identity's stature, about 0.86); ``feet``: where the
+    feet are (1 is the bottom edge; above 1 the box cuts the feet off, and a tall person with high
+    feet loses the head); ``shift``: the person's horizontal offset from the centre; ``jitter``: the
+    per-frame box jitter (position and scale) relative to the default detector's; ``view``: a
+    viewing angle replacing the camera's (radians, 0 = walking toward the camera), or None."""
+
+    height: float | None = None
+    feet: float = 0.965
+    shift: float = 0.0
+    jitter: float = 1.0
+    view: float | None = None
 
 # COCO-17 joint indices.
 NOSE, L_EYE, R_EYE, L_EAR, R_EAR, L_SHO, R_SHO, L_ELB, R_ELB, L_WRI, R_WRI, L_HIP, R_HIP, \
@@ -136,8 +154,9 @@ def _draw_leg(canvas: _Canvas, person: Identity, pose: _Pose, side: str) -> None
     hip, knee, ankle = uv[f"{side}_hip"], uv[f"{side}_knee"], uv[f"{side}_ankle"]
     width = 0.085 * person.build * s
     if person.lower_style == "trousers":
-        canvas.limb(hip, knee, width, person.lower)
-        canvas.limb(knee, ankle, width * 0.9, person.lower)
+        trousers = person.accent if person.accent_on == f"{side}_leg" else person.lower
+        canvas.limb(hip, knee, width, trousers)
+        canvas.limb(knee, ankle, width * 0.9, trousers)
     else:
         canvas.limb(knee, ankle, width * 0.75, person.skin)
         mid = tuple(h + 0.55 * (k - h) for h, k in zip(hip, knee))
@@ -153,6 +172,8 @@ def _draw_arm(canvas: _Canvas, person: Identity, pose: _Pose, side: str) -> None
     sho, elb, wri = uv[f"{side}_shoulder"], uv[f"{side}_elbow"], uv[f"{side}_wrist"]
     width = 0.06 * person.build * s
     sleeve = person.top2 if person.pattern == "jacket" else person.top
+    if person.accent_on == f"{side}_arm":
+        sleeve = person.accent
     if person.short_sleeves:
         mid = tuple(a + 0.5 * (e - a) for a, e in zip(sho, elb))
         canvas.limb(mid, elb, width * 0.8, person.skin)
@@ -194,6 +215,8 @@ def _draw_torso(canvas: _Canvas, person: Identity, pose: _Pose) -> None:
         y = top_y + 0.35 * height
         canvas.polygon([(centre - r, y - r), (centre + r, y - r), (centre + r, y + r), (centre - r, y + r)],
                        person.top2)
+    if person.waist > 0:
+        canvas.polygon(_clip(poly, 1, bottom_y - person.waist * height, bottom_y), person.lower)
     if person.lower_style == "skirt":
         hips = [proj.uv(joints[f"{sd}_hip"] + np.array([0, -0.02, 0])) for sd in ("l", "r")]
         knees = [proj.uv(joints[f"{sd}_hip"] + np.array([1.6 * (j[0]), -0.2, 0]))
@@ -211,6 +234,19 @@ def _draw_backpack(canvas: _Canvas, person: Identity, pose: _Pose) -> None:
                for offset in (np.array([0, -0.02, -0.07]), np.array([0, -0.2, -0.12]), np.array([0, -0.2, -0.05]))
                for side in ("l", "r")]
     canvas.polygon(_hull(corners), person.bag)
+
+
+def _side_bag_box(person: Identity, joints: dict, side: str) -> list[np.ndarray]:
+    """The 3-D corners of a bag hanging beside the hip on ``side``."""
+    hip = joints[f"{side}_hip"]
+    x = hip[0] + np.sign(hip[0]) * (0.05 * person.build + 0.035)
+    return [np.array([x + dx, hip[1] + dy, dz]) for dx in (-0.03, 0.03) for dy in (0.07, -0.09)
+            for dz in (-0.06, 0.06)]
+
+
+def _draw_side_bag(canvas: _Canvas, person: Identity, pose: _Pose, side: str) -> None:
+    """A shoulder bag beside the hip on ``side``."""
+    canvas.polygon(_hull([pose.proj.uv(p) for p in _side_bag_box(person, pose.joints, side)]), person.accent)
 
 
 def _draw_head(canvas: _Canvas, person: Identity, pose: _Pose) -> None:
@@ -245,6 +281,11 @@ def _draw_person(canvas: _Canvas, person: Identity, joints: dict, proj: _Project
     if person.bag is not None:
         items.append((-0.12 * abs(proj.c) - 0.06 if proj.c > 0 else 0.12,
                       lambda: _draw_backpack(canvas, person, pose)))
+    if person.accent_on in ("l_bag", "r_bag"):
+        side = person.accent_on[0]
+        centre = sum(_side_bag_box(person, joints, side)) / 8
+        # In front of the torso and the legs when its side faces the camera, behind them otherwise.
+        items.append((proj.depth(centre) + 0.02, lambda side=side: _draw_side_bag(canvas, person, pose, side)))
     items.append((0.2, lambda: _draw_head(canvas, person, pose)))
     for _, draw in sorted(items, key=lambda item: item[0]):
         draw()
@@ -279,19 +320,22 @@ def _keypoints_2d(joints: dict, proj: _Projection) -> tuple[np.ndarray, np.ndarr
 # --------------------------------------------------------------------------------------------
 def render_tracklet(rng: np.random.Generator, person: Identity, camera: Camera, length: int,
                     size: tuple[int, int], *, occluders: float = 0.3, junk: bool = False,
-                    with_masks: bool = False):
+                    with_masks: bool = False, framing: Framing = Framing()):
     """Renders one tracklet: ``(frames: list of PIL RGB images, keypoints float32 [length, 17, 3]
     in frame pixels (missing = 0), masks: list of PIL "L" person masks or None)``.
 
-    ``junk`` renders a bad detection (the crop cuts the person off, as MARS's junk tracklets).
+    ``junk`` renders a bad detection (the crop cuts the person off, as MARS's junk tracklets);
+    ``framing`` (:class:`Framing`) places the person in the crop.
     """
     height, width = size
-    theta = camera.view + (math.pi if rng.random() < 0.5 else 0.0) + rng.normal(0, 0.25)
+    view = camera.view if framing.view is None else framing.view
+    theta = view + (math.pi if rng.random() < 0.5 else 0.0) + rng.normal(0, 0.25)
     walk = math.sin(theta)  # sideways component: the background scrolls
     phase0 = rng.uniform(0, 2 * math.pi)
     bg_x = rng.uniform(width, (SCENE_WIDTH - 2) * width)
     jitter = np.zeros(3)
-    base_scale = person.height * height * rng.uniform(0.95, 1.05)
+    stature = person.height if framing.height is None else framing.height
+    base_scale = stature * height * rng.uniform(0.95, 1.05)
     if junk:
         offset = np.array([rng.choice([-1, 1]) * rng.uniform(0.35, 0.6) * width, rng.uniform(-0.4, 0.3) * height])
     else:
@@ -323,11 +367,11 @@ def render_tracklet(rng: np.random.Generator, person: Identity, camera: Camera, 
     uvs, visibilities = np.zeros((length, 17, 2)), np.zeros((length, 17))
     occluded = np.zeros((length, 17), bool)
     for t in range(length):
-        jitter = 0.6 * jitter + rng.normal(0, 1, 3) * np.array([0.03 * width, 0.02 * height, 0.03])
+        jitter = 0.6 * jitter + rng.normal(0, 1, 3) * np.array([0.03 * width, 0.02 * height, 0.03]) * framing.jitter
         scale = base_scale * (1 + jitter[2])
         phase = phase0 + 2 * math.pi * person.cadence * t
-        cx = width / 2 + jitter[0] + offset[0]
-        feet = height * 0.965 + jitter[1] + offset[1] + (scale - base_scale) * 0.5
+        cx = width / 2 + framing.shift * width + jitter[0] + offset[0]
+        feet = height * framing.feet + jitter[1] + offset[1] + (scale - base_scale) * 0.5
         proj = _Projection(theta, scale * render_scale, cx * render_scale, feet * render_scale)
         x = int(np.clip(bg_x + walk * t * 1.5 + 0.5 * jitter[0], 0, (SCENE_WIDTH - 1) * width - 1) * render_scale)
         image = Image.fromarray(np.ascontiguousarray(background[:rh, x:x + rw]))

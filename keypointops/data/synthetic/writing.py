@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -15,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from keypointops.data.keypoint_files import write_pose
-from keypointops.data.synthetic.appearance import _identities, make_camera
-from keypointops.data.synthetic.rendering import render_tracklet
+from keypointops.data.synthetic.appearance import FAMILIES, _identities, make_camera
+from keypointops.data.synthetic.rendering import Framing, render_tracklet
 
-__all__ = ["VERSION", "DEFAULTS", "generate", "default_root", "ensure_synthetic"]
+__all__ = ["VERSION", "DEFAULTS", "HARD", "generate", "default_root", "ensure_synthetic", "gait_twins"]
 
 #: Bumped whenever the rendering changes, so cached datasets of an older version are not reused.
 VERSION = 2
@@ -27,8 +28,20 @@ VERSION = 2
 DEFAULTS = dict(num_train_ids=80, num_test_ids=80, seed=0, num_cameras=6, frames=20, size=(128, 64),
                 distractors=0.08, junk=0.04, occluders=0.3)
 
-def _normalise_params(num_train_ids, num_test_ids, seed, num_cameras, frames, size, distractors, junk,
-                      occluders) -> dict:
+#: The variation knobs (see :func:`generate`) at their neutral values, which render the default
+#: dataset.  A description (``synthetic.json``) and a cache key list only the knobs that differ
+#: from these, so a new knob leaves every existing dataset's description and cache folder as it is.
+NEUTRAL = dict(families="colours", person_height=None, feet=None, box_jitter=1.0, shift=0.0, gait_twins=0.0)
+
+#: The hard variant (``synthetic-hard``): where a body part lands in the crop varies from tracklet
+#: to tracklet and only the keypoints say where; family members differ only in where their colours
+#: are; half the tracklets occluded; gait twins.  The training split is the default one's size, the
+#: test split larger (more queries, so that small differences in mAP are resolvable).
+HARD = dict(DEFAULTS, num_test_ids=240, frames=16, occluders=0.5, families="placement", person_height=(0.55, 1.0),
+            feet=(0.65, 1.05), box_jitter=2.0, shift=0.2, gait_twins=0.15)
+
+def _normalise_params(*, num_train_ids, num_test_ids, seed, num_cameras, frames, size, distractors, junk,
+                      occluders, **variation) -> dict:
     if isinstance(size, int):
         size = (size, size // 2)
     size = tuple(int(v) for v in size)
@@ -41,9 +54,46 @@ def _normalise_params(num_train_ids, num_test_ids, seed, num_cameras, frames, si
         raise ValueError(f"synthetic: num_cameras must be in [2, 9] (MARS names hold one digit), got {num_cameras}")
     if frames < 2:
         raise ValueError(f"synthetic: frames (mean tracklet length) must be >= 2, got {frames}")
-    return dict(num_train_ids=int(num_train_ids), num_test_ids=int(num_test_ids), seed=int(seed),
-                num_cameras=int(num_cameras), frames=int(frames), size=list(size),
-                distractors=float(distractors), junk=float(junk), occluders=float(occluders))
+    params = dict(num_train_ids=int(num_train_ids), num_test_ids=int(num_test_ids), seed=int(seed),
+                  num_cameras=int(num_cameras), frames=int(frames), size=list(size),
+                  distractors=float(distractors), junk=float(junk), occluders=float(occluders))
+    unknown = sorted(set(variation) - set(NEUTRAL))
+    if unknown:
+        raise ValueError(f"synthetic: unknown parameter(s) {unknown}; known: {sorted(DEFAULTS) + sorted(NEUTRAL)}")
+    variation = {**NEUTRAL, **variation}
+    if variation["families"] not in FAMILIES:
+        raise ValueError(f"synthetic: families must be one of {FAMILIES}, got {variation['families']!r}")
+    for key, lo_min, hi_max in (("person_height", 0.1, 2.0), ("feet", 0.2, 1.5)):
+        value = variation[key]
+        if value is not None:
+            value = [float(v) for v in value]
+            if len(value) != 2 or not lo_min <= value[0] <= value[1] <= hi_max:
+                raise ValueError(f"synthetic: {key} must be None or (low, high) with {lo_min} <= low <= high "
+                                 f"<= {hi_max}, got {variation[key]}")
+            variation[key] = value
+    for key, hi in (("box_jitter", 10.0), ("shift", 0.5), ("gait_twins", 1.0)):
+        variation[key] = float(variation[key])
+        if not 0.0 <= variation[key] <= hi:
+            raise ValueError(f"synthetic: {key} must be in [0, {hi}], got {variation[key]}")
+    params.update((key, value) for key, value in variation.items() if value != NEUTRAL[key])
+    return params
+
+
+def _variation(params: dict) -> dict:
+    """The variation knobs of normalised ``params``, neutral where not given."""
+    return {key: params.get(key, value) for key, value in NEUTRAL.items()}
+
+
+def _framing(params: dict, split: str, number: int, side_view: bool) -> Framing:
+    """Tracklet ``number`` of ``split``'s :class:`Framing`, drawn from its own random stream (the
+    tracklet's rendering stream is the same whatever the knobs)."""
+    knobs = _variation(params)
+    rng = np.random.default_rng((params["seed"], 4, 0 if split == "train" else 1, number))
+    height = None if knobs["person_height"] is None else float(rng.uniform(*knobs["person_height"]))
+    feet = Framing.feet if knobs["feet"] is None else float(rng.uniform(*knobs["feet"]))
+    shift = float(rng.uniform(-knobs["shift"], knobs["shift"])) if knobs["shift"] else 0.0
+    view = float(rng.choice([-math.pi / 2, math.pi / 2])) if side_view else None
+    return Framing(height=height, feet=feet, shift=shift, jitter=knobs["box_jitter"], view=view)
 
 
 def _plan(params: dict) -> dict[str, list[dict]]:
@@ -85,7 +135,8 @@ _STATE: tuple = ()
 
 
 def _set_state(state: tuple) -> None:
-    """Sets what :func:`_write_tracklet` needs (root, parameters, cameras, people) in a process."""
+    """Sets what :func:`_write_tracklet` needs (root, parameters, cameras, people, the identity
+    numbers of gait twins) in a process."""
     global _STATE
     _STATE = state
 
@@ -94,12 +145,14 @@ def _write_tracklet(job: tuple[str, int, dict]) -> list[str]:
     """Renders tracklet ``number`` of ``split`` and writes its frames and .pose files; returns the
     frame names.  Its randomness depends only on (seed, split, number): any process may render it."""
     split, number, row = job
-    root, params, cameras, people = _STATE
+    root, params, cameras, people, twins = _STATE
     pid, cam = row["pid"], row["cam"]
     folder = _folder(pid)
     rng = np.random.default_rng((params["seed"], 3, 0 if split == "train" else 1, number))
+    framing = _framing(params, split, number, side_view=row["identity"] in twins)
     images, keypoints, _ = render_tracklet(rng, people[row["identity"] - 1], cameras[cam - 1], row["length"],
-                                           tuple(params["size"]), occluders=params["occluders"], junk=pid == -1)
+                                           tuple(params["size"]), occluders=params["occluders"], junk=pid == -1,
+                                           framing=framing)
     names = []
     for f, (image, kp) in enumerate(zip(images, keypoints)):
         name = f"{folder}C{cam}T{row['tracklet']:04d}F{f + 1:03d}"
@@ -131,7 +184,9 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
              num_cameras: int = DEFAULTS["num_cameras"], frames: int = DEFAULTS["frames"],
              size=DEFAULTS["size"], distractors: float = DEFAULTS["distractors"],
              junk: float = DEFAULTS["junk"], occluders: float = DEFAULTS["occluders"],
-             workers: int = 2, progress: bool = True) -> dict:
+             families: str = NEUTRAL["families"], person_height=NEUTRAL["person_height"], feet=NEUTRAL["feet"],
+             box_jitter: float = NEUTRAL["box_jitter"], shift: float = NEUTRAL["shift"],
+             gait_twins: float = NEUTRAL["gait_twins"], workers: int = 2, progress: bool = True) -> dict:
     """Writes the synthetic dataset (MARS layout, see the module docstring) into ``root`` and
     returns its description (also written to ``root/synthetic.json``).
 
@@ -144,27 +199,52 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
         size: frame (height, width) in pixels, or a height (width = height / 2).
         distractors, junk: pid-0 / pid-(-1) test tracklets, as a fraction of the test tracklets.
         occluders: fraction of tracklets with an occluder over a run of frames.
+        families: ``"colours"`` (members of a family wear the same colours on different garments,
+            patterns and areas) or ``"placement"`` (members differ only in where their colours
+            are: upper garment and high-waisted trousers of about equal areas swapped, an accent
+            colour on the left or the right sleeve, trouser leg or side bag; trousers only, plain
+            tops, no backpack).
+        person_height: None (the identity's stature, about 0.86 of the crop height, within 5%
+            across tracklets) or (low, high): each tracklet's person height drawn uniformly, as
+            a detector's loose or tight boxes give (stature is then no cue).
+        feet: None (the feet at 0.965 of the crop height) or (low, high): each tracklet's feet
+            line drawn uniformly; above 1 the box cuts the feet off, and a tall person with high
+            feet loses the head at the top (the person is rendered and cut at the border).
+        box_jitter: the per-frame box jitter (position and scale, a first-order autoregressive
+            walk) relative to the default detector's (2-3% of the crop).
+        shift: each tracklet's horizontal offset of the person, uniform in [-shift, shift] crop
+            widths (a box centred off the person).
+        gait_twins: the probability that a family is a pair of gait twins: two people of one
+            appearance (the same colours exactly) whose proportions (build, leg length) and gait
+            (stride, cadence, arm swing) differ, always seen from the side, where gait shows
+            best; only the body's shape and motion tell them apart.  The pairs are listed in
+            the description (``gait_twins``, by split, pairs of pids; see :func:`gait_twins`).
         workers: processes rendering in parallel (the files do not depend on it).
         progress: show a progress bar.
     """
     from tqdm import tqdm
 
-    params = _normalise_params(num_train_ids, num_test_ids, seed, num_cameras, frames, size, distractors, junk,
-                               occluders)
+    params = _normalise_params(num_train_ids=num_train_ids, num_test_ids=num_test_ids, seed=seed,
+                               num_cameras=num_cameras, frames=frames, size=size, distractors=distractors,
+                               junk=junk, occluders=occluders, families=families, person_height=person_height,
+                               feet=feet, box_jitter=box_jitter, shift=shift, gait_twins=gait_twins)
+    knobs = _variation(params)
     size = tuple(params["size"])
     root = Path(root)
     rng = np.random.default_rng((params["seed"], 0))
     cameras = [make_camera(rng, size) for _ in range(params["num_cameras"])]
     plan = _plan(params)
     num_identities = max(r["identity"] for rows in plan.values() for r in rows)
-    people = _identities(np.random.default_rng((params["seed"], 2)), num_identities)
+    people, twin_pairs = _identities(np.random.default_rng((params["seed"], 2)), num_identities,
+                                     knobs["families"], knobs["gait_twins"])
+    twin_pairs = [(first + 1, second + 1) for first, second in twin_pairs]  # identity numbers
     (root / "info").mkdir(parents=True, exist_ok=True)
     for split, rows in plan.items():
         for folder in {_folder(r["pid"]) for r in rows}:
             (root / f"bbox_{split}" / folder).mkdir(parents=True, exist_ok=True)
             (root / f"bbox_{split}_keypoints" / folder).mkdir(parents=True, exist_ok=True)
     jobs = [(split, number, row) for split, rows in plan.items() for number, row in enumerate(rows)]
-    state = (root, params, cameras, people)
+    state = (root, params, cameras, people, {number for pair in twin_pairs for number in pair})
     workers = max(1, min(int(workers), len(jobs)))
     names = {split: [] for split in plan}
     with contextlib.ExitStack() as stack:
@@ -194,8 +274,24 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
                              query=len(query_rows), distractors=sum(r["pid"] == 0 for r in rows),
                              junk=sum(r["pid"] == -1 for r in rows))
     description = dict(version=VERSION, params=params, counts=counts)
+    if knobs["gait_twins"]:
+        # Identity numbers are the pids of the train and test identities.
+        num_train = params["num_train_ids"]
+        last = num_train + params["num_test_ids"]
+        description["gait_twins"] = {
+            "train": [list(pair) for pair in twin_pairs if pair[1] <= num_train],
+            "test": [list(pair) for pair in twin_pairs if pair[0] > num_train and pair[1] <= last]}
     (root / "synthetic.json").write_text(json.dumps(description, indent=1) + "\n")
     return description
+
+
+def gait_twins(root: str | os.PathLike, split: str = "test") -> list[tuple[int, int]]:
+    """The pairs of gait twins (pids) of ``split`` of the synthetic dataset in ``root`` (none when
+    it was generated without ``gait_twins``), e.g. to evaluate on the queries of twins only."""
+    if split not in ("train", "test"):
+        raise ValueError(f"gait_twins: split must be 'train' or 'test', got {split!r}")
+    description = json.loads((Path(root) / "synthetic.json").read_text())
+    return [tuple(pair) for pair in description.get("gait_twins", {}).get(split, [])]
 
 
 def _params_key(params: dict) -> str:
