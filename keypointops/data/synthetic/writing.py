@@ -19,7 +19,7 @@ from keypointops.data.keypoint_files import write_pose
 from keypointops.data.synthetic.appearance import FAMILIES, _identities, make_camera
 from keypointops.data.synthetic.rendering import Framing, render_tracklet
 
-__all__ = ["VERSION", "DEFAULTS", "HARD", "generate", "default_root", "ensure_synthetic", "gait_twins"]
+__all__ = ["VERSION", "DEFAULTS", "HARD", "NEUTRAL", "generate", "default_root", "ensure_synthetic", "gait_twins"]
 
 #: Bumped whenever the rendering changes, so cached datasets of an older version are not reused.
 VERSION = 2
@@ -37,7 +37,7 @@ NEUTRAL = dict(families="colours", person_height=None, feet=None, box_jitter=1.0
 #: to tracklet and only the keypoints say where; family members differ only in where their colours
 #: are; half the tracklets occluded; gait twins.  The training split is the default one's size, the
 #: test split larger (more queries, so that small differences in mAP are resolvable).
-HARD = dict(DEFAULTS, num_test_ids=240, frames=16, occluders=0.5, families="placement", person_height=(0.55, 1.0),
+HARD = dict(DEFAULTS, num_test_ids=400, frames=16, occluders=0.5, families="placement", person_height=(0.55, 1.0),
             feet=(0.65, 1.05), box_jitter=2.0, shift=0.2, gait_twins=0.15)
 
 def _normalise_params(*, num_train_ids, num_test_ids, seed, num_cameras, frames, size, distractors, junk,
