@@ -31,7 +31,7 @@ The hard variant
 ----------------
 On the default dataset fixed horizontal stripes are already aligned: the feet are at 0.965 of
 the crop height and the person's height varies by about 5% across a person's tracklets, so the
-hip moves about 1.5 px (at 128 x 64) within an identity (:func:`hip_spread`).  The knobs of
+hip moves about 2 px (at 128 x 64) within an identity (:func:`hip_spread`).  The knobs of
 :func:`generate` (all off by default; :data:`HARD`, ``build_dataset("synthetic-hard")``,
 ``keypointops synth --hard``) make *where* a body part lands in the crop vary, so that only the
 keypoints say where it is, and make identities differ only in where their colours are:
@@ -43,7 +43,7 @@ keypoints say where it is, and make identities differ only in where their colour
 * ``families="placement"``: family members wear the same colours over the same areas and differ
   only in where they are: upper garment and (high-waisted) trousers of equal areas swapped, an
   accent colour on the left or the right sleeve, trouser leg or side bag.  A histogram of the
-  person's pixels cannot separate them; a left/right-blind part histogram separates the swaps but
+  person's pixels hardly separates them; a left/right-blind part histogram separates the swaps but
   not the sides.
 * ``occluders``: more tracklets with an occluder (:data:`HARD`: half).
 * ``gait_twins``: pairs of people of one appearance, different proportions and gait, seen from
