@@ -402,8 +402,12 @@ def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         return
     existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
+    # A run killed before its first checkpoint leaves only its config and an empty metrics file:
+    # nothing trained, so they are replaced without asking.
+    trained = [name for name in existing if name not in ("config.json", "metrics.jsonl")
+               or (name == "metrics.jsonl" and (out / name).stat().st_size > 0)]
+    if trained and not overwrite:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(trained)}); pass --resume to continue it "
                               "or --overwrite to replace it")
     for name in existing:
         (out / name).unlink()

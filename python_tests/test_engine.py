@@ -180,3 +180,13 @@ def test_root_is_stored_absolute(tmp_path, monkeypatch):
 def test_grad_clip_must_be_positive(grad_clip):
     with pytest.raises(ValueError, match="grad_clip must be > 0"):
         tiny_config(grad_clip=grad_clip)
+
+
+def test_run_folder_of_a_run_killed_before_its_first_checkpoint_is_reused(cache, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("")
+    engine._prepare_run_folder(tmp_path, resume=False, overwrite=False)  # nothing trained is lost
+    assert not (tmp_path / "config.json").exists()
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(FileExistsError, match="metrics.jsonl"):
+        engine._prepare_run_folder(tmp_path, resume=False, overwrite=False)
