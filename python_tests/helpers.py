@@ -2,6 +2,7 @@
 for the model tests, one intra-op thread, synthetic clips and one optimisation step, and the
 strategy and checks of the property-based file-parser tests."""
 import os
+import re
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ FUZZ_EXAMPLES = int(os.environ.get("KEYPOINTOPS_FUZZ_EXAMPLES", "100"))
 
 # Tokens that parsers of numbers and structure trip on: huge and special numbers, deep nesting,
 # brackets, quotes, other encodings.
-_FUZZ_TOKENS = [b"1" + b"0" * 400, b"1e400", b"-1e400", b"nan", b"NaN", b"inf", b"-inf", b"Infinity", b"[" * 2000,
+_FUZZ_TOKENS = [b"1" + b"0" * 400, b"[1" + b"0" * 400 + b", 2, 1], ", b" -1" + b"0" * 400 + b",", b"1e400", b"-1e400", b"nan", b"NaN", b"inf", b"-inf", b"Infinity", b"[" * 2000,
                 b"{" * 2000, b"[]", b"{}", b"null", b"true", b"\"", b"\"people\"", b"\"pose_keypoints_2d\"",
                 b"(", b")", b",", b"\x00", b"\xff\xfe", "\u00e9".encode(), b"\n", b"-1", b"0", b"9" * 30,
                 b"1e-400", b"[[1, 2, 3]]", b"PK\x03\x04", b"\x93NUMPY", b"MATLAB 5.0"]
@@ -113,17 +114,21 @@ _FUZZ_TOKENS = [b"1" + b"0" * 400, b"1e400", b"-1e400", b"nan", b"NaN", b"inf", 
 
 def mutated_bytes(valid: bytes):
     """A hypothesis strategy of byte strings: random bytes, or ``valid`` with a few random edits
-    (byte overwrites, insertions of random bytes or of the tokens above, deletions, truncation,
-    duplicated slices)."""
+    (byte overwrites, insertions of random bytes or of the tokens above, a number replaced by a
+    token, deletions, truncation, duplicated slices)."""
     from hypothesis import strategies as st
 
     @st.composite
     def mutate(draw):
         data = bytearray(valid)
         for _ in range(draw(st.integers(1, 6))):
-            kind = draw(st.sampled_from(["set", "insert", "token", "delete", "truncate", "duplicate"]))
+            kind = draw(st.sampled_from(["set", "insert", "token", "number", "delete", "truncate", "duplicate"]))
             at = draw(st.integers(0, len(data)))
-            if kind == "set" and data:
+            numbers = list(re.finditer(rb"-?\d+(\.\d+)?", bytes(data))) if kind == "number" else []
+            if numbers:  # a number of a text file replaced by a token
+                number = numbers[draw(st.integers(0, len(numbers) - 1))]
+                data[number.start():number.end()] = draw(st.sampled_from(_FUZZ_TOKENS))
+            elif kind == "set" and data:
                 data[min(at, len(data) - 1)] = draw(st.integers(0, 255))
             elif kind == "insert":
                 data[at:at] = draw(st.binary(min_size=1, max_size=16))
