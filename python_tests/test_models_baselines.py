@@ -8,7 +8,7 @@ from keypointops.losses import cross_entropy_label_smooth
 from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.baselines import PCBVideo, ResNet50Video
-from conftest import optimisation_step
+from conftest import assert_autocast_step_matches_reference, optimisation_step
 from test_models_backbones import one_thread, torchvision_state_dict  # noqa: F401 (autouse fixture)
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
@@ -113,3 +113,11 @@ def test_presets_and_bad_input(name):
         build_model("pcb6", 3)
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         build_model(name, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["resnet50", "pcb"])
+def test_training_step_under_cpu_autocast_matches_reference(name, dtype):
+    """Forward, loss, backward and an optimiser step under CPU autocast: finite, and the fused ops
+    agree with the reference ops within the dtype's tolerance."""
+    assert_autocast_step_matches_reference(name, dtype)

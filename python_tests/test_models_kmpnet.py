@@ -10,7 +10,7 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.kmpnet import JRPP_GROUPS, KMPNet, flip_frames, headless_keypoints
 from keypointops.nn import GENConv, KeypointGather
-from conftest import optimisation_step
+from conftest import assert_autocast_step_matches_reference, optimisation_step
 from test_models_backbones import one_thread, torchvision_state_dict  # noqa: F401 (autouse fixture)
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
@@ -292,3 +292,11 @@ def test_presets_and_bad_options():
         small().train()(torch.randn(1, 2, 3, H, W))
     with pytest.raises(ValueError, match="keypoints must be"):
         small().train()(torch.randn(1, 2, 3, H, W), torch.zeros(1, 2, 12, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["kmpnet"])
+def test_training_step_under_cpu_autocast_matches_reference(name, dtype):
+    """Forward, loss, backward and an optimiser step under CPU autocast: finite, and the fused ops
+    agree with the reference ops within the dtype's tolerance."""
+    assert_autocast_step_matches_reference(name, dtype)

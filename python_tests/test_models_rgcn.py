@@ -9,7 +9,7 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.rgcn import (PRESETS, DualAttention, RecurrentGraphConv, TemporalAggregator,
                                      pose14_from_coco17)
 from keypointops._opdefs.backend import triton_available
-from conftest import optimisation_step
+from conftest import assert_autocast_step_matches_reference, optimisation_step
 from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
@@ -296,3 +296,12 @@ def test_presets_and_bad_options():
         model(images, keypoints[:, :, :14])
     with pytest.raises(ValueError, match="images"):
         model(images[:, 0], keypoints)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.xfail(
+    strict=True, reason="non-finite backbone gradients in float16 with either backend"))])
+@pytest.mark.parametrize("name", ["rgcn", "lgcn"])
+def test_training_step_under_cpu_autocast_matches_reference(name, dtype):
+    """Forward, loss, backward and an optimiser step under CPU autocast: finite, and the fused ops
+    agree with the reference ops within the dtype's tolerance."""
+    assert_autocast_step_matches_reference(name, dtype)
