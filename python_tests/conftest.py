@@ -106,3 +106,40 @@ def assert_autocast_step_matches_reference(name: str, dtype: torch.dtype, backen
     assert grad.shape == ref_grad.shape
     error = ((grad - ref_grad).norm() / ref_grad.norm()).item()
     assert error <= rtol, f"{name}: gradients differ by {error:.3g} (relative) from the reference's"
+
+
+def check_autocast_policy(op, main, others: dict, cast_others: tuple, dtype: torch.dtype = torch.bfloat16,
+                          uses_dot: bool = False, **kwargs):
+    """``op(main, **others, **kwargs)`` under CPU autocast in ``dtype`` with ``main`` in ``dtype``
+    and ``others`` in float32, on every CPU backend: the compiled kernels compute and return
+    float32, Triton and the reference ``dtype`` (``cast_others`` follow ``main``, the rest stay
+    float32); the result matches the float64 reference of the inputs as cast, and every gradient
+    comes back in its input's dtype.  Outside autocast the mixed dtypes raise (nothing is cast).
+    ``uses_dot``: the op's Triton kernels use ``tl.dot``, which Triton's interpreter computes wrong
+    for bfloat16 (it multiplies the raw bits: triton-lang/triton#11584), so that case is skipped
+    on CPU tensors; tools/triton_aot.py compiles it for the GPU."""
+    reduced = main.to(dtype)
+    for backend in ("cpu", "triton", "reference"):
+        if backend == "cpu" and not has_ops() or backend == "triton" and not triton_available(main.device):
+            continue
+        if backend == "triton" and uses_dot and dtype == torch.bfloat16 and main.device.type == "cpu":
+            continue
+        compute = torch.float32 if backend == "cpu" else dtype
+        leaf = reduced.clone().requires_grad_()
+        leaves = {name: value.clone().requires_grad_(value.is_floating_point())
+                  if isinstance(value, torch.Tensor) else value for name, value in others.items()}
+        with torch.autocast("cpu", dtype=dtype):
+            out = op(leaf, **leaves, **kwargs, backend=backend)
+        assert out.dtype == compute, (backend, out.dtype)
+        as_cast = {name: value.to(compute).double() if name in cast_others else value
+                   for name, value in others.items()}
+        expected = op(reduced.double(), **as_cast, **kwargs, backend="reference")
+        torch.testing.assert_close(out.double(), expected, **tolerances(dtype))
+        out.float().square().sum().backward()
+        assert leaf.grad is not None and leaf.grad.dtype == dtype, backend
+        for name, value in leaves.items():
+            if isinstance(value, torch.Tensor) and value.grad is not None:
+                assert value.grad.dtype == others[name].dtype, (backend, name)
+    if cast_others:
+        with pytest.raises(ValueError, match="dtype"):
+            op(reduced, **others, **kwargs)

@@ -7,7 +7,7 @@ import keypointops
 from keypointops import reference
 from keypointops.nn import KeypointGather
 
-from conftest import DEVICES, device_backend_params, tolerances
+from conftest import check_autocast_policy, DEVICES, device_backend_params, tolerances
 
 STRIDE = 2  # input pixels per feature pixel in most tests: spatial_scale 0.5
 
@@ -422,3 +422,12 @@ def test_render_heatmaps():
         keypointops.graphs.render_heatmaps(keypoints[..., :1], (4, 5), 1.0)
     with pytest.raises(ValueError, match="valid must be"):
         keypointops.graphs.render_heatmaps(keypoints, (4, 5), 1.0, valid[:, :2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_policy(dtype):
+    """Under autocast (bfloat16, float16) float32 keypoints stay float32 beside reduced-precision features (float32 on the CPU kernels)."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 6, 8, 7, generator=g)
+    keypoints = torch.rand(2, 5, 2, generator=g) * torch.tensor([28.0, 32.0])
+    check_autocast_policy(keypointops.keypoint_gather, features, dict(keypoints=keypoints), (), spatial_scale=0.25, dtype=dtype)
