@@ -426,7 +426,7 @@ def test_render_heatmaps():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_policy(dtype):
-    """Under autocast (bfloat16, float16) float32 keypoints stay float32 beside reduced-precision features (float32 on the CPU kernels)."""
+    """Under autocast float32 keypoints stay float32 beside reduced-precision features."""
     g = torch.Generator().manual_seed(0)
     features = torch.randn(2, 6, 8, 7, generator=g)
     keypoints = torch.rand(2, 5, 2, generator=g) * torch.tensor([28.0, 32.0])

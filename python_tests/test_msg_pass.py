@@ -341,7 +341,7 @@ def test_device_mismatch_raises():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_policy(dtype):
-    """Under autocast (bfloat16, float16) a float32 learnable t stays float32 beside reduced-precision x (float32 x on the CPU kernels)."""
+    """Under autocast a float32 learnable t stays float32 beside reduced-precision x."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=g)
     graph = Graph.from_edge_index(torch.tensor([[0, 1, 2, 3, 4, 5, 1], [1, 2, 3, 4, 5, 0, 3]]), 6)
