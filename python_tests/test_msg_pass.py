@@ -7,7 +7,7 @@ from keypointops import reference
 from keypointops.graphs import Graph
 from keypointops._opdefs.backend import triton_available
 
-from conftest import check_autocast_policy, device_backend_params, tolerances
+from helpers import check_autocast_policy, device_backend_params, tolerances
 
 EMPTY_NODES = 3  # nodes 0..2 get no incoming edge
 
@@ -345,4 +345,5 @@ def test_autocast_policy(dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=g)
     graph = Graph.from_edge_index(torch.tensor([[0, 1, 2, 3, 4, 5, 1], [1, 2, 3, 4, 5, 0, 3]]), 6)
-    check_autocast_policy(keypointops.msg_pass, x, dict(graph=graph, t=torch.rand(5, generator=g) + 0.5), (), dtype=dtype)
+    check_autocast_policy(keypointops.msg_pass, x, dict(graph=graph, t=torch.rand(5, generator=g) + 0.5), (),
+                          dtype=dtype)

@@ -1,0 +1,176 @@
+"""What several test modules share: the devices and fused backends to test, tolerances per dtype,
+and, for the model tests, one intra-op thread, synthetic clips and one optimisation step."""
+import pytest
+import torch
+
+from keypointops._extension import has_cuda_ops, has_ops
+from keypointops._opdefs.backend import triton_available
+from keypointops.graphs import SKELETONS
+from keypointops.models import build_model, get_preset
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends(device: str, op_name: str | None = None) -> list:
+    """The fused backends that run on ``device`` here (for op ``op_name`` when given), each a
+    pytest param with its skip reason."""
+    compiled = pytest.param(device, marks=pytest.mark.skipif(
+        not (has_cuda_ops(op_name) if device == "cuda" else has_ops()),
+        reason=f"keypointops._C built without {device} kernels"))
+    triton = pytest.param("triton", marks=pytest.mark.skipif(
+        not triton_available(torch.device(device)), reason="triton not installed"))
+    return [compiled, triton]
+
+
+def device_backend_params(op_name: str | None = None):
+    """(device, backend) pairs for parametrize: every fused backend on every device present (that
+    has a compiled kernel of ``op_name`` when given)."""
+    params = []
+    for device in DEVICES:
+        for backend in backends(device, op_name):
+            params.append(pytest.param(device, backend.values[0], marks=backend.marks,
+                                       id=f"{device}-{backend.values[0]}"))
+    return params
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    return {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
+            torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+
+
+def optimisation_step(model, images, keypoints, pids, lr: float):
+    """One real Adam step of ``model`` on a batch: returns (loss before, loss after). The RNG is
+    re-seeded before each loss so that both see the same dropout masks and random choices."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def loss():
+        torch.manual_seed(5)
+        return model.loss(model(images, keypoints), pids)[0]
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss()
+    return before.item(), after.item()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread (two spin-wait on a busy 2-core machine, up to 6x slower).
+    The model test modules import this fixture."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def upright_keypoints(height: int, width: int) -> torch.Tensor:
+    """COCO-17 keypoints ``[17, 3]`` of a person standing upright, facing the camera, filling an
+    ``H x W`` frame (the person's right side on the image's left)."""
+    cx = width / 2
+    rows = {"nose": 0.08, "left_eye": 0.06, "right_eye": 0.06, "left_ear": 0.07, "right_ear": 0.07,
+            "left_shoulder": 0.2, "right_shoulder": 0.2, "left_elbow": 0.35, "right_elbow": 0.35,
+            "left_wrist": 0.48, "right_wrist": 0.48, "left_hip": 0.52, "right_hip": 0.52,
+            "left_knee": 0.72, "right_knee": 0.72, "left_ankle": 0.92, "right_ankle": 0.92}
+    spread = {"nose": 0, "eye": 0.04, "ear": 0.08, "shoulder": 0.2, "elbow": 0.25, "wrist": 0.27,
+              "hip": 0.12, "knee": 0.12, "ankle": 0.12}
+    points = []
+    for name in SKELETONS["coco17"].joints:
+        side, _, part = name.partition("_")
+        dx = 0.0 if name == "nose" else spread[part] * width * (1 if side == "left" else -1)
+        points.append([cx + dx, rows[name] * height, 1.0])
+    return torch.tensor(points)
+
+
+def clips(batch=4, frames=2, height=64, width=32, seed=0, dtype=torch.float32):
+    """Random images and jittered upright-person COCO-17 keypoints (some joints missing), shaped
+    like the data loader's batches; 2 clips per identity.  Shared by the model tests."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, frames, 3, height, width, generator=g, dtype=dtype)
+    keypoints = upright_keypoints(height, width).to(dtype).repeat(batch, frames, 1, 1)
+    keypoints[..., :2] += torch.randn(batch, frames, 17, 2, generator=g, dtype=dtype) * 2
+    keypoints[..., 2] = (torch.rand(batch, frames, 17, generator=g, dtype=dtype) > 0.15).to(dtype)
+    pids = torch.arange(batch // 2).repeat_interleave(2)
+    return images, keypoints, pids
+
+
+# Relative tolerance of a whole training step under CPU autocast, fused ops against the reference
+# (the loss, and the gradient of all parameters as one vector, by norm).  The two round differently
+# -- the compiled CPU kernels compute in float32, the reference in the autocast dtype -- so they
+# differ by some units of that dtype's precision (2^-8 for bfloat16, 2^-11 for float16) amplified
+# through the backbone: measured up to 8 % (CTL) for bfloat16 and 0.4 % for float16.
+AUTOCAST_STEP_RTOL = {torch.bfloat16: 0.1, torch.float16: 0.02}
+
+
+def autocast_training_step(name: str, backend: str, dtype: torch.dtype):
+    """One training step of model ``name`` (its cpu preset at width 0.125) under CPU autocast in
+    ``dtype``: forward, loss, backward and an SGD step, with its fused ops on ``backend``.  Asserts
+    that the gradients are finite and that the step changed the parameters; returns (loss, gradient
+    of all parameters as one vector)."""
+    options = dict(get_preset(name, "cpu")["model"], width=0.125)
+    torch.manual_seed(0)
+    model = build_model(name, 5, **options, ops_backend=backend)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    images, keypoints, pids = clips(frames=options.get("frames", 2))
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=dtype):
+        total, _ = model.loss(model(images, keypoints), pids)
+    total.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    assert all(p.grad.dtype == p.dtype == torch.float32 for p in params)
+    grad = torch.cat([p.grad.flatten() for p in params])
+    assert torch.isfinite(grad).all(), f"{name}: non-finite gradients under {dtype} autocast ({backend})"
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+    return total.detach().float(), grad
+
+
+def assert_autocast_step_matches_reference(name: str, dtype: torch.dtype, backend: str = "auto"):
+    """The autocast training step with the fused ops (``backend``) agrees with the one with the
+    reference ops, within :data:`AUTOCAST_STEP_RTOL`."""
+    loss, grad = autocast_training_step(name, backend, dtype)
+    ref_loss, ref_grad = autocast_training_step(name, "reference", dtype)
+    rtol = AUTOCAST_STEP_RTOL[dtype]
+    assert torch.isfinite(loss) and abs(loss - ref_loss) <= rtol * abs(ref_loss), (loss, ref_loss)
+    assert grad.shape == ref_grad.shape
+    error = ((grad - ref_grad).norm() / ref_grad.norm()).item()
+    assert error <= rtol, f"{name}: gradients differ by {error:.3g} (relative) from the reference's"
+
+
+def check_autocast_policy(op, main, others: dict, cast_others: tuple, dtype: torch.dtype = torch.bfloat16,
+                          uses_dot: bool = False, **kwargs):
+    """``op(main, **others, **kwargs)`` under CPU autocast in ``dtype`` with ``main`` in ``dtype``
+    and ``others`` in float32, on every CPU backend: the compiled kernels compute and return
+    float32, Triton and the reference ``dtype`` (``cast_others`` follow ``main``, the rest stay
+    float32); the result matches the float64 reference of the inputs as cast, and every gradient
+    comes back in its input's dtype.  Outside autocast the mixed dtypes raise (nothing is cast).
+    ``uses_dot``: the op's Triton kernels use ``tl.dot``, which Triton's interpreter computes wrong
+    for bfloat16 (it multiplies the raw bits: triton-lang/triton#11584), so that case is skipped
+    on CPU tensors; tools/triton_aot.py compiles it for the GPU."""
+    reduced = main.to(dtype)
+    for backend in ("cpu", "triton", "reference"):
+        if backend == "cpu" and not has_ops() or backend == "triton" and not triton_available(main.device):
+            continue
+        if backend == "triton" and uses_dot and dtype == torch.bfloat16 and main.device.type == "cpu":
+            continue
+        compute = torch.float32 if backend == "cpu" else dtype
+        leaf = reduced.clone().requires_grad_()
+        leaves = {name: value.clone().requires_grad_(value.is_floating_point())
+                  if isinstance(value, torch.Tensor) else value for name, value in others.items()}
+        with torch.autocast("cpu", dtype=dtype):
+            out = op(leaf, **leaves, **kwargs, backend=backend)
+        assert out.dtype == compute, (backend, out.dtype)
+        as_cast = {name: value.to(compute).double() if name in cast_others else value
+                   for name, value in others.items()}
+        expected = op(reduced.double(), **as_cast, **kwargs, backend="reference")
+        torch.testing.assert_close(out.double(), expected, **tolerances(dtype))
+        out.float().square().sum().backward()
+        assert leaf.grad is not None and leaf.grad.dtype == dtype, backend
+        for name, value in leaves.items():
+            if isinstance(value, torch.Tensor) and value.grad is not None:
+                assert value.grad.dtype == others[name].dtype, (backend, name)
+    if cast_others:
+        with pytest.raises(ValueError, match="dtype"):
+            op(reduced, **others, **kwargs)
