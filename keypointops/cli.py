@@ -37,6 +37,7 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
 def _parser() -> argparse.ArgumentParser:
     from keypointops.data import DATASET_NAMES
     from keypointops.data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
+    from keypointops.engine import AMP_MODES
     from keypointops.models import MODELS, PRESET_NAMES
 
     parser = argparse.ArgumentParser(prog="keypointops", description=__doc__.split("\n\n")[0])
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a build_model option of the preset (JSON value), e.g. width=0.25")
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
                    help="dataset option, e.g. num_train_ids=20 for a smaller synthetic dataset")
+    p.add_argument("--amp", choices=AMP_MODES, default=None,
+                   help="mixed precision (default: bf16 on CUDA, off on CPU; fp16 with a gradient scaler)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last (NHWC) weights and images")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (backend: default inductor)")
     p.add_argument("--no-baselines", action="store_true", help="skip the colour-histogram baselines")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
@@ -140,7 +146,8 @@ def _train(args) -> None:
                                 pretrained=args.pretrained, eval_every=args.eval_every, max_steps=args.max_steps,
                                 train_overrides=overrides,
                                 model_overrides=_key_values(args.model_option, "--model-option"),
-                                data_options=_key_values(args.data_option, "--data-option"))
+                                data_options=_key_values(args.data_option, "--data-option"), amp=args.amp,
+                                channels_last=args.channels_last, compile=args.compile)
     out = Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
     run = engine.train(config, out, resume=args.resume, with_baselines=not args.no_baselines)
     if run["eval"] is None:  # a DDP rank other than 0
