@@ -95,7 +95,7 @@ def clips(batch=4, frames=2, height=64, width=32, seed=0, dtype=torch.float32):
     return images, keypoints, pids
 
 
-# Relative tolerance of a whole training step under CPU autocast, fused ops against the reference
+# Relative tolerance of a whole training step under autocast, fused ops against the reference
 # (the loss, and the gradient of all parameters as one vector, by norm).  The two round differently
 # -- the compiled CPU kernels compute in float32, the reference in the autocast dtype -- so they
 # differ by some units of that dtype's precision (2^-8 for bfloat16, 2^-11 for float16) amplified
@@ -103,18 +103,18 @@ def clips(batch=4, frames=2, height=64, width=32, seed=0, dtype=torch.float32):
 AUTOCAST_STEP_RTOL = {torch.bfloat16: 0.1, torch.float16: 0.02}
 
 
-def autocast_training_step(name: str, backend: str, dtype: torch.dtype):
-    """One training step of model ``name`` (its cpu preset at width 0.125) under CPU autocast in
-    ``dtype``: forward, loss, backward and an SGD step, with its fused ops on ``backend``.  Asserts
+def autocast_training_step(name: str, backend: str, dtype: torch.dtype, device: str = "cpu"):
+    """One training step of model ``name`` (its cpu preset at width 0.125) on ``device`` under
+    autocast in ``dtype``: forward, loss, backward and an SGD step, with its fused ops on ``backend``.  Asserts
     that the gradients are finite and that the step changed the parameters; returns (loss, gradient
     of all parameters as one vector)."""
     options = dict(get_preset(name, "cpu")["model"], width=0.125)
     torch.manual_seed(0)
-    model = build_model(name, 5, **options, ops_backend=backend)
+    model = build_model(name, 5, **options, ops_backend=backend).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    images, keypoints, pids = clips(frames=options.get("frames", 2))
+    images, keypoints, pids = (t.to(device) for t in clips(frames=options.get("frames", 2)))
     torch.manual_seed(1)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         total, _ = model.loss(model(images, keypoints), pids)
     total.backward()
     params = [p for p in model.parameters() if p.grad is not None]
@@ -127,11 +127,11 @@ def autocast_training_step(name: str, backend: str, dtype: torch.dtype):
     return total.detach().float(), grad
 
 
-def assert_autocast_step_matches_reference(name: str, dtype: torch.dtype, backend: str = "auto"):
-    """The autocast training step with the fused ops (``backend``) agrees with the one with the
-    reference ops, within :data:`AUTOCAST_STEP_RTOL`."""
-    loss, grad = autocast_training_step(name, backend, dtype)
-    ref_loss, ref_grad = autocast_training_step(name, "reference", dtype)
+def assert_autocast_step_matches_reference(name: str, dtype: torch.dtype, device: str = "cpu"):
+    """The autocast training step with the fused ops (the device's compiled kernels) agrees with
+    the one with the reference ops, within :data:`AUTOCAST_STEP_RTOL`."""
+    loss, grad = autocast_training_step(name, "auto", dtype, device)
+    ref_loss, ref_grad = autocast_training_step(name, "reference", dtype, device)
     rtol = AUTOCAST_STEP_RTOL[dtype]
     assert torch.isfinite(loss) and abs(loss - ref_loss) <= rtol * abs(ref_loss), (loss, ref_loss)
     assert grad.shape == ref_grad.shape

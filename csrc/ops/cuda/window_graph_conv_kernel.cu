@@ -193,6 +193,15 @@ grad_adj_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restric
 
 unsigned int tiles(int64_t size) { return static_cast<unsigned int>((size + kTile - 1) / kTile); }
 
+// The tile grids put windows / frames / units on x and tiles of rows, nodes, channels and columns
+// on y and z, which the hardware caps at 65535 blocks.
+void check_grid_yz(int64_t rows, int64_t cols, const char* what) {
+  constexpr int64_t kMaxGridYZ = 65535;
+  TORCH_CHECK(tiles(rows) <= kMaxGridYZ && tiles(cols) <= kMaxGridYZ,
+              "window_graph_conv: the CUDA kernel takes ", what, " of at most ", kMaxGridYZ * kTile,
+              ", got ", rows, " and ", cols);
+}
+
 void check_cuda_inputs(const at::Tensor& x, int64_t blocks_x) {
   TORCH_CHECK(x.is_cuda(), "window_graph_conv: the CUDA kernel takes CUDA tensors, got ",
               x.device());
@@ -213,6 +222,7 @@ at::Tensor window_graph_conv_cuda(const at::Tensor& x_in, const at::Tensor& adj_
   if (out.numel() == 0) return out;
   const int64_t sample_stride = adj.dim() >= 3 ? adj.stride(0) : 0;
   const int64_t window_stride = adj.dim() == 4 ? adj.stride(1) : 0;
+  check_grid_yz(L, C, "L = window * N and C");
   const dim3 grid(static_cast<unsigned int>(B * T), tiles(L), tiles(C));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_graph_conv_cuda",
@@ -244,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cuda(
   if (compute_grad_x && grad_x.numel() > 0) {
     const int64_t sample_stride = adj.dim() >= 3 ? adj.stride(0) : 0;
     const int64_t window_stride = adj.dim() == 4 ? adj.stride(1) : 0;
+    check_grid_yz(N, C, "N and C");
     const dim3 grid(static_cast<unsigned int>(windows), tiles(N), tiles(C));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                     "window_graph_conv_grad_x_cuda", [&] {
@@ -261,6 +272,7 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cuda(
     const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
     auto targets = at::zeros({units, L, L}, acc_options);
     if (units > 0 && L > 0 && C > 0) {
+      check_grid_yz(L, L, "L = window * N");
       const dim3 grid(static_cast<unsigned int>(units), tiles(L), tiles(L));
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                       "window_graph_conv_grad_adj_cuda", [&] {
