@@ -5,7 +5,8 @@ and sm_90: one block per file, headed ``nvcc -c FILE: exit N``) and, for every k
 instance, reports registers per thread, spill stores, stack frame (local memory) and static shared
 memory.  It checks each kernel against the header comment of its file:
 
-- no spill stores and no stack frame, unless the header has a line ``Local memory: <why>``;
+- no spill stores and no stack frame, unless the header has a line ``Local memory: at most N bytes
+  per thread, <why>``, and then at most N bytes of each;
 - registers per thread at most the ``at most R registers per thread`` that the header's
   ``Occupancy:`` line claims (the occupancy follows from it: an SM has 65,536 registers).
 
@@ -33,7 +34,7 @@ FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) by
 USED = re.compile(r"Used (\d+) registers")
 SMEM = re.compile(r"(\d+) bytes smem")
 CLAIM = re.compile(r"Occupancy:.*?at most (\d+) registers per thread", re.S)
-LOCAL_MEMORY_REASON = re.compile(r"^//\s*Local memory:\s*\S", re.M)
+LOCAL_MEMORY = re.compile(r"^//\s*Local memory: at most (\d+) bytes per thread, \S", re.M)
 
 
 @dataclass
@@ -96,9 +97,12 @@ def check(kernels: list[Kernel]) -> list[str]:
     for kernel in kernels:
         text = headers[kernel.file]
         where = f"{kernel.file}: {kernel.name} (sm_{kernel.arch})"
-        if (kernel.spill_stores or kernel.stack) and not LOCAL_MEMORY_REASON.search(text):
-            problems.append(f"{where}: {kernel.spill_stores} bytes of spill stores, {kernel.stack} "
-                            f"bytes of stack frame, and no 'Local memory:' line in the header says why")
+        local = LOCAL_MEMORY.search(text)
+        allowed = int(local.group(1)) if local else 0
+        if max(kernel.spill_stores, kernel.stack) > allowed:
+            problems.append(f"{where}: {kernel.spill_stores} bytes of spill stores and {kernel.stack} bytes "
+                            f"of stack frame, more than the header's 'Local memory: at most {allowed} bytes per "
+                            f"thread, <why>' allows")
         claim = CLAIM.search(text)
         if claim is None:
             problems.append(f"{kernel.file}: the header claims no occupancy ('Occupancy: ... at most R "
