@@ -36,6 +36,7 @@ for i in "${!files[@]}"; do printf '%s\0%s\0' "${files[$i]}" "$i"; done |
   xargs -0 -n 2 -P "${NVCC_JOBS:-$(nproc)}" bash -c 'compile "$0" "$1"'
 
 failed=0
+echo "nvcc: $(nvcc --version | tail -n 1)"
 for i in "${!files[@]}"; do
   echo "nvcc -c ${files[$i]}: exit $(cat "$work/$i.rc")"
   cat "$work/$i.log"
