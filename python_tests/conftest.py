@@ -44,6 +44,15 @@ def tolerances(dtype: torch.dtype) -> dict:
             torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
 
 
+def gradient_errors(function, inputs, grad_out):
+    """Max abs error per input of ``function``'s float32 gradients against its float64 gradients
+    (``inputs`` float64, one ``grad_out``)."""
+    def grads(dtype):
+        typed = [i.to(dtype).requires_grad_() for i in inputs]
+        return torch.autograd.grad(function(*typed), typed, grad_out.to(dtype))
+    return [float((g.double() - e).abs().max()) for g, e in zip(grads(torch.float32), grads(torch.float64))]
+
+
 def optimisation_step(model, images, keypoints, pids, lr: float):
     """One real Adam step of ``model`` on a batch: returns (loss before, loss after). The RNG is
     re-seeded before each loss so that both see the same dropout masks and random choices."""
