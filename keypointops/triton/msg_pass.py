@@ -5,7 +5,9 @@ through the nodes' CSR segments ``col[rowptr[v]:rowptr[v+1]]`` together, BLOCK_E
 per step, up to the block's largest in-degree: it gathers a [BLOCK_N, BLOCK_E, BLOCK_C] tile of x,
 forms m = relu(x) + eps, and folds the tile into an online softmax per (node, channel) over the
 shift message M, the m of the largest logit t * m so far (sum Z = sum exp(t (m - M)), numerator
-A = sum exp(t (m - M)) * m, rescaled when M changes); out = A / Z.  The exponent is t times an
+A = sum exp(t (m - M)) * (m - M), re-centred and rescaled when M changes); out = M + A / Z (equal
+messages give out = M exactly, a sharp softmax M + a small term, so that backward's m_u - out_v is
+accurate).  The exponent is t times an
 exact-sign difference, never t * m - t * M: that form carries the rounding error ulp(t * m) into
 the exponent, and fused into one multiply-add its exponent is the product's rounding error, which
 overflows exp and gives NaN.  M and Z are saved for backward (as row_max and row_sum) in the
@@ -97,11 +99,12 @@ def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, t_ptr, out_ptr, row_max_ptr, row
         # Both exponents are <= 0 wherever they are used; the clamp keeps the others finite.
         scale = tl.where(row_sum > 0, tl.exp(tl.minimum(t[None, :] * (row_max - shift), 0.0)), 1.0)
         w = tl.where(tile_mask, tl.exp(tl.minimum(t[None, None, :] * (m - shift[:, None, :]), 0.0)), 0.0)
+        weighted = ((weighted + (row_max - shift) * row_sum) * scale  # re-centred on the new shift
+                    + tl.sum(w * (m - shift[:, None, :]), axis=1))
         row_sum = row_sum * scale + tl.sum(w, axis=1)
-        weighted = weighted * scale + tl.sum(w * m, axis=1)
         row_max = shift
     has_edges = (valid_edges > 0)[:, None] & c_mask[None, :]  # else out 0, M 0, Z 1 (as the CPU kernel)
-    out = tl.where(has_edges, weighted / tl.where(has_edges, row_sum, 1.0), 0.0)
+    out = tl.where(has_edges, row_max + weighted / tl.where(has_edges, row_sum, 1.0), 0.0)
     offsets = nodes[:, None] * channels + c[None, :]
     mask = node_mask[:, None] & c_mask[None, :]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)

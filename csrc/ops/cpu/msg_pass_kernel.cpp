@@ -4,7 +4,9 @@
 // m_u = relu(x_u) + eps: a first pass finds the shift message M_v, the m_u of the largest logit
 // t * m_u (the largest m_u for t >= 0, the smallest for t < 0), then one pass sums, with the
 // exponent t * (m_u - M_v) <= 0 (independent exps, so they pipeline),
-//   Z = sum_u exp(t * (m_u - M_v)),   A = sum_u exp(t * (m_u - M_v)) * m_u,   out = A / Z.
+//   Z = sum_u exp(t * (m_u - M_v)),   A = sum_u exp(t * (m_u - M_v)) * (m_u - M_v),   out = M_v + A / Z
+// (centred on M_v: equal messages give out = M_v exactly, and a sharp softmax out = M_v + a small
+// term, so that backward's m_u - out_v is accurate).
 // The exponent is the product of t and an exact-sign difference, not t * m_u - t * M_v: that form
 // loses all accuracy for large t * m (its rounding error is ulp(t * m)), and a compiler that fuses
 // it into one multiply-add turns the exponent into the product's rounding error (NaN from
@@ -117,11 +119,12 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
       Vec Z = zero, A = zero;  // the exps are independent of each other: they pipeline
       for (int64_t e = e_begin; e < e_end; ++e) {
         const Vec m = at::vec::maximum(Vec::loadu(x + col[e] * C + c, n), zero) + eps_v;
-        const Vec w = (t_c * (m - M)).exp();
+        const Vec d = m - M;
+        const Vec w = (t_c * d).exp();
         Z = Z + w;
-        A = at::vec::fmadd(w, m, A);
+        A = at::vec::fmadd(w, d, A);
       }
-      (A / Z).store(out_v + c, n);
+      (M + A / Z).store(out_v + c, n);
       M.store(max_v + c, n);
       Z.store(sum_v + c, n);
     }

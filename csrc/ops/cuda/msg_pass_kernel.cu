@@ -7,13 +7,14 @@
 // Forward: one group per destination node v walks col[rowptr[v]:rowptr[v+1]], issuing the gathers
 // of kForwardUnroll edges before using any (memory-level parallelism), and folds them into an
 // online softmax per channel with one exp per element, m = relu(x_u) + eps, over the shift message
-// M (the m of the largest logit t m so far):
-//   d = t (m - M), w = exp(-|d|);  d > 0 (new largest): Z = Z w + 1, A = A w + m, M = m;
-//   else Z += w, A += w m   (the first message: Z = 1, A = m, M = m).
+// M (the m of the largest logit t m so far), A centred on M (A = sum w (m - M)):
+//   d = t (m - M), w = exp(-|d|);  d > 0 (new largest): A = (A + (M - m) Z) w, Z = Z w + 1, M = m;
+//   else Z += w, A += w (m - M)   (the first message: Z = 1, A = 0, M = m).
 // The exponent is t times an exact-sign difference, never t m - t M: that form has the rounding
 // error ulp(t m) in the exponent, and contracted into one fused multiply-add (as nvcc does) its
 // exponent is the product's rounding error, which overflows exp to inf and out to inf / inf = NaN.
-// out = A / Z; M (row_max) and Z (row_sum) are saved for backward in the accumulation dtype (float32
+// out = M + A / Z (equal messages give out = M exactly, a sharp softmax M + a small term, so that
+// backward's m_u - out_v is accurate); M (row_max) and Z (row_sum) are saved for backward in the accumulation dtype (float32
 // for half, bfloat16 and float32 x; float64 for float64).
 // Bytes the forward must move (each destination gathers its sources' rows once):
 //   E*C*sizeof(x) gathered + E*8 (col) + (N+1)*8 (rowptr) read, N*C*(sizeof(x) + 2*sizeof(acc)) written.
@@ -103,12 +104,12 @@ __device__ __forceinline__ void online_softmax_step(acc_t t, acc_t m, acc_t& M, 
   const acc_t d = Z > acc_t(0) ? t * (m - M) : std::numeric_limits<acc_t>::infinity();
   const acc_t w = exp_acc(-fabs(d));
   if (d > acc_t(0)) {
+    A = (A + (M - m) * Z) * w;
     Z = Z * w + acc_t(1);
-    A = A * w + m;
     M = m;
   } else {
     Z += w;
-    A += w * m;
+    A += w * (m - M);
   }
 }
 
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     Pack<acc_t, VEC> max_pack, sum_pack;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {  // no incoming edge: out 0, and M = 0, Z = 1 as the CPU kernel
-      out_pack.v[j] = static_cast<scalar_t>(any_edge ? A[j] / Z[j] : acc_t(0));
+      out_pack.v[j] = static_cast<scalar_t>(any_edge ? M[j] + A[j] / Z[j] : acc_t(0));
       max_pack.v[j] = any_edge ? M[j] : acc_t(0);
       sum_pack.v[j] = any_edge ? Z[j] : acc_t(1);
     }
