@@ -5,6 +5,8 @@
 beside two colour-histogram baselines evaluated on the same split. ``torchrun --nproc_per_node=N -m
 keypointops train ...`` trains with DDP. Bad input (a missing dataset folder, an unknown model, a
 checkpoint of another model, a corrupt checkpoint) ends with a one-line error and exit code 2.
+``train`` refuses a run folder that holds another run unless ``--resume`` (continue it) or
+``--overwrite`` (delete its files first); ``synth`` refuses a non-empty folder unless ``--replace``.
 The op and model benchmarks are a pytest suite in the source checkout: ``pytest bench/``.
 """
 from __future__ import annotations
