@@ -121,8 +121,9 @@ _ALIGNNET_PAPER = PAPER_TRAIN.replace(frames=15, train_sampling="random_consecut
                                       flip=False, random_erase=False)
 
 # RGCN / LGCN (docs/models/rgcn.md): "paper" Adam 3e-4, x0.1 every 200 of 800
-# epochs, 32 clips = 8 ids x 4, T = 10, 256 x 128, flip only.  "cpu": n = 64 hidden channels, the
-# paper's learning rate and test sampling, 16 clips = 4 ids x 4, 30 epochs.
+# epochs, 32 clips = 8 ids x 4, T = 10, 256 x 128, flip only.  "cpu": n = 64 hidden channels, 16
+# clips = 4 ids x 4, 30 epochs, the other cpu presets' learning rate (Adam 1e-3: it trains from
+# scratch) and test sampling (T evenly spaced frames).
 _RGCN_PAPER = PAPER_TRAIN.replace(frames=10, train_sampling="random_consecutive", test_sampling="all",
                                   batch_size=32, instances=4, epochs=800, lr_milestones=[200, 400, 600],
                                   random_erase=False)
@@ -131,8 +132,8 @@ _RGCN_PAPER = PAPER_TRAIN.replace(frames=10, train_sampling="random_consecutive"
 def _rgcn_presets() -> dict[str, Preset]:
     return {"paper": Preset({}, _RGCN_PAPER),
             "cpu": Preset(dict(CPU_BACKBONE, hidden=64, input_size=(128, 64)),
-                          _RGCN_PAPER.replace(frames=4, height=128, width=64, batch_size=16, epochs=30,
-                                              lr_milestones=[20]),
+                          _RGCN_PAPER.replace(frames=4, height=128, width=64, batch_size=16, lr=CPU_TRAIN.lr,
+                                              test_sampling=CPU_TRAIN.test_sampling, epochs=30, lr_milestones=[20]),
                           clip_follows=("input_size",))}
 
 
