@@ -42,20 +42,17 @@ Deviations from the paper (docs/models/ctl.md):
   ``<= 0`` is zeroed rather than clamped to 1e-3).
 * ``V_f^a`` adds the *mean* of the five part features to ``V_g`` (``part_fusion="mean"``), where
   the paper writes their sum (``part_fusion="sum"``).  The paper gives no relative scale of the
-  two terms: each part (a softmax-weighted sum of the map, or a 3D-GCL output after BN + ReLU) is
-  about as large as ``V_g``, so the sum of five makes ``V_f^a`` about five parts to one global
-  feature (at the ``cpu`` preset's initialisation: part norms 12-17 each, 62 summed, ``V_g`` 9)
-  and the parts swamp the global feature; with the mean, every channel of ``V_f^a`` holds one
-  part's worth beside ``V_g``, as every channel of ``V_f^c`` does (one reduced part per block of
-  channels).  On the hard synthetic data at the ``cpu`` preset the sum gave a ``V_f^a`` below the
-  model's own ``V_f^g`` and a higher mAP with every test keypoint zeroed; with the mean,
-  ``V_f^a`` is above ``V_f^g`` and corrupted keypoints cost mAP.
-* The diversity loss weight ``lambda_3`` is ``C / 2048`` (``diversity_weight=None``), the paper's
-  ``lambda_3 = 1`` at its ``C = 2048`` channels scaled to the channel count used (1/16 at the ``cpu``
-  preset's ``C = 128``).  The part features are non-negative (ReLU outputs), so their Gram is the
-  identity only when the five parts use disjoint channels; at ``C = 128`` with weight 1 the loss
-  started equal to the summed cross-entropy (15.5 vs 13.1) and stayed at 8-17 of its maximum 20
-  for the whole run, pulling the shared backbone away from the identity losses.
+  two terms.  Each part (a softmax-weighted sum of the map, or a 3D-GCL output after BN + ReLU) is
+  about as large as ``V_g`` (at the ``cpu`` preset's initialisation: part norms 12-17 each, 62
+  summed, ``V_g`` 9), so the sum makes ``V_f^a`` five parts to one global feature and the parts
+  swamp it; with the mean, every channel of ``V_f^a`` holds one part's worth beside ``V_g``, as
+  every channel of ``V_f^c`` does (one reduced part per block of channels).
+* The diversity loss weight ``lambda_3`` is ``C / 2048`` (``diversity_weight=None``): the paper's
+  ``lambda_3 = 1`` at its ``C = 2048`` channels scaled to the channel count used (1/16 at the
+  ``cpu`` preset's ``C = 128``).  The part features are non-negative (ReLU outputs), so their Gram
+  is the identity only when the five parts use disjoint channels (C / 5 each), a partition that
+  costs the identity features more the fewer channels there are; at ``C = 128`` and weight 1 the
+  loss starts as large as the summed cross-entropy (15.5 vs 13.1 at initialisation).
 """
 from __future__ import annotations
 
