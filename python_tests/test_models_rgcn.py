@@ -339,9 +339,6 @@ def test_presets_and_bad_options():
     for name in ("rgcn", "lgcn"):
         cpu = get_preset(name, "cpu")
         assert tuple(cpu["model"]["input_size"]) == (cpu["train"]["height"], cpu["train"]["width"])
-        # trained from scratch and evaluated like every other model's cpu preset
-        ctl = get_preset("ctl", "cpu")["train"]
-        assert (cpu["train"]["lr"], cpu["train"]["test_sampling"]) == (ctl["lr"], ctl["test_sampling"]) == (1e-3, "evenly")
     for options, match in [(dict(recurrence="gru"), "recurrence"), (dict(readout="max"), "readout"),
                            (dict(aggregator="max"), "aggregator"), (dict(triplet_weight=2.0), "triplet_weight"),
                            (dict(coord_norm="crop"), "coord_norm"), (dict(hidden=0), "hidden"),
