@@ -75,8 +75,14 @@ def test_kill_and_resume_equals_uninterrupted(cache, tmp_path):
     assert len(lines) == 3  # the epochs redone after the kill are not logged twice
 
 
+def save_stub_checkpoint(path, config, num_classes=6):
+    """A checkpoint of ``config`` with empty state dicts (enough for the checks before a resume)."""
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "config": config, "num_classes": num_classes, "epoch": 1,
+                           "model": {}, "optimizer": {}, "scheduler": {}})
+
+
 def test_resume_refuses_other_settings(tmp_path):
-    save_checkpoint(tmp_path / "model.pt", {"format": CHECKPOINT_FORMAT, "config": tiny_config()})
+    save_stub_checkpoint(tmp_path / "model.pt", tiny_config())
     with pytest.raises(CheckpointError, match="train.lr"):
         engine.train(tiny_config(epochs=2, lr=0.5), tmp_path, resume=True)
 
@@ -144,6 +150,48 @@ def test_clip_shape_overrides_reach_the_model_options():
     rgcn = engine.make_config("rgcn", "cpu", train_overrides=dict(height=64, width=32))
     assert rgcn["model_options"]["input_size"] == [64, 32]
     assert "frames" not in engine.make_config("kmpnet", "cpu", train_overrides=dict(frames=2))["model_options"]
+
+
+def test_failing_evaluation_keeps_the_trained_checkpoint(cache, tmp_path, monkeypatch):
+    def unreadable_test_image(*args, **kwargs):
+        raise ValueError("cannot decode image bbox_test/0001/0001C1T0001F001.jpg")
+
+    monkeypatch.setattr(engine, "evaluate_models", unreadable_test_image)
+    config = tiny_config(epochs=1)
+    config["max_steps"] = 1
+    with pytest.raises(ValueError, match="cannot decode image"):
+        engine.train(config, tmp_path, log=lambda line: None)
+    assert load_checkpoint(tmp_path / "model.pt")["epoch"] == 1  # the training is kept
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_refuses_changed_identities(cache, tmp_path):
+    config = tiny_config()
+    save_stub_checkpoint(tmp_path / "model.pt", config, num_classes=99)
+    with pytest.raises(CheckpointError, match="trained on 99 training identities, the dataset .* now has 6"):
+        engine.train(config, tmp_path, resume=True)
+
+
+def test_root_is_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = engine.make_config("kmpnet", "cpu", "synthetic", "data/synthetic")
+    assert config["root"] == str(tmp_path / "data" / "synthetic")
+
+
+@pytest.mark.parametrize("grad_clip", [-1.0, 0.0, float("nan")])
+def test_grad_clip_must_be_positive(grad_clip):
+    with pytest.raises(ValueError, match="grad_clip must be > 0"):
+        tiny_config(grad_clip=grad_clip)
+
+
+def test_run_folder_of_a_run_killed_before_its_first_checkpoint_is_reused(cache, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("")
+    engine._prepare_run_folder(tmp_path, resume=False, overwrite=False)  # nothing trained is lost
+    assert not (tmp_path / "config.json").exists()
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(FileExistsError, match="metrics.jsonl"):
+        engine._prepare_run_folder(tmp_path, resume=False, overwrite=False)
 
 
 def first_conv_inputs_and_outputs(model):
