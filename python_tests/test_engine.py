@@ -226,7 +226,9 @@ def test_forward_backward_amp_and_channels_last(cache, amp):
     images, output = seen[0]
     assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
     assert output.dtype == {"off": torch.float32, **engine.AMP_DTYPES}[amp]
-    rtol = {"off": 1e-4, "bf16": 0.2, "fp16": 0.05}[amp]  # against float32 (measured: 11 % for bf16)
+    # against the contiguous float32 step: channels_last convolutions sum in another order, which
+    # moves float32 gradients by ~2e-4 (relative norm) through the network; bf16 moves them ~11 %
+    rtol = {"off": 1e-3, "bf16": 0.2, "fp16": 0.05}[amp]
     assert abs(loss.item() - ref_loss.item()) <= rtol * abs(ref_loss.item())
     scale = scaler.get_scale() if scaler is not None else 1.0
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]) / scale
