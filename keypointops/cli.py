@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -79,6 +79,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file (default beside the checkpoint)")
     p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
 
+    p = sub.add_parser("embed", help="write one embedding per query and gallery tracklet to a .npz file")
+    p.add_argument("--checkpoint", required=True, help="a model.pt of keypointops train")
+    p.add_argument("--data", default=None, choices=DATASET_NAMES, help="dataset (default: the one it was trained on)")
+    p.add_argument("--root", default=None, help="dataset folder (default: the one it was trained on)")
+    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
+
+    p = sub.add_parser("keypoints", help="estimate COCO-17 keypoints of every frame with the OpenPose body network")
+    p.add_argument("--data", required=True, choices=DATASET_NAMES, help="dataset")
+    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument("--weights", required=True, metavar="PATH",
+                   help="local OpenPose COCO body weights (body_pose_model.pth of the PyTorch ports)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--batch-size", type=int, default=16, help="frames per network batch")
+    p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(256, 128),
+                   help="network input size (multiples of 8); frames are resized to it")
+    p.add_argument("--threshold", type=float, default=0.1, help="heatmap peak under which a joint is missing")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
     p = sub.add_parser("synth", help="write the synthetic dataset (MARS layout)")
     p.add_argument("--out", required=True)
     p.add_argument("--ids", type=int, default=SYNTHETIC_DEFAULTS["num_train_ids"],
@@ -126,7 +147,7 @@ def _set_threads(args) -> None:
     import torch
 
     share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(args.threads or max(1, share - args.workers))
+    torch.set_num_threads(args.threads or max(1, share - getattr(args, "workers", 0)))
 
 
 def _train(args) -> None:
@@ -151,19 +172,28 @@ def _train(args) -> None:
     _report(args.model, run["eval"], run["baselines"], run["dataset"], out)
 
 
-def _evaluate(args) -> None:
-    from keypointops import engine
-    from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
+def _checkpoint_and_dataset(args) -> tuple[dict, dict, object]:
+    """``(checkpoint, its run config, the dataset)`` for a command that reads a checkpoint: the
+    config's dataset unless ``--data`` / ``--root`` name another; sets the threads."""
+    from keypointops.checkpoints import load_checkpoint
     from keypointops.data import build_dataset
-    from keypointops.distributed import device_for_rank
 
     _set_threads(args)
     state = load_checkpoint(args.checkpoint, args.model)
     config = dict(state["config"], workers=args.workers)
-    if args.root is not None:
-        config["root"] = args.root
+    for key in ("data", "root"):
+        if getattr(args, key, None) is not None:
+            config[key] = getattr(args, key)
+    return state, config, build_dataset(config["data"], config["root"], **config["data_options"])
+
+
+def _evaluate(args) -> None:
+    from keypointops import engine
+    from keypointops.checkpoints import model_from_checkpoint
+    from keypointops.distributed import device_for_rank
+
+    state, config, dataset = _checkpoint_and_dataset(args)
     model = model_from_checkpoint(state)
-    dataset = build_dataset(config["data"], config["root"], **config["data_options"])
     device = device_for_rank()
     results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device)
     print(f"{config['model']} after {state['epoch']} epochs on {config['data']}")
@@ -171,9 +201,8 @@ def _evaluate(args) -> None:
 
 
 def _export(args) -> None:
-    import torch
-
     from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
+    from keypointops.export import export_model
     from keypointops.models.presets import TrainSettings
 
     state = load_checkpoint(args.checkpoint, args.model)
@@ -181,37 +210,48 @@ def _export(args) -> None:
     model = model_from_checkpoint(state, ops_backend="reference")
     t = TrainSettings.from_dict(state["config"]["train"])
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt2"))
+    report = export_model(model, {args.format: out}, frames=t.frames, height=t.height, width=t.width)
+    shapes = {"images": f"[{{}}, {{}}, 3, {t.height}, {t.width}]", "keypoints": "[{}, {}, 17, 3]"}
+    described = [f"{name} " + shapes[name].format("batch", "frames" if "frames" in axes.values() else t.frames)
+                 for name, axes in report["dynamic"].items()]
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {state['config']['model']} inference model; "
+          f"inputs {', '.join(described)}; output embedding [batch, D]")
+    errors = ", ".join(f"{name} {error:.3g}" for name, error in report["errors"][args.format].items())
+    print(f"max abs error vs PyTorch ({report['runtime'][args.format]}, clips other than the traced one): {errors}")
 
-    def clip(seed: int):
-        g = torch.Generator().manual_seed(seed)
-        images = torch.randn(1, t.frames, 3, t.height, t.width, generator=g)
-        scale = torch.tensor([t.width, t.height, 1.0])
-        return images, torch.rand(1, t.frames, 17, 3, generator=g) * scale
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape checks
-        check = clip(1)
-        expected = model(*check)
-        if args.format == "onnx":
-            import onnxruntime
+def _embed(args) -> None:
+    import numpy as np
 
-            torch.onnx.export(model, clip(0), out, input_names=["images", "keypoints"], output_names=["embedding"],
-                              dynamo=False)
-            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-            feed = dict(zip(("images", "keypoints"), (x.numpy() for x in check)))
-            got = torch.from_numpy(session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})[0])
-            runtime = f"ONNX Runtime {onnxruntime.__version__}"
-        else:
-            program = torch.export.export(model, clip(0))
-            if "keypointops" in str(program.graph):
-                raise RuntimeError("the exported graph still holds a keypointops op")
-            torch.export.save(program, out)
-            got = torch.export.load(out).module()(*check)
-            runtime = "torch.export.load"
-    error = float((got - expected).abs().max())
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {state['config']['model']} inference model, "
-          f"embedding {tuple(expected.shape)}")
-    print(f"max abs error vs PyTorch ({runtime}, a clip other than the traced one): {error:.3g}")
+    from keypointops.checkpoints import model_from_checkpoint
+    from keypointops.distributed import device_for_rank
+    from keypointops.export import embed_dataset
+
+    state, config, dataset = _checkpoint_and_dataset(args)
+    arrays = embed_dataset(model_from_checkpoint(state).to(device_for_rank()), dataset, config, device_for_rank())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    print(f"wrote {out}: {len(dataset.query)} query and {len(dataset.gallery)} gallery embeddings of "
+          f"dimension {arrays['query_features'].shape[1]} (arrays {', '.join(arrays)})")
+
+
+def _keypoints(args) -> None:
+    import torch
+
+    from keypointops.data import build_dataset
+    from keypointops.keypoint_estimation import estimate_dataset
+    from keypointops.models.pose_maps import OpenPoseBody, load_openpose_weights
+
+    _set_threads(args)
+    net = load_openpose_weights(OpenPoseBody(), args.weights)
+    dataset = build_dataset(args.data, args.root)
+    stats = estimate_dataset(dataset, net, device=torch.device(args.device), batch_size=args.batch_size,
+                             height=args.size[0], width=args.size[1], threshold=args.threshold)
+    if stats["frames"] and (dataset.root / "keypoints_cache").is_dir():
+        shutil.rmtree(dataset.root / "keypoints_cache")  # derived from the files just written: rebuilt on next read
+    print(f"keypoints of {stats['frames']} frames written; {stats['skipped']} of {stats['tracklets']} tracklets "
+          f"already had theirs")
 
 
 def _synth(args) -> None:
@@ -230,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     start = time.perf_counter()
-    command = {"train": _train, "evaluate": _evaluate, "export": _export, "synth": _synth}
+    command = {"train": _train, "evaluate": _evaluate, "export": _export, "embed": _embed, "keypoints": _keypoints,
+               "synth": _synth}
     try:
         command[args.command](args)
     except (CheckpointError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
