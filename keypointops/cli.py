@@ -1,4 +1,4 @@
-"""The ``keypointops`` command (also ``python -m keypointops``): train, evaluate, export, synth.
+"""The ``keypointops`` command (also ``python -m keypointops``): train, evaluate, export, embed, keypoints, synth.
 
 ``keypointops train`` with no argument trains KMPNet's ``cpu`` preset on the synthetic dataset
 (generated on first use into a cache folder), evaluates it, and prints rank-1/5/10/20, mAP and mINP
@@ -34,26 +34,61 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
     return out
 
 
+_EXAMPLES = """examples:
+  keypointops train                                     # KMPNet on the synthetic dataset, CPU-sized
+  keypointops train --model ctl --data mars --root DIR --preset paper --pretrained resnet50.pth
+  keypointops evaluate --checkpoint runs/kmpnet-synthetic-cpu/model.pt --out eval/
+  keypointops export --checkpoint runs/kmpnet-synthetic-cpu/model.pt --format onnx
+  keypointops embed --checkpoint runs/kmpnet-synthetic-cpu/model.pt --out feats.npz
+  keypointops synth --out data/synthetic
+  keypointops keypoints --data mars --root DIR --weights body_pose_model.pth --device cuda
+  torchrun --nproc_per_node=2 -m keypointops train      # DDP
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout and shows each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else "%(default)s"
+            text += f" (default: {default})"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """The command's parser and its subcommands' (argparse builds those of the parser's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from keypointops import __version__
     from keypointops.data import DATASET_NAMES
     from keypointops.data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
     from keypointops.models import MODELS, PRESET_NAMES
 
-    parser = argparse.ArgumentParser(prog="keypointops", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="keypointops", description=__doc__.split("\n\n")[0].replace("``", ""), epilog=_EXAMPLES)
+    parser.add_argument("--version", action="version", version=f"keypointops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model, evaluate it beside the colour-histogram baselines")
-    p.add_argument("--model", default="kmpnet", choices=sorted(MODELS))
-    p.add_argument("--data", default="synthetic", choices=DATASET_NAMES)
+    p.add_argument("--model", default="kmpnet", choices=sorted(MODELS), help="the model to train")
+    p.add_argument("--data", default="synthetic", choices=DATASET_NAMES,
+                   help="dataset (synthetic: a folder of keypointops synth, or generated on first use)")
     p.add_argument("--root", default=None, help="dataset folder (synthetic: default a cache folder)")
-    p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
+    p.add_argument("--preset", default="cpu", choices=PRESET_NAMES,
+                   help="cpu: a small variant that trains on a CPU; paper: the paper's settings")
     p.add_argument("--pretrained", default=None, metavar="PATH", help="local torchvision ResNet weights")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--workers", type=int, default=1, help="data loader worker processes per rank")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads per rank (default: this rank's share of the cores minus --workers)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and augmentation")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs")
@@ -67,15 +102,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip the colour-histogram baselines")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a model.pt of keypointops train")
     p.add_argument("--root", default=None, help="dataset folder (default: the one it was trained on)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write the table (results.json) and the CMC and ranking pictures there")
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the free cores)")
     p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
 
     p = sub.add_parser("export", help="export the inference model, check it against PyTorch")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=("onnx", "exported"), default="onnx")
+    p.add_argument("--checkpoint", required=True, help="a model.pt of keypointops train")
+    p.add_argument("--format", choices=("onnx", "exported"), default="onnx",
+                   help="onnx: an ONNX model for ONNX Runtime; exported: a torch.export program (.pt2)")
     p.add_argument("--out", default=None, help="output file (default beside the checkpoint)")
     p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
 
@@ -101,14 +139,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
     p = sub.add_parser("synth", help="write the synthetic dataset (MARS layout)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write the dataset to")
     p.add_argument("--ids", type=int, default=SYNTHETIC_DEFAULTS["num_train_ids"],
                    help="identities of each split (train and test)")
-    p.add_argument("--cameras", type=int, default=SYNTHETIC_DEFAULTS["num_cameras"])
+    p.add_argument("--cameras", type=int, default=SYNTHETIC_DEFAULTS["num_cameras"], help="cameras")
     p.add_argument("--frames", type=int, default=SYNTHETIC_DEFAULTS["frames"], help="mean tracklet length")
     p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=SYNTHETIC_DEFAULTS["size"],
                    help="frame size in pixels")
-    p.add_argument("--seed", type=int, default=SYNTHETIC_DEFAULTS["seed"])
+    p.add_argument("--seed", type=int, default=SYNTHETIC_DEFAULTS["seed"], help="the generator's seed")
     return parser
 
 
@@ -126,17 +164,50 @@ def _table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(label: str, result: dict, baseline_results: dict, dataset, out: Path | None) -> None:
-    """Prints the table of the model and baselines; with ``out``, writes the CMC and ranking PNGs."""
+def _report(label: str, result: dict, baseline_results: dict, dataset, data: str, out: Path | None) -> None:
+    """Prints the table of the model and baselines; with ``out``, writes it as ``results.json``
+    and the CMC and ranking PNGs there."""
     from keypointops.engine import summary
     from keypointops.evaluation import compute_distance
     from keypointops.plots import plot_cmc, plot_ranking
 
-    print(_table({label: summary(result), **{k: summary(v) for k, v in baseline_results.items()}}))
+    rows = {label: summary(result), **{k: summary(v) for k, v in baseline_results.items()}}
+    print(_table(rows))
     if out is not None:
-        plot_cmc({label: result["cmc"], **{k: v["cmc"] for k, v in baseline_results.items()}}, out / "cmc.png")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"data": data, "results": rows}, indent=1) + "\n")
+        plot_cmc({label: result["cmc"], **{k: v["cmc"] for k, v in baseline_results.items()}}, out / "cmc.png",
+                 title=f"{label} on {data}: mAP {rows[label]['mAP']:.1f}%")
         plot_ranking(compute_distance(result["qf"], result["gf"]).numpy(), dataset.query, dataset.gallery,
                      out / "ranking.png")
+
+
+class _RunLog:
+    """Standard output copied to a run folder's ``log.txt`` (appended: a resumed run adds to it).
+    What is printed before the folder exists is kept and written once it does, so the log does
+    not create the folder."""
+
+    def __init__(self, console, path: Path):
+        self.console, self.path, self.pending, self.file = console, path, [], None
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        if self.file is None and self.path.parent.is_dir():
+            self.file = open(self.path, "a", encoding="utf-8")
+            self.file.write("".join(self.pending))
+        if self.file is None:
+            self.pending.append(text)
+        else:
+            self.file.write(text)
+            self.file.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -163,13 +234,25 @@ def _train(args) -> None:
                                 model_overrides=_key_values(args.model_option, "--model-option"),
                                 data_options=_key_values(args.data_option, "--data-option"))
     out = Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
-    run = engine.train(config, out, resume=args.resume, with_baselines=not args.no_baselines)
-    if run["eval"] is None:  # a DDP rank other than 0
-        return
-    plot_curves(out / "metrics.jsonl", out / "curves.png")
-    print(f"\n{args.model} ({args.preset} preset) on {args.data}, {config['train']['epochs']} epochs, "
-          f"{run['seconds']:.0f} s; run folder {out}")
-    _report(args.model, run["eval"], run["baselines"], run["dataset"], out)
+    console = sys.stdout
+    if os.environ.get("RANK", "0") == "0":
+        sys.stdout = _RunLog(console, out / "log.txt")
+    try:
+        run = engine.train(config, out, resume=args.resume, with_baselines=not args.no_baselines)
+        if run["eval"] is None:  # a DDP rank other than 0
+            return
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        print(f"\n{args.model} ({args.preset} preset) on {args.data}, {_epochs(config['train']['epochs'])}, "
+              f"{run['seconds']:.0f} s; run folder {out}")
+        _report(args.model, run["eval"], run["baselines"], run["dataset"], args.data, out)
+    finally:
+        if sys.stdout is not console:
+            sys.stdout.close()
+            sys.stdout = console
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch" if count == 1 else f"{count} epochs"
 
 
 def _checkpoint_and_dataset(args) -> tuple[dict, dict, object]:
@@ -196,8 +279,9 @@ def _evaluate(args) -> None:
     model = model_from_checkpoint(state)
     device = device_for_rank()
     results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device)
-    print(f"{config['model']} after {state['epoch']} epochs on {config['data']}")
-    _report(config["model"], results.pop("model"), results, dataset, None)
+    print(f"{config['model']} after {_epochs(state['epoch'])} on {config['data']}")
+    _report(config["model"], results.pop("model"), results, dataset, config["data"],
+            None if args.out is None else Path(args.out))
 
 
 def _export(args) -> None:

@@ -249,6 +249,8 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         state = load_checkpoint(ckpt_path, config["model"])
         _check_resumable(state["config"], config)
     dataset, loader, core = build_run(config, rank=rank, world_size=world_size)
+    if rank == 0:
+        log(dataset.statistics())
     core.to(device)
     t = TrainSettings.from_dict(config["train"])
     optimizer = _optimizer(core, t)

@@ -106,7 +106,7 @@ def export_model(model: nn.Module, paths: dict[str, str | os.PathLike], *, frame
         report["dynamic"] = {name: axes for name in inputs}
         checks = {f"batch {b}": example_clip(b, frames, height, width, seed=b)[:len(inputs)] for b in CHECK_BATCHES}
         if "frames" in axes.values():
-            checks[f"batch 2, {frames + 1} frames"] = example_clip(2, frames + 1, height, width, seed=7)[:len(inputs)]
+            checks[f"batch 2 of {frames + 1} frames"] = example_clip(2, frames + 1, height, width, seed=7)[:len(inputs)]
         expected = {name: wrapped(*clip) for name, clip in checks.items()}
         for fmt, path in paths.items():
             run, report["runtime"][fmt] = (_to_onnx if fmt == "onnx" else _save_program)(program, inputs, Path(path))
