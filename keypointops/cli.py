@@ -65,10 +65,42 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options that size and pace a training run (shared by ``train`` and ``ablate``)."""
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes per rank")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per rank (default: this rank's share of the cores minus --workers)")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
+    for name, kind in (("frames", int), ("batch-size", int), ("instances", int), ("height", int),
+                       ("width", int), ("lr", float), ("warmup-epochs", int), ("grad-clip", float)):
+        p.add_argument(f"--{name}", type=kind, help=f"override the preset's {name.replace('-', '_')}")
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                   help="override a build_model option of the preset (JSON value), e.g. width=0.25")
+    p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
+                   help="dataset option, e.g. num_train_ids=20 for a smaller synthetic dataset")
+
+
+def _train_overrides(args) -> dict:
+    return {k: getattr(args, k) for k in ("epochs", "frames", "batch_size", "instances", "height", "width", "lr",
+                                          "warmup_epochs", "grad_clip") if getattr(args, k) is not None}
+
+
+def _keypoint_settings(text: str) -> list[str]:
+    """``"as-is,shuffled"`` -> the checked list of keypoint settings."""
+    from keypointops.data.corruption import check_corruption
+
+    return [check_corruption(name.strip()) for name in text.split(",") if name.strip()]
+
+
 def _parser() -> argparse.ArgumentParser:
     from keypointops import __version__
     from keypointops.data import DATASET_NAMES
     from keypointops.data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
+    from keypointops.data.synthetic import HARD as SYNTHETIC_HARD
+    from keypointops.ablation import ABLATIONS
+    from keypointops.data.corruption import KEYPOINT_CORRUPTIONS
+    from keypointops.engine import AMP_MODES
     from keypointops.models import MODELS, PRESET_NAMES
 
     parser = _Parser(prog="keypointops", description=__doc__.split("\n\n")[0].replace("``", ""), epilog=_EXAMPLES)
@@ -85,20 +117,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, metavar="PATH", help="local torchvision ResNet weights")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--workers", type=int, default=1, help="data loader worker processes per rank")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads per rank (default: this rank's share of the cores minus --workers)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from another run's weights (e.g. a trained pcb for kmpnet: its paper's stage B)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and augmentation")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs")
-    p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs")
-    for name, kind in (("frames", int), ("batch-size", int), ("instances", int), ("height", int),
-                       ("width", int), ("lr", float), ("warmup-epochs", int), ("grad-clip", float)):
-        p.add_argument(f"--{name}", type=kind, help=f"override the preset's {name.replace('-', '_')}")
-    p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
-                   help="override a build_model option of the preset (JSON value), e.g. width=0.25")
-    p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
-                   help="dataset option, e.g. num_train_ids=20 for a smaller synthetic dataset")
+    _add_run_options(p)
+    p.add_argument("--amp", choices=AMP_MODES, default=None,
+                   help="mixed precision (default: bf16 on CUDA, off on CPU; fp16 with a gradient scaler)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last (NHWC) weights and images")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (backend: default inductor)")
     p.add_argument("--no-baselines", action="store_true", help="skip the colour-histogram baselines")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
@@ -109,6 +137,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the free cores)")
     p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
+    p.add_argument("--keypoints", default="as-is", metavar="SETTINGS",
+                   help="comma-separated test-keypoint settings, one table row each: "
+                        f"{', '.join(KEYPOINT_CORRUPTIONS)} (a keypoint model that works loses mAP when "
+                        "they are shuffled)")
+
+    p = sub.add_parser("ablate", help="run a paper's ablation rows over seeds, with keypoint-corruption controls")
+    p.add_argument("--paper", required=True, choices=list(ABLATIONS), help="whose ablation table to reproduce")
+    p.add_argument("--rows", default=None, metavar="NAMES", help="comma-separated rows (default: all of the paper's)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row")
+    p.add_argument("--data", default="synthetic-hard", choices=DATASET_NAMES, help="dataset")
+    p.add_argument("--root", default=None, help="dataset folder (synthetic: default a cache folder)")
+    p.add_argument("--out", default="runs/ablation", help="folder of the runs and tables (resumes what is there)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, each with its share of the cores")
+    p.add_argument("--keypoints", default=",".join(KEYPOINT_CORRUPTIONS), metavar="SETTINGS",
+                   help="comma-separated test-keypoint settings evaluated for every run")
+    _add_run_options(p)
 
     p = sub.add_parser("export", help="export the inference model, check it against PyTorch")
     p.add_argument("--checkpoint", required=True, help="a model.pt of keypointops train")
@@ -140,13 +184,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the synthetic dataset (MARS layout)")
     p.add_argument("--out", required=True, help="folder to write the dataset to")
-    p.add_argument("--ids", type=int, default=SYNTHETIC_DEFAULTS["num_train_ids"],
-                   help="identities of each split (train and test)")
-    p.add_argument("--cameras", type=int, default=SYNTHETIC_DEFAULTS["num_cameras"], help="cameras")
-    p.add_argument("--frames", type=int, default=SYNTHETIC_DEFAULTS["frames"], help="mean tracklet length")
-    p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=SYNTHETIC_DEFAULTS["size"],
-                   help="frame size in pixels")
-    p.add_argument("--seed", type=int, default=SYNTHETIC_DEFAULTS["seed"], help="the generator's seed")
+    p.add_argument("--hard", action="store_true",
+                   help="the hard variant (synthetic-hard): its parameters, then the flags below")
+    p.add_argument("--ids", type=int, help=f"identities of each split (train and test; default "
+                   f"{SYNTHETIC_DEFAULTS['num_train_ids']}, --hard: {SYNTHETIC_HARD['num_train_ids']} and "
+                   f"{SYNTHETIC_HARD['num_test_ids']})")
+    p.add_argument("--cameras", type=int, help=f"cameras (default {SYNTHETIC_DEFAULTS['num_cameras']})")
+    p.add_argument("--frames", type=int, help=f"mean tracklet length (default {SYNTHETIC_DEFAULTS['frames']}, "
+                   f"--hard: {SYNTHETIC_HARD['frames']})")
+    p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                   help=f"frame size in pixels (default {SYNTHETIC_DEFAULTS['size']})")
+    p.add_argument("--seed", type=int, help=f"the generator's seed (default {SYNTHETIC_DEFAULTS['seed']})")
     return parser
 
 
@@ -164,20 +212,22 @@ def _table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(label: str, result: dict, baseline_results: dict, dataset, data: str, out: Path | None) -> None:
-    """Prints the table of the model and baselines; with ``out``, writes it as ``results.json``
-    and the CMC and ranking PNGs there."""
+def _report(rows: dict[str, dict], baseline_results: dict, dataset, data: str, out: Path | None) -> None:
+    """Prints the table of the model's evaluations (``{label: result}``, the first the main one) and
+    the baselines; with ``out``, writes the table as ``results.json`` and the CMC and ranking PNGs of
+    the first there."""
     from keypointops.engine import summary
     from keypointops.evaluation import compute_distance
     from keypointops.plots import plot_cmc, plot_ranking
 
-    rows = {label: summary(result), **{k: summary(v) for k, v in baseline_results.items()}}
-    print(_table(rows))
+    table = {**{k: summary(v) for k, v in rows.items()}, **{k: summary(v) for k, v in baseline_results.items()}}
+    print(_table(table))
+    label, result = next(iter(rows.items()))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"data": data, "results": rows}, indent=1) + "\n")
+        (out / "results.json").write_text(json.dumps({"data": data, "results": table}, indent=1) + "\n")
         plot_cmc({label: result["cmc"], **{k: v["cmc"] for k, v in baseline_results.items()}}, out / "cmc.png",
-                 title=f"{label} on {data}: mAP {rows[label]['mAP']:.1f}%")
+                 title=f"{label} on {data}: mAP {table[label]['mAP']:.1f}%")
         plot_ranking(compute_distance(result["qf"], result["gf"]).numpy(), dataset.query, dataset.gallery,
                      out / "ranking.png")
 
@@ -226,13 +276,12 @@ def _train(args) -> None:
     from keypointops.plots import plot_curves
 
     _set_threads(args)
-    overrides = {k: getattr(args, k) for k in ("epochs", "frames", "batch_size", "instances", "height", "width",
-                                               "lr", "warmup_epochs", "grad_clip") if getattr(args, k) is not None}
     config = engine.make_config(args.model, args.preset, args.data, args.root, seed=args.seed, workers=args.workers,
-                                pretrained=args.pretrained, eval_every=args.eval_every, max_steps=args.max_steps,
-                                train_overrides=overrides,
+                                pretrained=args.pretrained, init_from=args.init_from, eval_every=args.eval_every,
+                                max_steps=args.max_steps, train_overrides=_train_overrides(args),
                                 model_overrides=_key_values(args.model_option, "--model-option"),
-                                data_options=_key_values(args.data_option, "--data-option"))
+                                data_options=_key_values(args.data_option, "--data-option"), amp=args.amp,
+                                channels_last=args.channels_last, compile=args.compile)
     out = Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
     console = sys.stdout
     if os.environ.get("RANK", "0") == "0":
@@ -244,7 +293,7 @@ def _train(args) -> None:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         print(f"\n{args.model} ({args.preset} preset) on {args.data}, {_epochs(config['train']['epochs'])}, "
               f"{run['seconds']:.0f} s; run folder {out}")
-        _report(args.model, run["eval"], run["baselines"], run["dataset"], args.data, out)
+        _report({args.model: run["eval"]}, run["baselines"], run["dataset"], args.data, out)
     finally:
         if sys.stdout is not console:
             sys.stdout.close()
@@ -275,13 +324,18 @@ def _evaluate(args) -> None:
     from keypointops.checkpoints import model_from_checkpoint
     from keypointops.distributed import device_for_rank
 
+    settings = _keypoint_settings(args.keypoints)
     state, config, dataset = _checkpoint_and_dataset(args)
     model = model_from_checkpoint(state)
     device = device_for_rank()
-    results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device)
+    results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device,
+                                     keypoints=settings[0])
+    label = config["model"] if settings == ["as-is"] else f"{config['model']}, keypoints {settings[0]}"
+    rows = {label: results.pop("model")}
+    rows.update({f"{config['model']}, keypoints {s}": r
+                 for s, r in engine.evaluate_keypoint_settings(model, dataset, config, device, settings[1:]).items()})
     print(f"{config['model']} after {_epochs(state['epoch'])} on {config['data']}")
-    _report(config["model"], results.pop("model"), results, dataset, config["data"],
-            None if args.out is None else Path(args.out))
+    _report(rows, results, dataset, config["data"], None if args.out is None else Path(args.out))
 
 
 def _export(args) -> None:
@@ -338,11 +392,27 @@ def _keypoints(args) -> None:
           f"already had theirs")
 
 
-def _synth(args) -> None:
-    from keypointops.data.synthetic import generate
+def _ablate(args) -> None:
+    from keypointops.ablation import run_ablation
 
-    description = generate(args.out, num_train_ids=args.ids, num_test_ids=args.ids, num_cameras=args.cameras,
-                           frames=args.frames, size=tuple(args.size), seed=args.seed)
+    table = run_ablation(args.paper, args.out, seeds=args.seeds, data=args.data, root=args.root,
+                         rows=None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()],
+                         jobs=args.jobs, keypoints=tuple(_keypoint_settings(args.keypoints)), workers=args.workers,
+                         threads=args.threads,
+                         max_steps=args.max_steps, train_overrides=_train_overrides(args),
+                         model_overrides=_key_values(args.model_option, "--model-option"),
+                         data_options=_key_values(args.data_option, "--data-option"))
+    print(table)
+    print(f"\nwrote {Path(args.out) / args.paper / 'ablation.md'}")
+
+
+def _synth(args) -> None:
+    from keypointops.data.synthetic import DEFAULTS, HARD, generate
+
+    flags = dict(num_train_ids=args.ids, num_test_ids=args.ids, num_cameras=args.cameras, frames=args.frames,
+                 size=None if args.size is None else tuple(args.size), seed=args.seed)
+    params = {**(HARD if args.hard else DEFAULTS), **{k: v for k, v in flags.items() if v is not None}}
+    description = generate(args.out, **params)
     print(json.dumps(description["counts"], indent=1))
     print(f"wrote the synthetic dataset to {args.out}")
 
@@ -355,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
     command = {"train": _train, "evaluate": _evaluate, "export": _export, "embed": _embed, "keypoints": _keypoints,
-               "synth": _synth}
+               "synth": _synth, "ablate": _ablate}
     try:
         command[args.command](args)
     except (CheckpointError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:

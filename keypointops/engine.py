@@ -12,6 +12,13 @@ end of an epoch holds the model, optimizer and scheduler state, the epoch count 
 (with the seed): all the state there is. A resumed run restores them and continues with the next
 epoch, so it ends with the same weights as an uninterrupted run (CPU; the loader's worker count
 does not change the data). A run killed mid-epoch restarts that epoch.
+
+Speed settings of a config (:func:`make_config`): ``amp`` -- mixed precision, ``"bf16"`` (the
+default on CUDA), ``"fp16"`` (with a gradient scaler) or ``"off"`` (the default on CPU), under
+``torch.autocast`` with the ops' own autocast policy (see :mod:`keypointops._opdefs.autocast`);
+``channels_last`` -- the model's weights and the input images in channels_last (NHWC) memory
+format; ``compile`` -- a ``torch.compile`` backend for the model's forward (e.g. ``"inductor"``),
+or None.
 """
 from __future__ import annotations
 
@@ -28,24 +35,36 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from keypointops.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from keypointops.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, init_from_checkpoint, load_checkpoint,
+                                     save_checkpoint)
 from keypointops.distributed import all_reduce_mean, device_for_rank, dist_info, init_distributed, wrap_ddp
 from keypointops.evaluation import evaluate
 from keypointops.models.presets import TrainSettings
 
-__all__ = ["make_config", "build_run", "train", "extract_features", "evaluate_models", "baselines", "forward_backward"]
+AMP_MODES = ("off", "bf16", "fp16")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+__all__ = ["AMP_MODES", "make_config", "build_run", "train", "extract_features", "evaluate_models",
+           "evaluate_keypoint_settings", "baselines", "forward_backward"]
 
 
 def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthetic", root: str | None = None, *,
-                seed: int = 0, workers: int = 1, pretrained: str | None = None, eval_every: int = 0,
-                max_steps: int | None = None, train_overrides: dict | None = None,
-                model_overrides: dict | None = None, data_options: dict | None = None) -> dict:
+                seed: int = 0, workers: int = 1, pretrained: str | None = None, init_from: str | None = None,
+                eval_every: int = 0, max_steps: int | None = None, train_overrides: dict | None = None,
+                model_overrides: dict | None = None, data_options: dict | None = None, amp: str | None = None,
+                channels_last: bool = False, compile: str | None = None) -> dict:
     """The config of a run: the model preset's ``"model"`` options and ``"train"`` settings
     (:func:`keypointops.models.get_preset`) updated with ``model_overrides`` / ``train_overrides``.
 
     ``eval_every``: evaluate every N epochs (0: only after the last one, unless the preset's train
     settings hold ``eval_every``). ``max_steps``: stop each epoch after that many steps (quick runs).
+    ``init_from``: a checkpoint whose weights initialise the model
+    (:func:`keypointops.checkpoints.init_from_checkpoint`), e.g. a trained PCB for KMPNet's stage B.
+    ``amp``: one of :data:`AMP_MODES`, or None for the device's default (bf16 on CUDA, off on CPU);
+    ``channels_last``, ``compile``: see the module docstring.
     """
+    if amp is not None and amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES} or None, got {amp!r}")
     from keypointops.models import preset_of
 
     settings = preset_of(model, preset)
@@ -54,7 +73,9 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     model_cfg = settings.model_options(train_cfg)
     return {"model": model, "preset": preset, "model_options": {**model_cfg, **(model_overrides or {})},
             "train": train_cfg.to_dict(), "data": data, "root": root, "data_options": dict(data_options or {}),
-            "seed": seed, "workers": workers, "pretrained": pretrained, "max_steps": max_steps}
+            "seed": seed, "workers": workers, "pretrained": pretrained,
+            "init_from": None if init_from is None else str(Path(init_from).resolve()), "max_steps": max_steps,
+            "amp": amp, "channels_last": channels_last, "compile": compile}
 
 
 # ----------------------------------------------------------------------------------------- data + model
@@ -75,6 +96,8 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
     model = build_model(config["model"], dataset.num_train_pids, **config["model_options"])
     if config["pretrained"]:
         load_pretrained(model, config["pretrained"])
+    if config.get("init_from"):
+        init_from_checkpoint(model, config["model"], config["init_from"])
     return dataset, loader, model
 
 
@@ -123,9 +146,12 @@ def _ids(tracklets) -> tuple[np.ndarray, np.ndarray]:
     return np.array([t.pid for t in tracklets]), np.array([t.camid for t in tracklets])
 
 
-def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device: torch.device) -> dict[str, dict]:
+def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device: torch.device, *,
+                    keypoints: str = "as-is") -> dict[str, dict]:
     """Rank-k, mAP and mINP of each model on the dataset's query / gallery split (eval mode, the
-    config's test sampling and input size, one pass over the frames for all models).
+    config's test sampling and input size, one pass over the frames for all models), with the test
+    keypoints as read or corrupted (``keypoints``: a setting of
+    :data:`keypointops.data.corruption.KEYPOINT_CORRUPTIONS`).
 
     Returns ``{name: evaluate() dict + "qf", "gf" (the tracklet embeddings)}``."""
     from keypointops.data import build_loader
@@ -135,7 +161,8 @@ def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device:
     for split, tracklets in (("query", dataset.query), ("gallery", dataset.gallery)):
         loader = build_loader(tracklets, train=False, frames=t.frames, sampling=t.test_sampling,
                               height=t.height, width=t.width, batch_size=t.batch_size,
-                              flip=False, random_erase=False, workers=config["workers"], seed=config["seed"])
+                              flip=False, random_erase=False, workers=config["workers"], seed=config["seed"],
+                              keypoints=keypoints)
         feats[split] = extract_features(models, loader, len(tracklets), device, desc=f"{split} features")
     (q_pids, q_cams), (g_pids, g_cams) = _ids(dataset.query), _ids(dataset.gallery)
     results = {}
@@ -143,6 +170,17 @@ def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device:
         qf, gf = feats["query"][name], feats["gallery"][name]
         results[name] = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams) | {"qf": qf, "gf": gf}
     return results
+
+
+def evaluate_keypoint_settings(model: nn.Module, dataset, config: dict, device: torch.device,
+                               settings=("as-is",)) -> dict[str, dict]:
+    """``{setting: evaluate_models result}`` of ``model`` with its test keypoints under each setting of
+    :data:`keypointops.data.corruption.KEYPOINT_CORRUPTIONS` (the keypoint-corruption controls: a
+    model whose keypoint branch works loses accuracy with ``"shuffled"``; an inert one does not)."""
+    from keypointops.data.corruption import check_corruption
+
+    settings = [check_corruption(s) for s in settings]
+    return {s: evaluate_models({"model": model}, dataset, config, device, keypoints=s)["model"] for s in settings}
 
 
 def baselines() -> dict[str, nn.Module]:
@@ -168,20 +206,40 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def forward_backward(model: nn.Module, core: nn.Module, batch: dict, device: torch.device):
-    """Forward of one training batch through ``model`` (the model or its DDP wrapper), the model's
-    loss (``core.loss``) and its backward; returns ``(loss, parts)``. bf16 autocast on CUDA."""
+def amp_mode(config: dict, device: torch.device) -> str:
+    """The mixed precision of a run on ``device``: the config's ``amp``, or bf16 on CUDA and off
+    elsewhere."""
+    return config.get("amp") or ("bf16" if device.type == "cuda" else "off")
+
+
+def channels_last_images(images: torch.Tensor) -> torch.Tensor:
+    """``[B, T, 3, H, W]`` clips whose ``[B*T, 3, H, W]`` frames are channels_last (the same values;
+    the models' ``flatten(0, 1)`` of them is a channels_last view)."""
+    frames = images.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    return frames.view(images.shape)
+
+
+def forward_backward(model: nn.Module, core: nn.Module, batch: dict, device: torch.device, amp: str = "off",
+                     scaler: torch.amp.GradScaler | None = None, channels_last: bool = False):
+    """Forward of one training batch through ``model`` (the model, its compiled form or its DDP
+    wrapper), the model's loss (``core.loss``) and its backward; returns ``(loss, parts)``.
+
+    ``amp``: ``"bf16"`` / ``"fp16"`` run forward and loss under ``torch.autocast`` in that dtype
+    (``"off"``: float32).  ``scaler``: for fp16, the gradient scaler that scales the loss before
+    backward (the caller unscales and steps).  ``channels_last``: the images go in channels_last."""
     images, keypoints = batch["images"].to(device), batch["keypoints"].to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with amp:  # the loss too: autocast computes losses in float32
+    if channels_last:
+        images = channels_last_images(images)
+    autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "off" else nullcontext())
+    with autocast:  # the loss too: autocast computes losses in float32
         loss, parts = core.loss(model(images, keypoints), batch["pids"].to(device))
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the training loss is {float(loss)}")
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss, parts
 
 
-def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: int, rank: int) -> dict:
+def _train_epoch(model, core, loader, optimizer, scaler, config: dict, device, epoch: int, rank: int) -> dict:
     """One epoch; returns the mean of the loss and of each named loss part, and the clip count.
 
     The torch RNG is seeded from ``(seed, epoch, rank)`` once the epoch's batch iterator exists
@@ -197,10 +255,17 @@ def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: in
     for batch in tqdm(itertools.islice(batches, total), desc=f"epoch {epoch + 1}", total=total,
                       disable=rank != 0, leave=False, mininterval=2):
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = forward_backward(model, core, batch, device)
+        loss, parts = forward_backward(model, core, batch, device, amp_mode(config, device), scaler,
+                                       config.get("channels_last", False))
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip (and step) the true gradients
         if t.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when a gradient is not finite
+            scaler.update()
+        else:
+            optimizer.step()
         for name, value in {"loss": loss, **parts}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach())
         steps += 1
@@ -223,7 +288,7 @@ def _write_metrics(path: Path, epoch_done: int, record: dict | None) -> None:
 
 
 def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_baselines: bool = False,
-          log=print) -> dict:
+          evaluate_at_end: bool = True, log=print) -> dict:
     """Trains (and evaluates) the run of ``config`` into the folder ``out``.
 
     Writes ``config.json``, ``metrics.jsonl`` and ``model.pt`` (every epoch) there; with ``resume``
@@ -232,7 +297,11 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
     rank takes its share of every epoch's batches, gradients are averaged, epoch metrics are reduced,
     rank 0 writes and evaluates.
 
-    ``with_baselines``: the final evaluation also evaluates :func:`baselines` on the same frames.
+    ``with_baselines``: the final evaluation also evaluates :func:`baselines` on the same frames;
+    ``evaluate_at_end=False`` leaves the final evaluation to the caller ("eval" is then None unless
+    ``eval_every`` evaluated the last epoch).  A model that defines ``diagnostics() -> {name:
+    float}`` (statistics it gathered over the epoch's training steps, reset by the call) has them
+    added to each epoch's record.
     Returns ``{"metrics": last epoch record, "eval": the model's evaluation, "baselines": {name:
     evaluation}, "dataset", "model", "seconds"}`` (evaluations on rank 0 only, None / {} elsewhere).
     """
@@ -252,6 +321,9 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
     if rank == 0:
         log(dataset.statistics())
     core.to(device)
+    if config.get("channels_last"):
+        core.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type) if amp_mode(config, device) == "fp16" else None
     t = TrainSettings.from_dict(config["train"])
     optimizer = _optimizer(core, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, t))
@@ -263,6 +335,8 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         start_epoch = state["epoch"]
         log(f"resuming {ckpt_path} after epoch {start_epoch}")
     model = wrap_ddp(core, device) if world_size > 1 else core
+    if config.get("compile"):
+        model = torch.compile(model, backend=config["compile"])
     if rank == 0:
         (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         _write_metrics(metrics_path, start_epoch, None)
@@ -270,7 +344,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
     epochs = t.epochs
     for epoch in range(start_epoch, epochs):
         tick = time.perf_counter()
-        stats = _train_epoch(model, core, loader, optimizer, config, device, epoch, rank)
+        stats = _train_epoch(model, core, loader, optimizer, scaler, config, device, epoch, rank)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         counts = {"steps": stats.pop("steps"), "clips": stats.pop("clips") * world_size}
@@ -278,8 +352,10 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         seconds = time.perf_counter() - tick
         record = {"epoch": epoch + 1, "lr": lr, **stats, **counts, "seconds": seconds,
                   "clips_per_s": counts["clips"] / seconds}
+        if hasattr(core, "diagnostics"):
+            record.update(all_reduce_mean({k: float(v) for k, v in core.diagnostics().items()}, world_size))
         last = epoch + 1 == epochs
-        if rank == 0 and (last or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
+        if rank == 0 and ((last and evaluate_at_end) or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
             result, baseline_results = _evaluate_run(core, dataset, config, device, last and with_baselines)
             record.update(summary(result))
         if rank == 0:
@@ -291,7 +367,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
             log(_epoch_line(record, epochs))
         if world_size > 1:
             dist.barrier()
-    if result is None and rank == 0:  # resumed a finished run: evaluate its weights
+    if result is None and rank == 0 and evaluate_at_end:  # resumed a finished run: evaluate its weights
         result, baseline_results = _evaluate_run(core, dataset, config, device, with_baselines)
     if world_size > 1:
         dist.destroy_process_group()
@@ -313,7 +389,8 @@ def _epoch_line(record: dict, epochs: int) -> str:
     return line
 
 
-_RESULT_KEYS = ("model", "preset", "model_options", "data", "root", "data_options", "seed", "pretrained")
+_RESULT_KEYS = ("model", "preset", "model_options", "data", "root", "data_options", "seed", "pretrained", "init_from",
+                "amp")
 
 
 def _check_resumable(saved: dict, config: dict) -> None:

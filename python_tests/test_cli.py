@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from keypointops.cli import main
+from keypointops.data.synthetic import HARD
 
 TINY = ["--workers", "0", "--threads", "1", "--epochs", "2", "--batch-size", "4", "--frames", "2", "--height", "64",
         "--width", "32", "--model-option", "width=0.125", "--data-option", "num_train_ids=6",
@@ -87,8 +88,8 @@ def test_help_describes_every_option(capsys):
     for name, sub in subparsers.items():
         for action in sub._actions:
             assert action.help, (name, action.option_strings)
-        text = sub.format_help()
-        assert "``" not in text and "(default: " in text, name
+        assert "``" not in sub.format_help(), name
+    assert "the model to train (default: kmpnet)" in " ".join(subparsers["train"].format_help().split())
     assert "``" not in parser.format_help() and "examples:" in parser.format_help()
     with pytest.raises(SystemExit) as info:
         main(["--version"])
@@ -179,3 +180,37 @@ def test_dataset_choices_are_the_registry_and_there_is_no_bench_command(capsys):
     with pytest.raises(SystemExit):
         main(["bench"])  # the benchmarks are `pytest bench/` in the source checkout
     assert "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_synth_hard(tmp_path, capsys):
+    out = tmp_path / "hard"
+    assert main(["synth", "--hard", "--out", str(out), "--ids", "3", "--frames", "3", "--size", "32", "16"]) == 0
+    assert "wrote the synthetic dataset" in capsys.readouterr().out
+    params = json.loads((out / "synthetic.json").read_text())["params"]
+    hard = {k: v for k, v in HARD.items() if k not in ("num_train_ids", "num_test_ids", "frames", "size")}
+    assert params == {**hard, "num_train_ids": 3, "num_test_ids": 3, "frames": 3, "size": [32, 16],
+                      "person_height": list(HARD["person_height"]), "feet": list(HARD["feet"])}
+
+
+def test_evaluate_keypoint_settings_one_row_each(run, capsys):
+    out, stdout = run
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--workers", "0", "--threads", "1",
+                 "--keypoints", "as-is,zeroed,shuffled"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "method" not in line}
+    assert {"kmpnet, keypoints as-is", "kmpnet, keypoints zeroed", "kmpnet, keypoints shuffled"} <= set(rows)
+    # KMPNet's test embedding is its visual branch alone: keypoints cannot change it
+    assert rows["kmpnet, keypoints zeroed"].split("|")[2:] == rows["kmpnet, keypoints as-is"].split("|")[2:]
+
+
+def test_keypoint_and_ablation_bad_input(run, capsys):
+    out, _ = run
+    one_line_error(capsys, ["evaluate", "--checkpoint", str(out / "model.pt"), "--keypoints", "as-is,mirrored"],
+                   "unknown keypoint setting 'mirrored'; choose from as-is, zeroed, shuffled, swapped, shifted")
+    one_line_error(capsys, ["ablate", "--paper", "ctl", "--seeds", "0", "--out", str(out / "abl")],
+                   "seeds must be a positive integer")
+    one_line_error(capsys, ["ablate", "--paper", "ctl", "--rows", "basel,tap", "--out", str(out / "abl")],
+                   "ctl has no ablation row 'tap'; choose from basel, contre, contre+3d, full")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", "--paper", "pcb"])
+    assert exit_info.value.code == 2 and "invalid choice: 'pcb'" in capsys.readouterr().err
