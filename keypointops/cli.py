@@ -282,22 +282,18 @@ def _train(args) -> None:
                                 model_overrides=_key_values(args.model_option, "--model-option"),
                                 data_options=_key_values(args.data_option, "--data-option"), amp=args.amp,
                                 channels_last=args.channels_last, compile=args.compile)
-    out = Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
-    console = sys.stdout
-    if os.environ.get("RANK", "0") == "0":
-        sys.stdout = _RunLog(console, out / "log.txt")
-    try:
-        run = engine.train(config, out, resume=args.resume, with_baselines=not args.no_baselines)
-        if run["eval"] is None:  # a DDP rank other than 0
-            return
-        plot_curves(out / "metrics.jsonl", out / "curves.png")
-        print(f"\n{args.model} ({args.preset} preset) on {args.data}, {_epochs(config['train']['epochs'])}, "
-              f"{run['seconds']:.0f} s; run folder {out}")
-        _report({args.model: run["eval"]}, run["baselines"], run["dataset"], args.data, out)
-    finally:
-        if sys.stdout is not console:
-            sys.stdout.close()
-            sys.stdout = console
+    out = _run_folder(args)
+    run = engine.train(config, out, resume=args.resume, with_baselines=not args.no_baselines)
+    if run["eval"] is None:  # a DDP rank other than 0
+        return
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    print(f"\n{args.model} ({args.preset} preset) on {args.data}, {_epochs(config['train']['epochs'])}, "
+          f"{run['seconds']:.0f} s; run folder {out}")
+    _report({args.model: run["eval"]}, run["baselines"], run["dataset"], args.data, out)
+
+
+def _run_folder(args) -> Path:
+    return Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
 
 
 def _epochs(count: int) -> str:
@@ -418,11 +414,25 @@ def _synth(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``keypointops`` console script; returns the exit code."""
+    """Entry point of the ``keypointops`` console script; returns the exit code.  A training run's
+    standard output is copied to its folder's ``log.txt``."""
+    args = _parser().parse_args(argv)
+    console = sys.stdout
+    if args.command == "train" and os.environ.get("RANK", "0") == "0":
+        sys.stdout = _RunLog(console, _run_folder(args) / "log.txt")
+    try:
+        return _run(args)
+    finally:
+        if sys.stdout is not console:
+            sys.stdout.close()
+            sys.stdout = console
+
+
+def _run(args) -> int:
+    """Runs the parsed command; returns the exit code."""
     from keypointops.data import DatasetNotFoundError
     from keypointops.checkpoints import CheckpointError
 
-    args = _parser().parse_args(argv)
     start = time.perf_counter()
     command = {"train": _train, "evaluate": _evaluate, "export": _export, "embed": _embed, "keypoints": _keypoints,
                "synth": _synth, "ablate": _ablate}

@@ -309,14 +309,11 @@ def default_root(**params) -> Path:
 def ensure_synthetic(root: str | os.PathLike | None = None, *, progress: bool = True, workers: int = 2,
                      **params) -> Path:
     """The synthetic dataset's folder, generated on first use: ``root`` (default
-    :func:`default_root`) is reused when it holds a complete dataset (``synthetic.json``; of the
-    generator parameters ``params`` when any are given), else it is
+    :func:`default_root`) is reused when it holds a complete dataset (``synthetic.json``), else it is
     generated into a temporary sibling folder and renamed into place, so an interrupted or concurrent
     generation never leaves a partial dataset there."""
     root = Path(root) if root is not None else default_root(**params)
     if (root / "synthetic.json").is_file():
-        if not params:  # a folder written by `keypointops synth`, whatever its parameters
-            return root
         stored = json.loads((root / "synthetic.json").read_text())
         wanted = _normalise_params(**{**DEFAULTS, **params})
         if stored.get("version") != VERSION or stored.get("params") != wanted:
