@@ -174,3 +174,12 @@ def check_autocast_policy(op, main, others: dict, cast_others: tuple, dtype: tor
     if cast_others:
         with pytest.raises(ValueError, match="dtype"):
             op(reduced, **others, **kwargs)
+
+
+def gradient_errors(function, inputs, grad_out):
+    """Max abs error per input of ``function``'s float32 gradients against its float64 gradients
+    (``inputs`` float64, one ``grad_out``)."""
+    def grads(dtype):
+        typed = [i.to(dtype).requires_grad_() for i in inputs]
+        return torch.autograd.grad(function(*typed), typed, grad_out.to(dtype))
+    return [float((g.double() - e).abs().max()) for g, e in zip(grads(torch.float32), grads(torch.float64))]
