@@ -55,6 +55,8 @@ def test_run_folder_log_and_dataset_statistics(run):
     header = next(line for line in log.splitlines() if line.startswith("=> "))
     assert header.startswith("=> MARS from ") and header.split(" from ")[1].endswith("synthetic")  # the data's path
     assert "  subset   | # ids | # tracklets | # images" in log
+    train_row = next(line for line in log.splitlines() if line.startswith("  train "))
+    assert train_row.split("|")[1].strip() == "6"   # --data-option num_train_ids=6
     assert log.index("# tracklets") < log.index("epoch 1/2")
 
 
