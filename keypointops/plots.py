@@ -59,8 +59,8 @@ def plot_curves(metrics_path: str | os.PathLike, path: str | os.PathLike) -> Non
     axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     # the rate of epoch e holds over [e - 1, e]: a step from the epoch's start to its end
     lrs = [r["lr"] for r in records]
-    axes[1].step(np.append(epochs - 1, epochs[-1]), lrs + lrs[-1:], where="post")
-    axes[1].plot(epochs, lrs, "o", ms=3)
+    (steps,) = axes[1].step(np.append(epochs - 1, epochs[-1]), lrs + lrs[-1:], where="post")
+    axes[1].plot(epochs, lrs, "o", ms=3, color=steps.get_color())
     axes[1].set(title="learning rate", yscale="log")
     evaluated = [r for r in records if "mAP" in r]
     for key in ("rank1", "mAP"):
