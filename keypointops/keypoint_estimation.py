@@ -128,11 +128,12 @@ def decode_pose(maps: np.ndarray | torch.Tensor, *, threshold: float = 0.1) -> n
 
 def keypoint_file(dataset, frame: str) -> Path:
     """Where the reader of ``dataset`` looks for the keypoints of ``frame``: MARS's
-    ``bbox_<split>_keypoints/<pid>/<stem>.pose``, else the ``<stem>.pose`` beside the image."""
-    from keypointops.data import MARS
+    ``bbox_<split>_keypoints/<pid>/<stem>.pose`` (PoseTrackReID's ``<split>_keypoints/...`` alike),
+    else the ``<stem>.pose`` beside the image."""
+    from keypointops.data import MARS, PoseTrackReID
 
     image = Path(frame)
-    if isinstance(dataset, MARS):
+    if isinstance(dataset, (MARS, PoseTrackReID)):
         split_folder = image.parent.parent
         return split_folder.with_name(split_folder.name + "_keypoints") / image.parent.name / (image.stem + ".pose")
     return image.with_suffix(".pose")

@@ -11,7 +11,7 @@ import torch
 from helpers import upright_keypoints
 from keypointops.cli import main
 from keypointops.data.keypoint_files import COCO17_FLIP
-from keypointops.keypoint_estimation import decode_pose
+from keypointops.keypoint_estimation import decode_pose, keypoint_file
 from keypointops.models.pose_maps import OpenPoseBody, render_heatmaps, render_pose_maps
 
 HEIGHT, WIDTH = 256, 128
@@ -105,3 +105,10 @@ def test_keypoints_command_wrong_weights_one_line_error(tmp_path, capsys):
     assert main(["keypoints", "--data", "synthetic", "--root", str(tmp_path / "data"), "--weights", str(weights)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tensor 'conv1_1.weight' has shape [3], expected [64, 3, 3, 3]" in err
+
+
+def test_keypoint_files_go_where_the_readers_look():
+    from keypointops.data import iLIDSVID
+
+    two_camera = iLIDSVID.__new__(iLIDSVID)                              # readers of sidecar files
+    assert keypoint_file(two_camera, "/d/cam1/person001/f001.png") == Path("/d/cam1/person001/f001.pose")
