@@ -1,4 +1,4 @@
-"""The ``keypointops`` command (also ``python -m keypointops``): train, evaluate, export, synth.
+"""The ``keypointops`` command (also ``python -m keypointops``): train, evaluate, export, embed, keypoints, synth.
 
 ``keypointops train`` with no argument trains KMPNet's ``cpu`` preset on the synthetic dataset
 (generated on first use into a cache folder), evaluates it, and prints rank-1/5/10/20, mAP and mINP
@@ -15,9 +15,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -35,6 +35,37 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+_EXAMPLES = """examples:
+  keypointops train                                     # KMPNet on the synthetic dataset, CPU-sized
+  keypointops train --model ctl --data mars --root DIR --preset paper --pretrained resnet50.pth
+  keypointops evaluate --checkpoint runs/kmpnet-synthetic-cpu/model.pt --out eval/
+  keypointops export --checkpoint runs/kmpnet-synthetic-cpu/model.pt --format onnx
+  keypointops embed --checkpoint runs/kmpnet-synthetic-cpu/model.pt --out feats.npz
+  keypointops synth --out data/synthetic
+  keypointops keypoints --data mars --root DIR --weights body_pose_model.pth --device cuda
+  torchrun --nproc_per_node=2 -m keypointops train      # DDP
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout and shows each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else "%(default)s"
+            text += f" (default: {default})"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """The command's parser and its subcommands' (argparse builds those of the parser's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -66,6 +97,7 @@ def _keypoint_settings(text: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from keypointops import __version__
     from keypointops.data import DATASET_NAMES
     from keypointops.data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
     from keypointops.data.synthetic import HARD as SYNTHETIC_HARD
@@ -74,21 +106,24 @@ def _parser() -> argparse.ArgumentParser:
     from keypointops.engine import AMP_MODES
     from keypointops.models import MODELS, PRESET_NAMES
 
-    parser = argparse.ArgumentParser(prog="keypointops", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="keypointops", description=__doc__.split("\n\n")[0].replace("``", ""), epilog=_EXAMPLES)
+    parser.add_argument("--version", action="version", version=f"keypointops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model, evaluate it beside the colour-histogram baselines")
-    p.add_argument("--model", default="kmpnet", choices=sorted(MODELS))
-    p.add_argument("--data", default="synthetic", choices=DATASET_NAMES)
+    p.add_argument("--model", default="kmpnet", choices=sorted(MODELS), help="the model to train")
+    p.add_argument("--data", default="synthetic", choices=DATASET_NAMES,
+                   help="dataset (synthetic: a folder of keypointops synth, or generated on first use)")
     p.add_argument("--root", default=None, help="dataset folder (synthetic: default a cache folder)")
-    p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
+    p.add_argument("--preset", default="cpu", choices=PRESET_NAMES,
+                   help="cpu: a small variant that trains on a CPU; paper: the paper's settings")
     p.add_argument("--pretrained", default=None, metavar="PATH", help="local torchvision ResNet weights")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are deleted)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from another run's weights (e.g. a trained pcb for kmpnet: its paper's stage B)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and augmentation")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs")
     _add_run_options(p)
     p.add_argument("--amp", choices=AMP_MODES, default=None,
@@ -99,10 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip the colour-histogram baselines")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a model.pt of keypointops train")
     p.add_argument("--root", default=None, help="dataset folder (default: the one it was trained on)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write the table (results.json) and the CMC and ranking pictures there")
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the free cores)")
     p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
     p.add_argument("--keypoints", default="as-is", metavar="SETTINGS",
                    help="comma-separated test-keypoint settings, one table row each: "
@@ -110,10 +147,10 @@ def _parser() -> argparse.ArgumentParser:
                         "they are shuffled)")
 
     p = sub.add_parser("ablate", help="run a paper's ablation rows over seeds, with keypoint-corruption controls")
-    p.add_argument("--paper", required=True, choices=list(ABLATIONS))
+    p.add_argument("--paper", required=True, choices=list(ABLATIONS), help="whose ablation table to reproduce")
     p.add_argument("--rows", default=None, metavar="NAMES", help="comma-separated rows (default: all of the paper's)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row")
-    p.add_argument("--data", default="synthetic-hard", choices=DATASET_NAMES)
+    p.add_argument("--data", default="synthetic-hard", choices=DATASET_NAMES, help="dataset")
     p.add_argument("--root", default=None, help="dataset folder (synthetic: default a cache folder)")
     p.add_argument("--out", default="runs/ablation", help="folder of the runs and tables (resumes what is there)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, each with its share of the cores")
@@ -122,24 +159,46 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(p)
 
     p = sub.add_parser("export", help="export the inference model, check it against PyTorch")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=("onnx", "exported"), default="onnx")
+    p.add_argument("--checkpoint", required=True, help="a model.pt of keypointops train")
+    p.add_argument("--format", choices=("onnx", "exported"), default="onnx",
+                   help="onnx: an ONNX model for ONNX Runtime; exported: a torch.export program (.pt2)")
     p.add_argument("--out", default=None, help="output file (default beside the checkpoint)")
     p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
 
+    p = sub.add_parser("embed", help="write one embedding per query and gallery tracklet to a .npz file")
+    p.add_argument("--checkpoint", required=True, help="a model.pt of keypointops train")
+    p.add_argument("--data", default=None, choices=DATASET_NAMES, help="dataset (default: the one it was trained on)")
+    p.add_argument("--root", default=None, help="dataset folder (default: the one it was trained on)")
+    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
+
+    p = sub.add_parser("keypoints", help="estimate COCO-17 keypoints of every frame with the OpenPose body network")
+    p.add_argument("--data", required=True, choices=DATASET_NAMES, help="dataset")
+    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument("--weights", required=True, metavar="PATH",
+                   help="local OpenPose COCO body weights (body_pose_model.pth of the PyTorch ports)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--batch-size", type=int, default=16, help="frames per network batch")
+    p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(256, 128),
+                   help="network input size (multiples of 8); frames are resized to it")
+    p.add_argument("--threshold", type=float, default=0.1, help="heatmap peak under which a joint is missing")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
     p = sub.add_parser("synth", help="write the synthetic dataset (MARS layout)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write the dataset to")
     p.add_argument("--hard", action="store_true",
                    help="the hard variant (synthetic-hard): its parameters, then the flags below")
     p.add_argument("--ids", type=int, help=f"identities of each split (train and test; default "
                    f"{SYNTHETIC_DEFAULTS['num_train_ids']}, --hard: {SYNTHETIC_HARD['num_train_ids']} and "
                    f"{SYNTHETIC_HARD['num_test_ids']})")
-    p.add_argument("--cameras", type=int, help=f"default {SYNTHETIC_DEFAULTS['num_cameras']}")
+    p.add_argument("--cameras", type=int, help=f"cameras (default {SYNTHETIC_DEFAULTS['num_cameras']})")
     p.add_argument("--frames", type=int, help=f"mean tracklet length (default {SYNTHETIC_DEFAULTS['frames']}, "
                    f"--hard: {SYNTHETIC_HARD['frames']})")
     p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                    help=f"frame size in pixels (default {SYNTHETIC_DEFAULTS['size']})")
-    p.add_argument("--seed", type=int, help=f"default {SYNTHETIC_DEFAULTS['seed']}")
+    p.add_argument("--seed", type=int, help=f"the generator's seed (default {SYNTHETIC_DEFAULTS['seed']})")
     p.add_argument("--replace", action="store_true", help="replace what --out holds (default: refuse a non-empty folder)")
     return parser
 
@@ -158,19 +217,52 @@ def _table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(rows: dict[str, dict], baseline_results: dict, dataset, out: Path | None) -> None:
+def _report(rows: dict[str, dict], baseline_results: dict, dataset, data: str, out: Path | None) -> None:
     """Prints the table of the model's evaluations (``{label: result}``, the first the main one) and
-    the baselines; with ``out``, writes the CMC and ranking PNGs of the first."""
+    the baselines; with ``out``, writes the table as ``results.json`` and the CMC and ranking PNGs of
+    the first there."""
     from keypointops.engine import summary
     from keypointops.evaluation import compute_distance
     from keypointops.plots import plot_cmc, plot_ranking
 
-    print(_table({**{k: summary(v) for k, v in rows.items()}, **{k: summary(v) for k, v in baseline_results.items()}}))
+    table = {**{k: summary(v) for k, v in rows.items()}, **{k: summary(v) for k, v in baseline_results.items()}}
+    print(_table(table))
     label, result = next(iter(rows.items()))
     if out is not None:
-        plot_cmc({label: result["cmc"], **{k: v["cmc"] for k, v in baseline_results.items()}}, out / "cmc.png")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"data": data, "results": table}, indent=1) + "\n")
+        plot_cmc({label: result["cmc"], **{k: v["cmc"] for k, v in baseline_results.items()}}, out / "cmc.png",
+                 title=f"{label} on {data}: mAP {table[label]['mAP']:.1f}%")
         plot_ranking(compute_distance(result["qf"], result["gf"]).numpy(), dataset.query, dataset.gallery,
                      out / "ranking.png")
+
+
+class _RunLog:
+    """Standard output copied to a run folder's ``log.txt`` (appended: a resumed run adds to it).
+    What is printed before the folder exists is kept and written once it does, so the log does
+    not create the folder."""
+
+    def __init__(self, console, path: Path):
+        self.console, self.path, self.pending, self.file = console, path, [], None
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        if self.file is None and self.path.parent.is_dir():
+            self.file = open(self.path, "a", encoding="utf-8")
+            self.file.write("".join(self.pending))
+        if self.file is None:
+            self.pending.append(text)
+        else:
+            self.file.write(text)
+            self.file.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -185,7 +277,7 @@ def _set_threads(args) -> None:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(args.threads or max(1, share - args.workers))
+    torch.set_num_threads(args.threads or max(1, share - getattr(args, "workers", 0)))
 
 
 def _train(args) -> None:
@@ -199,30 +291,48 @@ def _train(args) -> None:
                                 model_overrides=_key_values(args.model_option, "--model-option"),
                                 data_options=_key_values(args.data_option, "--data-option"), amp=args.amp,
                                 channels_last=args.channels_last, compile=args.compile)
-    out = Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
+    out = _run_folder(args)
     run = engine.train(config, out, resume=args.resume, overwrite=args.overwrite, with_baselines=not args.no_baselines)
     if run["eval"] is None:  # a DDP rank other than 0
         return
     plot_curves(out / "metrics.jsonl", out / "curves.png")
-    print(f"\n{args.model} ({args.preset} preset) on {args.data}, {config['train']['epochs']} epochs, "
+    print(f"\n{args.model} ({args.preset} preset) on {args.data}, {_epochs(config['train']['epochs'])}, "
           f"{run['seconds']:.0f} s; run folder {out}")
-    _report({args.model: run["eval"]}, run["baselines"], run["dataset"], out)
+    _report({args.model: run["eval"]}, run["baselines"], run["dataset"], args.data, out)
+
+
+def _run_folder(args) -> Path:
+    return Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch" if count == 1 else f"{count} epochs"
+
+
+def _checkpoint_and_dataset(args) -> tuple[dict, dict, object]:
+    """``(checkpoint, its run config, the dataset)`` for a command that reads a checkpoint: the
+    config's dataset unless ``--data`` / ``--root`` name another; sets the threads."""
+    from keypointops.checkpoints import load_checkpoint
+    from keypointops.data import build_dataset
+
+    _set_threads(args)
+    state = load_checkpoint(args.checkpoint, args.model)
+    config = dict(state["config"], workers=args.workers)
+    if getattr(args, "data", None) is not None:
+        config["data"] = args.data
+    if getattr(args, "root", None) is not None:
+        config["root"] = str(Path(args.root).resolve())
+    return state, config, build_dataset(config["data"], config["root"], **config["data_options"])
 
 
 def _evaluate(args) -> None:
     from keypointops import engine
-    from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
-    from keypointops.data import build_dataset
+    from keypointops.checkpoints import model_from_checkpoint
     from keypointops.distributed import device_for_rank
 
-    _set_threads(args)
     settings = _keypoint_settings(args.keypoints)
-    state = load_checkpoint(args.checkpoint, args.model)
-    config = dict(state["config"], workers=args.workers)
-    if args.root is not None:
-        config["root"] = str(Path(args.root).resolve())
+    state, config, dataset = _checkpoint_and_dataset(args)
     model = model_from_checkpoint(state)
-    dataset = build_dataset(config["data"], config["root"], **config["data_options"])
     device = device_for_rank()
     results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device,
                                      keypoints=settings[0])
@@ -230,14 +340,13 @@ def _evaluate(args) -> None:
     rows = {label: results.pop("model")}
     rows.update({f"{config['model']}, keypoints {s}": r
                  for s, r in engine.evaluate_keypoint_settings(model, dataset, config, device, settings[1:]).items()})
-    print(f"{config['model']} after {state['epoch']} epochs on {config['data']}")
-    _report(rows, results, dataset, None)
+    print(f"{config['model']} after {_epochs(state['epoch'])} on {config['data']}")
+    _report(rows, results, dataset, config["data"], None if args.out is None else Path(args.out))
 
 
 def _export(args) -> None:
-    import torch
-
     from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
+    from keypointops.export import export_model
     from keypointops.models.presets import TrainSettings
 
     state = load_checkpoint(args.checkpoint, args.model)
@@ -245,37 +354,48 @@ def _export(args) -> None:
     model = model_from_checkpoint(state, ops_backend="reference")
     t = TrainSettings.from_dict(state["config"]["train"])
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt2"))
+    report = export_model(model, {args.format: out}, frames=t.frames, height=t.height, width=t.width)
+    shapes = {"images": f"[{{}}, {{}}, 3, {t.height}, {t.width}]", "keypoints": "[{}, {}, 17, 3]"}
+    described = [f"{name} " + shapes[name].format("batch", "frames" if "frames" in axes.values() else t.frames)
+                 for name, axes in report["dynamic"].items()]
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {state['config']['model']} inference model; "
+          f"inputs {', '.join(described)}; output embedding [batch, D]")
+    errors = ", ".join(f"{name} {error:.3g}" for name, error in report["errors"][args.format].items())
+    print(f"max abs error vs PyTorch ({report['runtime'][args.format]}, clips other than the traced one): {errors}")
 
-    def clip(seed: int):
-        g = torch.Generator().manual_seed(seed)
-        images = torch.randn(1, t.frames, 3, t.height, t.width, generator=g)
-        scale = torch.tensor([t.width, t.height, 1.0])
-        return images, torch.rand(1, t.frames, 17, 3, generator=g) * scale
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape checks
-        check = clip(1)
-        expected = model(*check)
-        if args.format == "onnx":
-            import onnxruntime
+def _embed(args) -> None:
+    import numpy as np
 
-            torch.onnx.export(model, clip(0), out, input_names=["images", "keypoints"], output_names=["embedding"],
-                              dynamo=False)
-            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-            feed = dict(zip(("images", "keypoints"), (x.numpy() for x in check)))
-            got = torch.from_numpy(session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})[0])
-            runtime = f"ONNX Runtime {onnxruntime.__version__}"
-        else:
-            program = torch.export.export(model, clip(0))
-            if "keypointops" in str(program.graph):
-                raise RuntimeError("the exported graph still holds a keypointops op")
-            torch.export.save(program, out)
-            got = torch.export.load(out).module()(*check)
-            runtime = "torch.export.load"
-    error = float((got - expected).abs().max())
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {state['config']['model']} inference model, "
-          f"embedding {tuple(expected.shape)}")
-    print(f"max abs error vs PyTorch ({runtime}, a clip other than the traced one): {error:.3g}")
+    from keypointops.checkpoints import model_from_checkpoint
+    from keypointops.distributed import device_for_rank
+    from keypointops.export import embed_dataset
+
+    state, config, dataset = _checkpoint_and_dataset(args)
+    arrays = embed_dataset(model_from_checkpoint(state).to(device_for_rank()), dataset, config, device_for_rank())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    print(f"wrote {out}: {len(dataset.query)} query and {len(dataset.gallery)} gallery embeddings of "
+          f"dimension {arrays['query_features'].shape[1]} (arrays {', '.join(arrays)})")
+
+
+def _keypoints(args) -> None:
+    import torch
+
+    from keypointops.data import build_dataset
+    from keypointops.keypoint_estimation import estimate_dataset
+    from keypointops.models.pose_maps import OpenPoseBody, load_openpose_weights
+
+    _set_threads(args)
+    net = load_openpose_weights(OpenPoseBody(), args.weights)
+    dataset = build_dataset(args.data, args.root)
+    stats = estimate_dataset(dataset, net, device=torch.device(args.device), batch_size=args.batch_size,
+                             height=args.size[0], width=args.size[1], threshold=args.threshold)
+    if stats["frames"] and (dataset.root / "keypoints_cache").is_dir():
+        shutil.rmtree(dataset.root / "keypoints_cache")  # derived from the files just written: rebuilt on next read
+    print(f"keypoints of {stats['frames']} frames written; {stats['skipped']} of {stats['tracklets']} tracklets "
+          f"already had theirs")
 
 
 def _ablate(args) -> None:
@@ -332,13 +452,28 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``keypointops`` console script; returns the exit code."""
+    """Entry point of the ``keypointops`` console script; returns the exit code.  A training run's
+    standard output is copied to its folder's ``log.txt``."""
+    args = _parser().parse_args(argv)
+    console = sys.stdout
+    if args.command == "train" and os.environ.get("RANK", "0") == "0":
+        sys.stdout = _RunLog(console, _run_folder(args) / "log.txt")
+    try:
+        return _run(args)
+    finally:
+        if sys.stdout is not console:
+            sys.stdout.close()
+            sys.stdout = console
+
+
+def _run(args) -> int:
+    """Runs the parsed command; returns the exit code."""
     from keypointops.data import DatasetNotFoundError
     from keypointops.checkpoints import CheckpointError
 
-    args = _parser().parse_args(argv)
     start = time.perf_counter()
-    command = {"train": _train, "evaluate": _evaluate, "export": _export, "synth": _synth, "ablate": _ablate}
+    command = {"train": _train, "evaluate": _evaluate, "export": _export, "embed": _embed, "keypoints": _keypoints,
+               "synth": _synth, "ablate": _ablate}
     try:
         command[args.command](args)
     except (CheckpointError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError,

@@ -378,6 +378,8 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, overwri
     if state is not None and state["num_classes"] != dataset.num_train_pids:
         raise CheckpointError(f"cannot resume {ckpt_path}: it was trained on {state['num_classes']} training "
                               f"identities, the dataset in {config['root']} now has {dataset.num_train_pids}")
+    if rank == 0:
+        log(dataset.statistics())
     core.to(device)
     if config.get("channels_last"):
         core.to(memory_format=torch.channels_last)

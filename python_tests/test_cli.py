@@ -1,5 +1,6 @@
 """The ``keypointops`` command: a tiny train run (table, run folder), the ONNX export round trip,
 and the one-line errors of bad input."""
+import argparse
 import json
 import os
 import subprocess
@@ -48,25 +49,100 @@ def test_train_prints_table_and_writes_run_folder(run):
         assert all(0 <= v <= 100 for v in values) and values[:4] == sorted(values[:4])
 
 
-def test_evaluate_checkpoint(run, capsys):
+def test_run_folder_log_and_dataset_statistics(run):
     out, stdout = run
-    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--workers", "0", "--threads", "1"]) == 0
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    log = (out / "log.txt").read_text()
+    assert stdout.strip() and stdout.strip() in log.strip()   # everything printed, the dataset table first
+    header = next(line for line in log.splitlines() if line.startswith("=> "))
+    assert header.startswith("=> MARS from ") and header.split(" from ")[1].endswith("synthetic")  # the data's path
+    assert "  subset   | # ids | # tracklets | # images" in log
+    train_row = next(line for line in log.splitlines() if line.startswith("  train "))
+    assert train_row.split("|")[1].strip() == "6"   # --data-option num_train_ids=6
+    assert log.index("# tracklets") < log.index("epoch 1/2")
+
+
+def test_evaluate_checkpoint(run, capsys, tmp_path):
+    out, stdout = run
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--workers", "0", "--threads", "1",
+                 "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("|")]
     trained = [line for line in stdout.splitlines() if line.startswith("|")]
     assert table == trained  # the same numbers as at the end of training
+    assert "kmpnet after 2 epochs on synthetic" in printed
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["data"] == "synthetic" and set(results["results"]) == {
+        "kmpnet", "global colour histogram", "4-stripe colour histogram"}
+    assert {"cmc.png", "ranking.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
 
 
-def test_export_onnx_round_trip(run, capsys):
+def test_epoch_counts_read_as_english():
+    from keypointops.cli import _epochs
+
+    assert (_epochs(1), _epochs(2)) == ("1 epoch", "2 epochs")
+
+
+def test_help_describes_every_option(capsys):
+    from keypointops import __version__
+    from keypointops.cli import _parser
+
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings)
+        assert "``" not in sub.format_help(), name
+    assert "the model to train (default: kmpnet)" in " ".join(subparsers["train"].format_help().split())
+    assert "``" not in parser.format_help() and "examples:" in parser.format_help()
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"keypointops {__version__}"
+
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("exported", ".pt2")])
+def test_export_serves_any_batch(run, capsys, fmt, suffix):
     out, _ = run
-    assert main(["export", "--checkpoint", str(out / "model.pt"), "--format", "onnx"]) == 0
+    assert main(["export", "--checkpoint", str(out / "model.pt"), "--format", fmt]) == 0
     printed = capsys.readouterr().out
-    assert (out / "model.onnx").is_file()
-    error = float(printed.split("max abs error vs PyTorch")[1].split(":")[-1])
-    assert error < 1e-4
-    import onnx
+    assert (out / f"model{suffix}").is_file()
+    # KMPNet's embedding reads no keypoint at inference (the graph branch is dropped): one input
+    assert "inputs images [batch, frames, 3, 64, 32]; output embedding [batch, D]" in printed
+    errors = dict(item.rsplit(" ", 1) for item in printed.split("traced one): ")[1].strip().split(", "))
+    assert set(errors) == {"batch 1", "batch 5", "batch 2 of 3 frames"}
+    assert all(float(e) <= 1e-4 for e in errors.values()), errors
+    if fmt == "onnx":
+        import onnx
 
-    graph = onnx.load(str(out / "model.onnx")).graph
-    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}  # standard ops only
+        graph = onnx.load(str(out / "model.onnx")).graph
+        assert {node.domain for node in graph.node} <= {"", "ai.onnx"}  # standard ops only
+        assert [i.name for i in graph.input] == ["images"]
+        assert not graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # dynamic batch
+
+
+def test_embed_reproduces_evaluate(run, tmp_path, capsys):
+    """`embed` writes one embedding per query and gallery tracklet; fed to evaluate, it gives the
+    run's mAP."""
+    import numpy as np
+
+    from keypointops.evaluation import evaluate
+
+    out, _ = run
+    feats = tmp_path / "feats.npz"
+    assert main(["embed", "--checkpoint", str(out / "model.pt"), "--out", str(feats), "--workers", "0",
+                 "--threads", "1"]) == 0
+    with np.load(feats) as f:
+        arrays = {k: f[k] for k in f.files}
+    assert len(arrays["query_paths"]) == len(arrays["query_pids"]) == len(arrays["query_features"])
+    result = evaluate(*(torch_tensor(arrays[k]) for k in ("query_features", "gallery_features")),
+                      arrays["query_pids"], arrays["gallery_pids"], arrays["query_camids"], arrays["gallery_camids"])
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 100 * result["mAP"] == pytest.approx(record["mAP"], abs=1e-4)
+
+
+def torch_tensor(array):
+    import torch
+
+    return torch.from_numpy(array)
 
 
 def one_line_error(capsys, argv, match):

@@ -15,8 +15,8 @@ from helpers import FUZZ_EXAMPLES, assert_own_error, fuzz_settings, mutated_byte
 
 from keypointops.data import Tracklet, load_keypoints
 from keypointops.data.keypoint_files import (COCO17_FLIP, cache_tracklet_keypoints, from_coco17, read_cache,
-                                             read_openpose, read_pose, sanitize, to_coco17, write_cache,
-                                             write_openpose, write_pose)
+                                             read_keypoint_file, read_openpose, read_pose, sanitize, to_coco17,
+                                             write_cache, write_openpose, write_pose)
 from keypointops.graphs import SKELETONS
 
 
@@ -261,3 +261,22 @@ def test_fuzz_cache_files(tmp_path):
         def check(kp):
             assert kp.dtype == np.float32 and kp.ndim == 3 and kp.shape[1:] == (17, 3) and np.isfinite(kp).all()
         _fuzz(read_cache, valid, ".npz", check)
+
+
+def test_coco_results_json_through_the_frame_reader(tmp_path):
+    """Other estimators' COCO keypoint results (a list of {image_id, keypoints: 51 values, score})
+    read through the same path as OpenPose JSON: the highest-scoring person, sanitised."""
+    person, other = random_keypoints(1), random_keypoints(2)
+    person[4] = 0.0  # a missing joint stays missing
+    results = [{"image_id": "0001C1T0001F001", "category_id": 1, "keypoints": other.reshape(-1).tolist(), "score": 0.3},
+               {"image_id": "0001C1T0001F001", "category_id": 1, "keypoints": person.reshape(-1).tolist(), "score": 0.9}]
+    path = tmp_path / "0001C1T0001F001_keypoints.json"
+    path.write_text(json.dumps(results))
+    np.testing.assert_allclose(read_keypoint_file(path), sanitize(person), atol=1e-6)
+    tracklet = Tracklet((str(tmp_path / "0001C1T0001F001.jpg"),), 1, 0, str(tmp_path))
+    np.testing.assert_allclose(load_keypoints(tracklet)[0], sanitize(person), atol=1e-6)
+    path.write_text(json.dumps([]))
+    assert not read_keypoint_file(path).any()
+    path.write_text(json.dumps([{"image_id": 1, "keypoints": [1.0, 2.0, 0.5]}]))
+    with pytest.raises(ValueError, match="17 x, y, score triples"):
+        read_keypoint_file(path)

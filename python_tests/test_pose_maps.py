@@ -156,7 +156,16 @@ def test_openpose_body_network(tmp_path):
     state = net.state_dict()
     del state["conv1_1.bias"]
     torch.save(state, path)
-    with pytest.raises(RuntimeError, match="conv1_1.bias"):
+    with pytest.raises(ValueError, match="tensor 'conv1_1.bias' is missing") as info:
+        load_openpose_weights(net, path)
+    assert len(str(info.value).splitlines()) == 1
+    state["conv1_1.bias"] = torch.zeros(3)                       # wrong shape: the first mismatch is named
+    state["Mconv7_stage6_L2.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"tensor 'conv1_1.bias' has shape \[3\], expected \[64\]"):
+        load_openpose_weights(net, path)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a readable torch file"):
         load_openpose_weights(net, path)
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         load_openpose_weights(net, tmp_path / "missing.pth")

@@ -7,6 +7,8 @@ clip transforms and the loader.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from keypointops.data.datasets import (DATASETS, MARS, PRID2011, DatasetNotFoundError, DukeMTMCVideoReID,
                                        PoseTrackReID, Tracklet, VideoReIDDataset, iLIDSVID)
 from keypointops.data.keypoint_files import load_keypoints
@@ -30,11 +32,14 @@ def build_dataset(name: str, root=None, **options) -> VideoReIDDataset:
     variant, :data:`keypointops.data.synthetic.DEFAULTS` / ``HARD``; generated on first use into
     ``root``, default a cache folder, see :func:`keypointops.data.synthetic.ensure_synthetic`;
     options: generator parameters overriding the variant's, ``progress``, and
-    ``drop_distractors``), ``mars``, ``ilidsvid``, ``prid2011``,
+    ``drop_distractors``; a ``root`` written by ``keypointops synth`` is read as it is unless
+    generator parameters are given), ``mars``, ``ilidsvid``, ``prid2011``,
     ``dukev``, ``posetrackreid`` (``root`` required; options go to the reader)."""
     key = name.lower()
     if key in SYNTHETIC_DATASETS:
         reader = {k: options.pop(k) for k in ("drop_distractors",) if k in options}
+        if root is not None and not set(options) - {"progress"} and (Path(root) / "synthetic.json").is_file():
+            return MARS(root, **reader)  # a folder written by `keypointops synth`, whatever its parameters
         return MARS(ensure_synthetic(root, **{**SYNTHETIC_DATASETS[key], **options}), **reader)
     if key not in DATASETS:
         raise ValueError(f"build_dataset: unknown dataset {name!r}; known: {DATASET_NAMES}")

@@ -78,6 +78,17 @@ class VideoReIDDataset:
         return self._with_keypoints(tracklets, _sidecar, self.root / "keypoints_cache" / split,
                                     f"{type(self).__name__} {split}")
 
+    def statistics(self) -> str:
+        """The table of identities, tracklets and images per split (as torchreid prints it), headed
+        by the reader and the folder it read."""
+        rows = [(name, len({t.pid for t in split}), len(split), sum(len(t.frames) for t in split))
+                for name, split in (("train", self.train), ("query", self.query), ("gallery", self.gallery))]
+        rule = "  " + "-" * 44
+        lines = [f"=> {type(self).__name__} from {getattr(self, 'root', '?')}", rule,
+                 "  subset   | # ids | # tracklets | # images", rule]
+        lines += [f"  {name:<8} | {ids:5d} | {tracklets:11d} | {images:8d}" for name, ids, tracklets, images in rows]
+        return "\n".join(lines + [rule])
+
     def __repr__(self) -> str:
         def stats(split):
             return f"{len(split)} tracklets, {len({t.pid for t in split})} ids, " \

@@ -149,17 +149,24 @@ def from_coco17(keypoints: np.ndarray, skeleton: str) -> np.ndarray:
 
 
 def read_openpose(path: str | os.PathLike) -> np.ndarray:
-    """Reads an OpenPose JSON file (``people[i].pose_keypoints_2d``, BODY-25 or COCO-18) and
-    returns the COCO-17 ``[17, 3]`` keypoints of its most confident person (all missing when the
-    file has no person)."""
+    """Reads a frame's JSON keypoint file and returns the COCO-17 ``[17, 3]`` keypoints of its most
+    confident person (all missing when the file has no person).
+
+    Two layouts: OpenPose's (an object with ``people[i].pose_keypoints_2d``, BODY-25 or COCO-18),
+    and the COCO keypoint results format that most other estimators write (a list of objects with
+    ``keypoints``: 17 x 3 values ``x, y, score`` in COCO-17 order, optionally ``score`` and
+    ``image_id``; the entry with the highest ``score``, else the highest summed joint score, wins).
+    """
     try:
         with open(path, "r", encoding="utf-8") as f:
             data = json.load(f)
+        if isinstance(data, list):
+            return _coco_results_person(path, data)
         people = data["people"]
         flat = [np.asarray(p["pose_keypoints_2d"], dtype=np.float64) for p in people]
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
-        raise ValueError(f"{path}: malformed OpenPose JSON (expected people[].pose_keypoints_2d): "
-                         f"{e!r}") from None
+        raise ValueError(f"{path}: malformed keypoint JSON (expected OpenPose's people[].pose_keypoints_2d or "
+                         f"a list of COCO results with keypoints): {e!r}") from None
     if not flat:
         return np.zeros((NUM_JOINTS, 3), np.float32)
     best = None
@@ -170,6 +177,21 @@ def read_openpose(path: str | os.PathLike) -> np.ndarray:
         kp = to_coco17(values.reshape(-1, 3), _OPENPOSE_BY_SIZE[values.size // 3])
         if best is None or kp[:, 2].sum() > best[:, 2].sum():
             best = kp
+    return best
+
+
+def _coco_results_person(path, results: list) -> np.ndarray:
+    """The most confident person of a list of COCO keypoint results (see :func:`read_openpose`)."""
+    best, best_score = np.zeros((NUM_JOINTS, 3), np.float32), -np.inf
+    for entry in results:
+        values = np.asarray(entry["keypoints"], dtype=np.float64)
+        if values.shape != (NUM_JOINTS * 3,):
+            raise ValueError(f"{path}: a COCO result's keypoints must hold {NUM_JOINTS} x, y, score triples "
+                             f"({NUM_JOINTS * 3} numbers), got shape {values.shape}")
+        kp = sanitize(values.reshape(NUM_JOINTS, 3))
+        score = float(entry["score"]) if "score" in entry else float(kp[:, 2].sum())
+        if score > best_score:
+            best, best_score = kp, score
     return best
 
 

@@ -277,9 +277,27 @@ def load_openpose_weights(net: OpenPoseBody, path: str | os.PathLike) -> OpenPos
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_openpose_weights: no such weights file {os.fspath(path)!r} "
                                 "(weights are read from a local file, never downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged or foreign file
+        raise ValueError(f"load_openpose_weights: {os.fspath(path)!r} is not a readable torch file "
+                         f"({type(err).__name__})") from None
     if not isinstance(state, dict):
         raise ValueError(f"load_openpose_weights: {os.fspath(path)!r} does not hold a state dict")
+    expected = net.state_dict()
+    for name, tensor in expected.items():
+        if name not in state:
+            raise ValueError(f"load_openpose_weights: {os.fspath(path)!r} is not in the layout of the OpenPose COCO "
+                             f"body network: tensor {name!r} is missing")
+        got = state[name]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
+            raise ValueError(f"load_openpose_weights: {os.fspath(path)!r} is not in the layout of the OpenPose COCO "
+                             f"body network: tensor {name!r} has shape {list(getattr(got, 'shape', []))}, "
+                             f"expected {list(tensor.shape)}")
+    unexpected = [name for name in state if name not in expected]
+    if unexpected:
+        raise ValueError(f"load_openpose_weights: {os.fspath(path)!r} is not in the layout of the OpenPose COCO "
+                         f"body network: unexpected tensor {unexpected[0]!r}")
     net.load_state_dict(state, strict=True)
     return net
 
