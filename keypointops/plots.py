@@ -1,4 +1,5 @@
-"""Pictures of a run (matplotlib, Agg backend, PNG): CMC curves, training curves, ranked retrieval."""
+"""Pictures of a run (matplotlib, Agg backend, PNG): CMC curves, training curves, ranked retrieval,
+part masks over frames."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-__all__ = ["plot_cmc", "plot_curves", "plot_ranking"]
+__all__ = ["plot_cmc", "plot_curves", "plot_ranking", "plot_part_masks"]
 
 
 def plot_cmc(curves: dict[str, np.ndarray], path: str | os.PathLike, *, max_rank: int = 20) -> None:
@@ -91,4 +92,36 @@ def plot_ranking(distmat: np.ndarray, query, gallery, path: str | os.PathLike, *
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_part_masks(frames: np.ndarray, masks: np.ndarray, path: str | os.PathLike, *,
+                    labels: tuple[str, ...] = ("head", "torso + arms", "legs")) -> None:
+    """Part masks over their frames: one row per frame, the frame and then each mask (its cells
+    upsampled to the frame, nearest) drawn over the frame in a heat colour map.
+
+    Args:
+        frames: ``uint8 [N, H, W, 3]`` frames.
+        masks: ``[N, P, h, w]`` masks (each sums to 1 over its ``h * w`` cells), ``P = len(labels)``.
+        labels: the parts' names (column titles).
+    """
+    frames, masks = np.asarray(frames), np.asarray(masks, dtype=np.float64)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or masks.ndim != 4 or masks.shape[:2] != (len(frames), len(labels)):
+        raise ValueError(f"plot_part_masks: frames must be [N, H, W, 3] and masks [N, {len(labels)}, h, w], got "
+                         f"{list(frames.shape)} and {list(masks.shape)}")
+    height, width = frames.shape[1:3]
+    fig, axes = plt.subplots(len(frames), 1 + len(labels), figsize=(1.3 * (1 + len(labels)), 2.3 * len(frames)),
+                             squeeze=False)
+    for row, frame, frame_masks in zip(axes, frames, masks):
+        row[0].imshow(frame)
+        for ax, mask, label in zip(row[1:], frame_masks, labels):
+            ax.imshow(frame)
+            ax.imshow(mask, cmap="inferno", alpha=0.6, extent=(0, width, height, 0), interpolation="nearest",
+                      vmin=0, vmax=mask.max())
+            ax.set_title(f"{label}\nmax {mask.max():.2f}", fontsize=7)
+    axes[0, 0].set_title("frame", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)
