@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import keypointops
-from keypointops import graphs
+from keypointops import parts
 from keypointops._opdefs.backend import triton_available
 
 from conftest import SMALL, timed_pass
@@ -17,7 +17,7 @@ from conftest import SMALL, timed_pass
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = {
     "ctl": dict(images=4 if SMALL else 192, joints=17, groups=None),
-    "alignnet": dict(images=4 if SMALL else 240, joints=57, groups=graphs.ALIGNNET_BODY_PARTS),
+    "alignnet": dict(images=4 if SMALL else 240, joints=57, groups=parts.ALIGNNET_BODY_PARTS),
 }
 CHANNELS = 64 if SMALL else 2048
 HEIGHT, WIDTH = 16, 8
@@ -40,7 +40,7 @@ def make_case(case, device):
     heatmaps = torch.randn(spec["images"], spec["joints"], HEIGHT, WIDTH, generator=gen).to(device)
     groups = None
     if spec["groups"] is not None:
-        groups = graphs.part_groups(spec["groups"], spec["joints"]).to(device)
+        groups = parts.part_groups(spec["groups"], spec["joints"]).to(device)
     return features, heatmaps, groups
 
 

@@ -1,27 +1,23 @@
-"""The ``keypointops`` command (also ``python -m keypointops``): train, evaluate, export, synth, bench.
+"""The ``keypointops`` command (also ``python -m keypointops``): train, evaluate, export, synth.
 
 ``keypointops train`` with no argument trains KMPNet's ``cpu`` preset on the synthetic dataset
 (generated on first use into a cache folder), evaluates it, and prints rank-1/5/10/20, mAP and mINP
 beside two colour-histogram baselines evaluated on the same split. ``torchrun --nproc_per_node=N -m
 keypointops train ...`` trains with DDP. Bad input (a missing dataset folder, an unknown model, a
 checkpoint of another model, a corrupt checkpoint) ends with a one-line error and exit code 2.
+The op and model benchmarks are a pytest suite in the source checkout: ``pytest bench/``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 __all__ = ["main"]
-
-DATA_NAMES = ("synthetic", "mars", "ilidsvid", "prid2011", "dukev", "posetrackreid")
-
 
 def _key_values(items: list[str] | None, flag: str) -> dict:
     """``["a=1", "b=[2, 3]", "c=resnet50"]`` -> ``{"a": 1, "b": [2, 3], "c": "resnet50"}`` (JSON values,
@@ -39,15 +35,16 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from keypointops.models import MODELS, PRESET_NAMES
+    from keypointops.data import DATASET_NAMES
     from keypointops.data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
+    from keypointops.models import MODELS, PRESET_NAMES
 
     parser = argparse.ArgumentParser(prog="keypointops", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model, evaluate it beside the colour-histogram baselines")
     p.add_argument("--model", default="kmpnet", choices=sorted(MODELS))
-    p.add_argument("--data", default="synthetic", choices=DATA_NAMES)
+    p.add_argument("--data", default="synthetic", choices=DATASET_NAMES)
     p.add_argument("--root", default=None, help="dataset folder (synthetic: default a cache folder)")
     p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
     p.add_argument("--pretrained", default=None, metavar="PATH", help="local torchvision ResNet weights")
@@ -91,11 +88,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=SYNTHETIC_DEFAULTS["size"],
                    help="frame size in pixels")
     p.add_argument("--seed", type=int, default=SYNTHETIC_DEFAULTS["seed"])
-
-    p = sub.add_parser("bench", help="print the op benchmark table")
-    p.add_argument("--run", action="store_true",
-                   help="run the benchmark suite now (source checkout) instead of printing stored results")
-    p.add_argument("--small", action="store_true", help="with --run: the small CI sizes")
     return parser
 
 
@@ -161,16 +153,18 @@ def _train(args) -> None:
 
 def _evaluate(args) -> None:
     from keypointops import engine
+    from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
     from keypointops.data import build_dataset
+    from keypointops.distributed import device_for_rank
 
     _set_threads(args)
-    state = engine.load_checkpoint(args.checkpoint, args.model)
+    state = load_checkpoint(args.checkpoint, args.model)
     config = dict(state["config"], workers=args.workers)
     if args.root is not None:
         config["root"] = args.root
-    model = engine.model_from_checkpoint(state)
+    model = model_from_checkpoint(state)
     dataset = build_dataset(config["data"], config["root"], **config["data_options"])
-    device = engine.device_for_rank()
+    device = device_for_rank()
     results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device)
     print(f"{config['model']} after {state['epoch']} epochs on {config['data']}")
     _report(config["model"], results.pop("model"), results, dataset, None)
@@ -179,19 +173,20 @@ def _evaluate(args) -> None:
 def _export(args) -> None:
     import torch
 
-    from keypointops import engine
+    from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
+    from keypointops.models.presets import TrainSettings
 
-    state = engine.load_checkpoint(args.checkpoint, args.model)
+    state = load_checkpoint(args.checkpoint, args.model)
     # KMPNet in eval mode runs no graph branch; the reference backend leaves only standard ops.
-    model = engine.model_from_checkpoint(state, ops_backend="reference")
-    t = state["config"]["train"]
+    model = model_from_checkpoint(state, ops_backend="reference")
+    t = TrainSettings.from_dict(state["config"]["train"])
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt2"))
 
     def clip(seed: int):
         g = torch.Generator().manual_seed(seed)
-        images = torch.randn(1, t["frames"], 3, t["height"], t["width"], generator=g)
-        scale = torch.tensor([t["width"], t["height"], 1.0])
-        return images, torch.rand(1, t["frames"], 17, 3, generator=g) * scale
+        images = torch.randn(1, t.frames, 3, t.height, t.width, generator=g)
+        scale = torch.tensor([t.width, t.height, 1.0])
+        return images, torch.rand(1, t.frames, 17, 3, generator=g) * scale
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape checks
@@ -228,36 +223,14 @@ def _synth(args) -> None:
     print(f"wrote the synthetic dataset to {args.out}")
 
 
-def _bench(args) -> None:
-    bench = Path(__file__).resolve().parent.parent / "bench"
-    if args.run:
-        if not (bench / "conftest.py").is_file():
-            raise FileNotFoundError("the benchmark suite (bench/) ships with the source checkout, not the "
-                                    "installed package; run this from a clone of keypointops")
-        with tempfile.TemporaryDirectory() as tmp:
-            results = Path(tmp) / "results.md"
-            env = dict(os.environ, **({"KEYPOINTOPS_BENCH_SMALL": "1"} if args.small else {}))
-            subprocess.run([sys.executable, "-m", "pytest", str(bench), "-q", "--benchmark-only",
-                            f"--kp-results={results}", "-p", "no:cacheprovider"], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
-            print(results.read_text())
-        return
-    stored = sorted((bench / "results").glob("*.md"), key=lambda p: p.stat().st_mtime)
-    if not stored:
-        raise FileNotFoundError(f"no stored benchmark results in {bench / 'results'}; "
-                                "`keypointops bench --run` measures them (source checkout)")
-    for path in stored:
-        print(f"## {path.name}\n\n{path.read_text()}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``keypointops`` console script; returns the exit code."""
     from keypointops.data import DatasetNotFoundError
-    from keypointops.engine import CheckpointError
+    from keypointops.checkpoints import CheckpointError
 
     args = _parser().parse_args(argv)
     start = time.perf_counter()
-    command = {"train": _train, "evaluate": _evaluate, "export": _export, "synth": _synth, "bench": _bench}
+    command = {"train": _train, "evaluate": _evaluate, "export": _export, "synth": _synth}
     try:
         command[args.command](args)
     except (CheckpointError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:

@@ -15,11 +15,9 @@ does not change the data). A run killed mid-epoch restarts that epoch.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,17 +28,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from keypointops.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from keypointops.distributed import all_reduce_mean, device_for_rank, dist_info, init_distributed, wrap_ddp
 from keypointops.evaluation import evaluate
+from keypointops.models.presets import TrainSettings
 
-__all__ = ["CheckpointError", "make_config", "build_run", "train", "extract_features", "evaluate_models", "baselines",
-           "forward_backward", "distributed", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
-
-CHECKPOINT_FORMAT = "keypointops-checkpoint-1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used (missing, corrupt, not a keypointops checkpoint, or one
-    of another model)."""
+__all__ = ["make_config", "build_run", "train", "extract_features", "evaluate_models", "baselines", "forward_backward"]
 
 
 def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthetic", root: str | None = None, *,
@@ -53,114 +46,15 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     ``eval_every``: evaluate every N epochs (0: only after the last one, unless the preset's train
     settings hold ``eval_every``). ``max_steps``: stop each epoch after that many steps (quick runs).
     """
-    from keypointops.models import get_preset
+    from keypointops.models import preset_of
 
-    settings = copy.deepcopy(get_preset(model, preset))
-    train_cfg = settings["train"]
-    for key, value in (train_overrides or {}).items():
-        if key not in train_cfg:
-            raise ValueError(f"unknown train setting {key!r}; the preset has {sorted(train_cfg)}")
-        train_cfg[key] = value
-    train_cfg["eval_every"] = eval_every or train_cfg.get("eval_every", 0)
-    # Model options that mirror the clip shape (CTL's frames, RGCN's input_size) follow the train
-    # settings, so a --frames / --height / --width override reaches the model too.
-    model_cfg = settings["model"]
-    if "frames" in model_cfg:
-        model_cfg["frames"] = train_cfg["frames"]
-    if "input_size" in model_cfg:
-        model_cfg["input_size"] = [train_cfg["height"], train_cfg["width"]]
+    settings = preset_of(model, preset)
+    train_cfg = settings.train.replace(**(train_overrides or {}))
+    train_cfg = train_cfg.replace(eval_every=eval_every or train_cfg.eval_every)
+    model_cfg = settings.model_options(train_cfg)
     return {"model": model, "preset": preset, "model_options": {**model_cfg, **(model_overrides or {})},
-            "train": train_cfg, "data": data, "root": root, "data_options": dict(data_options or {}),
+            "train": train_cfg.to_dict(), "data": data, "root": root, "data_options": dict(data_options or {}),
             "seed": seed, "workers": workers, "pretrained": pretrained, "max_steps": max_steps}
-
-
-# ----------------------------------------------------------------------------------------- distributed
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size): from torchrun's environment, (0, 1) in a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(world_size: int, device: torch.device) -> None:
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def distributed(core: nn.Module, device: torch.device) -> nn.Module:
-    """``core`` wrapped in DistributedDataParallel (gradients averaged over the ranks)."""
-    return nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=True)
-
-
-def _all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
-    if world_size == 1 or not values:
-        return values
-    buf = torch.tensor(list(values.values()), dtype=torch.float64)  # same keys, same order on every rank
-    dist.all_reduce(buf)
-    return {k: float(v) / world_size for k, v in zip(values, buf)}
-
-
-def device_for_rank() -> torch.device:
-    """The device of this process: its GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Writes ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to disk,
-    then renamed over ``path`` (a reader never sees a half-written checkpoint)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike, model: str | None = None) -> dict:
-    """Reads a checkpoint with ``torch.load(weights_only=True)``; raises :class:`CheckpointError`
-    with a one-line reason when the file is missing, corrupt, not a keypointops checkpoint, or (when
-    ``model`` is given) holds another model."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a keypointops training checkpoint")
-    if model is not None and state["config"]["model"] != model:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {state['config']['model']!r} model, "
-                              f"not {model!r}")
-    return state
-
-
-def model_from_checkpoint(state: dict, **options) -> nn.Module:
-    """The model of a checkpoint (eval mode, CPU); ``options`` override its build options (e.g.
-    ``ops_backend="reference"``)."""
-    from keypointops.models import build_model
-
-    config = state["config"]
-    model = build_model(config["model"], state["num_classes"], **{**config["model_options"], **options})
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"the checkpoint's weights do not fit model {config['model']!r}: "
-                              f"{str(err).splitlines()[0]}") from None
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------- data + model
@@ -172,10 +66,10 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
     from keypointops.models.backbones import load_pretrained
 
     dataset = build_dataset(config["data"], config["root"], **config["data_options"])
-    t = config["train"]
-    loader = build_loader(dataset.train, train=True, frames=t["frames"], sampling=t["train_sampling"],
-                          height=t["height"], width=t["width"], batch_size=t["batch_size"],
-                          instances=t["instances"], flip=t["flip"], random_erase=t["random_erase"],
+    t = TrainSettings.from_dict(config["train"])
+    loader = build_loader(dataset.train, train=True, frames=t.frames, sampling=t.train_sampling,
+                          height=t.height, width=t.width, batch_size=t.batch_size,
+                          instances=t.instances, flip=t.flip, random_erase=t.random_erase,
                           workers=config["workers"], seed=config["seed"], rank=rank, world_size=world_size)
     torch.manual_seed(config["seed"])  # the initial weights
     model = build_model(config["model"], dataset.num_train_pids, **config["model_options"])
@@ -184,21 +78,21 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
     return dataset, loader, model
 
 
-def _optimizer(model: nn.Module, t: dict) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, t: TrainSettings) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if t["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=t["lr"], weight_decay=t["weight_decay"])
-    if t["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
-    raise ValueError(f"unknown optimizer {t['optimizer']!r} (adam or sgd)")
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    raise ValueError(f"unknown optimizer {t.optimizer!r} (adam or sgd)")
 
 
-def lr_factor(epoch: int, t: dict) -> float:
+def lr_factor(epoch: int, t: TrainSettings) -> float:
     """The learning-rate multiplier of ``epoch`` (0-based): a linear warmup from 0.1 over
     ``warmup_epochs``, then ``lr_gamma`` at every milestone passed."""
-    warmup = t["warmup_epochs"]
+    warmup = t.warmup_epochs
     factor = 0.1 + 0.9 * epoch / warmup if epoch < warmup else 1.0
-    return factor * t["lr_gamma"] ** sum(epoch >= m for m in t["lr_milestones"])
+    return factor * t.lr_gamma ** sum(epoch >= m for m in t.lr_milestones)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -236,11 +130,11 @@ def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device:
     Returns ``{name: evaluate() dict + "qf", "gf" (the tracklet embeddings)}``."""
     from keypointops.data import build_loader
 
-    t = config["train"]
+    t = TrainSettings.from_dict(config["train"])
     feats = {}
     for split, tracklets in (("query", dataset.query), ("gallery", dataset.gallery)):
-        loader = build_loader(tracklets, train=False, frames=t["frames"], sampling=t["test_sampling"],
-                              height=t["height"], width=t["width"], batch_size=t["batch_size"],
+        loader = build_loader(tracklets, train=False, frames=t.frames, sampling=t.test_sampling,
+                              height=t.height, width=t.width, batch_size=t.batch_size,
                               flip=False, random_erase=False, workers=config["workers"], seed=config["seed"])
         feats[split] = extract_features(models, loader, len(tracklets), device, desc=f"{split} features")
     (q_pids, q_cams), (g_pids, g_cams) = _ids(dataset.query), _ids(dataset.gallery)
@@ -292,7 +186,7 @@ def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: in
 
     The torch RNG is seeded from ``(seed, epoch, rank)`` once the epoch's batch iterator exists
     (creating an iterator may draw from it), so the epoch does not depend on what ran before it."""
-    t, max_steps = config["train"], config["max_steps"]
+    t, max_steps = TrainSettings.from_dict(config["train"]), config["max_steps"]
     model.train()
     loader.batch_sampler.set_epoch(epoch)
     batches = iter(loader)
@@ -304,8 +198,8 @@ def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: in
                       disable=rank != 0, leave=False, mininterval=2):
         optimizer.zero_grad(set_to_none=True)
         loss, parts = forward_backward(model, core, batch, device)
-        if t["grad_clip"]:
-            nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        if t.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         for name, value in {"loss": loss, **parts}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach())
@@ -356,7 +250,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         _check_resumable(state["config"], config)
     dataset, loader, core = build_run(config, rank=rank, world_size=world_size)
     core.to(device)
-    t = config["train"]
+    t = TrainSettings.from_dict(config["train"])
     optimizer = _optimizer(core, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, t))
     start_epoch = 0
@@ -366,24 +260,24 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"]
         log(f"resuming {ckpt_path} after epoch {start_epoch}")
-    model = distributed(core, device) if world_size > 1 else core
+    model = wrap_ddp(core, device) if world_size > 1 else core
     if rank == 0:
         (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         _write_metrics(metrics_path, start_epoch, None)
     record, result, baseline_results = None, None, {}
-    epochs = t["epochs"]
+    epochs = t.epochs
     for epoch in range(start_epoch, epochs):
         tick = time.perf_counter()
         stats = _train_epoch(model, core, loader, optimizer, config, device, epoch, rank)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         counts = {"steps": stats.pop("steps"), "clips": stats.pop("clips") * world_size}
-        stats = _all_reduce_mean(stats, world_size)
+        stats = all_reduce_mean(stats, world_size)
         seconds = time.perf_counter() - tick
         record = {"epoch": epoch + 1, "lr": lr, **stats, **counts, "seconds": seconds,
                   "clips_per_s": counts["clips"] / seconds}
         last = epoch + 1 == epochs
-        if rank == 0 and (last or (t["eval_every"] and (epoch + 1) % t["eval_every"] == 0)):
+        if rank == 0 and (last or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
             result, baseline_results = _evaluate_run(core, dataset, config, device, last and with_baselines)
             record.update(summary(result))
         if rank == 0:

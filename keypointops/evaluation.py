@@ -7,10 +7,9 @@ matches. Queries left without a true match are skipped (``num_valid_queries`` co
 Ties in distance are ordered by gallery index, as a stable argsort orders them.
 
 Speed: AP, INP and CMC need only the rank of each true match among the query's remaining gallery
-items, not a sorted row. The compiled ``keypointops::rank_stats`` kernel sorts the few true matches
-of each query and places every other item between them with a binary search: ``O(Q * G * log M)``
-with M the number of true matches of a query, against ``O(Q * G * log G)`` for the full argsort of
-each row that torchreid starts with. It needs the compiled extension (like every CPU op).
+items, not a sorted row: :func:`keypointops.ops.rank_stats` computes them without sorting the rows
+(see its docstring), against the ``O(Q * G * log G)`` full argsort of each row that torchreid
+starts with. It needs the compiled extension (like every CPU op).
 """
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from keypointops._extension import require_ops
+from keypointops.ops.rank_stats import rank_stats
 
 __all__ = ["compute_distance", "evaluate", "evaluate_rank", "re_ranking"]
 
@@ -61,11 +61,10 @@ def _as_ids(values) -> torch.Tensor:
 
 
 class _RankAccumulator:
-    """Sums the per-query statistics of the blocks of one evaluation; the ranking itself is the
-    compiled ``keypointops::rank_stats`` kernel (csrc/ops/cpu/rank_stats_kernel.cpp)."""
+    """Sums the per-query statistics (:func:`keypointops.ops.rank_stats`) of the blocks of one evaluation."""
 
     def __init__(self, g_pids, g_camids, max_rank: int):
-        require_ops("cpu", "rank_stats")
+        require_ops("cpu", "rank_stats")  # fail before any distance is computed
         self.g_pids, self.g_camids = _as_ids(g_pids), _as_ids(g_camids)
         if self.g_pids.numel() != self.g_camids.numel():
             raise ValueError("g_pids and g_camids must have the same length")
@@ -84,7 +83,7 @@ class _RankAccumulator:
                              f"{q_pids.numel()} queries x {self.g_pids.numel()} gallery items")
         if dist.dtype != torch.float64:
             dist = dist.float()
-        first, ap, inp = torch.ops.keypointops.rank_stats(dist, q_pids, q_camids, self.g_pids, self.g_camids)
+        first, ap, inp = rank_stats(dist, q_pids, q_camids, self.g_pids, self.g_camids)
         valid = first >= 0
         first = first[valid]
         self.first_hist += torch.bincount(first[first < self.max_rank], minlength=self.max_rank)

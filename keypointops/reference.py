@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of every op: the ground truth of the tests, written for clarity.
 
-Each function follows DESIGN.md's formula step by step with ordinary autograd; the fused kernels
-must agree with it.  They allocate the large intermediates the kernels avoid.
+Each function computes its op's formula (stated in the op's docstring, ``keypointops.ops``) step by
+step with ordinary autograd; the fused kernels must agree with it.  They allocate the large intermediates the kernels avoid.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from keypointops.graphs import Graph
 
-__all__ = ["keypoint_gather", "msg_pass", "part_pool", "window_graph_conv"]
+__all__ = ["keypoint_gather", "msg_pass", "part_pool", "rank_stats", "window_graph_conv"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,3 +141,30 @@ def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *
     out = total / count[..., None]
     out = torch.where(valid[..., None], out, torch.zeros_like(out))
     return out.to(features.dtype)
+
+
+def rank_stats(dist: Tensor, q_pids: Tensor, q_camids: Tensor, g_pids: Tensor,
+               g_camids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(first, ap, inp)`` of each query row, from a stable argsort of the row (torchreid's
+    ``eval_market1501``): drop the items with the query's pid and camera and the junk (pid -1), then
+    the ranks of the true matches among the kept items give ``first = rank_0``,
+    ``AP = mean_k (k + 1) / (rank_k + 1)`` and ``INP = M / (rank_{M-1} + 1)`` (-1, 0, 0 without a match)."""
+    if not bool(torch.isfinite(dist).all()):
+        raise ValueError("rank_stats: distmat must be finite (it holds NaN or infinity)")
+    order = torch.argsort(dist, dim=1, stable=True)
+    pids, cams = g_pids[order], g_camids[order]
+    same_pid = pids == q_pids[:, None]
+    removed = (same_pid & (cams == q_camids[:, None])) | (pids == -1)
+    num_queries = dist.shape[0]
+    first = torch.full((num_queries,), -1, dtype=torch.int64, device=dist.device)
+    ap = torch.zeros(num_queries, dtype=torch.float64, device=dist.device)
+    inp = torch.zeros(num_queries, dtype=torch.float64, device=dist.device)
+    for q in range(num_queries):
+        kept = ~removed[q]
+        ranks = same_pid[q][kept].nonzero().flatten().to(torch.float64)   # ranks of the true matches
+        if ranks.numel() == 0:
+            continue
+        first[q] = int(ranks[0])
+        ap[q] = ((torch.arange(ranks.numel(), dtype=torch.float64, device=dist.device) + 1) / (ranks + 1)).mean()
+        inp[q] = ranks.numel() / (ranks[-1] + 1)
+    return first, ap, inp

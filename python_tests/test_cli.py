@@ -93,3 +93,15 @@ def test_unknown_model_from_the_console():
                           text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2
     assert "invalid choice: 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dataset_choices_are_the_registry_and_there_is_no_bench_command(capsys):
+    from keypointops.data import DATASET_NAMES
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "nope"])
+    assert exit_info.value.code == 2
+    assert f"choose from {', '.join(map(repr, DATASET_NAMES))}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench"])  # the benchmarks are `pytest bench/` in the source checkout
+    assert "invalid choice: 'bench'" in capsys.readouterr().err

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from keypointops import engine
+from keypointops.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from keypointops.models.presets import TrainSettings
 
 TINY_DATA = dict(num_train_ids=6, num_test_ids=5, frames=6, size=[64, 32], progress=False)
 TINY_TRAIN = dict(batch_size=4, frames=2, height=64, width=32)
@@ -58,12 +60,12 @@ def test_kill_and_resume_equals_uninterrupted(cache, tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert engine.load_checkpoint(ckpt)["epoch"] < 3
+    assert load_checkpoint(ckpt)["epoch"] < 3
     resumed = run_cli(["--epochs", "3", "--out", str(tmp_path / "killed"), "--resume"], env)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert full.wait(timeout=300) == 0, full.stderr.read()
-    a = engine.load_checkpoint(tmp_path / "full" / "model.pt")
-    b = engine.load_checkpoint(ckpt)
+    a = load_checkpoint(tmp_path / "full" / "model.pt")
+    b = load_checkpoint(ckpt)
     assert a["epoch"] == b["epoch"] == 3
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
@@ -72,21 +74,21 @@ def test_kill_and_resume_equals_uninterrupted(cache, tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    engine.save_checkpoint(tmp_path / "model.pt", {"format": engine.CHECKPOINT_FORMAT, "config": tiny_config()})
-    with pytest.raises(engine.CheckpointError, match="train.lr"):
+    save_checkpoint(tmp_path / "model.pt", {"format": CHECKPOINT_FORMAT, "config": tiny_config()})
+    with pytest.raises(CheckpointError, match="train.lr"):
         engine.train(tiny_config(epochs=2, lr=0.5), tmp_path, resume=True)
 
 
 DDP_SCRIPT = """
 import sys, torch
-from keypointops import engine
+from keypointops import distributed, engine
 from test_engine import tiny_config
-rank, world_size = engine.dist_info()
-device = engine.device_for_rank()
-engine.init_distributed(world_size, device)
+rank, world_size = distributed.dist_info()
+device = distributed.device_for_rank()
+distributed.init_distributed(world_size, device)
 config = tiny_config()
 dataset, loader, core = engine.build_run(config, rank=rank, world_size=world_size)
-model = engine.distributed(core, device) if world_size > 1 else core
+model = distributed.wrap_ddp(core, device) if world_size > 1 else core
 model.train()
 loader.batch_sampler.set_epoch(0)
 batch = next(iter(loader))
@@ -129,37 +131,8 @@ def test_ddp_two_processes_first_step_gradients(cache, tmp_path):
         torch.testing.assert_close(ranks[1]["grads"][n], g, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "model.pt"
-    engine.save_checkpoint(path, {"x": torch.ones(3)})
-
-    def broken_save(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        engine.save_checkpoint(path, {"x": torch.zeros(3)})
-    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
-
-
-def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(engine.CheckpointError, match="does not exist"):
-        engine.load_checkpoint(tmp_path / "missing.pt")
-    (tmp_path / "corrupt.pt").write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(engine.CheckpointError, match="corrupt"):
-        engine.load_checkpoint(tmp_path / "corrupt.pt")
-    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(engine.CheckpointError, match="not a keypointops training checkpoint"):
-        engine.load_checkpoint(tmp_path / "other.pt")
-    torch.save({"format": engine.CHECKPOINT_FORMAT, "config": {"model": "pcb"}}, tmp_path / "pcb.pt")
-    with pytest.raises(engine.CheckpointError, match="holds a 'pcb' model"):
-        engine.load_checkpoint(tmp_path / "pcb.pt", "kmpnet")
-
-
 def test_lr_schedule():
-    t = dict(warmup_epochs=2, lr_gamma=0.1, lr_milestones=[3, 5])
+    t = TrainSettings(warmup_epochs=2, lr_gamma=0.1, lr_milestones=[3, 5])
     assert [round(engine.lr_factor(e, t), 6) for e in range(6)] == [0.1, 0.55, 1.0, 0.1, 0.1, 0.01]
 
 

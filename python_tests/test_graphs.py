@@ -27,7 +27,7 @@ def test_skeletons(name, joints, edges):
 
 def test_kmpnet12_is_coco17_without_the_head():
     assert SKELETONS["kmpnet12"].joints == SKELETONS["coco17"].joints[5:]
-    # KMPNet's 11 edges (kmpnet.md §2.4): no L-hip - R-hip link (nodes 6, 7)
+    # KMPNet's 11 edges (docs/models/kmpnet.md): no L-hip - R-hip link (nodes 6, 7)
     assert sorted(tuple(sorted(e)) for e in SKELETONS["kmpnet12"].edges) == sorted(
         [(8, 10), (6, 8), (0, 6), (7, 9), (9, 11), (1, 7), (2, 4), (0, 2), (0, 1), (1, 3), (3, 5)])
     assert SKELETONS["pose14"].joints == SKELETONS["openpose18"].joints[:14]

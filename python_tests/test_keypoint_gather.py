@@ -7,7 +7,7 @@ import keypointops
 from keypointops import reference
 from keypointops.nn import KeypointGather
 
-from conftest import DEVICES, device_backend_params, tolerances
+from helpers import DEVICES, device_backend_params, tolerances
 
 STRIDE = 2  # input pixels per feature pixel in most tests: spatial_scale 0.5
 
@@ -396,29 +396,3 @@ def test_compiled_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match="grad_out must be \\[B, K, C\\]"):
         torch.ops.keypointops.keypoint_gather_backward(torch.randn(2, 4, 5), keypoints, None, [2, 3, 7, 5],
                                                        False, 0.5, 1.0, 2, True)
-
-
-# --- graphs.render_heatmaps -----------------------------------------------------------------------
-
-def test_render_heatmaps():
-    keypoints = torch.tensor([[[2.0, 1.0, 0.9], [0.5, 3.25, 0.0], [float("nan"), 1.0, 1.0]],
-                              [[4.0, 0.0, 1.0], [-3.0, 2.0, 0.5], [1.0, 1.0, 0.2]]], dtype=torch.float64)
-    heatmaps = keypointops.graphs.render_heatmaps(keypoints, (4, 5), 1.5)
-    assert heatmaps.shape == (2, 3, 4, 5) and heatmaps.dtype == torch.float64
-    assert heatmaps[0, 0, 1, 2] == 1.0 and heatmaps[0, 0].argmax() == 1 * 5 + 2
-    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(5.0), indexing="ij")
-    expected = torch.exp(-((cols + 3.0) ** 2 + (rows - 2.0) ** 2) / (2 * 1.5 ** 2)).double()
-    torch.testing.assert_close(heatmaps[1, 1], expected)
-    assert (heatmaps[0, 1] == 0).all() and (heatmaps[0, 2] == 0).all()   # confidence 0, NaN
-    valid = torch.ones(2, 3, dtype=torch.bool)
-    overridden = keypointops.graphs.render_heatmaps(keypoints[..., :2], (4, 5), 1.5, valid)
-    assert overridden[0, 1].max() > 0 and (overridden[0, 2] == 0).all()
-    assert keypointops.graphs.render_heatmaps(keypoints[0], (4, 5), 1.5).shape == (3, 4, 5)
-    with pytest.raises(ValueError, match="sigma must be"):
-        keypointops.graphs.render_heatmaps(keypoints, (4, 5), 0.0)
-    with pytest.raises(ValueError, match="size must be"):
-        keypointops.graphs.render_heatmaps(keypoints, (4,), 1.0)
-    with pytest.raises(ValueError, match="keypoints must be"):
-        keypointops.graphs.render_heatmaps(keypoints[..., :1], (4, 5), 1.0)
-    with pytest.raises(ValueError, match="valid must be"):
-        keypointops.graphs.render_heatmaps(keypoints, (4, 5), 1.0, valid[:, :2])

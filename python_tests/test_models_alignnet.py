@@ -1,4 +1,4 @@
-"""AlignNet (keypointops.models.alignnet) against ../shared/models/alignnet.md, at small sizes on CPU."""
+"""AlignNet (keypointops.models.alignnet) against docs/models/alignnet.md, at small sizes on CPU."""
 import copy
 import io
 import warnings
@@ -7,30 +7,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from keypointops import graphs
+from keypointops import parts
 from keypointops._extension import has_ops
 from keypointops.models import build_model, get_preset
-from keypointops.models.alignnet import PRESETS, AlignNet
-from conftest import optimisation_step
-from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
-from test_pose_maps import clips
+from keypointops.models.alignnet import AlignNet
+from helpers import clips, one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 
-# alignnet.md §1.3's pose57 index sets, written out here independently of graphs.py.
+# AlignNet's pose57 index sets (docs/models/alignnet.md), written out here independently of keypointops.parts.
 SPEC_SETS = [
     [0, 1, 14, 15, 16, 17, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56],
     [2, 3, 4, 5, 6, 7, 19, 20, 25, 26, 33, 34, 35, 36, 41, 42, 43, 44],
     [8, 9, 10, 11, 12, 13, 21, 22, 23, 24, 27, 28, 29, 30],
 ]
 SMALL = dict(depth=50, width=0.0625, last_stride=1)  # C = 128, a 4 x 2 grid at 64 x 32
-TRAIN_KEYS = {"frames", "train_sampling", "test_sampling", "height", "width", "batch_size", "instances",
-              "optimizer", "lr", "weight_decay", "momentum", "epochs", "lr_milestones", "lr_gamma",
-              "warmup_epochs", "flip", "random_erase", "grad_clip"}
 
 
 def test_grouping_is_the_papers():
-    groups = graphs.part_groups("alignnet")
+    groups = parts.part_groups("alignnet")
     assert groups.shape == (3, 57)
     assert [row.nonzero().flatten().tolist() for row in groups] == SPEC_SETS
     assert [int((row > 0).sum()) for row in groups] == [16, 18, 14]
@@ -43,7 +38,7 @@ def test_grouping_is_the_papers():
 
 @needs_ops
 def test_part_pool_path_equals_einsum_reference():
-    """The frame descriptor's part slices are alignnet.md §8's einsum formulation / (h w)."""
+    """The frame descriptor's part slices are docs/models/alignnet.md einsum formulation / (h w)."""
     torch.manual_seed(0)
     model = AlignNet(3, use_tap=False, **SMALL).double().eval()
     images, keypoints, _ = clips(dtype=torch.float64)
@@ -87,7 +82,7 @@ def test_tap_of_ones_gives_the_frame_mean(tap_per_part):
 
 @needs_ops
 def test_eval_descriptor_is_the_mean_of_single_frame_descriptors():
-    """alignnet.md §9.6: any chunk length runs; with tap_agg="mean" each frame is weighted on its own."""
+    """docs/models/alignnet.md: any chunk length runs; with tap_agg="mean" each frame is weighted on its own."""
     torch.manual_seed(0)
     model = AlignNet(3, **SMALL).eval()
     images, keypoints, _ = clips(batch=1, frames=7)
@@ -202,9 +197,6 @@ def test_state_dict_round_trip():
 
 @needs_ops
 def test_presets():
-    for preset in ("cpu", "paper"):
-        settings = get_preset("alignnet", preset)
-        assert settings is PRESETS["alignnet"][preset] and set(settings["train"]) == TRAIN_KEYS
     paper = get_preset("alignnet", "paper")["train"]
     assert (paper["frames"], paper["height"], paper["width"], paper["batch_size"], paper["instances"]) == (
         15, 256, 128, 16, 2)

@@ -6,16 +6,7 @@ import torch
 
 from keypointops.models.backbones import ResNet, load_pretrained, resnet
 from keypointops.models.heads import BNNeck, PCBHead
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (two spin-wait on a busy 2-core machine, up to 6x slower).
-    The model test modules import this fixture."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import one_thread  # noqa: F401 (autouse fixture)
 
 
 def torchvision_resnet_keys(depth):

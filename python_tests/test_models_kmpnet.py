@@ -11,8 +11,8 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.kmpnet import JRPP_GROUPS, KMPNet, flip_frames, headless_keypoints
 from keypointops.nn import GENConv, KeypointGather
-from conftest import optimisation_step
-from test_models_backbones import one_thread, torchvision_state_dict  # noqa: F401 (autouse fixture)
+from helpers import one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
+from test_models_backbones import torchvision_state_dict
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
 
@@ -51,7 +51,7 @@ def test_architecture_and_parameter_counts():
     convs = [m for m in model.modules() if isinstance(m, GENConv)]
     assert len(convs) == 27 and [len(part) for part in model.gcn] == [5, 7, 11, 4]
     assert all(conv.aggr_module.t.shape == (1,) and conv.aggr_module.learn for conv in convs)
-    # kmpnet.md §3.6: blocks 457,947; W_up 249,600; W_down 250,176; post-LN 128; 5 heads 85,760
+    # docs/models/kmpnet.md: blocks 457,947; W_up 249,600; W_down 250,176; post-LN 128; 5 heads 85,760
     count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
     assert count(model.gcn.parameters()) == 457947
     assert count(model.up.parameters()) == 249600 and count(model.down.parameters()) == 250176

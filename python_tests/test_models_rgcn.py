@@ -1,4 +1,4 @@
-"""RGCN / LGCN (keypointops.models.rgcn) against ../shared/models/rgcn.md, at small sizes on CPU."""
+"""RGCN / LGCN (keypointops.models.rgcn) against docs/models/rgcn.md, at small sizes on CPU."""
 import math
 
 import pytest
@@ -6,21 +6,17 @@ import torch
 
 from keypointops._extension import has_ops
 from keypointops.models import build_model, get_preset
-from keypointops.models.rgcn import (PRESETS, DualAttention, RecurrentGraphConv, TemporalAggregator,
+from keypointops.models.rgcn import (DualAttention, RecurrentGraphConv, TemporalAggregator,
                                      pose14_from_coco17)
 from keypointops._opdefs.backend import triton_available
-from conftest import optimisation_step
-from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
+from helpers import one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 
-# rgcn.md §1.4's edge list, written out here independently of graphs.py.
+# docs/models/rgcn.md edge list, written out here independently of graphs.py.
 SPEC_EDGES = [(1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
               (12, 13), (1, 0)]
 SMALL = dict(depth=18, width=0.125, hidden=8, input_size=(32, 16))
-TRAIN_KEYS = {"frames", "train_sampling", "test_sampling", "height", "width", "batch_size", "instances",
-              "optimizer", "lr", "weight_decay", "momentum", "epochs", "lr_milestones", "lr_gamma",
-              "warmup_epochs", "flip", "random_erase", "grad_clip"}
 
 
 def spec_adjacency() -> torch.Tensor:
@@ -130,7 +126,7 @@ def test_pose_parameter_counts_match_spec():
 
 
 def loop_reference(module: RecurrentGraphConv, x: torch.Tensor) -> torch.Tensor:
-    """Eqs. 6-8 written out per clip and frame with one matrix per gate (rgcn.md §2)."""
+    """Eqs. 6-8 written out per clip and frame with one matrix per gate (docs/models/rgcn.md)."""
     adj, n, gates = spec_adjacency(), module.hidden, module.gates
     weights = list(module.input_weights)
     layers = len(weights)
@@ -190,7 +186,7 @@ def test_fused_graph_conv_equals_plain():
 
 
 def plain_attention(states, w, dim):
-    """rgcn.md §2.5 / §2.7's DAM sketch: mean over ``dim``, softmax scores, weighted sum."""
+    """docs/models/rgcn.md DAM sketch: mean over ``dim``, softmax scores, weighted sum."""
     pooled = states.mean(dim)
     return (torch.softmax(pooled @ w, 1).unsqueeze(-1) * pooled).sum(1)
 
@@ -277,10 +273,6 @@ def test_one_optimisation_step_lowers_the_loss(name):
 
 def test_presets_and_bad_options():
     for name in ("rgcn", "lgcn"):
-        assert set(PRESETS[name]) == {"cpu", "paper"}
-        for preset in ("cpu", "paper"):
-            settings = get_preset(name, preset)
-            assert set(settings) == {"model", "train"} and set(settings["train"]) == TRAIN_KEYS
         cpu = get_preset(name, "cpu")
         assert tuple(cpu["model"]["input_size"]) == (cpu["train"]["height"], cpu["train"]["width"])
     for options, match in [(dict(recurrence="gru"), "recurrence"), (dict(readout="max"), "readout"),

@@ -7,7 +7,7 @@ from keypointops import reference
 from keypointops.graphs import Graph
 from keypointops._opdefs.backend import triton_available
 
-from conftest import device_backend_params, tolerances
+from helpers import device_backend_params, tolerances
 
 EMPTY_NODES = 3  # nodes 0..2 get no incoming edge
 

@@ -9,7 +9,7 @@ from keypointops.graphs import Graph
 from keypointops.nn import DeepGCNLayer, GENConv
 from keypointops.nn import gen_conv as gen_conv_module
 
-from conftest import DEVICES, device_backend_params, tolerances
+from helpers import DEVICES, device_backend_params, tolerances
 
 EMPTY_NODES = 2  # nodes 0..1 of random_edge_index get no incoming edge
 F32_TOL = dict(rtol=1e-5, atol=1e-5)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import keypointops
-from keypointops import graphs, reference
+from keypointops import parts, reference
 from keypointops.nn import PartPool
 
-from conftest import device_backend_params, tolerances
+from helpers import device_backend_params, tolerances
 
 
 
@@ -116,7 +116,7 @@ def test_large_heatmaps_do_not_overflow(device, backend, dtype, case):
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_alignnet_grouping(device, backend):
-    groups = graphs.part_groups("alignnet", dtype=torch.float64, device=device).requires_grad_()
+    groups = parts.part_groups("alignnet", dtype=torch.float64, device=device).requires_grad_()
     features, heatmaps, _ = make_inputs(57, None, channels=9, height=6, width=4, device=device)
     check_against_reference(features, heatmaps, groups, 1.0, backend, tolerances(torch.float64),
                             GRAD_TOLERANCES[torch.float64])
@@ -305,45 +305,7 @@ def test_compiled_op_checks_its_arguments():
         torch.ops.keypointops.part_pool_backward(out[:, :2], f, h, None, out, lse, 1.0, [True, True, False])
 
 
-# --- part groupings and the module --------------------------------------------------------------
-
-def test_part_groups_averages_rows():
-    groups = graphs.part_groups([[0, 2], [1], [0, 1, 3]], 4, dtype=torch.float64)
-    expected = torch.tensor([[0.5, 0, 0.5, 0], [0, 1, 0, 0], [1 / 3, 1 / 3, 0, 1 / 3]], dtype=torch.float64)
-    torch.testing.assert_close(groups, expected)
-    named = graphs.part_groups({"a": (1, 2), "b": (0,)}, 3)
-    torch.testing.assert_close(named, torch.tensor([[0, 0.5, 0.5], [1.0, 0, 0]]))
-    with pytest.raises(ValueError, match="part 1 holds joint indices \\[4\\] out of range"):
-        graphs.part_groups([[0], [4]], 4)
-    with pytest.raises(ValueError, match="part 0 has no joints"):
-        graphs.part_groups([[]], 4)
-    with pytest.raises(ValueError, match="part 0 repeats a joint"):
-        graphs.part_groups([[1, 1]], 4)
-    with pytest.raises(ValueError, match="num_joints must be an int >= 1"):
-        graphs.part_groups([[0]])
-    with pytest.raises(ValueError, match="unknown grouping 'pcb'"):
-        graphs.part_groups("pcb")
-
-
-def test_named_groupings():
-    alignnet = graphs.part_groups("alignnet")
-    assert alignnet.shape == (3, 57)  # over cat([19 OpenPose heatmaps, 38 PAFs])
-    joints = graphs.SKELETONS["openpose18"].joints
-    covered = sorted(j for part in graphs.ALIGNNET_BODY_PARTS.values() for j in part if j < 19)
-    assert covered == list(range(18)) and (alignnet[:, 18] == 0).all()  # each joint once, no background
-    assert {joints[j] for j in graphs.ALIGNNET_BODY_PARTS["lower"] if j < 19} == {
-        "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle"}
-    assert graphs.part_groups("ctl10").shape == (10, 17)
-    assert graphs.part_groups("ctl5").shape == (5, 17)
-    assert graphs.part_groups("ctl5_of_10").shape == (5, 10)
-    names10 = list(graphs.CTL_PARTS_10)
-    for name, members in graphs.CTL_PARTS_5_OF_10.items():  # the levels nest
-        union = set().union(*(graphs.CTL_PARTS_10[names10[i]] for i in members))
-        assert union == set(graphs.CTL_PARTS_5[name])
-    assert set().union(*graphs.CTL_PARTS_10.values()) == set(range(17))
-    for grouping in (alignnet, graphs.part_groups("ctl10"), graphs.part_groups("ctl5")):
-        torch.testing.assert_close(grouping.sum(1), torch.ones(grouping.size(0)))
-
+# --- the module ----------------------------------------------------------------------------------
 
 def test_part_pool_module():
     gen = torch.Generator().manual_seed(11)
@@ -351,7 +313,7 @@ def test_part_pool_module():
     heatmaps = torch.randn(2, 57, 16, 8, generator=gen)
     pool = PartPool("alignnet", temperature=0.5, resize_heatmaps=True)
     resized = torch.nn.functional.interpolate(heatmaps, size=(8, 4), mode="bilinear", align_corners=False)
-    expected = reference.part_pool(features, resized, graphs.part_groups("alignnet"), 0.5)
+    expected = reference.part_pool(features, resized, parts.part_groups("alignnet"), 0.5)
     torch.testing.assert_close(pool(features, heatmaps), expected)
     assert "groups" in dict(pool.named_buffers()) and pool.num_parts == 3
     with pytest.raises(ValueError, match="spatial size"):

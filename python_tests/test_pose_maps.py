@@ -3,43 +3,13 @@ the OpenPose COCO body network (shapes, caffe layer names, local weights)."""
 import pytest
 import torch
 
-from keypointops import graphs
+from keypointops import graphs, parts
 from keypointops.models.pose_maps import (OPENPOSE_LIMBS, OpenPoseBody, PoseMaps, load_openpose_weights,
-                                          openpose18_from_coco17, openpose_input, render_pose_maps)
-from test_models_backbones import one_thread  # noqa: F401 (autouse fixture)
+                                          openpose18_from_coco17, openpose_input, render_heatmaps, render_pose_maps)
+from helpers import one_thread, upright_keypoints  # noqa: F401 (autouse fixture)
 
 OP18 = graphs.SKELETONS["openpose18"].joints
 COCO17 = graphs.SKELETONS["coco17"].joints
-
-
-def upright_keypoints(height: int, width: int) -> torch.Tensor:
-    """COCO-17 keypoints ``[17, 3]`` of a person standing upright, facing the camera, filling an
-    ``H x W`` frame (the person's right side on the image's left)."""
-    cx = width / 2
-    rows = {"nose": 0.08, "left_eye": 0.06, "right_eye": 0.06, "left_ear": 0.07, "right_ear": 0.07,
-            "left_shoulder": 0.2, "right_shoulder": 0.2, "left_elbow": 0.35, "right_elbow": 0.35,
-            "left_wrist": 0.48, "right_wrist": 0.48, "left_hip": 0.52, "right_hip": 0.52,
-            "left_knee": 0.72, "right_knee": 0.72, "left_ankle": 0.92, "right_ankle": 0.92}
-    spread = {"nose": 0, "eye": 0.04, "ear": 0.08, "shoulder": 0.2, "elbow": 0.25, "wrist": 0.27,
-              "hip": 0.12, "knee": 0.12, "ankle": 0.12}
-    points = []
-    for name in COCO17:
-        side, _, part = name.partition("_")
-        dx = 0.0 if name == "nose" else spread[part] * width * (1 if side == "left" else -1)
-        points.append([cx + dx, rows[name] * height, 1.0])
-    return torch.tensor(points)
-
-
-def clips(batch=4, frames=2, height=64, width=32, seed=0, dtype=torch.float32):
-    """Random images and jittered upright-person COCO-17 keypoints (some joints missing), shaped
-    like the data loader's batches; 2 clips per identity.  Shared by the model tests."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, frames, 3, height, width, generator=g, dtype=dtype)
-    keypoints = upright_keypoints(height, width).to(dtype).repeat(batch, frames, 1, 1)
-    keypoints[..., :2] += torch.randn(batch, frames, 17, 2, generator=g, dtype=dtype) * 2
-    keypoints[..., 2] = (torch.rand(batch, frames, 17, generator=g, dtype=dtype) > 0.15).to(dtype)
-    pids = torch.arange(batch // 2).repeat_interleave(2)
-    return images, keypoints, pids
 
 
 def test_openpose18_from_coco17():
@@ -64,7 +34,7 @@ def test_openpose18_from_coco17():
 
 def test_limb_table_and_alignnet_grouping():
     """The 19 limbs cover the 38 PAF channels once; the AlignNet grouping of graphs is the paper's
-    sets (alignnet.md §1.3), rebuilt here from joint names and limbs."""
+    sets (docs/models/alignnet.md), rebuilt here from joint names and limbs."""
     assert sorted(c for _, _, c in OPENPOSE_LIMBS) == list(range(0, 38, 2))
     undirected = {frozenset(limb[:2]) for limb in OPENPOSE_LIMBS}
     assert {frozenset(e) for e in graphs.SKELETONS["openpose18"].edges} <= undirected
@@ -86,7 +56,7 @@ def test_limb_table_and_alignnet_grouping():
                 [("right_hip", "right_knee"), ("right_knee", "right_ankle"), ("left_hip", "left_knee"),
                  ("left_knee", "left_ankle")]),
     ]
-    groups = graphs.part_groups("alignnet")
+    groups = parts.part_groups("alignnet")
     assert [row.nonzero().flatten().tolist() for row in groups] == expected
 
 
@@ -136,10 +106,10 @@ def test_pafs_point_along_limbs():
 
 
 def test_rendered_maps_put_head_above_legs():
-    """alignnet.md §9.5: the argmax cells of the head, torso+arms and legs maps go top to bottom,
+    """docs/models/alignnet.md: the argmax cells of the head, torso+arms and legs maps go top to bottom,
     on the pose-map grid (32 x 16) and on the feature grid the part masks live on (8 x 4)."""
     maps = render_pose_maps(upright_keypoints(256, 128), (256, 128))
-    composite = torch.einsum("qf,fhw->qhw", graphs.part_groups("alignnet"), maps)
+    composite = torch.einsum("qf,fhw->qhw", parts.part_groups("alignnet"), maps)
     for grid in (composite, torch.nn.functional.adaptive_avg_pool2d(composite, (8, 4))):
         rows = [int(part.flatten().argmax()) // grid.size(2) for part in grid]
         assert rows[0] < rows[1] < rows[2], rows
@@ -194,3 +164,27 @@ def test_openpose_body_network(tmp_path):
         PoseMaps("openpose")
     with pytest.raises(ValueError, match="weights"):
         PoseMaps("render", weights=path)
+
+
+def test_render_heatmaps():
+    keypoints = torch.tensor([[[2.0, 1.0, 0.9], [0.5, 3.25, 0.0], [float("nan"), 1.0, 1.0]],
+                              [[4.0, 0.0, 1.0], [-3.0, 2.0, 0.5], [1.0, 1.0, 0.2]]], dtype=torch.float64)
+    heatmaps = render_heatmaps(keypoints, (4, 5), 1.5)
+    assert heatmaps.shape == (2, 3, 4, 5) and heatmaps.dtype == torch.float64
+    assert heatmaps[0, 0, 1, 2] == 1.0 and heatmaps[0, 0].argmax() == 1 * 5 + 2
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(5.0), indexing="ij")
+    expected = torch.exp(-((cols + 3.0) ** 2 + (rows - 2.0) ** 2) / (2 * 1.5 ** 2)).double()
+    torch.testing.assert_close(heatmaps[1, 1], expected)
+    assert (heatmaps[0, 1] == 0).all() and (heatmaps[0, 2] == 0).all()   # confidence 0, NaN
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    overridden = render_heatmaps(keypoints[..., :2], (4, 5), 1.5, valid)
+    assert overridden[0, 1].max() > 0 and (overridden[0, 2] == 0).all()
+    assert render_heatmaps(keypoints[0], (4, 5), 1.5).shape == (3, 4, 5)
+    with pytest.raises(ValueError, match="sigma must be"):
+        render_heatmaps(keypoints, (4, 5), 0.0)
+    with pytest.raises(ValueError, match="size must be"):
+        render_heatmaps(keypoints, (4,), 1.0)
+    with pytest.raises(ValueError, match="keypoints must be"):
+        render_heatmaps(keypoints[..., :1], (4, 5), 1.0)
+    with pytest.raises(ValueError, match="valid must be"):
+        render_heatmaps(keypoints, (4, 5), 1.0, valid[:, :2])

@@ -8,7 +8,7 @@ from keypointops import reference
 from keypointops.graphs import block_adjacency, normalize_adjacency
 from keypointops.nn import WindowGraphConv3D
 
-from conftest import device_backend_params, tolerances
+from helpers import device_backend_params, tolerances
 
 # (window, dilation, T, N, C): window 1 / 3 / 5, dilation 1 / 2, T smaller than the window (and
 # than its dilated span), T = 1, N = 1, odd C.

@@ -7,10 +7,17 @@ import os
 
 import torch
 
+from keypointops._checks import check_choice
 from keypointops._extension import require_ops
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_backend(owner: str, backend: str, name: str = "backend") -> str:
+    """Returns ``backend``; raises ValueError naming ``owner`` and ``name`` unless it is one of :data:`BACKENDS`."""
+    check_choice(owner, name, backend, BACKENDS)
+    return backend
 
 
 def check_tensors(op_name: str, **named) -> None:
@@ -50,8 +57,7 @@ def resolve_backend(op_name: str, backend: str, device: torch.device) -> str:
     ``auto`` picks the compiled kernels for CPU and CUDA tensors and the reference elsewhere.  It
     never falls back from a missing build: without ``keypointops._C`` it raises.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"{op_name}: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(op_name, backend)
     if backend == "auto":
         backend = device.type if device.type in ("cpu", "cuda") else "reference"
     if backend in ("cpu", "cuda"):

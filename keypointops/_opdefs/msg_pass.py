@@ -42,6 +42,25 @@ def check_args(x, graph, t, eps) -> Graph:
     return graph
 
 
+def check_csr_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_name: str, col_name: str) -> None:
+    """The checks of the raw op's CSR arguments (those of the compiled op, csrc/ops/msg_pass.cpp), for
+    the kernels called directly through ``torch.ops.keypointops``."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"msg_pass: x must be a floating point [N, C] tensor, got {x.dtype} {list(x.shape)}")
+    if rowptr.shape != (x.size(0) + 1,) or col.dim() != 1:
+        raise ValueError(f"msg_pass: {rowptr_name} must be [N + 1] = [{x.size(0) + 1}] and {col_name} "
+                         f"1-D, got {list(rowptr.shape)} and {list(col.shape)}")
+    if rowptr.dtype != torch.int64 or col.dtype != torch.int64:
+        raise ValueError(f"msg_pass: {rowptr_name} and {col_name} must be int64, got {rowptr.dtype} "
+                         f"and {col.dtype}")
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if t.shape != (x.size(1),) or t.dtype != acc_dtype:
+        raise ValueError(f"msg_pass: t must be [C] = [{x.size(1)}] of {acc_dtype} for x of {x.dtype}, "
+                         f"got {t.dtype} {list(t.shape)}")
+    for name, arg in ((rowptr_name, rowptr), (col_name, col), ("t", t)):
+        check_same_device("msg_pass", "x", x.device, name, arg.device)
+
+
 # --- torch.library registrations: fake kernels and the autograd formula --------------------------
 
 def _fake_forward(x, rowptr, col, rowptr_t, col_t, t, eps):

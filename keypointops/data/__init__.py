@@ -14,7 +14,7 @@ from keypointops.data.loader import VideoDataset, build_loader
 from keypointops.data.sampling import PKBatchSampler, RandomBatchSampler, sample_frames
 from keypointops.data.synthetic import ensure_synthetic
 
-__all__ = ["Tracklet", "build_dataset", "build_loader", "DATASETS", "DatasetNotFoundError", "MARS", "iLIDSVID",
+__all__ = ["Tracklet", "build_dataset", "build_loader", "DATASETS", "DATASET_NAMES", "DatasetNotFoundError", "MARS", "iLIDSVID",
            "PRID2011", "DukeMTMCVideoReID", "PoseTrackReID", "VideoReIDDataset", "VideoDataset",
            "PKBatchSampler", "RandomBatchSampler", "sample_frames", "load_keypoints", "ensure_synthetic"]
 

@@ -1,9 +1,10 @@
 """Re-ID models on top of the ops: ``build_model(name, num_classes, **options)`` and ``get_preset``.
 
-Every model follows one contract (``../DESIGN.md``, "The re-ID layer"): ``forward(images
-[B, T, 3, H, W], keypoints [B, T, 17, 3])`` returns a model-specific dict in training mode (read
-only by ``model.loss(output, pids) -> (total, parts)``) and the clip embedding ``[B, D]`` in eval
-mode; every model takes ``ops_backend=`` and passes it to every fused op.  A model's module is
+Every model follows one contract: ``forward(images [B, T, 3, H, W], keypoints [B, T, 17, 3])``
+returns a model-specific dict in training mode (read only by ``model.loss(output, pids) -> (total,
+parts)``) and the clip embedding ``[B, D]`` in eval mode; every model takes ``ops_backend=`` and
+passes it to every fused op.  Each model's architecture, its deviations from its paper and the
+paper's citation: ``docs/models/<model>.md``; training presets: :mod:`keypointops.models.presets`.  A model's module is
 imported only when that model is built, so one module failing to import does not affect the others.
 """
 from __future__ import annotations
@@ -12,7 +13,10 @@ import importlib
 
 from torch import nn
 
-__all__ = ["MODELS", "PRESET_NAMES", "build_model", "get_preset", "model_class"]
+from keypointops.models.presets import PRESET_NAMES, PRESETS, Preset, TrainSettings
+
+__all__ = ["MODELS", "PRESET_NAMES", "PRESETS", "Preset", "TrainSettings", "build_model", "get_preset", "model_class",
+           "preset_of"]
 
 # model name -> (module under keypointops.models, class name)
 MODELS: dict[str, tuple[str, str]] = {
@@ -24,12 +28,15 @@ MODELS: dict[str, tuple[str, str]] = {
     "rgcn": ("rgcn", "RGCN"),
     "lgcn": ("rgcn", "LGCN"),
 }
-PRESET_NAMES = ("cpu", "paper")
+
+
+def _check_model(name: str) -> None:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
 
 
 def _module(name: str):
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    _check_model(name)
     return importlib.import_module(f"keypointops.models.{MODELS[name][0]}")
 
 
@@ -52,17 +59,15 @@ def build_model(name: str, num_classes: int, **options) -> nn.Module:
 def get_preset(name: str, preset: str) -> dict:
     """The settings ``{"model": {...build_model options...}, "train": {...}}`` of ``preset`` for model ``name``.
 
-    ``preset`` is ``"cpu"`` (small enough to train on a 2-core CPU: the main job) or ``"paper"``
-    (the paper's settings).  Read from the model module's ``PRESETS``: ``PRESETS[name][preset]``
-    where a module defines presets per model name (``baselines``, ``rgcn`` hold two models each),
-    else ``PRESETS[preset]``.  Returns the module's dict itself; copy it before changing it.
+    ``preset`` is ``"cpu"`` (small enough to train on a 2-core CPU) or ``"paper"`` (the paper's
+    settings); see :mod:`keypointops.models.presets`.  Returns fresh dicts (JSON-serialisable).
     """
+    return preset_of(name, preset).to_dict()
+
+
+def preset_of(name: str, preset: str) -> Preset:
+    """The :class:`~keypointops.models.presets.Preset` ``preset`` of model ``name``."""
+    _check_model(name)
     if preset not in PRESET_NAMES:
         raise ValueError(f"get_preset: unknown preset {preset!r}; known presets: {', '.join(PRESET_NAMES)}")
-    presets = getattr(_module(name), "PRESETS", None)
-    if not isinstance(presets, dict):
-        raise ValueError(f"get_preset: keypointops.models.{MODELS[name][0]} defines no PRESETS dict")
-    presets = presets.get(name, presets)
-    if preset not in presets:
-        raise ValueError(f"get_preset: model {name!r} has no preset {preset!r}; it has {sorted(presets)}")
-    return presets[preset]
+    return PRESETS[name][preset]

@@ -1,6 +1,6 @@
 """AlignNet: body-part alignment + temporal attention pooling (Rambhatla & Jones, BMVC 2019).
 
-Built as ``../shared/models/alignnet.md`` specifies.  Per frame of a clip ``[B, T, 3, H, W]``:
+Built as ``docs/models/alignnet.md`` specifies.  Per frame of a clip ``[B, T, 3, H, W]``:
 
 * **Appearance** (Eq. 1): a torchvision-named ResNet-50 trunk (:class:`~keypointops.models.backbones.ResNet`,
   no ``avgpool``/``fc``, last stride 2) gives ``f_a`` ``[N, C, h, w]`` (``N = B T``, ``C = 2048``,
@@ -9,29 +9,29 @@ Built as ``../shared/models/alignnet.md`` specifies.  Per frame of a clip ``[B, 
   ``cat([19 heatmaps, 38 PAFs])`` at ``H / 8 x W / 8``, rendered from the keypoints
   (``pose_source="render"``, the default here: no OpenPose weights can be fetched) or output by the
   OpenPose COCO body network fine-tuned end to end (``pose_source="network"``, the paper's), then
-  area-averaged to ``h x w`` (``adaptive_avg_pool2d``, §1.3 / A3).
+  area-averaged to ``h x w`` (``adaptive_avg_pool2d``).
 * **Parts** (Eq. 2-5): one fused :func:`keypointops.part_pool` call with ``groups`` = the constant
-  ``3 x 57`` averaging matrix ``graphs.part_groups("alignnet")`` (head 16 / torso+arms 18 / legs 14
+  ``3 x 57`` averaging matrix ``parts.part_groups("alignnet")`` (head 16 / torso+arms 18 / legs 14
   maps), ``temperature`` 1: ``sum_hw softmax_hw(G pose57) f_a``, times ``1 / (h w)`` for the
-  literal average pool of Eq. 5 (``part_norm="avg"``; ``"sum"`` leaves it out, A5).
+  literal average pool of Eq. 5 (``part_norm="avg"``; ``"sum"`` leaves it out).
 * **Frame descriptor** (Eq. 6): ``[GAP(f_a); head; torso; legs]``, ``4 C`` = 8192-d.
-* **Temporal attention pooling** (Eq. 7-9, §2.5): ``tap_g`` scores ``f_a``, ``tap_p`` the head-masked
+* **Temporal attention pooling** (Eq. 7-9): ``tap_g`` scores ``f_a``, ``tap_p`` the head-masked
   map ``f_a * p_u`` (``p_u`` = the head's softmax mask); each is ``conv3x3(C -> C/8, no bias) -> BN
   -> ReLU -> conv3x3(C/8 -> C/8)``, mean over channels and space, sigmoid: one weight in (0, 1) per
   frame.  ``w_g`` weights the global slice, ``w_p`` the three part slices (``tap_per_part``: one
-  TAP per part on ``f_a * p_r``).  The clip descriptor is ``(1/T) sum_t w_t f_t`` (``tap_agg="mean"``,
-  A6; ``"sum"`` = Eq. 7 literally, ``"wnorm"`` = ``sum w f / sum w``).
-* **Head and losses** (§2.7, §3): ``Linear(8192 -> K)`` on the clip descriptor; cross-entropy
+  TAP per part on ``f_a * p_r``).  The clip descriptor is ``(1/T) sum_t w_t f_t`` (``tap_agg="mean"``;
+  ``"sum"`` = Eq. 7 literally, ``"wnorm"`` = ``sum w f / sum w``).
+* **Head and losses**: ``Linear(8192 -> K)`` on the clip descriptor; cross-entropy
   without label smoothing on the logits plus the batch-hard triplet loss (margin 0.3) on the
   descriptor, weights 1:1 (:mod:`keypointops.losses`).
 
-Ablation switches (§9): ``use_parts=False`` is the paper's Baseline (GAP only, 2048-d),
-``use_tap=False`` is "AlignNet + AvgPool" (``f_video = mean_t f_frame``); ``paf_mode`` (A4),
-``temperature`` (A8), ``last_stride``.  Small CPU variants: ``depth``, ``width`` (the backbone's
+Ablation switches: ``use_parts=False`` is the paper's Baseline (GAP only, 2048-d),
+``use_tap=False`` is "AlignNet + AvgPool" (``f_video = mean_t f_frame``); ``paf_mode``,
+``temperature``, ``last_stride``.  Small CPU variants: ``depth``, ``width`` (the backbone's
 width multiplier; ``C`` and the TAP width scale with it) and the input size (any multiple of 32).
-Eval mode returns the clip descriptor ``[B, D]`` (no L2 normalisation, §5.1).
+Eval mode returns the clip descriptor ``[B, D]`` (no L2 normalisation).
 
-Deviations from the spec, with reasons:
+Deviations from the paper, with reasons:
 
 * ``pose_source="render"`` is the default: OpenPose's COCO weights cannot be fetched here, and a
   randomly initialised OpenPose gives no alignment.  The rendered maps are OpenPose's training
@@ -39,8 +39,8 @@ Deviations from the spec, with reasons:
   constants, so nothing is fine-tuned through them.  ``pose_source="network", pose_weights=PATH``
   is the paper's model.
 * One learning rate for every parameter (the engine's contract has one ``lr``); the paper gives
-  OpenPose the lowest and the TAP nets and classifier a higher one (§4.4).
-* The paper's ``ReduceLROnPlateau`` schedule is replaced by fixed milestones in ``PRESETS``
+  OpenPose the lowest and the TAP nets and classifier a higher one.
+* The paper's ``ReduceLROnPlateau`` schedule is replaced by fixed milestones in its presets (:mod:`keypointops.models.presets`)
   (the training contract has milestones only).
 """
 from __future__ import annotations
@@ -51,16 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keypointops.graphs import part_groups
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth
 from keypointops.models.backbones import ResNet, load_pretrained
-from keypointops.models.baselines import CPU_BACKBONE
 from keypointops.models.heads import init_kaiming_fan_out
 from keypointops.models.pose_maps import NUM_POSE_MAPS, PoseMaps
-from keypointops._opdefs.backend import BACKENDS
+from keypointops._checks import check_choice
+from keypointops._opdefs.backend import check_backend
 from keypointops.ops.part_pool import part_pool
+from keypointops.parts import part_groups
 
-__all__ = ["AlignNet", "TemporalAttentionPooling", "PRESETS"]
+__all__ = ["AlignNet", "TemporalAttentionPooling"]
 
 _PART_NORMS = ("avg", "sum")
 _PAF_MODES = ("raw", "abs", "magnitude")
@@ -68,7 +68,7 @@ _TAP_AGGS = ("mean", "sum", "wnorm")
 
 
 class TemporalAttentionPooling(nn.Module):
-    """TAP (§2.5): ``conv3x3(C -> hidden, no bias) -> BN -> ReLU -> conv3x3(hidden -> hidden)``, then
+    """TAP: ``conv3x3(C -> hidden, no bias) -> BN -> ReLU -> conv3x3(hidden -> hidden)``, then
     the mean over channels and space and a sigmoid: ``forward(x [N, C, h, w]) -> [N]`` in (0, 1).
 
     Each frame is scored on its own (2-D convs over the batch of frames).  Kaiming init.
@@ -86,11 +86,6 @@ class TemporalAttentionPooling(nn.Module):
         return torch.sigmoid(self.conv2(self.relu(self.bn1(self.conv1(x)))).mean((1, 2, 3)))
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"AlignNet: {name} must be one of {choices}, got {value!r}")
-
-
 class AlignNet(nn.Module):
     """AlignNet (see the module docstring for the architecture and the deviations).
 
@@ -103,10 +98,10 @@ class AlignNet(nn.Module):
         tap_per_part: one TAP net per part, each on its own masked map, instead of the shared
             ``tap_p`` on the head map.
         tap_hidden: TAP width; None = ``C // 8`` (256 at full size).
-        tap_agg: ``"mean"`` | ``"sum"`` | ``"wnorm"`` temporal aggregation (A6).
-        part_norm: ``"avg"`` (literal Eq. 5, parts divided by ``h w``) | ``"sum"`` (A5).
+        tap_agg: ``"mean"`` | ``"sum"`` | ``"wnorm"`` temporal aggregation.
+        part_norm: ``"avg"`` (literal Eq. 5, parts divided by ``h w``) | ``"sum"``.
         paf_mode: ``"raw"`` (signed PAFs averaged as they are, Eq. 2) | ``"abs"`` | ``"magnitude"``
-            (each x/y pair replaced by its length, counted twice) (A4).
+            (each x/y pair replaced by its length, counted twice).
         temperature: of the part softmax (Eq. 3: 1).
         pose_source: ``"render"`` | ``"network"`` (see :class:`~keypointops.models.pose_maps.PoseMaps`).
         pose_weights: local caffe-converted OpenPose state dict (``pose_source="network"``).
@@ -130,10 +125,10 @@ class AlignNet(nn.Module):
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"AlignNet: num_classes must be a positive int, got {num_classes!r}")
-        _check_choice("tap_agg", tap_agg, _TAP_AGGS)
-        _check_choice("part_norm", part_norm, _PART_NORMS)
-        _check_choice("paf_mode", paf_mode, _PAF_MODES)
-        _check_choice("ops_backend", ops_backend, BACKENDS)
+        check_choice("AlignNet", "tap_agg", tap_agg, _TAP_AGGS)
+        check_choice("AlignNet", "part_norm", part_norm, _PART_NORMS)
+        check_choice("AlignNet", "paf_mode", paf_mode, _PAF_MODES)
+        check_backend("AlignNet", ops_backend, "ops_backend")
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"AlignNet: temperature must be a positive number, got {temperature!r}")
         if tap_per_part and not (use_parts and use_tap):
@@ -233,31 +228,7 @@ class AlignNet(nn.Module):
                 "frame_weights": torch.ones_like(frame_features) if weights is None else weights}
 
     def loss(self, output: dict, pids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``L = CE(logits) + batch-hard triplet(features, margin)`` (§3: no label smoothing, 1:1)."""
+        """``L = CE(logits) + batch-hard triplet(features, margin)`` (no label smoothing, 1:1)."""
         ce = cross_entropy_label_smooth(output["logits"], pids, epsilon=0.0)
         triplet = batch_hard_triplet(output["features"], pids, margin=self.margin)
         return ce + triplet, {"ce": ce, "triplet": triplet}
-
-
-# "paper": alignnet.md §1.1 / §4 on MARS (T = 15 consecutive frames, 256 x 128, P x K = 8 x 2, SGD
-# 1e-2, momentum 0.9, wd 5e-4, ~300 epochs; no augmentation); the plateau schedule becomes fixed
-# milestones.  "cpu": the main job's small variant: the cpu backbone every model shares
-# (ResNet-18 blocks at quarter width, so that the methods compare on equal trunks) with last stride
-# 1 (an 8 x 4 grid at 128 x 64, so the part masks have 32 cells instead of 8), T = 4, 16 clips =
-# 8 ids x 2 (batch-hard mining needs K >= 2), the other cpu presets' budget (Adam 1e-3, 20 epochs);
-# flip on (§4.5: safe for AlignNet).  Adam, not the paper's SGD 1e-2: it trains from scratch (the
-# paper starts from ImageNet weights); on random clips a first SGD 1e-2 step from a random init raised
-# the loss for 2 of 3 seeds, a first Adam step lowered it for all.  The paper preset's "all" test
-# sampling pads the last chunk where §5.1 feeds it short (the loader's contract).
-PRESETS = {"alignnet": {
-    "paper": {"model": {},
-              "train": dict(frames=15, train_sampling="random_consecutive", test_sampling="all", height=256,
-                            width=128, batch_size=16, instances=2, optimizer="sgd", lr=1e-2,
-                            weight_decay=5e-4, momentum=0.9, epochs=300, lr_milestones=[150, 250],
-                            lr_gamma=0.1, warmup_epochs=0, flip=False, random_erase=False, grad_clip=None)},
-    "cpu": {"model": dict(CPU_BACKBONE, last_stride=1),
-            "train": dict(frames=4, train_sampling="random_consecutive", test_sampling="evenly", height=128,
-                          width=64, batch_size=16, instances=2, optimizer="adam", lr=1e-3, weight_decay=5e-4,
-                          momentum=0.9, epochs=20, lr_milestones=[15], lr_gamma=0.1, warmup_epochs=0,
-                          flip=True, random_erase=False, grad_clip=None)},
-}}

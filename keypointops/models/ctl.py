@@ -1,30 +1,30 @@
 """CTL (Liu et al., CVPR 2021): spatial-temporal correlation and topology learning for video re-ID.
 
-Architecture (``../shared/models/ctl.md``; section numbers below refer to it), for a clip of ``T``
+Architecture (``docs/models/ctl.md``), for a clip of ``T``
 frames, ``C`` backbone channels:
 
-* **Backbone** (§1.2): ResNet-50 with last stride 1 (:mod:`keypointops.models.backbones`), the
+* **Backbone**: ResNet-50 with last stride 1 (:mod:`keypointops.models.backbones`), the
   layer4 map ``F`` ``[B*T, C, H/16, W/16]``.
-* **Keypoint features** (§1.3-1.5, Eq. 1): the frozen HRNet is stood in for by heatmaps rendered
-  from the batch's keypoints (:func:`keypointops.graphs.render_heatmaps`, HRNet's output grid
+* **Keypoint features** (Eq. 1): the frozen HRNet is stood in for by heatmaps rendered
+  from the batch's keypoints (:func:`keypointops.models.pose_maps.render_heatmaps`, HRNet's output grid
   ``H/4 x W/4`` and its training-target sigma 2, peak = the keypoint confidence as HRNet's maximum
   is its score), resized bilinearly to ``F``'s grid; 17 keypoint features
-  ``V_s1 = part_pool(F, heatmaps, temperature=0.1)`` (the softmax-weighted sum over the map, §7 A1,
-  A2); 10 and 5 part features averaged from them (``V_s2 = P2 V_s1``, ``V_s3 = P3 V_s1`` with the
-  groupings ``graphs.CTL_PARTS_10`` / ``CTL_PARTS_5``); the global feature ``V_g`` = GAP of ``F``.
-* **3D-GCL** (§2.2-2.3, Eqs. 2-4): per scale ``L = 2`` layers of
+  ``V_s1 = part_pool(F, heatmaps, temperature=0.1)`` (the softmax-weighted sum over the map);
+  10 and 5 part features averaged from them (``V_s2 = P2 V_s1``, ``V_s3 = P3 V_s1`` with the
+  groupings ``parts.CTL_PARTS_10`` / ``CTL_PARTS_5``); the global feature ``V_g`` = GAP of ``F``.
+* **3D-GCL** (Eqs. 2-4): per scale ``L = 2`` layers of
   :class:`keypointops.nn.WindowGraphConv3D`: window ``tau = 3``, adjacency
   ``tile(A_p + I) + tile(A_m) + A_c + I`` normalised per window (``A_m`` learnable, zero-init,
   ``N x N``; ``A_c`` the advanced context block, one ``[L, L]`` topology per window, so the fused
   op gets the ``[B, T, L, L]`` adjacency), the window-collapse conv, the shortcut from layer 2 on.
-  The physical graphs: the COCO skeleton (s1), :data:`CTL10_SKELETON` and :data:`CTL5_SKELETON` (§1.6).
-* **CS-GCL** (§2.4, Eqs. 5-7): :class:`CrossScaleGraphConv` s1 -> s3 and s2 -> s3 (a dense
+  The physical graphs: the COCO skeleton (s1), :data:`CTL10_SKELETON` and :data:`CTL5_SKELETON`.
+* **CS-GCL** (Eqs. 5-7): :class:`CrossScaleGraphConv` s1 -> s3 and s2 -> s3 (a dense
   softmax attention over the source nodes, plain PyTorch), ``V_p = X_s3 + alpha (X_s13 + X_s23)``.
-* **Fusion** (§2.5): ``V_f^g = TAP(V_g)``, ``V_f^a = TAP(sum_n V_p[n] + V_g)``,
+* **Fusion**: ``V_f^g = TAP(V_g)``, ``V_f^a = TAP(sum_n V_p[n] + V_g)``,
   ``V_f^c = TAP(concat_n g_c(V_p[n])[:C] + V_g)``; one BNNeck classifier per vector.
-* **Loss** (§3, Eq. 9): label-smoothed CE on the three logits + batch-hard triplet on the three
+* **Loss** (Eq. 9): label-smoothed CE on the three logits + batch-hard triplet on the three
   pre-BN vectors + the diversity loss of the time-averaged ``V_p`` (:mod:`keypointops.losses`).
-  At test time: the BNNeck output of ``V_f^a`` (§5).
+  At test time: the BNNeck output of ``V_f^a``.
 
 Switches for the paper's ablations (:data:`ABLATIONS` lists the rows of Tables 3-5):
 ``graph_layers`` (0 = "Basel"), ``window`` (``tau``; 1 with ``context="sample"`` = the frame-level
@@ -32,8 +32,8 @@ Switches for the paper's ablations (:data:`ABLATIONS` lists the rows of Tables 3
 (``"graph"`` = CS-GCL, ``"pool"`` = the addition fusion of Basel / +ContRe / +3D),
 ``cross_scale_sources`` and ``cross_scale_stages`` (Table 5).
 
-Deviations from ctl.md: the heatmaps are rendered from keypoints, not predicted by HRNet (the
-weights cannot be fetched; for a frozen pose net this is the same information, DESIGN.md);
+Deviations from the paper (docs/models/ctl.md): the heatmaps are rendered from keypoints, not predicted by HRNet (the
+weights cannot be fetched; for a frozen pose net this is the same information);
 degree normalisation as :class:`~keypointops.nn.WindowGraphConv3D` documents (a node of degree
 ``<= 0`` is zeroed rather than clamped to 1e-3).
 """
@@ -45,17 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keypointops.graphs import CTL_PARTS_5, CTL_PARTS_10, Skeleton, part_groups, render_heatmaps
+from keypointops.graphs import Skeleton
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth, diversity_loss
 from keypointops.models.backbones import ResNet, load_pretrained
-from keypointops.models.baselines import CPU_BACKBONE
 from keypointops.models.heads import BNNeck
+from keypointops.models.pose_maps import render_heatmaps
 from keypointops.nn import WindowGraphConv3D
 from keypointops.ops.part_pool import part_pool
+from keypointops.parts import CTL_PARTS_5, CTL_PARTS_10, part_groups
 
-__all__ = ["CTL", "CrossScaleGraphConv", "CTL10_SKELETON", "CTL5_SKELETON", "ABLATIONS", "PRESETS"]
+__all__ = ["CTL", "CrossScaleGraphConv", "CTL10_SKELETON", "CTL5_SKELETON", "ABLATIONS"]
 
-# The physical graphs of the part scales (ctl.md §1.6): s2 links the torso to the head and to the
+# The physical graphs of the part scales (docs/models/ctl.md): s2 links the torso to the head and to the
 # upper limb bones, and each upper bone to its lower one; s3 is a star on the trunk.
 CTL10_SKELETON = Skeleton("ctl10", tuple(CTL_PARTS_10),
                           ((0, 1), (1, 2), (2, 3), (1, 4), (4, 5), (1, 6), (6, 7), (1, 8), (8, 9)))
@@ -63,7 +64,7 @@ CTL5_SKELETON = Skeleton("ctl5", tuple(CTL_PARTS_5), ((0, 1), (0, 2), (0, 3), (0
 _SCALES = {"s1": "coco17", "s2": CTL10_SKELETON, "s3": CTL5_SKELETON}
 _HEATMAP_STRIDE = 4   # HRNet's output grid: 1/4 of the input
 
-# build_model("ctl", n, **ABLATIONS[row]) for the rows of Tables 3-5 (ctl.md §6.4-6.6).
+# build_model("ctl", n, **ABLATIONS[row]) for the rows of Tables 3-5 (docs/models/ctl.md).
 ABLATIONS: dict[str, dict] = {
     "basel": dict(graph_layers=0, cross_scale="pool"),
     "basel+contre": dict(window=1, context="sample", cross_scale="pool"),
@@ -75,23 +76,6 @@ ABLATIONS: dict[str, dict] = {
     "cs-gcl-s3": dict(cross_scale_sources=()),
     "cs-gcl-s3s1": dict(cross_scale_sources=("s1",)),
 }
-
-_TRAIN_PAPER = dict(frames=6, train_sampling="restricted_random", test_sampling="all", height=256,
-                    width=128, batch_size=32, instances=4, optimizer="adam", lr=3e-4,
-                    weight_decay=5e-4, momentum=0.9, epochs=240, lr_milestones=[60, 120, 180],
-                    lr_gamma=0.1, warmup_epochs=0, flip=True, random_erase=True, grad_clip=None)
-# "paper": ctl.md §4 and §9.  "cpu": the main job's small variant: the cpu backbone every model
-# shares (ResNet-18 blocks at quarter width: C = 128, an 8 x 4 grid at 128 x 64 with CTL's last
-# stride 1), CS-GCL width d = C / 8 = 16 as the paper's 256 = 2048 / 8, T = 4 (two frames of
-# temporal context in every inner window), 16 clips = 8 ids x 2, and the other cpu presets' budget
-# (Adam 1e-3, 20 epochs: it trains from scratch); test clips sampled evenly.
-PRESETS = {"ctl": {
-    "cpu": {"model": dict(CPU_BACKBONE, frames=4, embed_dim=16),
-            "train": dict(_TRAIN_PAPER, frames=4, test_sampling="evenly", height=128, width=64,
-                          batch_size=16, instances=2, lr=1e-3, epochs=20, lr_milestones=[15])},
-    "paper": {"model": dict(depth=50, width=1.0, frames=6), "train": _TRAIN_PAPER},
-}}
-
 
 class _FCBN(nn.Module):
     """CTL's ``FC + BN + ReLU`` on the last dimension (BN statistics over all leading dimensions).
@@ -113,7 +97,7 @@ class _FCBN(nn.Module):
 
 
 class CrossScaleGraphConv(nn.Module):
-    r"""CTL's cross-scale graph conv (ctl.md §2.4, Eqs. 5-6): source-scale nodes -> target-scale nodes.
+    r"""CTL's cross-scale graph conv (docs/models/ctl.md, Eqs. 5-6): source-scale nodes -> target-scale nodes.
 
     For source nodes ``x_i`` (``[..., N_a, C]``) and target nodes ``x_m`` (``[..., N_b, C]``) of a
     frame, with ``phi``, ``psi``, ``h``, ``f`` each ``FC + BN + ReLU`` (embedding width ``d``)::
@@ -122,8 +106,8 @@ class CrossScaleGraphConv(nn.Module):
         p_m = sum_j h_b([phi(x_m), psi(x_j - x_m)]);   r_m = f_b([x_m, p_m])     (target)
         A[m, i] = softmax_i(r_m . r_i);   out = relu(A X_a W)
 
-    ``phi`` and ``psi`` are shared by both scales, ``h`` and ``f`` are per scale (§7 A14); the
-    softmax runs over the source nodes (A15), temperature 1.  Computed exactly but without the
+    ``phi`` and ``psi`` are shared by both scales, ``h`` and ``f`` are per scale; the
+    softmax runs over the source nodes, temperature 1.  Computed exactly but without the
     concatenations: ``psi``'s FC is applied to the nodes before the pairwise difference, and
     ``h`` / ``f`` apply the two halves of their weight to the two halves of their input.
     """
@@ -176,7 +160,7 @@ class CTL(nn.Module):
         pretrained: path of a local torchvision ImageNet ResNet state dict, or None.
         frames: ``T``; the context block's temporal conv has ``T`` input channels, so every clip
             (train and test) has ``T`` frames.
-        temperature: of the heatmap softmax (``theta``, §1.4; 1.0 is the literal reading).
+        temperature: of the heatmap softmax (``theta``; 1.0 is the literal reading).
         heatmap_sigma: of the rendered heatmaps, in heatmap (1/4 input) pixels.
         graph_layers: 3D-GCLs per scale (``L``; 0 = no graph layers, Table 3's "Basel").
         window: ``tau`` (odd; 1 = frame-level graphs).
@@ -249,7 +233,7 @@ class CTL(nn.Module):
 
         Rendered on HRNet's ``H/4 x W/4`` grid (sigma ``heatmap_sigma``, peak = the keypoint's
         confidence clipped to [0, 1]; a missing keypoint gives a zero map), then resized bilinearly
-        (``align_corners=False``) to the feature grid, as ctl.md §1.4 resizes HRNet's output.
+        (``align_corners=False``) to the feature grid, as docs/models/ctl.md resizes HRNet's output.
         """
         with torch.no_grad():
             size = (image_size[0] // _HEATMAP_STRIDE, image_size[1] // _HEATMAP_STRIDE)

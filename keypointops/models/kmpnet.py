@@ -1,6 +1,6 @@
 """KMPNet (Chen et al., AAAI 2022): keypoint message passing for video person re-ID.
 
-Written to ``../shared/models/kmpnet.md`` (and ``kmpnet_released_code.md``, the authors' code).
+Architecture, deviations from the paper and the authors' released code: ``docs/models/kmpnet.md``.
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from torch import Tensor, nn
 
 from keypointops.graphs import Graph, Skeleton, skeleton
 from keypointops.models.backbones import ResNet
-from keypointops.models.baselines import (CPU_BACKBONE, CPU_TRAIN, PCBVideo, ResNet50Video, check_clip, frame_loss,
-                                          train_preset)
+from keypointops.models._common import check_clip, frame_loss
+from keypointops.models.baselines import PCBVideo, ResNet50Video
 from keypointops.models.heads import BNNeck, init_kaiming_fan_out
 from keypointops.nn import DeepGCNLayer, GENConv, KeypointGather
 
-__all__ = ["KMPNet", "PRESETS", "JRPP_GROUPS", "headless_keypoints", "flip_frames"]
+__all__ = ["KMPNet", "JRPP_GROUPS", "headless_keypoints", "flip_frames"]
 
-# Graph pooling (JRPP with G1, G2, G3 on the 12 headless joints, kmpnet.md §3.6): name -> nodes.
+# Graph pooling (JRPP with G1, G2, G3 on the 12 headless joints, docs/models/kmpnet.md): name -> nodes.
 JRPP_GROUPS: dict[str, tuple[int, ...]] = {
     "whole": tuple(range(12)),
     "upper": (0, 1, 2, 3, 4, 5),
@@ -46,7 +46,7 @@ def headless_keypoints(keypoints: Tensor) -> tuple[Tensor, Tensor]:
 
 def flip_frames(images: Tensor, xy: Tensor, flipped: Tensor, mirror_keypoints: bool = True) -> tuple[Tensor, Tensor]:
     """Mirrors the frames ``flipped [N]`` of ``images [N, 3, H, W]``; with ``mirror_keypoints`` their
-    keypoints ``xy [N, K, 2]`` too (``x <- W - x``, joint labels kept, kmpnet.md §9-A15).  The
+    keypoints ``xy [N, K, 2]`` too (``x <- W - x``, joint labels kept, docs/models/kmpnet.md).  The
     validity of a joint must be computed before (a mirrored (0, 0) would look valid)."""
     images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
     if mirror_keypoints:
@@ -58,12 +58,12 @@ def flip_frames(images: Tensor, xy: Tensor, flipped: Tensor, mirror_keypoints: b
 class KMPNet(nn.Module):
     r"""KMPNet: a frame-level re-ID CNN trained with a keypoint graph branch that is dropped at inference.
 
-    **Visual branch** (kmpnet.md §3.1): PCB-p4 on ResNet-50 with last stride 1 (``visual="pcb"``,
+    **Visual branch** (docs/models/kmpnet.md): PCB-p4 on ResNet-50 with last stride 1 (``visual="pcb"``,
     :class:`~keypointops.models.baselines.PCBVideo`), or the IDE ResNet-50 with last stride 2
     (``visual="resnet50"``, :class:`~keypointops.models.baselines.ResNet50Video`); ``self.visual``
     is that baseline, so stage A's checkpoint loads into it (:meth:`init_from_state`).
 
-    **Graph branch** (training only, §3.2-3.6): after each of the 5 CNN stages (stem, layer1..4)
+    **Graph branch** (training only): after each of the 5 CNN stages (stem, layer1..4)
     :func:`keypointops.keypoint_gather` reads the stage's map at the 12 headless joints, one
     bilinear sample per joint.  ``gather="keypoint"`` (the default) samples at the keypoint itself, as
     the paper describes: a keypoint at input pixel ``(x, y)`` (pixel ``i`` covers ``[i, i + 1)``)
@@ -84,11 +84,11 @@ class KMPNet(nn.Module):
     per frame the mean over the 5 JRPP node groups (:data:`JRPP_GROUPS`), each into its own BNNeck
     (``Linear(64 -> 256)``, BN1d with frozen zero bias, bias-free classifier).
 
-    **Loss** (§4): the plain mean of the label-smoothed (ε = 0.1) CE of every classifier (4 PCB
+    **Loss**: the plain mean of the label-smoothed (ε = 0.1) CE of every classifier (4 PCB
     stripes + 5 graph heads = 9; 1 + 5 = 6 with ``visual="resnet50"``), every frame labelled with
     its tracklet's identity.
 
-    **Inference** (§3.8): eval mode with ``embedding="x_c"`` runs ``self.visual`` only: no
+    **Inference**: eval mode with ``embedding="x_c"`` runs ``self.visual`` only: no
     keypoints, no graph, no fused op, no graph-branch parameter (8192-d per frame for PCB,
     averaged over the clip).  ``embedding="x_g"`` (Table 4) runs the graph branch in eval mode
     and returns the per-frame L2-normalised concatenation of the 5 BN outputs, averaged (1280-d).
@@ -104,21 +104,21 @@ class KMPNet(nn.Module):
         frame_flip: probability of mirroring each frame independently inside the model in training
             (0: the data pipeline flips, per clip, moving the keypoints with the pixels).  This is
             the released code's per-frame flip, for exact reproduction.
-        flip_keypoints: mirror the keypoints of the frames flipped by ``frame_flip`` (§9-A15);
+        flip_keypoints: mirror the keypoints of the frames flipped by ``frame_flip``;
             ``False`` reproduces the released code's bug (images flipped, keypoints not).
         gather: ``"keypoint"`` (the node feature read at the keypoint) or ``"released"`` (the
             released code's sampling, one feature cell off).
         ops_backend: backend of every fused op (``keypoint_gather``, ``msg_pass``).
         visual_options: further options of the visual branch (``parts``, ``reduced_dim``).
 
-    Deviations from the spec: ``frame_flip`` defaults to 0 with the data pipeline flipping whole
+    Deviations from the paper: ``frame_flip`` defaults to 0 with the data pipeline flipping whole
     clips (consistent frames for every temporal model) instead of each frame; a joint with
     confidence 0 is also invalid (the batch contract's missing joint); invalid joints take the
-    plain global mean (the spec's [R] resolution of §3.2, not the released code's slightly
+    plain global mean (the paper's description, not the released code's slightly
     skewed RoIAlign weights); the node features are read at the keypoints (``gather="keypoint"``),
     where the released code reads one feature cell off.
 
-    **Two-stage protocol** (§5): stage A trains the visual branch alone (``keypointops train --model
+    **Two-stage protocol**: stage A trains the visual branch alone (``keypointops train --model
     pcb``); stage B is KMPNet whose visual branch starts from stage A's weights and whose graph branch
     is new (``--model kmpnet --init-from STAGE_A/model.pt``, :meth:`init_from_state`); the paper's
     "+ fine-tune" control trains stage A's model on without the graph, with stage B's epochs and
@@ -245,12 +245,5 @@ class KMPNet(nn.Module):
         return {"logits": logits, "frames": T}
 
     def loss(self, output: dict, pids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The plain mean of the 9 (6) per-frame label-smoothed CE terms (kmpnet.md §4)."""
+        """The plain mean of the 9 (6) per-frame label-smoothed CE terms (docs/models/kmpnet.md)."""
         return frame_loss(output["logits"], pids, output["frames"])
-
-
-PRESETS = {"kmpnet": {
-    "paper": {"model": {}, "train": train_preset()},
-    # the small variant of the main job: the visual branch of the PCB cpu preset, the full graph branch
-    "cpu": {"model": dict(CPU_BACKBONE, reduced_dim=64), "train": train_preset(**CPU_TRAIN)},
-}}

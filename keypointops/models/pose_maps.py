@@ -1,6 +1,6 @@
 """OpenPose-style pose maps for AlignNet: 19 heatmaps + 38 part-affinity fields (``pose57``).
 
-AlignNet (``../shared/models/alignnet.md`` §1.2) reads the 57 output maps of OpenPose's COCO body
+AlignNet (``docs/models/alignnet.md``) reads the 57 output maps of OpenPose's COCO body
 model at 1/8 of the input resolution, in the layout ``pose57 = cat([heatmaps19, paf38])``:
 
 * channels 0-18: the heatmaps of the 18 COCO-18 joints (``graphs.skeleton("openpose18")`` order:
@@ -8,13 +8,13 @@ model at 1/8 of the input resolution, in the layout ``pose57 = cat([heatmaps19, 
   hip/knee/ankle, right/left eye, right/left ear) and the background;
 * channels 19-56: the x and y part-affinity fields of the 19 OpenPose limbs (:data:`OPENPOSE_LIMBS`),
   limb ``k`` at ``19 + mapIdx[k]`` (x) and the next channel (y), the order of the CMU demo code, so
-  ``graphs.part_groups("alignnet")`` indexes the tensor directly.
+  ``parts.part_groups("alignnet")`` indexes the tensor directly.
 
 Two sources give these maps (:class:`PoseMaps`):
 
 * ``"render"`` (:func:`render_pose_maps`): the maps OpenPose is trained to output, drawn from the
   batch's COCO-17 keypoints the way OpenPose draws its training targets (Cao et al., CVPR 2017):
-  a Gaussian of sigma 7 input pixels per joint (``graphs.render_heatmaps``), the background
+  a Gaussian of sigma 7 input pixels per joint (:func:`render_heatmaps`), the background
   ``max(1 - max_j heatmap_j, 0)``, and per limb the unit vector from its first to its second
   joint on the grid cells within ``limb_width`` (8 input pixels = 1 grid cell, the CMU code's
   threshold) of the segment.  The neck, which COCO-17 lacks, is the mid-shoulder point, valid only
@@ -37,16 +37,16 @@ Deviations, with reasons:
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from torch import Tensor, nn
 
 from keypointops.data.transforms import denormalize
-from keypointops.graphs import render_heatmaps
 
 __all__ = ["OPENPOSE_LIMBS", "NUM_POSE_MAPS", "POSE_STRIDE", "openpose18_from_coco17",
-           "render_pose_maps", "openpose_input", "OpenPoseBody", "load_openpose_weights", "PoseMaps"]
+           "render_heatmaps", "render_pose_maps", "openpose_input", "OpenPoseBody", "load_openpose_weights", "PoseMaps"]
 
 NUM_POSE_MAPS = 57   # 19 heatmaps + 38 part-affinity fields
 POSE_STRIDE = 8      # input pixels per pose-map cell (OpenPose's three 2x2 max-pools)
@@ -64,6 +64,54 @@ OPENPOSE_LIMBS: tuple[tuple[int, int, int], ...] = (
     (0, 15, 32), (15, 17, 36), (2, 16, 18), (5, 17, 26))
 # _PAF_FROM_LIMB_ORDER[c]: which channel of the limb-ordered [19 limbs x (x, y)] stack is PAF channel c.
 _PAF_FROM_LIMB_ORDER = tuple(sorted(range(38), key=lambda i: OPENPOSE_LIMBS[i // 2][2] + i % 2))
+
+
+def render_heatmaps(keypoints: Tensor, size: tuple[int, int], sigma: float,
+                    valid: Tensor | None = None) -> Tensor:
+    """Gaussian heatmaps of keypoints, one channel per keypoint: ``[..., K, H, W]``.
+
+    ``heatmap[..., k, i, j] = exp(-((j - x_k)^2 + (i - y_k)^2) / (2 sigma^2))``: keypoints are in
+    heatmap pixels with pixel ``(i, j)`` centred at ``(x, y) = (j, i)`` (the convention of
+    OpenPose / HRNet training targets), so a keypoint on a pixel centre peaks at 1 there.
+
+    Args:
+        keypoints: ``[..., K, 2]`` ``(x, y)`` or ``[..., K, 3]`` ``(x, y, confidence)``, floating.
+        size: ``(H, W)`` of the heatmaps.
+        sigma: standard deviation in heatmap pixels, finite and positive.
+        valid: optional ``[..., K]`` bool; defaults to ``confidence > 0`` for ``[..., K, 3]``.
+            Invalid keypoints, and keypoints with a non-finite coordinate, get all-zero heatmaps.
+
+    Returns:
+        ``[..., K, H, W]`` tensor of ``keypoints``' dtype and device.
+    """
+    if not isinstance(keypoints, Tensor) or not keypoints.is_floating_point():
+        raise ValueError("render_heatmaps: keypoints must be a floating point Tensor")
+    if keypoints.dim() < 2 or keypoints.shape[-1] not in (2, 3):
+        raise ValueError(f"render_heatmaps: keypoints must be [..., K, 2] or [..., K, 3], got shape "
+                         f"{list(keypoints.shape)}")
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(n, int) and n > 0 for n in size)):
+        raise ValueError(f"render_heatmaps: size must be (H, W) of positive ints, got {size!r}")
+    if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"render_heatmaps: sigma must be a finite positive number, got {sigma!r}")
+    if valid is None:
+        valid = keypoints[..., 2] > 0 if keypoints.shape[-1] == 3 else torch.ones(
+            keypoints.shape[:-1], dtype=torch.bool, device=keypoints.device)
+    elif (not isinstance(valid, Tensor) or valid.dtype != torch.bool
+          or valid.shape != keypoints.shape[:-1] or valid.device != keypoints.device):
+        raise ValueError(f"render_heatmaps: valid must be a bool tensor of shape "
+                         f"{list(keypoints.shape[:-1])} on {keypoints.device}")
+    points = keypoints[..., :2]
+    valid = valid & points.isfinite().all(-1)
+    points = torch.where(valid[..., None], points, torch.zeros_like(points))
+    height, width = size
+    cols = torch.arange(width, dtype=keypoints.dtype, device=keypoints.device)
+    rows = torch.arange(height, dtype=keypoints.dtype, device=keypoints.device)
+    scale = -0.5 / sigma ** 2
+    along_x = ((cols - points[..., 0:1]) ** 2 * scale).exp()                    # [..., K, W]
+    along_y = ((rows - points[..., 1:2]) ** 2 * scale).exp()                    # [..., K, H]
+    along_y = along_y * valid[..., None].to(keypoints.dtype)
+    return along_y[..., :, None] * along_x[..., None, :]
 
 
 def openpose18_from_coco17(keypoints: Tensor) -> Tensor:
@@ -173,7 +221,7 @@ class OpenPoseBody(nn.Module):
     stages 2-6 five 7x7 convs and two 1x1 convs on ``cat([L1, L2, features])`` (185 channels).
     ReLU after every conv except the last of each branch, so the outputs are linear (the PAFs are
     signed; this drops the ReLU the PyTorch port Hzzone/pytorch-openpose puts after
-    ``Mconv7_stage6_L2``, alignnet.md §1.2).  Every conv is a direct child named as in the caffe
+    ``Mconv7_stage6_L2``, docs/models/alignnet.md).  Every conv is a direct child named as in the caffe
     model, so ``state_dict()`` keys are the converted file's (``conv1_1.weight``,
     ``Mconv7_stage6_L2.bias``, ...).
 

@@ -1,4 +1,4 @@
-r"""RGCN and LGCN: pose features beyond appearance for video person re-ID (``../shared/models/rgcn.md``).
+r"""RGCN and LGCN: pose features beyond appearance for video person re-ID (``docs/models/rgcn.md``).
 
 Two branches with no shared parameters, one clip ``[B, T, 3, H, W]`` + its keypoints
 ``[B, T, 17, 3]`` (COCO-17, network-input pixels) in:
@@ -12,7 +12,7 @@ Two branches with no shared parameters, one clip ``[B, T, 3, H, W]`` + its keypo
 * **pose**: the 14 OpenPose joints (COCO-18 order without eyes and ears, ``graphs.skeleton("pose14")``)
   converted from COCO-17 (the neck synthesised as the mid-shoulder point, valid only when both
   shoulders are); node features = the coordinates divided by the input width / height, missing
-  joints (confidence ``<= conf_thresh``) exactly ``(0, 0)``, no mask anywhere (§1.3).  One graph
+  joints (confidence ``<= conf_thresh``) exactly ``(0, 0)``, no mask anywhere.  One graph
   per frame with ``Â = D^-1/2 (A + I) D^-1/2`` of the 13 skeleton edges, no edge between frames.
   :class:`RecurrentGraphConv` runs Eq. 6 (RGCN, ``recurrence="tanh"``)
 
@@ -26,10 +26,10 @@ Two branches with no shared parameters, one clip ``[B, T, 3, H, W]`` + its keypo
 
 Training: ``logits = Linear([f^a; f^p])`` (the only coupling of the branches); the loss (Eqs. 17-19)
 is ``L_id + λ L_tri(f^a) + (1 - λ) L_tri(f^p)`` with ``λ = L_tri^a / (L_tri^a + L_tri^p)`` recomputed
-every step and detached (§4, A15: no gradient through λ), or a fixed λ (``triplet_weight``, the
+every step and detached (no gradient through λ), or a fixed λ (``triplet_weight``, the
 Table VII ablation).  Inference: the clip embedding is ``[f^a; f^p]``, concatenated raw.
 
-Fused ops (rgcn.md §9), each called with ``backend=ops_backend``:
+Fused ops (docs/models/rgcn.md), each called with ``backend=ops_backend``:
 
 * the per-frame graph conv ``Â X_t`` for every frame is ``window_graph_conv(X, Â, window=1)``
   (a window of one frame holds no cross-frame edge, so it is exactly the paper's graph);
@@ -39,25 +39,25 @@ Fused ops (rgcn.md §9), each called with ``backend=ops_backend``:
 
 ``ops_backend="reference"`` gives the plain-PyTorch model (the reference ops are a gather + the
 dense ``einsum``, and ``softmax`` + a weighted sum); it exports to ONNX.  The recurrences, the ResNet and the losses have
-no fused op (§9.4).
+no fused op.
 
-Deviations from rgcn.md, with the reason:
+Deviations from the paper (docs/models/rgcn.md), with the reason:
 
-* Keypoints come from the data pipeline in COCO-17 (``DESIGN.md``'s batch contract), so the neck is
-  synthesised (rgcn.md §1.2's COCO-17 fallback column) instead of read from OpenPose COCO-18.
+* Keypoints come from the data pipeline in COCO-17 (the data layer's batch contract), so the neck is
+  synthesised (the COCO-17 fallback of docs/models/rgcn.md) instead of read from OpenPose COCO-18.
 * Coordinates are normalised by the network-input size (the pipeline gives keypoints in input
   pixels after every transform) rather than by the original crop size; for a resize it is the
   same number.  The pipeline flips keypoints with the images (left and right joints swapped),
-  where §5 keeps the pose unflipped; the model cannot tell the difference.
-* The triplet losses are :func:`keypointops.losses.batch_hard_triplet` (mean over anchors, §8 A13's
-  default); the ``sum`` switch of A13 is not offered.  The ID loss is
+  where the paper keeps the pose unflipped; the model cannot tell the difference.
+* The triplet losses are :func:`keypointops.losses.batch_hard_triplet` (mean over anchors);
+  a sum over anchors is not offered.  The ID loss is
   :func:`keypointops.losses.cross_entropy_label_smooth` with ``label_smooth=0`` by default (plain
-  cross-entropy, as §4).
+  cross-entropy, as in the paper).
 * Test clips: the engine's ``test_sampling="all"`` cuts a tracklet into consecutive clips of ``T``
-  frames (the loader's padding of the last clip, not §6's cyclic repeat) and averages the clip
-  embeddings; the mean of ``[f^a; f^p]`` is §6's per-branch mean, concatenated.
+  frames (the loader's padding of the last clip, not the paper's cyclic repeat) and averages the clip
+  embeddings; the mean of ``[f^a; f^p]`` is the paper's per-branch mean, concatenated.
 * ``depth``/``width`` of the backbone and ``hidden`` (n) give the small CPU variant
-  (``PRESETS["rgcn"]["cpu"]``, with a shorter clip and smaller images); it is not in the paper.
+  (the ``cpu`` preset of :mod:`keypointops.models.presets`, with a shorter clip and smaller images); it is not in the paper.
 
 Not implemented: the pose-branch baselines of Tables IV/V (GCN&RNN, GCN&LSTM, ST-GCN, EvolveGCN),
 the BiCnet-TKS appearance model, and the appearance-only rows (``resnet50`` of
@@ -70,6 +70,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from keypointops._checks import check_choice
 from keypointops.graphs import normalize_adjacency, skeleton
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth
 from keypointops.models.backbones import ResNet, load_pretrained
@@ -78,9 +79,9 @@ from keypointops.ops.part_pool import part_pool
 from keypointops.ops.window_graph_conv import window_graph_conv
 
 __all__ = ["RGCN", "LGCN", "RecurrentGraphConv", "DualAttention", "TemporalAggregator",
-           "pose14_from_coco17", "PRESETS"]
+           "pose14_from_coco17"]
 
-_POSE14_JOINTS = skeleton("pose14").num_joints   # OpenPose COCO-18 joints 0..13 (rgcn.md §1.2)
+_POSE14_JOINTS = skeleton("pose14").num_joints   # OpenPose COCO-18 joints 0..13 (docs/models/rgcn.md)
 _RECURRENCES = {"tanh": 1, "lstm": 4}     # recurrence -> number of gates (weight blocks)
 _READOUTS = ("dam", "nam", "tam", "mean")
 _AGGREGATORS = ("avg", "attention", "lstm")
@@ -105,11 +106,6 @@ def pose14_from_coco17(keypoints: Tensor, *, size: tuple[int, int] | None = None
     return torch.where((joints[..., 2] > conf_thresh)[..., None], xy, torch.zeros_like(xy))
 
 
-def _check_choice(owner: str, name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {tuple(choices)}, got {value!r}")
-
-
 def _check_positive_int(owner: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
@@ -120,28 +116,28 @@ class RecurrentGraphConv(nn.Module):
 
     ``G`` gates (1 for RGCN, 4 for LGCN in the order f, i, o, g) share one layout: the input
     weights ``W^(1)`` ``[in_channels, G, n]`` and, for ``gc_layers = L > 1``, ``W^(l)`` ``[G, n, n]``
-    (one ``n x n`` matrix per gate, Eq. 7 by analogy for LGCN, §2.3); the recurrent weight
+    (one ``n x n`` matrix per gate, Eq. 7 by analogy for LGCN); the recurrent weight
     ``[n, G*n]`` and the bias ``[G*n]``.  The input term of every frame is computed at once:
 
     * ``inner_act=False`` (Eq. 7 as printed, the default): ``ReLU(Â^L X W^(1) ... W^(L))``, the
-      aggregation applied to the 2-channel coordinates (cheapest, §2.2);
-    * ``inner_act=True``: ``ReLU(Â ... ReLU(Â X W^(1)) ... W^(L))`` (§8 A8's alternative).
+      aggregation applied to the 2-channel coordinates (cheapest);
+    * ``inner_act=True``: ``ReLU(Â ... ReLU(Â X W^(1)) ... W^(L))`` (an alternative reading of the paper).
 
     ``Â Z`` for all frames is ``window_graph_conv(Z, Â, window=1, backend=ops_backend)``.  Then for
     ``t = 1..T`` with ``H_0 = C_0 = 0``: RGCN ``H_t = tanh(U_t + H_{t-1} W_h + b)``; LGCN
     ``[F, I, O, G] = [σ, σ, σ, tanh](U_t + H_{t-1} U + b)``, ``C_t = F ⊙ C_{t-1} + I ⊙ G``,
-    ``H_t = O ⊙ tanh(C_t)``.  The recurrent term right-multiplies: nodes do not mix over time
-    (§2.2, A25).  Init (A26): Xavier-uniform per gate matrix, zero bias.
+    ``H_t = O ⊙ tanh(C_t)``.  The recurrent term right-multiplies: nodes do not mix over time.
+    Init: Xavier-uniform per gate matrix, zero bias.
 
     Shapes: ``x`` ``[B, T, 14, in_channels]`` -> ``[B, T, 14, n]``.  n = 256: 66,304 parameters
-    for RGCN, 265,216 for LGCN (§2.6).
+    for RGCN, 265,216 for LGCN.
     """
 
     def __init__(self, hidden: int = 256, *, recurrence: str = "tanh", gc_layers: int = 1,
                  inner_act: bool = False, in_channels: int = 2, ops_backend: str = "auto"):
         super().__init__()
         owner = "RecurrentGraphConv"
-        _check_choice(owner, "recurrence", recurrence, _RECURRENCES)
+        check_choice(owner, "recurrence", recurrence, _RECURRENCES)
         for name, value in (("hidden", hidden), ("gc_layers", gc_layers), ("in_channels", in_channels)):
             _check_positive_int(owner, name, value)
         self.recurrence, self.hidden, self.inner_act = recurrence, hidden, bool(inner_act)
@@ -162,7 +158,7 @@ class RecurrentGraphConv(nn.Module):
                 nn.init.xavier_uniform_(weight.data[gate])
 
     def adjacency(self, dtype: torch.dtype) -> Tensor:
-        """``Â = D^-1/2 (A + I) D^-1/2`` ``[14, 14]`` of the 13 limbs of ``pose14`` (rgcn.md §1.4)."""
+        """``Â = D^-1/2 (A + I) D^-1/2`` ``[14, 14]`` of the 13 limbs of ``pose14`` (docs/models/rgcn.md)."""
         return normalize_adjacency(self.skeleton.to(dtype))
 
     def aggregate(self, z: Tensor, adjacency: Tensor | None = None) -> Tensor:
@@ -229,12 +225,12 @@ class DualAttention(nn.Module):
     time-attention: ``h̄_t = mean_j H_{t,j}`` ``[B, T, n]``, ``h^(t) = Σ_t softmax_t(h̄_t · w_t) h̄_t``.
     Both pools are :func:`attention_pool` (``part_pool``).  ``readout``: ``"dam"`` ->
     ``[h^(n); h^(t)]`` (2n), ``"nam"`` / ``"tam"`` -> one of them (n), ``"mean"`` -> the mean over
-    nodes and frames (n): the Table VI ablation.  No mask (A23).  ``w_n``, ``w_t`` ~ U(±1/√n) (A26).
+    nodes and frames (n): the Table VI ablation.  No mask.  ``w_n``, ``w_t`` ~ U(±1/√n).
     """
 
     def __init__(self, hidden: int = 256, *, readout: str = "dam", ops_backend: str = "auto"):
         super().__init__()
-        _check_choice("DualAttention", "readout", readout, _READOUTS)
+        check_choice("DualAttention", "readout", readout, _READOUTS)
         _check_positive_int("DualAttention", "hidden", hidden)
         self.readout, self.ops_backend = readout, ops_backend
         bound = hidden ** -0.5
@@ -261,7 +257,7 @@ class DualAttention(nn.Module):
 
 
 class TemporalAggregator(nn.Module):
-    """The appearance branch's temporal aggregator (§3.2): ``[B, T, C, h, w]`` final maps -> ``f^a``.
+    """The appearance branch's temporal aggregator: ``[B, T, C, h, w]`` final maps -> ``f^a``.
 
     ``"avg"`` (AP): the mean over frames of the globally average-pooled maps.  ``"attention"``
     (AA, Gao & Nevatia's temporal attention): ``Conv2d(C, 256, kernel = map_size)`` on every
@@ -273,7 +269,7 @@ class TemporalAggregator(nn.Module):
     def __init__(self, channels: int, *, aggregator: str = "avg", map_size: tuple[int, int] | None = None,
                  lstm_hidden: int = 2048, ops_backend: str = "auto"):
         super().__init__()
-        _check_choice("TemporalAggregator", "aggregator", aggregator, _AGGREGATORS)
+        check_choice("TemporalAggregator", "aggregator", aggregator, _AGGREGATORS)
         self.aggregator, self.ops_backend = aggregator, ops_backend
         self.out_features = channels
         if aggregator == "attention":
@@ -334,7 +330,7 @@ class RGCN(nn.Module):
             final map).
         pretrained: path of a torchvision ImageNet ResNet state dict, read with
             :func:`keypointops.models.backbones.load_pretrained` (nothing is downloaded).
-        coord_norm: ``"image"`` (x / W, y / H of the input, §1.3) or ``"none"`` (pixels).
+        coord_norm: ``"image"`` (x / W, y / H of the input) or ``"none"`` (pixels).
         conf_thresh: a keypoint with confidence ``<= conf_thresh`` is missing.
         margin: the triplet margin δ (0.3).
         triplet_weight: ``"adaptive"`` (λ = L_a / (L_a + L_p), detached) or a fixed λ in [0, 1].
@@ -352,7 +348,7 @@ class RGCN(nn.Module):
         super().__init__()
         owner = type(self).__name__
         _check_positive_int(owner, "num_classes", num_classes)
-        _check_choice(owner, "coord_norm", coord_norm, ("image", "none"))
+        check_choice(owner, "coord_norm", coord_norm, ("image", "none"))
         if triplet_weight != "adaptive" and (isinstance(triplet_weight, bool)
                                              or not isinstance(triplet_weight, (int, float))
                                              or not 0.0 <= triplet_weight <= 1.0):
@@ -398,7 +394,7 @@ class RGCN(nn.Module):
         """``L_id + λ L_tri(f^a) + (1 - λ) L_tri(f^p)`` (Eqs. 17-19) and its parts.
 
         λ is ``L_tri^a / (L_tri^a + L_tri^p + 1e-12)`` of the detached losses (``"adaptive"``) or
-        the fixed ``triplet_weight``; it is a weight, never differentiated (§4, A15).
+        the fixed ``triplet_weight``; it is a weight, never differentiated.
         """
         identity = cross_entropy_label_smooth(output["logits"], pids, epsilon=self.label_smooth)
         appearance = batch_hard_triplet(output["appearance"], pids, margin=self.margin)
@@ -418,21 +414,3 @@ class LGCN(RGCN):
         if "recurrence" in options:
             raise ValueError("LGCN: recurrence is fixed to 'lstm'; use RGCN(recurrence=...) to choose it")
         super().__init__(num_classes, recurrence="lstm", **options)
-
-
-def _presets() -> dict:
-    paper_train = dict(frames=10, train_sampling="random_consecutive", test_sampling="all", height=256,
-                       width=128, batch_size=32, instances=4, optimizer="adam", lr=3e-4, weight_decay=5e-4,
-                       momentum=0.9, epochs=800, lr_milestones=[200, 400, 600], lr_gamma=0.1,
-                       warmup_epochs=0, flip=True, random_erase=False, grad_clip=None)
-    cpu_train = dict(paper_train, frames=4, height=128, width=64, batch_size=16, instances=4, epochs=30,
-                     lr_milestones=[20])
-    return {"paper": {"model": {}, "train": paper_train},
-            "cpu": {"model": dict(depth=18, width=0.25, hidden=64, input_size=(128, 64)), "train": cpu_train}}
-
-
-# Settings per model name: "paper" = rgcn.md §5 (Adam 3e-4, x0.1 every 200 of 800 epochs, 32 clips =
-# 8 ids x 4, T = 10, 256 x 128, flip only); "cpu" = a ResNet-18 at a quarter width, n = 64, T = 4,
-# 128 x 64, 16 clips (4 ids x 4), 30 epochs: a run that fits a 2-core CPU.  ``momentum`` is unused
-# by Adam (a required key of the contract).
-PRESETS = {"rgcn": _presets(), "lgcn": _presets()}

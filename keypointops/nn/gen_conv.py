@@ -17,7 +17,7 @@ from torch.nn import BatchNorm1d, Dropout, InstanceNorm1d, LayerNorm, Linear, Pa
 
 from keypointops.graphs import Graph
 from keypointops.ops import msg_pass
-from keypointops._opdefs.backend import BACKENDS
+from keypointops._opdefs.backend import check_backend
 
 __all__ = ["GENConv", "MessageNorm", "MsgPassAggregation"]
 
@@ -176,8 +176,7 @@ class GENConv(torch.nn.Module):
             raise ValueError(f"GENConv: expansion must be an int >= 1, got {expansion!r}")
         if not isinstance(eps, (int, float)) or not math.isfinite(eps):
             raise ValueError(f"GENConv: eps must be a finite float, got {eps!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"GENConv: backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend("GENConv", backend)
 
         self.in_channels = in_channels
         self.out_channels = out_channels

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from keypointops._opdefs.backend import BACKENDS
+from keypointops._opdefs.backend import check_backend
 from keypointops._opdefs.keypoint_gather import check_sampling_args
 from keypointops.ops.keypoint_gather import keypoint_gather
 
@@ -29,13 +29,11 @@ class KeypointGather(nn.Module):
                  aligned: bool = True, backend: str = "auto"):
         super().__init__()
         check_sampling_args(spatial_scale, roi_size, sampling_ratio, aligned)
-        if backend not in BACKENDS:
-            raise ValueError(f"KeypointGather: backend must be one of {BACKENDS}, got {backend!r}")
         self.spatial_scale = spatial_scale
         self.roi_size = roi_size
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
-        self.backend = backend
+        self.backend = check_backend("KeypointGather", backend)
 
     def forward(self, features: Tensor, keypoints: Tensor, valid: Tensor | None = None) -> Tensor:
         """``features`` ``[B, C, H, W]``, ``keypoints`` ``[B, K, 2 or 3]`` in input pixels,

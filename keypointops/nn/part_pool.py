@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keypointops.graphs import part_groups
+from keypointops.parts import part_groups
 from keypointops.ops.part_pool import part_pool
 
 __all__ = ["PartPool"]
@@ -19,10 +19,10 @@ class PartPool(nn.Module):
 
     Args:
         parts: the ``[P, J]`` grouping: None (identity, one part per heatmap channel), the name of a
-            grouping in :data:`keypointops.graphs.PART_GROUPINGS` (``"alignnet"``: head /
+            grouping in :data:`keypointops.parts.PART_GROUPINGS` (``"alignnet"``: head /
             torso+arms / legs from OpenPose's 19 heatmaps + 38 part-affinity fields, ``"ctl10"`` /
             ``"ctl5"``: CTL's parts of the 17 COCO keypoints), a sequence or mapping of joint-index
-            lists (row-averaged by :func:`keypointops.graphs.part_groups`, needs ``num_joints``), or
+            lists (row-averaged by :func:`keypointops.parts.part_groups`, needs ``num_joints``), or
             a ``[P, J]`` tensor.
         num_joints: ``J``, the heatmap channels, for a sequence or mapping of joint lists (for a
             named grouping it overrides the grouping's own count).

@@ -29,7 +29,7 @@ def _unfold_windows(z: Tensor, window: int, dilation: int = 1) -> Tensor:
 
 
 class ContextTopology(nn.Module):
-    r"""CTL's context block (ctl.md §2.2-2.3): a data-dependent window adjacency ``A_c``.
+    r"""CTL's context block (docs/models/ctl.md): a data-dependent window adjacency ``A_c``.
 
     From the layer input ``x`` ``[B, T, N, C]``, with ``L = window * N``:
 
@@ -75,7 +75,7 @@ class ContextTopology(nn.Module):
 
 
 class WindowGraphConv3D(nn.Module):
-    r"""CTL's 3D graph conv layer (ctl.md §2.3, Eqs. 2-4): graph conv over windows of frames, then collapse.
+    r"""CTL's 3D graph conv layer (docs/models/ctl.md, Eqs. 2-4): graph conv over windows of frames, then collapse.
 
     For ``x`` ``[B, T, N, C_in]`` (``N`` nodes of ``T`` frames), with ``L = window * N``:
 
@@ -100,7 +100,7 @@ class WindowGraphConv3D(nn.Module):
     5. ``out = x + z`` with ``residual=True`` (needs ``C_in == C_out``), else ``out = z``: CTL adds the
        shortcut from its second layer on.
 
-    Deviation from ctl.md §2.3: a node whose degree is ``<= 0`` (possible only when ``A_m`` and
+    Deviation from the paper (docs/models/ctl.md): a node whose degree is ``<= 0`` (possible only when ``A_m`` and
     ``A_c`` are negative enough) gets a zero row and column (:func:`~keypointops.graphs.normalize_adjacency`)
     instead of ``deg.clamp_min(1e-3)``, which would scale such a row by ~32; both avoid NaN.
 

@@ -32,7 +32,7 @@ def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None, 
             contiguous or channels_last.
         heatmaps: ``[B, J, H, W]`` keypoint heatmaps on the same grid, of the features' dtype.
         groups: ``[P, J]`` part-from-joint weights (e.g. the row-averaging matrices of
-            :func:`keypointops.graphs.part_groups`), or None for the identity (``P = J``).  It may
+            :func:`keypointops.parts.part_groups`), or None for the identity (``P = J``).  It may
             require grad (its gradient is cheap: one ``[P, J]`` reduction).
         temperature: softmax temperature, a finite float > 0 (smaller is sharper).
         backend: ``"auto"`` (compiled kernel for the tensor's device), ``"cpu"``, ``"cuda"``,

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from keypointops._opdefs.backend import triton_available
-from keypointops._opdefs.msg_pass import register_kernels_of
+from keypointops._opdefs.msg_pass import check_csr_args, register_kernels_of
 
 __all__ = ["msg_pass_triton", "msg_pass_triton_backward"]
 
@@ -159,22 +159,7 @@ def _tile(x: Tensor) -> dict:
 
 
 def _check_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_name: str, col_name: str):
-    """The checks of the C++ ops (csrc/ops/msg_pass.cpp), for direct calls of the Triton ops."""
-    if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"msg_pass: x must be a floating point [N, C] tensor, got {x.dtype} {list(x.shape)}")
-    if rowptr.shape != (x.size(0) + 1,) or col.dim() != 1:
-        raise ValueError(f"msg_pass: {rowptr_name} must be [N + 1] = [{x.size(0) + 1}] and {col_name} "
-                         f"1-D, got {list(rowptr.shape)} and {list(col.shape)}")
-    if rowptr.dtype != torch.int64 or col.dtype != torch.int64:
-        raise ValueError(f"msg_pass: {rowptr_name} and {col_name} must be int64, got {rowptr.dtype} "
-                         f"and {col.dtype}")
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if t.shape != (x.size(1),) or t.dtype != acc_dtype:
-        raise ValueError(f"msg_pass: t must be [C] = [{x.size(1)}] of {acc_dtype} for x of {x.dtype}, "
-                         f"got {t.dtype} {list(t.shape)}")
-    for name, arg in ((rowptr_name, rowptr), (col_name, col), ("t", t)):
-        if arg.device != x.device:
-            raise ValueError(f"msg_pass: x ({x.device}) and {name} ({arg.device}) must be on the same device")
+    check_csr_args(x, rowptr, col, t, rowptr_name, col_name)
     if not triton_available(x.device):
         raise RuntimeError(f"msg_pass: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), "
                            f"got {x.device}")

@@ -14,15 +14,12 @@
 //    keypoint-major.  Within a tile of 64 channels, a pair of keypoints walks the planes c, c+1,
 //    ... (each tap a load at a constant stride of one plane; tap counts up to 4, i.e. a single
 //    bilinear sample, fixed at compile time), then the next pair.  A channel's value of a keypoint
-//    is sum_t w_t * plane[off_t], in tap order.  Measured at KMPNet stage 1 (256 images, C=256,
-//    12 keypoints, one sample; 2-core AMD EPYC VM): the forward needs ~23 of the 128 cache lines
-//    of every plane, ~95 MB of a 512 MiB map that is cold on every call, and takes 0.95-1.15x the
-//    time of a loop that only loads one float from each of those lines, so it is bound by the
-//    memory system (11-12 ms quiet, 20-30 ms when other machines load the memory system).
-//    Plane-major (each plane once for all keypoints, its lines prefetched 4 planes ahead, as
-//    before) was as fast when the memory system was quiet but 1.1-1.45x slower when it was
-//    loaded (likely fewer misses in flight with ~20 scattered lines per plane; huge pages did
-//    not close the gap, so it is not the TLB).
+//    is sum_t w_t * plane[off_t], in tap order.  At KMPNet stage 1 (256 images, C=256, 12
+//    keypoints, one sample) the forward touches ~23 of the 128 cache lines of every plane, ~95 MB
+//    of a 512 MiB map that is cold on every call, so it is bound by the memory system.  Plane-major
+//    order (each plane once for all keypoints, prefetched a few planes ahead) is as fast on an idle
+//    memory system but slower on a loaded one (likely fewer misses in flight with ~20 scattered
+//    lines per plane; not the TLB: huge pages do not close the gap).
 //  - contiguous NCHW, smaller planes (stage 4: 16x8): plane-major, each plane visited once for all
 //    keypoints, the cache lines the taps need a few channels ahead software-prefetched.
 //  - channels_last: a pixel's channels are contiguous, so every tap is a vector fmadd over the

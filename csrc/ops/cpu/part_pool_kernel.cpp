@@ -14,7 +14,7 @@
 //   grad_heatmaps[b] = groups^T @ grad_r,   grad_groups += grad_r @ heatmaps[b]^T
 // (grad_groups from per-image partials summed in image order: bitwise deterministic).
 // The GEMMs are register-blocked at::vec loops, one thread per image: BLAS called from inside
-// at::parallel_for nests OpenMP teams (measured 5x slower than a single thread on 2 cores).
+// at::parallel_for nests OpenMP teams (oversubscribing the cores).
 // Each GEMM reads the features once (one read in forward, one in backward) and writes
 // grad_features once.
 // Memory: forward out [B, P, C] and lse [B, P]; backward grad_features, grad_heatmaps and a [B, P, J]

@@ -1,0 +1,75 @@
+"""Training checkpoints: an atomic write, a checked read, and the model of a checkpoint.
+
+A checkpoint is a dict saved with ``torch.save``: ``format`` (:data:`CHECKPOINT_FORMAT`), the run's
+``config`` (JSON-serialisable), ``num_classes``, ``epoch`` and the ``model``, ``optimizer`` and
+``scheduler`` state dicts.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+
+CHECKPOINT_FORMAT = "keypointops-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (missing, corrupt, not a keypointops checkpoint, or one
+    of another model)."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Writes ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to disk,
+    then renamed over ``path`` (a reader never sees a half-written checkpoint)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, model: str | None = None) -> dict:
+    """Reads a checkpoint with ``torch.load(weights_only=True)``; raises :class:`CheckpointError`
+    with a one-line reason when the file is missing, corrupt, not a keypointops checkpoint, or (when
+    ``model`` is given) holds another model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a keypointops training checkpoint")
+    if model is not None and state["config"]["model"] != model:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {state['config']['model']!r} model, "
+                              f"not {model!r}")
+    return state
+
+
+def model_from_checkpoint(state: dict, **options) -> nn.Module:
+    """The model of a checkpoint (eval mode, CPU); ``options`` override its build options (e.g.
+    ``ops_backend="reference"``)."""
+    from keypointops.models import build_model
+
+    config = state["config"]
+    model = build_model(config["model"], state["num_classes"], **{**config["model_options"], **options})
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"the checkpoint's weights do not fit model {config['model']!r}: "
+                              f"{str(err).splitlines()[0]}") from None
+    return model.eval()
