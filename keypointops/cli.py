@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="dataset folder (synthetic: default a cache folder)")
     p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
     p.add_argument("--pretrained", default=None, metavar="PATH", help="local torchvision ResNet weights")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from another run's weights (KMPNet stage B: a stage-A pcb model.pt)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--workers", type=int, default=1, help="data loader worker processes per rank")
@@ -137,7 +139,8 @@ def _train(args) -> None:
     overrides = {k: getattr(args, k) for k in ("epochs", "frames", "batch_size", "instances", "height", "width",
                                                "lr", "warmup_epochs", "grad_clip") if getattr(args, k) is not None}
     config = engine.make_config(args.model, args.preset, args.data, args.root, seed=args.seed, workers=args.workers,
-                                pretrained=args.pretrained, eval_every=args.eval_every, max_steps=args.max_steps,
+                                pretrained=args.pretrained, init_from=args.init_from, eval_every=args.eval_every,
+                                max_steps=args.max_steps,
                                 train_overrides=overrides,
                                 model_overrides=_key_values(args.model_option, "--model-option"),
                                 data_options=_key_values(args.data_option, "--data-option"))

@@ -37,14 +37,16 @@ __all__ = ["make_config", "build_run", "train", "extract_features", "evaluate_mo
 
 
 def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthetic", root: str | None = None, *,
-                seed: int = 0, workers: int = 1, pretrained: str | None = None, eval_every: int = 0,
-                max_steps: int | None = None, train_overrides: dict | None = None,
+                seed: int = 0, workers: int = 1, pretrained: str | None = None, init_from: str | None = None,
+                eval_every: int = 0, max_steps: int | None = None, train_overrides: dict | None = None,
                 model_overrides: dict | None = None, data_options: dict | None = None) -> dict:
     """The config of a run: the model preset's ``"model"`` options and ``"train"`` settings
     (:func:`keypointops.models.get_preset`) updated with ``model_overrides`` / ``train_overrides``.
 
     ``eval_every``: evaluate every N epochs (0: only after the last one, unless the preset's train
     settings hold ``eval_every``). ``max_steps``: stop each epoch after that many steps (quick runs).
+    ``init_from``: a checkpoint whose weights the model starts from (its ``init_from_state``, e.g.
+    KMPNet's stage B from a stage-A PCB run).
     """
     from keypointops.models import preset_of
 
@@ -54,7 +56,7 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     model_cfg = settings.model_options(train_cfg)
     return {"model": model, "preset": preset, "model_options": {**model_cfg, **(model_overrides or {})},
             "train": train_cfg.to_dict(), "data": data, "root": root, "data_options": dict(data_options or {}),
-            "seed": seed, "workers": workers, "pretrained": pretrained, "max_steps": max_steps}
+            "seed": seed, "workers": workers, "pretrained": pretrained, "init_from": init_from, "max_steps": max_steps}
 
 
 # ----------------------------------------------------------------------------------------- data + model
@@ -75,7 +77,21 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
     model = build_model(config["model"], dataset.num_train_pids, **config["model_options"])
     if config["pretrained"]:
         load_pretrained(model, config["pretrained"])
+    if config.get("init_from"):
+        _init_from(model, config["model"], config["init_from"])
     return dataset, loader, model
+
+
+def _init_from(model: nn.Module, name: str, path: str) -> None:
+    """Starts ``model`` from the weights of the checkpoint ``path`` (the model's ``init_from_state``
+    decides what it takes from which model); :class:`CheckpointError` when it cannot."""
+    state = load_checkpoint(path)
+    if not hasattr(model, "init_from_state"):
+        raise CheckpointError(f"model {name!r} cannot start from another run's checkpoint (--init-from)")
+    try:
+        model.init_from_state(state["model"], state["config"]["model"])
+    except ValueError as err:
+        raise CheckpointError(f"--init-from {path}: {err}") from None
 
 
 def _optimizer(model: nn.Module, t: TrainSettings) -> torch.optim.Optimizer:
@@ -276,6 +292,8 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         seconds = time.perf_counter() - tick
         record = {"epoch": epoch + 1, "lr": lr, **stats, **counts, "seconds": seconds,
                   "clips_per_s": counts["clips"] / seconds}
+        if hasattr(core, "diagnostics"):  # the model's own per-epoch numbers (this rank's frames)
+            record.update(core.diagnostics())
         last = epoch + 1 == epochs
         if rank == 0 and (last or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
             result, baseline_results = _evaluate_run(core, dataset, config, device, last and with_baselines)
@@ -291,10 +309,39 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
             dist.barrier()
     if result is None and rank == 0:  # resumed a finished run: evaluate its weights
         result, baseline_results = _evaluate_run(core, dataset, config, device, with_baselines)
+    if rank == 0:
+        write_part_masks(core, dataset, config, out / "part_masks.png")
     if world_size > 1:
         dist.destroy_process_group()
     return {"metrics": record, "eval": result, "baselines": baseline_results, "dataset": dataset, "model": core,
             "seconds": time.perf_counter() - start_time}
+
+
+@torch.no_grad()
+def write_part_masks(model: nn.Module, dataset, config: dict, path: str | os.PathLike, *, clips: int = 4) -> bool:
+    """The part masks of a model that has them (a ``part_masks(images, keypoints)`` method that does
+    not return None) over the first test frame of ``clips`` query tracklets spread over the split
+    (:func:`keypointops.plots.plot_part_masks`); returns whether a picture was written."""
+    if not hasattr(model, "part_masks"):
+        return False
+    from keypointops.data import build_loader
+    from keypointops.data.transforms import denormalize
+    from keypointops.plots import plot_part_masks
+
+    t = TrainSettings.from_dict(config["train"])
+    step = max(1, len(dataset.query) // clips)
+    loader = build_loader(dataset.query[::step][:clips], train=False, frames=t.frames, sampling=t.test_sampling,
+                          height=t.height, width=t.width, batch_size=clips, flip=False, random_erase=False,
+                          workers=0, seed=config["seed"])
+    batch = next(iter(loader))
+    device = next(model.parameters()).device
+    model.eval()
+    masks = model.part_masks(batch["images"].to(device), batch["keypoints"].to(device))
+    if masks is None:
+        return False
+    frames = denormalize(batch["images"][:, 0]).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1)
+    plot_part_masks(frames.numpy(), masks[:, 0].float().cpu().numpy(), path)
+    return True
 
 
 def _evaluate_run(core, dataset, config, device, with_baselines: bool) -> tuple[dict, dict]:
@@ -311,7 +358,7 @@ def _epoch_line(record: dict, epochs: int) -> str:
     return line
 
 
-_RESULT_KEYS = ("model", "preset", "model_options", "data", "root", "data_options", "seed", "pretrained")
+_RESULT_KEYS = ("model", "preset", "model_options", "data", "root", "data_options", "seed", "pretrained", "init_from")
 
 
 def _check_resumable(saved: dict, config: dict) -> None:

@@ -2,6 +2,7 @@
 
 Tiny sizes throughout: a synthetic dataset of a few identities, KMPNet at 1/8 width on 64 x 32
 frames, 2 frames per clip."""
+import json
 import os
 import signal
 import subprocess
@@ -142,3 +143,46 @@ def test_clip_shape_overrides_reach_the_model_options():
     rgcn = engine.make_config("rgcn", "cpu", train_overrides=dict(height=64, width=32))
     assert rgcn["model_options"]["input_size"] == [64, 32]
     assert "frames" not in engine.make_config("kmpnet", "cpu", train_overrides=dict(frames=2))["model_options"]
+
+
+def tiny_run(model, **overrides):
+    return engine.make_config(model, "cpu", "synthetic", workers=0, train_overrides=TINY_TRAIN,
+                              model_overrides=dict(width=0.125), data_options=dict(TINY_DATA), **overrides)
+
+
+def test_init_from_starts_stage_b_from_stage_a(cache, tmp_path):
+    stage_a = tiny_run("pcb")
+    dataset, _, pcb = engine.build_run(stage_a)
+    save_checkpoint(tmp_path / "pcb.pt", {"format": CHECKPOINT_FORMAT, "config": stage_a, "epoch": 1,
+                                          "num_classes": dataset.num_train_pids, "model": pcb.state_dict()})
+    _, _, kmpnet = engine.build_run(tiny_run("kmpnet", init_from=str(tmp_path / "pcb.pt")))
+    _, _, fresh = engine.build_run(tiny_run("kmpnet"))
+    for key, value in pcb.state_dict().items():
+        assert torch.equal(kmpnet.visual.state_dict()[key], value), key
+    for key, value in fresh.state_dict().items():   # the graph branch: the seed's initialisation
+        if not key.startswith("visual."):
+            assert torch.equal(kmpnet.state_dict()[key], value), key
+    _, _, control = engine.build_run(tiny_run("pcb", init_from=str(tmp_path / "pcb.pt")))
+    for key, value in pcb.state_dict().items():
+        assert torch.equal(control.state_dict()[key], value), key
+    with pytest.raises(CheckpointError, match="KMPNet \\(visual='pcb'\\) starts from a 'pcb' \\(stage A\\) or "
+                                              "'kmpnet' checkpoint, not a 'resnet50' one"):
+        resnet = tiny_run("resnet50")
+        save_checkpoint(tmp_path / "resnet.pt", {"format": CHECKPOINT_FORMAT, "config": resnet, "epoch": 1,
+                                                 "num_classes": dataset.num_train_pids,
+                                                 "model": engine.build_run(resnet)[2].state_dict()})
+        engine.build_run(tiny_run("kmpnet", init_from=str(tmp_path / "resnet.pt")))
+    with pytest.raises(CheckpointError, match="model 'alignnet' cannot start from another run's checkpoint"):
+        engine.build_run(tiny_run("alignnet", init_from=str(tmp_path / "pcb.pt")))
+
+
+def test_alignnet_run_logs_mask_diagnostics_and_draws_its_masks(cache, tmp_path):
+    config = tiny_run("alignnet", max_steps=1)
+    config["train"]["epochs"] = 2
+    engine.train(config, tmp_path, log=lambda line: None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["mask_entropy"] < 1 and -1 <= r["part_cosine"] <= 1 for r in records)
+    assert (tmp_path / "part_masks.png").is_file()
+    dataset, _, kmpnet = engine.build_run(tiny_config())
+    assert not engine.write_part_masks(kmpnet, dataset, tiny_config(), tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from keypointops.graphs import Graph, Skeleton, skeleton
 from keypointops.models.backbones import ResNet
-from keypointops.models._common import check_clip, frame_loss
+from keypointops.models._common import check_clip, frame_loss, load_weights
 from keypointops.models.baselines import PCBVideo, ResNet50Video
 from keypointops.models.heads import BNNeck, init_kaiming_fan_out
 from keypointops.nn import DeepGCNLayer, GENConv, KeypointGather
@@ -194,12 +194,7 @@ class KMPNet(nn.Module):
         if model not in (self.visual_name, "kmpnet"):
             raise ValueError(f"KMPNet (visual={self.visual_name!r}) starts from a {self.visual_name!r} (stage A) "
                              f"or 'kmpnet' checkpoint, not a {model!r} one")
-        try:
-            (self.visual if model == self.visual_name else self).load_state_dict(state)
-        except RuntimeError as err:
-            lines = str(err).splitlines()   # a title, then one line per mismatch
-            raise ValueError(f"KMPNet: the {model!r} weights do not fit this model: {lines[min(1, len(lines) - 1)].strip()}"
-                             ) from None
+        load_weights(self.visual if model == self.visual_name else self, state, "KMPNet", model)
 
     def graph(self, clips: int, frames: int, device: torch.device) -> Graph:
         """The spatial-temporal graph of ``clips`` clips of ``frames`` frames (built once, cached)."""
