@@ -37,6 +37,7 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
 def _parser() -> argparse.ArgumentParser:
     from keypointops.data import DATASET_NAMES
     from keypointops.data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
+    from keypointops.data.synthetic import HARD as SYNTHETIC_HARD
     from keypointops.models import MODELS, PRESET_NAMES
 
     parser = argparse.ArgumentParser(prog="keypointops", description=__doc__.split("\n\n")[0])
@@ -83,13 +84,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the synthetic dataset (MARS layout)")
     p.add_argument("--out", required=True)
-    p.add_argument("--ids", type=int, default=SYNTHETIC_DEFAULTS["num_train_ids"],
-                   help="identities of each split (train and test)")
-    p.add_argument("--cameras", type=int, default=SYNTHETIC_DEFAULTS["num_cameras"])
-    p.add_argument("--frames", type=int, default=SYNTHETIC_DEFAULTS["frames"], help="mean tracklet length")
-    p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=SYNTHETIC_DEFAULTS["size"],
-                   help="frame size in pixels")
-    p.add_argument("--seed", type=int, default=SYNTHETIC_DEFAULTS["seed"])
+    p.add_argument("--hard", action="store_true",
+                   help="the hard variant (synthetic-hard): its parameters, then the flags below")
+    p.add_argument("--ids", type=int, help=f"identities of each split (train and test; default "
+                   f"{SYNTHETIC_DEFAULTS['num_train_ids']}, --hard: {SYNTHETIC_HARD['num_train_ids']} and "
+                   f"{SYNTHETIC_HARD['num_test_ids']})")
+    p.add_argument("--cameras", type=int, help=f"default {SYNTHETIC_DEFAULTS['num_cameras']}")
+    p.add_argument("--frames", type=int, help=f"mean tracklet length (default {SYNTHETIC_DEFAULTS['frames']}, "
+                   f"--hard: {SYNTHETIC_HARD['frames']})")
+    p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                   help=f"frame size in pixels (default {SYNTHETIC_DEFAULTS['size']})")
+    p.add_argument("--seed", type=int, help=f"default {SYNTHETIC_DEFAULTS['seed']}")
     return parser
 
 
@@ -218,10 +223,12 @@ def _export(args) -> None:
 
 
 def _synth(args) -> None:
-    from keypointops.data.synthetic import generate
+    from keypointops.data.synthetic import DEFAULTS, HARD, generate
 
-    description = generate(args.out, num_train_ids=args.ids, num_test_ids=args.ids, num_cameras=args.cameras,
-                           frames=args.frames, size=tuple(args.size), seed=args.seed)
+    flags = dict(num_train_ids=args.ids, num_test_ids=args.ids, num_cameras=args.cameras, frames=args.frames,
+                 size=None if args.size is None else tuple(args.size), seed=args.seed)
+    params = {**(HARD if args.hard else DEFAULTS), **{k: v for k, v in flags.items() if v is not None}}
+    description = generate(args.out, **params)
     print(json.dumps(description["counts"], indent=1))
     print(f"wrote the synthetic dataset to {args.out}")
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from keypointops.cli import main
+from keypointops.data.synthetic import HARD
 
 TINY = ["--workers", "0", "--threads", "1", "--epochs", "2", "--batch-size", "4", "--frames", "2", "--height", "64",
         "--width", "32", "--model-option", "width=0.125", "--data-option", "num_train_ids=6",
@@ -113,3 +114,13 @@ def test_dataset_choices_are_the_registry_and_there_is_no_bench_command(capsys):
     with pytest.raises(SystemExit):
         main(["bench"])  # the benchmarks are `pytest bench/` in the source checkout
     assert "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_synth_hard(tmp_path, capsys):
+    out = tmp_path / "hard"
+    assert main(["synth", "--hard", "--out", str(out), "--ids", "3", "--frames", "3", "--size", "32", "16"]) == 0
+    assert "wrote the synthetic dataset" in capsys.readouterr().out
+    params = json.loads((out / "synthetic.json").read_text())["params"]
+    hard = {k: v for k, v in HARD.items() if k not in ("num_train_ids", "num_test_ids", "frames", "size")}
+    assert params == {**hard, "num_train_ids": 3, "num_test_ids": 3, "frames": 3, "size": [32, 16],
+                      "person_height": list(HARD["person_height"]), "feet": list(HARD["feet"])}

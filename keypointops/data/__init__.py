@@ -12,24 +12,30 @@ from keypointops.data.datasets import (DATASETS, MARS, PRID2011, DatasetNotFound
 from keypointops.data.keypoint_files import load_keypoints
 from keypointops.data.loader import VideoDataset, build_loader
 from keypointops.data.sampling import PKBatchSampler, RandomBatchSampler, sample_frames
+from keypointops.data.synthetic import DEFAULTS as _SYNTHETIC_DEFAULTS
+from keypointops.data.synthetic import HARD as _SYNTHETIC_HARD
 from keypointops.data.synthetic import ensure_synthetic
 
 __all__ = ["Tracklet", "build_dataset", "build_loader", "DATASETS", "DATASET_NAMES", "DatasetNotFoundError", "MARS", "iLIDSVID",
            "PRID2011", "DukeMTMCVideoReID", "PoseTrackReID", "VideoReIDDataset", "VideoDataset",
            "PKBatchSampler", "RandomBatchSampler", "sample_frames", "load_keypoints", "ensure_synthetic"]
 
-DATASET_NAMES = ("synthetic",) + tuple(DATASETS)
+#: The generated datasets: name -> generator parameters.
+SYNTHETIC_DATASETS = {"synthetic": _SYNTHETIC_DEFAULTS, "synthetic-hard": _SYNTHETIC_HARD}
+DATASET_NAMES = tuple(SYNTHETIC_DATASETS) + tuple(DATASETS)
 
 
 def build_dataset(name: str, root=None, **options) -> VideoReIDDataset:
-    """The dataset ``name``: ``synthetic`` (generated on first use into ``root``, default a cache
-    folder, see :func:`keypointops.data.synthetic.ensure_synthetic`; options: the generator's
-    parameters, ``progress``, and ``drop_distractors``), ``mars``, ``ilidsvid``, ``prid2011``,
+    """The dataset ``name``: ``synthetic`` and ``synthetic-hard`` (the generator's default and hard
+    variant, :data:`keypointops.data.synthetic.DEFAULTS` / ``HARD``; generated on first use into
+    ``root``, default a cache folder, see :func:`keypointops.data.synthetic.ensure_synthetic`;
+    options: generator parameters overriding the variant's, ``progress``, and
+    ``drop_distractors``), ``mars``, ``ilidsvid``, ``prid2011``,
     ``dukev``, ``posetrackreid`` (``root`` required; options go to the reader)."""
     key = name.lower()
-    if key == "synthetic":
+    if key in SYNTHETIC_DATASETS:
         reader = {k: options.pop(k) for k in ("drop_distractors",) if k in options}
-        return MARS(ensure_synthetic(root, **options), **reader)
+        return MARS(ensure_synthetic(root, **{**SYNTHETIC_DATASETS[key], **options}), **reader)
     if key not in DATASETS:
         raise ValueError(f"build_dataset: unknown dataset {name!r}; known: {DATASET_NAMES}")
     if root is None:
