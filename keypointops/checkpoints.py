@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+__all__ = ["init_from_checkpoint", "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
 
 CHECKPOINT_FORMAT = "keypointops-checkpoint-1"
 
@@ -73,3 +73,26 @@ def model_from_checkpoint(state: dict, **options) -> nn.Module:
         raise CheckpointError(f"the checkpoint's weights do not fit model {config['model']!r}: "
                               f"{str(err).splitlines()[0]}") from None
     return model.eval()
+
+
+def init_from_checkpoint(model: nn.Module, model_name: str, path: str | os.PathLike) -> None:
+    """Initialises ``model`` (a ``model_name``) with the weights of another run's checkpoint.
+
+    A checkpoint of the same model loads whole (strict). A checkpoint of another model loads through
+    the model's ``init_from_state(state_dict, source_model)`` when it defines one (KMPNet takes a
+    PCB or ResNet checkpoint into its visual branch: its paper's stage B), which raises
+    ``ValueError`` for a source it cannot use; anything else is a :class:`CheckpointError`.
+    """
+    state = load_checkpoint(path)
+    source = state["config"]["model"]
+    hook = getattr(model, "init_from_state", None)
+    try:
+        if source == model_name:
+            model.load_state_dict(state["model"])
+        elif hook is not None:
+            hook(state["model"], source)
+        else:
+            raise ValueError(f"a {model_name!r} model can only start from a {model_name!r} checkpoint")
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot initialise {model_name!r} from {str(path)!r} (a {source!r} checkpoint): "
+                              f"{str(err).splitlines()[0]}") from None

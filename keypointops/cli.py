@@ -34,10 +34,40 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
     return out
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options that size and pace a training run (shared by ``train`` and ``ablate``)."""
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes per rank")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per rank (default: this rank's share of the cores minus --workers)")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
+    for name, kind in (("frames", int), ("batch-size", int), ("instances", int), ("height", int),
+                       ("width", int), ("lr", float), ("warmup-epochs", int), ("grad-clip", float)):
+        p.add_argument(f"--{name}", type=kind, help=f"override the preset's {name.replace('-', '_')}")
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                   help="override a build_model option of the preset (JSON value), e.g. width=0.25")
+    p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
+                   help="dataset option, e.g. num_train_ids=20 for a smaller synthetic dataset")
+
+
+def _train_overrides(args) -> dict:
+    return {k: getattr(args, k) for k in ("epochs", "frames", "batch_size", "instances", "height", "width", "lr",
+                                          "warmup_epochs", "grad_clip") if getattr(args, k) is not None}
+
+
+def _keypoint_settings(text: str) -> list[str]:
+    """``"as-is,shuffled"`` -> the checked list of keypoint settings."""
+    from keypointops.data.corruption import check_corruption
+
+    return [check_corruption(name.strip()) for name in text.split(",") if name.strip()]
+
+
 def _parser() -> argparse.ArgumentParser:
     from keypointops.data import DATASET_NAMES
     from keypointops.data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
     from keypointops.data.synthetic import HARD as SYNTHETIC_HARD
+    from keypointops.ablation import ABLATIONS
+    from keypointops.data.corruption import KEYPOINT_CORRUPTIONS
     from keypointops.models import MODELS, PRESET_NAMES
 
     parser = argparse.ArgumentParser(prog="keypointops", description=__doc__.split("\n\n")[0])
@@ -49,24 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="dataset folder (synthetic: default a cache folder)")
     p.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
     p.add_argument("--pretrained", default=None, metavar="PATH", help="local torchvision ResNet weights")
-    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
-                   help="start from another run's weights (KMPNet stage B: a stage-A pcb model.pt)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--workers", type=int, default=1, help="data loader worker processes per rank")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads per rank (default: this rank's share of the cores minus --workers)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from another run's weights (e.g. a trained pcb for kmpnet: its paper's stage B)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, help="override the preset's epochs")
-    p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs")
-    for name, kind in (("frames", int), ("batch-size", int), ("instances", int), ("height", int),
-                       ("width", int), ("lr", float), ("warmup-epochs", int), ("grad-clip", float)):
-        p.add_argument(f"--{name}", type=kind, help=f"override the preset's {name.replace('-', '_')}")
-    p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
-                   help="override a build_model option of the preset (JSON value), e.g. width=0.25")
-    p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
-                   help="dataset option, e.g. num_train_ids=20 for a smaller synthetic dataset")
+    _add_run_options(p)
     p.add_argument("--no-baselines", action="store_true", help="skip the colour-histogram baselines")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
@@ -75,6 +94,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--model", choices=sorted(MODELS), help="fail unless the checkpoint holds this model")
+    p.add_argument("--keypoints", default="as-is", metavar="SETTINGS",
+                   help="comma-separated test-keypoint settings, one table row each: "
+                        f"{', '.join(KEYPOINT_CORRUPTIONS)} (a keypoint model that works loses mAP when "
+                        "they are shuffled)")
+
+    p = sub.add_parser("ablate", help="run a paper's ablation rows over seeds, with keypoint-corruption controls")
+    p.add_argument("--paper", required=True, choices=list(ABLATIONS))
+    p.add_argument("--rows", default=None, metavar="NAMES", help="comma-separated rows (default: all of the paper's)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row")
+    p.add_argument("--data", default="synthetic-hard", choices=DATASET_NAMES)
+    p.add_argument("--root", default=None, help="dataset folder (synthetic: default a cache folder)")
+    p.add_argument("--out", default="runs/ablation", help="folder of the runs and tables (resumes what is there)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, each with its share of the cores")
+    p.add_argument("--keypoints", default=",".join(KEYPOINT_CORRUPTIONS), metavar="SETTINGS",
+                   help="comma-separated test-keypoint settings evaluated for every run")
+    _add_run_options(p)
 
     p = sub.add_parser("export", help="export the inference model, check it against PyTorch")
     p.add_argument("--checkpoint", required=True)
@@ -112,13 +147,15 @@ def _table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(label: str, result: dict, baseline_results: dict, dataset, out: Path | None) -> None:
-    """Prints the table of the model and baselines; with ``out``, writes the CMC and ranking PNGs."""
+def _report(rows: dict[str, dict], baseline_results: dict, dataset, out: Path | None) -> None:
+    """Prints the table of the model's evaluations (``{label: result}``, the first the main one) and
+    the baselines; with ``out``, writes the CMC and ranking PNGs of the first."""
     from keypointops.engine import summary
     from keypointops.evaluation import compute_distance
     from keypointops.plots import plot_cmc, plot_ranking
 
-    print(_table({label: summary(result), **{k: summary(v) for k, v in baseline_results.items()}}))
+    print(_table({**{k: summary(v) for k, v in rows.items()}, **{k: summary(v) for k, v in baseline_results.items()}}))
+    label, result = next(iter(rows.items()))
     if out is not None:
         plot_cmc({label: result["cmc"], **{k: v["cmc"] for k, v in baseline_results.items()}}, out / "cmc.png")
         plot_ranking(compute_distance(result["qf"], result["gf"]).numpy(), dataset.query, dataset.gallery,
@@ -141,12 +178,9 @@ def _train(args) -> None:
     from keypointops.plots import plot_curves
 
     _set_threads(args)
-    overrides = {k: getattr(args, k) for k in ("epochs", "frames", "batch_size", "instances", "height", "width",
-                                               "lr", "warmup_epochs", "grad_clip") if getattr(args, k) is not None}
     config = engine.make_config(args.model, args.preset, args.data, args.root, seed=args.seed, workers=args.workers,
                                 pretrained=args.pretrained, init_from=args.init_from, eval_every=args.eval_every,
-                                max_steps=args.max_steps,
-                                train_overrides=overrides,
+                                max_steps=args.max_steps, train_overrides=_train_overrides(args),
                                 model_overrides=_key_values(args.model_option, "--model-option"),
                                 data_options=_key_values(args.data_option, "--data-option"))
     out = Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
@@ -156,7 +190,7 @@ def _train(args) -> None:
     plot_curves(out / "metrics.jsonl", out / "curves.png")
     print(f"\n{args.model} ({args.preset} preset) on {args.data}, {config['train']['epochs']} epochs, "
           f"{run['seconds']:.0f} s; run folder {out}")
-    _report(args.model, run["eval"], run["baselines"], run["dataset"], out)
+    _report({args.model: run["eval"]}, run["baselines"], run["dataset"], out)
 
 
 def _evaluate(args) -> None:
@@ -166,6 +200,7 @@ def _evaluate(args) -> None:
     from keypointops.distributed import device_for_rank
 
     _set_threads(args)
+    settings = _keypoint_settings(args.keypoints)
     state = load_checkpoint(args.checkpoint, args.model)
     config = dict(state["config"], workers=args.workers)
     if args.root is not None:
@@ -173,9 +208,14 @@ def _evaluate(args) -> None:
     model = model_from_checkpoint(state)
     dataset = build_dataset(config["data"], config["root"], **config["data_options"])
     device = device_for_rank()
-    results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device)
+    results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device,
+                                     keypoints=settings[0])
+    label = config["model"] if settings == ["as-is"] else f"{config['model']}, keypoints {settings[0]}"
+    rows = {label: results.pop("model")}
+    rows.update({f"{config['model']}, keypoints {s}": r
+                 for s, r in engine.evaluate_keypoint_settings(model, dataset, config, device, settings[1:]).items()})
     print(f"{config['model']} after {state['epoch']} epochs on {config['data']}")
-    _report(config["model"], results.pop("model"), results, dataset, None)
+    _report(rows, results, dataset, None)
 
 
 def _export(args) -> None:
@@ -222,6 +262,20 @@ def _export(args) -> None:
     print(f"max abs error vs PyTorch ({runtime}, a clip other than the traced one): {error:.3g}")
 
 
+def _ablate(args) -> None:
+    from keypointops.ablation import run_ablation
+
+    table = run_ablation(args.paper, args.out, seeds=args.seeds, data=args.data, root=args.root,
+                         rows=None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()],
+                         jobs=args.jobs, keypoints=tuple(_keypoint_settings(args.keypoints)), workers=args.workers,
+                         threads=args.threads,
+                         max_steps=args.max_steps, train_overrides=_train_overrides(args),
+                         model_overrides=_key_values(args.model_option, "--model-option"),
+                         data_options=_key_values(args.data_option, "--data-option"))
+    print(table)
+    print(f"\nwrote {Path(args.out) / args.paper / 'ablation.md'}")
+
+
 def _synth(args) -> None:
     from keypointops.data.synthetic import DEFAULTS, HARD, generate
 
@@ -240,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     start = time.perf_counter()
-    command = {"train": _train, "evaluate": _evaluate, "export": _export, "synth": _synth}
+    command = {"train": _train, "evaluate": _evaluate, "export": _export, "synth": _synth, "ablate": _ablate}
     try:
         command[args.command](args)
     except (CheckpointError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:

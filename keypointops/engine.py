@@ -28,12 +28,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from keypointops.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from keypointops.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, init_from_checkpoint, load_checkpoint,
+                                     save_checkpoint)
 from keypointops.distributed import all_reduce_mean, device_for_rank, dist_info, init_distributed, wrap_ddp
 from keypointops.evaluation import evaluate
 from keypointops.models.presets import TrainSettings
 
-__all__ = ["make_config", "build_run", "train", "extract_features", "evaluate_models", "baselines", "forward_backward"]
+__all__ = ["make_config", "build_run", "train", "extract_features", "evaluate_models", "evaluate_keypoint_settings",
+           "baselines", "forward_backward"]
 
 
 def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthetic", root: str | None = None, *,
@@ -45,8 +47,8 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
 
     ``eval_every``: evaluate every N epochs (0: only after the last one, unless the preset's train
     settings hold ``eval_every``). ``max_steps``: stop each epoch after that many steps (quick runs).
-    ``init_from``: a checkpoint whose weights the model starts from (its ``init_from_state``, e.g.
-    KMPNet's stage B from a stage-A PCB run).
+    ``init_from``: a checkpoint whose weights initialise the model
+    (:func:`keypointops.checkpoints.init_from_checkpoint`), e.g. a trained PCB for KMPNet's stage B.
     """
     from keypointops.models import preset_of
 
@@ -56,7 +58,8 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     model_cfg = settings.model_options(train_cfg)
     return {"model": model, "preset": preset, "model_options": {**model_cfg, **(model_overrides or {})},
             "train": train_cfg.to_dict(), "data": data, "root": root, "data_options": dict(data_options or {}),
-            "seed": seed, "workers": workers, "pretrained": pretrained, "init_from": init_from, "max_steps": max_steps}
+            "seed": seed, "workers": workers, "pretrained": pretrained,
+            "init_from": None if init_from is None else str(Path(init_from).resolve()), "max_steps": max_steps}
 
 
 # ----------------------------------------------------------------------------------------- data + model
@@ -78,20 +81,8 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
     if config["pretrained"]:
         load_pretrained(model, config["pretrained"])
     if config.get("init_from"):
-        _init_from(model, config["model"], config["init_from"])
+        init_from_checkpoint(model, config["model"], config["init_from"])
     return dataset, loader, model
-
-
-def _init_from(model: nn.Module, name: str, path: str) -> None:
-    """Starts ``model`` from the weights of the checkpoint ``path`` (the model's ``init_from_state``
-    decides what it takes from which model); :class:`CheckpointError` when it cannot."""
-    state = load_checkpoint(path)
-    if not hasattr(model, "init_from_state"):
-        raise CheckpointError(f"model {name!r} cannot start from another run's checkpoint (--init-from)")
-    try:
-        model.init_from_state(state["model"], state["config"]["model"])
-    except ValueError as err:
-        raise CheckpointError(f"--init-from {path}: {err}") from None
 
 
 def _optimizer(model: nn.Module, t: TrainSettings) -> torch.optim.Optimizer:
@@ -139,9 +130,12 @@ def _ids(tracklets) -> tuple[np.ndarray, np.ndarray]:
     return np.array([t.pid for t in tracklets]), np.array([t.camid for t in tracklets])
 
 
-def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device: torch.device) -> dict[str, dict]:
+def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device: torch.device, *,
+                    keypoints: str = "as-is") -> dict[str, dict]:
     """Rank-k, mAP and mINP of each model on the dataset's query / gallery split (eval mode, the
-    config's test sampling and input size, one pass over the frames for all models).
+    config's test sampling and input size, one pass over the frames for all models), with the test
+    keypoints as read or corrupted (``keypoints``: a setting of
+    :data:`keypointops.data.corruption.KEYPOINT_CORRUPTIONS`).
 
     Returns ``{name: evaluate() dict + "qf", "gf" (the tracklet embeddings)}``."""
     from keypointops.data import build_loader
@@ -151,7 +145,8 @@ def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device:
     for split, tracklets in (("query", dataset.query), ("gallery", dataset.gallery)):
         loader = build_loader(tracklets, train=False, frames=t.frames, sampling=t.test_sampling,
                               height=t.height, width=t.width, batch_size=t.batch_size,
-                              flip=False, random_erase=False, workers=config["workers"], seed=config["seed"])
+                              flip=False, random_erase=False, workers=config["workers"], seed=config["seed"],
+                              keypoints=keypoints)
         feats[split] = extract_features(models, loader, len(tracklets), device, desc=f"{split} features")
     (q_pids, q_cams), (g_pids, g_cams) = _ids(dataset.query), _ids(dataset.gallery)
     results = {}
@@ -159,6 +154,17 @@ def evaluate_models(models: dict[str, nn.Module], dataset, config: dict, device:
         qf, gf = feats["query"][name], feats["gallery"][name]
         results[name] = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams) | {"qf": qf, "gf": gf}
     return results
+
+
+def evaluate_keypoint_settings(model: nn.Module, dataset, config: dict, device: torch.device,
+                               settings=("as-is",)) -> dict[str, dict]:
+    """``{setting: evaluate_models result}`` of ``model`` with its test keypoints under each setting of
+    :data:`keypointops.data.corruption.KEYPOINT_CORRUPTIONS` (the keypoint-corruption controls: a
+    model whose keypoint branch works loses accuracy with ``"shuffled"``; an inert one does not)."""
+    from keypointops.data.corruption import check_corruption
+
+    settings = [check_corruption(s) for s in settings]
+    return {s: evaluate_models({"model": model}, dataset, config, device, keypoints=s)["model"] for s in settings}
 
 
 def baselines() -> dict[str, nn.Module]:
@@ -239,7 +245,7 @@ def _write_metrics(path: Path, epoch_done: int, record: dict | None) -> None:
 
 
 def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_baselines: bool = False,
-          log=print) -> dict:
+          evaluate_at_end: bool = True, log=print) -> dict:
     """Trains (and evaluates) the run of ``config`` into the folder ``out``.
 
     Writes ``config.json``, ``metrics.jsonl`` and ``model.pt`` (every epoch) there; with ``resume``
@@ -248,7 +254,11 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
     rank takes its share of every epoch's batches, gradients are averaged, epoch metrics are reduced,
     rank 0 writes and evaluates.
 
-    ``with_baselines``: the final evaluation also evaluates :func:`baselines` on the same frames.
+    ``with_baselines``: the final evaluation also evaluates :func:`baselines` on the same frames;
+    ``evaluate_at_end=False`` leaves the final evaluation to the caller ("eval" is then None unless
+    ``eval_every`` evaluated the last epoch).  A model that defines ``diagnostics() -> {name:
+    float}`` (statistics it gathered over the epoch's training steps, reset by the call) has them
+    added to each epoch's record.
     Returns ``{"metrics": last epoch record, "eval": the model's evaluation, "baselines": {name:
     evaluation}, "dataset", "model", "seconds"}`` (evaluations on rank 0 only, None / {} elsewhere).
     """
@@ -292,10 +302,10 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         seconds = time.perf_counter() - tick
         record = {"epoch": epoch + 1, "lr": lr, **stats, **counts, "seconds": seconds,
                   "clips_per_s": counts["clips"] / seconds}
-        if hasattr(core, "diagnostics"):  # the model's own per-epoch numbers (this rank's frames)
-            record.update(core.diagnostics())
+        if hasattr(core, "diagnostics"):
+            record.update(all_reduce_mean({k: float(v) for k, v in core.diagnostics().items()}, world_size))
         last = epoch + 1 == epochs
-        if rank == 0 and (last or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
+        if rank == 0 and ((last and evaluate_at_end) or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
             result, baseline_results = _evaluate_run(core, dataset, config, device, last and with_baselines)
             record.update(summary(result))
         if rank == 0:
@@ -307,7 +317,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
             log(_epoch_line(record, epochs))
         if world_size > 1:
             dist.barrier()
-    if result is None and rank == 0:  # resumed a finished run: evaluate its weights
+    if result is None and rank == 0 and evaluate_at_end:  # resumed a finished run: evaluate its weights
         result, baseline_results = _evaluate_run(core, dataset, config, device, with_baselines)
     if rank == 0:
         write_part_masks(core, dataset, config, out / "part_masks.png")

@@ -89,7 +89,7 @@ def test_init_from_a_checkpoint_of_an_unrelated_model(run, capsys, tmp_path):
     root = json.loads((out / "config.json").read_text())["root"]
     one_line_error(capsys, ["train", *TINY, "--root", root, "--out", str(tmp_path), "--model", "pcb",
                             "--init-from", str(out / "model.pt")],
-                   "PCBVideo starts from a 'pcb' checkpoint, not a 'kmpnet' one")
+                   "a 'pcb' model can only start from a 'pcb' checkpoint")
 
 
 def test_corrupt_checkpoint(capsys, tmp_path):
@@ -124,3 +124,27 @@ def test_synth_hard(tmp_path, capsys):
     hard = {k: v for k, v in HARD.items() if k not in ("num_train_ids", "num_test_ids", "frames", "size")}
     assert params == {**hard, "num_train_ids": 3, "num_test_ids": 3, "frames": 3, "size": [32, 16],
                       "person_height": list(HARD["person_height"]), "feet": list(HARD["feet"])}
+
+
+def test_evaluate_keypoint_settings_one_row_each(run, capsys):
+    out, stdout = run
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--workers", "0", "--threads", "1",
+                 "--keypoints", "as-is,zeroed,shuffled"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "method" not in line}
+    assert {"kmpnet, keypoints as-is", "kmpnet, keypoints zeroed", "kmpnet, keypoints shuffled"} <= set(rows)
+    # KMPNet's test embedding is its visual branch alone: keypoints cannot change it
+    assert rows["kmpnet, keypoints zeroed"].split("|")[2:] == rows["kmpnet, keypoints as-is"].split("|")[2:]
+
+
+def test_keypoint_and_ablation_bad_input(run, capsys):
+    out, _ = run
+    one_line_error(capsys, ["evaluate", "--checkpoint", str(out / "model.pt"), "--keypoints", "as-is,mirrored"],
+                   "unknown keypoint setting 'mirrored'; choose from as-is, zeroed, shuffled, swapped, shifted")
+    one_line_error(capsys, ["ablate", "--paper", "ctl", "--seeds", "0", "--out", str(out / "abl")],
+                   "seeds must be a positive integer")
+    one_line_error(capsys, ["ablate", "--paper", "ctl", "--rows", "basel,tap", "--out", str(out / "abl")],
+                   "ctl has no ablation row 'tap'; choose from basel, contre, contre+3d, full")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", "--paper", "pcb"])
+    assert exit_info.value.code == 2 and "invalid choice: 'pcb'" in capsys.readouterr().err

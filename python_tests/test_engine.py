@@ -165,14 +165,14 @@ def test_init_from_starts_stage_b_from_stage_a(cache, tmp_path):
     _, _, control = engine.build_run(tiny_run("pcb", init_from=str(tmp_path / "pcb.pt")))
     for key, value in pcb.state_dict().items():
         assert torch.equal(control.state_dict()[key], value), key
-    with pytest.raises(CheckpointError, match="KMPNet \\(visual='pcb'\\) starts from a 'pcb' \\(stage A\\) or "
-                                              "'kmpnet' checkpoint, not a 'resnet50' one"):
+    with pytest.raises(CheckpointError, match="KMPNet \\(visual='pcb'\\) starts from a 'pcb' \\(stage A\\) "
+                                              "checkpoint, not a 'resnet50' one"):
         resnet = tiny_run("resnet50")
         save_checkpoint(tmp_path / "resnet.pt", {"format": CHECKPOINT_FORMAT, "config": resnet, "epoch": 1,
                                                  "num_classes": dataset.num_train_pids,
                                                  "model": engine.build_run(resnet)[2].state_dict()})
         engine.build_run(tiny_run("kmpnet", init_from=str(tmp_path / "resnet.pt")))
-    with pytest.raises(CheckpointError, match="model 'alignnet' cannot start from another run's checkpoint"):
+    with pytest.raises(CheckpointError, match="a 'alignnet' model can only start from a 'alignnet' checkpoint"):
         engine.build_run(tiny_run("alignnet", init_from=str(tmp_path / "pcb.pt")))
 
 

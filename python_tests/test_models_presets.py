@@ -61,3 +61,11 @@ def test_bad_names():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_cpu_preset_builds(name):
     build_model(name, 3, **get_preset(name, "cpu")["model"])
+
+
+def test_cpu_presets_share_the_test_protocol_and_learning_rate():
+    from keypointops.models import MODELS
+
+    for name in MODELS:
+        train = get_preset(name, "cpu")["train"]
+        assert (train["test_sampling"], train["frames"], train["lr"]) == ("evenly", 4, 1e-3), name

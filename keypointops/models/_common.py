@@ -1,13 +1,12 @@
-"""What the re-ID models share: the check of a batch against the model contract, the per-frame loss,
-and loading another run's weights (``--init-from``)."""
+"""What the re-ID models share: the check of a batch against the model contract and the per-frame loss."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from keypointops.losses import cross_entropy_label_smooth
 
-__all__ = ["check_clip", "frame_loss", "load_weights"]
+__all__ = ["check_clip", "frame_loss"]
 
 
 def check_clip(images: Tensor, keypoints: Tensor | None, fn: str, need_keypoints: bool = False) -> None:
@@ -34,15 +33,3 @@ def frame_loss(logits: dict[str, Tensor], pids: Tensor, frames: int) -> tuple[Te
     targets = pids.to(next(iter(logits.values())).device).repeat_interleave(frames)
     parts = {f"ce_{name}": cross_entropy_label_smooth(x, targets, 0.1) for name, x in logits.items()}
     return torch.stack(list(parts.values())).mean(), parts
-
-
-def load_weights(module: nn.Module, state: dict[str, Tensor], fn: str, model: str) -> None:
-    """``module.load_state_dict(state)`` (strict); weights that do not fit (other keys or shapes, e.g.
-    a checkpoint trained on other identities) raise a one-line ``ValueError`` naming the first
-    mismatch."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        lines = str(err).splitlines()   # a title, then one line per mismatch
-        raise ValueError(f"{fn}: the {model!r} weights do not fit this model: "
-                         f"{lines[min(1, len(lines) - 1)].strip()}") from None

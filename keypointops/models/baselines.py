@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from keypointops._opdefs.backend import check_backend
-from keypointops.models._common import check_clip, frame_loss, load_weights
+from keypointops.models._common import check_clip, frame_loss
 from keypointops.models.backbones import ResNet
 from keypointops.models.heads import PCBHead, init_classifier
 
@@ -28,8 +28,6 @@ class VideoBaseline(nn.Module):
     n]}, "frames": T}``; eval -> ``[B, D]``, the mean of the frame embeddings.  ``keypoints`` are
     accepted for the common contract and not used.
     """
-
-    model_name: str   # the subclass's build_model name
 
     def __init__(self, backbone: ResNet, ops_backend: str = "auto"):
         super().__init__()
@@ -50,13 +48,6 @@ class VideoBaseline(nn.Module):
             return {"logits": self.logits(f), "frames": T}
         return self.embed(f).view(B, T, -1).mean(1)
 
-    def init_from_state(self, state: dict[str, Tensor], model: str) -> None:
-        """Loads the weights of a checkpoint of the same model (``--init-from``: KMPNet's "+ fine-tune"
-        control trains its stage-A model on from them); any other model raises ``ValueError``."""
-        if model != self.model_name:
-            raise ValueError(f"{type(self).__name__} starts from a {self.model_name!r} checkpoint, not a {model!r} one")
-        load_weights(self, state, type(self).__name__, model)
-
     def loss(self, output: dict, pids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The mean label-smoothed CE over the classifiers, per frame (``frame_loss``)."""
         return frame_loss(output["logits"], pids, output["frames"])
@@ -71,8 +62,6 @@ class ResNet50Video(VideoBaseline):
     ``depth`` / ``width`` / ``last_stride`` give the small variants; the name says ResNet-50
     because that is the paper's (KMPNet Table 1/2 "ResNet-50") model.
     """
-
-    model_name = "resnet50"   # its build_model name
 
     def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0, last_stride: int = 2,
                  ops_backend: str = "auto"):
@@ -95,8 +84,6 @@ class PCBVideo(VideoBaseline):
     each stripe's pooled C-d vector L2-normalised, concatenated (8192-d at full size), averaged over
     the clip.  ``parts`` and ``reduced_dim`` are torchreid's; the paper's is p4 / 256.
     """
-
-    model_name = "pcb"   # its build_model name
 
     def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0, last_stride: int = 1,
                  parts: int = 4, reduced_dim: int = 256, ops_backend: str = "auto"):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from keypointops.graphs import Graph, Skeleton, skeleton
 from keypointops.models.backbones import ResNet
-from keypointops.models._common import check_clip, frame_loss, load_weights
+from keypointops.models._common import check_clip, frame_loss
 from keypointops.models.baselines import PCBVideo, ResNet50Video
 from keypointops.models.heads import BNNeck, init_kaiming_fan_out
 from keypointops.nn import DeepGCNLayer, GENConv, KeypointGather
@@ -187,14 +187,14 @@ class KMPNet(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("visual.")]
 
     def init_from_state(self, state: dict[str, Tensor], model: str) -> None:
-        """Loads the weights of a checkpoint of model ``model``: stage B of the two-stage protocol
-        from a stage-A checkpoint of the visual branch's model (``"pcb"``, or ``"resnet50"`` for
-        ``visual="resnet50"``; the graph branch keeps its initialisation), or every weight from a
-        ``"kmpnet"`` checkpoint.  Any other model, or weights of another shape, raise ``ValueError``."""
-        if model not in (self.visual_name, "kmpnet"):
+        """Stage B of the two-stage protocol: the weights of a stage-A checkpoint of the visual
+        branch's model (``"pcb"``, or ``"resnet50"`` for ``visual="resnet50"``) fill ``self.visual``;
+        the graph branch keeps its initialisation.  Another model raises ``ValueError`` (a KMPNet
+        checkpoint loads whole without this hook: :func:`keypointops.checkpoints.init_from_checkpoint`)."""
+        if model != self.visual_name:
             raise ValueError(f"KMPNet (visual={self.visual_name!r}) starts from a {self.visual_name!r} (stage A) "
-                             f"or 'kmpnet' checkpoint, not a {model!r} one")
-        load_weights(self.visual if model == self.visual_name else self, state, "KMPNet", model)
+                             f"checkpoint, not a {model!r} one")
+        self.visual.load_state_dict(state)
 
     def graph(self, clips: int, frames: int, device: torch.device) -> Graph:
         """The spatial-temporal graph of ``clips`` clips of ``frames`` frames (built once, cached)."""
