@@ -3,6 +3,11 @@
 C++ CPU kernels are always built.  CUDA kernels are built when torch is a CUDA build and nvcc is
 found, or when FORCE_CUDA=1.  Set KEYPOINTOPS_CPU_ARCH=generic to build the CPU kernels without
 AVX2/FMA (default on x86-64: AVX2+FMA when the build host supports them).
+
+The CUDA kernels are compiled for the architectures in TORCH_CUDA_ARCH_LIST (torch's variable,
+e.g. "9.0" or "8.0;9.0+PTX"); by default for sm_80, sm_86, sm_89 and sm_90 (A100, A10/RTX 30xx,
+L4/L40/RTX 40xx, H100/H200) plus PTX of sm_90, which newer GPUs compile at load time.  Naming only
+the GPU at hand (e.g. TORCH_CUDA_ARCH_LIST=9.0) builds about four times faster.
 """
 import glob
 import os
@@ -13,6 +18,8 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The default CUDA architectures; CMakeLists.txt has the same default.
+DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _host_has_avx2() -> bool:
@@ -49,6 +56,8 @@ def extensions():
            "-DPy_LIMITED_API=0x030A0000"] + cpu_flags
     define_macros = []
     if with_cuda:
+        # Without it, torch builds for the GPUs of the build machine only (all of them without one).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         sources += cuda_sources
         define_macros.append(("WITH_CUDA", None))
         ext_cls = CUDAExtension
@@ -58,7 +67,8 @@ def extensions():
         ext_cls = CppExtension
         extra = {"cxx": cxx}
     print(f"keypointops: building C++ CPU kernels ({cpu_arch})"
-          + (f" and {len(cuda_sources)} CUDA kernel file(s)" if with_cuda else "; CUDA kernels skipped "
+          + (f" and {len(cuda_sources)} CUDA kernel file(s) for TORCH_CUDA_ARCH_LIST="
+                f"{os.environ.get('TORCH_CUDA_ARCH_LIST')}" if with_cuda else "; CUDA kernels skipped "
              "(torch has no CUDA or nvcc not found; set FORCE_CUDA=1 to force)"))
     return [ext_cls("keypointops._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                     define_macros=define_macros, extra_compile_args=extra,

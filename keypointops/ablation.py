@@ -97,7 +97,8 @@ ABLATIONS: dict[str, Ablation] = {
                 eval_variants={"V_f^g (global feature only)": dict(embedding="global")}),
         )),
     "rgcn": Ablation(
-        "Chen et al. (RGCN/LGCN: pose features beyond appearance for video person re-ID), Tables III and VI",
+        "Pan, Liu, Chen, He, Zheng, Zheng and He, Pose-Aided Video-based Person Re-Identification via "
+        "Recurrent Graph Convolutional Network, arXiv 2209.11582, 2022 (RGCN/LGCN)",
         "Table III (appearance with and without the pose branch, AP)", ("MARS mAP", "MARS R1"), 0, (
             Row("appearance", "AP (appearance only)", "rgcn", dict(pose_branch=False), paper=(81.1, 85.2)),
             Row("rgcn", "AP+RGCN", "rgcn", control="appearance", paper=(82.6, 87.9),

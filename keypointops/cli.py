@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     from keypointops.data.synthetic import HARD as SYNTHETIC_HARD
     from keypointops.ablation import ABLATIONS
     from keypointops.data.corruption import KEYPOINT_CORRUPTIONS
+    from keypointops.engine import AMP_MODES
     from keypointops.models import MODELS, PRESET_NAMES
 
     parser = argparse.ArgumentParser(prog="keypointops", description=__doc__.split("\n\n")[0])
@@ -86,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs")
     _add_run_options(p)
+    p.add_argument("--amp", choices=AMP_MODES, default=None,
+                   help="mixed precision (default: bf16 on CUDA, off on CPU; fp16 with a gradient scaler)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last (NHWC) weights and images")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (backend: default inductor)")
     p.add_argument("--no-baselines", action="store_true", help="skip the colour-histogram baselines")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on its dataset's test split")
@@ -182,7 +188,8 @@ def _train(args) -> None:
                                 pretrained=args.pretrained, init_from=args.init_from, eval_every=args.eval_every,
                                 max_steps=args.max_steps, train_overrides=_train_overrides(args),
                                 model_overrides=_key_values(args.model_option, "--model-option"),
-                                data_options=_key_values(args.data_option, "--data-option"))
+                                data_options=_key_values(args.data_option, "--data-option"), amp=args.amp,
+                                channels_last=args.channels_last, compile=args.compile)
     out = Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
     run = engine.train(config, out, resume=args.resume, with_baselines=not args.no_baselines)
     if run["eval"] is None:  # a DDP rank other than 0

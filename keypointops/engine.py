@@ -12,6 +12,13 @@ end of an epoch holds the model, optimizer and scheduler state, the epoch count 
 (with the seed): all the state there is. A resumed run restores them and continues with the next
 epoch, so it ends with the same weights as an uninterrupted run (CPU; the loader's worker count
 does not change the data). A run killed mid-epoch restarts that epoch.
+
+Speed settings of a config (:func:`make_config`): ``amp`` -- mixed precision, ``"bf16"`` (the
+default on CUDA), ``"fp16"`` (with a gradient scaler) or ``"off"`` (the default on CPU), under
+``torch.autocast`` with the ops' own autocast policy (see :mod:`keypointops._opdefs.autocast`);
+``channels_last`` -- the model's weights and the input images in channels_last (NHWC) memory
+format; ``compile`` -- a ``torch.compile`` backend for the model's forward (e.g. ``"inductor"``),
+or None.
 """
 from __future__ import annotations
 
@@ -34,14 +41,18 @@ from keypointops.distributed import all_reduce_mean, device_for_rank, dist_info,
 from keypointops.evaluation import evaluate
 from keypointops.models.presets import TrainSettings
 
-__all__ = ["make_config", "build_run", "train", "extract_features", "evaluate_models", "evaluate_keypoint_settings",
-           "baselines", "forward_backward"]
+AMP_MODES = ("off", "bf16", "fp16")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+__all__ = ["AMP_MODES", "make_config", "build_run", "train", "extract_features", "evaluate_models",
+           "evaluate_keypoint_settings", "baselines", "forward_backward"]
 
 
 def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthetic", root: str | None = None, *,
                 seed: int = 0, workers: int = 1, pretrained: str | None = None, init_from: str | None = None,
                 eval_every: int = 0, max_steps: int | None = None, train_overrides: dict | None = None,
-                model_overrides: dict | None = None, data_options: dict | None = None) -> dict:
+                model_overrides: dict | None = None, data_options: dict | None = None, amp: str | None = None,
+                channels_last: bool = False, compile: str | None = None) -> dict:
     """The config of a run: the model preset's ``"model"`` options and ``"train"`` settings
     (:func:`keypointops.models.get_preset`) updated with ``model_overrides`` / ``train_overrides``.
 
@@ -49,7 +60,11 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     settings hold ``eval_every``). ``max_steps``: stop each epoch after that many steps (quick runs).
     ``init_from``: a checkpoint whose weights initialise the model
     (:func:`keypointops.checkpoints.init_from_checkpoint`), e.g. a trained PCB for KMPNet's stage B.
+    ``amp``: one of :data:`AMP_MODES`, or None for the device's default (bf16 on CUDA, off on CPU);
+    ``channels_last``, ``compile``: see the module docstring.
     """
+    if amp is not None and amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES} or None, got {amp!r}")
     from keypointops.models import preset_of
 
     settings = preset_of(model, preset)
@@ -59,7 +74,8 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     return {"model": model, "preset": preset, "model_options": {**model_cfg, **(model_overrides or {})},
             "train": train_cfg.to_dict(), "data": data, "root": root, "data_options": dict(data_options or {}),
             "seed": seed, "workers": workers, "pretrained": pretrained,
-            "init_from": None if init_from is None else str(Path(init_from).resolve()), "max_steps": max_steps}
+            "init_from": None if init_from is None else str(Path(init_from).resolve()), "max_steps": max_steps,
+            "amp": amp, "channels_last": channels_last, "compile": compile}
 
 
 # ----------------------------------------------------------------------------------------- data + model
@@ -190,20 +206,40 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def forward_backward(model: nn.Module, core: nn.Module, batch: dict, device: torch.device):
-    """Forward of one training batch through ``model`` (the model or its DDP wrapper), the model's
-    loss (``core.loss``) and its backward; returns ``(loss, parts)``. bf16 autocast on CUDA."""
+def amp_mode(config: dict, device: torch.device) -> str:
+    """The mixed precision of a run on ``device``: the config's ``amp``, or bf16 on CUDA and off
+    elsewhere."""
+    return config.get("amp") or ("bf16" if device.type == "cuda" else "off")
+
+
+def channels_last_images(images: torch.Tensor) -> torch.Tensor:
+    """``[B, T, 3, H, W]`` clips whose ``[B*T, 3, H, W]`` frames are channels_last (the same values;
+    the models' ``flatten(0, 1)`` of them is a channels_last view)."""
+    frames = images.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    return frames.view(images.shape)
+
+
+def forward_backward(model: nn.Module, core: nn.Module, batch: dict, device: torch.device, amp: str = "off",
+                     scaler: torch.amp.GradScaler | None = None, channels_last: bool = False):
+    """Forward of one training batch through ``model`` (the model, its compiled form or its DDP
+    wrapper), the model's loss (``core.loss``) and its backward; returns ``(loss, parts)``.
+
+    ``amp``: ``"bf16"`` / ``"fp16"`` run forward and loss under ``torch.autocast`` in that dtype
+    (``"off"``: float32).  ``scaler``: for fp16, the gradient scaler that scales the loss before
+    backward (the caller unscales and steps).  ``channels_last``: the images go in channels_last."""
     images, keypoints = batch["images"].to(device), batch["keypoints"].to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with amp:  # the loss too: autocast computes losses in float32
+    if channels_last:
+        images = channels_last_images(images)
+    autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "off" else nullcontext())
+    with autocast:  # the loss too: autocast computes losses in float32
         loss, parts = core.loss(model(images, keypoints), batch["pids"].to(device))
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the training loss is {float(loss)}")
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss, parts
 
 
-def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: int, rank: int) -> dict:
+def _train_epoch(model, core, loader, optimizer, scaler, config: dict, device, epoch: int, rank: int) -> dict:
     """One epoch; returns the mean of the loss and of each named loss part, and the clip count.
 
     The torch RNG is seeded from ``(seed, epoch, rank)`` once the epoch's batch iterator exists
@@ -219,10 +255,17 @@ def _train_epoch(model, core, loader, optimizer, config: dict, device, epoch: in
     for batch in tqdm(itertools.islice(batches, total), desc=f"epoch {epoch + 1}", total=total,
                       disable=rank != 0, leave=False, mininterval=2):
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = forward_backward(model, core, batch, device)
+        loss, parts = forward_backward(model, core, batch, device, amp_mode(config, device), scaler,
+                                       config.get("channels_last", False))
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip (and step) the true gradients
         if t.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when a gradient is not finite
+            scaler.update()
+        else:
+            optimizer.step()
         for name, value in {"loss": loss, **parts}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach())
         steps += 1
@@ -276,6 +319,9 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         _check_resumable(state["config"], config)
     dataset, loader, core = build_run(config, rank=rank, world_size=world_size)
     core.to(device)
+    if config.get("channels_last"):
+        core.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type) if amp_mode(config, device) == "fp16" else None
     t = TrainSettings.from_dict(config["train"])
     optimizer = _optimizer(core, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, t))
@@ -287,6 +333,8 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         start_epoch = state["epoch"]
         log(f"resuming {ckpt_path} after epoch {start_epoch}")
     model = wrap_ddp(core, device) if world_size > 1 else core
+    if config.get("compile"):
+        model = torch.compile(model, backend=config["compile"])
     if rank == 0:
         (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         _write_metrics(metrics_path, start_epoch, None)
@@ -294,7 +342,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
     epochs = t.epochs
     for epoch in range(start_epoch, epochs):
         tick = time.perf_counter()
-        stats = _train_epoch(model, core, loader, optimizer, config, device, epoch, rank)
+        stats = _train_epoch(model, core, loader, optimizer, scaler, config, device, epoch, rank)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         counts = {"steps": stats.pop("steps"), "clips": stats.pop("clips") * world_size}
@@ -368,7 +416,8 @@ def _epoch_line(record: dict, epochs: int) -> str:
     return line
 
 
-_RESULT_KEYS = ("model", "preset", "model_options", "data", "root", "data_options", "seed", "pretrained", "init_from")
+_RESULT_KEYS = ("model", "preset", "model_options", "data", "root", "data_options", "seed", "pretrained", "init_from",
+                "amp")
 
 
 def _check_resumable(saved: dict, config: dict) -> None:

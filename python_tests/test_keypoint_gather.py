@@ -7,7 +7,7 @@ import keypointops
 from keypointops import reference
 from keypointops.nn import KeypointGather
 
-from helpers import DEVICES, device_backend_params, tolerances
+from helpers import DEVICES, check_autocast_policy, device_backend_params, tolerances
 
 STRIDE = 2  # input pixels per feature pixel in most tests: spatial_scale 0.5
 
@@ -396,3 +396,36 @@ def test_compiled_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match="grad_out must be \\[B, K, C\\]"):
         torch.ops.keypointops.keypoint_gather_backward(torch.randn(2, 4, 5), keypoints, None, [2, 3, 7, 5],
                                                        False, 0.5, 1.0, 2, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_policy(dtype):
+    """Under autocast float32 keypoints stay float32 beside reduced-precision features."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 6, 8, 7, generator=g)
+    keypoints = torch.rand(2, 5, 2, generator=g) * torch.tensor([28.0, 32.0])
+    check_autocast_policy(keypointops.keypoint_gather, features, dict(keypoints=keypoints), (), spatial_scale=0.25,
+                          dtype=dtype)
+
+
+@pytest.mark.parametrize("device, backend", device_backend_params("keypoint_gather"))
+def test_offsets_past_int32(device, backend):
+    """One image of 2.9e9 > 2^31 elements (channels_last, 11 GiB of float32 that stays untouched
+    on the CPU: only the sampled pixels are written and read): keypoints near its far corner read
+    elements whose offsets need 64 bits.  The result equals the reference on a small patch around
+    them.  Triton's interpreter takes minutes at this size: its case runs on CUDA only."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("Triton's interpreter takes minutes on an 11 GiB tensor; runs on CUDA")
+    channels, size, y0, x0 = 32768, 300, 292, 290
+    try:
+        features = torch.empty((1, channels, size, size), device=device, memory_format=torch.channels_last)
+    except (RuntimeError, MemoryError) as error:
+        pytest.skip(f"cannot reserve an 11 GiB tensor here: {error}")
+    patch = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    features[:, :, y0:y0 + 8, x0:x0 + 8] = patch
+    keypoints = torch.tensor([[[x0 + 3.3, y0 + 2.6], [x0 + 4.5, y0 + 5.7]]], device=device)
+    assert (y0 + 5) * size * channels > 2 ** 31  # the offsets of the sampled pixels
+    out = keypointops.keypoint_gather(features, keypoints, 1.0, roi_size=1.5, sampling_ratio=2, backend=backend)
+    expected = reference.keypoint_gather(patch, keypoints - torch.tensor([x0, y0], device=device), 1.0,
+                                         roi_size=1.5, sampling_ratio=2)
+    torch.testing.assert_close(out, expected, **tolerances(torch.float32))

@@ -9,6 +9,7 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.baselines import PCBVideo, ResNet50Video
 from helpers import one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import DEVICES, assert_autocast_step_matches_reference
 from test_models_backbones import torchvision_state_dict
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
@@ -107,3 +108,12 @@ def test_presets_and_bad_input(name):
         build_model("pcb6", 3)
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         build_model(name, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["resnet50", "pcb"])
+def test_training_step_under_autocast_matches_reference(name, device, dtype):
+    """Forward, loss, backward and an optimiser step under autocast: finite, and the fused ops
+    agree with the reference ops within the dtype's tolerance."""
+    assert_autocast_step_matches_reference(name, dtype, device)

@@ -7,7 +7,7 @@ from keypointops import reference
 from keypointops.graphs import Graph
 from keypointops._opdefs.backend import triton_available
 
-from helpers import device_backend_params, tolerances
+from helpers import check_autocast_policy, device_backend_params, tolerances
 
 EMPTY_NODES = 3  # nodes 0..2 get no incoming edge
 
@@ -337,3 +337,13 @@ def test_device_mismatch_raises():
         keypointops.msg_pass(torch.randn(10, 4, device=other), graph)
     with pytest.raises(ValueError, match=r"x \(cpu\) and t \(.*\) must be on the same device"):
         keypointops.msg_pass(torch.randn(10, 4), graph, torch.ones(4, device=other))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_policy(dtype):
+    """Under autocast a float32 learnable t stays float32 beside reduced-precision x."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g)
+    graph = Graph.from_edge_index(torch.tensor([[0, 1, 2, 3, 4, 5, 1], [1, 2, 3, 4, 5, 0, 3]]), 6)
+    check_autocast_policy(keypointops.msg_pass, x, dict(graph=graph, t=torch.rand(5, generator=g) + 0.5), (),
+                          dtype=dtype)

@@ -7,7 +7,7 @@ import keypointops
 from keypointops import parts, reference
 from keypointops.nn import PartPool
 
-from helpers import device_backend_params, tolerances
+from helpers import check_autocast_policy, device_backend_params, tolerances
 
 
 
@@ -326,3 +326,13 @@ def test_part_pool_module():
                                reference.part_pool(features, heatmaps[:, :5, :8, :4]))
     with pytest.raises(ValueError, match="learn_groups needs a grouping"):
         PartPool(learn_groups=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_policy(dtype):
+    """Under autocast heatmaps and groups follow reduced-precision features."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 4, 5, generator=g)
+    others = dict(heatmaps=torch.randn(2, 4, 4, 5, generator=g), groups=torch.rand(3, 4, generator=g))
+    check_autocast_policy(keypointops.part_pool, features, others, ("heatmaps", "groups"), temperature=0.7,
+                          dtype=dtype, uses_dot=True)

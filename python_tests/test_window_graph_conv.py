@@ -8,7 +8,7 @@ from keypointops import reference
 from keypointops.graphs import block_adjacency, normalize_adjacency
 from keypointops.nn import WindowGraphConv3D
 
-from helpers import device_backend_params, tolerances
+from helpers import check_autocast_policy, device_backend_params, tolerances
 
 # (window, dilation, T, N, C): window 1 / 3 / 5, dilation 1 / 2, T smaller than the window (and
 # than its dilated span), T = 1, N = 1, odd C.
@@ -386,3 +386,12 @@ def test_window_graph_conv_3d_options_and_errors():
         with_context(torch.randn(2, 4, 4, 8))
     with pytest.raises(ValueError, match=r"x must be \[B, T, N, C\] with N = 4"):
         same(torch.randn(2, 5, 3, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_policy(dtype):
+    """Under autocast adj follows reduced-precision x."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 5, generator=g)
+    check_autocast_policy(keypointops.window_graph_conv, x, dict(adj=torch.rand(9, 9, generator=g)), ("adj",),
+                          window=3, dtype=dtype, uses_dot=True)

@@ -6,7 +6,9 @@
 # (GPU_CHECK_DEADLINE seconds after the start, default 510), each run even when an earlier one failed:
 #   build          the extension in place with its CUDA kernels (FORCE_CUDA=1,
 #                  TORCH_CUDA_ARCH_LIST=9.0, ninja with MAX_JOBS = all cores)
-#   tests          the CUDA and Triton tests of every op (pytest -k "cuda or triton")
+#   tests          the CUDA and Triton tests (pytest -k "cuda or triton"): every op, and a training
+#                  step of every model under CUDA bf16 and fp16 autocast, fused ops against the
+#                  reference ops (test_models_*.py::test_training_step_under_autocast_matches_reference)
 #   sanitizer      compute-sanitizer memcheck on a small case of each op's CUDA kernels, racecheck
 #                  on those with shared memory (tools/sanitize_case.py OP)
 #   bandwidth      bench/msg_pass_bandwidth.py

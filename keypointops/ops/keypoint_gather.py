@@ -6,6 +6,7 @@ from torch import Tensor
 
 from keypointops import reference
 from keypointops._extension import has_ops
+from keypointops._opdefs import autocast
 from keypointops._opdefs.backend import resolve_backend
 from keypointops._opdefs.keypoint_gather import check_args, register_kernels_of
 
@@ -57,7 +58,12 @@ def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *
 
     Returns:
         ``[B, K, C]`` tensor of ``features``' dtype.
+
+    Autocast: under ``torch.autocast`` the op computes in the dtype of ``features`` (bfloat16 or
+    float16 with float32 accumulation), except on the compiled CPU kernels, which compute and
+    return float32; ``keypoints`` and ``valid`` are never cast.
     """
+    features = autocast.cast(features, autocast.compute_dtype("keypoint_gather", features, backend))
     valid = check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid)
     backend = resolve_backend("keypoint_gather", backend, features.device)
     if backend == "reference":

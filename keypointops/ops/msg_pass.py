@@ -6,6 +6,7 @@ from torch import Tensor
 
 from keypointops import reference
 from keypointops._extension import has_ops
+from keypointops._opdefs import autocast
 from keypointops._opdefs.backend import resolve_backend
 from keypointops._opdefs.msg_pass import check_args, register_kernels_of
 from keypointops.graphs import Graph
@@ -38,7 +39,12 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
 
     Returns:
         ``[N, C]`` tensor of ``x``'s dtype.
+
+    Autocast: under ``torch.autocast`` the op computes in the dtype of ``x`` (bfloat16 or float16
+    with float32 accumulation; a tensor ``t`` is taken in float32), except on the compiled CPU
+    kernels, which compute and return float32.
     """
+    x = autocast.cast(x, autocast.compute_dtype("msg_pass", x, backend))
     graph = check_args(x, graph, t, eps)
     backend = resolve_backend("msg_pass", backend, x.device)
     if backend == "reference":

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from keypointops import reference
 from keypointops._extension import has_ops
+from keypointops._opdefs import autocast
 from keypointops._opdefs.backend import resolve_backend
 from keypointops._opdefs.part_pool import check_args, register_kernels_of
 
@@ -41,7 +42,13 @@ def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None, 
     Returns:
         ``[B, P, C]`` tensor of the features' dtype.  Differentiable in ``features``,
         ``heatmaps`` and ``groups``.
+
+    Autocast: under ``torch.autocast`` ``heatmaps`` and ``groups`` are cast to the dtype of
+    ``features`` and the op computes in it (bfloat16 or float16 with float32 accumulation), except
+    on the compiled CPU kernels, which compute and return float32.
     """
+    dtype = autocast.compute_dtype("part_pool", features, backend)
+    features, heatmaps, groups = (autocast.cast(arg, dtype) for arg in (features, heatmaps, groups))
     check_args(features, heatmaps, groups, temperature)
     backend = resolve_backend("part_pool", backend, features.device)
     if backend == "reference":

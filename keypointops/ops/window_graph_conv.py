@@ -6,6 +6,7 @@ from torch import Tensor
 
 from keypointops import reference
 from keypointops._extension import has_ops
+from keypointops._opdefs import autocast
 from keypointops._opdefs.backend import resolve_backend
 from keypointops._opdefs.window_graph_conv import check_args, register_kernels_of
 
@@ -44,7 +45,13 @@ def window_graph_conv(x: Tensor, adj: Tensor, window: int, *, dilation: int = 1,
     Returns:
         ``[B, T, L, C]`` tensor of ``x``'s dtype: row ``i`` of window ``t``; MS-G3D / CTL then
         collapse the ``window`` slots of each node (see :class:`keypointops.nn.WindowGraphConv3D`).
+
+    Autocast: under ``torch.autocast`` ``adj`` is cast to the dtype of ``x`` and the op computes
+    in it (bfloat16 or float16 with float32 accumulation), except on the compiled CPU kernels,
+    which compute and return float32.
     """
+    dtype = autocast.compute_dtype("window_graph_conv", x, backend)
+    x, adj = autocast.cast(x, dtype), autocast.cast(adj, dtype)
     check_args(x, adj, window, dilation)
     backend = resolve_backend("window_graph_conv", backend, x.device)
     if backend == "reference":

@@ -16,6 +16,10 @@
 // float16 / bfloat16 accumulate in float32 (backward into a float32 gradient, converted at the end).
 // Memory: out [B, K, C]; the gradient [B, C, H, W] (+ its float32 buffer for reduced precision);
 // shared memory kWarps * 2 * kTile weights per block; nothing per sample or per (keypoint, channel).
+// Occupancy: at most 96 registers per thread (the float64 instances; 72-80 for float32 and 16-bit),
+// so 5 blocks of 128 threads fit an SM's 65,536 registers.
+// Local memory: at most 16 bytes per thread, where ptxas spills a register or two of the keypoint
+// walk (float64 and some 16-bit and float32 instances; bench/results/cuda-resources.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -12,6 +12,10 @@
 // summed by one thread in a fixed order: deterministic.
 // Memory: p and grad_r [B, P, S], lse and delta [B, P], in the accumulation type (float for
 // half / bfloat16 / float, double for double); nothing of size [B, P, C, H, W].
+// Occupancy: at most 128 registers per thread (float64 weighted sums of 8 parts per thread; 48-89
+// for the other instances), so at least 2 blocks of 256 threads per SM.
+// Local memory: at most 20 bytes per thread, where ptxas spills in the weighted-sum and grad-logits
+// instances (a few registers of their tile loops; bench/results/cuda-resources.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -14,6 +14,10 @@
 // 256 threads per block, each accumulating a 4 x 4 micro-tile (rows ty + 16 r, columns tx + 16 s)
 // over k-steps of 16 staged in shared memory; float32 accumulation for half/bfloat16 (float64 for
 // float64).  Memory: the outputs, plus the [chunks, L, L] partials of a shared adj's gradient.
+// Occupancy: at most 128 registers per thread (float64; 48-80 for float32 and 16-bit), so at least
+// 2 blocks of 256 threads per SM.
+// Local memory: at most 64 bytes per thread, where ptxas spills in grad_adj (float64 on sm_90: 64 bytes;
+// 16 bytes for float32 and 16-bit) and grad_x (float32 on sm_90; bench/results/cuda-resources.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -193,6 +197,15 @@ grad_adj_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restric
 
 unsigned int tiles(int64_t size) { return static_cast<unsigned int>((size + kTile - 1) / kTile); }
 
+// The tile grids put windows / frames / units on x and tiles of rows, nodes, channels and columns
+// on y and z, which the hardware caps at 65535 blocks.
+void check_grid_yz(int64_t rows, int64_t cols, const char* what) {
+  constexpr int64_t kMaxGridYZ = 65535;
+  TORCH_CHECK(tiles(rows) <= kMaxGridYZ && tiles(cols) <= kMaxGridYZ,
+              "window_graph_conv: the CUDA kernel takes ", what, " of at most ", kMaxGridYZ * kTile,
+              ", got ", rows, " and ", cols);
+}
+
 void check_cuda_inputs(const at::Tensor& x, int64_t blocks_x) {
   TORCH_CHECK(x.is_cuda(), "window_graph_conv: the CUDA kernel takes CUDA tensors, got ",
               x.device());
@@ -213,6 +226,7 @@ at::Tensor window_graph_conv_cuda(const at::Tensor& x_in, const at::Tensor& adj_
   if (out.numel() == 0) return out;
   const int64_t sample_stride = adj.dim() >= 3 ? adj.stride(0) : 0;
   const int64_t window_stride = adj.dim() == 4 ? adj.stride(1) : 0;
+  check_grid_yz(L, C, "L = window * N and C");
   const dim3 grid(static_cast<unsigned int>(B * T), tiles(L), tiles(C));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_graph_conv_cuda",
@@ -244,6 +258,7 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cuda(
   if (compute_grad_x && grad_x.numel() > 0) {
     const int64_t sample_stride = adj.dim() >= 3 ? adj.stride(0) : 0;
     const int64_t window_stride = adj.dim() == 4 ? adj.stride(1) : 0;
+    check_grid_yz(N, C, "N and C");
     const dim3 grid(static_cast<unsigned int>(windows), tiles(N), tiles(C));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                     "window_graph_conv_grad_x_cuda", [&] {
@@ -261,6 +276,7 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cuda(
     const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
     auto targets = at::zeros({units, L, L}, acc_options);
     if (units > 0 && L > 0 && C > 0) {
+      check_grid_yz(L, L, "L = window * N");
       const dim3 grid(static_cast<unsigned int>(units), tiles(L), tiles(L));
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                       "window_graph_conv_grad_adj_cuda", [&] {

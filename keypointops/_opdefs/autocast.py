@@ -1,0 +1,50 @@
+"""The autocast policy of every op, in one place.
+
+Under ``torch.autocast`` (for the device of the op's main tensor) each public op casts its inputs
+before its checks and its backend run, as follows; outside autocast nothing is cast (mismatched
+dtypes raise as usual).
+
+- The main tensor sets the compute dtype: ``features`` (keypoint_gather, part_pool) or ``x``
+  (msg_pass, window_graph_conv), in the dtype autocast left it (e.g. bfloat16 from a conv) --
+  like autocast's ``promote`` class, nothing is cast down.
+- The other data inputs follow it: ``heatmaps`` and ``groups`` (part_pool), ``adj``
+  (window_graph_conv).  A learnable ``t`` (msg_pass) goes to the accumulation dtype of the compute
+  dtype (float32 for float16/bfloat16), as the kernels take it.
+- Coordinates and masks are never cast: ``keypoints`` and ``valid`` (keypoint_gather) stay as given
+  (float32 keeps sub-pixel positions exact on large maps).
+- Where the backend has no float16/bfloat16 kernel -- the compiled CPU kernels -- the compute
+  dtype is float32 instead, and the op returns float32 (as autocast's ``float32`` class does).
+  The other backends (CUDA, Triton, the reference) compute in float16/bfloat16 with float32
+  accumulation and return the compute dtype.
+
+The casts are ordinary differentiable ``Tensor.to`` calls, so every gradient comes back in the
+dtype of the tensor it belongs to.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from keypointops._opdefs.backend import resolve_backend
+
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(op_name: str, main, backend: str) -> torch.dtype | None:
+    """The dtype ``op_name`` computes in under autocast, or None when nothing is to be cast
+    (autocast off for ``main``'s device, or ``main`` not a floating point Tensor: the op's checks
+    then report it).  ``backend`` is the op's ``backend`` argument."""
+    if not isinstance(main, Tensor) or not main.is_floating_point():
+        return None
+    if not torch.is_autocast_enabled(main.device.type):
+        return None
+    if resolve_backend(op_name, backend, main.device) == "cpu" and main.dtype in REDUCED_PRECISION:
+        return torch.float32
+    return main.dtype
+
+
+def cast(tensor, dtype: torch.dtype | None):
+    """``tensor`` in ``dtype`` (a floating point Tensor; anything else, or dtype None, unchanged)."""
+    if dtype is None or not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
