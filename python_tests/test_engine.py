@@ -221,7 +221,9 @@ def test_forward_backward_amp_and_channels_last(cache, amp):
     images, output = seen[0]
     assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
     assert output.dtype == {"off": torch.float32, **engine.AMP_DTYPES}[amp]
-    rtol = {"off": 1e-4, "bf16": 0.2, "fp16": 0.05}[amp]  # against float32 (measured: 11 % for bf16)
+    # against float32 (measured: 11 % for bf16); "off" differs by float32 rounding alone (the two
+    # layouts agree to 2e-15 in float64), measured up to 1.1e-4 of the gradient norm over seeds
+    rtol = {"off": 3e-4, "bf16": 0.2, "fp16": 0.05}[amp]
     assert abs(loss.item() - ref_loss.item()) <= rtol * abs(ref_loss.item())
     scale = scaler.get_scale() if scaler is not None else 1.0
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]) / scale
