@@ -18,8 +18,9 @@ TORCH_LIBRARY(keypointops, m) {
   // msg_pass: softmax-temperature aggregation over the incoming-edge CSR (rowptr, col).
   // (rowptr_t, col_t) is the transposed CSR (targets of the edges leaving each node): forward only
   // checks its shape and passes it on, so that the autograd formula can hand it to backward.
-  // Returns (out [N, C], row_max [N, C], row_sum [N, C]): the softmax statistics of t*m per
-  // (node, channel), saved for backward (float32 for reduced precision inputs).
+  // Returns (out [N, C], row_max [N, C], row_sum [N, C]): per (node, channel) the message of the
+  // largest logit (the softmax is shifted by t*row_max) and the sum of exp(t*(m - row_max)), saved
+  // for backward (float32 for reduced precision inputs).
   m.def("msg_pass(Tensor x, Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor t, "
         "float eps) -> (Tensor, Tensor, Tensor)");
   // Backward walks the transposed CSR: each row of grad_x has one writer, no atomics.

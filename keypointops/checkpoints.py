@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["init_from_checkpoint", "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+__all__ = ["init_from_checkpoint", "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint",
+           "load_weights_file", "model_from_checkpoint"]
 
 CHECKPOINT_FORMAT = "keypointops-checkpoint-1"
 
@@ -40,6 +41,25 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         raise
 
 
+_CHECKPOINT_KEYS = ("config", "num_classes", "epoch", "model", "optimizer", "scheduler")
+
+
+def load_weights_file(path: str | os.PathLike, what: str, error: type[Exception] = ValueError):
+    """``torch.load(path, weights_only=True)`` of a file that may be damaged or untrusted: any
+    failure raises ``error`` with a one-line reason naming ``what`` and the file. The unpickler
+    refuses everything but tensors and plain containers (a file that would run code is refused
+    here, never loaded another way)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # torch's advice to load untrusted files with weights_only=False would run their code
+        reason = next((line for line in lines if "weights_only" not in line.lower()
+                       and not line.lower().startswith("please file an issue")), "")
+        raise error(f"{what} {os.fspath(path)!r} is corrupt, not a torch file, or holds objects other than "
+                    f"tensors ({type(err).__name__}: {reason[:200]})") from None
+
+
 def load_checkpoint(path: str | os.PathLike, model: str | None = None) -> dict:
     """Reads a checkpoint with ``torch.load(weights_only=True)``; raises :class:`CheckpointError`
     with a one-line reason when the file is missing, corrupt, not a keypointops checkpoint, or (when
@@ -47,16 +67,17 @@ def load_checkpoint(path: str | os.PathLike, model: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    state = load_weights_file(path, "checkpoint", CheckpointError)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a keypointops training checkpoint")
+    if not isinstance(state.get("config"), dict) or "model" not in state["config"]:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: it holds no run config naming its model")
     if model is not None and state["config"]["model"] != model:
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {state['config']['model']!r} model, "
                               f"not {model!r}")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: it lacks {', '.join(missing)}")
     return state
 
 
@@ -70,8 +91,8 @@ def model_from_checkpoint(state: dict, **options) -> nn.Module:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"the checkpoint's weights do not fit model {config['model']!r}: "
-                              f"{str(err).splitlines()[0]}") from None
+        details = " ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+        raise CheckpointError(f"the checkpoint's weights do not fit model {config['model']!r}: {details}") from None
     return model.eval()
 
 

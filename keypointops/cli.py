@@ -5,6 +5,8 @@
 beside two colour-histogram baselines evaluated on the same split. ``torchrun --nproc_per_node=N -m
 keypointops train ...`` trains with DDP. Bad input (a missing dataset folder, an unknown model, a
 checkpoint of another model, a corrupt checkpoint) ends with a one-line error and exit code 2.
+``train`` refuses a run folder that holds another run unless ``--resume`` (continue it) or
+``--overwrite`` (delete its files first); ``synth`` refuses a non-empty folder unless ``--replace``.
 The op and model benchmarks are a pytest suite in the source checkout: ``pytest bench/``.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -82,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, metavar="PATH", help="local torchvision ResNet weights")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are deleted)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from another run's weights (e.g. a trained pcb for kmpnet: its paper's stage B)")
     p.add_argument("--seed", type=int, default=0)
@@ -136,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                    help=f"frame size in pixels (default {SYNTHETIC_DEFAULTS['size']})")
     p.add_argument("--seed", type=int, help=f"default {SYNTHETIC_DEFAULTS['seed']}")
+    p.add_argument("--replace", action="store_true", help="replace what --out holds (default: refuse a non-empty folder)")
     return parser
 
 
@@ -175,6 +180,10 @@ def _set_threads(args) -> None:
     (on a 2-core machine: 1 thread and 1 worker; more threads than free cores make OpenMP spin)."""
     import torch
 
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(args.threads or max(1, share - args.workers))
 
@@ -191,7 +200,7 @@ def _train(args) -> None:
                                 data_options=_key_values(args.data_option, "--data-option"), amp=args.amp,
                                 channels_last=args.channels_last, compile=args.compile)
     out = Path(args.out or f"runs/{args.model}-{args.data}-{args.preset}")
-    run = engine.train(config, out, resume=args.resume, with_baselines=not args.no_baselines)
+    run = engine.train(config, out, resume=args.resume, overwrite=args.overwrite, with_baselines=not args.no_baselines)
     if run["eval"] is None:  # a DDP rank other than 0
         return
     plot_curves(out / "metrics.jsonl", out / "curves.png")
@@ -211,7 +220,7 @@ def _evaluate(args) -> None:
     state = load_checkpoint(args.checkpoint, args.model)
     config = dict(state["config"], workers=args.workers)
     if args.root is not None:
-        config["root"] = args.root
+        config["root"] = str(Path(args.root).resolve())
     model = model_from_checkpoint(state)
     dataset = build_dataset(config["data"], config["root"], **config["data_options"])
     device = device_for_rank()
@@ -284,14 +293,42 @@ def _ablate(args) -> None:
 
 
 def _synth(args) -> None:
+    """Generates into a temporary sibling folder renamed into place at the end, so an interrupted run
+    leaves no partial dataset at ``--out``; a non-empty ``--out`` is replaced only with ``--replace``."""
+    import shutil
+    import tempfile
+
     from keypointops.data.synthetic import DEFAULTS, HARD, generate
 
     flags = dict(num_train_ids=args.ids, num_test_ids=args.ids, num_cameras=args.cameras, frames=args.frames,
                  size=None if args.size is None else tuple(args.size), seed=args.seed)
     params = {**(HARD if args.hard else DEFAULTS), **{k: v for k, v in flags.items() if v is not None}}
-    description = generate(args.out, **params)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.replace:
+        raise FileExistsError(f"--out {out} is not empty; pass --replace to replace what it holds")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        description = generate(tmp, **params)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(description["counts"], indent=1))
-    print(f"wrote the synthetic dataset to {args.out}")
+    print(f"wrote the synthetic dataset to {out}")
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line. An error raised in a data loader worker arrives with the
+    worker's traceback in its message (``Original Traceback ...``); its last line is the message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "Original Traceback (most recent call last):" in lines:
+        last = lines[-1]
+        return last.partition(": ")[2] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
+    return " ".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     command = {"train": _train, "evaluate": _evaluate, "export": _export, "synth": _synth, "ablate": _ablate}
     try:
         command[args.command](args)
-    except (CheckpointError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"keypointops {args.command}: error: {err}", file=sys.stderr)
+    except (CheckpointError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError,
+            FloatingPointError) as err:
+        print(f"keypointops {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"keypointops {args.command}: interrupted", file=sys.stderr)

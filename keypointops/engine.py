@@ -22,11 +22,13 @@ or None.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
+import re
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -62,18 +64,21 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     (:func:`keypointops.checkpoints.init_from_checkpoint`), e.g. a trained PCB for KMPNet's stage B.
     ``amp``: one of :data:`AMP_MODES`, or None for the device's default (bf16 on CUDA, off on CPU);
     ``channels_last``, ``compile``: see the module docstring.
+    ``root`` is stored as an absolute path, so the run can be evaluated from any folder.
     """
     if amp is not None and amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES} or None, got {amp!r}")
     from keypointops.models import preset_of
 
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps (--max-steps) must be >= 1 steps per epoch, got {max_steps}")
     settings = preset_of(model, preset)
     train_cfg = settings.train.replace(**(train_overrides or {}))
     train_cfg = train_cfg.replace(eval_every=eval_every or train_cfg.eval_every)
     model_cfg = settings.model_options(train_cfg)
     return {"model": model, "preset": preset, "model_options": {**model_cfg, **(model_overrides or {})},
-            "train": train_cfg.to_dict(), "data": data, "root": root, "data_options": dict(data_options or {}),
-            "seed": seed, "workers": workers, "pretrained": pretrained,
+            "train": train_cfg.to_dict(), "data": data, "root": None if root is None else str(Path(root).resolve()),
+            "data_options": dict(data_options or {}), "seed": seed, "workers": workers, "pretrained": pretrained,
             "init_from": None if init_from is None else str(Path(init_from).resolve()), "max_steps": max_steps,
             "amp": amp, "channels_last": channels_last, "compile": compile}
 
@@ -86,19 +91,60 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
     from keypointops.models import build_model
     from keypointops.models.backbones import load_pretrained
 
-    dataset = build_dataset(config["data"], config["root"], **config["data_options"])
+    with _options_of("--data-option", config["data"], _dataset_options(config["data"])):
+        dataset = build_dataset(config["data"], config["root"], **config["data_options"])
     t = TrainSettings.from_dict(config["train"])
     loader = build_loader(dataset.train, train=True, frames=t.frames, sampling=t.train_sampling,
                           height=t.height, width=t.width, batch_size=t.batch_size,
                           instances=t.instances, flip=t.flip, random_erase=t.random_erase,
                           workers=config["workers"], seed=config["seed"], rank=rank, world_size=world_size)
     torch.manual_seed(config["seed"])  # the initial weights
-    model = build_model(config["model"], dataset.num_train_pids, **config["model_options"])
+    with _options_of("--model-option", config["model"], _model_options(config)):
+        model = build_model(config["model"], dataset.num_train_pids, **config["model_options"])
     if config["pretrained"]:
         load_pretrained(model, config["pretrained"])
     if config.get("init_from"):
         init_from_checkpoint(model, config["model"], config["init_from"])
     return dataset, loader, model
+
+
+def _keyword_names(function) -> set[str]:
+    return {p.name for p in inspect.signature(function).parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _model_options(config: dict) -> list[str]:
+    """The build options of the config's model: its constructor's keywords and its preset's options
+    (which include the options a model forwards to its parts, e.g. KMPNet's visual model)."""
+    from keypointops.models import model_class, preset_of
+
+    names = _keyword_names(model_class(config["model"]).__init__) | set(
+        preset_of(config["model"], config["preset"]).model_options(TrainSettings.from_dict(config["train"])))
+    return sorted(names - {"self", "num_classes"})
+
+
+def _dataset_options(name: str) -> list[str]:
+    """The options of dataset ``name`` (the synthetic generator's parameters, or the reader's)."""
+    from keypointops.data import DATASETS, SYNTHETIC_DATASETS
+    from keypointops.data.synthetic import generate
+
+    if name in SYNTHETIC_DATASETS:
+        return sorted(_keyword_names(generate) - {"root", "workers"} | {"progress", "drop_distractors"})
+    return sorted(_keyword_names(DATASETS[name].__init__) - {"self", "root"})
+
+
+@contextmanager
+def _options_of(flag: str, owner: str, valid: list[str]):
+    """Turns the ``TypeError`` of an unknown keyword option into a one-line ``ValueError`` that
+    lists the valid options."""
+    try:
+        yield
+    except TypeError as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None:
+            raise
+        raise ValueError(f"{flag} {unknown.group(1)!r} is not an option of {owner}; "
+                         f"its options are {', '.join(valid)}") from None
 
 
 def _optimizer(model: nn.Module, t: TrainSettings) -> torch.optim.Optimizer:
@@ -234,7 +280,7 @@ def forward_backward(model: nn.Module, core: nn.Module, batch: dict, device: tor
     with autocast:  # the loss too: autocast computes losses in float32
         loss, parts = core.loss(model(images, keypoints), batch["pids"].to(device))
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"the training loss is {float(loss)}")
+        raise FloatingPointError(f"the training loss is {float(loss.detach())}")
     (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss, parts
 
@@ -255,8 +301,12 @@ def _train_epoch(model, core, loader, optimizer, scaler, config: dict, device, e
     for batch in tqdm(itertools.islice(batches, total), desc=f"epoch {epoch + 1}", total=total,
                       disable=rank != 0, leave=False, mininterval=2):
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = forward_backward(model, core, batch, device, amp_mode(config, device), scaler,
-                                       config.get("channels_last", False))
+        try:
+            loss, parts = forward_backward(model, core, batch, device, amp_mode(config, device), scaler,
+                                           config.get("channels_last", False))
+        except FloatingPointError as err:
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1}, step {steps + 1} ({err}); "
+                                     f"try a lower learning rate than lr={t.lr:g}") from None
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip (and step) the true gradients
         if t.grad_clip:
@@ -279,7 +329,11 @@ def _train_epoch(model, core, loader, optimizer, scaler, config: dict, device, e
 def _write_metrics(path: Path, epoch_done: int, record: dict | None) -> None:
     """Keeps the records of the first ``epoch_done`` epochs of ``path``, then appends ``record``."""
     lines = path.read_text().splitlines() if path.exists() else []
-    lines = [line for line in lines if json.loads(line)["epoch"] <= epoch_done]
+    try:
+        lines = [line for line in lines if json.loads(line)["epoch"] <= epoch_done]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path}: corrupt metrics file, not one JSON record with an 'epoch' per line "
+                         f"({type(err).__name__}: {err})") from None
     if record is not None:
         lines.append(json.dumps(record))
     tmp = path.with_suffix(".tmp")
@@ -287,13 +341,16 @@ def _write_metrics(path: Path, epoch_done: int, record: dict | None) -> None:
     os.replace(tmp, path)
 
 
-def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_baselines: bool = False,
-          evaluate_at_end: bool = True, log=print) -> dict:
+def train(config: dict, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+          with_baselines: bool = False, evaluate_at_end: bool = True, log=print) -> dict:
     """Trains (and evaluates) the run of ``config`` into the folder ``out``.
 
     Writes ``config.json``, ``metrics.jsonl`` and ``model.pt`` (every epoch) there; with ``resume``
     continues from ``out/model.pt`` (the settings of ``config`` that change the result must equal
-    the checkpoint's, ``epochs`` may grow). Under ``torchrun`` (``WORLD_SIZE > 1``) runs DDP: each
+    the checkpoint's, ``epochs`` may grow). A folder that holds another run's files (see
+    :data:`RUN_FILES`) is refused with ``FileExistsError`` unless ``resume`` or ``overwrite`` (which
+    deletes them first) is given. The checkpoint of an epoch is written before the epoch's
+    evaluation, so a failing evaluation never loses the training. Under ``torchrun`` (``WORLD_SIZE > 1``) runs DDP: each
     rank takes its share of every epoch's batches, gradients are averaged, epoch metrics are reduced,
     rank 0 writes and evaluates.
 
@@ -312,12 +369,15 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
     out = Path(out)
     ckpt_path, metrics_path = out / "model.pt", out / "metrics.jsonl"
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        _prepare_run_folder(out, resume, overwrite)
     state = None
     if resume:
         state = load_checkpoint(ckpt_path, config["model"])
         _check_resumable(state["config"], config)
     dataset, loader, core = build_run(config, rank=rank, world_size=world_size)
+    if state is not None and state["num_classes"] != dataset.num_train_pids:
+        raise CheckpointError(f"cannot resume {ckpt_path}: it was trained on {state['num_classes']} training "
+                              f"identities, the dataset in {config['root']} now has {dataset.num_train_pids}")
     core.to(device)
     if config.get("channels_last"):
         core.to(memory_format=torch.channels_last)
@@ -353,15 +413,16 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, with_ba
         if hasattr(core, "diagnostics"):
             record.update(all_reduce_mean({k: float(v) for k, v in core.diagnostics().items()}, world_size))
         last = epoch + 1 == epochs
-        if rank == 0 and ((last and evaluate_at_end) or (t.eval_every and (epoch + 1) % t.eval_every == 0)):
-            result, baseline_results = _evaluate_run(core, dataset, config, device, last and with_baselines)
-            record.update(summary(result))
-        if rank == 0:
+        if rank == 0:  # the checkpoint first: an evaluation that fails loses no training
             _write_metrics(metrics_path, epoch, record)
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "config": config, "num_classes": dataset.num_train_pids,
                 "epoch": epoch + 1, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()})
+            if (last and evaluate_at_end) or (t.eval_every and (epoch + 1) % t.eval_every == 0):
+                result, baseline_results = _evaluate_run(core, dataset, config, device, last and with_baselines)
+                record.update(summary(result))
+                _write_metrics(metrics_path, epoch, record)
             log(_epoch_line(record, epochs))
         if world_size > 1:
             dist.barrier()
@@ -400,6 +461,33 @@ def write_part_masks(model: nn.Module, dataset, config: dict, path: str | os.Pat
     frames = denormalize(batch["images"][:, 0]).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1)
     plot_part_masks(frames.numpy(), masks[:, 0].float().cpu().numpy(), path)
     return True
+
+
+#: The files a training run writes into its folder (``keypointops train`` and ``export`` add the plots
+#: and the exported models).
+RUN_FILES = ("model.pt", "metrics.jsonl", "config.json", "model.onnx", "model.pt2", "cmc.png", "curves.png",
+             "ranking.png", "part_masks.png")
+
+
+def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Creates the run folder; refuses one that holds another run's files unless ``resume`` or
+    ``overwrite`` (which deletes them); removes the temporary files of an interrupted checkpoint or
+    metrics write."""
+    out.mkdir(parents=True, exist_ok=True)
+    for orphan in [*out.glob(".model.pt.*.tmp"), out / "metrics.tmp"]:
+        orphan.unlink(missing_ok=True)
+    if resume:
+        return
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    # A run killed before its first checkpoint leaves only its config and an empty metrics file:
+    # nothing trained, so they are replaced without asking.
+    trained = [name for name in existing if name not in ("config.json", "metrics.jsonl")
+               or (name == "metrics.jsonl" and (out / name).stat().st_size > 0)]
+    if trained and not overwrite:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(trained)}); pass --resume to continue it "
+                              "or --overwrite to replace it")
+    for name in existing:
+        (out / name).unlink()
 
 
 def _evaluate_run(core, dataset, config, device, with_baselines: bool) -> tuple[dict, dict]:

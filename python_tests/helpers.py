@@ -1,5 +1,9 @@
 """What several test modules share: the devices and fused backends to test, tolerances per dtype,
-and, for the model tests, one intra-op thread, synthetic clips and one optimisation step."""
+for the model tests, one intra-op thread, synthetic clips and one optimisation step, and the
+strategy and checks of the property-based file-parser tests."""
+import os
+import re
+
 import pytest
 import torch
 
@@ -95,6 +99,68 @@ def clips(batch=4, frames=2, height=64, width=32, seed=0, dtype=torch.float32):
     return images, keypoints, pids
 
 
+# ----------------------------------------------------------------------------------------- file fuzzing
+
+#: Examples per property-based file-parser test: a modest count in CI, more with
+#: ``KEYPOINTOPS_FUZZ_EXAMPLES`` (e.g. 1000 for a thorough run).
+FUZZ_EXAMPLES = int(os.environ.get("KEYPOINTOPS_FUZZ_EXAMPLES", "100"))
+
+# Tokens that parsers of numbers and structure trip on: huge and special numbers, deep nesting,
+# brackets, quotes, other encodings.
+_FUZZ_TOKENS = [b"1" + b"0" * 400, b"[1" + b"0" * 400 + b", 2, 1], ", b" -1" + b"0" * 400 + b",", b"1e400", b"-1e400", b"nan", b"NaN", b"inf", b"-inf", b"Infinity", b"[" * 2000,
+                b"{" * 2000, b"[]", b"{}", b"null", b"true", b"\"", b"\"people\"", b"\"pose_keypoints_2d\"",
+                b"(", b")", b",", b"\x00", b"\xff\xfe", "\u00e9".encode(), b"\n", b"-1", b"0", b"9" * 30,
+                b"1e-400", b"[[1, 2, 3]]", b"PK\x03\x04", b"\x93NUMPY", b"MATLAB 5.0"]
+
+
+def mutated_bytes(valid: bytes):
+    """A hypothesis strategy of byte strings: random bytes, or ``valid`` with a few random edits
+    (byte overwrites, insertions of random bytes or of the tokens above, a number replaced by a
+    token, deletions, truncation, duplicated slices)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def mutate(draw):
+        data = bytearray(valid)
+        for _ in range(draw(st.integers(1, 6))):
+            kind = draw(st.sampled_from(["set", "insert", "token", "number", "delete", "truncate", "duplicate"]))
+            at = draw(st.integers(0, len(data)))
+            numbers = list(re.finditer(rb"-?\d+(\.\d+)?", bytes(data))) if kind == "number" else []
+            if numbers:  # a number of a text file replaced by a token
+                number = numbers[draw(st.integers(0, len(numbers) - 1))]
+                data[number.start():number.end()] = draw(st.sampled_from(_FUZZ_TOKENS))
+            elif kind == "set" and data:
+                data[min(at, len(data) - 1)] = draw(st.integers(0, 255))
+            elif kind == "insert":
+                data[at:at] = draw(st.binary(min_size=1, max_size=16))
+            elif kind == "token":
+                data[at:at] = draw(st.sampled_from(_FUZZ_TOKENS))
+            elif kind == "delete":
+                del data[at:at + draw(st.integers(1, 64))]
+            elif kind == "truncate":
+                del data[at:]
+            elif kind == "duplicate":
+                data[at:at] = data[at:at + draw(st.integers(1, 256))]
+        return bytes(data)
+
+    return st.one_of(st.binary(max_size=2048), mutate())
+
+
+def fuzz_settings():
+    """The hypothesis settings of the file-parser fuzz tests (no deadline: the machine is shared)."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def assert_own_error(err: BaseException, path) -> None:
+    """A parser's error for a damaged file: a one-line ValueError that names the file."""
+    assert type(err) is ValueError, f"{type(err).__name__}: {err}"
+    message = str(err)
+    assert "\n" not in message and str(path) in message, message
+
+
 # Relative tolerance of a whole training step under autocast, fused ops against the reference
 # (the loss, and the gradient of all parameters as one vector, by norm).  The two round differently
 # -- the compiled CPU kernels compute in float32, the reference in the autocast dtype -- so they
@@ -174,3 +240,12 @@ def check_autocast_policy(op, main, others: dict, cast_others: tuple, dtype: tor
     if cast_others:
         with pytest.raises(ValueError, match="dtype"):
             op(reduced, **others, **kwargs)
+
+
+def gradient_errors(function, inputs, grad_out):
+    """Max abs error per input of ``function``'s float32 gradients against its float64 gradients
+    (``inputs`` float64, one ``grad_out``)."""
+    def grads(dtype):
+        typed = [i.to(dtype).requires_grad_() for i in inputs]
+        return torch.autograd.grad(function(*typed), typed, grad_out.to(dtype))
+    return [float((g.double() - e).abs().max()) for g, e in zip(grads(torch.float32), grads(torch.float64))]

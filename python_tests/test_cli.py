@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,14 +18,14 @@ TINY = ["--workers", "0", "--threads", "1", "--epochs", "2", "--batch-size", "4"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One tiny ``keypointops train`` run: (run folder, its stdout)."""
+    """One tiny ``keypointops train`` run, given a relative --root: (run folder, its stdout)."""
     out = tmp_path_factory.mktemp("run")
     root = tmp_path_factory.mktemp("data") / "synthetic"
     capture = tmp_path_factory.mktemp("log") / "stdout.txt"
     with open(capture, "w") as f:
         saved, sys.stdout = sys.stdout, f
         try:
-            code = main(["train", *TINY, "--root", str(root), "--out", str(out)])
+            code = main(["train", *TINY, "--root", os.path.relpath(root), "--out", str(out)])
         finally:
             sys.stdout = saved
     assert code == 0
@@ -70,7 +71,7 @@ def test_export_onnx_round_trip(run, capsys):
 
 def one_line_error(capsys, argv, match):
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.split("\r")[-1].strip()  # what stays on screen after a cleared progress bar
     assert len(err.splitlines()) == 1 and "Traceback" not in err and match in err, err
 
 
@@ -114,6 +115,102 @@ def test_dataset_choices_are_the_registry_and_there_is_no_bench_command(capsys):
     with pytest.raises(SystemExit):
         main(["bench"])  # the benchmarks are `pytest bench/` in the source checkout
     assert "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--grad-clip", "-1"], "grad_clip must be > 0"),
+    (["--grad-clip", "0"], "grad_clip must be > 0"),
+    (["--epochs", "0"], "nothing to train"),
+    (["--max-steps", "0"], "--max-steps) must be >= 1"),
+    (["--max-steps", "-1"], "--max-steps) must be >= 1"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--data-option", "foo=1"], "--data-option 'foo' is not an option of synthetic; its options are"),
+])
+def test_bad_settings_are_one_line_errors(capsys, tmp_path, argv, match):
+    one_line_error(capsys, ["train", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *argv], match)
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_unknown_model_option_lists_the_options(run, capsys, tmp_path):
+    out, _ = run
+    root = json.loads((out / "config.json").read_text())["root"]
+    one_line_error(capsys, ["train", *TINY, "--root", root, "--out", str(tmp_path / "run"), "--model-option", "foo=1"],
+                   "--model-option 'foo' is not an option of kmpnet; its options are")
+
+
+def test_relative_root_is_stored_absolute(run, capsys, tmp_path, monkeypatch):
+    out, _ = run
+    assert os.path.isabs(json.loads((out / "config.json").read_text())["root"])
+    monkeypatch.chdir(tmp_path)  # evaluate from another folder
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--workers", "0", "--threads", "1"]) == 0
+
+
+def test_existing_run_folder_needs_resume_or_overwrite(run, capsys, tmp_path):
+    out, _ = run
+    root = json.loads((out / "config.json").read_text())["root"]
+    one_line_error(capsys, ["train", *TINY, "--root", root, "--out", str(out)], "--overwrite")
+    assert (out / "model.pt").is_file() and (out / "metrics.jsonl").is_file()  # untouched
+    # --overwrite replaces the run: no file of the old one stays beside the new weights.
+    (tmp_path / "model.onnx").write_bytes(b"an old export")
+    (tmp_path / ".model.pt.x1y2.tmp").write_bytes(b"an interrupted checkpoint write")
+    args = ["train", *TINY, "--epochs", "1", "--max-steps", "1", "--no-baselines", "--root", root, "--out", str(tmp_path)]
+    assert main([*args, "--overwrite"]) == 0
+    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / ".model.pt.x1y2.tmp").exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_corrupt_metrics_on_resume_names_the_file(run, capsys, tmp_path):
+    import shutil
+
+    out, _ = run
+    shutil.copytree(out, tmp_path / "run")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo')
+    one_line_error(capsys, ["train", *TINY, "--root", json.loads((out / "config.json").read_text())["root"],
+                            "--out", str(tmp_path / "run"), "--resume"], "metrics.jsonl: corrupt metrics file")
+
+
+def test_diverging_training_names_the_step_and_suggests_a_lower_lr(run, capsys, tmp_path):
+    out, _ = run
+    root = json.loads((out / "config.json").read_text())["root"]
+    one_line_error(capsys, ["train", *TINY, "--epochs", "1", "--lr", "1e12", "--no-baselines", "--root", root,
+                            "--out", str(tmp_path)], "try a lower learning rate than lr=1e+12")
+
+
+def test_data_error_in_a_loader_worker_is_one_line(run, capsys, tmp_path):
+    import shutil
+
+    out, _ = run
+    root = tmp_path / "data"
+    shutil.copytree(json.loads((out / "config.json").read_text())["root"], root)
+    for image in (root / "bbox_test").rglob("*.jpg"):
+        image.write_bytes(b"not an image")
+    one_line_error(capsys, ["evaluate", "--checkpoint", str(out / "model.pt"), "--root", str(root), "--workers", "1",
+                            "--threads", "1"], f"cannot decode image {root / 'bbox_test'}")
+
+
+def test_synth_is_atomic_and_refuses_to_mix_datasets(capsys, tmp_path, monkeypatch):
+    from keypointops.data import synthetic
+
+    (tmp_path / "file").write_text("x")
+    one_line_error(capsys, ["synth", "--out", str(tmp_path / "file")], "is a file")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "identity_0001").mkdir()
+    one_line_error(capsys, ["synth", "--out", str(tmp_path / "old")], "--replace")
+
+    def interrupted(root, **params):
+        (Path(root) / "info").mkdir()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(synthetic, "generate", interrupted)
+    assert main(["synth", "--out", str(tmp_path / "new")]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "old"]  # nothing half-written
+
+    def complete(root, **params):
+        (Path(root) / "synthetic.json").write_text("{}")
+        return {"counts": {}}
+    monkeypatch.setattr(synthetic, "generate", complete)
+    assert main(["synth", "--out", str(tmp_path / "old"), "--replace"]) == 0
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["synthetic.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "old"]
 
 
 def test_synth_hard(tmp_path, capsys):

@@ -1,9 +1,13 @@
 """Dataset readers against small hand-made folders of each format."""
 import json
 import logging
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from helpers import FUZZ_EXAMPLES, assert_own_error, fuzz_settings, mutated_bytes
 from scipy.io import savemat
 
 from keypointops.data import (MARS, PRID2011, DatasetNotFoundError, DukeMTMCVideoReID, PoseTrackReID, build_dataset,
@@ -177,3 +181,62 @@ def test_build_dataset_errors(tmp_path):
                           ("posetrackreid", "train_names.json")):
         with pytest.raises(DatasetNotFoundError, match=missing):
             build_dataset(name, tmp_path)
+
+
+MARS_INFO_FILES = ["train_name.txt", "test_name.txt", "tracks_train_info.mat", "tracks_test_info.mat", "query_IDX.mat"]
+
+
+@pytest.mark.parametrize("name", MARS_INFO_FILES)
+def test_fuzz_mars_info_files(name):
+    """Random and mutated bytes in one of MARS's info files: the reader builds the dataset or raises
+    its own one-line ValueError naming a file of info/ (a damaged file, or one that no longer
+    matches the others), never another exception."""
+    folder = tempfile.TemporaryDirectory()
+    root = mars_fixture(Path(folder.name) / "mars", with_keypoints=False)
+    valid = (root / "info" / name).read_bytes()
+    examples = []
+
+    @fuzz_settings()
+    @given(mutated_bytes(valid))
+    def run(data):
+        examples.append(len(data))
+        (root / "info" / name).write_bytes(data)
+        try:
+            MARS(root)
+        except Exception as err:  # noqa: BLE001 - the property: only the reader's own error type
+            assert_own_error(err, root / "info")
+
+    with folder:
+        run()
+    assert len(examples) >= FUZZ_EXAMPLES
+
+
+@pytest.mark.parametrize("name", ["tracks_test_info.mat", "test_name.txt"])
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_mars_info_file_is_a_one_line_error(tmp_path, name, damage):
+    root = mars_fixture(tmp_path / "mars", with_keypoints=False)
+    path = root / "info" / name
+    path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:150] + b"\xff\xfe")
+    with pytest.raises(ValueError, match=name) as err:
+        MARS(root)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_mat_reader_matches_scipy(tmp_path, compressed):
+    from scipy.io import loadmat
+
+    from keypointops.data.mat_files import read_mat
+
+    rng = np.random.default_rng(0)
+    arrays = {"info": rng.integers(-1, 1000, (7, 4)).astype(float), "ints": np.arange(12, dtype=np.int32).reshape(3, 4),
+              "row": np.array([[3, 6]], float), "cube": rng.random((2, 3, 4)).astype(np.float32),
+              "empty": np.zeros((0, 4)), "bytes": np.uint8([[1, 2]])}
+    savemat(tmp_path / "a.mat", arrays, do_compression=compressed)
+    got, expected = read_mat(tmp_path / "a.mat"), loadmat(tmp_path / "a.mat")
+    for name in arrays:
+        assert got[name].dtype == expected[name].dtype
+        np.testing.assert_array_equal(got[name], expected[name])
+    savemat(tmp_path / "b.mat", {"text": "abc", "cell": np.array([1, "x"], dtype=object)})
+    with pytest.raises(ValueError, match="b.mat: unreadable .mat file: variable 'text' is not a real numeric"):
+        read_mat(tmp_path / "b.mat")

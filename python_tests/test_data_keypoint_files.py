@@ -1,9 +1,17 @@
 """Keypoint files: .pose and OpenPose JSON round trips, missing / NaN / malformed input, skeleton
-conversion, the per-tracklet .npz cache and load_keypoints."""
+conversion, the per-tracklet .npz cache (and its rebuild when the files change), load_keypoints,
+and random / mutated bytes fed to each parser."""
+import io
 import json
+import logging
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from helpers import FUZZ_EXAMPLES, assert_own_error, fuzz_settings, mutated_bytes
 
 from keypointops.data import Tracklet, load_keypoints
 from keypointops.data.keypoint_files import (COCO17_FLIP, cache_tracklet_keypoints, from_coco17, read_cache,
@@ -144,3 +152,112 @@ def test_cache_counts_missing_files(tmp_path):
         assert (missing, total) == (2, 12)
         assert all(str(t.keypoints).endswith(".npz") for t in cached)
     assert (load_keypoints(cached[0])[1] == 0).all() and (load_keypoints(cached[0])[0] > 0).any()
+
+
+def _cached_tracklet(tmp_path, frames=3):
+    """One tracklet with a .pose file per frame; returns (tracklets, frame_file, cache folder)."""
+    names = tuple(str(tmp_path / f"f{i}.jpg") for i in range(frames))
+    for i in range(frames):
+        write_pose(tmp_path / f"f{i}.pose", random_keypoints(i))
+
+    def frame_file(frame):
+        path = Path(frame).with_suffix(".pose")
+        return path if path.is_file() else None
+    return [Tracklet(names, 0, 0)], frame_file, tmp_path / "cache"
+
+
+@pytest.mark.parametrize("change", ["replaced", "removed", "added"])
+def test_cache_rebuilds_when_the_keypoint_files_change(tmp_path, caplog, change):
+    tracklets, frame_file, cache = _cached_tracklet(tmp_path)
+    if change == "added":
+        os.unlink(tmp_path / "f1.pose")
+    cache_tracklet_keypoints(tracklets, frame_file, cache, "fixture")
+    new = random_keypoints(99)
+    if change == "removed":
+        os.unlink(tmp_path / "f1.pose")
+    else:  # the same size as before: the modification time tells
+        write_pose(tmp_path / "f1.pose", new)
+        stat = os.stat(tmp_path / "f1.pose")
+        os.utime(tmp_path / "f1.pose", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with caplog.at_level(logging.WARNING, logger="keypointops.data"):
+        cached, missing, _ = cache_tracklet_keypoints(tracklets, frame_file, cache, "fixture")
+    got = load_keypoints(cached[0])[1]
+    if change == "removed":
+        assert missing == 1 and (got == 0).all()
+    else:
+        assert missing == 0
+        np.testing.assert_allclose(got, new, atol=1e-2)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["fixture"]  # said once
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keypointops.data"):
+        cache_tracklet_keypoints(tracklets, frame_file, cache, "fixture")
+    assert not caplog.records  # up to date again
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    tracklets, frame_file, cache = _cached_tracklet(tmp_path)
+    cached, _, _ = cache_tracklet_keypoints(tracklets, frame_file, cache, "fixture")
+    Path(cached[0].keypoints).write_bytes(b"garbage")
+    cached, _, _ = cache_tracklet_keypoints(tracklets, frame_file, cache, "fixture")
+    np.testing.assert_allclose(load_keypoints(cached[0])[2], random_keypoints(2), atol=1e-2)
+
+
+def test_huge_numbers_name_the_file(tmp_path):
+    (tmp_path / "a.pose").write_text("[" + ", ".join(["[1, 2, 0.5]"] * 16 + ["[" + "1" + "0" * 400 + ", 2, 1]"]) + "]")
+    with pytest.raises(ValueError, match="a.pose"):
+        read_pose(tmp_path / "a.pose")
+    (tmp_path / "b.json").write_text('{"people": [{"pose_keypoints_2d": [1' + "0" * 400 + ', 2, 1]}]}')
+    with pytest.raises(ValueError, match="b.json"):
+        read_openpose(tmp_path / "b.json")
+
+
+def _fuzz(parser, valid: bytes, suffix: str, check_result):
+    """Feeds random and mutated versions of ``valid`` to ``parser``: it returns a result that passes
+    ``check_result`` or raises its own one-line ValueError naming the file."""
+    folder = tempfile.TemporaryDirectory()
+    path = Path(folder.name) / f"frame{suffix}"
+    examples = []
+
+    @fuzz_settings()
+    @given(mutated_bytes(valid))
+    def run(data):
+        examples.append(len(data))
+        path.write_bytes(data)
+        try:
+            result = parser(path)
+        except Exception as err:  # noqa: BLE001 - the property: only the parser's own error type
+            assert_own_error(err, path)
+        else:
+            check_result(result)
+
+    with folder:
+        run()
+    assert len(examples) >= FUZZ_EXAMPLES
+
+
+def _frame_keypoints(kp):
+    assert kp.dtype == np.float32 and kp.shape == (17, 3) and np.isfinite(kp).all()
+
+
+def test_fuzz_pose_files(tmp_path):
+    write_pose(tmp_path / "a.pose", random_keypoints())
+    _fuzz(read_pose, (tmp_path / "a.pose").read_bytes(), ".pose", _frame_keypoints)
+
+
+def test_fuzz_openpose_files(tmp_path):
+    write_openpose(tmp_path / "a.json", random_keypoints())
+    _fuzz(read_openpose, (tmp_path / "a.json").read_bytes(), "_keypoints.json", _frame_keypoints)
+
+
+def test_fuzz_cache_files(tmp_path):
+    write_cache(tmp_path / "a.npz", random_keypoints(0, (4, 17)), 1, "fingerprint")
+    for compressed in (False, True):  # the stored and the deflated zip layouts
+        valid = (tmp_path / "a.npz").read_bytes()
+        if compressed:
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, keypoints=random_keypoints(0, (4, 17)), missing_files=np.int64(1))
+            valid = buffer.getvalue()
+
+        def check(kp):
+            assert kp.dtype == np.float32 and kp.ndim == 3 and kp.shape[1:] == (17, 3) and np.isfinite(kp).all()
+        _fuzz(read_cache, valid, ".npz", check)

@@ -75,8 +75,14 @@ def test_kill_and_resume_equals_uninterrupted(cache, tmp_path):
     assert len(lines) == 3  # the epochs redone after the kill are not logged twice
 
 
+def save_stub_checkpoint(path, config, num_classes=6):
+    """A checkpoint of ``config`` with empty state dicts (enough for the checks before a resume)."""
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "config": config, "num_classes": num_classes, "epoch": 1,
+                           "model": {}, "optimizer": {}, "scheduler": {}})
+
+
 def test_resume_refuses_other_settings(tmp_path):
-    save_checkpoint(tmp_path / "model.pt", {"format": CHECKPOINT_FORMAT, "config": tiny_config()})
+    save_stub_checkpoint(tmp_path / "model.pt", tiny_config())
     with pytest.raises(CheckpointError, match="train.lr"):
         engine.train(tiny_config(epochs=2, lr=0.5), tmp_path, resume=True)
 
@@ -146,47 +152,46 @@ def test_clip_shape_overrides_reach_the_model_options():
     assert "frames" not in engine.make_config("kmpnet", "cpu", train_overrides=dict(frames=2))["model_options"]
 
 
-def tiny_run(model, **overrides):
-    return engine.make_config(model, "cpu", "synthetic", workers=0, train_overrides=TINY_TRAIN,
-                              model_overrides=dict(width=0.125), data_options=dict(TINY_DATA), **overrides)
+def test_failing_evaluation_keeps_the_trained_checkpoint(cache, tmp_path, monkeypatch):
+    def unreadable_test_image(*args, **kwargs):
+        raise ValueError("cannot decode image bbox_test/0001/0001C1T0001F001.jpg")
+
+    monkeypatch.setattr(engine, "evaluate_models", unreadable_test_image)
+    config = tiny_config(epochs=1)
+    config["max_steps"] = 1
+    with pytest.raises(ValueError, match="cannot decode image"):
+        engine.train(config, tmp_path, log=lambda line: None)
+    assert load_checkpoint(tmp_path / "model.pt")["epoch"] == 1  # the training is kept
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_init_from_starts_stage_b_from_stage_a(cache, tmp_path):
-    stage_a = tiny_run("pcb")
-    dataset, _, pcb = engine.build_run(stage_a)
-    save_checkpoint(tmp_path / "pcb.pt", {"format": CHECKPOINT_FORMAT, "config": stage_a, "epoch": 1,
-                                          "num_classes": dataset.num_train_pids, "model": pcb.state_dict()})
-    _, _, kmpnet = engine.build_run(tiny_run("kmpnet", init_from=str(tmp_path / "pcb.pt")))
-    _, _, fresh = engine.build_run(tiny_run("kmpnet"))
-    for key, value in pcb.state_dict().items():
-        assert torch.equal(kmpnet.visual.state_dict()[key], value), key
-    for key, value in fresh.state_dict().items():   # the graph branch: the seed's initialisation
-        if not key.startswith("visual."):
-            assert torch.equal(kmpnet.state_dict()[key], value), key
-    _, _, control = engine.build_run(tiny_run("pcb", init_from=str(tmp_path / "pcb.pt")))
-    for key, value in pcb.state_dict().items():
-        assert torch.equal(control.state_dict()[key], value), key
-    with pytest.raises(CheckpointError, match="KMPNet \\(visual='pcb'\\) starts from a 'pcb' \\(stage A\\) "
-                                              "checkpoint, not a 'resnet50' one"):
-        resnet = tiny_run("resnet50")
-        save_checkpoint(tmp_path / "resnet.pt", {"format": CHECKPOINT_FORMAT, "config": resnet, "epoch": 1,
-                                                 "num_classes": dataset.num_train_pids,
-                                                 "model": engine.build_run(resnet)[2].state_dict()})
-        engine.build_run(tiny_run("kmpnet", init_from=str(tmp_path / "resnet.pt")))
-    with pytest.raises(CheckpointError, match="a 'alignnet' model can only start from a 'alignnet' checkpoint"):
-        engine.build_run(tiny_run("alignnet", init_from=str(tmp_path / "pcb.pt")))
+def test_resume_refuses_changed_identities(cache, tmp_path):
+    config = tiny_config()
+    save_stub_checkpoint(tmp_path / "model.pt", config, num_classes=99)
+    with pytest.raises(CheckpointError, match="trained on 99 training identities, the dataset .* now has 6"):
+        engine.train(config, tmp_path, resume=True)
 
 
-def test_alignnet_run_logs_mask_diagnostics_and_draws_its_masks(cache, tmp_path):
-    config = tiny_run("alignnet", max_steps=1)
-    config["train"]["epochs"] = 2
-    engine.train(config, tmp_path, log=lambda line: None)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 < r["mask_entropy"] < 1 and -1 <= r["part_cosine"] <= 1 for r in records)
-    assert (tmp_path / "part_masks.png").is_file()
-    dataset, _, kmpnet = engine.build_run(tiny_config())
-    assert not engine.write_part_masks(kmpnet, dataset, tiny_config(), tmp_path / "none.png")
-    assert not (tmp_path / "none.png").exists()
+def test_root_is_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = engine.make_config("kmpnet", "cpu", "synthetic", "data/synthetic")
+    assert config["root"] == str(tmp_path / "data" / "synthetic")
+
+
+@pytest.mark.parametrize("grad_clip", [-1.0, 0.0, float("nan")])
+def test_grad_clip_must_be_positive(grad_clip):
+    with pytest.raises(ValueError, match="grad_clip must be > 0"):
+        tiny_config(grad_clip=grad_clip)
+
+
+def test_run_folder_of_a_run_killed_before_its_first_checkpoint_is_reused(cache, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("")
+    engine._prepare_run_folder(tmp_path, resume=False, overwrite=False)  # nothing trained is lost
+    assert not (tmp_path / "config.json").exists()
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(FileExistsError, match="metrics.jsonl"):
+        engine._prepare_run_folder(tmp_path, resume=False, overwrite=False)
 
 
 def first_conv_inputs_and_outputs(model):
@@ -221,9 +226,9 @@ def test_forward_backward_amp_and_channels_last(cache, amp):
     images, output = seen[0]
     assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
     assert output.dtype == {"off": torch.float32, **engine.AMP_DTYPES}[amp]
-    # against float32 (measured: 11 % for bf16); "off" differs by float32 rounding alone (the two
-    # layouts agree to 2e-15 in float64), measured up to 1.1e-4 of the gradient norm over seeds
-    rtol = {"off": 3e-4, "bf16": 0.2, "fp16": 0.05}[amp]
+    # against the contiguous float32 step: channels_last convolutions sum in another order, which
+    # moves float32 gradients by ~2e-4 (relative norm) through the network; bf16 moves them ~11 %
+    rtol = {"off": 1e-3, "bf16": 0.2, "fp16": 0.05}[amp]
     assert abs(loss.item() - ref_loss.item()) <= rtol * abs(ref_loss.item())
     scale = scaler.get_scale() if scaler is not None else 1.0
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]) / scale

@@ -140,3 +140,19 @@ def test_bnneck():
     assert features.shape == bn_features.shape == (6, 16) and logits.shape == (6, 5)
     assert not neck.bn.bias.requires_grad and neck.classifier.bias is None
     assert neck.classifier.weight.std().item() < 0.002
+
+
+def test_untrusted_pretrained_file_is_refused(tmp_path):
+    import os
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'code-ran'}",)
+
+    torch.save({"conv1.weight": RunsCode()}, tmp_path / "evil.pth")
+    (tmp_path / "random.pth").write_bytes(os.urandom(1000))
+    for name in ("evil.pth", "random.pth"):
+        with pytest.raises(ValueError, match=name) as err:
+            load_pretrained(ResNet(18, width=0.125), tmp_path / name)
+        assert "\n" not in str(err.value) and "weights_only=false" not in str(err.value).lower()
+    assert not (tmp_path / "code-ran").exists()

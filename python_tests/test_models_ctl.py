@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from keypointops._extension import has_ops
 from keypointops.graphs import skeleton
 from keypointops.models import build_model, get_preset
-from keypointops.models.ctl import ABLATIONS, CTL
+from keypointops.models.ctl import CTL, VARIANTS
 from keypointops.nn import WindowGraphConv3D
 from helpers import one_thread  # noqa: F401 (an autouse fixture)
 from helpers import DEVICES, assert_autocast_step_matches_reference, optimisation_step, upright_keypoints
@@ -21,10 +21,10 @@ SMALL = dict(depth=18, width=0.125, frames=3, embed_dim=8)   # C = 64, a 4 x 2 g
 clips = functools.partial(pose_clips, frames=3)   # images, keypoints, pids of 2-clip identities
 
 
-@pytest.mark.parametrize("row", sorted(ABLATIONS))
+@pytest.mark.parametrize("row", sorted(VARIANTS))
 def test_shapes_train_and_eval(row):
     torch.manual_seed(0)
-    model = build_model("ctl", 5, **SMALL, **ABLATIONS[row])
+    model = build_model("ctl", 5, **SMALL, variant=row)
     images, keypoints, pids = clips()
     out = model(images, keypoints)
     assert [f.shape for f in out["features"]] == [(4, 64)] * 3
@@ -127,15 +127,75 @@ def test_alpha_zero_gives_the_s3_features():
 
 
 def test_diversity_loss_is_zero_for_orthonormal_parts():
-    model = CTL(3, **SMALL)
+    model = CTL(3, **SMALL, diversity_weight=1.0)
     pids = torch.tensor([0, 0, 1, 1])
     g = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(4, 64, 5, generator=g))                 # orthonormal columns
-    output = {"features": [torch.randn(4, 64, generator=g)] * 3, "logits": [torch.randn(4, 3, generator=g)] * 3}
+    output = {"features": [torch.randn(4, 64, generator=g)] * 3, "logits": [torch.randn(4, 3, generator=g)] * 3,
+              "fused_parts": torch.randn(4, 64, generator=g)}
     _, parts = model.loss(dict(output, parts=q.transpose(1, 2) * 7.0), pids)   # any part norm
     assert parts["diversity"].abs() < 1e-10
     _, parts = model.loss(dict(output, parts=torch.ones(4, 5, 64)), pids)      # identical parts
     torch.testing.assert_close(parts["diversity"], torch.tensor(20.0))      # P (P - 1) cos^2 = 1
+    # The default weight is the paper's 1 at C = 2048 scaled to the channel count: 64 / 2048 here.
+    model = CTL(3, **SMALL)
+    assert model.diversity_weight == 64 / 2048
+    total, parts = model.loss(dict(output, parts=torch.ones(4, 5, 64)), pids)
+    torch.testing.assert_close(parts["diversity"], torch.tensor(20.0 * 64 / 2048))
+    torch.testing.assert_close(total, sum(parts.values()))
+    assert model.diagnostics()["diversity_unweighted"] == pytest.approx(20.0)
+    assert model.diagnostics() == {}                                           # read once per epoch
+
+
+@pytest.mark.parametrize("part_fusion", ["mean", "sum"])
+def test_attended_feature_fuses_the_parts_with_the_global_feature(part_fusion):
+    """V_f^a = TAP(mean_n V_p[n] + V_g) (or the paper's literal sum); V_f^g = TAP(V_g)."""
+    torch.manual_seed(0)
+    model = CTL(5, **SMALL, part_fusion=part_fusion)
+    images, keypoints, pids = clips()
+    torch.manual_seed(1)
+    out = model(images, keypoints)
+    torch.manual_seed(1)
+    xs, globl = model.scale_features(images, keypoints)
+    vp = model.parts(dict(xs))
+    fused = vp.mean(2) if part_fusion == "mean" else vp.sum(2)
+    torch.testing.assert_close(out["features"][1], (fused + globl).mean(1))
+    torch.testing.assert_close(out["features"][0], globl.mean(1))
+    model.loss(out, pids)
+    stats = model.diagnostics()
+    assert set(stats) == {"norm_global", "norm_fused_parts", "diversity_unweighted"}
+    assert stats["norm_fused_parts"] == pytest.approx(fused.mean(1).norm(dim=1).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["ctl", "basel"])
+def test_eval_embedding_follows_the_keypoints(variant):
+    """V_f^a (the test feature) changes when the keypoints are shuffled over the batch; V_f^g (the
+    ``embedding="global"`` feature of the same weights) does not, and is the first BNNeck's output."""
+    torch.manual_seed(0)
+    model = CTL(5, **SMALL, variant=variant).eval()
+    images, keypoints, _ = clips()
+    shuffled = keypoints.flip(0)
+    with torch.no_grad():
+        attended, again, moved = model(images, keypoints), model(images, keypoints), model(images, shuffled)
+        model.embedding = "global"
+        global_feature = model(images, keypoints)
+        torch.testing.assert_close(model(images, shuffled), global_feature, rtol=0, atol=0)
+        fmap = model.backbone(images.flatten(0, 1))[-1].mean((2, 3)).view(4, 3, -1).mean(1)
+    torch.testing.assert_close(attended, again, rtol=0, atol=0)
+    assert (attended - moved).abs().amax() > 1e-3 * attended.abs().amax()
+    torch.testing.assert_close(global_feature, model.necks[0](fmap)[1])
+
+
+def test_variants_set_the_switches():
+    model = CTL(3, **SMALL, variant="basel")
+    assert len(model.graph["s1"]) == 0 and model.cross_scale == "pool"
+    model = CTL(3, **SMALL, variant="basel+contre", graph_layers=2)   # the full model's value: allowed
+    assert model.graph["s1"][0].window == 1 and model.cross_scale == "pool"
+    assert CTL(3, **SMALL, variant="basel", alpha=0.5).alpha == 0.5    # a switch the variant leaves alone
+    with pytest.raises(ValueError, match="variant 'basel' sets graph_layers = 0; got graph_layers = 1"):
+        CTL(3, **SMALL, variant="basel", graph_layers=1)
+    with pytest.raises(ValueError, match=r"variant must be one of \('basel', "):
+        CTL(3, **SMALL, variant="full")
 
 
 def dense_3d_gcl(layer, x):
@@ -239,6 +299,12 @@ def test_bad_input_names_the_argument():
         CTL(3, **SMALL, temperature=0.0)
     with pytest.raises(ValueError, match="heatmap_sigma must be a finite number > 0"):
         CTL(3, **SMALL, heatmap_sigma=float("nan"))
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        CTL(3, **SMALL, embedding="concat")
+    with pytest.raises(ValueError, match="part_fusion must be one of"):
+        CTL(3, **SMALL, part_fusion="max")
+    with pytest.raises(ValueError, match="diversity_weight must be None or a finite number >= 0"):
+        CTL(3, **SMALL, diversity_weight=-1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -272,13 +272,78 @@ def test_one_optimisation_step_lowers_the_loss(name):
     assert after < before
 
 
+@needs_ops
+@pytest.mark.parametrize("name", ["rgcn", "lgcn"])
+def test_eval_embedding_follows_the_keypoints(name):
+    """Shuffling the keypoints over the batch changes f^p and so the test embedding [f^a; f^p], not
+    f^a; embedding="appearance" / "pose" are the two halves of the same weights' embedding."""
+    torch.manual_seed(0)
+    model = build_model(name, 5, **SMALL).eval()
+    images, keypoints, _ = clips()
+    shuffled = keypoints.flip(0)
+    with torch.no_grad():
+        both, moved = model(images, keypoints), model(images, shuffled)
+        halves = {}
+        for embedding in ("appearance", "pose"):
+            model.embedding = embedding
+            halves[embedding] = model(images, keypoints)
+    torch.testing.assert_close(torch.cat([halves["appearance"], halves["pose"]], 1), both, rtol=0, atol=0)
+    torch.testing.assert_close(moved[:, :64], both[:, :64], rtol=0, atol=0)
+    assert (moved[:, 64:] - both[:, 64:]).abs().amax() > 1e-3 * both[:, 64:].abs().amax()
+
+
+@needs_ops
+def test_appearance_only_model():
+    """pose_branch=False: the same appearance network, no pose network, the classifier on f^a and
+    L_id + L_tri(f^a); its embedding is f^a, whatever the keypoints."""
+    torch.manual_seed(0)
+    full = build_model("rgcn", 5, **SMALL)
+    torch.manual_seed(0)
+    model = build_model("rgcn", 5, **SMALL, pose_branch=False)
+    appearance_keys = {k for k in full.state_dict() if not k.startswith(("pose.", "readout.", "classifier."))}
+    assert set(model.state_dict()) == appearance_keys | {"classifier.weight", "classifier.bias"}
+    assert model.classifier.in_features == 64
+    images, keypoints, pids = clips()
+    out = model(images, keypoints)
+    assert set(out) == {"logits", "appearance"}
+    total, parts = model.loss(out, pids)
+    assert set(parts) == {"id", "triplet_appearance"}
+    torch.testing.assert_close(total, parts["id"] + parts["triplet_appearance"])
+    model.eval()
+    with torch.no_grad():
+        embedding = model(images, keypoints)
+        torch.testing.assert_close(embedding, model(images, keypoints.flip(0)), rtol=0, atol=0)
+        torch.testing.assert_close(embedding, model.features(images, keypoints)[0], rtol=0, atol=0)
+    assert model.diagnostics().keys() == {"norm_appearance"}
+    with pytest.raises(ValueError, match=r"embedding must be one of \('both', 'appearance'\)"):
+        build_model("rgcn", 5, **SMALL, pose_branch=False, embedding="pose")
+
+
+@needs_ops
+def test_diagnostics_log_lambda_and_the_branch_scales():
+    torch.manual_seed(4)
+    model = build_model("lgcn", 5, **SMALL)
+    images, keypoints, pids = clips()
+    logged = []
+    for seed in (1, 2):
+        out = model(*clips(seed=seed)[:2])
+        logged.append((model.loss(out, pids)[1]["lambda"].item(), out["appearance"].norm(dim=1).mean().item(),
+                       out["pose"].norm(dim=1).mean().item()))
+    stats = model.diagnostics()
+    expected = [sum(values) / 2 for values in zip(*logged)]
+    assert list(stats) == ["norm_appearance", "norm_pose", "lambda"]
+    assert [stats["lambda"], stats["norm_appearance"], stats["norm_pose"]] == pytest.approx(expected, rel=1e-5)
+    assert model.diagnostics() == {}
+
+
 def test_presets_and_bad_options():
     for name in ("rgcn", "lgcn"):
         cpu = get_preset(name, "cpu")
         assert tuple(cpu["model"]["input_size"]) == (cpu["train"]["height"], cpu["train"]["width"])
     for options, match in [(dict(recurrence="gru"), "recurrence"), (dict(readout="max"), "readout"),
                            (dict(aggregator="max"), "aggregator"), (dict(triplet_weight=2.0), "triplet_weight"),
-                           (dict(coord_norm="crop"), "coord_norm"), (dict(hidden=0), "hidden")]:
+                           (dict(coord_norm="crop"), "coord_norm"), (dict(hidden=0), "hidden"),
+                           (dict(embedding="concat"), "embedding"), (dict(pose_branch="no"), "pose_branch")]:
         with pytest.raises(ValueError, match=match):
             build_model("rgcn", 5, **SMALL | options)
     with pytest.raises(ValueError, match="recurrence"):

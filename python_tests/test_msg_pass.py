@@ -7,7 +7,7 @@ from keypointops import reference
 from keypointops.graphs import Graph
 from keypointops._opdefs.backend import triton_available
 
-from helpers import check_autocast_policy, device_backend_params, tolerances
+from helpers import check_autocast_policy, device_backend_params, gradient_errors, tolerances
 
 EMPTY_NODES = 3  # nodes 0..2 get no incoming edge
 
@@ -77,6 +77,47 @@ def test_large_values_stay_finite(device, backend, dtype):
     torch.testing.assert_close(out, reference.msg_pass(x, graph, t), rtol=1e-5, atol=1e-3)
     gx, gt = torch.autograd.grad(out.sum(), (x, t))
     assert torch.isfinite(gx).all() and torch.isfinite(gt).all()
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype,t,x", [
+    (torch.float32, 1e10, [1.0, 1.0, 0.0]),   # t * m: 1e10 * (1 + 1e-7) is not exact in float32
+    (torch.float32, 1e5, [123456.7, 123456.7, 0.0]),
+    (torch.float64, 1e30, [1.0, 1.0, 0.0]),
+    (torch.float32, -1e10, [1.0, 1.0, 3.0]),  # a negative t: the smallest messages win
+])
+def test_huge_logits_are_exact(device, backend, dtype, t, x):
+    """Node 2 gets two equal messages and a third one at a huge inverse temperature: the two equal
+    exponents must be exactly 0 (out = their message, gradient 1/2 each), never the rounding error
+    of t * m (which overflows exp and gives NaN)."""
+    x = torch.tensor(x, dtype=dtype, device=device)[:, None].requires_grad_()
+    edge_index = torch.tensor([[0, 1, 2], [2, 2, 2]], device=device)
+    out = keypointops.msg_pass(x, edge_index, t, backend=backend)
+    torch.testing.assert_close(out, reference.msg_pass(x, edge_index, t), rtol=0, atol=0)
+    assert out[2, 0] == x[0, 0] + torch.tensor(1e-7, dtype=dtype)
+    (grad,) = torch.autograd.grad(out[2, 0], x)
+    assert grad.flatten().tolist() == [0.5, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("t", [0.01, 1.0, 100.0, 1000.0])
+def test_float32_gradients_as_accurate_as_autograd(device, backend, t):
+    """At any temperature the float32 gradients err (against float64) at most twice as much as plain
+    autograd's float32 gradients of the reference: the largest error over several random graphs.
+    A sharp softmax (large t) must not cancel t * m_u - t * out_v in float32."""
+    worst = {"kernel": [0.0, 0.0], "autograd": [0.0, 0.0]}
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        graph = random_graph(50, 300, seed=seed, device=device)
+        x = (3 * torch.randn(50, 16, generator=gen, dtype=torch.float64)).to(device)
+        t_c = torch.full((16,), t, dtype=torch.float64, device=device)
+        grad_out = torch.randn(50, 16, generator=gen, dtype=torch.float64).to(device)
+        for name, function in (("kernel", lambda x, t: keypointops.msg_pass(x, graph, t, backend=backend)),
+                               ("autograd", lambda x, t: reference.msg_pass(x, graph, t))):
+            errors = gradient_errors(function, [x, t_c], grad_out)
+            worst[name] = [max(a, b) for a, b in zip(worst[name], errors)]
+    for which, kernel, autograd in zip(("x", "t"), worst["kernel"], worst["autograd"]):
+        assert kernel <= 2 * autograd, f"grad_{which}: error {kernel:.3g} vs autograd's {autograd:.3g}"
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

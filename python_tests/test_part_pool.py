@@ -7,7 +7,7 @@ import keypointops
 from keypointops import parts, reference
 from keypointops.nn import PartPool
 
-from helpers import check_autocast_policy, device_backend_params, tolerances
+from helpers import check_autocast_policy, device_backend_params, gradient_errors, tolerances
 
 
 
@@ -197,6 +197,48 @@ def test_empty_batch_and_channels(device, backend):
         out.sum().backward()
         assert features.grad.shape == features.shape and heatmaps.grad.shape == heatmaps.shape
         assert (heatmaps.grad == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("parts,joints,batch", [(3, 0, 2), (0, 5, 2), (3, 5, 0), (0, 0, 2)],
+                         ids=["no_joints", "no_parts", "no_images", "neither"])
+def test_zero_sized_groups(device, backend, parts, joints, batch):
+    """groups [P, J] with P or J = 0 (no joints: every part's logits are 0, so the softmax is uniform
+    and out is the feature mean) and an empty batch: the reference's result and gradients."""
+    gen = torch.Generator().manual_seed(8)
+    features = torch.randn(batch, 6, 8, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    heatmaps = torch.randn(batch, joints, 8, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    groups = torch.rand(parts, joints, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    out = keypointops.part_pool(features, heatmaps, groups, backend=backend)
+    expected = reference.part_pool(features, heatmaps, groups)
+    torch.testing.assert_close(out, expected, **tolerances(torch.float64))
+    if joints == 0 and batch:
+        torch.testing.assert_close(out, features.mean((2, 3))[:, None].expand(batch, parts, 6))
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+    got = torch.autograd.grad(out, (features, heatmaps, groups), grad, allow_unused=True)
+    want = torch.autograd.grad(expected, (features, heatmaps, groups), grad, allow_unused=True)
+    for g, w, x in zip(got, want, (features, heatmaps, groups)):
+        torch.testing.assert_close(g, torch.zeros_like(x) if w is None else w, **tolerances(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("scale,temperature", [(1.0, 100.0), (1.0, 1.0), (1.0, 0.01), (50.0, 0.05)],
+                         ids=["flat", "moderate", "sharp", "saturated"])
+def test_float32_gradients_as_accurate_as_autograd(device, backend, scale, temperature):
+    """The float32 gradients err (against float64) at most twice as much as plain autograd's float32
+    gradients of the reference.  At a saturated softmax both are ~0: the two terms of the softmax
+    backward at the dominant pixel must cancel exactly, not leave rounding noise / temperature."""
+    gen = torch.Generator().manual_seed(12)
+    features = torch.randn(2, 8, 8, 6, generator=gen, dtype=torch.float64).to(device)
+    heatmaps = (scale * torch.randn(2, 5, 8, 6, generator=gen, dtype=torch.float64)).to(device)
+    groups = torch.rand(3, 5, generator=gen, dtype=torch.float64).to(device)
+    grad_out = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64).to(device)
+    inputs = [features, heatmaps, groups]
+    kernel = gradient_errors(lambda f, h, g: keypointops.part_pool(f, h, g, temperature=temperature,
+                                                                   backend=backend), inputs, grad_out)
+    autograd = gradient_errors(lambda f, h, g: reference.part_pool(f, h, g, temperature), inputs, grad_out)
+    for name, k, a in zip(("features", "heatmaps", "groups"), kernel, autograd):
+        assert k <= 2 * a, f"grad_{name}: error {k:.3g} vs autograd's {a:.3g}"
 
 
 def _op_samples(device, dtype=torch.float64):

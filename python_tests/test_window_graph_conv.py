@@ -184,10 +184,13 @@ def test_non_contiguous_inputs(device, backend):
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("shape", [(0, 4, 3, 5), (2, 0, 3, 5), (2, 4, 3, 0), (2, 4, 0, 5)])
-def test_empty_inputs(device, backend, shape):
+@pytest.mark.parametrize("adj_dims", [2, 3, 4])
+def test_empty_inputs(device, backend, shape, adj_dims):
+    """Zero-sized dimensions give empty results and zero adjacency gradients of adj's shape (a
+    [B, L, L] adjacency with no frame included)."""
     x = torch.randn(shape, device=device, requires_grad=True)
     size = 3 * shape[2]
-    adj = torch.randn(size, size, device=device, requires_grad=True)
+    adj = torch.randn(shape[:adj_dims - 2] + (size, size), device=device, requires_grad=True)
     out = keypointops.window_graph_conv(x, adj, 3, backend=backend)
     assert out.shape == (shape[0], shape[1], size, shape[3])
     gx, gadj = torch.autograd.grad(out.sum(), (x, adj), allow_unused=True)

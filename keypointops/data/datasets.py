@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from keypointops.data.keypoint_files import cache_tracklet_keypoints
+from keypointops.data.mat_files import read_mat
 
 __all__ = ["Tracklet", "DatasetNotFoundError", "VideoReIDDataset", "MARS", "iLIDSVID", "PRID2011",
            "DukeMTMCVideoReID", "PoseTrackReID", "DATASETS"]
@@ -139,8 +140,8 @@ class MARS(VideoReIDDataset):
         self.root = root
         train_names = self._names(root / "info/train_name.txt")
         test_names = self._names(root / "info/test_name.txt")
-        train_info = self._mat(root / "info/tracks_train_info.mat", "track_train_info")
-        test_info = self._mat(root / "info/tracks_test_info.mat", "track_test_info")
+        train_info = self._mat(root / "info/tracks_train_info.mat", "track_train_info", columns=4)
+        test_info = self._mat(root / "info/tracks_test_info.mat", "track_test_info", columns=4)
         query_idx = self._mat(root / "info/query_IDX.mat", "query_IDX").reshape(-1).astype(np.int64) - 1
         if query_idx.size and (query_idx.min() < 0 or query_idx.max() >= len(test_info)):
             raise ValueError(f"{root / 'info/query_IDX.mat'}: query indices out of range 1..{len(test_info)}")
@@ -156,37 +157,43 @@ class MARS(VideoReIDDataset):
 
     @staticmethod
     def _names(path: Path) -> list[str]:
-        with open(path) as f:
-            return [line.strip() for line in f if line.strip()]
+        """The frame names of a name file (one ASCII name a line)."""
+        try:
+            with open(path, encoding="ascii") as f:
+                return [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: malformed name file (not ASCII text): {e}") from None
 
     @staticmethod
-    def _mat(path: Path, key: str) -> np.ndarray:
-        from scipy.io import loadmat
-
-        try:
-            data = loadmat(str(path))
-        except (ValueError, OSError, TypeError) as e:
-            raise ValueError(f"{path}: unreadable .mat file: {e}") from None
+    def _mat(path: Path, key: str, columns: int | None = None) -> np.ndarray:
+        """The numeric array ``key`` of a .mat file (of ``columns`` columns when given), integers
+        stored as any numeric type."""
+        data = read_mat(path)
         if key not in data:
             raise ValueError(f"{path}: has no variable {key!r} (found {[k for k in data if not k.startswith('__')]})")
-        return np.asarray(data[key])
+        array = np.asarray(data[key])
+        if array.dtype.kind not in "biuf" or not (np.abs(array) < 2**31).all() or (array != np.round(array)).any():
+            raise ValueError(f"{path}: {key} must hold integers, got {array.dtype} values")
+        if columns is not None and (array.ndim != 2 or array.shape[1] != columns):
+            raise ValueError(f"{path}: {key} must be [N, {columns}], got {array.shape}")
+        return array
 
     def _tracklets(self, info: np.ndarray, names: list[str], split: str, keep_distractors: bool) -> list[Tracklet]:
-        if info.ndim != 2 or info.shape[1] != 4:
-            raise ValueError(f"{self.root / 'info'}: tracks_{split}_info must be [N, 4] "
-                             f"(start, end, pid, camid), got {info.shape}")
+        """The tracklets of ``info`` rows ``(start, end, pid, camid)`` (1-based rows of the split's
+        name file)."""
+        info_file, names_file = self.root / "info" / f"tracks_{split}_info.mat", self.root / "info" / f"{split}_name.txt"
         out = []
         for start, end, pid, camid in info.astype(np.int64).tolist():
             if pid == -1 or (pid == 0 and not keep_distractors):
                 continue
             if not 1 <= start <= end <= len(names):
-                raise ValueError(f"{self.root / 'info'}: tracklet rows {start}..{end} outside "
-                                 f"{split}_name.txt's {len(names)} names")
+                raise ValueError(f"{info_file}: tracklet rows {start}..{end} outside the {len(names)} names of "
+                                 f"{names_file}")
             frame_names = names[start - 1:end]
             prefix = mars_pid_folder(pid)
             for name in frame_names:
                 if name[:4] != prefix or name[5:6] != str(camid):
-                    raise ValueError(f"{self.root / 'info'}: frame {name} does not belong to the "
+                    raise ValueError(f"{info_file}: frame {name!r} of {names_file} does not belong to the "
                                      f"tracklet of pid {pid}, camera {camid}")
             frames = tuple(str(self.root / f"bbox_{split}" / prefix / name) for name in frame_names)
             out.append(Tracklet(frames, pid, camid - 1))

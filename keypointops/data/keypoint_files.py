@@ -12,6 +12,7 @@ that does not parse to 17 triples raises a ``ValueError`` naming the file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -78,7 +79,7 @@ def read_pose(path: str | os.PathLike) -> np.ndarray:
     try:
         values = json.loads(text)
         kp = np.asarray(values, dtype=np.float64)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
         raise ValueError(f"{path}: malformed .pose file, expected one line holding a list of "
                          f"{NUM_JOINTS} [x, y, score] triples: {e}") from None
     if kp.shape != (NUM_JOINTS, 3):
@@ -156,7 +157,7 @@ def read_openpose(path: str | os.PathLike) -> np.ndarray:
             data = json.load(f)
         people = data["people"]
         flat = [np.asarray(p["pose_keypoints_2d"], dtype=np.float64) for p in people]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
         raise ValueError(f"{path}: malformed OpenPose JSON (expected people[].pose_keypoints_2d): "
                          f"{e!r}") from None
     if not flat:
@@ -196,16 +197,17 @@ def read_keypoint_file(path: str | os.PathLike) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Per-tracklet cache
 # --------------------------------------------------------------------------------------------
-def write_cache(path: str | os.PathLike, keypoints: np.ndarray, missing_files: int = 0) -> None:
+def write_cache(path: str | os.PathLike, keypoints: np.ndarray, missing_files: int = 0, source: str = "") -> None:
     """Writes a tracklet's ``[F, 17, 3]`` keypoints to ``path`` (.npz) atomically (temp + rename),
     so that concurrent processes building the same cache never read a partial file.
-    ``missing_files`` (frames that had no keypoint file) is stored beside them."""
+    ``missing_files`` (frames that had no keypoint file) and ``source`` (the fingerprint of the
+    keypoint files the cache was built from, :func:`source_fingerprint`) are stored beside them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, keypoints=sanitize(keypoints), missing_files=np.int64(missing_files))
+            np.savez(f, keypoints=sanitize(keypoints), missing_files=np.int64(missing_files), source=np.str_(source))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -215,17 +217,32 @@ def write_cache(path: str | os.PathLike, keypoints: np.ndarray, missing_files: i
 
 def read_cache(path: str | os.PathLike) -> np.ndarray:
     """Reads a tracklet's ``[F, 17, 3]`` keypoints from a cache written by :func:`write_cache`."""
+    return _read_cache_entries(path)[0]
+
+
+def _read_cache_entries(path: str | os.PathLike) -> tuple[np.ndarray, int, str | None]:
+    """``(keypoints [F, 17, 3], missing_files, source fingerprint or None)`` of a cache file; any
+    damage raises a one-line ``ValueError`` naming the file."""
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise ValueError("not an .npz archive")
         with data:
             kp = data["keypoints"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: unreadable keypoint cache: {e}") from None
-    if kp.ndim != 3 or kp.shape[1:] != (NUM_JOINTS, 3):
-        raise ValueError(f"{path}: keypoint cache must hold [F, {NUM_JOINTS}, 3], got {kp.shape}")
-    return kp.astype(np.float32, copy=False)
+            missing = data["missing_files"] if "missing_files" in data.files else np.int64(0)
+            source = data["source"] if "source" in data.files else None
+    # np.load hands a damaged archive to zipfile, zlib and the .npy header parser, which raise
+    # many types (BadZipFile, zlib.error, EOFError, ...): every one is a damaged cache.
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable keypoint cache: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}") from None
+    if kp.dtype.kind not in "fiu" or kp.ndim != 3 or kp.shape[1:] != (NUM_JOINTS, 3):
+        raise ValueError(f"{path}: keypoint cache must hold numbers [F, {NUM_JOINTS}, 3], got {kp.dtype} {kp.shape}")
+    if missing.dtype.kind not in "iu" or missing.shape != () or not 0 <= int(missing) <= len(kp):
+        raise ValueError(f"{path}: keypoint cache holds a bad missing_files entry ({missing.dtype} {missing.shape})")
+    if source is not None and (source.dtype.kind != "U" or source.shape != ()):
+        raise ValueError(f"{path}: keypoint cache holds a bad source entry ({source.dtype} {source.shape})")
+    return sanitize(kp), int(missing), None if source is None else str(source)
 
 
 def load_keypoints(tracklet) -> np.ndarray:
@@ -272,6 +289,21 @@ def _read_frames(paths: Sequence[Path | None]) -> tuple[np.ndarray, int]:
     return kp, missing
 
 
+def source_fingerprint(paths: Sequence[Path | None]) -> str:
+    """A digest of the name, size and modification time of each frame's keypoint file (in frame
+    order; a frame without a file counts as such): it changes when a file is replaced, added or
+    removed, so a cache built from other files is noticed."""
+    digest = hashlib.sha1()
+    for path in paths:
+        try:
+            stat = os.stat(path) if path is not None else None
+        except OSError:
+            stat = None
+        entry = "-" if stat is None else f"{os.path.basename(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        digest.update(entry.encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
+
+
 def cache_tracklet_keypoints(tracklets: list, frame_file: Callable[[str], Path | None],
                              cache_dir: Path, label: str) -> tuple[list, int, int]:
     """Attaches keypoints to ``tracklets`` through a per-tracklet ``.npz`` cache in ``cache_dir``;
@@ -279,7 +311,9 @@ def cache_tracklet_keypoints(tracklets: list, frame_file: Callable[[str], Path |
 
     ``frame_file(frame_path)`` gives the keypoint file of a frame (None when it has none).  Each
     tracklet's files are parsed once into ``cache_dir/<first frame stem>_<F>.npz``; later calls
-    reuse the cache.  Frames without a file have every joint missing.  When ``cache_dir`` cannot be
+    reuse the cache while the files' :func:`source_fingerprint` is the one stored in it, and
+    rebuild it (one warning per call) when a file was changed, added or removed, or the cache is
+    unreadable.  Frames without a file have every joint missing.  When ``cache_dir`` cannot be
     written the arrays stay in memory.  ``label`` names the progress bar and messages.
     """
     from tqdm import tqdm
@@ -292,21 +326,31 @@ def cache_tracklet_keypoints(tracklets: list, frame_file: Callable[[str], Path |
     if not writable:
         logger.warning("%s: cannot write the keypoint cache %s; keeping keypoints in memory",
                        label, cache_dir)
-    out, missing, total = [], 0, 0
+    out, missing, total, rebuilt = [], 0, 0, 0
     for tracklet in tqdm(tracklets, desc=f"{label} keypoints", unit="tracklet", leave=False,
                          disable=len(tracklets) < 200):
         total += len(tracklet.frames)
         path = cache_dir / f"{Path(tracklet.frames[0]).stem}_{len(tracklet.frames)}.npz"
+        files = [frame_file(frame) for frame in tracklet.frames]
+        source = source_fingerprint(files) if writable else ""
         if writable and path.is_file():
-            with np.load(path) as data:
-                missing += int(data["missing_files"]) if "missing_files" in data else 0
-            out.append(tracklet._replace(keypoints=str(path)))
-            continue
-        kp, tracklet_missing = _read_frames([frame_file(frame) for frame in tracklet.frames])
+            try:
+                _, cached_missing, cached_source = _read_cache_entries(path)
+            except ValueError:
+                cached_source = None
+            if cached_source == source:
+                missing += cached_missing
+                out.append(tracklet._replace(keypoints=str(path)))
+                continue
+            rebuilt += 1
+        kp, tracklet_missing = _read_frames(files)
         missing += tracklet_missing
         if writable:
-            write_cache(path, kp, tracklet_missing)
+            write_cache(path, kp, tracklet_missing, source)
             out.append(tracklet._replace(keypoints=str(path)))
         else:
             out.append(tracklet._replace(keypoints=kp))
+    if rebuilt:
+        logger.warning("%s: rebuilt %d of %d keypoint caches in %s: their keypoint files changed since "
+                       "the cache was written (or the cache was damaged)", label, rebuilt, len(tracklets), cache_dir)
     return out, missing, total

@@ -1,4 +1,5 @@
-"""What the re-ID models share: the check of a batch against the model contract and the per-frame loss."""
+"""What the re-ID models share: the check of a batch against the model contract, the per-frame loss and the
+running means behind a model's ``diagnostics()``."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ from torch import Tensor
 
 from keypointops.losses import cross_entropy_label_smooth
 
-__all__ = ["check_clip", "frame_loss"]
+__all__ = ["check_clip", "frame_loss", "RunningMeans"]
 
 
 def check_clip(images: Tensor, keypoints: Tensor | None, fn: str, need_keypoints: bool = False) -> None:
@@ -33,3 +34,27 @@ def frame_loss(logits: dict[str, Tensor], pids: Tensor, frames: int) -> tuple[Te
     targets = pids.to(next(iter(logits.values())).device).repeat_interleave(frames)
     parts = {f"ce_{name}": cross_entropy_label_smooth(x, targets, 0.1) for name, x in logits.items()}
     return torch.stack(list(parts.values())).mean(), parts
+
+
+class RunningMeans:
+    """Means of named scalar statistics over the training steps since the last :meth:`read`.
+
+    A model adds its statistics in ``loss`` (:meth:`add`, detached tensors: no host sync per step)
+    and returns :meth:`read` from ``diagnostics()``, which the engine calls once per epoch.
+    """
+
+    def __init__(self):
+        self._sums: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, **values: Tensor) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def read(self) -> dict[str, float]:
+        """``{name: mean since the last read}`` (empty when nothing was added), then starts over."""
+        means = {name: float(total) / self._counts[name] for name, total in self._sums.items()}
+        self._sums, self._counts = {}, {}
+        return means

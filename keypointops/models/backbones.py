@@ -174,7 +174,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> ResNet:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_pretrained: no such weights file {os.fspath(path)!r} "
                                 "(weights are read from a local file, never downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from keypointops.checkpoints import load_weights_file
+
+    state = load_weights_file(path, "load_pretrained: weights file")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -20,33 +20,53 @@ frames, ``C`` backbone channels:
   The physical graphs: the COCO skeleton (s1), :data:`CTL10_SKELETON` and :data:`CTL5_SKELETON`.
 * **CS-GCL** (Eqs. 5-7): :class:`CrossScaleGraphConv` s1 -> s3 and s2 -> s3 (a dense
   softmax attention over the source nodes, plain PyTorch), ``V_p = X_s3 + alpha (X_s13 + X_s23)``.
-* **Fusion**: ``V_f^g = TAP(V_g)``, ``V_f^a = TAP(sum_n V_p[n] + V_g)``,
-  ``V_f^c = TAP(concat_n g_c(V_p[n])[:C] + V_g)``; one BNNeck classifier per vector.
+* **Fusion**: ``V_f^g = TAP(V_g)``, ``V_f^a = TAP(mean_n V_p[n] + V_g)`` (the paper sums the
+  parts, see the deviations), ``V_f^c = TAP(concat_n g_c(V_p[n])[:C] + V_g)``; one BNNeck
+  classifier per vector.
 * **Loss** (Eq. 9): label-smoothed CE on the three logits + batch-hard triplet on the three
-  pre-BN vectors + the diversity loss of the time-averaged ``V_p`` (:mod:`keypointops.losses`).
-  At test time: the BNNeck output of ``V_f^a``.
+  pre-BN vectors + ``lambda_3`` x the diversity loss of the time-averaged ``V_p``
+  (:mod:`keypointops.losses`).  At test time: the BNNeck output of ``V_f^a`` (``embedding="global"``:
+  that of ``V_f^g``, the keypoint-free feature of the same model, for comparison).
 
-Switches for the paper's ablations (:data:`ABLATIONS` lists the rows of Tables 3-5):
-``graph_layers`` (0 = "Basel"), ``window`` (``tau``; 1 with ``context="sample"`` = the frame-level
-"+ContRe"), ``learned_adjacency`` and ``context`` (Table 4's adjacency terms), ``cross_scale``
-(``"graph"`` = CS-GCL, ``"pool"`` = the addition fusion of Basel / +ContRe / +3D),
-``cross_scale_sources`` and ``cross_scale_stages`` (Table 5).
+The rows of the paper's ablation Tables 3-5 are :data:`VARIANTS` (``variant="basel"``, ...), built
+from these switches: ``graph_layers`` (0 = "Basel"), ``window`` (``tau``; 1 with
+``context="sample"`` = the frame-level "+ContRe"), ``learned_adjacency`` and ``context`` (Table 4's
+adjacency terms), ``cross_scale`` (``"graph"`` = CS-GCL, ``"pool"`` = the addition fusion of Basel /
++ContRe / +3D), ``cross_scale_sources`` and ``cross_scale_stages`` (Table 5).
 
-Deviations from the paper (docs/models/ctl.md): the heatmaps are rendered from keypoints, not predicted by HRNet (the
-weights cannot be fetched; for a frozen pose net this is the same information);
-degree normalisation as :class:`~keypointops.nn.WindowGraphConv3D` documents (a node of degree
-``<= 0`` is zeroed rather than clamped to 1e-3).
+Deviations from the paper (docs/models/ctl.md):
+
+* The heatmaps are rendered from keypoints, not predicted by HRNet (the weights cannot be fetched;
+  for a frozen pose net this is the same information).
+* Degree normalisation as :class:`~keypointops.nn.WindowGraphConv3D` documents (a node of degree
+  ``<= 0`` is zeroed rather than clamped to 1e-3).
+* ``V_f^a`` adds the *mean* of the five part features to ``V_g`` (``part_fusion="mean"``), where
+  the paper writes their sum (``part_fusion="sum"``).  The paper gives no relative scale of the
+  two terms.  Each part (a softmax-weighted sum of the map, or a 3D-GCL output after BN + ReLU) is
+  about as large as ``V_g`` (at the ``cpu`` preset's initialisation: part norms 12-17 each, 62
+  summed, ``V_g`` 9), so the sum makes ``V_f^a`` five parts to one global feature and the parts
+  swamp it; with the mean, every channel of ``V_f^a`` holds one part's worth beside ``V_g``, as
+  every channel of ``V_f^c`` does (one reduced part per block of channels).
+* The diversity loss weight ``lambda_3`` is ``C / 2048`` (``diversity_weight=None``): the paper's
+  ``lambda_3 = 1`` at its ``C = 2048`` channels scaled to the channel count used (1/16 at the
+  ``cpu`` preset's ``C = 128``).  The part features are non-negative (ReLU outputs), so their Gram
+  is the identity only when the five parts use disjoint channels (C / 5 each), a partition that
+  costs the identity features more the fewer channels there are; at ``C = 128`` and weight 1 the
+  loss starts as large as the summed cross-entropy (15.5 vs 13.1 at initialisation).
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from keypointops._checks import check_choice
 from keypointops.graphs import Skeleton
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth, diversity_loss
+from keypointops.models._common import RunningMeans
 from keypointops.models.backbones import ResNet, load_pretrained
 from keypointops.models.heads import BNNeck
 from keypointops.models.pose_maps import render_heatmaps
@@ -54,7 +74,7 @@ from keypointops.nn import WindowGraphConv3D
 from keypointops.ops.part_pool import part_pool
 from keypointops.parts import CTL_PARTS_5, CTL_PARTS_10, part_groups
 
-__all__ = ["CTL", "CrossScaleGraphConv", "CTL10_SKELETON", "CTL5_SKELETON", "ABLATIONS"]
+__all__ = ["CTL", "CrossScaleGraphConv", "CTL10_SKELETON", "CTL5_SKELETON", "VARIANTS"]
 
 # The physical graphs of the part scales (docs/models/ctl.md): s2 links the torso to the head and to the
 # upper limb bones, and each upper bone to its lower one; s3 is a star on the trunk.
@@ -64,8 +84,9 @@ CTL5_SKELETON = Skeleton("ctl5", tuple(CTL_PARTS_5), ((0, 1), (0, 2), (0, 3), (0
 _SCALES = {"s1": "coco17", "s2": CTL10_SKELETON, "s3": CTL5_SKELETON}
 _HEATMAP_STRIDE = 4   # HRNet's output grid: 1/4 of the input
 
-# build_model("ctl", n, **ABLATIONS[row]) for the rows of Tables 3-5 (docs/models/ctl.md).
-ABLATIONS: dict[str, dict] = {
+# build_model("ctl", n, variant=row) for the rows of Tables 3-5 (docs/models/ctl.md): the switches
+# each row sets (the others keep the full model's values).
+VARIANTS: dict[str, dict] = {
     "basel": dict(graph_layers=0, cross_scale="pool"),
     "basel+contre": dict(window=1, context="sample", cross_scale="pool"),
     "basel+contre+3d": dict(cross_scale="pool"),
@@ -76,6 +97,8 @@ ABLATIONS: dict[str, dict] = {
     "cs-gcl-s3": dict(cross_scale_sources=()),
     "cs-gcl-s3s1": dict(cross_scale_sources=("s1",)),
 }
+_EMBEDDINGS = ("attended", "global")
+_PART_FUSIONS = ("mean", "sum")
 
 class _FCBN(nn.Module):
     """CTL's ``FC + BN + ReLU`` on the last dimension (BN statistics over all leading dimensions).
@@ -152,7 +175,8 @@ class CTL(nn.Module):
     ``forward`` returns, in training mode, a dict with ``features`` (the three pre-BN vectors
     ``V_f^g, V_f^a, V_f^c``, each ``[B, C]``), ``logits`` (three ``[B, num_classes]``) and ``parts``
     (``V_p`` averaged over time, ``[B, 5, C]``); in eval mode the BNNeck output of ``V_f^a``
-    ``[B, C]``.  :meth:`loss` turns the training output into Eq. 9's loss.
+    (or of ``V_f^g``, see ``embedding``) ``[B, C]``.  :meth:`loss` turns the training output into
+    Eq. 9's loss; :meth:`diagnostics` gives the scale of the fused terms and the diversity loss.
 
     Args:
         num_classes: training identities.
@@ -160,6 +184,9 @@ class CTL(nn.Module):
         pretrained: path of a local torchvision ImageNet ResNet state dict, or None.
         frames: ``T``; the context block's temporal conv has ``T`` input channels, so every clip
             (train and test) has ``T`` frames.
+        variant: a row of the paper's ablation tables (:data:`VARIANTS`: ``"ctl"`` is the full
+            model, ``"basel"``, ``"basel+contre"``, ``"basel+contre+3d"`` Table 3, ...); it sets
+            some of the switches below, which may then not be given other values.
         temperature: of the heatmap softmax (``theta``; 1.0 is the literal reading).
         heatmap_sigma: of the rendered heatmaps, in heatmap (1/4 input) pixels.
         graph_layers: 3D-GCLs per scale (``L``; 0 = no graph layers, Table 3's "Basel").
@@ -174,18 +201,43 @@ class CTL(nn.Module):
         cross_scale_stages: ``M``, 1 or 2 (2: another fusion of s3 after the first 3D-GCL).
         alpha: the cross-scale weight of Eq. 7.
         embed_dim: ``d`` of the CS-GCL embeddings.
+        part_fusion: how ``V_f^a`` combines the five parts before adding ``V_g``: ``"mean"`` or
+            ``"sum"`` (the paper's literal form; see the module doc).
+        embedding: the eval-mode output: ``"attended"`` (``V_f^a``, the paper's test feature) or
+            ``"global"`` (``V_f^g``: the global feature alone, which ignores the keypoints).
+        diversity_weight: ``lambda_3``; None: ``C / 2048`` (see the module doc).
         margin, label_smoothing: of the triplet and cross-entropy losses.
         ops_backend: backend of the fused ops (``part_pool``, ``window_graph_conv``).
     """
 
     def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
-                 pretrained: str | None = None, frames: int = 6, temperature: float = 0.1,
+                 pretrained: str | None = None, frames: int = 6, variant: str = "ctl", temperature: float = 0.1,
                  heatmap_sigma: float = 2.0, graph_layers: int = 2, window: int = 3,
                  learned_adjacency: bool = True, context: str | None = "window",
                  cross_scale: str = "graph", cross_scale_sources: tuple[str, ...] = ("s1", "s2"),
                  cross_scale_stages: int = 1, alpha: float = 0.3, embed_dim: int = 256,
+                 part_fusion: str = "mean", embedding: str = "attended", diversity_weight: float | None = None,
                  margin: float = 0.3, label_smoothing: float = 0.1, ops_backend: str = "auto"):
         super().__init__()
+        check_choice("CTL", "variant", variant, VARIANTS)
+        check_choice("CTL", "part_fusion", part_fusion, _PART_FUSIONS)
+        check_choice("CTL", "embedding", embedding, _EMBEDDINGS)
+        given = dict(graph_layers=graph_layers, window=window, learned_adjacency=learned_adjacency,
+                     context=context, cross_scale=cross_scale, cross_scale_sources=tuple(cross_scale_sources),
+                     cross_scale_stages=cross_scale_stages)
+        defaults = inspect.signature(CTL.__init__).parameters                 # the full model's switches
+        for name, value in VARIANTS[variant].items():
+            if given[name] != defaults[name].default:
+                raise ValueError(f"CTL: variant {variant!r} sets {name} = {value!r}; got {name} = {given[name]!r}")
+            given[name] = value
+        graph_layers, window, learned_adjacency, context = (given[k] for k in (
+            "graph_layers", "window", "learned_adjacency", "context"))
+        cross_scale, cross_scale_sources, cross_scale_stages = (given[k] for k in (
+            "cross_scale", "cross_scale_sources", "cross_scale_stages"))
+        if diversity_weight is not None and (isinstance(diversity_weight, bool)
+                                             or not isinstance(diversity_weight, (int, float))
+                                             or not math.isfinite(diversity_weight) or diversity_weight < 0):
+            raise ValueError(f"CTL: diversity_weight must be None or a finite number >= 0, got {diversity_weight!r}")
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
             raise ValueError(f"CTL: frames must be a positive int, got {frames!r}")
         if isinstance(graph_layers, bool) or not isinstance(graph_layers, int) or graph_layers < 0:
@@ -206,7 +258,7 @@ class CTL(nn.Module):
         self.frames, self.temperature, self.heatmap_sigma = frames, float(temperature), float(heatmap_sigma)
         self.cross_scale, self.sources, self.stages = cross_scale, sources, cross_scale_stages
         self.alpha, self.margin, self.label_smoothing = alpha, margin, label_smoothing
-        self.ops_backend = ops_backend
+        self.part_fusion, self.embedding, self.ops_backend = part_fusion, embedding, ops_backend
 
         self.backbone = ResNet(depth, last_stride=1, width=width)
         if pretrained is not None:
@@ -226,6 +278,8 @@ class CTL(nn.Module):
             for _ in range(cross_scale_stages if cross_scale == "graph" else 0))
         self.reduce = nn.Linear(channels, -(-channels // 5))                # g_c: C -> ceil(C / 5)
         self.necks = nn.ModuleList(BNNeck(channels, num_classes) for _ in range(3))
+        self.diversity_weight = channels / 2048 if diversity_weight is None else float(diversity_weight)
+        self._stats = RunningMeans()
 
     def heatmaps(self, keypoints: Tensor, image_size: tuple[int, int],
                  feature_size: tuple[int, int]) -> Tensor:
@@ -285,21 +339,35 @@ class CTL(nn.Module):
 
     def forward(self, images: Tensor, keypoints: Tensor) -> dict | Tensor:
         xs, globl = self.scale_features(images, keypoints)
+        if not self.training and self.embedding == "global":
+            return self.necks[0](globl.mean(1))[1]                            # V_f^g
         vp = self.parts(xs)
-        attended = (vp.sum(2) + globl).mean(1)                                # V_f^a
+        fused_parts = vp.mean(2) if self.part_fusion == "mean" else vp.sum(2)
+        attended = (fused_parts + globl).mean(1)                              # V_f^a
         if not self.training:
             return self.necks[1](attended)[1]
         channels = globl.size(-1)
         reduced = self.reduce(vp).flatten(-2)[..., :channels]                 # concat_n g_c(V_p[n])
         vectors = (globl.mean(1), attended, (reduced + globl).mean(1))        # V_f^g, V_f^a, V_f^c
         heads = [neck(v) for neck, v in zip(self.necks, vectors)]
-        return {"features": [h[0] for h in heads], "logits": [h[2] for h in heads], "parts": vp.mean(1)}
+        return {"features": [h[0] for h in heads], "logits": [h[2] for h in heads], "parts": vp.mean(1),
+                "fused_parts": fused_parts.mean(1)}
 
     def loss(self, output: dict, pids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Eq. 9 with ``lambda = 1``: CE (label smoothing) and batch-hard triplet summed over the three
-        vectors, plus the diversity loss of ``V_p``.  Returns ``(total, {"cross_entropy", "triplet",
-        "diversity"})``."""
+        """Eq. 9 with ``lambda_1 = lambda_2 = 1``: CE (label smoothing) and batch-hard triplet summed over
+        the three vectors, plus ``diversity_weight`` x the diversity loss of ``V_p``.  Returns
+        ``(total, {"cross_entropy", "triplet", "diversity"})`` (``diversity``: the weighted term)."""
         ce = sum(cross_entropy_label_smooth(logits, pids, self.label_smoothing) for logits in output["logits"])
         triplet = sum(batch_hard_triplet(f, pids, self.margin) for f in output["features"])
         diversity = diversity_loss(output["parts"])
-        return ce + triplet + diversity, {"cross_entropy": ce, "triplet": triplet, "diversity": diversity}
+        self._stats.add(norm_global=output["features"][0].norm(dim=1).mean(),
+                        norm_fused_parts=output["fused_parts"].norm(dim=1).mean(), diversity_unweighted=diversity)
+        weighted = self.diversity_weight * diversity
+        return ce + triplet + weighted, {"cross_entropy": ce, "triplet": triplet, "diversity": weighted}
+
+    def diagnostics(self) -> dict[str, float]:
+        """Means over the training steps since the last call: ``norm_global`` (``|V_f^g|``),
+        ``norm_fused_parts`` (``|TAP(mean or sum of the parts)|``, the term added to ``V_g`` in
+        ``V_f^a``) and ``diversity_unweighted`` (Eq. 8 before ``diversity_weight``: 0 for
+        orthogonal parts, 20 for identical ones)."""
+        return self._stats.read()

@@ -50,6 +50,13 @@ class TrainSettings:
     grad_clip: float | None = None
     eval_every: int = 0
 
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}: there is nothing to train")
+        # clip_grad_norm_ with a negative norm flips every gradient's sign (the loss would climb).
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (the maximum gradient norm) or None, got {self.grad_clip}")
+
     def replace(self, **overrides) -> TrainSettings:
         """A copy with ``overrides``; an unknown name raises ValueError listing the known ones."""
         unknown = sorted(set(overrides) - set(self.to_dict()))

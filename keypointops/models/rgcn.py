@@ -27,7 +27,11 @@ Two branches with no shared parameters, one clip ``[B, T, 3, H, W]`` + its keypo
 Training: ``logits = Linear([f^a; f^p])`` (the only coupling of the branches); the loss (Eqs. 17-19)
 is ``L_id + λ L_tri(f^a) + (1 - λ) L_tri(f^p)`` with ``λ = L_tri^a / (L_tri^a + L_tri^p)`` recomputed
 every step and detached (no gradient through λ), or a fixed λ (``triplet_weight``, the
-Table VII ablation).  Inference: the clip embedding is ``[f^a; f^p]``, concatenated raw.
+Table VII ablation).  Inference: the clip embedding is ``[f^a; f^p]``, concatenated raw
+(``embedding="appearance"`` / ``"pose"``: one branch alone, to see what each contributes).
+``pose_branch=False`` is the appearance-only row of Table III (the same appearance network, the ID
+classifier on ``f^a``, ``L_id + L_tri(f^a)``).  :meth:`RGCN.diagnostics` logs λ and the scale of the
+two branches once per epoch.
 
 Fused ops (docs/models/rgcn.md), each called with ``backend=ops_backend``:
 
@@ -53,15 +57,15 @@ Deviations from the paper (docs/models/rgcn.md), with the reason:
   a sum over anchors is not offered.  The ID loss is
   :func:`keypointops.losses.cross_entropy_label_smooth` with ``label_smooth=0`` by default (plain
   cross-entropy, as in the paper).
-* Test clips: the engine's ``test_sampling="all"`` cuts a tracklet into consecutive clips of ``T``
-  frames (the loader's padding of the last clip, not the paper's cyclic repeat) and averages the clip
-  embeddings; the mean of ``[f^a; f^p]`` is the paper's per-branch mean, concatenated.
+* Test clips: at the ``paper`` preset ``test_sampling="all"`` cuts a tracklet into consecutive clips
+  of ``T`` frames (the loader's padding of the last clip, not the paper's cyclic repeat) and averages
+  the clip embeddings (the mean of ``[f^a; f^p]`` is the paper's per-branch mean, concatenated); the
+  ``cpu`` preset samples ``T`` evenly spaced frames, as every other model's ``cpu`` preset does.
 * ``depth``/``width`` of the backbone and ``hidden`` (n) give the small CPU variant
   (the ``cpu`` preset of :mod:`keypointops.models.presets`, with a shorter clip and smaller images); it is not in the paper.
 
-Not implemented: the pose-branch baselines of Tables IV/V (GCN&RNN, GCN&LSTM, ST-GCN, EvolveGCN),
-the BiCnet-TKS appearance model, and the appearance-only rows (``resnet50`` of
-:mod:`keypointops.models.baselines` is the nearest, with its own loss).
+Not implemented: the pose-branch baselines of Tables IV/V (GCN&RNN, GCN&LSTM, ST-GCN, EvolveGCN)
+and the BiCnet-TKS appearance model.
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ from torch import Tensor, nn
 from keypointops._checks import check_choice
 from keypointops.graphs import normalize_adjacency, skeleton
 from keypointops.losses import batch_hard_triplet, cross_entropy_label_smooth
+from keypointops.models._common import RunningMeans
 from keypointops.models.backbones import ResNet, load_pretrained
 from keypointops.models.pose_maps import openpose18_from_coco17
 from keypointops.ops.part_pool import part_pool
@@ -85,6 +90,7 @@ _POSE14_JOINTS = skeleton("pose14").num_joints   # OpenPose COCO-18 joints 0..13
 _RECURRENCES = {"tanh": 1, "lstm": 4}     # recurrence -> number of gates (weight blocks)
 _READOUTS = ("dam", "nam", "tam", "mean")
 _AGGREGATORS = ("avg", "attention", "lstm")
+_EMBEDDINGS = ("both", "appearance", "pose")
 
 
 def pose14_from_coco17(keypoints: Tensor, *, size: tuple[int, int] | None = None,
@@ -313,8 +319,9 @@ class RGCN(nn.Module):
     """AP+RGCN (or AA / RA + RGCN): the appearance branch and the RGCN pose branch with DAM.
 
     ``forward(images [B, T, 3, H, W], keypoints [B, T, 17, 3])``: in training mode a dict
-    ``{"logits" [B, num_classes], "appearance" f^a [B, Da], "pose" f^p [B, Dp]}`` for
-    :meth:`loss`; in eval mode the clip embedding ``[f^a; f^p]`` ``[B, Da + Dp]`` (2560 at full size).
+    ``{"logits" [B, num_classes], "appearance" f^a [B, Da], "pose" f^p [B, Dp]}`` (no ``"pose"``
+    without the pose branch) for :meth:`loss`; in eval mode the clip embedding ``[f^a; f^p]``
+    ``[B, Da + Dp]`` (2560 at full size), or one branch (``embedding``).
 
     Args:
         num_classes: training identities (the classifier on ``[f^a; f^p]``: Linear with bias,
@@ -335,6 +342,10 @@ class RGCN(nn.Module):
         margin: the triplet margin δ (0.3).
         triplet_weight: ``"adaptive"`` (λ = L_a / (L_a + L_p), detached) or a fixed λ in [0, 1].
         label_smooth: label smoothing of the ID loss (0: the paper's plain cross-entropy).
+        pose_branch: False: the appearance-only model (no pose network; the classifier on ``f^a``,
+            the loss ``L_id + L_tri(f^a)``), Table III's baseline rows.
+        embedding: the eval-mode output: ``"both"`` (``[f^a; f^p]``, the paper's), ``"appearance"``
+            (``f^a``) or ``"pose"`` (``f^p``); without the pose branch ``"both"`` is ``f^a``.
         ops_backend: backend of every fused op (``"reference"``: the plain-PyTorch model).
     """
 
@@ -344,11 +355,14 @@ class RGCN(nn.Module):
                  lstm_hidden: int = 2048, input_size: tuple[int, int] = (256, 128),
                  pretrained: str | None = None, coord_norm: str = "image", conf_thresh: float = 0.0,
                  margin: float = 0.3, triplet_weight: str | float = "adaptive",
-                 label_smooth: float = 0.0, ops_backend: str = "auto"):
+                 label_smooth: float = 0.0, pose_branch: bool = True, embedding: str = "both",
+                 ops_backend: str = "auto"):
         super().__init__()
         owner = type(self).__name__
         _check_positive_int(owner, "num_classes", num_classes)
         check_choice(owner, "coord_norm", coord_norm, ("image", "none"))
+        check_choice(owner, "pose_branch", pose_branch, (True, False))
+        check_choice(owner, "embedding", embedding, _EMBEDDINGS if pose_branch else ("both", "appearance"))
         if triplet_weight != "adaptive" and (isinstance(triplet_weight, bool)
                                              or not isinstance(triplet_weight, (int, float))
                                              or not 0.0 <= triplet_weight <= 1.0):
@@ -356,19 +370,24 @@ class RGCN(nn.Module):
                              f"got {triplet_weight!r}")
         self.coord_norm, self.conf_thresh = coord_norm, float(conf_thresh)
         self.margin, self.triplet_weight, self.label_smooth = margin, triplet_weight, label_smooth
+        self.pose_branch, self.embedding = bool(pose_branch), embedding
+        self._stats = RunningMeans()
         self.backbone = ResNet(depth, last_stride=last_stride, width=width)
         if pretrained is not None:
             load_pretrained(self.backbone, pretrained)
         self.aggregator = TemporalAggregator(
             self.backbone.channels[-1], aggregator=aggregator, lstm_hidden=lstm_hidden,
             map_size=_final_map_size(input_size, self.backbone.strides[-1]), ops_backend=ops_backend)
-        self.pose = RecurrentGraphConv(hidden, recurrence=recurrence, gc_layers=gc_layers,
-                                       inner_act=inner_act, ops_backend=ops_backend)
-        self.readout = DualAttention(hidden, readout=readout, ops_backend=ops_backend)
-        self.classifier = nn.Linear(self.aggregator.out_features + self.readout.out_features, num_classes)
+        features = self.aggregator.out_features
+        if self.pose_branch:
+            self.pose = RecurrentGraphConv(hidden, recurrence=recurrence, gc_layers=gc_layers,
+                                           inner_act=inner_act, ops_backend=ops_backend)
+            self.readout = DualAttention(hidden, readout=readout, ops_backend=ops_backend)
+            features += self.readout.out_features
+        self.classifier = nn.Linear(features, num_classes)
 
-    def features(self, images: Tensor, keypoints: Tensor) -> tuple[Tensor, Tensor]:
-        """``(f^a [B, Da], f^p [B, Dp])`` of a batch of clips."""
+    def features(self, images: Tensor, keypoints: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(f^a [B, Da], f^p [B, Dp])`` of a batch of clips (``f^p`` None without the pose branch)."""
         if not isinstance(images, Tensor) or images.dim() != 5 or images.size(2) != 3:
             raise ValueError(f"{type(self).__name__}: images must be [B, T, 3, H, W], got "
                              f"{list(getattr(images, 'shape', []))}")
@@ -379,14 +398,20 @@ class RGCN(nn.Module):
         batch, frames = images.shape[:2]
         maps = self.backbone(images.flatten(0, 1))[-1]
         appearance = self.aggregator(maps.unflatten(0, (batch, frames)))
+        if not self.pose_branch:
+            return appearance, None
         size = tuple(images.shape[-2:]) if self.coord_norm == "image" else None
         coords = pose14_from_coco17(keypoints, size=size, conf_thresh=self.conf_thresh).to(appearance.dtype)
         return appearance, self.readout(self.pose(coords))
 
     def forward(self, images: Tensor, keypoints: Tensor):
         appearance, pose = self.features(images, keypoints)
+        if pose is None:
+            return appearance if not self.training else {"logits": self.classifier(appearance),
+                                                         "appearance": appearance}
         if not self.training:
-            return torch.cat([appearance, pose], 1)
+            return {"both": lambda: torch.cat([appearance, pose], 1), "appearance": lambda: appearance,
+                    "pose": lambda: pose}[self.embedding]()
         return {"logits": self.classifier(torch.cat([appearance, pose], 1)),
                 "appearance": appearance, "pose": pose}
 
@@ -394,17 +419,29 @@ class RGCN(nn.Module):
         """``L_id + λ L_tri(f^a) + (1 - λ) L_tri(f^p)`` (Eqs. 17-19) and its parts.
 
         λ is ``L_tri^a / (L_tri^a + L_tri^p + 1e-12)`` of the detached losses (``"adaptive"``) or
-        the fixed ``triplet_weight``; it is a weight, never differentiated.
+        the fixed ``triplet_weight``; it is a weight, never differentiated.  Without the pose branch:
+        ``L_id + L_tri(f^a)``, parts ``{"id", "triplet_appearance"}``.
         """
         identity = cross_entropy_label_smooth(output["logits"], pids, epsilon=self.label_smooth)
         appearance = batch_hard_triplet(output["appearance"], pids, margin=self.margin)
+        self._stats.add(norm_appearance=output["appearance"].norm(dim=1).mean())
+        if not self.pose_branch:
+            return identity + appearance, {"id": identity, "triplet_appearance": appearance}
         pose = batch_hard_triplet(output["pose"], pids, margin=self.margin)
         if self.triplet_weight == "adaptive":
             lam = appearance.detach() / (appearance.detach() + pose.detach() + 1e-12)
         else:
             lam = appearance.new_tensor(float(self.triplet_weight))
+        self._stats.add(norm_pose=output["pose"].norm(dim=1).mean(), **{"lambda": lam})
         total = identity + lam * appearance + (1.0 - lam) * pose
         return total, {"id": identity, "triplet_appearance": appearance, "triplet_pose": pose, "lambda": lam}
+
+    def diagnostics(self) -> dict[str, float]:
+        """Means over the training steps since the last call: ``lambda`` (the adaptive weight of the
+        appearance triplet; the paper's intent: the larger triplet loss gets the larger weight),
+        ``norm_appearance`` and ``norm_pose`` (``|f^a|``, ``|f^p|``: the two branches' scale in the
+        raw concatenation)."""
+        return self._stats.read()
 
 
 class LGCN(RGCN):

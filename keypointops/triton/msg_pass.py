@@ -3,15 +3,20 @@
 Forward: one program per (block of BLOCK_N destination nodes v, block of BLOCK_C channels) steps
 through the nodes' CSR segments ``col[rowptr[v]:rowptr[v+1]]`` together, BLOCK_E neighbours per node
 per step, up to the block's largest in-degree: it gathers a [BLOCK_N, BLOCK_E, BLOCK_C] tile of x,
-forms m = relu(x) + eps and s = t * m, and folds the tile into an online softmax per (node, channel)
-(running max M, sum Z = sum exp(s - M), numerator A = sum exp(s - M) * m, rescaled when M grows);
-out = A / Z.  M and Z are saved for backward in the accumulation dtype (float32; float64 for
-float64 x).
+forms m = relu(x) + eps, and folds the tile into an online softmax per (node, channel) over the
+shift message M, the m of the largest logit t * m so far (sum Z = sum exp(t (m - M)), numerator
+A = sum exp(t (m - M)) * (m - M), re-centred and rescaled when M changes); out = M + A / Z (equal
+messages give out = M exactly, a sharp softmax M + a small term, so that backward's m_u - out_v is
+accurate).  The exponent is t times an
+exact-sign difference, never t * m - t * M: that form carries the rounding error ulp(t * m) into
+the exponent, and fused into one multiply-add its exponent is the product's rounding error, which
+overflows exp and gives NaN.  M and Z are saved for backward (as row_max and row_sum) in the
+accumulation dtype (float32; float64 for float64 x).
 Backward: one program per (block of BLOCK_N source nodes u, channel block) steps the same way
-through the transposed CSR (the targets v of the edges leaving u) with w = exp(s_u - M_v),
-q_v = grad_out_v / Z_v, r_v = q_v * out_v:
-grad_m_u = sum_v w (q_v (1 + s_u) - t r_v),  grad_t += m_u sum_v w (q_v m_u - r_v),
-grad_x_u = grad_m_u * (x_u > 0).  Each row of grad_x has one writer; each program writes its grad_t
+through the transposed CSR (the targets v of the edges leaving u) with
+w = exp(t (m_u - M_v)) grad_out_v / Z_v and the centred message d = m_u - out_v (no cancellation of
+two large terms at a sharp softmax):
+grad_m_u = sum_v (w + w t d),  grad_t += m_u sum_v w d,  grad_x_u = grad_m_u * (x_u > 0).  Each row of grad_x has one writer; each program writes its grad_t
 partial to its own row of [num_programs, C], summed afterwards row by row in a fixed order: no
 atomics, bitwise deterministic.  Edge indices outside [0, N) are skipped and rowptr entries are
 clamped to [0, E], never read through (index contents are only validated on the CPU).
@@ -74,7 +79,7 @@ def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, t_ptr, out_ptr, row_max_ptr, row
     acc_dtype = t_ptr.dtype.element_ty
     nodes, node_mask, e_begin, degree, c, c_mask, t, eps = _tile_setup(
         t_ptr, rowptr_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
-    row_max = tl.full([BLOCK_N, BLOCK_C], float("-inf"), acc_dtype)
+    row_max = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)   # the shift message M; Z = 0: none yet
     row_sum = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
     weighted = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
     valid_edges = tl.zeros([BLOCK_N], tl.int32)
@@ -83,16 +88,23 @@ def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, t_ptr, out_ptr, row_max_ptr, row
         valid_edges += tl.sum((src >= 0).to(tl.int32), axis=1)
         x = tl.load(x_ptr + src[:, :, None] * channels + c[None, None, :], mask=tile_mask, other=0.0)
         m = tl.maximum(x.to(acc_dtype), 0.0) + eps[None, None, :]
-        s = tl.where(tile_mask, t[None, None, :] * m, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid edge yet: keep exp finite
-        scale = tl.exp(row_max - shift)
-        w = tl.exp(s - shift[:, None, :])
+        # The tile's candidate shift: its largest m for t >= 0, its smallest for t < 0 (the current
+        # shift where the tile holds no edge of the node).
+        largest = tl.max(tl.where(tile_mask, m, float("-inf")), axis=1)
+        smallest = tl.min(tl.where(tile_mask, m, float("inf")), axis=1)
+        any_edge = tl.max(tile_mask.to(tl.int32), axis=1) > 0
+        candidate = tl.where(any_edge, tl.where(t[None, :] >= 0, largest, smallest), row_max)
+        better = any_edge & ((row_sum == 0) | (t[None, :] * (candidate - row_max) > 0))
+        shift = tl.where(better, candidate, row_max)
+        # Both exponents are <= 0 wherever they are used; the clamp keeps the others finite.
+        scale = tl.where(row_sum > 0, tl.exp(tl.minimum(t[None, :] * (row_max - shift), 0.0)), 1.0)
+        w = tl.where(tile_mask, tl.exp(tl.minimum(t[None, None, :] * (m - shift[:, None, :]), 0.0)), 0.0)
+        weighted = ((weighted + (row_max - shift) * row_sum) * scale  # re-centred on the new shift
+                    + tl.sum(w * (m - shift[:, None, :]), axis=1))
         row_sum = row_sum * scale + tl.sum(w, axis=1)
-        weighted = weighted * scale + tl.sum(w * m, axis=1)
-        row_max = new_max
+        row_max = shift
     has_edges = (valid_edges > 0)[:, None] & c_mask[None, :]  # else out 0, M 0, Z 1 (as the CPU kernel)
-    out = tl.where(has_edges, weighted / tl.where(has_edges, row_sum, 1.0), 0.0)
+    out = tl.where(has_edges, row_max + weighted / tl.where(has_edges, row_sum, 1.0), 0.0)
     offsets = nodes[:, None] * channels + c[None, :]
     mask = node_mask[:, None] & c_mask[None, :]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -112,23 +124,21 @@ def _backward_kernel(grad_out_ptr, x_ptr, out_ptr, row_max_ptr, row_sum_ptr, row
     offsets = nodes[:, None] * channels + c[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
     m = tl.maximum(x, 0.0) + eps[None, :]
-    s = t[None, :] * m
     grad_m = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
     grad_t = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
     for k0 in range(0, tl.max(degree, axis=0), BLOCK_E):
         dst, tile_mask = _gather_step(col_t_ptr, e_begin, degree, k0, num_nodes, c_mask, BLOCK_E)
         gathered = dst[:, :, None] * channels + c[None, None, :]
-        # Masked entries: M = +inf gives w = 0, and q = r = 0.
-        row_max_v = tl.load(row_max_ptr + gathered, mask=tile_mask, other=float("inf"))
+        row_max_v = tl.load(row_max_ptr + gathered, mask=tile_mask, other=0.0)
         row_sum_v = tl.load(row_sum_ptr + gathered, mask=tile_mask, other=1.0)
         grad_v = tl.load(grad_out_ptr + gathered, mask=tile_mask, other=0.0).to(acc_dtype)
         out_v = tl.load(out_ptr + gathered, mask=tile_mask, other=0.0).to(acc_dtype)
-        w = tl.exp(s[:, None, :] - row_max_v)
-        q = grad_v / row_sum_v
-        r = q * out_v
-        grad_m += tl.sum(w * (q * (1.0 + s[:, None, :]) - t[None, None, :] * r), axis=1)
+        exponent = tl.where(tile_mask, t[None, None, :] * (m[:, None, :] - row_max_v), float("-inf"))
+        w = tl.exp(exponent) * grad_v / row_sum_v                    # masked entries: 0
+        d = m[:, None, :] - out_v
+        grad_m += tl.sum(w + w * t[None, None, :] * d, axis=1)
         if COMPUTE_GRAD_T:
-            grad_t += tl.sum(w * (q * m[:, None, :] - r), axis=1)
+            grad_t += tl.sum(w * d, axis=1)
     grad_x = tl.where(x > 0, grad_m, 0.0)
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if COMPUTE_GRAD_T:

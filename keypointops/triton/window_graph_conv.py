@@ -184,7 +184,9 @@ def window_graph_conv_triton_backward(grad_out: Tensor, x: Tensor, adj: Tensor, 
                                  *_adj_strides(adj), BLOCK_N=block_n, BLOCK_I=block_i,
                                  BLOCK_C=block_c, ACC_DTYPE=acc_dtype)
     grad_adj = adj.new_empty(0)
-    if compute_grad_adj:
+    if compute_grad_adj and B * T == 0:  # no window: zeros (also B of them for a [B, L, L] adj and T = 0)
+        grad_adj = torch.zeros_like(adj, memory_format=torch.contiguous_format)
+    elif compute_grad_adj:
         windows = B * T
         if adj.dim() == 4:
             per_unit = 1
@@ -192,7 +194,7 @@ def window_graph_conv_triton_backward(grad_out: Tensor, x: Tensor, adj: Tensor, 
             per_unit = T
         else:
             per_unit = max(1, triton.cdiv(windows, SHARED_ADJ_CHUNKS))
-        units = triton.cdiv(windows, per_unit) if windows else 0
+        units = triton.cdiv(windows, per_unit)
         # Accumulated in the accumulation dtype, cast at the end (one rounding for half inputs).
         acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
         targets = torch.zeros((units, L, L), dtype=acc_torch, device=x.device)

@@ -1,12 +1,21 @@
 // msg_pass CPU kernel.
 //
 // Forward, per destination v and channel, over the sources u = col[rowptr[v]:rowptr[v+1]] with
-// m_u = relu(x_u) + eps and s_u = t * m_u: a max pass M = max_u s_u, then one pass summing
-// Z = sum_u exp(s_u - M) and A = sum_u exp(s_u - M) * m_u (independent exps, so they pipeline);
-// out = A / Z.  The source rows stay in L1 between the two passes.  M and Z are saved for backward.
-// Backward first packs per-target factors (M_v, q_v = grad_out_v / Z_v, r_v = q_v * out_v), then per
-// source u over its outgoing edges u -> v (the transposed CSR), with w = exp(s_u - M_v):
-//   grad_m_u = sum_v w * (q_v * (1 + s_u) - t * r_v),   grad_t += m_u * sum_v w * (q_v * m_u - r_v),
+// m_u = relu(x_u) + eps: a first pass finds the shift message M_v, the m_u of the largest logit
+// t * m_u (the largest m_u for t >= 0, the smallest for t < 0), then one pass sums, with the
+// exponent t * (m_u - M_v) <= 0 (independent exps, so they pipeline),
+//   Z = sum_u exp(t * (m_u - M_v)),   A = sum_u exp(t * (m_u - M_v)) * (m_u - M_v),   out = M_v + A / Z
+// (centred on M_v: equal messages give out = M_v exactly, and a sharp softmax out = M_v + a small
+// term, so that backward's m_u - out_v is accurate).
+// The exponent is the product of t and an exact-sign difference, not t * m_u - t * M_v: that form
+// loses all accuracy for large t * m (its rounding error is ulp(t * m)), and a compiler that fuses
+// it into one multiply-add turns the exponent into the product's rounding error (NaN from
+// inf / inf).  The source rows stay in L1 between the two passes.  M and Z are saved for backward
+// (as row_max and row_sum).
+// Backward first packs per-target factors (M_v, q_v = grad_out_v / Z_v, out_v), then per source u
+// over its outgoing edges u -> v (the transposed CSR), with w = exp(t * (m_u - M_v)) q_v and the
+// centred message d = m_u - out_v (no cancellation of two large terms at a sharp softmax):
+//   grad_m_u = sum_v (w + w * t * d),   grad_t += m_u * sum_v w * d,
 // grad_x_u = grad_m_u * (x_u > 0).  Every row of grad_x has one writer; grad_t is summed per chunk
 // and the chunk partials in chunk order, so backward is bitwise deterministic.
 // Work is split into chunks of about kChunkWork (edges + nodes) that do not depend on the thread
@@ -82,6 +91,7 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
   const Vec zero(0), eps_v(eps), neg_inf(-std::numeric_limits<scalar_t>::infinity());
+  const Vec pos_inf(std::numeric_limits<scalar_t>::infinity());
   for (int64_t v = v_begin; v < v_end; ++v) {
     const int64_t e_begin = rowptr[v], e_end = rowptr[v + 1];
     if (v + kPrefetchNodes < v_end) {
@@ -99,19 +109,22 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
     for (int64_t c = 0; c < C; c += VL) {
       const int64_t n = std::min(VL, C - c);
       const Vec t_c = Vec::loadu(t + c, n);
-      Vec M = neg_inf;
+      Vec largest = neg_inf, smallest = pos_inf;
       for (int64_t e = e_begin; e < e_end; ++e) {
         const Vec m = at::vec::maximum(Vec::loadu(x + col[e] * C + c, n), zero) + eps_v;
-        M = at::vec::maximum(M, t_c * m);
+        largest = at::vec::maximum(largest, m);
+        smallest = at::vec::minimum(smallest, m);
       }
+      const Vec M = Vec::blendv(smallest, largest, t_c >= zero);
       Vec Z = zero, A = zero;  // the exps are independent of each other: they pipeline
       for (int64_t e = e_begin; e < e_end; ++e) {
         const Vec m = at::vec::maximum(Vec::loadu(x + col[e] * C + c, n), zero) + eps_v;
-        const Vec w = (t_c * m - M).exp_u20();
+        const Vec d = m - M;
+        const Vec w = (t_c * d).exp();
         Z = Z + w;
-        A = at::vec::fmadd(w, m, A);
+        A = at::vec::fmadd(w, d, A);
       }
-      (A / Z).store(out_v + c, n);
+      (M + A / Z).store(out_v + c, n);
       M.store(max_v + c, n);
       Z.store(sum_v + c, n);
     }
@@ -119,8 +132,8 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
 }
 
 // Packs the per-target factors of every edge weight for the targets v_begin..v_end into
-// factors[v] = (M_v, q_v = grad_out_v / Z_v, r_v = q_v * out_v), [N, 3, C]: the edge loop below
-// then reads one contiguous block per edge and divides nothing.
+// factors[v] = (M_v, q_v = grad_out_v / Z_v, out_v), [N, 3, C]: the edge loop below then reads one
+// contiguous block per edge and divides nothing.
 template <typename scalar_t>
 void pack_target_factors(const scalar_t* grad_out, const scalar_t* out, const scalar_t* row_max,
                          const scalar_t* row_sum, int64_t C, int64_t v_begin, int64_t v_end,
@@ -134,20 +147,20 @@ void pack_target_factors(const scalar_t* grad_out, const scalar_t* out, const sc
       const Vec q = Vec::loadu(grad_out + i, n) / Vec::loadu(row_sum + i, n);
       Vec::loadu(row_max + i, n).store(f + c, n);
       q.store(f + C + c, n);
-      (q * Vec::loadu(out + i, n)).store(f + 2 * C + c, n);
+      Vec::loadu(out + i, n).store(f + 2 * C + c, n);
     }
   }
 }
 
-// grad_m_u = sum_{u->v} exp(t m_u - M_v) * (q_v * (1 + t m_u) - t r_v)
-// grad_t  += m_u * sum_{u->v} exp(t m_u - M_v) * (q_v m_u - r_v)
+// With w = exp(t (m_u - M_v)) q_v and d = m_u - out_v:
+// grad_m_u = sum_{u->v} (w + w t d),   grad_t += m_u * sum_{u->v} w d
 template <typename scalar_t, bool kGradT>
 void backward_nodes(const scalar_t* x, const scalar_t* factors, const int64_t* rowptr_t,
                     const int64_t* col_t, const scalar_t* t, scalar_t eps, int64_t C,
                     int64_t u_begin, int64_t u_end, scalar_t* grad_x, scalar_t* grad_t_partial) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
-  const Vec zero(0), one(1), eps_v(eps);
+  const Vec zero(0), eps_v(eps);
   for (int64_t u = u_begin; u < u_end; ++u) {
     if (u + kPrefetchNodes < u_end) {
       prefetch_rows(factors, col_t, rowptr_t[u + kPrefetchNodes], rowptr_t[u + kPrefetchNodes + 1],
@@ -158,15 +171,13 @@ void backward_nodes(const scalar_t* x, const scalar_t* factors, const int64_t* r
       const Vec t_c = Vec::loadu(t + c, n);
       const Vec x_u = Vec::loadu(x + u * C + c, n);
       const Vec m = at::vec::maximum(x_u, zero) + eps_v;
-      const Vec s = t_c * m;
-      const Vec one_plus_s = one + s;
       Vec GM = zero, GT = zero;
       for (int64_t e = rowptr_t[u]; e < rowptr_t[u + 1]; ++e) {
         const scalar_t* f = factors + col_t[e] * 3 * C + c;
-        const Vec w = (s - Vec::loadu(f, n)).exp_u20();
-        const Vec q_v = Vec::loadu(f + C, n), r_v = Vec::loadu(f + 2 * C, n);
-        GM = at::vec::fmadd(w, at::vec::fmsub(q_v, one_plus_s, t_c * r_v), GM);
-        if constexpr (kGradT) GT = at::vec::fmadd(w, at::vec::fmsub(q_v, m, r_v), GT);
+        const Vec w = (t_c * (m - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
+        const Vec d = m - Vec::loadu(f + 2 * C, n);
+        GM = at::vec::fmadd(w * t_c, d, GM + w);
+        if constexpr (kGradT) GT = at::vec::fmadd(w, d, GT);
       }
       Vec::blendv(zero, GM, x_u > zero).store(grad_x + u * C + c, n);
       if constexpr (kGradT) {

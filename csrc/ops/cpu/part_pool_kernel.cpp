@@ -8,9 +8,14 @@
 // x part vectors with no horizontal sums; the last P % VL parts as dot products.)
 // F[b] is the [C, S] matrix of the image read in place, NCHW (rows contiguous along S) or
 // channels_last (contiguous along C): the features are never copied or transposed.
-// Backward recomputes p from the saved lse, then per image
+// Backward recomputes p as forward does (max, exp, sum, divide; bitwise the forward's p) rather than
+// as exp(r - lse): the float32 lse is rounded to ulp(lse), an error that exp(r - lse) carries into
+// every probability of the row (relative 1e-5 at logits of a few hundred, a sharp softmax); then per image
 //   grad_features[b] = dout[b]^T @ p                      a GEMM written into grad_features' layout
-//   grad_r = p * (dout[b] @ F[b] - rowsum(dout[b] * out[b])) / temperature     a GEMM + epilogue
+//   grad_p = dout[b] @ F[b],  grad_r = p * (grad_p - rowsum(p * grad_p)) / temperature   a GEMM + epilogue
+// (the softmax backward of autograd: at a saturated softmax the two terms at the dominant pixel are
+// the same rounded number and cancel exactly; rowsum(dout * out), equal in exact arithmetic, is a
+// differently rounded dot product and leaves noise of ulp(|dout| |F|) / temperature there)
 //   grad_heatmaps[b] = groups^T @ grad_r,   grad_groups += grad_r @ heatmaps[b]^T
 // (grad_groups from per-image partials summed in image order: bitwise deterministic).
 // The GEMMs are register-blocked at::vec loops, one thread per image: BLAS called from inside
@@ -242,10 +247,10 @@ void gemm_transposed(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t
 }
 
 // The logits of one image, r [P, S] = (groups @ hm) / temperature, from hm [J, S] and groups [P, J]
-// (nullptr: the identity).
+// (identity: groups is the identity and not read; J = 0 with groups gives zero logits).
 template <typename scalar_t>
-void image_logits(const scalar_t* hm, const scalar_t* groups, int64_t P, int64_t J, int64_t S,
-                  scalar_t temperature, scalar_t* r) {
+void image_logits(const scalar_t* hm, bool identity, const scalar_t* groups, int64_t P, int64_t J,
+                  int64_t S, scalar_t temperature, scalar_t* r) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
   const Vec t_v(temperature);
@@ -253,7 +258,7 @@ void image_logits(const scalar_t* hm, const scalar_t* groups, int64_t P, int64_t
     for (int64_t s = 0; s < S; s += VL) {
       const int64_t n = std::min(VL, S - s);
       Vec logit(0);
-      if (groups == nullptr) {
+      if (identity) {
         logit = Vec::loadu(hm + q * S + s, n);
       } else {
         for (int64_t j = 0; j < J; ++j) {
@@ -266,8 +271,6 @@ void image_logits(const scalar_t* hm, const scalar_t* groups, int64_t P, int64_t
 }
 
 // Softmax of every row of r [P, S], in place: p = exp(r - max) / sum, and lse[q] = max + log(sum).
-// (Forward normalises by the sum itself rather than through the rounded lse, so that out is as
-// accurate as the softmax; backward's exp(r - lse) differs from it by one factor per row.)
 template <typename scalar_t>
 void row_softmax(scalar_t* r, int64_t P, int64_t S, scalar_t* lse) {
   using Vec = at::vec::Vectorized<scalar_t>;
@@ -284,25 +287,14 @@ void row_softmax(scalar_t* r, int64_t P, int64_t S, scalar_t* lse) {
   }
 }
 
-// The probabilities p = exp(r - lse), in place over r [P, S].
+// grad_r = p * (grad_p - rowsum(p * grad_p)) / temperature, in place over grad_p [P, S], for one image.
 template <typename scalar_t>
-void row_probabilities(scalar_t* r, int64_t P, int64_t S, const scalar_t* lse) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  for (int64_t q = 0; q < P; ++q) {
-    const Vec lse_v(lse[q]);
-    at::vec::map<scalar_t>([&](Vec x) { return (x - lse_v).exp(); }, r + q * S, r + q * S, S);
-  }
-}
-
-// grad_r = p * (grad_p - rowsum(dout * out)) / temperature, in place over grad_p [P, S], for one image.
-template <typename scalar_t>
-void logits_gradient(const scalar_t* p, const scalar_t* dout, const scalar_t* out, int64_t P,
-                     int64_t C, int64_t S, scalar_t temperature, scalar_t* grad_p) {
+void logits_gradient(const scalar_t* p, int64_t P, int64_t S, scalar_t temperature, scalar_t* grad_p) {
   using Vec = at::vec::Vectorized<scalar_t>;
   for (int64_t q = 0; q < P; ++q) {
     const scalar_t delta = at::vec::map2_reduce_all<scalar_t>(
-        [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, dout + q * C,
-        out + q * C, C);
+        [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, p + q * S,
+        grad_p + q * S, S);
     const Vec delta_v(delta), t_v(temperature);
     at::vec::map2<scalar_t>([&](Vec pv, Vec g) { return pv * (g - delta_v) / t_v; }, grad_p + q * S,
                             p + q * S, grad_p + q * S, S);
@@ -312,12 +304,12 @@ void logits_gradient(const scalar_t* p, const scalar_t* dout, const scalar_t* ou
 // grad_heatmaps[b] = groups^T @ grad_r ([J, S]; identity groups: grad_r) and, with grad_groups
 // non-null, grad_groups [P, J] = grad_r @ hm^T, for one image.
 template <typename scalar_t>
-void heatmap_gradients(const scalar_t* grad_r, const scalar_t* hm, const scalar_t* groups, int64_t P,
-                       int64_t J, int64_t S, scalar_t* grad_hm, scalar_t* grad_groups) {
+void heatmap_gradients(const scalar_t* grad_r, const scalar_t* hm, bool identity, const scalar_t* groups,
+                       int64_t P, int64_t J, int64_t S, scalar_t* grad_hm, scalar_t* grad_groups) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
   if (grad_hm != nullptr) {
-    if (groups == nullptr) {
+    if (identity) {
       std::copy(grad_r, grad_r + P * S, grad_hm);
     } else {
       for (int64_t j = 0; j < J; ++j) {
@@ -365,7 +357,8 @@ std::tuple<at::Tensor, at::Tensor> part_pool_cpu(const at::Tensor& features_in,
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "part_pool_cpu", [&] {
     const scalar_t* fp = features.data_ptr<scalar_t>();
     const scalar_t* hp = heatmaps.data_ptr<scalar_t>();
-    const scalar_t* gp = groups.defined() ? groups.data_ptr<scalar_t>() : nullptr;
+    const bool identity = !groups.defined();
+    const scalar_t* gp = identity ? nullptr : groups.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* lp = lse.data_ptr<scalar_t>();
     const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
@@ -374,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor> part_pool_cpu(const at::Tensor& features_in,
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> probs(P * S), probs_t(f_s == 1 ? S * p_vectors : 0);
       for (int64_t b = begin; b < end; ++b) {
-        image_logits<scalar_t>(hp + b * J * S, gp, P, J, S, static_cast<scalar_t>(temperature),
-                               probs.data());
+        image_logits<scalar_t>(hp + b * J * S, identity, gp, P, J, S,
+                               static_cast<scalar_t>(temperature), probs.data());
         row_softmax<scalar_t>(probs.data(), P, S, lp + b * P);
         const scalar_t* f = fp + b * f_batch;
         if (f_s == 1) {  // NCHW: out[q, c] = p[q, :] . F[c, :]
@@ -411,8 +404,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
   const auto heatmaps = heatmaps_in.contiguous();
   const auto groups = groups_in.has_value() ? groups_in->contiguous() : at::Tensor();
   const auto grad_out = grad_out_in.contiguous();
-  const auto out = out_in.contiguous();
-  const auto lse = lse_in.contiguous();
   const auto options = features.options();
   const bool need_logits = need_heatmaps || need_groups;
   at::Tensor grad_features = at::empty({0}, options), grad_heatmaps = at::empty({0}, options);
@@ -430,10 +421,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "part_pool_backward_cpu", [&] {
     const scalar_t* fp = features.data_ptr<scalar_t>();
     const scalar_t* hp = heatmaps.data_ptr<scalar_t>();
-    const scalar_t* gp = groups.defined() ? groups.data_ptr<scalar_t>() : nullptr;
+    const bool identity = !groups.defined();
+    const scalar_t* gp = identity ? nullptr : groups.data_ptr<scalar_t>();
     const scalar_t* dp = grad_out.data_ptr<scalar_t>();
-    const scalar_t* op = out.data_ptr<scalar_t>();
-    const scalar_t* lp = lse.data_ptr<scalar_t>();
     const auto t = static_cast<scalar_t>(temperature);
     const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
     scalar_t* gfp = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
@@ -441,12 +431,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
     const int64_t gf_c = need_features ? grad_features.stride(1) : 0;
     const int64_t gf_s = need_features ? grad_features.stride(3) : 0;
     scalar_t* ghp = need_heatmaps ? grad_heatmaps.data_ptr<scalar_t>() : nullptr;
-    scalar_t* ggp = grad_groups_partial.defined() ? grad_groups_partial.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ggp = need_groups ? grad_groups_partial.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> probs(P * S), grad_logits(need_logits ? P * S : 0);
+      std::vector<scalar_t> probs(P * S), grad_logits(need_logits ? P * S : 0), row_lse(P);
       for (int64_t b = begin; b < end; ++b) {
-        image_logits<scalar_t>(hp + b * J * S, gp, P, J, S, t, probs.data());
-        row_probabilities<scalar_t>(probs.data(), P, S, lp + b * P);
+        image_logits<scalar_t>(hp + b * J * S, identity, gp, P, J, S, t, probs.data());
+        row_softmax<scalar_t>(probs.data(), P, S, row_lse.data());
         const scalar_t* dout = dp + b * P * C;
         const scalar_t* f = fp + b * f_batch;
         if (need_features) {
@@ -463,12 +453,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
         } else {         // channels_last: grad_p[q, s] = dout[q, :] . F[s, :]
           gemm_dot<scalar_t>(P, S, C, dout, C, f, f_s, grad_logits.data(), S);
         }
-        logits_gradient<scalar_t>(probs.data(), dout, op + b * P * C, P, C, S, t, grad_logits.data());
-        heatmap_gradients<scalar_t>(grad_logits.data(), hp + b * J * S, gp, P, J, S,
-                                    ghp ? ghp + b * J * S : nullptr, ggp ? ggp + b * P * J : nullptr);
+        logits_gradient<scalar_t>(probs.data(), P, S, t, grad_logits.data());
+        heatmap_gradients<scalar_t>(grad_logits.data(), hp + b * J * S, identity, gp, P, J, S,
+                                    ghp ? ghp + b * J * S : nullptr, need_groups ? ggp + b * P * J : nullptr);
       }
     });
-    if (ggp != nullptr) {  // the per-image partials summed in image order
+    if (need_groups) {  // the per-image partials summed in image order ([P, J] zeros for B = 0)
       grad_groups = at::zeros({P, J}, options);
       scalar_t* dst = grad_groups.data_ptr<scalar_t>();
       for (int64_t b = 0; b < B; ++b) {

@@ -6,9 +6,15 @@
 // access of 16 lanes with 16-byte loads.
 // Forward: one group per destination node v walks col[rowptr[v]:rowptr[v+1]], issuing the gathers
 // of kForwardUnroll edges before using any (memory-level parallelism), and folds them into an
-// online softmax per channel with one exp per element, m = relu(x_u) + eps, s = t m:
-//   d = s - M, w = exp(-|d|);  d > 0 (new max): Z = Z w + 1, A = A w + m, M = s;  else Z += w, A += w m.
-// out = A / Z; M (row_max) and Z (row_sum) are saved for backward in the accumulation dtype (float32
+// online softmax per channel with one exp per element, m = relu(x_u) + eps, over the shift message
+// M (the m of the largest logit t m so far), A centred on M (A = sum w (m - M)):
+//   d = t (m - M), w = exp(-|d|);  d > 0 (new largest): A = (A + (M - m) Z) w, Z = Z w + 1, M = m;
+//   else Z += w, A += w (m - M)   (the first message: Z = 1, A = 0, M = m).
+// The exponent is t times an exact-sign difference, never t m - t M: that form has the rounding
+// error ulp(t m) in the exponent, and contracted into one fused multiply-add (as nvcc does) its
+// exponent is the product's rounding error, which overflows exp to inf and out to inf / inf = NaN.
+// out = M + A / Z (equal messages give out = M exactly, a sharp softmax M + a small term, so that
+// backward's m_u - out_v is accurate); M (row_max) and Z (row_sum) are saved for backward in the accumulation dtype (float32
 // for half, bfloat16 and float32 x; float64 for float64).
 // Bytes the forward must move (each destination gathers its sources' rows once):
 //   E*C*sizeof(x) gathered + E*8 (col) + (N+1)*8 (rowptr) read, N*C*(sizeof(x) + 2*sizeof(acc)) written.
@@ -16,8 +22,9 @@
 // this traffic over the device's memory bandwidth (the gathers are the random-access part).
 // Backward: one group per kNodesPerGroup consecutive source nodes u walks their outgoing edges
 // u -> v (transposed CSR), gathering row_max, row_sum, grad_out and out of v:
-//   w = exp(s_u - M_v), q = grad_out_v / Z_v, r = q out_v,
-//   grad_m_u = sum_v w (q (1 + s_u) - t r),  grad_t += m_u sum_v w (q m_u - r),  grad_x_u = grad_m_u [x_u > 0].
+//   w = exp(t (m_u - M_v)) grad_out_v / Z_v,  d = m_u - out_v (centred: no cancellation of two large
+//   terms at a sharp softmax),
+//   grad_m_u = sum_v (w + w t d),  grad_t += m_u sum_v w d,  grad_x_u = grad_m_u [x_u > 0].
 // Every grad_x row has one writer; each group writes its grad_t partial to its own row of
 // [num_groups, C] and a second kernel sums the rows in a fixed order: no atomics, deterministic.
 // Memory: forward out, row_max, row_sum ([N, C] each); backward grad_x [N, C] and the grad_t partials
@@ -95,18 +102,19 @@ __device__ __forceinline__ int64_t checked_node(const int64_t* col, int64_t e, i
   return node >= 0 && node < num_nodes ? node : -1;
 }
 
-// One step of the online softmax of (M, Z, A) with the logit s of message m.
+// One step of the online softmax of (M, Z, A) with message m at inverse temperature t; Z = 0
+// before the first message.
 template <typename acc_t>
-__device__ __forceinline__ void online_softmax_step(acc_t s, acc_t m, acc_t& M, acc_t& Z, acc_t& A) {
-  const acc_t d = s - M;  // +inf for the first message (M = -inf)
+__device__ __forceinline__ void online_softmax_step(acc_t t, acc_t m, acc_t& M, acc_t& Z, acc_t& A) {
+  const acc_t d = Z > acc_t(0) ? t * (m - M) : std::numeric_limits<acc_t>::infinity();
   const acc_t w = exp_acc(-fabs(d));
   if (d > acc_t(0)) {
+    A = (A + (M - m) * Z) * w;
     Z = Z * w + acc_t(1);
-    A = A * w + m;
-    M = s;
+    M = m;
   } else {
     Z += w;
-    A += w * m;
+    A += w * (m - M);
   }
 }
 
@@ -128,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       t_c[j] = t[c + j];
-      M[j] = -std::numeric_limits<acc_t>::infinity();
+      M[j] = acc_t(0);
       Z[j] = acc_t(0);
       A[j] = acc_t(0);
     }
@@ -148,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const acc_t m = message(static_cast<acc_t>(rows[k].v[j]), eps);
-          online_softmax_step(t_c[j] * m, m, M[j], Z[j], A[j]);
+          online_softmax_step(t_c[j], m, M[j], Z[j], A[j]);
         }
       }
     }
@@ -156,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     Pack<acc_t, VEC> max_pack, sum_pack;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {  // no incoming edge: out 0, and M = 0, Z = 1 as the CPU kernel
-      out_pack.v[j] = static_cast<scalar_t>(any_edge ? A[j] / Z[j] : acc_t(0));
+      out_pack.v[j] = static_cast<scalar_t>(any_edge ? M[j] + A[j] / Z[j] : acc_t(0));
       max_pack.v[j] = any_edge ? M[j] : acc_t(0);
       sum_pack.v[j] = any_edge ? Z[j] : acc_t(1);
     }
@@ -191,11 +199,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
     }
     for (int64_t u = u_begin; u < u_end; ++u) {
       const Pack<scalar_t, VEC> x_u = load_pack<VEC>(x + u * channels + c);
-      acc_t m[VEC], s[VEC], grad_m[VEC], grad_t_u[VEC];
+      acc_t m[VEC], grad_m[VEC], grad_t_u[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         m[j] = message(static_cast<acc_t>(x_u.v[j]), eps);
-        s[j] = t_c[j] * m[j];
         grad_m[j] = acc_t(0);
         grad_t_u[j] = acc_t(0);
       }
@@ -222,11 +229,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
           if (v[k] < 0) continue;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            const acc_t w = exp_acc(s[j] - max_v[k].v[j]);
-            const acc_t q = static_cast<acc_t>(grad_v[k].v[j]) / sum_v[k].v[j];
-            const acc_t r = q * static_cast<acc_t>(out_v[k].v[j]);
-            grad_m[j] += w * (q * (acc_t(1) + s[j]) - t_c[j] * r);
-            if constexpr (kGradT) grad_t_u[j] += w * (q * m[j] - r);
+            const acc_t w = exp_acc(t_c[j] * (m[j] - max_v[k].v[j])) *
+                            static_cast<acc_t>(grad_v[k].v[j]) / sum_v[k].v[j];
+            const acc_t d = m[j] - static_cast<acc_t>(out_v[k].v[j]);
+            grad_m[j] += w + w * t_c[j] * d;
+            if constexpr (kGradT) grad_t_u[j] += w * d;
           }
         }
       }

@@ -4,13 +4,19 @@
 // over the S = H*W pixels, their max and sum (block reductions), the softmax p [B, P, S] and
 // lse [B, P]; (2) out = p @ F^T, one block per (image, 64 channels, 4..32 parts) walking the pixels in
 // tiles of 32 through shared memory: every feature element is read from global memory once (P <= 32).
-// Backward: (1) recomputes p = exp(r - lse); (3) grad_features = p^T @ dout in tiles of 64 channels x
-// 32 pixels, written once in the features' layout (NCHW or channels_last, coalesced either way);
-// (4) delta = rowsum(dout * out); (5) grad_r = p * (dout @ F - delta) / temperature in tiles of 32
-// parts x 32 pixels over all channels (the features read once more); grad_heatmaps = groups^T @ grad_r
-// and grad_groups = sum_b grad_r @ heatmaps^T are small GEMMs (ATen).  Every output element is
-// summed by one thread in a fixed order: deterministic.
-// Memory: p and grad_r [B, P, S], lse and delta [B, P], in the accumulation type (float for
+// Backward: (1) recomputes p as forward does (max, exp, sum, divide), not as exp(r - lse): the
+// float32 lse is rounded to ulp(lse), an error that exp(r - lse) carries into every probability of
+// the row (relative 1e-5 at logits of a few hundred, a sharp softmax); (3) grad_features =
+// p^T @ dout in tiles of 64 channels x 32 pixels, written once in the features' layout (NCHW or
+// channels_last, coalesced either way); (4) grad_p = dout @ F in tiles of 32 parts x 32 pixels over
+// all channels (the features read once more); (5) per row delta = rowsum(p * grad_p) and
+// grad_r = p * (grad_p - delta) / temperature (the softmax backward of autograd: at a saturated
+// softmax the two terms at the dominant pixel are the same rounded number and cancel exactly, where
+// rowsum(dout * out), equal in exact arithmetic, is a differently rounded dot product and would
+// leave noise of ulp(|dout| |F|) / temperature); grad_heatmaps = groups^T @ grad_r and
+// grad_groups = sum_b grad_r @ heatmaps^T are small GEMMs (ATen).  Every output element is summed
+// by one thread in a fixed order: deterministic.
+// Memory: p and grad_r [B, P, S] and lse [B, P], in the accumulation type (float for
 // half / bfloat16 / float, double for double); nothing of size [B, P, C, H, W].
 // Occupancy: at most 128 registers per thread (float64 weighted sums of 8 parts per thread; 48-89
 // for the other instances), so at least 2 blocks of 256 threads per SM.
@@ -92,12 +98,14 @@ __device__ __forceinline__ void load_rows_tile(acc_t (*tile)[kCols], const T* sr
   }
 }
 
-// One block per row (image b, part q) of probs [B * P, S]: the logits, then with compute_lse the
-// softmax and lse[row] = max + log(sum); otherwise p = exp(r - lse[row]) with the given lse.
+// One block per row (image b, part q) of probs [B * P, S]: the logits (identity: groups is the
+// identity and not read; J = 0 with groups gives zero logits), then the softmax and
+// lse[row] = max + log(sum).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) probabilities_kernel(
-    const scalar_t* __restrict__ heatmaps, const scalar_t* __restrict__ groups, int64_t P, int64_t J,
-    int64_t S, acc_t temperature, bool compute_lse, acc_t* __restrict__ lse,
+    const scalar_t* __restrict__ heatmaps, bool identity, const scalar_t* __restrict__ groups,
+    int64_t P, int64_t J,
+    int64_t S, acc_t temperature, acc_t* __restrict__ lse,
     acc_t* __restrict__ probs) {
   __shared__ acc_t scratch[kThreads / 32];
   const int64_t row = blockIdx.x;
@@ -107,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) probabilities_kernel(
   acc_t local_max = -std::numeric_limits<acc_t>::infinity();
   for (int64_t s = threadIdx.x; s < S; s += kThreads) {  // each thread keeps its own pixels below
     acc_t logit = 0;
-    if (groups == nullptr) {
+    if (identity) {
       logit = static_cast<acc_t>(hm[q * S + s]);
     } else {
       for (int64_t j = 0; j < J; ++j) {
@@ -117,11 +125,6 @@ __global__ void __launch_bounds__(kThreads) probabilities_kernel(
     logit /= temperature;
     p[s] = logit;
     local_max = MaxOp()(local_max, logit);
-  }
-  if (!compute_lse) {  // uniform over the block: no thread waits in a reduction below
-    const acc_t row_lse = lse[row];
-    for (int64_t s = threadIdx.x; s < S; s += kThreads) p[s] = exp_of(p[s] - row_lse);
-    return;
   }
   const acc_t row_max = block_reduce(local_max, MaxOp(), scratch);
   acc_t local_sum = 0;
@@ -223,29 +226,28 @@ __global__ void __launch_bounds__(kThreads) grad_features_kernel(
   }
 }
 
-// delta[row] = sum_c a[row, c] * b[row, c] for the rows of [B * P, C]; one block per row.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) row_dot_kernel(const scalar_t* __restrict__ a,
-                                                           const scalar_t* __restrict__ b, int64_t C,
-                                                           acc_t* __restrict__ delta) {
+// The softmax backward of one row of [B * P, S] per block, in place over grad_logits:
+// grad_r = p * (grad_p - delta) / temperature with delta = sum_s p * grad_p.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) softmax_backward_kernel(const acc_t* __restrict__ probs,
+                                                                    int64_t S, acc_t temperature,
+                                                                    acc_t* __restrict__ grad_logits) {
   __shared__ acc_t scratch[kThreads / 32];
-  const int64_t row = blockIdx.x;
+  const acc_t* p = probs + int64_t(blockIdx.x) * S;
+  acc_t* g = grad_logits + int64_t(blockIdx.x) * S;
   acc_t sum = 0;
-  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    sum += static_cast<acc_t>(a[row * C + c]) * static_cast<acc_t>(b[row * C + c]);
-  }
-  sum = block_reduce(sum, SumOp(), scratch);
-  if (threadIdx.x == 0) delta[row] = sum;
+  for (int64_t s = threadIdx.x; s < S; s += kThreads) sum += p[s] * g[s];
+  const acc_t delta = block_reduce(sum, SumOp(), scratch);
+  for (int64_t s = threadIdx.x; s < S; s += kThreads) g[s] = p[s] * (g[s] - delta) / temperature;
 }
 
-// grad_r[b, q, s] = p[b, q, s] * (sum_c dout[b, q, c] * F[b, c, s] - delta[b, q]) / temperature.
+// grad_p[b, q, s] = sum_c dout[b, q, c] * F[b, c, s].
 // Block: image blockIdx.x, pixels blockIdx.y * 32 + [0, 32), parts blockIdx.z * 32 + [0, 32);
 // channels in tiles of 64.  Thread: pixel tid % 32, parts tid / 32 + 8 i (i < 4).
 template <typename scalar_t, typename acc_t, bool kPixelsContiguous>
 __global__ void __launch_bounds__(kThreads) grad_logits_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ features, int64_t f_b,
-    int64_t f_c, int64_t f_s, const acc_t* __restrict__ probs, const acc_t* __restrict__ delta,
-    int64_t P, int64_t C, int64_t S, acc_t temperature, acc_t* __restrict__ grad_logits) {
+    int64_t f_c, int64_t f_s, int64_t P, int64_t C, int64_t S, acc_t* __restrict__ grad_logits) {
   constexpr int kGroups = kThreads / kTileS;
   constexpr int kParts = kMaxTileP / kGroups;
   __shared__ acc_t f_tile[kTileC][kTileS + 1];
@@ -276,8 +278,7 @@ __global__ void __launch_bounds__(kThreads) grad_logits_kernel(
   for (int i = 0; i < kParts; ++i) {
     const int64_t q = q0 + group + kGroups * i;
     if (q >= P) continue;
-    const int64_t index = (b * P + q) * S + s;
-    grad_logits[index] = probs[index] * (acc[i] - delta[b * P + q]) / temperature;
+    grad_logits[(b * P + q) * S + s] = acc[i];
   }
 }
 
@@ -292,12 +293,13 @@ void check_grid(int64_t C, int64_t S) {
 
 template <typename scalar_t, typename acc_t>
 void launch_probabilities(const at::Tensor& heatmaps, const at::Tensor& groups, int64_t P,
-                          double temperature, bool compute_lse, const at::Tensor& lse,
+                          double temperature, const at::Tensor& lse,
                           const at::Tensor& probs, cudaStream_t stream) {
   const int64_t B = heatmaps.size(0), J = heatmaps.size(1), S = heatmaps.size(2) * heatmaps.size(3);
   probabilities_kernel<scalar_t, acc_t><<<B * P, kThreads, 0, stream>>>(
-      heatmaps.data_ptr<scalar_t>(), groups.defined() ? groups.data_ptr<scalar_t>() : nullptr, P, J,
-      S, static_cast<acc_t>(temperature), compute_lse, lse.data_ptr<acc_t>(), probs.data_ptr<acc_t>());
+      heatmaps.data_ptr<scalar_t>(), !groups.defined(),
+      groups.defined() ? groups.data_ptr<scalar_t>() : nullptr, P, J,
+      S, static_cast<acc_t>(temperature), lse.data_ptr<acc_t>(), probs.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -345,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> part_pool_cuda(const at::Tensor& features_in,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "part_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_probabilities<scalar_t, acc_t>(heatmaps, groups, P, temperature, true, lse, probs, stream);
+    launch_probabilities<scalar_t, acc_t>(heatmaps, groups, P, temperature, lse, probs, stream);
     if (C == 0) return;
     if (P <= 4) {
       launch_weighted_sum<scalar_t, acc_t, 1>(features, probs, out, stream);
@@ -376,10 +378,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cuda(
   const auto heatmaps = heatmaps_in.contiguous();
   const auto groups = groups_in.has_value() ? groups_in->contiguous() : at::Tensor();
   const auto grad_out = grad_out_in.contiguous();
-  const auto out = out_in.contiguous();
-  const auto lse = lse_in.contiguous();
   const auto options = features.options();
-  const auto acc_options = lse.options();
+  const auto acc_options = lse_in.options();
   at::Tensor grad_features = at::empty({0}, options), grad_heatmaps = at::empty({0}, options);
   at::Tensor grad_groups = at::empty({0}, options);
   if (need_features) {  // channels_last features get a channels_last gradient, others NCHW
@@ -400,7 +400,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "part_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_probabilities<scalar_t, acc_t>(heatmaps, groups, P, temperature, false, lse, probs, stream);
+    launch_probabilities<scalar_t, acc_t>(heatmaps, groups, P, temperature, at::empty({B, P}, acc_options),
+                                          probs, stream);
     if (need_features && C > 0) {
       const auto g = grad_features.view({B, C, S});
       const dim3 grid(B, ceil_div(S, kTileS), ceil_div(C, kTileC));
@@ -416,23 +417,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (!need_logits) return;
-    auto delta = at::empty({B, P}, acc_options);
-    row_dot_kernel<scalar_t, acc_t><<<B * P, kThreads, 0, stream>>>(
-        grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), C, delta.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     TORCH_CHECK(ceil_div(P, kMaxTileP) <= kMaxGridYZ, "part_pool: too many parts for the CUDA kernel: ", P);
     const dim3 grid(B, ceil_div(S, kTileS), ceil_div(P, kMaxTileP));
     if (features.stride(2) == 1) {
       grad_logits_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
           grad_out.data_ptr<scalar_t>(), features.data_ptr<scalar_t>(), features.stride(0),
-          features.stride(1), features.stride(2), probs.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
-          P, C, S, static_cast<acc_t>(temperature), grad_logits.data_ptr<acc_t>());
+          features.stride(1), features.stride(2), P, C, S, grad_logits.data_ptr<acc_t>());
     } else {
       grad_logits_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
           grad_out.data_ptr<scalar_t>(), features.data_ptr<scalar_t>(), features.stride(0),
-          features.stride(1), features.stride(2), probs.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
-          P, C, S, static_cast<acc_t>(temperature), grad_logits.data_ptr<acc_t>());
+          features.stride(1), features.stride(2), P, C, S, grad_logits.data_ptr<acc_t>());
     }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    softmax_backward_kernel<acc_t><<<B * P, kThreads, 0, stream>>>(
+        probs.data_ptr<acc_t>(), S, static_cast<acc_t>(temperature), grad_logits.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // The small [P, J]-sized products of grad_r [B, P, S] with groups and heatmaps (cuBLAS).

@@ -270,7 +270,9 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cuda(
   }
 
   auto grad_adj = at::empty({0}, adj.options());
-  if (compute_grad_adj) {
+  if (compute_grad_adj && windows == 0) {  // zeros (also B of them for a [B, L, L] adj and T = 0)
+    grad_adj = at::zeros(adj.sizes(), adj.options());
+  } else if (compute_grad_adj) {
     const AdjGradUnits work = adj_grad_units(adj.dim(), B, T, kSharedAdjChunks);
     const int64_t per_unit = work.windows_per_unit, units = work.units;
     const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
