@@ -430,16 +430,45 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, overwri
             dist.barrier()
     if result is None and rank == 0 and evaluate_at_end:  # resumed a finished run: evaluate its weights
         result, baseline_results = _evaluate_run(core, dataset, config, device, with_baselines)
+    if rank == 0:
+        write_part_masks(core, dataset, config, out / "part_masks.png")
     if world_size > 1:
         dist.destroy_process_group()
     return {"metrics": record, "eval": result, "baselines": baseline_results, "dataset": dataset, "model": core,
             "seconds": time.perf_counter() - start_time}
 
 
+@torch.no_grad()
+def write_part_masks(model: nn.Module, dataset, config: dict, path: str | os.PathLike, *, clips: int = 4) -> bool:
+    """The part masks of a model that has them (a ``part_masks(images, keypoints)`` method that does
+    not return None) over the first test frame of ``clips`` query tracklets spread over the split
+    (:func:`keypointops.plots.plot_part_masks`); returns whether a picture was written."""
+    if not hasattr(model, "part_masks"):
+        return False
+    from keypointops.data import build_loader
+    from keypointops.data.transforms import denormalize
+    from keypointops.plots import plot_part_masks
+
+    t = TrainSettings.from_dict(config["train"])
+    step = max(1, len(dataset.query) // clips)
+    loader = build_loader(dataset.query[::step][:clips], train=False, frames=t.frames, sampling=t.test_sampling,
+                          height=t.height, width=t.width, batch_size=clips, flip=False, random_erase=False,
+                          workers=0, seed=config["seed"])
+    batch = next(iter(loader))
+    device = next(model.parameters()).device
+    model.eval()
+    masks = model.part_masks(batch["images"].to(device), batch["keypoints"].to(device))
+    if masks is None:
+        return False
+    frames = denormalize(batch["images"][:, 0]).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1)
+    plot_part_masks(frames.numpy(), masks[:, 0].float().cpu().numpy(), path)
+    return True
+
+
 #: The files a training run writes into its folder (``keypointops train`` and ``export`` add the plots
 #: and the exported models).
 RUN_FILES = ("model.pt", "metrics.jsonl", "config.json", "model.onnx", "model.pt2", "cmc.png", "curves.png",
-             "ranking.png")
+             "ranking.png", "part_masks.png")
 
 
 def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:

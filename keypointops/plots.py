@@ -1,4 +1,5 @@
-"""Pictures of a run (matplotlib, Agg backend, PNG): CMC curves, training curves, ranked retrieval."""
+"""Pictures of a run (matplotlib, Agg backend, PNG): CMC curves, training curves, ranked retrieval,
+part masks over frames."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from PIL import Image  # noqa: E402
 
-__all__ = ["plot_cmc", "plot_curves", "plot_ranking"]
+__all__ = ["plot_cmc", "plot_curves", "plot_ranking", "plot_part_masks"]
 
 
 # A colour-blind-safe pair (Okabe & Ito, 2008): blue for a true match, vermillion for a false one;
@@ -128,4 +129,36 @@ def plot_ranking(distmat: np.ndarray, query, gallery, path: str | os.PathLike, *
     fig.legend(handles=handles, loc="upper center", ncol=2, fontsize=10, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_part_masks(frames: np.ndarray, masks: np.ndarray, path: str | os.PathLike, *,
+                    labels: tuple[str, ...] = ("head", "torso + arms", "legs")) -> None:
+    """Part masks over their frames: one row per frame, the frame and then each mask (its cells
+    upsampled to the frame, nearest) drawn over the frame in a heat colour map.
+
+    Args:
+        frames: ``uint8 [N, H, W, 3]`` frames.
+        masks: ``[N, P, h, w]`` masks (each sums to 1 over its ``h * w`` cells), ``P = len(labels)``.
+        labels: the parts' names (column titles).
+    """
+    frames, masks = np.asarray(frames), np.asarray(masks, dtype=np.float64)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or masks.ndim != 4 or masks.shape[:2] != (len(frames), len(labels)):
+        raise ValueError(f"plot_part_masks: frames must be [N, H, W, 3] and masks [N, {len(labels)}, h, w], got "
+                         f"{list(frames.shape)} and {list(masks.shape)}")
+    height, width = frames.shape[1:3]
+    fig, axes = plt.subplots(len(frames), 1 + len(labels), figsize=(1.3 * (1 + len(labels)), 2.3 * len(frames)),
+                             squeeze=False)
+    for row, frame, frame_masks in zip(axes, frames, masks):
+        row[0].imshow(frame)
+        for ax, mask, label in zip(row[1:], frame_masks, labels):
+            ax.imshow(frame)
+            ax.imshow(mask, cmap="inferno", alpha=0.6, extent=(0, width, height, 0), interpolation="nearest",
+                      vmin=0, vmax=mask.max())
+            ax.set_title(f"{label}\nmax {mask.max():.2f}", fontsize=7)
+    axes[0, 0].set_title("frame", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -161,6 +161,14 @@ def test_checkpoint_of_another_model(run, capsys):
     one_line_error(capsys, ["export", "--checkpoint", str(out / "model.pt"), "--model", "ctl"], "not 'ctl'")
 
 
+def test_init_from_a_checkpoint_of_an_unrelated_model(run, capsys, tmp_path):
+    out, _ = run
+    root = json.loads((out / "config.json").read_text())["root"]
+    one_line_error(capsys, ["train", *TINY, "--root", root, "--out", str(tmp_path), "--model", "pcb",
+                            "--init-from", str(out / "model.pt")],
+                   "a 'pcb' model can only start from a 'pcb' checkpoint")
+
+
 def test_corrupt_checkpoint(capsys, tmp_path):
     (tmp_path / "model.pt").write_bytes(b"PK\x03\x04 truncated")
     one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "model.pt")], "corrupt")

@@ -1,6 +1,7 @@
 """AlignNet (keypointops.models.alignnet) against docs/models/alignnet.md, at small sizes on CPU."""
 import copy
 import io
+import math
 import warnings
 
 import pytest
@@ -242,6 +243,55 @@ def test_reference_backend_traces_for_onnx():
         assert "keypointops::" not in str(traced.inlined_graph)   # no op of the library
         other = clips(batch=1, height=32, width=16, seed=1)[:2]
         torch.testing.assert_close(traced(*other), model(*other))
+
+
+@needs_ops
+def test_cpu_preset_masks_localise_and_the_embedding_reads_the_keypoints():
+    """At the cpu preset's mask settings the parts are not copies of the global feature: the masks of
+    upright people are far from uniform, and another clip's keypoints change the part slices of
+    the eval embedding (not the global slice); with the paper's temperature 1 and average pooling
+    the part slices barely move (the collapse this preset avoids)."""
+    options = {k: v for k, v in get_preset("alignnet", "cpu")["model"].items() if k in ("temperature", "part_norm")}
+    assert set(options) == {"temperature", "part_norm"}
+    images, keypoints, _ = clips(height=128, width=64)
+    shuffled = keypoints.roll(1, 0) + torch.tensor([0.0, 20.0, 0.0])   # another clip's keypoints, lower
+    changes = {}
+    for name, opts in (("preset", options), ("paper", dict(temperature=1.0, part_norm="avg"))):
+        torch.manual_seed(0)
+        model = AlignNet(5, **SMALL, **opts).eval()
+        with torch.no_grad():
+            before, after = model(images, keypoints), model(images, shuffled)
+        C = model.channels
+        assert torch.equal(before[:, :C], after[:, :C])                        # the global slice
+        changes[name] = float((after[:, C:] - before[:, C:]).norm() / before[:, C:].norm())
+        if name == "preset":
+            masks = model.part_masks(images, keypoints)
+            assert masks.shape == (4, 2, 3, 8, 4)
+            torch.testing.assert_close(masks.sum((-2, -1)), torch.ones(4, 2, 3))
+            entropy = -(masks * masks.log()).sum((-2, -1)) / math.log(32)
+            assert float(entropy.mean()) <= 0.8
+            rows = (masks.sum(-1) * torch.arange(8.0)).sum(-1).mean((0, 1))     # mask centre row per part
+            assert rows[0] < rows[1] < rows[2]                                   # head above torso above legs
+    assert changes["preset"] > 0.05 and changes["paper"] < 0.01, changes
+
+
+@needs_ops
+def test_diagnostics_are_the_training_masks_entropy_and_part_cosine():
+    torch.manual_seed(0)
+    model = AlignNet(5, **SMALL, temperature=0.05).train()
+    assert model.diagnostics() == {}
+    images, keypoints, _ = clips(height=128, width=64)
+    model(images, keypoints)
+    model(images[:2], keypoints[:2])
+    diag = model.diagnostics()
+    assert set(diag) == {"mask_entropy", "part_cosine"}
+    model.eval()
+    masks = model.part_masks(images, keypoints).flatten(-2)
+    entropy = -(masks * masks.log()).sum(-1) / math.log(masks.size(-1))               # [4, 2, 3]
+    entropy = torch.cat([entropy.flatten(0, 1), entropy[:2].flatten(0, 1)])
+    assert diag["mask_entropy"] == pytest.approx(float(entropy.mean()), rel=1e-5)
+    assert model.diagnostics() == {}                                                    # reset
+    assert AlignNet(5, **SMALL, use_parts=False).diagnostics() == {}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -6,6 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from keypointops import reference
+from keypointops.data.keypoint_files import COCO17_FLIP
 from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.kmpnet import JRPP_GROUPS, KMPNet, flip_frames, headless_keypoints
@@ -59,7 +60,9 @@ def test_architecture_and_parameter_counts():
     assert count(model.graph_parameters()) - classifiers == 1043611
     assert model.backbone.strides == (4, 4, 8, 16, 16)
     assert [g.spatial_scale for g in model.gather] == [1 / 4, 1 / 4, 1 / 8, 1 / 16, 1 / 16]
-    assert all((g.roi_size, g.sampling_ratio, g.aligned) == (1.0, 1, False) for g in model.gather)
+    assert all((g.roi_size, g.sampling_ratio, g.aligned) == (0.0, 1, True) for g in model.gather)
+    released = KMPNet(625, gather="released").gather
+    assert all((g.roi_size, g.sampling_ratio, g.aligned) == (1.0, 1, False) for g in released)
     assert KMPNet(625, visual="resnet50", depth=18, width=0.125).gather[-1].spatial_scale == 1 / 32
 
 
@@ -190,9 +193,9 @@ def test_keypoint_sampling_and_invalid_joints(monkeypatch):
     assert len(calls) == 5
     features, kp, passed_valid, _ = calls[0]
     assert features is stem[0]
-    torch.testing.assert_close(kp, xy + 0.5)
+    torch.testing.assert_close(kp, xy)
     assert torch.equal(passed_valid, valid)
-    expected = reference.keypoint_gather(stem[0], xy + 0.5, 0.25, roi_size=1.0, sampling_ratio=1, aligned=False)
+    expected = reference.keypoint_gather(stem[0], xy, 0.25, roi_size=0.0, sampling_ratio=1, aligned=True)
     expected = torch.where(valid[..., None], expected, stem[0].mean((2, 3))[:, None])
     torch.testing.assert_close(nodes[0], expected.flatten(0, 1))
     torch.testing.assert_close(nodes[0].view(B * T, 12, -1)[1, 4], stem[0][1].mean((1, 2)))
@@ -216,7 +219,7 @@ def test_flipped_frames_have_mirrored_keypoints(monkeypatch, mirror):
     _, kp, valid, _ = calls[0]
     xy, expected_valid = headless_keypoints(keypoints)
     expected = torch.stack([W - xy[..., 0], xy[..., 1]], -1) if mirror else xy
-    torch.testing.assert_close(kp, expected + 0.5)
+    torch.testing.assert_close(kp, expected)
     assert torch.equal(valid, expected_valid) and not valid[1, 4]
 
 
@@ -293,6 +296,84 @@ def test_presets_and_bad_options():
         small().train()(torch.randn(1, 2, 3, H, W))
     with pytest.raises(ValueError, match="keypoints must be"):
         small().train()(torch.randn(1, 2, 3, H, W), torch.zeros(1, 2, 12, 3))
+
+
+def _bilinear(feature: torch.Tensor, u: float, v: float) -> torch.Tensor:
+    """The bilinear sample of ``feature [C, h, w]`` at column ``u``, row ``v`` (feature cells, centres
+    at integers), written out by hand for an interior point."""
+    j, i = int(u // 1), int(v // 1)
+    a, b = u - j, v - i
+    return ((1 - a) * (1 - b) * feature[:, i, j] + a * (1 - b) * feature[:, i, j + 1]
+            + (1 - a) * b * feature[:, i + 1, j] + a * b * feature[:, i + 1, j + 1])
+
+
+@pytest.mark.parametrize("gather,shift", [("keypoint", -0.5), ("released", 0.5)])
+def test_node_feature_is_read_at_the_keypoint(gather, shift):
+    """A keypoint at input pixel (x, y) (pixel i covers [i, i + 1)) lies at feature coordinates
+    (x / s - 0.5, y / s - 0.5) of a stride-s map: the default gather reads there; the released
+    code's sampling reads one feature cell further right and down."""
+    model = small(gather=gather)
+    strides = model.backbone.strides
+    height, width = 128, 64
+    for k, stride in enumerate(strides):
+        features = torch.randn(1, 3, height // stride, width // stride)
+        x, y = 0.37 * width + 1.3, 0.41 * height + 2.9
+        u, v = x / stride + shift, y / stride + shift
+        xy = torch.tensor([[[x, y]]])
+        nodes = model.gather[k](features, xy + model.gather_shift, torch.ones(1, 1, dtype=torch.bool))
+        torch.testing.assert_close(nodes[0, 0], _bilinear(features[0], u, v))
+
+
+def _corruptions(keypoints):
+    """The keypoint-corruption settings applied to a clip batch (as the evaluation's controls)."""
+    shuffled = keypoints.roll(1, 0)
+    zeroed = torch.zeros_like(keypoints)
+    swapped = keypoints[:, :, list(COCO17_FLIP)]
+    shifted = keypoints + torch.tensor([0.0, H / 4, 0.0])
+    return {"shuffled": shuffled, "zeroed": zeroed, "swapped": swapped, "shifted": shifted}
+
+
+def test_x_c_ignores_keypoints_while_the_graph_loss_reads_them():
+    """The graph branch is dropped at inference: x_c is bit-identical under every keypoint
+    corruption; in training the graph heads' losses change with the keypoints (swapped labels are
+    a symmetry of the graph and of three of the five JRPP groups, so only shuffled, zeroed and
+    shifted keypoints are asked to change every head), the PCB stripes' losses do not."""
+    images, keypoints, pids = batch()
+    model = small().eval()
+    with torch.no_grad():
+        x_c = model(images, keypoints)
+        assert torch.equal(model(images), x_c)
+        for name, corrupted in _corruptions(keypoints).items():
+            assert torch.equal(model(images, corrupted), x_c), name
+    model.train()
+
+    def losses(kp):
+        torch.manual_seed(0)
+        return model.loss(model(images, kp), pids)[1]
+    clean = losses(keypoints)
+    for name in ("shuffled", "zeroed", "shifted"):
+        parts = losses(_corruptions(keypoints)[name])
+        for head, value in parts.items():
+            if head.startswith("ce_graph_"):
+                assert not torch.equal(value, clean[head]), (name, head)
+            else:   # the visual branch's stripes never see the keypoints
+                assert torch.equal(value, clean[head]), (name, head)
+
+
+def test_init_from_stage_a_fills_the_visual_branch_only():
+    torch.manual_seed(1)
+    stage_a = build_model("pcb", N_CLS, depth=18, width=0.125, reduced_dim=16)
+    model = small()
+    graph = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    model.init_from_state(stage_a.state_dict(), "pcb")
+    for key, value in stage_a.state_dict().items():
+        assert torch.equal(model.visual.state_dict()[key], value), key
+    for key, value in graph.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="starts from a 'pcb' \\(stage A\\) checkpoint, not a 'ctl' one"):
+        model.init_from_state(stage_a.state_dict(), "ctl")
+    with pytest.raises(ValueError, match="starts from a 'resnet50'"):
+        small(visual="resnet50").init_from_state(stage_a.state_dict(), "pcb")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

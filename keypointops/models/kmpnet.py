@@ -26,6 +26,7 @@ JRPP_GROUPS: dict[str, tuple[int, ...]] = {
     "right_arm_left_leg": (1, 3, 5, 6, 8, 10),
 }
 GRAPHS = ("both", "spatial", "temporal")
+GATHERS = ("keypoint", "released")
 VISUALS = {"pcb": PCBVideo, "resnet50": ResNet50Video}
 EMBEDDINGS = ("x_c", "x_g")
 
@@ -60,13 +61,19 @@ class KMPNet(nn.Module):
     **Visual branch** (docs/models/kmpnet.md): PCB-p4 on ResNet-50 with last stride 1 (``visual="pcb"``,
     :class:`~keypointops.models.baselines.PCBVideo`), or the IDE ResNet-50 with last stride 2
     (``visual="resnet50"``, :class:`~keypointops.models.baselines.ResNet50Video`); ``self.visual``
-    is that baseline, so stage A's checkpoint loads into it.
+    is that baseline, so stage A's checkpoint loads into it (:meth:`init_from_state`).
 
     **Graph branch** (training only): after each of the 5 CNN stages (stem, layer1..4)
-    :func:`keypointops.keypoint_gather` samples the stage's map at the 12 headless joints
-    (``keypoints + 0.5, roi_size=1, aligned=False, sampling_ratio=1``: the released code's one
-    bilinear sample at ``x * s + 0.5``); an invalid joint (:func:`headless_keypoints`) gets the
-    stage's global average instead.  Fusion (Eq. 1): ``h <- W_down,k(f_k(kp) + W_up,k(h))``
+    :func:`keypointops.keypoint_gather` reads the stage's map at the 12 headless joints, one
+    bilinear sample per joint.  ``gather="keypoint"`` (the default) samples at the keypoint itself, as
+    the paper describes: a keypoint at input pixel ``(x, y)`` (pixel ``i`` covers ``[i, i + 1)``)
+    lies at ``(x s - 0.5, y s - 0.5)`` in the cells of a map of scale ``s = 1 / stride`` (cell
+    centres at integers), which is ``roi_size=0, aligned=True, sampling_ratio=1``.
+    ``gather="released"`` is the released code's sampling (``keypoints + 0.5, roi_size=1,
+    aligned=False``): RoIAlign widens the 1-pixel box to one feature cell, so its sample lands at
+    ``x s + 0.5``, one feature cell right of and below the keypoint (4, 4, 8, 16, 16 input pixels
+    at the five stages).  An invalid joint (:func:`headless_keypoints`) gets the stage's global
+    average instead.  Fusion (Eq. 1): ``h <- W_down,k(f_k(kp) + W_up,k(h))``
     (``down.0`` takes the stem's features alone; ``up.k-1``/``down.k``: Linear with Kaiming fan_out
     init, zero bias).  Between fusions run the 27 DeeperGCN res+ blocks (:class:`keypointops.nn.DeepGCNLayer`
     with :class:`keypointops.nn.GENConv`: LayerNorm, ReLU, dropout 0.1, softmax aggregation with a
@@ -99,6 +106,8 @@ class KMPNet(nn.Module):
             the released code's per-frame flip, for exact reproduction.
         flip_keypoints: mirror the keypoints of the frames flipped by ``frame_flip``;
             ``False`` reproduces the released code's bug (images flipped, keypoints not).
+        gather: ``"keypoint"`` (the node feature read at the keypoint) or ``"released"`` (the
+            released code's sampling, one feature cell off).
         ops_backend: backend of every fused op (``keypoint_gather``, ``msg_pass``).
         visual_options: further options of the visual branch (``parts``, ``reduced_dim``).
 
@@ -106,19 +115,27 @@ class KMPNet(nn.Module):
     clips (consistent frames for every temporal model) instead of each frame; a joint with
     confidence 0 is also invalid (the batch contract's missing joint); invalid joints take the
     plain global mean (the paper's description, not the released code's slightly
-    skewed RoIAlign weights).  Stage-A/stage-B training is a training protocol, not a model
-    option: load a trained ``PCBVideo`` state dict into ``model.visual``.
+    skewed RoIAlign weights); the node features are read at the keypoints (``gather="keypoint"``),
+    where the released code reads one feature cell off.
+
+    **Two-stage protocol**: stage A trains the visual branch alone (``keypointops train --model
+    pcb``); stage B is KMPNet whose visual branch starts from stage A's weights and whose graph branch
+    is new (``--model kmpnet --init-from STAGE_A/model.pt``, :meth:`init_from_state`); the paper's
+    "+ fine-tune" control trains stage A's model on without the graph, with stage B's epochs and
+    schedule (``--model pcb --init-from STAGE_A/model.pt``).
     """
 
     def __init__(self, num_classes: int, *, visual: str = "pcb", depth: int = 50, width: float = 1.0,
                  graph: str = "both", embedding: str = "x_c", gcn_channels: int = 64,
                  gcn_split: tuple[int, ...] = (5, 7, 11, 4), frame_flip: float = 0.0, flip_keypoints: bool = True,
-                 ops_backend: str = "auto", **visual_options):
+                 gather: str = "keypoint", ops_backend: str = "auto", **visual_options):
         super().__init__()
         if visual not in VISUALS:
             raise ValueError(f"KMPNet: visual must be one of {sorted(VISUALS)}, got {visual!r}")
         if graph not in GRAPHS:
             raise ValueError(f"KMPNet: graph must be one of {GRAPHS}, got {graph!r}")
+        if gather not in GATHERS:
+            raise ValueError(f"KMPNet: gather must be one of {GATHERS}, got {gather!r}")
         if embedding not in EMBEDDINGS:
             raise ValueError(f"KMPNet: embedding must be one of {EMBEDDINGS}, got {embedding!r}")
         if len(gcn_split) != 4 or not all(isinstance(n, int) and n >= 0 for n in gcn_split):
@@ -126,15 +143,19 @@ class KMPNet(nn.Module):
                              f"got {gcn_split!r}")
         if not 0.0 <= frame_flip <= 1.0:
             raise ValueError(f"KMPNet: frame_flip must be a probability, got {frame_flip!r}")
+        self.visual_name = visual
         self.visual = VISUALS[visual](num_classes, depth=depth, width=width, ops_backend=ops_backend,
                                       **visual_options)
         self.ops_backend = ops_backend
         self.graph_kind, self.embedding = graph, embedding
         self.frame_flip, self.flip_keypoints = float(frame_flip), bool(flip_keypoints)
         backbone, c = self.visual.backbone, gcn_channels
-        self.gather = nn.ModuleList(
-            KeypointGather(1.0 / stride, roi_size=1.0, sampling_ratio=1, aligned=False, backend=ops_backend)
-            for stride in backbone.strides)
+        # at the keypoint: a box of size 0 (one sample), pixel-centre aligned; released: a 1-pixel box
+        # at keypoint + 0.5, not aligned (widened to one feature cell)
+        box = dict(roi_size=0.0, aligned=True) if gather == "keypoint" else dict(roi_size=1.0, aligned=False)
+        self.gather_mode, self.gather_shift = gather, 0.0 if gather == "keypoint" else 0.5
+        self.gather = nn.ModuleList(KeypointGather(1.0 / stride, sampling_ratio=1, backend=ops_backend, **box)
+                                    for stride in backbone.strides)
         self.up = nn.ModuleList(init_kaiming_fan_out(nn.Linear(c, ch)) for ch in backbone.channels[1:])
         self.down = nn.ModuleList(init_kaiming_fan_out(nn.Linear(ch, c)) for ch in backbone.channels)
         self.gcn = nn.ModuleList(nn.ModuleList(self._block(c, ops_backend) for _ in range(n)) for n in gcn_split)
@@ -164,6 +185,16 @@ class KMPNet(nn.Module):
     def graph_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the graph branch (fusion projections, GCN blocks, read-out, heads)."""
         return [p for name, p in self.named_parameters() if not name.startswith("visual.")]
+
+    def init_from_state(self, state: dict[str, Tensor], model: str) -> None:
+        """Stage B of the two-stage protocol: the weights of a stage-A checkpoint of the visual
+        branch's model (``"pcb"``, or ``"resnet50"`` for ``visual="resnet50"``) fill ``self.visual``;
+        the graph branch keeps its initialisation.  Another model raises ``ValueError`` (a KMPNet
+        checkpoint loads whole without this hook: :func:`keypointops.checkpoints.init_from_checkpoint`)."""
+        if model != self.visual_name:
+            raise ValueError(f"KMPNet (visual={self.visual_name!r}) starts from a {self.visual_name!r} (stage A) "
+                             f"checkpoint, not a {model!r} one")
+        self.visual.load_state_dict(state)
 
     def graph(self, clips: int, frames: int, device: torch.device) -> Graph:
         """The spatial-temporal graph of ``clips`` clips of ``frames`` frames (built once, cached)."""
@@ -195,7 +226,7 @@ class KMPNet(nn.Module):
             if k > 0:
                 for block in self.gcn[k - 1]:
                     h = block(h, graph)
-            nodes = self.gather[k](f, xy + 0.5, valid)
+            nodes = self.gather[k](f, xy + self.gather_shift, valid)
             nodes = torch.where(valid[..., None], nodes, f.mean((2, 3))[:, None, :]).flatten(0, 1)
             h = self.down[k](nodes if h is None else nodes + self.up[k - 1](h))
         h = F.dropout(F.relu(self.post_norm(h)), p=0.1, training=self.training)

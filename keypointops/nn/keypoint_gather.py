@@ -14,8 +14,10 @@ class KeypointGather(nn.Module):
     """Samples ``[B, C, H, W]`` features at keypoints into ``[B, K, C]`` node features.
 
     Stores the sampling settings of :func:`keypointops.keypoint_gather` (no parameters).
-    KMPNet's released code corresponds to ``KeypointGather(1 / stride, roi_size=1.0,
-    sampling_ratio=1, aligned=False)`` applied to ``keypoints + 0.5``.
+    One bilinear sample at each keypoint is ``KeypointGather(1 / stride, roi_size=0.0,
+    sampling_ratio=1, aligned=True)`` (KMPNet's default); KMPNet's released code corresponds to
+    ``KeypointGather(1 / stride, roi_size=1.0, sampling_ratio=1, aligned=False)`` applied to
+    ``keypoints + 0.5``, which samples one feature cell right of and below the keypoint.
 
     Args:
         spatial_scale: feature pixels per input pixel (``1 / stride``).
