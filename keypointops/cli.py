@@ -274,7 +274,7 @@ def _set_threads(args) -> None:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.workers < 0:
+    if getattr(args, "workers", 0) < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(args.threads or max(1, share - getattr(args, "workers", 0)))

@@ -13,6 +13,9 @@ from helpers import DEVICES, device_backend_params, tolerances
 
 EMPTY_NODES = 2  # nodes 0..1 of random_edge_index get no incoming edge
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
+# Weight gradients sum over every node and edge through several layers: two float32 orders of
+# summation (msg_pass's backward is closer to float64 than PyG's autograd) differ by ~1e-5 there.
+F32_GRAD_TOL = dict(rtol=1e-5, atol=3e-5)
 
 
 def backend_params():
@@ -83,7 +86,7 @@ def assert_same_forward_backward(ours, theirs, x, our_graph, their_graph, seed=0
     our_params = dict(ours.named_parameters())
     for name, param in theirs.named_parameters():
         if param.requires_grad:
-            torch.testing.assert_close(our_params[name].grad, param.grad, **F32_TOL,
+            torch.testing.assert_close(our_params[name].grad, param.grad, **F32_GRAD_TOL,
                                        msg=lambda m, name=name: f"grad of {name}: {m}")
     our_state = ours.state_dict()
     for name, value in theirs.state_dict().items():

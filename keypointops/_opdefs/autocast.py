@@ -36,7 +36,11 @@ def compute_dtype(op_name: str, main, backend: str) -> torch.dtype | None:
     then report it).  ``backend`` is the op's ``backend`` argument."""
     if not isinstance(main, Tensor) or not main.is_floating_point():
         return None
-    if not torch.is_autocast_enabled(main.device.type):
+    try:
+        enabled = torch.is_autocast_enabled(main.device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): nothing to cast
+        return None
+    if not enabled:
         return None
     if resolve_backend(op_name, backend, main.device) == "cpu" and main.dtype in REDUCED_PRECISION:
         return torch.float32
