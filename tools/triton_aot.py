@@ -162,16 +162,26 @@ def part_pool_variants():
                 common = dict(f_ptr=dtype, hm_ptr=dtype, g_ptr=groups, t_ptr=acc)
                 yield _variant(pp, "_part_pool_fwd_kernel", label, dict(common, out_ptr=dtype, lse_ptr=acc),
                                dict(blocks, IDENTITY=identity, FP64=fp64))
-                for need_f, need_hm, need_g in itertools.product((False, True), repeat=3):
-                    if identity and need_g or not (need_f or need_hm or need_g):
+                tiles = {k: blocks[k] for k in ("BLOCK_P", "BLOCK_J", "BLOCK_S")}
+                stats = dict(row_max_ptr=acc, row_sum_ptr=acc)
+                yield _variant(pp, "_part_pool_row_stats_kernel", label,
+                               dict(hm_ptr=dtype, g_ptr=groups, t_ptr=acc, **stats),
+                               dict(tiles, IDENTITY=identity, FP64=fp64))
+                for need_f, need_logits in itertools.product((False, True), repeat=2):
+                    if not (need_f or need_logits):
+                        continue  # the launcher never asks for neither
+                    yield _variant(
+                        pp, "_part_pool_bwd_kernel", f"{label} features={int(need_f)} logits={int(need_logits)}",
+                        dict(common, dout_ptr=dtype, **stats, grad_f_ptr=dtype, grad_p_ptr=acc, delta_ptr=acc),
+                        dict(blocks, IDENTITY=identity, FP64=fp64, NEED_FEATURES=need_f, NEED_LOGITS=need_logits))
+                for need_hm, need_g in itertools.product((False, True), repeat=2):
+                    if identity and need_g or not (need_hm or need_g):
                         continue  # the launcher never asks for either
                     yield _variant(
-                        pp, "_part_pool_bwd_kernel",
-                        f"{label} grads(f,hm,g)={int(need_f)}{int(need_hm)}{int(need_g)}",
-                        dict(common, dout_ptr=dtype, out_ptr=dtype, lse_ptr=acc, grad_f_ptr=dtype,
-                             grad_hm_ptr=dtype, grad_g_ptr=acc if need_g else dtype),
-                        dict(blocks, IDENTITY=identity, FP64=fp64, NEED_FEATURES=need_f,
-                             NEED_HEATMAPS=need_hm, NEED_GROUPS=need_g))
+                        pp, "_part_pool_logits_bwd_kernel", f"{label} grads(hm,g)={int(need_hm)}{int(need_g)}",
+                        dict(hm_ptr=dtype, g_ptr=groups, t_ptr=acc, **stats, grad_p_ptr=acc, delta_ptr=acc,
+                             grad_hm_ptr=dtype, grad_g_ptr=acc),
+                        dict(tiles, IDENTITY=identity, FP64=fp64, NEED_HEATMAPS=need_hm, NEED_GROUPS=need_g))
 
 
 def window_graph_conv_variants():

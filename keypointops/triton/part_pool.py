@@ -143,13 +143,16 @@ def _probabilities(hm_ptr, g, row_max_ptr, row_sum_ptr, b, offs_p, offs_j, offs_
 def _pixel_block(g_ptr, t_ptr, P, J, S, IDENTITY: tl.constexpr, BLOCK_P: tl.constexpr,
                  BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr):
     """A backward program's image b and pixel block (axis 1): (b, pixel block, temperature, part,
-    joint and pixel offsets, part and pixel masks, the groups tile or None for the identity)."""
+    joint and pixel offsets, part and pixel masks, the groups tile (zeros, unread, for the identity))."""
     b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     offs_p = tl.arange(0, BLOCK_P)
     offs_j = tl.arange(0, BLOCK_J)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    g = _groups_tile(g_ptr, offs_p, offs_j, P, J) if not IDENTITY else None
+    if IDENTITY:  # no groups tile is read; a compiled kernel cannot return None
+        g = tl.zeros([BLOCK_P, BLOCK_J], tl.float32)
+    else:
+        g = _groups_tile(g_ptr, offs_p, offs_j, P, J)
     return b, pid_s, tl.load(t_ptr), offs_p, offs_j, offs_s, offs_p < P, offs_s < S, g
 
 
