@@ -392,8 +392,6 @@ def _keypoints(args) -> None:
     dataset = build_dataset(args.data, args.root)
     stats = estimate_dataset(dataset, net, device=torch.device(args.device), batch_size=args.batch_size,
                              height=args.size[0], width=args.size[1], threshold=args.threshold)
-    if stats["frames"] and (dataset.root / "keypoints_cache").is_dir():
-        shutil.rmtree(dataset.root / "keypoints_cache")  # derived from the files just written: rebuilt on next read
     print(f"keypoints of {stats['frames']} frames written; {stats['skipped']} of {stats['tracklets']} tracklets "
           f"already had theirs")
 
@@ -415,7 +413,6 @@ def _ablate(args) -> None:
 def _synth(args) -> None:
     """Generates into a temporary sibling folder renamed into place at the end, so an interrupted run
     leaves no partial dataset at ``--out``; a non-empty ``--out`` is replaced only with ``--replace``."""
-    import shutil
     import tempfile
 
     from keypointops.data.synthetic import DEFAULTS, HARD, generate
