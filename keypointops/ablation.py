@@ -269,7 +269,8 @@ def ablation_table(paper: str, results: dict[str, list[dict]], *, data: str = ""
     ablation = ABLATIONS[paper]
     rows = [row for row in ablation.rows if row.name in results]
     seeds = max(len(v) for v in results.values())
-    settings = [k for k in KEYPOINT_CORRUPTIONS if k != "as-is" and k in results[rows[0].name][0]["keypoints"]]
+    settings = [k for k in KEYPOINT_CORRUPTIONS   # the settings every run was evaluated with
+                if k != "as-is" and all(k in r["keypoints"] for row in rows for r in results[row.name])]
     main = ablation.columns[ablation.main_column]
     head = (["row", *[f"paper {c}" for c in ablation.columns], "seeds", "ours mAP", "ours rank-1", "vs control (mAP)",
              f"paper vs control ({main})", "direction"] + [f"{s} (mAP change)" for s in settings])

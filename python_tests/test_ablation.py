@@ -38,10 +38,11 @@ def test_table_mean_spread_and_direction():
 
 def test_rows_with_fewer_seeds_compare_on_the_seeds_both_ran():
     results = {"baseline": [_result("baseline", s, {"as-is": 40.0 + 5 * s}) for s in range(3)],
-               "parts": [_result("parts", 1, {"as-is": 47.0})]}
+               "parts": [_result("parts", 1, {"as-is": 47.0, "shuffled": 40.0})]}
     lines = ablation_table("alignnet", results).splitlines()
     parts = next(line for line in lines if line.startswith("| parts:"))
     assert "| 1 | 47.0 | 48.0 | 2.0 (vs baseline) |" in parts           # seed 1 against seed 1 (45.0)
+    assert "shuffled" not in lines[4]                    # a setting only some runs were evaluated with
 
 
 def test_tiny_run_resumes_and_writes_table(tmp_path):
