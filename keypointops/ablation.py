@@ -14,7 +14,7 @@ The table written to ``OUT/<paper>/ablation.md`` gives, per row, the paper's fig
 +- sample standard deviation over seeds), the difference to the control, the mAP change under
 each corrupted keypoint setting, and whether the direction of the paper's effect is reproduced:
 "yes" (same sign, mean difference larger than the seed spread), "no" (opposite sign, larger than
-the spread) or "unresolved" (within the spread).
+the spread) or "unresolved" (within the spread); with one seed, only the sign is given.
 """
 from __future__ import annotations
 
@@ -256,7 +256,11 @@ def _direction(paper_delta: float | None, ours: list[float]) -> str:
     if paper_delta is None:
         return "-"
     mean, sd = _mean_sd(ours)
-    spread = 0.0 if math.isnan(sd) else sd
+    if math.isnan(sd):  # one seed: no spread to judge the difference against
+        if abs(paper_delta) < 0.5:
+            return "1 seed: no effect" if abs(mean) <= 1.0 else "1 seed: an effect"
+        return f"1 seed: {'same' if (mean > 0) == (paper_delta > 0) else 'opposite'} sign"
+    spread = sd
     if abs(paper_delta) < 0.5:  # the paper reports no effect
         return "yes (no effect)" if abs(mean) <= max(spread, 1.0) else "no"
     if abs(mean) <= spread:

@@ -41,7 +41,7 @@ def test_rows_with_fewer_seeds_compare_on_the_seeds_both_ran():
                "parts": [_result("parts", 1, {"as-is": 47.0, "shuffled": 40.0})]}
     lines = ablation_table("alignnet", results).splitlines()
     parts = next(line for line in lines if line.startswith("| parts:"))
-    assert "| 1 | 47.0 | 48.0 | 2.0 (vs baseline) |" in parts           # seed 1 against seed 1 (45.0)
+    assert "| 1 | 47.0 | 48.0 | 2.0 (vs baseline) | +2.9 | 1 seed: same sign |" in parts  # seed 1 vs seed 1 (45.0)
     assert "shuffled" not in lines[4]                    # a setting only some runs were evaluated with
 
 
