@@ -269,6 +269,15 @@ def test_triton_gpu_tile_shapes_in_the_interpreter(monkeypatch):
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     for g, w in zip(torch.autograd.grad(out, (x, t), grad), torch.autograd.grad(expected, (x, t), grad)):
         torch.testing.assert_close(g, w, **tolerances(torch.float64))
+    # ... and the GPU's tile with edge features.
+    monkeypatch.setattr(triton_msg_pass, "INTERPRETER_TILE", triton_msg_pass.GPU_EDGE_TILE)
+    edge_attr = torch.randn(graph.num_edges, 70, generator=gen, dtype=torch.float64).requires_grad_()
+    out = keypointops.msg_pass(x, graph, t, edge_attr=edge_attr, backend="triton")
+    expected = reference.msg_pass(x, graph, t, edge_attr=edge_attr)
+    torch.testing.assert_close(out, expected, **tolerances(torch.float64))
+    inputs = (x, t, edge_attr)
+    for g, w in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(g, w, **tolerances(torch.float64))
 
 
 @pytest.mark.parametrize("device,backend", gpu_kernel_params())
@@ -514,6 +523,10 @@ def test_compiled_op_checks_edge_arguments():
     bad_perm[0] = graph.num_edges
     with pytest.raises(RuntimeError, match="perm holds edge id"):
         torch.ops.keypointops.msg_pass(x, *csr, t, 1e-7, edge_attr, bad_perm, graph.perm_t)
+    twice = graph.perm.clone()
+    twice[1] = twice[0]
+    with pytest.raises(RuntimeError, match="perm must be a permutation"):
+        torch.ops.keypointops.msg_pass(x, *csr, t, 1e-7, edge_attr, twice, graph.perm_t)
     with pytest.raises(RuntimeError, match="edge_attr and perm must be given together"):
         torch.ops.keypointops.msg_pass(x, *csr, t, 1e-7, edge_attr, None, graph.perm_t)
     with pytest.raises(RuntimeError, match="edge_attr must be"):

@@ -125,15 +125,15 @@ def keypoint_gather_variants():
 
 
 def msg_pass_variants():
-    tile = dict(mp.GPU_TILE)
-    num_warps = tile.pop("num_warps")
-    max_block_c = tile.pop("MAX_BLOCK_C")
     eps = 1e-7  # the op's default; another eps is one more specialisation of the same code
     for dtype in DATA_DTYPES:
         acc = _acc(dtype)
-        for block_c in _pow2_range(1, max_block_c):
-            blocks = dict(tile, BLOCK_C=block_c)
+        for block_c in _pow2_range(1, mp.GPU_TILE["MAX_BLOCK_C"]):
             for has_edge in (False, True):
+                tile = dict(mp.GPU_EDGE_TILE if has_edge else mp.GPU_TILE)
+                num_warps = tile.pop("num_warps")
+                tile.pop("MAX_BLOCK_C")
+                blocks = dict(tile, BLOCK_C=block_c)
                 label = f"{_name(dtype)} BLOCK_C={block_c} edge={has_edge}"
                 # Without edge features the launcher passes x and col as the (unread) edge pointers.
                 edge = dict(edge_attr_ptr=dtype, perm_ptr=torch.int64)

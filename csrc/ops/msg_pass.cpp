@@ -5,6 +5,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 namespace keypointops {
 
 void check_msg_pass_args(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
@@ -86,9 +88,13 @@ void check_perm_cpu(const at::Tensor& perm, const char* perm_name) {
   const auto p = perm.contiguous();
   const int64_t* e = p.data_ptr<int64_t>();
   const int64_t num_edges = p.numel();
+  std::vector<bool> seen(num_edges, false);  // every edge once: each gradient row has one writer
   for (int64_t k = 0; k < num_edges; ++k) {
     TORCH_CHECK(e[k] >= 0 && e[k] < num_edges, "msg_pass: ", perm_name, " holds edge id ", e[k],
                 " out of range [0, ", num_edges, ")");
+    TORCH_CHECK(!seen[e[k]], "msg_pass: ", perm_name, " must be a permutation of [0, E), edge id ",
+                e[k], " appears twice");
+    seen[e[k]] = true;
   }
 }
 

@@ -27,7 +27,7 @@ void check_msg_pass_edge_args(const at::Tensor& x, const c10::optional<at::Tenso
                               const c10::optional<at::Tensor>& perm, int64_t num_edges,
                               const char* perm_name);
 
-// Content check of an edge permutation on the CPU: every entry in [0, E).
+// Content check of an edge permutation on the CPU: a permutation of [0, E).
 void check_perm_cpu(const at::Tensor& perm, const char* perm_name);
 
 // Content check of a CSR on the CPU: rowptr[0] == 0, non-decreasing, rowptr[N] == E, col in [0, N).

@@ -44,6 +44,11 @@ __all__ = ["msg_pass_triton", "msg_pass_triton_backward"]
 # for registers; the interpreter runs every program and every op in Python, so it gets fewer,
 # larger tiles (the same code; only the tile shapes differ).
 GPU_TILE = dict(BLOCK_N=4, BLOCK_E=8, MAX_BLOCK_C=64, num_warps=4)
+# With edge features two more gathered tiles are live per step (the edge rows, and in backward the
+# per-edge messages): half the edges per step keeps the backward within the register file (at
+# BLOCK_E=8 it takes 255 registers and spills on sm_90; at 4 at most 142, no spill:
+# tools/triton_aot.py).
+GPU_EDGE_TILE = dict(GPU_TILE, BLOCK_E=4)
 INTERPRETER_TILE = dict(BLOCK_N=64, BLOCK_E=16, MAX_BLOCK_C=64, num_warps=4)
 SUM_BLOCK_ROWS = 64       # rows of grad_t partials per step of the final sum
 
@@ -197,9 +202,11 @@ def _sum_rows_kernel(partial_ptr, total_ptr, rows, channels, BLOCK_R: tl.constex
     tl.store(total_ptr + c, tl.sum(acc, axis=0), mask=c_mask)
 
 
-def _tile(x: Tensor) -> dict:
-    """Tile sizes and launch grid helpers for x's device (see GPU_TILE / INTERPRETER_TILE)."""
-    tile = dict(GPU_TILE if x.device.type == "cuda" else INTERPRETER_TILE)
+def _tile(x: Tensor, has_edge: bool) -> dict:
+    """Tile sizes for x's device and the edge features (see GPU_TILE / GPU_EDGE_TILE /
+    INTERPRETER_TILE)."""
+    gpu_tile = GPU_EDGE_TILE if has_edge else GPU_TILE
+    tile = dict(gpu_tile if x.device.type == "cuda" else INTERPRETER_TILE)
     tile["BLOCK_C"] = min(triton.next_power_of_2(x.size(1)), tile.pop("MAX_BLOCK_C"))
     return tile
 
@@ -232,7 +239,7 @@ def msg_pass_triton(x: Tensor, rowptr: Tensor, col: Tensor, rowptr_t: Tensor, co
     row_sum = torch.empty(x.shape, dtype=t.dtype, device=x.device)
     if num_nodes == 0 or channels == 0:
         return out, row_max, row_sum
-    tile = _tile(x)
+    tile = _tile(x, has_edge)
     grid = (triton.cdiv(num_nodes, tile["BLOCK_N"]), triton.cdiv(channels, tile["BLOCK_C"]))
     _forward_kernel[grid](x, rowptr, col, edge_attr, perm, t, out, row_max, row_sum, num_nodes, col.numel(),
                           channels, EPS=float(eps), HAS_EDGE=has_edge, **tile)
@@ -262,7 +269,7 @@ def msg_pass_triton_backward(grad_out: Tensor, x: Tensor, out: Tensor, row_max: 
     perm_t = perm_t.contiguous() if has_edge else col_t
     if num_nodes == 0 or channels == 0:
         return grad_x, torch.zeros_like(t), grad_edge_attr
-    tile = _tile(x)
+    tile = _tile(x, has_edge)
     num_programs = triton.cdiv(num_nodes, tile["BLOCK_N"])
     grad_t_partial = torch.empty((num_programs if compute_grad_t else 1, channels), dtype=t.dtype,
                                  device=x.device)

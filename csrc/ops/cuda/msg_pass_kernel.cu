@@ -39,11 +39,13 @@
 // Index contents are validated on the CPU only (Graph): here rowptr entries are clamped to [0, E]
 // and edges whose node index lies outside [0, N), or whose edge id lies outside [0, E), are skipped,
 // so bad indices never read out of range.
-// Occupancy: at most 168 registers per thread (the 16-byte bfloat16 backward with grad_t on sm_90;
-// 115-128 for the other backward instances, 80-128 for forward), so 1 block of 256 threads per SM
-// in the worst instance and 2 in the others.
-// Local memory: at most 32 bytes per thread, where ptxas spills in the float64 instances and the
-// vectorised float32 / bfloat16 forward (bench/results/cuda-resources.md).
+// Occupancy: at most 168 registers per thread (167: the 16-byte bfloat16 backward with grad_t and
+// edge features on sm_90; up to 157 for the other edge-feature backward instances, 48-128 for the
+// backward without edge features and for forward), so 1 block of 256 threads per SM in the
+// vectorised edge-feature backward instances and 2 in the others.
+// Local memory: at most 32 bytes per thread, where ptxas spills (8 bytes) in the float64 backward
+// with grad_t, the vectorised 16-bit backward with grad_t and edge features, and the vectorised
+// bfloat16 forward on sm_90 (bench/results/cuda-resources.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
