@@ -490,7 +490,8 @@ def test_edge_features_match_pyg(device, backend, aggr, edge_dim):
 def test_bipartite_and_size_match_pyg(device, backend, aggr, num_src, num_dst):
     """Bipartite (x_src, x_dst) with in_channels=(a, b) and size=(N_src, N_dst), int32 indices,
     and x_dst None, equal to PyG's (outputs and gradients)."""
-    ours, theirs = pyg_pair((12, 10), 16, seed=7, aggr=aggr, edge_dim=6, msg_norm=True, backend=backend)
+    ours, theirs = pyg_pair((12, 10), 16, seed=7, aggr=aggr, edge_dim=6, msg_norm=True, bias=True,
+                            backend=backend)
     ours.to(device)
     edge_index = shuffled_edges(num_src, num_dst, 90, seed=8)
     size = (num_src, num_dst)
@@ -554,8 +555,12 @@ def test_other_aggregations_match_pyg(aggr, kwargs):
 
 def test_edge_features_gradcheck_float64():
     gen = torch.Generator().manual_seed(18)
-    conv = GENConv(6, 6, edge_dim=3, learn_t=True, norm=None).double()
+    conv = GENConv(6, 6, edge_dim=3, learn_t=True, norm=None, bias=True).double()
     edge_index = shuffled_edges(9, 9, 25, seed=19)
     x = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     e = torch.randn(edge_index.size(1), 3, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, e: conv(x, edge_index, e), (x, e), atol=1e-6)
+    # ... and the edge encoder's own backward (weight and bias gradients).
+    w = conv.lin_edge.weight.detach().clone().requires_grad_()
+    b = conv.lin_edge.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(gen_conv_module._EdgeEncoder.apply, (e, w, b))

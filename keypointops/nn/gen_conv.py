@@ -324,7 +324,7 @@ class GENConv(torch.nn.Module):
         graph, edge_attr, num_dst = _graph_input(edge_index, edge_attr, size, x_src, x_dst)
         if edge_attr is not None:
             if hasattr(self, "lin_edge"):
-                edge_attr = self.lin_edge(edge_attr)
+                edge_attr = _EdgeEncoder.apply(edge_attr, self.lin_edge.weight, self.lin_edge.bias)
             if edge_attr.dim() != 2 or edge_attr.size(1) != self.out_channels:
                 raise ValueError(f"GENConv: edge_attr must have out_channels = {self.out_channels} columns "
                                  f"(or edge_dim set for an edge encoder), got shape {list(edge_attr.shape)}")
@@ -348,6 +348,33 @@ class GENConv(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, aggr={self.aggr})"
+
+
+class _EdgeEncoder(torch.autograd.Function):
+    """``F.linear(edge_attr, weight, bias)`` for the ``[E, D]`` edge features, whose weight
+    gradient is computed as ``(edge_attr^T @ grad)^T``: the GEMM over the E rows then reads both
+    ``[E, *]`` operands row-major.  Autograd's ``grad^T @ edge_attr`` is the same product, but
+    the CPU BLAS runs that orientation many times slower on tall operands (E = 1M, D = 8,
+    C = 64, one thread: 0.65 s against 0.04 s)."""
+
+    @staticmethod
+    def forward(edge_attr: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(edge_attr, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        edge_attr, weight, bias = inputs
+        ctx.save_for_backward(edge_attr, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        edge_attr, weight = ctx.saved_tensors
+        need_attr, need_weight, need_bias = ctx.needs_input_grad
+        grad_attr = grad @ weight if need_attr else None
+        grad_weight = (edge_attr.t() @ grad).t() if need_weight else None
+        grad_bias = grad.sum(0) if ctx.has_bias and need_bias else None
+        return grad_attr, grad_weight, grad_bias
 
 
 def _node_features(x) -> tuple[Tensor, Tensor | None]:
