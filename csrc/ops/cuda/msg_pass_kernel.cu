@@ -20,6 +20,7 @@
 //   E*C*sizeof(x) gathered + E*8 (col) + (N+1)*8 (rowptr) read, N*C*(sizeof(x) + 2*sizeof(acc)) written.
 // N = 1M, E = 5M, C = 64, float32: 1.28 GB + 40 MB + 8 MB + 768 MB = 2.10 GB; the kernel's time is
 // this traffic over the device's memory bandwidth (the gathers are the random-access part).
+// Edge features add E*C*sizeof(x) (the edge rows, gathered through perm) + E*8 (perm) read.
 // Backward: one group per kNodesPerGroup consecutive source nodes u walks their outgoing edges
 // u -> v (transposed CSR), gathering row_max, row_sum, grad_out and out of v:
 //   w = exp(t (m_u - M_v)) grad_out_v / Z_v,  d = m_u - out_v (centred: no cancellation of two large
