@@ -21,12 +21,20 @@ TORCH_LIBRARY(keypointops, m) {
   // Returns (out [N, C], row_max [N, C], row_sum [N, C]): per (node, channel) the message of the
   // largest logit (the softmax is shifted by t*row_max) and the sum of exp(t*(m - row_max)), saved
   // for backward (float32 for reduced precision inputs).
+  // With edge_attr [E, C] the message of CSR position k (edge id perm[k]) is
+  // relu(x[col[k]] + edge_attr[perm[k]]) + eps: edge_attr is read in place in its own edge order.
+  // perm_t (the edge ids of the transposed CSR) is, like rowptr_t and col_t, only checked and
+  // passed on for backward.
   m.def("msg_pass(Tensor x, Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor t, "
-        "float eps) -> (Tensor, Tensor, Tensor)");
-  // Backward walks the transposed CSR: each row of grad_x has one writer, no atomics.
-  // Returns (grad_x [N, C], grad_t [C]); grad_t is all zeros unless compute_grad_t.
+        "float eps, Tensor? edge_attr=None, Tensor? perm=None, Tensor? perm_t=None) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Backward walks the transposed CSR: each row of grad_x and of grad_edge_attr has one writer, no
+  // atomics.  perm_t[k] is the edge id of transposed-CSR position k.
+  // Returns (grad_x [N, C], grad_t [C], grad_edge_attr [E, C], or [0] without edge_attr); grad_t is
+  // all zeros unless compute_grad_t.
   m.def("msg_pass_backward(Tensor grad_out, Tensor x, Tensor out, Tensor row_max, Tensor row_sum, "
-        "Tensor rowptr_t, Tensor col_t, Tensor t, float eps, bool compute_grad_t) -> (Tensor, Tensor)");
+        "Tensor rowptr_t, Tensor col_t, Tensor t, float eps, bool compute_grad_t, "
+        "Tensor? edge_attr=None, Tensor? perm_t=None) -> (Tensor, Tensor, Tensor)");
   // part_pool: softmax over H*W of the part logits (groups @ heatmaps) / temperature, then the
   // probability-weighted sum of the features.  groups = None is the identity (P = J).
   // Returns (out [B, P, C], lse [B, P]): the log-sum-exp of the logits of every (image, part), saved

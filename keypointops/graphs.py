@@ -4,7 +4,9 @@ the adjacency builders of the graph convolutions.
 ``Graph`` stores a graph as a CSR over *incoming* edges: the sources of the edges into node ``v``
 are ``col[rowptr[v]:rowptr[v + 1]]``.  It also holds the transposed CSR (the targets of the edges
 leaving each node), built once at construction, which the backward kernels walk so that they need
-no atomics.  ``edge_index`` follows PyTorch Geometric: row 0 the source, row 1 the target.
+no atomics, and the edge permutations of both CSRs (CSR position -> edge id in the order the graph
+was given), through which the ops read per-edge features in that order, in place.
+``edge_index`` follows PyTorch Geometric: row 0 the source, row 1 the target.
 """
 from __future__ import annotations
 
@@ -90,12 +92,13 @@ def skeleton(name: str | Skeleton) -> Skeleton:
     return SKELETONS[name]
 
 
-def _csr_from_targets(sources: Tensor, targets: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
-    """CSR grouped by ``targets`` (stable: edges keep their relative order within a group)."""
+def _csr_from_targets(sources: Tensor, targets: Tensor, num_nodes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR grouped by ``targets`` (stable: edges keep their relative order within a group):
+    ``(rowptr, col, perm)`` with ``perm[k]`` the index into ``sources`` of CSR position ``k``."""
     order = torch.argsort(targets, stable=True)
     rowptr = torch.searchsorted(targets[order],
                                 torch.arange(num_nodes + 1, device=targets.device, dtype=targets.dtype))
-    return rowptr, sources[order].contiguous()
+    return rowptr, sources[order].contiguous(), order
 
 
 class Graph:
@@ -107,12 +110,17 @@ class Graph:
         validate: check the index contents (one pass over the indices; skipped under
             ``torch.compile`` tracing).
 
+    Edge ids: a graph built from an ``edge_index`` numbers its edges in that ``edge_index``'s
+    order, one built from ``(rowptr, col)`` in CSR order; per-edge features (``edge_attr`` of
+    :func:`keypointops.msg_pass`) are rows in that order.  ``perm`` / ``perm_t`` (``[E]`` int64)
+    give the edge id of every position of the CSR / transposed CSR.
+
     Build one with :meth:`from_edge_index` or :meth:`spatial_temporal`; reuse it across calls
     (construction sorts the edges once; the ops never do).
     """
 
     def __init__(self, rowptr: Tensor, col: Tensor, *, validate: bool = True,
-                 _transposed: tuple[Tensor, Tensor] | None = None):
+                 _transposed: tuple[Tensor, Tensor, Tensor] | None = None, _perm: Tensor | None = None):
         _check_index_tensor(rowptr, "rowptr")
         _check_index_tensor(col, "col")
         if rowptr.numel() < 1:
@@ -127,7 +135,8 @@ class Graph:
         if _transposed is None:
             dst = self.targets()
             _transposed = _csr_from_targets(dst, self.col, self.num_nodes)
-        self.rowptr_t, self.col_t = _transposed
+        self.rowptr_t, self.col_t, self.perm_t = _transposed
+        self.perm = torch.arange(self.num_edges, device=self.device) if _perm is None else _perm
 
     @property
     def num_nodes(self) -> int:
@@ -157,14 +166,18 @@ class Graph:
     def to(self, device: torch.device | str) -> "Graph":
         """A copy on ``device`` (the transposed CSR is moved, not rebuilt)."""
         return Graph(self.rowptr.to(device), self.col.to(device), validate=False,
-                     _transposed=(self.rowptr_t.to(device), self.col_t.to(device)))
+                     _transposed=(self.rowptr_t.to(device), self.col_t.to(device), self.perm_t.to(device)),
+                     _perm=self.perm.to(device))
 
     def __repr__(self) -> str:
         return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges}, device={self.device})"
 
     @classmethod
     def from_edge_index(cls, edge_index: Tensor, num_nodes: int | None = None) -> "Graph":
-        """From a PyG-style ``edge_index`` ``[2, E]`` (row 0 source, row 1 target)."""
+        """From a PyG-style ``edge_index`` ``[2, E]`` (row 0 source, row 1 target), int64 or int32;
+        edge ``e`` of the graph is column ``e`` of ``edge_index``."""
+        if isinstance(edge_index, Tensor) and edge_index.dtype == torch.int32:
+            edge_index = edge_index.long()
         _check_index_tensor(edge_index, "edge_index", dim=2)
         if edge_index.size(0) != 2:
             raise ValueError(f"Graph: edge_index must be [2, E], got {list(edge_index.shape)}")
@@ -176,9 +189,9 @@ class Graph:
                 raise ValueError(f"Graph: edge_index holds node indices in [{lo}, {hi}], out of range "
                                  f"[0, {num_nodes})")
         src, dst = edge_index[0], edge_index[1]
-        rowptr, col = _csr_from_targets(src, dst, num_nodes)
+        rowptr, col, perm = _csr_from_targets(src, dst, num_nodes)
         transposed = _csr_from_targets(dst, src, num_nodes)
-        return cls(rowptr, col, validate=False, _transposed=transposed)
+        return cls(rowptr, col, validate=False, _transposed=transposed, _perm=perm)
 
     @classmethod
     def spatial_temporal(cls, skeleton_name: str | Skeleton, frames: int, batch: int = 1,

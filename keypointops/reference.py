@@ -17,13 +17,20 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: float = 1e-7) -> Tensor:
-    """``out[v] = sum_{u in N(v)} softmax_u(t * m_u) * m_u`` with ``m = relu(x) + eps``; 0 if N(v) is empty."""
+def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: float = 1e-7, *,
+             edge_attr: Tensor | None = None) -> Tensor:
+    """``out[v] = sum_{u in N(v)} softmax_u(t * m_uv) * m_uv`` with ``m_uv = relu(x_u + e_uv) + eps``
+    (``e_uv`` row ``e`` of ``edge_attr`` for edge ``e``, 0 without it); 0 if N(v) is empty."""
     num_nodes, channels = x.shape
-    edge_index = graph.edge_index if isinstance(graph, Graph) else graph
-    src, dst = edge_index[0], edge_index[1]
     dtype = _accumulation_dtype(x.dtype)
-    messages = (x.to(dtype).relu() + eps)[src]                                  # [E, C]
+    if isinstance(graph, Graph):  # the graph's edge order, which edge_attr follows
+        src, dst = graph.edge_index[:, torch.argsort(graph.perm)]
+    else:
+        src, dst = graph[0].long(), graph[1].long()
+    if edge_attr is None:
+        messages = x.to(dtype)[src].relu() + eps                                # [E, C]
+    else:
+        messages = (x.to(dtype)[src] + edge_attr.to(dtype)).relu() + eps
     t = t.to(dtype).reshape(-1) if isinstance(t, Tensor) else torch.tensor(t, dtype=dtype)
     logits = messages * t
     index = dst[:, None].expand_as(logits)

@@ -67,6 +67,9 @@ def msg_pass(dtype) -> None:
     t = (torch.rand(37, generator=gen) + 0.5).to(DEVICE)
     _forward_backward(lambda x_, t_: keypointops.msg_pass(x_, graph, t_, backend=DEVICE),
                       lambda x_, t_: reference.msg_pass(x_, graph, t_), [x, t], dtype)
+    edge_attr = torch.randn(graph.num_edges, 37, generator=gen).to(DEVICE, dtype)   # in edge_index order
+    _forward_backward(lambda x_, e_, t_: keypointops.msg_pass(x_, graph, t_, edge_attr=e_, backend=DEVICE),
+                      lambda x_, e_, t_: reference.msg_pass(x_, graph, t_, edge_attr=e_), [x, edge_attr, t], dtype)
 
 
 def part_pool(dtype) -> None:
