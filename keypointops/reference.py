@@ -49,21 +49,26 @@ def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None,
     return out.to(features.dtype)
 
 
-def window_graph_conv(x: Tensor, adj: Tensor, window: int, dilation: int = 1) -> Tensor:
-    """``out[b, t, i] = sum_j adj[.., i, j] * x[b, t - pad + (j // N) * dilation, j % N]`` (zero padded).
+def window_graph_conv(x: Tensor, adj: Tensor, window: int, dilation: int = 1, stride: int = 1) -> Tensor:
+    """``out[b, t, i] = sum_j adj[.., i, j] * x[b, t * stride - pad + (j // N) * dilation, j % N]``
+    (zero padded), ``pad = (window - 1) * dilation // 2``, for the ``T'`` windows of ``nn.Unfold``
+    over the padded frames; ``adj`` has ``R = S * L`` rows.
 
-    Builds the unfolded windows ``[B, T, L, C]`` explicitly (gather of the frames of every window,
+    Builds the unfolded windows ``[B, T', L, C]`` explicitly (gather of the frames of every window,
     zeroed where the frame is outside ``[0, T)``), then multiplies by ``adj``.
     """
     batch, frames, nodes, channels = x.shape
     size = window * nodes
     pad = (window - 1) * dilation // 2
+    reach = frames + 2 * pad - (window - 1) * dilation
+    windows_out = 0 if reach <= 0 else (reach - 1) // stride + 1
     dtype = _accumulation_dtype(x.dtype)
     slots = torch.arange(window, device=x.device)
-    window_frames = torch.arange(frames, device=x.device)[:, None] - pad + slots[None] * dilation
-    inside = (window_frames >= 0) & (window_frames < frames)                      # [T, window]
-    windows = x.to(dtype)[:, window_frames.clamp(0, max(frames - 1, 0))]           # [B, T, window, N, C]
-    windows = (windows * inside[None, :, :, None, None]).reshape(batch, frames, size, channels)
+    starts = torch.arange(windows_out, device=x.device) * stride - pad
+    window_frames = starts[:, None] + slots[None] * dilation                       # [T', window]
+    inside = (window_frames >= 0) & (window_frames < frames)
+    windows = x.to(dtype)[:, window_frames.clamp(0, max(frames - 1, 0))]           # [B, T', window, N, C]
+    windows = (windows * inside[None, :, :, None, None]).reshape(batch, windows_out, size, channels)
     a = adj.to(dtype)
     if a.dim() == 2:
         out = torch.einsum("ij,btjc->btic", a, windows)

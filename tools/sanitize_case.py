@@ -19,6 +19,7 @@ import torch
 
 import keypointops
 from keypointops import reference
+from keypointops._opdefs.window_graph_conv import window_count
 from keypointops.graphs import Graph
 
 DEVICE = os.environ.get("SANITIZE_CASE_DEVICE", "cuda")
@@ -84,13 +85,15 @@ def part_pool(dtype) -> None:
 def window_graph_conv(dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 4, 37, generator=gen).to(DEVICE, dtype)
-    for window, dilation in ((3, 1), (5, 2)):
-        size = window * 4
-        for shape in ((size, size), (2, size, size), (2, 5, size, size)):
+    for window, dilation, stride, scales in ((3, 1, 1, 1), (5, 2, 1, 1), (4, 1, 2, 3)):
+        size, windows = window * 4, window_count(5, window, dilation, stride)
+        for shape in ((scales * size, size), (2, scales * size, size), (2, windows, scales * size, size)):
             adj = (torch.randn(shape, generator=gen) / size).to(DEVICE, dtype)
             _forward_backward(
-                lambda x_, a: keypointops.window_graph_conv(x_, a, window, dilation=dilation, backend=DEVICE),
-                lambda x_, a: reference.window_graph_conv(x_, a, window, dilation=dilation), [x, adj], dtype)
+                lambda x_, a: keypointops.window_graph_conv(x_, a, window, dilation=dilation, stride=stride,
+                                                            backend=DEVICE),
+                lambda x_, a: reference.window_graph_conv(x_, a, window, dilation=dilation, stride=stride),
+                [x, adj], dtype)
 
 
 CASES = {"keypoint_gather": keypoint_gather, "msg_pass": msg_pass, "part_pool": part_pool,
