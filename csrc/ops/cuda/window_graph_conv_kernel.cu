@@ -15,10 +15,10 @@
 // 256 threads per block, each accumulating a 4 x 4 micro-tile (rows ty + 16 r, columns tx + 16 s)
 // over k-steps of 16 staged in shared memory; float32 accumulation for half/bfloat16 (float64 for
 // float64).  Memory: the outputs, plus the [chunks, R, L] partials of a shared adj's gradient.
-// Occupancy: at most 128 registers per thread (float64; 48-80 for float32 and 16-bit), so at least
-// 2 blocks of 256 threads per SM.
-// Local memory: at most 64 bytes per thread, where ptxas spills in grad_adj (float64 on sm_90: 64 bytes;
-// 16 bytes for float32 and 16-bit) and grad_x (float32 on sm_90; bench/results/cuda-resources.md).
+// Occupancy: at most 128 registers per thread (float64: 78-114; 48-64 for float32 and 16-bit), so
+// at least 2 blocks of 256 threads per SM.
+// Local memory: at most 8 bytes per thread, where ptxas spills in grad_x (float32 and 16-bit:
+// 4-8 bytes; bench/results/cuda-resources.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
