@@ -51,8 +51,10 @@ def keypoint_gather(dtype) -> None:
     valid = (torch.rand(3, 9, generator=gen) > 0.2).to(DEVICE)
     for layout in (torch.contiguous_format, torch.channels_last):
         features = torch.randn(3, 37, 7, 5, generator=gen).to(DEVICE, dtype).contiguous(memory_format=layout)
-        for roi_size, ratio, aligned in ((1.0, 1, False), (0.0, 1, True), (6.0, 2, True), (9.0, -1, False)):
-            kwargs = dict(roi_size=roi_size, sampling_ratio=ratio, aligned=aligned, valid=valid)
+        sizes = (torch.rand(3, 9, 2, generator=gen) * 12).to(DEVICE)
+        for roi_size, ratio, aligned, bins in ((1.0, 1, False, None), (0.0, 1, True, None), (6.0, 2, True, None),
+                                               (9.0, -1, False, None), (sizes, 2, True, 3), (sizes, -1, False, 2)):
+            kwargs = dict(roi_size=roi_size, sampling_ratio=ratio, aligned=aligned, valid=valid, output_size=bins)
             _forward_backward(
                 lambda f: keypointops.keypoint_gather(f, keypoints, 0.25, backend=DEVICE, **kwargs),
                 lambda f: reference.keypoint_gather(f, keypoints.float(), 0.25, **kwargs), [features], dtype)
