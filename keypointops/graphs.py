@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Graph", "Skeleton", "SKELETONS", "skeleton", "normalize_adjacency", "block_adjacency"]
+__all__ = ["Graph", "Skeleton", "SKELETONS", "skeleton", "normalize_adjacency", "block_adjacency",
+           "multiscale_adjacency"]
 
 
 @dataclass(frozen=True)
@@ -297,3 +298,41 @@ def block_adjacency(adj: Tensor, window: int) -> Tensor:
         raise ValueError(f"block_adjacency: window must be an int >= 1, got {window!r}")
     with_loops = adj + torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device)
     return with_loops.repeat(*([1] * (adj.dim() - 2)), window, window)
+
+
+def multiscale_adjacency(adj: Tensor, num_scales: int, *, disentangled: bool = True) -> Tensor:
+    """MS-G3D's multi-scale adjacency (Liu et al., "Disentangling and Unifying Graph Convolutions
+    for Skeleton-Based Action Recognition", CVPR 2020): ``S`` normalised ``[L, L]`` adjacencies
+    stacked as ``[S * L, L]``, scale ``s`` in rows ``s * L .. (s + 1) * L - 1``.
+
+    ``disentangled=True`` (MS-G3D's default): scale ``k`` links the nodes exactly ``k`` hops apart
+    in ``adj`` (reachable in ``k`` steps of ``A + I`` but not in ``k - 1``), plus self loops; scale
+    0 is the identity.  ``disentangled=False``: scale ``k`` is the ``k``-th power of the
+    normalised ``adj`` (``adj`` must then hold its self loops).  Every disentangled scale is
+    normalised ``D^-1/2 A D^-1/2`` (:func:`normalize_adjacency` without added self loops, row sums
+    as degrees).  :func:`keypointops.window_graph_conv` takes the result as its ``[S * L, L]``
+    adjacency and reads each window once for all the scales.
+
+    Args:
+        adj: ``[L, L]`` 0/1 adjacency, e.g. ``block_adjacency(A, window)`` for MS-G3D's G3D.
+        num_scales: ``S >= 1``.
+        disentangled: see above.
+    """
+    _check_square(adj, "adj", "multiscale_adjacency")
+    if adj.dim() != 2:
+        raise ValueError(f"multiscale_adjacency: adj must be [L, L], got shape {list(adj.shape)}")
+    if isinstance(num_scales, bool) or not isinstance(num_scales, int) or num_scales < 1:
+        raise ValueError(f"multiscale_adjacency: num_scales must be an int >= 1, got {num_scales!r}")
+    eye = torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device)
+    if not disentangled:
+        normalised = normalize_adjacency(adj, add_self_loops=False)
+        powers = [eye]
+        for _ in range(1, num_scales):
+            powers.append(powers[-1] @ normalised)
+        return torch.cat(powers)
+    scales, reach, step = [eye], eye, adj + eye        # reach: linked in at most k - 1 steps
+    for _ in range(1, num_scales):
+        farther = (reach @ step).clamp(max=1)            # linked in at most k steps
+        scales.append(normalize_adjacency(farther - reach, add_self_loops=True))
+        reach = farther
+    return torch.cat(scales)

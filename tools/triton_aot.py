@@ -109,18 +109,20 @@ def keypoint_gather_variants():
         acc_torch, acc = kg._accumulation(dtype)
         keypoints = acc_torch  # keypoints are float32 (float64 beside float64 features)
         valid = torch.bool if has_valid else keypoints  # without valid: keypoints as placeholder
+        sizes = acc_torch  # box sides per keypoint, in the accumulation dtype
         for block_c in _pow2_range(kg._block_c(1), kg.MAX_BLOCK_C):
             constexprs = dict(ALIGNED=aligned, ADAPTIVE=adaptive, HAS_VALID=has_valid, ACC=acc,
                               EPS=kg._epsilon(acc), BLOCK_C=block_c)
             label = (f"{_name(dtype)} aligned={aligned} adaptive={adaptive} valid={has_valid} "
                      f"BLOCK_C={block_c}")
-            scalars = dict(spatial_scale="fp64", half_size="fp64")
+            scalars = dict(spatial_scale="fp64")
             yield _variant(kg, "_forward_kernel", label,
-                           dict(features_ptr=dtype, keypoints_ptr=keypoints, valid_ptr=valid, out_ptr=dtype),
+                           dict(features_ptr=dtype, keypoints_ptr=keypoints, valid_ptr=valid, sizes_ptr=sizes,
+                                out_ptr=dtype),
                            constexprs, scalars)
             # backward: grad_out in the data dtype, the gradient buffer in the accumulation dtype
             yield _variant(kg, "_backward_kernel", label,
-                           dict(grad_out_ptr=dtype, keypoints_ptr=keypoints, valid_ptr=valid,
+                           dict(grad_out_ptr=dtype, keypoints_ptr=keypoints, valid_ptr=valid, sizes_ptr=sizes,
                                 grad_ptr=acc_torch), constexprs, scalars)
 
 
