@@ -459,18 +459,19 @@ def test_edge_attr_follows_the_graph_edge_order(device, backend):
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_edge_attr_gradcheck(device, backend):
     gen = torch.Generator().manual_seed(15)
-    edge_index = shuffled_edge_index(11, 35, seed=3, device=device)
-    x = torch.randn(11, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    edge_attr = torch.randn(edge_index.size(1), 5, generator=gen, dtype=torch.float64)
+    edge_index = shuffled_edge_index(7, 14, seed=3, device=device)
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    edge_attr = torch.randn(edge_index.size(1), 3, generator=gen, dtype=torch.float64).to(device)
     # Keep x_u + e_uv away from 0 where relu has a kink that finite differences straddle.
-    edge_attr = edge_attr.to(device)
     pre = x.detach()[edge_index[0]] + edge_attr
     edge_attr = (edge_attr + 0.3 * pre.sign() * (pre.abs() < 0.3)).requires_grad_()
-    t = torch.tensor([0.5, 1.0, 2.0, -1.0, 0.0], dtype=torch.float64, device=device, requires_grad=True)
-    graph = Graph.from_edge_index(edge_index, 11)
+    t = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64, device=device, requires_grad=True)
+    graph = Graph.from_edge_index(edge_index, 7)
+    # The interpreter runs every op of every program in Python: there the randomised (fast) mode;
+    # the Triton gradients are also checked entry by entry against the reference above.
     assert torch.autograd.gradcheck(
         lambda x, e, t: keypointops.msg_pass(x, graph, t, edge_attr=e, backend=backend),
-        (x, edge_attr, t), atol=1e-6)
+        (x, edge_attr, t), atol=1e-6, fast_mode=backend == "triton" and device == "cpu")
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
