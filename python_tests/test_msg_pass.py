@@ -271,10 +271,12 @@ def test_triton_gpu_tile_shapes_in_the_interpreter(monkeypatch):
         torch.testing.assert_close(g, w, **tolerances(torch.float64))
 
 
-@pytest.mark.parametrize("device,backend", gpu_kernel_params())
+@pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision(device, backend, dtype):
-    """float16/bfloat16 x: float32 accumulation and statistics; out and grad_x in x's dtype."""
+    """float16/bfloat16 x: float32 accumulation and statistics; out and grad_x in x's dtype, within
+    :func:`tolerances` of that dtype (bfloat16: 2e-2, float16: 1e-2) of the reference; grad_t
+    (float32) within the bound below.  An empty graph and zero channels included."""
     gen = torch.Generator().manual_seed(10)
     graph = random_graph(37, 130, device=device)
     x = (torch.randn(37, 24, generator=gen) * 2).to(device, dtype).requires_grad_()
@@ -295,6 +297,12 @@ def test_reduced_precision(device, backend, dtype):
     # nodes of terms centred on out, is off by up to u * sum_v |grad_out_v| * out_v^2 per channel.
     bound = torch.finfo(dtype).eps / 2 * (grad.float().abs() * expected.float() ** 2).sum(0)
     assert ((grad_t - want_t).abs() <= bound + 1e-4 * (1 + want_t.abs())).all()
+    no_edges = torch.empty(2, 0, dtype=torch.long, device=device)
+    assert (keypointops.msg_pass(x, no_edges, t, backend=backend) == 0).all()
+    no_channels = x[:, :0].detach().requires_grad_()
+    out = keypointops.msg_pass(no_channels, graph, t[:0], backend=backend)
+    assert out.shape == (37, 0) and out.dtype == dtype
+    assert torch.autograd.grad(out.sum(), no_channels)[0].shape == (37, 0)
 
 
 @pytest.mark.parametrize("device,backend", gpu_kernel_params())

@@ -28,7 +28,8 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
     channel) max and sum and walks the cached transposed CSR (no atomics, deterministic).
 
     Args:
-        x: ``[N, C]`` node features, float32 or float64 (float16/bfloat16 on CUDA).
+        x: ``[N, C]`` node features, float32, float64, float16 or bfloat16 (the last two summed
+            in float32 by every backend).
         graph: a :class:`keypointops.Graph` (CSR over incoming edges; build it once and reuse it)
             or a PyG ``edge_index`` ``[2, E]`` (row 0 source, row 1 target), converted each call.
         t: inverse temperature: a float, a 0-dim or ``[1]`` tensor, or a ``[C]`` tensor (one per
@@ -41,10 +42,9 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
         ``[N, C]`` tensor of ``x``'s dtype.
 
     Autocast: under ``torch.autocast`` the op computes in the dtype of ``x`` (bfloat16 or float16
-    with float32 accumulation; a tensor ``t`` is taken in float32), except on the compiled CPU
-    kernels, which compute and return float32.
+    with float32 accumulation; a tensor ``t`` is taken in float32) on every backend.
     """
-    x = autocast.cast(x, autocast.compute_dtype("msg_pass", x, backend))
+    x = autocast.cast(x, autocast.compute_dtype(x))
     graph = check_args(x, graph, t, eps)
     backend = resolve_backend("msg_pass", backend, x.device)
     if backend == "reference":
