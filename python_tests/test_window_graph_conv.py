@@ -96,6 +96,8 @@ def test_reduced_precision(device, backend, dtype, adj_kind):
     out within :func:`tolerances` of that dtype (bfloat16: 2e-2, float16: 1e-2) of the float32
     reference of the same values, the gradients (sums of up to 3 * L or C rounded products, each
     output rounded once) within 5e-2 (adj: atol 0.2 for its larger entries)."""
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes tl.dot wrong for bfloat16 (triton-lang/triton#11584)")
     x, adj = make_inputs(2, 5, 7, 40, 3, adj_kind, device=device, seed=2)
     adj = adj / 8
     x16, adj16 = x.to(dtype).requires_grad_(), adj.to(dtype).requires_grad_()
