@@ -114,6 +114,12 @@ void broadcast_block(const left_t* const* left, const acc_t<left_t>* packed, int
   }
   for (int r = 0; r < kRows; ++r) {
     out_t* o = out + (m0 + r) * ld_out + n0;
+    if constexpr (is_reduced_precision<out_t>) {
+      if (count == 2 * VL) {  // both vectors rounded into one 16-bit vector, one full store
+        at::vec::convert_from_float<out_t>(acc0[r], acc1[r]).store(o);
+        continue;
+      }
+    }
     store_acc(acc0[r], o, count0);
     if (count1 > 0) store_acc(acc1[r], o + VL, count1);
   }
@@ -145,8 +151,14 @@ void broadcast_gemm(Terms<left_t, right_t>& terms, int64_t stride, int64_t M, in
       const int64_t count = std::min(kCols, N - n0);
       for (int64_t k = k0; k < k1; ++k) {
         acc* row = packed + (k - k0) * kCols;
-        std::copy_n(terms.right[k] + n0, count, row);  // widens 16-bit rows
-        std::fill(row + count, row + kCols, acc(0));
+        if constexpr (is_reduced_precision<right_t>) {  // widened a vector at a time, zeros past N
+          constexpr int64_t VL = AccVec<right_t>::size();
+          load_acc(terms.right[k] + n0, std::min(VL, count)).store(row);
+          load_acc(terms.right[k] + n0 + VL, std::max<int64_t>(count - VL, 0)).store(row + VL);
+        } else {
+          std::copy_n(terms.right[k] + n0, count, row);
+          std::fill(row + count, row + kCols, acc(0));
+        }
       }
       for (int64_t block = 0, m0 = 0; block < blocks; ++block) {
         const int64_t rows = M / blocks + (block < M % blocks ? 1 : 0);
