@@ -10,6 +10,13 @@ untimed):
   keypoint: KMPNet's own setting (box [x, y, x+1, y+1], aligned=False, sampling_ratio=1, i.e.
   keypoints + 0.5 with roi_size=1) and a plain point sample (roi_size=0, aligned=True).  The
   grid_sample baseline then takes its single sample directly (no mean over samples).
+
+Patches (test_keypoint_patches): 3 x 3 RoIAlign patches (output_size=3, sampling_ratio=2: 36
+bilinear samples per keypoint) at KMPNet stage 1 with its 12 keypoints, boxes of 12 input pixels
+(3 feature pixels: one per bin), and the same with a box per keypoint ([B, K] sizes, 8-16 input
+pixels, as scaled by a person's height).  Result [B, K, C, 3, 3].  The baseline is the plain-PyTorch
+equivalent of roi_align: every bin's sample grid through F.grid_sample, the mean per bin, the
+[B, C, K, 3, 3] result permuted to [B, K, C, 3, 3]; torchvision's roi_align + reshape when installed.
 """
 import pytest
 import torch
@@ -116,6 +123,95 @@ def test_keypoint_gather(measure, case, impl, backward, device):
     forward = make_forward(impl, spatial_scale, spec)
     with torch.no_grad():
         expected = make_forward("reference", spatial_scale, spec)(features[:2], keypoints[:2])
+        torch.testing.assert_close(forward(features[:2], keypoints[:2]), expected, rtol=1e-4, atol=1e-4)
+    measure(make_fn(forward, features, keypoints, backward),
+            group=f"keypoint_gather {case} {'fwd+bwd' if backward else 'fwd'} {device}",
+            impl=impl, device=device, baseline=impl == "grid_sample")
+
+
+PATCH_CASES = {
+    "stage1_patch3": dict(channels=32 if SMALL else 256, height=64, width=32, stride=4, keypoints=12,
+                          roi_size=12.0, sampling_ratio=2, aligned=True, output_size=3, per_keypoint=False),
+    "stage1_patch3_sizes": dict(channels=32 if SMALL else 256, height=64, width=32, stride=4, keypoints=12,
+                                roi_size=12.0, sampling_ratio=2, aligned=True, output_size=3, per_keypoint=True),
+}
+
+
+def patch_sizes(spec, keypoints):
+    """Box sides [B, K] of the case: its roi_size, or per keypoint 8-16 input pixels."""
+    if not spec["per_keypoint"]:
+        return torch.full(keypoints.shape[:2], spec["roi_size"], device=keypoints.device)
+    gen = torch.Generator().manual_seed(1)
+    return (8 + 8 * torch.rand(keypoints.shape[:2], generator=gen)).to(keypoints.device)
+
+
+def grid_sample_patches(features, keypoints, sizes, spatial_scale, spec):
+    """What a user without torchvision writes for S x S patches: per bin its r x r sample grid
+    (RoIAlign's, aligned), F.grid_sample, the mean per bin, permute to [B, K, C, S, S]."""
+    batch, channels, height, width = features.shape
+    bins, ratio = spec["output_size"], spec["sampling_ratio"]
+    start = (keypoints - sizes[..., None] / 2) * spatial_scale - 0.5                  # [B, K, 2]
+    bin_size = (sizes * spatial_scale / bins)[..., None]                             # [B, K, 1]
+    offsets = (torch.arange(bins, device=features.device, dtype=features.dtype)[:, None]
+               + (torch.arange(ratio, device=features.device, dtype=features.dtype) + 0.5) / ratio).flatten()
+    xs = start[..., 0, None] + offsets * bin_size                                    # [B, K, S*r]
+    ys = start[..., 1, None] + offsets * bin_size
+    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), -1)   # [B, K, S*r, S*r, 2]
+    size = torch.tensor([width, height], device=features.device, dtype=features.dtype)
+    grid = ((2 * grid + 1) / size - 1).reshape(batch, -1, bins * ratio, 2)
+    samples = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    samples = samples.view(batch, channels, -1, bins, ratio, bins, ratio).mean((4, 6))   # [B, C, K, S, S]
+    return samples.permute(0, 2, 1, 3, 4)
+
+
+def torchvision_patches(features, keypoints, sizes, spatial_scale, spec):
+    batch, channels = features.shape[:2]
+    num_keypoints = keypoints.shape[1]
+    image = torch.arange(batch, device=features.device, dtype=features.dtype).repeat_interleave(num_keypoints)
+    points, half = keypoints.reshape(-1, 2), sizes.reshape(-1, 1) / 2
+    boxes = torch.cat([image[:, None], points - half, points + half], 1)
+    out = roi_align(features, boxes, spec["output_size"], spatial_scale, spec["sampling_ratio"], spec["aligned"])
+    return out.view(batch, num_keypoints, channels, spec["output_size"], spec["output_size"])
+
+
+def make_patch_forward(impl, spatial_scale, spec, sizes):
+    """forward(features, keypoints) -> [B, K, C, S, S] of one implementation."""
+    if impl == "grid_sample":
+        return lambda f, k: grid_sample_patches(f, k, sizes[:k.shape[0]], spatial_scale, spec)
+    if impl == "torchvision":
+        return lambda f, k: torchvision_patches(f, k, sizes[:k.shape[0]], spatial_scale, spec)
+    backend = {"triton": "triton", "reference": "reference"}.get(impl, "auto")
+    return lambda f, k: keypointops.keypoint_gather(
+        f, k, spatial_scale, roi_size=sizes[:k.shape[0]] if spec["per_keypoint"] else spec["roi_size"],
+        sampling_ratio=spec["sampling_ratio"], aligned=spec["aligned"], output_size=spec["output_size"],
+        backend=backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(PATCH_CASES))
+def test_keypoint_patches(measure, case, impl, backward, device):
+    if impl == "triton" and (not triton_available(torch.device(device)) or device == "cpu"):
+        pytest.skip("Triton runs on GPU (interpreted on CPU it takes minutes over the patches' bins even "
+                    "at the smoke size; python_tests/test_keypoint_gather.py runs it on small cases)")
+    if impl == "torchvision" and roi_align is None:
+        pytest.skip("torchvision is not installed")
+    spec = PATCH_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(IMAGES, spec["channels"], spec["height"], spec["width"], generator=gen).to(device)
+    # Boxes inside the map (up to 16 input pixels = 4 feature pixels wide), where every
+    # implementation computes the same thing.
+    low = torch.tensor([2.0, 2.0]) * spec["stride"]
+    span = torch.tensor([spec["width"] - 5.0, spec["height"] - 5.0]) * spec["stride"]
+    keypoints = (low + torch.rand(IMAGES, spec["keypoints"], 2, generator=gen) * span).to(device)
+    spatial_scale = 1.0 / spec["stride"]
+    if impl == "keypointops-channels_last":
+        features = features.contiguous(memory_format=torch.channels_last)
+    sizes = patch_sizes(spec, keypoints)
+    forward = make_patch_forward(impl, spatial_scale, spec, sizes)
+    with torch.no_grad():
+        expected = make_patch_forward("reference", spatial_scale, spec, sizes)(features[:2], keypoints[:2])
         torch.testing.assert_close(forward(features[:2], keypoints[:2]), expected, rtol=1e-4, atol=1e-4)
     measure(make_fn(forward, features, keypoints, backward),
             group=f"keypoint_gather {case} {'fwd+bwd' if backward else 'fwd'} {device}",

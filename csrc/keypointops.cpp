@@ -21,12 +21,20 @@ TORCH_LIBRARY(keypointops, m) {
   // Returns (out [N, C], row_max [N, C], row_sum [N, C]): per (node, channel) the message of the
   // largest logit (the softmax is shifted by t*row_max) and the sum of exp(t*(m - row_max)), saved
   // for backward (float32 for reduced precision inputs).
+  // With edge_attr [E, C] the message of CSR position k (edge id perm[k]) is
+  // relu(x[col[k]] + edge_attr[perm[k]]) + eps: edge_attr is read in place in its own edge order.
+  // perm_t (the edge ids of the transposed CSR) is, like rowptr_t and col_t, only checked and
+  // passed on for backward.
   m.def("msg_pass(Tensor x, Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor t, "
-        "float eps) -> (Tensor, Tensor, Tensor)");
-  // Backward walks the transposed CSR: each row of grad_x has one writer, no atomics.
-  // Returns (grad_x [N, C], grad_t [C]); grad_t is all zeros unless compute_grad_t.
+        "float eps, Tensor? edge_attr=None, Tensor? perm=None, Tensor? perm_t=None) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Backward walks the transposed CSR: each row of grad_x and of grad_edge_attr has one writer, no
+  // atomics.  perm_t[k] is the edge id of transposed-CSR position k.
+  // Returns (grad_x [N, C], grad_t [C], grad_edge_attr [E, C], or [0] without edge_attr); grad_t is
+  // all zeros unless compute_grad_t.
   m.def("msg_pass_backward(Tensor grad_out, Tensor x, Tensor out, Tensor row_max, Tensor row_sum, "
-        "Tensor rowptr_t, Tensor col_t, Tensor t, float eps, bool compute_grad_t) -> (Tensor, Tensor)");
+        "Tensor rowptr_t, Tensor col_t, Tensor t, float eps, bool compute_grad_t, "
+        "Tensor? edge_attr=None, Tensor? perm_t=None) -> (Tensor, Tensor, Tensor)");
   // part_pool: softmax over H*W of the part logits (groups @ heatmaps) / temperature, then the
   // probability-weighted sum of the features.  groups = None is the identity (P = J).
   // Returns out [B, P, C]; backward recomputes the probabilities from the inputs.
@@ -34,23 +42,27 @@ TORCH_LIBRARY(keypointops, m) {
   // Returns (grad_features, grad_heatmaps, grad_groups); the ones output_mask leaves out are empty [0].
   m.def("part_pool_backward(Tensor grad_out, Tensor features, Tensor heatmaps, Tensor? groups, "
         "float temperature, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // window_graph_conv: sliding-window block-adjacency graph conv, x [B, T, N, C] and adj [L, L],
-  // [B, L, L] or [B, T, L, L] (L = window * N) -> [B, T, L, C]; window slot w of frame t reads frame
-  // t - (window - 1) * dilation / 2 + w * dilation (zeros outside [0, T)).
-  m.def("window_graph_conv(Tensor x, Tensor adj, int window, int dilation) -> Tensor");
+  // window_graph_conv: sliding-window block-adjacency graph conv, x [B, T, N, C] and adj [R, L],
+  // [B, R, L] or [B, T', R, L] (L = window * N, R = S * L: S stacked scales) -> [B, T', R, C];
+  // slot w of window t reads frame t * stride - (window - 1) * dilation / 2 + w * dilation (zeros
+  // outside [0, T)), T' = floor((T + 2 pad - (window - 1) * dilation - 1) / stride) + 1.
+  m.def("window_graph_conv(Tensor x, Tensor adj, int window, int dilation, int stride) -> Tensor");
   // Backward from x and adj alone (no window tensor saved).  Returns (grad_x, grad_adj); each is an
   // empty [0] tensor when its compute_ flag is false.
   m.def("window_graph_conv_backward(Tensor grad_out, Tensor x, Tensor adj, int window, int dilation, "
-        "bool compute_grad_x, bool compute_grad_adj) -> (Tensor, Tensor)");
-  // keypoint_gather: torchvision RoIAlign (output_size=1) of a roi_size box around each keypoint
-  // (x, y = keypoints[b, k, 0:2]), written node-major [B, K, C]; valid [B, K] bool or None.
-  m.def("keypoint_gather(Tensor features, Tensor keypoints, Tensor? valid, float spatial_scale, "
-        "float roi_size, int sampling_ratio, bool aligned) -> Tensor");
+        "int stride, bool compute_grad_x, bool compute_grad_adj) -> (Tensor, Tensor)");
+  // keypoint_gather: torchvision RoIAlign (output_size S) of a box around each keypoint (x, y =
+  // keypoints[b, k, 0:2]) of side roi_size, or roi_sizes[b, k] = (side x, side y) when given,
+  // written node-major [B, K * S * S, C] (node k * S * S + py * S + px: bin (py, px) of keypoint
+  // k); valid [B, K] bool or None.
+  m.def("keypoint_gather(Tensor features, Tensor keypoints, Tensor? valid, Tensor? roi_sizes, "
+        "float spatial_scale, float roi_size, int sampling_ratio, bool aligned, int output_size) "
+        "-> Tensor");
   // Backward recomputes the sample weights from the keypoints; returns grad_features of
   // features_size, channels_last or contiguous.
   m.def("keypoint_gather_backward(Tensor grad_out, Tensor keypoints, Tensor? valid, "
-        "SymInt[] features_size, bool channels_last, float spatial_scale, float roi_size, "
-        "int sampling_ratio, bool aligned) -> Tensor");
+        "Tensor? roi_sizes, SymInt[] features_size, bool channels_last, float spatial_scale, "
+        "float roi_size, int sampling_ratio, bool aligned, int output_size) -> Tensor");
   // rank_stats (CPU only, used by keypointops.evaluation): per query of a [Q, G] distance matrix,
   // (first true-match rank int64 [Q] (-1: no true match), AP float64 [Q], INP float64 [Q]) under
   // the MARS / torchreid rules (same pid and camera removed, pid -1 junk removed, ties by index).

@@ -14,7 +14,7 @@ The table written to ``OUT/<paper>/ablation.md`` gives, per row, the paper's fig
 +- sample standard deviation over seeds), the difference to the control, the mAP change under
 each corrupted keypoint setting, and whether the direction of the paper's effect is reproduced:
 "yes" (same sign, mean difference larger than the seed spread), "no" (opposite sign, larger than
-the spread) or "unresolved" (within the spread).
+the spread) or "unresolved" (within the spread); with one seed, only the sign is given.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from keypointops.data.corruption import KEYPOINT_CORRUPTIONS, check_corruption
 
-__all__ = ["Row", "Ablation", "ABLATIONS", "run_ablation", "ablation_table", "check_rows"]
+__all__ = ["Row", "Ablation", "ABLATIONS", "run_ablation", "ablation_table", "table_from_runs", "check_rows"]
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,23 @@ def run_ablation(paper: str, out: str | os.PathLike, *, seeds: int = 3, data: st
     return table
 
 
+def table_from_runs(paper: str, out: str | os.PathLike, *, rows: list[str] | None = None, data: str = "") -> str:
+    """The table of the (row, seed) runs already finished under ``out`` (any number of seeds per row;
+    rows with none are left out), written to ``out/<paper>/ablation.md``; trains nothing."""
+    out = Path(out)
+    results = {}
+    for row in check_rows(paper, rows):
+        found = sorted((json.loads(path.read_text()) for path in (out / paper / row.name).glob("seed*/result.json")),
+                       key=lambda result: result["seed"])
+        if found:
+            results[row.name] = found
+    if not results:
+        raise ValueError(f"no finished {paper} ablation run under {out / paper}")
+    table = ablation_table(paper, results, data=data)
+    (out / paper / "ablation.md").write_text(table + "\n")
+    return table
+
+
 def _row(paper: str, name: str) -> Row:
     return next(row for row in ABLATIONS[paper].rows if row.name == name)
 
@@ -239,7 +256,11 @@ def _direction(paper_delta: float | None, ours: list[float]) -> str:
     if paper_delta is None:
         return "-"
     mean, sd = _mean_sd(ours)
-    spread = 0.0 if math.isnan(sd) else sd
+    if math.isnan(sd):  # one seed: no spread to judge the difference against
+        if abs(paper_delta) < 0.5:
+            return "1 seed: no effect" if abs(mean) <= 1.0 else "1 seed: an effect"
+        return f"1 seed: {'same' if (mean > 0) == (paper_delta > 0) else 'opposite'} sign"
+    spread = sd
     if abs(paper_delta) < 0.5:  # the paper reports no effect
         return "yes (no effect)" if abs(mean) <= max(spread, 1.0) else "no"
     if abs(mean) <= spread:
@@ -252,13 +273,15 @@ def ablation_table(paper: str, results: dict[str, list[dict]], *, data: str = ""
     ablation = ABLATIONS[paper]
     rows = [row for row in ablation.rows if row.name in results]
     seeds = max(len(v) for v in results.values())
-    settings = [k for k in KEYPOINT_CORRUPTIONS if k != "as-is" and k in results[rows[0].name][0]["keypoints"]]
+    settings = [k for k in KEYPOINT_CORRUPTIONS   # the settings every run was evaluated with
+                if k != "as-is" and all(k in r["keypoints"] for row in rows for r in results[row.name])]
     main = ablation.columns[ablation.main_column]
-    head = (["row", *[f"paper {c}" for c in ablation.columns], "ours mAP", "ours rank-1", "vs control (mAP)",
+    head = (["row", *[f"paper {c}" for c in ablation.columns], "seeds", "ours mAP", "ours rank-1", "vs control (mAP)",
              f"paper vs control ({main})", "direction"] + [f"{s} (mAP change)" for s in settings])
     lines = [f"### {paper}: {ablation.table}", "",
-             f"{ablation.citation}. Ours: {data or 'synthetic'} data, cpu preset, {seeds} seed(s), mean ± sample "
-             "standard deviation over seeds; keypoint columns: mAP with corrupted test keypoints minus mAP as-is.", "",
+             f"{ablation.citation}. Ours: {data or 'synthetic'} data, cpu preset, up to {seeds} seed(s), mean ± sample "
+             "standard deviation over seeds; vs control: the mean of the per-seed differences over the seeds both rows "
+             "ran; keypoint columns: mAP with corrupted test keypoints minus mAP as-is.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
 
     def maps(name: str, setting: str = "as-is") -> list[float]:
@@ -268,11 +291,13 @@ def ablation_table(paper: str, results: dict[str, list[dict]], *, data: str = ""
         own = maps(row.name)
         cells = [f"{row.name}: {row.label}"]
         cells += [f"{v:.1f}" for v in row.paper] if row.paper else ["-"] * len(ablation.columns)
-        cells += [_fmt(*_mean_sd(own)),
+        cells += [str(len(own)), _fmt(*_mean_sd(own)),
                   _fmt(*_mean_sd([r["keypoints"]["as-is"]["rank1"] for r in results[row.name]]))]
         if row.control and row.control in results:
             control = _row(paper, row.control)
-            deltas = [a - b for a, b in zip(own, maps(row.control))]
+            control_maps = {r["seed"]: r["keypoints"]["as-is"]["mAP"] for r in results[row.control]}
+            deltas = [r["keypoints"]["as-is"]["mAP"] - control_maps[r["seed"]] for r in results[row.name]
+                      if r["seed"] in control_maps]
             paper_delta = (row.paper[ablation.main_column] - control.paper[ablation.main_column]
                            if row.paper and control.paper else None)
             cells += [f"{_fmt(*_mean_sd(deltas))} (vs {row.control})",
@@ -284,6 +309,6 @@ def ablation_table(paper: str, results: dict[str, list[dict]], *, data: str = ""
         for label in row.eval_variants:
             variant = [r["variants"][label]["mAP"] for r in results[row.name]]
             lines.append("| " + " | ".join([f"{row.name}, test embedding {label}"] + ["-"] * len(ablation.columns)
-                                           + [_fmt(*_mean_sd(variant)), "-", "-", "-", "-"]
+                                           + [str(len(variant)), _fmt(*_mean_sd(variant)), "-", "-", "-", "-"]
                                            + ["-"] * len(settings)) + " |")
     return "\n".join(lines)

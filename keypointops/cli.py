@@ -156,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, each with its share of the cores")
     p.add_argument("--keypoints", default=",".join(KEYPOINT_CORRUPTIONS), metavar="SETTINGS",
                    help="comma-separated test-keypoint settings evaluated for every run")
+    p.add_argument("--table-only", action="store_true",
+                   help="write the table of the runs already finished under --out (any seeds per row); train nothing")
     _add_run_options(p)
 
     p = sub.add_parser("export", help="export the inference model, check it against PyTorch")
@@ -392,22 +394,23 @@ def _keypoints(args) -> None:
     dataset = build_dataset(args.data, args.root)
     stats = estimate_dataset(dataset, net, device=torch.device(args.device), batch_size=args.batch_size,
                              height=args.size[0], width=args.size[1], threshold=args.threshold)
-    if stats["frames"] and (dataset.root / "keypoints_cache").is_dir():
-        shutil.rmtree(dataset.root / "keypoints_cache")  # derived from the files just written: rebuilt on next read
     print(f"keypoints of {stats['frames']} frames written; {stats['skipped']} of {stats['tracklets']} tracklets "
           f"already had theirs")
 
 
 def _ablate(args) -> None:
-    from keypointops.ablation import run_ablation
+    from keypointops.ablation import run_ablation, table_from_runs
 
-    table = run_ablation(args.paper, args.out, seeds=args.seeds, data=args.data, root=args.root,
-                         rows=None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()],
-                         jobs=args.jobs, keypoints=tuple(_keypoint_settings(args.keypoints)), workers=args.workers,
-                         threads=args.threads,
-                         max_steps=args.max_steps, train_overrides=_train_overrides(args),
-                         model_overrides=_key_values(args.model_option, "--model-option"),
-                         data_options=_key_values(args.data_option, "--data-option"))
+    rows = None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.table_only:
+        table = table_from_runs(args.paper, args.out, rows=rows, data=args.data)
+    else:
+        table = run_ablation(args.paper, args.out, seeds=args.seeds, data=args.data, root=args.root, rows=rows,
+                             jobs=args.jobs, keypoints=tuple(_keypoint_settings(args.keypoints)),
+                             workers=args.workers, threads=args.threads, max_steps=args.max_steps,
+                             train_overrides=_train_overrides(args),
+                             model_overrides=_key_values(args.model_option, "--model-option"),
+                             data_options=_key_values(args.data_option, "--data-option"))
     print(table)
     print(f"\nwrote {Path(args.out) / args.paper / 'ablation.md'}")
 
@@ -415,7 +418,6 @@ def _ablate(args) -> None:
 def _synth(args) -> None:
     """Generates into a temporary sibling folder renamed into place at the end, so an interrupted run
     leaves no partial dataset at ``--out``; a non-empty ``--out`` is replaced only with ``--replace``."""
-    import shutil
     import tempfile
 
     from keypointops.data.synthetic import DEFAULTS, HARD, generate

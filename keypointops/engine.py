@@ -85,8 +85,10 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
 
 # ----------------------------------------------------------------------------------------- data + model
 
-def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
-    """Builds ``(dataset, train_loader, model)`` of a config (the model on CPU, training mode)."""
+def build_run(config: dict, *, rank: int = 0, world_size: int = 1, initial_weights: bool = True):
+    """Builds ``(dataset, train_loader, model)`` of a config (the model on CPU, training mode).
+    ``initial_weights=False`` skips the config's ``pretrained`` / ``init_from`` loads: a resumed run's
+    checkpoint replaces them, so their files need not exist any more."""
     from keypointops.data import build_dataset, build_loader
     from keypointops.models import build_model
     from keypointops.models.backbones import load_pretrained
@@ -101,9 +103,9 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1):
     torch.manual_seed(config["seed"])  # the initial weights
     with _options_of("--model-option", config["model"], _model_options(config)):
         model = build_model(config["model"], dataset.num_train_pids, **config["model_options"])
-    if config["pretrained"]:
+    if initial_weights and config["pretrained"]:
         load_pretrained(model, config["pretrained"])
-    if config.get("init_from"):
+    if initial_weights and config.get("init_from"):
         init_from_checkpoint(model, config["model"], config["init_from"])
     return dataset, loader, model
 
@@ -374,7 +376,7 @@ def train(config: dict, out: str | os.PathLike, *, resume: bool = False, overwri
     if resume:
         state = load_checkpoint(ckpt_path, config["model"])
         _check_resumable(state["config"], config)
-    dataset, loader, core = build_run(config, rank=rank, world_size=world_size)
+    dataset, loader, core = build_run(config, rank=rank, world_size=world_size, initial_weights=state is None)
     if state is not None and state["num_classes"] != dataset.num_train_pids:
         raise CheckpointError(f"cannot resume {ckpt_path}: it was trained on {state['num_classes']} training "
                               f"identities, the dataset in {config['root']} now has {dataset.num_train_pids}")

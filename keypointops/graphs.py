@@ -4,7 +4,9 @@ the adjacency builders of the graph convolutions.
 ``Graph`` stores a graph as a CSR over *incoming* edges: the sources of the edges into node ``v``
 are ``col[rowptr[v]:rowptr[v + 1]]``.  It also holds the transposed CSR (the targets of the edges
 leaving each node), built once at construction, which the backward kernels walk so that they need
-no atomics.  ``edge_index`` follows PyTorch Geometric: row 0 the source, row 1 the target.
+no atomics, and the edge permutations of both CSRs (CSR position -> edge id in the order the graph
+was given), through which the ops read per-edge features in that order, in place.
+``edge_index`` follows PyTorch Geometric: row 0 the source, row 1 the target.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Graph", "Skeleton", "SKELETONS", "skeleton", "normalize_adjacency", "block_adjacency"]
+__all__ = ["Graph", "Skeleton", "SKELETONS", "skeleton", "normalize_adjacency", "block_adjacency",
+           "multiscale_adjacency"]
 
 
 @dataclass(frozen=True)
@@ -90,12 +93,13 @@ def skeleton(name: str | Skeleton) -> Skeleton:
     return SKELETONS[name]
 
 
-def _csr_from_targets(sources: Tensor, targets: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
-    """CSR grouped by ``targets`` (stable: edges keep their relative order within a group)."""
+def _csr_from_targets(sources: Tensor, targets: Tensor, num_nodes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR grouped by ``targets`` (stable: edges keep their relative order within a group):
+    ``(rowptr, col, perm)`` with ``perm[k]`` the index into ``sources`` of CSR position ``k``."""
     order = torch.argsort(targets, stable=True)
     rowptr = torch.searchsorted(targets[order],
                                 torch.arange(num_nodes + 1, device=targets.device, dtype=targets.dtype))
-    return rowptr, sources[order].contiguous()
+    return rowptr, sources[order].contiguous(), order
 
 
 class Graph:
@@ -107,12 +111,17 @@ class Graph:
         validate: check the index contents (one pass over the indices; skipped under
             ``torch.compile`` tracing).
 
+    Edge ids: a graph built from an ``edge_index`` numbers its edges in that ``edge_index``'s
+    order, one built from ``(rowptr, col)`` in CSR order; per-edge features (``edge_attr`` of
+    :func:`keypointops.msg_pass`) are rows in that order.  ``perm`` / ``perm_t`` (``[E]`` int64)
+    give the edge id of every position of the CSR / transposed CSR.
+
     Build one with :meth:`from_edge_index` or :meth:`spatial_temporal`; reuse it across calls
     (construction sorts the edges once; the ops never do).
     """
 
     def __init__(self, rowptr: Tensor, col: Tensor, *, validate: bool = True,
-                 _transposed: tuple[Tensor, Tensor] | None = None):
+                 _transposed: tuple[Tensor, Tensor, Tensor] | None = None, _perm: Tensor | None = None):
         _check_index_tensor(rowptr, "rowptr")
         _check_index_tensor(col, "col")
         if rowptr.numel() < 1:
@@ -127,7 +136,8 @@ class Graph:
         if _transposed is None:
             dst = self.targets()
             _transposed = _csr_from_targets(dst, self.col, self.num_nodes)
-        self.rowptr_t, self.col_t = _transposed
+        self.rowptr_t, self.col_t, self.perm_t = _transposed
+        self.perm = torch.arange(self.num_edges, device=self.device) if _perm is None else _perm
 
     @property
     def num_nodes(self) -> int:
@@ -157,14 +167,18 @@ class Graph:
     def to(self, device: torch.device | str) -> "Graph":
         """A copy on ``device`` (the transposed CSR is moved, not rebuilt)."""
         return Graph(self.rowptr.to(device), self.col.to(device), validate=False,
-                     _transposed=(self.rowptr_t.to(device), self.col_t.to(device)))
+                     _transposed=(self.rowptr_t.to(device), self.col_t.to(device), self.perm_t.to(device)),
+                     _perm=self.perm.to(device))
 
     def __repr__(self) -> str:
         return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges}, device={self.device})"
 
     @classmethod
     def from_edge_index(cls, edge_index: Tensor, num_nodes: int | None = None) -> "Graph":
-        """From a PyG-style ``edge_index`` ``[2, E]`` (row 0 source, row 1 target)."""
+        """From a PyG-style ``edge_index`` ``[2, E]`` (row 0 source, row 1 target), int64 or int32;
+        edge ``e`` of the graph is column ``e`` of ``edge_index``."""
+        if isinstance(edge_index, Tensor) and edge_index.dtype == torch.int32:
+            edge_index = edge_index.long()
         _check_index_tensor(edge_index, "edge_index", dim=2)
         if edge_index.size(0) != 2:
             raise ValueError(f"Graph: edge_index must be [2, E], got {list(edge_index.shape)}")
@@ -176,9 +190,9 @@ class Graph:
                 raise ValueError(f"Graph: edge_index holds node indices in [{lo}, {hi}], out of range "
                                  f"[0, {num_nodes})")
         src, dst = edge_index[0], edge_index[1]
-        rowptr, col = _csr_from_targets(src, dst, num_nodes)
+        rowptr, col, perm = _csr_from_targets(src, dst, num_nodes)
         transposed = _csr_from_targets(dst, src, num_nodes)
-        return cls(rowptr, col, validate=False, _transposed=transposed)
+        return cls(rowptr, col, validate=False, _transposed=transposed, _perm=perm)
 
     @classmethod
     def spatial_temporal(cls, skeleton_name: str | Skeleton, frames: int, batch: int = 1,
@@ -284,3 +298,41 @@ def block_adjacency(adj: Tensor, window: int) -> Tensor:
         raise ValueError(f"block_adjacency: window must be an int >= 1, got {window!r}")
     with_loops = adj + torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device)
     return with_loops.repeat(*([1] * (adj.dim() - 2)), window, window)
+
+
+def multiscale_adjacency(adj: Tensor, num_scales: int, *, disentangled: bool = True) -> Tensor:
+    """MS-G3D's multi-scale adjacency (Liu et al., "Disentangling and Unifying Graph Convolutions
+    for Skeleton-Based Action Recognition", CVPR 2020): ``S`` normalised ``[L, L]`` adjacencies
+    stacked as ``[S * L, L]``, scale ``s`` in rows ``s * L .. (s + 1) * L - 1``.
+
+    ``disentangled=True`` (MS-G3D's default): scale ``k`` links the nodes exactly ``k`` hops apart
+    in ``adj`` (reachable in ``k`` steps of ``A + I`` but not in ``k - 1``), plus self loops; scale
+    0 is the identity.  ``disentangled=False``: scale ``k`` is the ``k``-th power of the
+    normalised ``adj`` (``adj`` must then hold its self loops).  Every disentangled scale is
+    normalised ``D^-1/2 A D^-1/2`` (:func:`normalize_adjacency` without added self loops, row sums
+    as degrees).  :func:`keypointops.window_graph_conv` takes the result as its ``[S * L, L]``
+    adjacency and reads each window once for all the scales.
+
+    Args:
+        adj: ``[L, L]`` 0/1 adjacency, e.g. ``block_adjacency(A, window)`` for MS-G3D's G3D.
+        num_scales: ``S >= 1``.
+        disentangled: see above.
+    """
+    _check_square(adj, "adj", "multiscale_adjacency")
+    if adj.dim() != 2:
+        raise ValueError(f"multiscale_adjacency: adj must be [L, L], got shape {list(adj.shape)}")
+    if isinstance(num_scales, bool) or not isinstance(num_scales, int) or num_scales < 1:
+        raise ValueError(f"multiscale_adjacency: num_scales must be an int >= 1, got {num_scales!r}")
+    eye = torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device)
+    if not disentangled:
+        normalised = normalize_adjacency(adj, add_self_loops=False)
+        powers = [eye]
+        for _ in range(1, num_scales):
+            powers.append(powers[-1] @ normalised)
+        return torch.cat(powers)
+    scales, reach, step = [eye], eye, adj + eye        # reach: linked in at most k - 1 steps
+    for _ in range(1, num_scales):
+        farther = (reach @ step).clamp(max=1)            # linked in at most k steps
+        scales.append(normalize_adjacency(farther - reach, add_self_loops=True))
+        reach = farther
+    return torch.cat(scales)

@@ -17,13 +17,20 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: float = 1e-7) -> Tensor:
-    """``out[v] = sum_{u in N(v)} softmax_u(t * m_u) * m_u`` with ``m = relu(x) + eps``; 0 if N(v) is empty."""
+def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: float = 1e-7, *,
+             edge_attr: Tensor | None = None) -> Tensor:
+    """``out[v] = sum_{u in N(v)} softmax_u(t * m_uv) * m_uv`` with ``m_uv = relu(x_u + e_uv) + eps``
+    (``e_uv`` row ``e`` of ``edge_attr`` for edge ``e``, 0 without it); 0 if N(v) is empty."""
     num_nodes, channels = x.shape
-    edge_index = graph.edge_index if isinstance(graph, Graph) else graph
-    src, dst = edge_index[0], edge_index[1]
     dtype = _accumulation_dtype(x.dtype)
-    messages = (x.to(dtype).relu() + eps)[src]                                  # [E, C]
+    if isinstance(graph, Graph):  # the graph's edge order, which edge_attr follows
+        src, dst = graph.edge_index[:, torch.argsort(graph.perm)]
+    else:
+        src, dst = graph[0].long(), graph[1].long()
+    if edge_attr is None:
+        messages = x.to(dtype)[src].relu() + eps                                # [E, C]
+    else:
+        messages = (x.to(dtype)[src] + edge_attr.to(dtype)).relu() + eps
     t = t.to(dtype).reshape(-1) if isinstance(t, Tensor) else torch.tensor(t, dtype=dtype)
     logits = messages * t
     index = dst[:, None].expand_as(logits)
@@ -49,21 +56,26 @@ def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None,
     return out.to(features.dtype)
 
 
-def window_graph_conv(x: Tensor, adj: Tensor, window: int, dilation: int = 1) -> Tensor:
-    """``out[b, t, i] = sum_j adj[.., i, j] * x[b, t - pad + (j // N) * dilation, j % N]`` (zero padded).
+def window_graph_conv(x: Tensor, adj: Tensor, window: int, dilation: int = 1, stride: int = 1) -> Tensor:
+    """``out[b, t, i] = sum_j adj[.., i, j] * x[b, t * stride - pad + (j // N) * dilation, j % N]``
+    (zero padded), ``pad = (window - 1) * dilation // 2``, for the ``T'`` windows of ``nn.Unfold``
+    over the padded frames; ``adj`` has ``R = S * L`` rows.
 
-    Builds the unfolded windows ``[B, T, L, C]`` explicitly (gather of the frames of every window,
+    Builds the unfolded windows ``[B, T', L, C]`` explicitly (gather of the frames of every window,
     zeroed where the frame is outside ``[0, T)``), then multiplies by ``adj``.
     """
     batch, frames, nodes, channels = x.shape
     size = window * nodes
     pad = (window - 1) * dilation // 2
+    reach = frames + 2 * pad - (window - 1) * dilation
+    windows_out = 0 if reach <= 0 else (reach - 1) // stride + 1
     dtype = _accumulation_dtype(x.dtype)
     slots = torch.arange(window, device=x.device)
-    window_frames = torch.arange(frames, device=x.device)[:, None] - pad + slots[None] * dilation
-    inside = (window_frames >= 0) & (window_frames < frames)                      # [T, window]
-    windows = x.to(dtype)[:, window_frames.clamp(0, max(frames - 1, 0))]           # [B, T, window, N, C]
-    windows = (windows * inside[None, :, :, None, None]).reshape(batch, frames, size, channels)
+    starts = torch.arange(windows_out, device=x.device) * stride - pad
+    window_frames = starts[:, None] + slots[None] * dilation                       # [T', window]
+    inside = (window_frames >= 0) & (window_frames < frames)
+    windows = x.to(dtype)[:, window_frames.clamp(0, max(frames - 1, 0))]           # [B, T', window, N, C]
+    windows = (windows * inside[None, :, :, None, None]).reshape(batch, windows_out, size, channels)
     a = adj.to(dtype)
     if a.dim() == 2:
         out = torch.einsum("ij,btjc->btic", a, windows)
@@ -73,40 +85,58 @@ def window_graph_conv(x: Tensor, adj: Tensor, window: int, dilation: int = 1) ->
         out = torch.einsum("btij,btjc->btic", a, windows)
     return out.to(x.dtype)
 
-def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *, roi_size: float = 1.0,
-                    sampling_ratio: int = 2, aligned: bool = True, valid: Tensor | None = None) -> Tensor:
-    """torchvision's ``roi_align(features, boxes, 1, spatial_scale, sampling_ratio, aligned)`` for
-    the box of side ``roi_size`` centred on each keypoint, as ``[B, K, C]``; invalid keypoints
-    (``valid`` False, confidence <= 0 for ``[B, K, 3]`` keypoints, or a non-finite coordinate) give 0.
 
-    Every sample of the grid is interpolated on its own with torchvision's rules, in the order of
-    torchvision's kernels; the ``[B, K, G, G, C]`` samples are materialised.
+def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *,
+                    roi_size: float | Tensor = 1.0, sampling_ratio: int = 2, aligned: bool = True,
+                    valid: Tensor | None = None, output_size: int | None = None) -> Tensor:
+    """torchvision's ``roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, aligned)``
+    for the box of side ``roi_size`` (a number, or per keypoint ``[B, K]`` / ``[B, K, 2]`` sides
+    along x and y) centred on each keypoint, as ``[B, K, C]`` (``output_size`` None) or
+    ``[B, K, C, S, S]``; invalid keypoints (``valid`` False, confidence <= 0 for ``[B, K, 3]``
+    keypoints, a non-finite coordinate or size, or a half side of 5e5 feature pixels or more) give 0.
+
+    Every sample of every bin is interpolated on its own with torchvision's rules, in the order of
+    torchvision's kernels; the ``[B, K, S, S, G, G, C]`` samples are materialised.
     """
     batch, channels, height, width = features.shape
+    num_keypoints = keypoints.shape[1]
+    bins = output_size or 1
     dtype = _accumulation_dtype(features.dtype)
     if valid is None:
         valid = keypoints[..., 2] > 0 if keypoints.size(-1) == 3 else torch.ones(
             keypoints.shape[:2], dtype=torch.bool, device=keypoints.device)
     centers = keypoints[..., :2].to(dtype)                                      # [B, K, 2] (x, y)
-    valid = valid & centers.isfinite().all(-1)
+    if isinstance(roi_size, Tensor):
+        sizes = roi_size.to(dtype)
+        sizes = sizes if sizes.dim() == 3 else sizes[..., None].expand(batch, num_keypoints, 2)
+    else:
+        sizes = torch.full_like(centers, roi_size)
+    half = sizes / 2
+    sane = half.isfinite() & ((half * spatial_scale).abs() < 5e5)
+    valid = valid & centers.isfinite().all(-1) & sane.all(-1)
     centers = torch.where(valid[..., None], centers, torch.zeros_like(centers))
-    # The box [x1, y1, x2, y2] in input pixels, then as torchvision: scale, shift, extent.
+    half = torch.where(valid[..., None], half, torch.zeros_like(half))
+    # The box [x1, y1, x2, y2] in input pixels, then as torchvision: scale, shift, extent, bins.
     offset = 0.5 if aligned else 0.0
-    start = (centers - roi_size / 2) * spatial_scale - offset
-    end = (centers + roi_size / 2) * spatial_scale - offset
+    start = (centers - half) * spatial_scale - offset
+    end = (centers + half) * spatial_scale - offset
     extent = end - start
     if not aligned:
         extent = extent.clamp(min=1.0)
+    bin_size = extent / bins                                                    # [B, K, 2]
     if sampling_ratio > 0:
-        grid = torch.full_like(extent, sampling_ratio, dtype=torch.long)
+        grid = torch.full_like(bin_size, sampling_ratio, dtype=torch.long)
     else:
-        grid = extent.ceil().long()
+        grid = bin_size.ceil().long()
     grid = torch.where(valid[..., None], grid, torch.zeros_like(grid))     # [B, K, 2]
     max_grid = max(int(grid.max()), 1) if grid.numel() else 1
     index = torch.arange(max_grid, device=features.device)
-    # Sample i of an axis sits at start + (i + 0.5) * extent / grid.
-    coords = start[..., None] + (index + 0.5).to(dtype) * extent[..., None] / grid[..., None].clamp(min=1)
-    in_grid = index < grid[..., None]                                          # [B, K, 2, G]
+    bin_index = torch.arange(bins, device=features.device).to(dtype)
+    # Sample i of bin p of an axis sits at start + p * bin_size + (i + 0.5) * bin_size / grid.
+    bin_start = start[..., None] + bin_index * bin_size[..., None]              # [B, K, 2, S]
+    steps = (index + 0.5).to(dtype) * bin_size[..., None] / grid[..., None].clamp(min=1)   # [B, K, 2, G]
+    coords = bin_start[..., None] + steps[:, :, :, None, :]                     # [B, K, 2, S, G]
+    in_grid = (index < grid[..., None])[:, :, :, None, :]                       # [B, K, 2, 1, G]
 
     def axis(p, size):
         """torchvision's bilinear rule along one axis: (inside, low, high, weight of high)."""
@@ -119,28 +149,34 @@ def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *
         frac = torch.where(at_end, torch.zeros_like(p), p - low.to(dtype))
         return inside, low, high, frac
 
-    x_in, x_low, x_high, lx = axis(coords[:, :, 0], width)                     # [B, K, G]
+    x_in, x_low, x_high, lx = axis(coords[:, :, 0], width)                     # [B, K, S, G]
     y_in, y_low, y_high, ly = axis(coords[:, :, 1], height)
     x_in, y_in = x_in & in_grid[:, :, 0], y_in & in_grid[:, :, 1]
     hy, hx = 1 - ly, 1 - lx
-    # Samples (iy, ix): [B, K, G, G]; corners gathered from [B, H, W, C].
+    # Samples (py, px, iy, ix): [B, K, S, S, G, G]; corners gathered from [B, H, W, C].
     pixels = features.to(dtype).permute(0, 2, 3, 1)
-    b = torch.arange(batch, device=features.device)[:, None, None, None]
+    b = torch.arange(batch, device=features.device)[:, None, None, None, None, None]
+
+    def grid_of(along_y, along_x):
+        return along_y[:, :, :, None, :, None], along_x[:, :, None, :, None, :]
 
     def corner(rows, cols):
-        return pixels[b, rows[:, :, :, None], cols[:, :, None, :]]             # [B, K, G, G, C]
+        rows, cols = grid_of(rows, cols)
+        return pixels[b, rows, cols]                                             # [B, K, S, S, G, G, C]
 
     def outer(wy, wx):
-        return (wy[:, :, :, None] * wx[:, :, None, :])[..., None]
+        wy, wx = grid_of(wy, wx)
+        return (wy * wx)[..., None]
 
     value = (outer(hy, hx) * corner(y_low, x_low) + outer(hy, lx) * corner(y_low, x_high)
              + outer(ly, hx) * corner(y_high, x_low) + outer(ly, lx) * corner(y_high, x_high))
-    counted = (y_in[:, :, :, None] & x_in[:, :, None, :])[..., None]
-    total = torch.where(counted, value, torch.zeros_like(value)).sum((2, 3))  # [B, K, C]
+    y_counted, x_counted = grid_of(y_in, x_in)
+    counted = (y_counted & x_counted)[..., None]
+    total = torch.where(counted, value, torch.zeros_like(value)).sum((4, 5))    # [B, K, S, S, C]
     count = (grid[..., 0] * grid[..., 1]).clamp(min=1).to(dtype)
-    out = total / count[..., None]
-    out = torch.where(valid[..., None], out, torch.zeros_like(out))
-    return out.to(features.dtype)
+    out = total / count[:, :, None, None, None]
+    out = torch.where(valid[:, :, None, None, None], out, torch.zeros_like(out)).to(features.dtype)
+    return out.reshape(batch, num_keypoints, channels) if output_size is None else out.permute(0, 1, 4, 2, 3)
 
 
 def rank_stats(dist: Tensor, q_pids: Tensor, q_camids: Tensor, g_pids: Tensor,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from keypointops.ablation import ABLATIONS, ablation_table, check_rows, run_ablation
+from keypointops.ablation import ABLATIONS, ablation_table, check_rows, run_ablation, table_from_runs
 
 
 def _result(row: str, seed: int, maps: dict, variants: dict | None = None) -> dict:
@@ -30,10 +30,19 @@ def test_table_mean_spread_and_direction():
     table = ablation_table("alignnet", results, data="synthetic-hard")
     lines = {line.split(" | ")[0].lstrip("| ").split(":")[0]: line for line in table.splitlines()
              if line.startswith("| ") and ":" in line.split(" | ")[0]}
-    assert "| 41.0 ± 1.0 |" in lines["baseline"]                      # mean +- sample sd over 3 seeds
+    assert "| 3 | 41.0 ± 1.0 |" in lines["baseline"]                  # mean +- sample sd over 3 seeds
     assert "10.0 ± 0.0 (vs baseline) | +2.9 | yes |" in lines["parts"]  # paper MARS R1 82.6 - 79.7
     assert "| -8.0 ± 0.0 |" in lines["parts"]                          # shuffled keypoints cost 8 mAP
     assert "(vs parts) | +0.6 | unresolved |" in lines["full"]         # 1.0 +- 1.0: within the spread
+
+
+def test_rows_with_fewer_seeds_compare_on_the_seeds_both_ran():
+    results = {"baseline": [_result("baseline", s, {"as-is": 40.0 + 5 * s}) for s in range(3)],
+               "parts": [_result("parts", 1, {"as-is": 47.0, "shuffled": 40.0})]}
+    lines = ablation_table("alignnet", results).splitlines()
+    parts = next(line for line in lines if line.startswith("| parts:"))
+    assert "| 1 | 47.0 | 48.0 | 2.0 (vs baseline) | +2.9 | 1 seed: same sign |" in parts  # seed 1 vs seed 1 (45.0)
+    assert "shuffled" not in lines[4]                    # a setting only some runs were evaluated with
 
 
 def test_tiny_run_resumes_and_writes_table(tmp_path):
@@ -52,6 +61,9 @@ def test_tiny_run_resumes_and_writes_table(tmp_path):
     result["keypoints"]["as-is"]["mAP"] = 123.0  # a finished run is read back, never trained again
     result_path.write_text(json.dumps(result))
     assert "| 123.0 |" in run_ablation("alignnet", tmp_path / "out", **options)
+    assert "| 123.0 |" in table_from_runs("alignnet", tmp_path / "out")     # trains nothing
+    with pytest.raises(ValueError, match="no finished ctl ablation run"):
+        table_from_runs("ctl", tmp_path / "out")
 
 
 def test_bad_arguments():
@@ -59,3 +71,11 @@ def test_bad_arguments():
         run_ablation("ctl", "/nonexistent", seeds=0)
     with pytest.raises(ValueError, match="unknown keypoint setting 'mirror'"):
         run_ablation("ctl", "/nonexistent", keypoints=("mirror",))
+
+
+def test_table_only_without_runs_is_a_one_line_error(tmp_path, capsys):
+    from keypointops.cli import main
+
+    assert main(["ablate", "--paper", "ctl", "--table-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no finished ctl ablation run" in err

@@ -2,6 +2,7 @@
 and the one-line errors of bad input."""
 import argparse
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -167,6 +168,22 @@ def test_init_from_a_checkpoint_of_an_unrelated_model(run, capsys, tmp_path):
     one_line_error(capsys, ["train", *TINY, "--root", root, "--out", str(tmp_path), "--model", "pcb",
                             "--init-from", str(out / "model.pt")],
                    "a 'pcb' model can only start from a 'pcb' checkpoint")
+
+
+def test_resume_does_not_read_the_init_from_checkpoint_again(run, tmp_path):
+    """Stage B resumes from its own checkpoint: the stage-A file it started from may be gone."""
+    out, _ = run
+    root = json.loads((out / "config.json").read_text())["root"]
+    stage_a = tmp_path / "stage_a.pt"
+    shutil.copy(out / "model.pt", stage_a)
+    stage_b = tmp_path / "stage_b"
+    argv = ["train", *TINY, "--root", root, "--out", str(stage_b), "--model", "kmpnet", "--init-from", str(stage_a),
+            "--no-baselines"]
+    assert main([*argv[:argv.index("--epochs") + 1], "1", *argv[argv.index("--epochs") + 2:]]) == 0
+    stage_a.unlink()
+    assert main([*argv, "--resume"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (stage_b / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
 
 
 def test_corrupt_checkpoint(capsys, tmp_path):

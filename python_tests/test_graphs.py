@@ -79,6 +79,26 @@ def test_transposed_csr_holds_the_same_edges():
     assert _transposed_edges(built) == _transposed_edges(graph)
 
 
+def test_edge_permutations_give_each_csr_position_its_edge_id():
+    """perm / perm_t map every position of the CSR / transposed CSR to the column of the given
+    edge_index (int64 or int32) that holds that edge; a graph built from a CSR numbers its edges
+    in CSR order; both survive .to()."""
+    gen = torch.Generator().manual_seed(0)
+    edge_index = torch.randint(0, 9, (2, 40), generator=gen)
+    for given in (edge_index, edge_index.int()):
+        graph = Graph.from_edge_index(given, 9)
+        assert torch.equal(graph.edge_index, edge_index[:, graph.perm])
+        sources = torch.repeat_interleave(torch.arange(9), graph.rowptr_t.diff())
+        assert torch.equal(torch.stack([sources, graph.col_t]), edge_index[:, graph.perm_t])
+        assert sorted(graph.perm.tolist()) == sorted(graph.perm_t.tolist()) == list(range(40))
+    built = Graph(graph.rowptr, graph.col)
+    assert torch.equal(built.perm, torch.arange(40))
+    sources = torch.repeat_interleave(torch.arange(9), built.rowptr_t.diff())
+    assert torch.equal(torch.stack([sources, built.col_t]), built.edge_index[:, built.perm_t])
+    moved = graph.to("cpu")
+    assert torch.equal(moved.perm, graph.perm) and torch.equal(moved.perm_t, graph.perm_t)
+
+
 def test_bad_graphs():
     with pytest.raises(ValueError, match="rowptr\\[0\\] must be 0"):
         Graph(torch.tensor([1, 1]), torch.tensor([0]))

@@ -74,6 +74,9 @@ def test_keypoints_command_end_to_end(tmp_path, capsys):
     assert main(["synth", "--out", str(root), *TINY_DATA]) == 0
     for name in ("bbox_train_keypoints", "bbox_test_keypoints", "keypoints_cache"):
         shutil.rmtree(root / name, ignore_errors=True)                   # a dataset without keypoints
+    from keypointops.data import build_dataset, load_keypoints
+    before = build_dataset("synthetic", str(root))          # caches "no keypoint file" for every frame
+    assert (load_keypoints(before.train[0])[..., 2] == 0).all()
     torch.manual_seed(0)
     weights = tmp_path / "body_pose_model.pth"
     torch.save(OpenPoseBody().state_dict(), weights)
@@ -87,8 +90,7 @@ def test_keypoints_command_end_to_end(tmp_path, capsys):
     assert main(argv) == 0                                               # resumed: every tracklet done
     assert "keypoints of 0 frames written" in capsys.readouterr().out
 
-    from keypointops.data import build_dataset, load_keypoints
-    dataset = build_dataset("synthetic", str(root))
+    dataset = build_dataset("synthetic", str(root))          # the cache notices the new files
     kp = load_keypoints(dataset.train[0])
     assert kp.shape[1:] == (17, 3) and (kp[..., 2] > 0).any()
     out = tmp_path / "run"

@@ -1,5 +1,7 @@
 """keypoint_gather: every fused backend against the reference (and torchvision when installed),
 gradients, layouts, registration, bad input; the KeypointGather module."""
+import math
+
 import pytest
 import torch
 
@@ -232,11 +234,16 @@ def test_opcheck(device, backend):
     features = make_features((2, 3, 5, 4), torch.float64, device, gen).requires_grad_()
     keypoints = make_keypoints(2, 7, 5, 4, torch.float64, device, gen)
     valid = make_valid(2, 7, device, gen)
-    torch.library.opcheck(forward, (features, keypoints, valid, 0.5, 1.0, 2, True))
+    torch.library.opcheck(forward, (features, keypoints, valid, None, 0.5, 1.0, 2, True, 1))
     torch.library.opcheck(forward, (features.detach().to(memory_format=torch.channels_last).requires_grad_(),
-                                    keypoints, None, 0.5, 3.0, -1, False))
+                                    keypoints, None, None, 0.5, 3.0, -1, False, 1))
+    sizes = (torch.rand(2, 7, 2, generator=gen, dtype=torch.float64) * 6).to(device)
+    torch.library.opcheck(forward, (features, keypoints, valid, sizes, 0.5, 0.0, -1, True, 3))
+    torch.library.opcheck(forward, (features, keypoints, None, None, 0.5, 4.0, 2, False, 2))
     grad_out = torch.randn(2, 7, 3, generator=gen, dtype=torch.float64).to(device)
-    torch.library.opcheck(backward, (grad_out, keypoints, valid, [2, 3, 5, 4], True, 0.5, 1.0, 2, True))
+    torch.library.opcheck(backward, (grad_out, keypoints, valid, None, [2, 3, 5, 4], True, 0.5, 1.0, 2, True, 1))
+    grad_out = torch.randn(2, 7 * 4, 3, generator=gen, dtype=torch.float64).to(device)
+    torch.library.opcheck(backward, (grad_out, keypoints, valid, sizes, [2, 3, 5, 4], False, 0.5, 0.0, 1, True, 2))
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
@@ -290,6 +297,33 @@ def test_reduced_precision(device, backend, dtype, shape, channels_last):
         assert torch.autograd.grad(out.sum(), empty)[0].shape == f.shape
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size_dims", [2, 3], ids=["square_boxes", "rectangular_boxes"])
+def test_reduced_precision_patches(device, backend, dtype, channels_last, size_dims):
+    """float16/bfloat16 features with 3 x 3 patches and per-keypoint float32 box sizes ([B, K] or
+    [B, K, 2]): the bins' taps and sums in float32, out [B, K, C, 3, 3] and the gradient in the
+    features' dtype, within :func:`tolerances` of that dtype of the reference."""
+    if backend == "triton" and device == "cpu" and channels_last:
+        pytest.skip("Triton's interpreter is slow; it reads any strides with the same code")
+    gen = torch.Generator().manual_seed(24)
+    features = make_features((2, 24, 7, 5), dtype, device, gen, channels_last=channels_last).requires_grad_()
+    keypoints = make_keypoints(2, 10, 7, 5, torch.float32, device, gen)
+    keypoints[:, 7:] = keypoints[:, 3:6] + 0.25  # neighbours whose bins share pixels (summed per pixel)
+    sizes = (2 + torch.rand((2, 10, 2)[:size_dims], generator=gen) * 8).to(device)
+    valid = make_valid(2, 10, device, gen)
+    kwargs = dict(roi_size=sizes, sampling_ratio=-1, output_size=3, valid=valid)
+    out = gather(features, keypoints, backend, **kwargs)
+    expected = reference.keypoint_gather(features, keypoints, 1 / STRIDE, **kwargs)
+    assert out.shape == (2, 10, 24, 3, 3) and out.dtype == dtype
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+    got = torch.autograd.grad(out, features, grad)[0]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, torch.autograd.grad(expected, features, grad)[0], **tolerances(dtype))
+
+
 # --- torchvision (test-only dependency; on a GPU machine also on CUDA tensors) ---------------
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -314,6 +348,194 @@ def test_matches_torchvision_roi_align(device, dtype, sampling_ratio, roi_size, 
                      aligned=aligned)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.autograd.grad(out, features, grad)[0], want, rtol=1e-5, atol=1e-5)
+
+
+# --- patches (output_size) and per-keypoint box sizes --------------------------------------------
+
+def roi_align_loops(features, boxes, output_size, spatial_scale, sampling_ratio, aligned):
+    """torchvision's RoIAlign forward written out sample by sample (its CPU kernel's loops and
+    bilinear rule, in Python scalars): ``boxes`` ``[R, 5]`` = (image, x1, y1, x2, y2) -> ``[R, C, S, S]``.
+    Independent of keypointops.reference: the check of the reference itself."""
+    _, channels, height, width = features.shape
+    out = torch.zeros(len(boxes), channels, output_size, output_size, dtype=torch.float64)
+    image_features = features.double()
+
+    def bilinear(image, y, x):
+        if y < -1.0 or y > height or x < -1.0 or x > width:
+            return torch.zeros(channels, dtype=torch.float64)
+        y, x = max(y, 0.0), max(x, 0.0)
+        y_low, x_low = int(y), int(x)
+        if y_low >= height - 1:
+            y_high = y_low = height - 1
+            y = float(y_low)
+        else:
+            y_high = y_low + 1
+        if x_low >= width - 1:
+            x_high = x_low = width - 1
+            x = float(x_low)
+        else:
+            x_high = x_low + 1
+        ly, lx = y - y_low, x - x_low
+        hy, hx = 1.0 - ly, 1.0 - lx
+        f = image_features[image]
+        return (hy * hx * f[:, y_low, x_low] + hy * lx * f[:, y_low, x_high]
+                + ly * hx * f[:, y_high, x_low] + ly * lx * f[:, y_high, x_high])
+
+    for r, (image, x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        offset = 0.5 if aligned else 0.0
+        start_x, start_y = x1 * spatial_scale - offset, y1 * spatial_scale - offset
+        roi_w, roi_h = x2 * spatial_scale - offset - start_x, y2 * spatial_scale - offset - start_y
+        if not aligned:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_w, bin_h = roi_w / output_size, roi_h / output_size
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / output_size)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / output_size)
+        count = max(grid_h * grid_w, 1)
+        for py in range(output_size):
+            for px in range(output_size):
+                total = torch.zeros(channels, dtype=torch.float64)
+                for iy in range(grid_h):
+                    y = start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(grid_w):
+                        x = start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w
+                        total += bilinear(int(image), y, x)
+                out[r, :, py, px] = total / count
+    return out
+
+
+def boxes_of(keypoints, sizes):
+    """torchvision boxes [B * K, 5] of the keypoints' boxes: sizes [B, K, 2] (side x, side y)."""
+    batch, num_keypoints = keypoints.shape[:2]
+    image = torch.arange(batch, dtype=torch.float64).repeat_interleave(num_keypoints)[:, None]
+    centers, half = keypoints[..., :2].double().reshape(-1, 2), sizes.double().reshape(-1, 2) / 2
+    return torch.cat([image, centers - half, centers + half], 1)
+
+
+PATCH_CASES = [  # (output_size, sampling_ratio, aligned, roi_size kind)
+    (3, 2, True, "scalar"), (3, -1, True, "per_keypoint"), (2, 1, False, "per_axis"),
+    (3, -1, False, "per_axis"), (1, 2, True, "per_keypoint"), (4, 1, True, "scalar"),
+]
+
+
+def make_roi_size(kind, batch, num_keypoints, gen):
+    if kind == "scalar":
+        return 7.3
+    sizes = torch.rand(batch, num_keypoints, 2 if kind == "per_axis" else 1, generator=gen,
+                       dtype=torch.float64) * 12
+    sizes[0, 1] = 0.0  # a zero-sized box: one sample point (no sample at all when aligned and adaptive)
+    return sizes if kind == "per_axis" else sizes[..., 0]
+
+
+def sizes_as_pairs(roi_size, batch, num_keypoints):
+    if isinstance(roi_size, torch.Tensor):
+        return roi_size if roi_size.dim() == 3 else roi_size[..., None].expand(batch, num_keypoints, 2)
+    return torch.full((batch, num_keypoints, 2), roi_size, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather") + [("cpu", "reference")])
+@pytest.mark.parametrize("output_size,sampling_ratio,aligned,kind", PATCH_CASES)
+def test_patches_match_roi_align(device, backend, output_size, sampling_ratio, aligned, kind):
+    """S x S patches with per-keypoint boxes: every backend (the reference included) against
+    RoIAlign written out sample by sample, with keypoints in, on and beyond the map's borders."""
+    gen = torch.Generator().manual_seed(output_size + 10 * sampling_ratio + 100 * aligned)
+    features = make_features((2, 3, 7, 5), torch.float64, "cpu", gen)
+    keypoints = make_keypoints(2, 8, 7, 5, torch.float64, "cpu", gen)
+    roi_size = make_roi_size(kind, 2, 8, gen)
+    expected = roi_align_loops(features, boxes_of(keypoints, sizes_as_pairs(roi_size, 2, 8)), output_size,
+                               1 / STRIDE, sampling_ratio, aligned).reshape(2, 8, 3, output_size, output_size)
+    to = (lambda t: t.to(device)) if isinstance(roi_size, torch.Tensor) else (lambda t: t)
+    out = gather(features.to(device), keypoints.to(device), backend, roi_size=to(roi_size),
+                 sampling_ratio=sampling_ratio, aligned=aligned, output_size=output_size)
+    assert out.shape == (2, 8, 3, output_size, output_size)
+    torch.testing.assert_close(out.cpu(), expected, **tolerances(torch.float64))
+
+
+def bilinear_grid_patches(features, keypoints, sizes, output_size, sampling_ratio, spatial_scale):
+    """Aligned S x S patches the plain way: each bin's sample coordinates, bilinear interpolation
+    by gathering the four neighbours of every sample, the mean per bin (keypoints inside the map)."""
+    batch, channels, height, width = features.shape
+    start = (keypoints - sizes / 2) * spatial_scale - 0.5                            # [B, K, 2]
+    bin_size = sizes * spatial_scale / output_size
+    steps = torch.arange(output_size, dtype=features.dtype)[:, None] * bin_size[..., None, None] + (
+        torch.arange(sampling_ratio, dtype=features.dtype) + 0.5) * bin_size[..., None, None] / sampling_ratio
+    coords = start[..., None, None] + steps                                           # [B, K, 2, S, r]
+    x = coords[:, :, 0].clamp(0, width - 1)[:, :, None, :, None, :]                   # [B, K, 1, S, 1, r]
+    y = coords[:, :, 1].clamp(0, height - 1)[:, :, :, None, :, None]                  # [B, K, S, 1, r, 1]
+    x, y = torch.broadcast_tensors(x, y)
+    x0, y0 = x.floor().long(), y.floor().long()
+    x1, y1 = (x0 + 1).clamp(max=width - 1), (y0 + 1).clamp(max=height - 1)
+    lx, ly = x - x0, y - y0
+    b = torch.arange(batch)[:, None, None, None, None, None]
+    pixels = features.permute(0, 2, 3, 1)
+    value = ((1 - ly) * (1 - lx))[..., None] * pixels[b, y0, x0] + ((1 - ly) * lx)[..., None] * pixels[b, y0, x1] \
+        + (ly * (1 - lx))[..., None] * pixels[b, y1, x0] + (ly * lx)[..., None] * pixels[b, y1, x1]
+    return value.mean((4, 5)).permute(0, 1, 4, 2, 3)                                 # [B, K, C, S, S]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
+def test_patches_match_plain_bilinear_grid(device, backend):
+    gen = torch.Generator().manual_seed(21)
+    features = make_features((2, 4, 12, 9), torch.float64, "cpu", gen)
+    keypoints = torch.rand(2, 5, 2, generator=gen, dtype=torch.float64) * torch.tensor([4.0, 8.0]) * STRIDE + 6
+    sizes = 2 + torch.rand(2, 5, 2, generator=gen, dtype=torch.float64) * 6
+    expected = bilinear_grid_patches(features, keypoints, sizes, 3, 2, 1 / STRIDE)
+    out = gather(features.to(device), keypoints.to(device), backend, roi_size=sizes.to(device), sampling_ratio=2,
+                 output_size=3)
+    torch.testing.assert_close(out.cpu(), expected, **tolerances(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patch_gradients(device, backend, channels_last):
+    """Patches: gradients equal the reference's; float64 gradcheck (Triton: fast mode)."""
+    if backend == "triton" and device == "cpu" and channels_last:
+        pytest.skip("the interpreter is slow; Triton reads any strides with the same code (tested NCHW here, "
+                    "channels_last in test_gradients_match_reference)")
+    gen = torch.Generator().manual_seed(22)
+    features = make_features((2, 3, 7, 5), torch.float64, device, gen, channels_last).requires_grad_()
+    keypoints = make_keypoints(2, 8, 7, 5, torch.float64, device, gen)
+    sizes = (torch.rand(2, 8, generator=gen, dtype=torch.float64) * 9).to(device)
+    valid = make_valid(2, 8, device, gen)
+    kwargs = dict(roi_size=sizes, sampling_ratio=-1, output_size=3, valid=valid)
+    out = gather(features, keypoints, backend, **kwargs)
+    expected = reference.keypoint_gather(features, keypoints, 1 / STRIDE, **kwargs)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+    torch.testing.assert_close(torch.autograd.grad(out, features, grad)[0],
+                               torch.autograd.grad(expected, features, grad)[0], **tolerances(torch.float64))
+    small = features.detach()[:1, :2].requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda f: gather(f, keypoints[:1, :4], backend, roi_size=sizes[:1, :4], sampling_ratio=2, output_size=2),
+        (small,), fast_mode=backend == "triton" and device == "cpu")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather") + [("cpu", "reference")])
+def test_per_keypoint_sizes_that_are_not_finite_or_huge_give_zeros(device, backend):
+    gen = torch.Generator().manual_seed(23)
+    features = make_features((1, 3, 7, 5), torch.float32, device, gen)
+    keypoints = torch.tensor([[[4.0, 6.0], [5.0, 5.0], [3.0, 3.0], [6.0, 2.0]]], device=device)
+    sizes = torch.tensor([[2.0, float("nan"), 4e6, float("inf")]], device=device)  # 4e6: half side 1e6 feature px
+    out = gather(features, keypoints, backend, roi_size=sizes, sampling_ratio=-1, output_size=2)
+    assert out.shape == (1, 4, 3, 2, 2)
+    assert (out[0, 1:] == 0).all() and (out[0, 0] != 0).any()
+    torch.testing.assert_close(out[0, 0], gather(features, keypoints[:, :1], backend, roi_size=2.0,
+                                                 sampling_ratio=-1, output_size=2)[0, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("output_size,sampling_ratio,aligned", [(3, 2, True), (2, -1, False), (3, -1, True)])
+def test_patches_match_torchvision_roi_align(device, output_size, sampling_ratio, aligned):
+    ops = pytest.importorskip("torchvision.ops")
+    gen = torch.Generator().manual_seed(24)
+    features = make_features((3, 6, 7, 5), torch.float64, device, gen).requires_grad_()
+    keypoints = make_keypoints(3, 10, 7, 5, torch.float64, device, gen)
+    sizes = (torch.rand(3, 10, 2, generator=gen, dtype=torch.float64) * 10).to(device)
+    expected = ops.roi_align(features, boxes_of(keypoints, sizes).to(device), output_size, 1 / STRIDE,
+                             sampling_ratio, aligned).reshape(3, 10, 6, output_size, output_size)
+    backends = [device] if device == "cpu" or keypointops.has_cuda_ops("keypoint_gather") else []
+    for backend in backends + (["triton"] if device == "cuda" else []):
+        out = gather(features, keypoints, backend, roi_size=sizes, sampling_ratio=sampling_ratio, aligned=aligned,
+                     output_size=output_size)
+        torch.testing.assert_close(out, expected, **tolerances(torch.float64))
 
 
 # --- module -------------------------------------------------------------------------------------
@@ -376,6 +598,15 @@ def test_bad_input_raises_naming_the_argument():
         call(torch.randn(2, 3, 0, 5), keypoints, 0.5)
     with pytest.raises(ValueError, match="backend must be one of"):
         call(features, keypoints, 0.5, backend="gpu")
+    for size in [0, -1, 2.0, True]:
+        with pytest.raises(ValueError, match="output_size must be None or a positive int"):
+            call(features, keypoints, 0.5, output_size=size)
+    with pytest.raises(ValueError, match=r"roi_size as a tensor must be \[B, K\] = \[2, 4\] or \[B, K, 2\]"):
+        call(features, keypoints, 0.5, roi_size=torch.ones(2, 4, 3))
+    with pytest.raises(ValueError, match="roi_size must be floating point"):
+        call(features, keypoints, 0.5, roi_size=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"features \(cpu\) and roi_size \(meta\) must be on the same device"):
+        call(features, keypoints, 0.5, roi_size=torch.ones(2, 4, device="meta"))
 
 
 def test_device_mismatch_raises():
@@ -395,22 +626,31 @@ def test_compiled_op_checks_its_arguments():
     features = torch.randn(2, 3, 7, 5)
     keypoints = torch.rand(2, 4, 2)
     with pytest.raises(RuntimeError, match="keypoints must be \\[B, K, 2\\] or \\[B, K, 3\\] with B = 2"):
-        op(features, torch.rand(3, 4, 2), None, 0.5, 1.0, 2, True)
+        op(features, torch.rand(3, 4, 2), None, None, 0.5, 1.0, 2, True, 1)
     with pytest.raises(RuntimeError, match="features must be \\[B, C, H, W\\]"):
-        op(torch.randn(3, 7, 5), keypoints, None, 0.5, 1.0, 2, True)
+        op(torch.randn(3, 7, 5), keypoints, None, None, 0.5, 1.0, 2, True, 1)
     with pytest.raises(RuntimeError, match="spatial_scale must be finite"):
-        op(features, keypoints, None, float("inf"), 1.0, 2, True)
+        op(features, keypoints, None, None, float("inf"), 1.0, 2, True, 1)
     with pytest.raises(RuntimeError, match="valid must be bool"):
-        op(features, keypoints, torch.ones(2, 4), 0.5, 1.0, 2, True)
+        op(features, keypoints, torch.ones(2, 4), None, 0.5, 1.0, 2, True, 1)
     with pytest.raises(RuntimeError, match="sampling_ratio must be"):
-        op(features, keypoints, None, 0.5, 1.0, 0, True)
+        op(features, keypoints, None, None, 0.5, 1.0, 0, True, 1)
+    with pytest.raises(RuntimeError, match="output_size must be positive"):
+        op(features, keypoints, None, None, 0.5, 1.0, 2, True, 0)
+    with pytest.raises(RuntimeError, match="roi_sizes must be \\[B, K, 2\\] = \\[2, 4, 2\\]"):
+        op(features, keypoints, None, torch.ones(2, 4), 0.5, 1.0, 2, True, 1)
+    with pytest.raises(RuntimeError, match="roi_sizes must be floating point"):
+        op(features, keypoints, None, torch.ones(2, 4, 2, dtype=torch.long), 0.5, 1.0, 2, True, 1)
     with pytest.raises(RuntimeError, match="must be on the same device"):
-        op(features, keypoints.to("meta"), None, 0.5, 1.0, 2, True)
+        op(features, keypoints.to("meta"), None, None, 0.5, 1.0, 2, True, 1)
     with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16 features, got Long"):
-        op(features.long(), keypoints, None, 0.5, 1.0, 2, True)
-    with pytest.raises(RuntimeError, match="grad_out must be \\[B, K, C\\]"):
-        torch.ops.keypointops.keypoint_gather_backward(torch.randn(2, 4, 5), keypoints, None, [2, 3, 7, 5],
-                                                       False, 0.5, 1.0, 2, True)
+        op(features.long(), keypoints, None, None, 0.5, 1.0, 2, True, 1)
+    with pytest.raises(RuntimeError, match="grad_out must be \\[B, K \\* S \\* S, C\\] = \\[2, 4, 3\\]"):
+        torch.ops.keypointops.keypoint_gather_backward(torch.randn(2, 4, 5), keypoints, None, None, [2, 3, 7, 5],
+                                                       False, 0.5, 1.0, 2, True, 1)
+    with pytest.raises(RuntimeError, match="grad_out must be .* = \\[2, 36, 3\\]"):
+        torch.ops.keypointops.keypoint_gather_backward(torch.randn(2, 4, 3), keypoints, None, None, [2, 3, 7, 5],
+                                                       False, 0.5, 1.0, 2, True, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

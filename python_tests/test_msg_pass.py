@@ -269,6 +269,15 @@ def test_triton_gpu_tile_shapes_in_the_interpreter(monkeypatch):
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     for g, w in zip(torch.autograd.grad(out, (x, t), grad), torch.autograd.grad(expected, (x, t), grad)):
         torch.testing.assert_close(g, w, **tolerances(torch.float64))
+    # ... and the GPU's tile with edge features.
+    monkeypatch.setattr(triton_msg_pass, "INTERPRETER_TILE", triton_msg_pass.GPU_EDGE_TILE)
+    edge_attr = torch.randn(graph.num_edges, 70, generator=gen, dtype=torch.float64).requires_grad_()
+    out = keypointops.msg_pass(x, graph, t, edge_attr=edge_attr, backend="triton")
+    expected = reference.msg_pass(x, graph, t, edge_attr=edge_attr)
+    torch.testing.assert_close(out, expected, **tolerances(torch.float64))
+    inputs = (x, t, edge_attr)
+    for g, w in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(g, w, **tolerances(torch.float64))
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
@@ -353,7 +362,13 @@ def test_bad_input_raises_naming_the_argument():
     with pytest.raises(ValueError, match="backend must be one of"):
         keypointops.msg_pass(x, graph, backend="gpu")
     with pytest.raises(ValueError, match="edge_index must be int64"):
-        keypointops.msg_pass(x, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32))
+        keypointops.msg_pass(x, torch.tensor([[0, 1], [1, 2]], dtype=torch.int16))
+    with pytest.raises(ValueError, match=r"edge_attr must be \[E, C\] = \[39, 4\]"):
+        keypointops.msg_pass(x, graph, edge_attr=torch.randn(31, 4))
+    with pytest.raises(ValueError, match="edge_attr must be torch.float32 like x"):
+        keypointops.msg_pass(x, graph, edge_attr=torch.randn(39, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="edge_attr must be a Tensor"):
+        keypointops.msg_pass(x, graph, edge_attr=[[0.0] * 4] * 39)
     with pytest.raises(ValueError, match="edge_index holds node indices"):
         keypointops.msg_pass(x, torch.tensor([[0, 10], [1, 2]]))
     with pytest.raises(ValueError, match="rowptr must be non-decreasing"):
@@ -396,3 +411,157 @@ def test_autocast_policy(dtype):
     graph = Graph.from_edge_index(torch.tensor([[0, 1, 2, 3, 4, 5, 1], [1, 2, 3, 4, 5, 0, 3]]), 6)
     check_autocast_policy(keypointops.msg_pass, x, dict(graph=graph, t=torch.rand(5, generator=g) + 0.5), (),
                           dtype=dtype)
+
+
+# --- edge features --------------------------------------------------------------------------------
+
+def shuffled_edge_index(num_nodes, num_edges, *, seed=0, dtype=torch.int64, device="cpu"):
+    """A random edge_index in random (unsorted) order, with empty nodes, self loops and duplicates:
+    its edge order differs from both CSR orders, so a kernel reading edge_attr in the wrong
+    order fails."""
+    graph = random_graph(num_nodes, num_edges, seed=seed)
+    order = torch.randperm(graph.num_edges, generator=torch.Generator().manual_seed(seed))
+    return graph.edge_index[:, order].to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t_kind", ["float", "channels"])
+def test_edge_attr_matches_reference(device, backend, dtype, t_kind):
+    gen = torch.Generator().manual_seed(13)
+    edge_index = shuffled_edge_index(37, 140, seed=1, device=device)
+    x = torch.randn(37, 13, generator=gen, dtype=dtype).to(device).requires_grad_()
+    edge_attr = torch.randn(edge_index.size(1), 13, generator=gen, dtype=dtype).to(device).requires_grad_()
+    t = make_t(t_kind, 13, dtype, device, gen)
+    if isinstance(t, torch.Tensor):
+        t.requires_grad_()
+    inputs = (x, edge_attr, t) if isinstance(t, torch.Tensor) else (x, edge_attr)
+    out = keypointops.msg_pass(x, edge_index, t, edge_attr=edge_attr, backend=backend)
+    expected = reference.msg_pass(x, edge_index, t, edge_attr=edge_attr)
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    assert (out[:EMPTY_NODES] == 0).all()
+    grad = torch.randn(out.shape, generator=gen, dtype=dtype).to(device)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    tol = tolerances(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_edge_attr_reduced_precision(device, backend, dtype):
+    """float16/bfloat16 x and edge_attr: messages, statistics and sums in float32; out, grad_x and
+    grad_edge_attr in x's dtype within :func:`tolerances` of that dtype of the reference, grad_t
+    (float32) within the bound of :func:`test_reduced_precision`."""
+    gen = torch.Generator().manual_seed(16)
+    edge_index = shuffled_edge_index(37, 140, seed=2, device=device)
+    x = (torch.randn(37, 24, generator=gen) * 2).to(device, dtype).requires_grad_()
+    edge_attr = torch.randn(edge_index.size(1), 24, generator=gen).to(device, dtype).requires_grad_()
+    t = torch.rand(24, generator=gen).to(device).requires_grad_()
+    out = keypointops.msg_pass(x, edge_index, t, edge_attr=edge_attr, backend=backend)
+    expected = reference.msg_pass(x, edge_index, t, edge_attr=edge_attr)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+    grad_x, grad_e, grad_t = torch.autograd.grad(out, (x, edge_attr, t), grad)
+    want_x, want_e, want_t = torch.autograd.grad(expected, (x, edge_attr, t), grad)
+    assert grad_x.dtype == grad_e.dtype == dtype and grad_t.dtype == torch.float32
+    torch.testing.assert_close(grad_x, want_x, **tolerances(dtype))
+    torch.testing.assert_close(grad_e, want_e, **tolerances(dtype))
+    bound = torch.finfo(dtype).eps / 2 * (grad.float().abs() * expected.float() ** 2).sum(0)
+    assert ((grad_t - want_t).abs() <= bound + 1e-4 * (1 + want_t.abs())).all()
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_edge_attr_follows_the_graph_edge_order(device, backend):
+    """A Graph numbers its edges in the order of the edge_index it was built from (the order the
+    edge features follow), one built from a CSR in CSR order; both agree with the edge_index call."""
+    gen = torch.Generator().manual_seed(14)
+    edge_index = shuffled_edge_index(23, 80, seed=2, device=device)
+    x = torch.randn(23, 6, generator=gen, dtype=torch.float64).to(device)
+    edge_attr = torch.randn(edge_index.size(1), 6, generator=gen, dtype=torch.float64).to(device)
+    want = reference.msg_pass(x, edge_index, 1.5, edge_attr=edge_attr)
+    graph = Graph.from_edge_index(edge_index, 23)
+    torch.testing.assert_close(keypointops.msg_pass(x, graph, 1.5, edge_attr=edge_attr, backend=backend), want)
+    csr_graph = Graph(graph.rowptr, graph.col)  # edges in CSR order: edge_attr permuted to match
+    got = keypointops.msg_pass(x, csr_graph, 1.5, edge_attr=edge_attr[graph.perm], backend=backend)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_edge_attr_gradcheck(device, backend):
+    gen = torch.Generator().manual_seed(15)
+    edge_index = shuffled_edge_index(7, 14, seed=3, device=device)
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    edge_attr = torch.randn(edge_index.size(1), 3, generator=gen, dtype=torch.float64).to(device)
+    # Keep x_u + e_uv away from 0 where relu has a kink that finite differences straddle.
+    pre = x.detach()[edge_index[0]] + edge_attr
+    edge_attr = (edge_attr + 0.3 * pre.sign() * (pre.abs() < 0.3)).requires_grad_()
+    t = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64, device=device, requires_grad=True)
+    graph = Graph.from_edge_index(edge_index, 7)
+    # The interpreter runs every op of every program in Python: there the randomised (fast) mode;
+    # the Triton gradients are also checked entry by entry against the reference above.
+    assert torch.autograd.gradcheck(
+        lambda x, e, t: keypointops.msg_pass(x, graph, t, edge_attr=e, backend=backend),
+        (x, edge_attr, t), atol=1e-6, fast_mode=backend == "triton" and device == "cpu")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_edge_attr_opcheck(device, backend):
+    op, _ = ops_of(backend)
+    gen = torch.Generator().manual_seed(16)
+    graph = Graph.from_edge_index(shuffled_edge_index(17, 50, seed=4, device=device), 17)
+    x = torch.randn(17, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    edge_attr = torch.randn(graph.num_edges, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.rand(7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    torch.library.opcheck(op, (x, graph.rowptr, graph.col, graph.rowptr_t, graph.col_t, t, 1e-7, edge_attr,
+                               graph.perm, graph.perm_t))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_edge_attr_edge_cases(device, backend):
+    """No edges (E = 0), no nodes (N = 0), int32 edge_index, and a deterministic backward."""
+    x = torch.randn(5, 3, device=device, requires_grad=True)
+    no_edges = torch.empty(2, 0, dtype=torch.int32, device=device)
+    empty_attr = torch.empty(0, 3, device=device, requires_grad=True)
+    out = keypointops.msg_pass(x, no_edges, edge_attr=empty_attr, backend=backend)
+    assert out.shape == (5, 3) and (out == 0).all()
+    grad_x, grad_e = torch.autograd.grad(out.sum(), (x, empty_attr))
+    assert (grad_x == 0).all() and grad_e.shape == (0, 3)
+    nothing = torch.empty(0, 3, device=device, requires_grad=True)
+    out = keypointops.msg_pass(nothing, torch.empty(2, 0, dtype=torch.long, device=device),
+                               edge_attr=torch.empty(0, 3, device=device), backend=backend)
+    assert out.shape == (0, 3)
+    gen = torch.Generator().manual_seed(17)
+    edge_index = shuffled_edge_index(60, 500, seed=5, device=device)
+    x = torch.randn(60, 9, generator=gen).to(device).requires_grad_()
+    edge_attr = torch.randn(edge_index.size(1), 9, generator=gen).to(device).requires_grad_()
+    out = keypointops.msg_pass(x, edge_index.int(), edge_attr=edge_attr, backend=backend)
+    torch.testing.assert_close(out, keypointops.msg_pass(x, edge_index, edge_attr=edge_attr, backend=backend),
+                               rtol=0, atol=0)
+    grad = torch.randn(out.shape, generator=gen).to(device)
+    first = torch.autograd.grad(out, (x, edge_attr), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (x, edge_attr), grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not keypointops.has_ops(), reason="keypointops._C not built")
+def test_compiled_op_checks_edge_arguments():
+    graph = random_graph(6, 10)
+    x, t = torch.randn(6, 2), torch.ones(2)
+    csr = (graph.rowptr, graph.col, graph.rowptr_t, graph.col_t)
+    edge_attr = torch.randn(graph.num_edges, 2)
+    bad_perm = graph.perm.clone()
+    bad_perm[0] = graph.num_edges
+    with pytest.raises(RuntimeError, match="perm holds edge id"):
+        torch.ops.keypointops.msg_pass(x, *csr, t, 1e-7, edge_attr, bad_perm, graph.perm_t)
+    twice = graph.perm.clone()
+    twice[1] = twice[0]
+    with pytest.raises(RuntimeError, match="perm must be a permutation"):
+        torch.ops.keypointops.msg_pass(x, *csr, t, 1e-7, edge_attr, twice, graph.perm_t)
+    with pytest.raises(RuntimeError, match="edge_attr and perm must be given together"):
+        torch.ops.keypointops.msg_pass(x, *csr, t, 1e-7, edge_attr, None, graph.perm_t)
+    with pytest.raises(RuntimeError, match="edge_attr must be"):
+        torch.ops.keypointops.msg_pass(x, *csr, t, 1e-7, edge_attr[1:], graph.perm, graph.perm_t)

@@ -300,19 +300,20 @@ def test_res_plus_stack_compiles_fullgraph():
 # --- bad arguments ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(aggr="mean"), NotImplementedError, "only aggr='softmax'"),
-    (dict(aggr="powermean"), NotImplementedError, "only aggr='softmax'"),
-    (dict(aggr=["softmax", "max"]), NotImplementedError, "only aggr='softmax'"),
+    (dict(aggr=["softmax", "max"]), NotImplementedError, "aggr must be one of"),
+    (dict(aggr="median"), NotImplementedError, r"aggr must be one of \('softmax', 'powermean'"),
     (dict(aggr="softmax_sg"), NotImplementedError, "semi-gradient"),
     (dict(aggr_kwargs=dict(t=1.0, semi_grad=True)), NotImplementedError, "semi_grad"),
     (dict(aggr_kwargs=dict(t=1.0, learn=True, semi_grad=True)), ValueError, "semi_grad"),
     (dict(aggr_kwargs=dict(learn=True, channels=5)), ValueError, "channels must be 1 or out_channels"),
     (dict(aggr_kwargs=dict(channels=8)), ValueError, "channels must be 1 when t is not learned"),
     (dict(aggr_kwargs=dict(beta=1.0)), NotImplementedError, "aggr_kwargs may only hold"),
-    (dict(edge_dim=4), NotImplementedError, "edge features"),
-    (dict(edge_dim=8), NotImplementedError, "edge features"),
+    (dict(aggr="powermean", aggr_kwargs=dict(t=1.0)), NotImplementedError, "aggr_kwargs may only hold"),
+    (dict(aggr="powermean", p=0.0), ValueError, "p must be a finite non-zero float"),
+    (dict(aggr="mean", aggr_kwargs=dict(p=1.0)), NotImplementedError, "aggr_kwargs are not supported"),
+    (dict(edge_dim=-1), NotImplementedError, "lazy edge_dim"),
+    (dict(edge_dim=0), ValueError, "edge_dim must be a positive int"),
     (dict(in_channels=-1), NotImplementedError, "lazy in_channels"),
-    (dict(in_channels=(4, 8)), NotImplementedError, "bipartite"),
     (dict(in_channels=0), ValueError, "in_channels must be positive"),
     (dict(out_channels=0), ValueError, "out_channels must be a positive int"),
     (dict(norm="group"), ValueError, "norm must be"),
@@ -334,16 +335,17 @@ def test_gen_conv_bad_forward_arguments_raise():
     conv = GENConv(8, 8)
     x = torch.randn(10, 8)
     edge_index = random_edge_index(10, 20)
-    with pytest.raises(NotImplementedError, match="edge_attr is not supported"):
-        conv(x, edge_index, torch.randn(edge_index.size(1), 8))
-    with pytest.raises(NotImplementedError, match="bipartite"):
-        conv((x, x), edge_index)
-    with pytest.raises(NotImplementedError, match="size is not supported"):
-        conv(x, edge_index, size=(10, 10))
-    with pytest.raises(NotImplementedError, match="sparse adjacency"):
-        conv(x, torch.sparse_coo_tensor(edge_index, torch.ones(edge_index.size(1)), (10, 10),
-                                                 check_invariants=True))
-    with pytest.raises(ValueError, match="graph has 136 nodes but x has 10 rows"):
+    with pytest.raises(ValueError, match="edge_attr must have out_channels = 8 columns"):
+        conv(x, edge_index, torch.randn(edge_index.size(1), 5))
+    with pytest.raises(ValueError, match="x_src has 10 rows but the graph's size is 12"):
+        conv(x, edge_index, size=(12, 12))
+    with pytest.raises(ValueError, match="edge_index must be an int64 or int32"):
+        conv(x, edge_index.float())
+    with pytest.raises(TypeError, match="x must be a Tensor or a pair"):
+        conv([x], edge_index)
+    with pytest.raises(TypeError, match="edge_index must be"):
+        conv(x, edge_index.tolist())
+    with pytest.raises(ValueError, match="x_src has 10 rows but the graph's size is 136"):
         conv(x, Graph.spatial_temporal("coco17", frames=4, batch=2))
 
 
@@ -353,3 +355,212 @@ def test_deep_gcn_layer_bad_arguments_raise():
     with pytest.raises(ValueError, match="dropout must be a probability"):
         DeepGCNLayer(GENConv(8, 8), dropout=1.5)
 
+
+
+# --- the DeeperGCN feature set: edge features, power mean, int32, size, bipartite, sparse input -------
+
+def assert_same_call(ours, theirs, make_inputs, our_call, their_call, tol=F32_TOL, grad_tol=F32_GRAD_TOL):
+    """Output, gradients of every input tensor (``make_inputs()`` makes fresh leaves for each side)
+    and of every trainable parameter (by name) agree with PyG's."""
+    our_inputs, their_inputs = make_inputs(), make_inputs()
+    out_ours, out_theirs = our_call(ours, *our_inputs), their_call(theirs, *their_inputs)
+    torch.testing.assert_close(out_ours, out_theirs, **tol)
+    grad_out = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(1), dtype=out_ours.dtype)
+    ours.zero_grad(set_to_none=True)
+    theirs.zero_grad(set_to_none=True)
+    out_ours.backward(grad_out.to(out_ours.device))
+    out_theirs.backward(grad_out.to(out_theirs.device))
+    for a, b in zip(our_inputs, their_inputs):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), **grad_tol)
+    our_params = dict(ours.named_parameters())
+    for name, param in theirs.named_parameters():
+        if param.grad is None:   # unused (e.g. lin_dst without x_dst): unused in ours too
+            assert our_params[name].grad is None, name
+            continue
+        torch.testing.assert_close(our_params[name].grad.cpu(), param.grad.cpu(), **grad_tol,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def pyg_pair(in_channels, out_channels, seed=0, **kwargs):
+    """(ours, PyG's) GENConv with the same random weights, loaded both ways (strict)."""
+    pyg_nn = pytest.importorskip("torch_geometric.nn")
+    backend = kwargs.pop("backend", "auto")
+    theirs = pyg_nn.GENConv(in_channels, out_channels, **kwargs)
+    randomise_(theirs, seed=seed)
+    ours = GENConv(in_channels, out_channels, **kwargs, backend=backend)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return ours, theirs
+
+
+def shuffled_edges(num_src, num_dst, num_edges, seed):
+    """Random bipartite edges in random order, with duplicates; destinations 0..1 get none."""
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, num_src, (num_edges,), generator=gen)
+    dst = torch.randint(EMPTY_NODES, num_dst, (num_edges,), generator=gen)
+    return torch.stack([torch.cat([src, src[:4]]), torch.cat([dst, dst[:4]])])
+
+
+def leaves(*shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda: tuple(torch.randn(*shape, generator=gen.manual_seed(seed + i)).requires_grad_()
+                         for i, shape in enumerate(shapes))
+
+
+AGGRS = ["softmax", "powermean"]
+
+
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_pyg_gen_conv_scenario(aggr):
+    """PyTorch Geometric's own GENConv test (edge features through the edge encoder, message
+    norm, size, sparse adjacency with and without edge values, bipartite input, unequal input
+    sizes, reset_parameters), run as a PyG user would, on keypointops.nn.GENConv, and against
+    PyG's GENConv with the same weights."""
+    torch.manual_seed(12345)
+    x1, x2 = torch.randn(4, 16), torch.randn(2, 16)
+    edge_index = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 1]])
+    value = torch.randn(edge_index.size(1), 16)
+    csc = lambda values, size: torch.sparse_coo_tensor(edge_index, values, size).coalesce().to_sparse_csc()  # noqa: E731
+    adj1 = csc(torch.ones(4), (4, 4))
+    adj2 = torch.sparse_coo_tensor(edge_index, value, (4, 4, 16)).coalesce()
+
+    conv, theirs = pyg_pair(16, 32, aggr=aggr, edge_dim=16, msg_norm=True)
+    assert str(conv) == str(theirs) == f"GENConv(16, 32, aggr={aggr})"
+    out1 = conv(x1, edge_index)
+    assert out1.size() == (4, 32)
+    torch.testing.assert_close(out1, theirs(x1, edge_index), **F32_TOL)
+    torch.testing.assert_close(conv(x1, edge_index, size=(4, 4)), out1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(conv(x1, adj1.t()), out1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(conv(x1, edge_index.int()), out1, atol=1e-6, rtol=0)
+
+    out2 = conv(x1, edge_index, value)
+    assert out2.size() == (4, 32)
+    torch.testing.assert_close(out2, theirs(x1, edge_index, value), **F32_TOL)
+    torch.testing.assert_close(conv(x1, edge_index, value, (4, 4)), out2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(conv(x1, adj2.transpose(1, 0).coalesce()), out2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(theirs(x1, adj2.transpose(1, 0).coalesce()), out2, **F32_TOL)
+
+    # Bipartite message passing.
+    adj1 = csc(torch.ones(4), (4, 2))
+    adj2 = torch.sparse_coo_tensor(edge_index, value, (4, 2, 16)).coalesce()
+    out1 = conv((x1, x2), edge_index)
+    assert out1.size() == (2, 32)
+    torch.testing.assert_close(out1, theirs((x1, x2), edge_index), **F32_TOL)
+    torch.testing.assert_close(conv((x1, x2), edge_index, size=(4, 2)), out1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(conv((x1, x2), adj1.t()), out1, atol=1e-6, rtol=0)
+    out2 = conv((x1, x2), edge_index, value)
+    assert out2.size() == (2, 32)
+    torch.testing.assert_close(out2, theirs((x1, x2), edge_index, value), **F32_TOL)
+    torch.testing.assert_close(conv((x1, x2), edge_index, value, (4, 2)), out2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(conv((x1, x2), adj2.transpose(1, 0).coalesce()), out2, atol=1e-6, rtol=0)
+
+    conv.reset_parameters()
+    assert float(conv.msg_norm.scale) == 1
+
+    # Bipartite message passing with unequal feature sizes.
+    x1 = torch.randn(4, 8)
+    conv, theirs = pyg_pair((8, 16), 32, aggr=aggr)
+    assert str(conv) == str(theirs) == f"GENConv((8, 16), 32, aggr={aggr})"
+    out1 = conv((x1, x2), edge_index)
+    assert out1.size() == (2, 32)
+    torch.testing.assert_close(out1, theirs((x1, x2), edge_index), **F32_TOL)
+    torch.testing.assert_close(conv((x1, x2), edge_index, size=(4, 2)), out1, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("aggr", AGGRS)
+@pytest.mark.parametrize("edge_dim", [None, 8, 24], ids=["no_encoder", "encoder", "edge_dim_eq_out"])
+def test_edge_features_match_pyg(device, backend, aggr, edge_dim):
+    """Outputs and gradients (x, edge_attr, every parameter) equal to PyG's with edge features in
+    random edge order, through the edge encoder or without it."""
+    ours, theirs = pyg_pair(16, 24, seed=4, aggr=aggr, edge_dim=edge_dim, learn_t=True, learn_p=True,
+                            p=1.5, norm="layer", backend=backend)
+    ours.to(device)
+    edge_index = shuffled_edges(30, 30, 120, seed=5)
+    inputs = leaves((30, 16), (edge_index.size(1), edge_dim or 24), seed=6)
+    assert_same_call(ours, theirs, inputs,
+                     lambda conv, x, e: conv(x.to(device), edge_index.to(device), e.to(device)).cpu(),
+                     lambda conv, x, e: conv(x, edge_index, e))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("aggr", AGGRS)
+@pytest.mark.parametrize("num_src,num_dst", [(25, 14), (9, 21)], ids=["more_sources", "more_targets"])
+def test_bipartite_and_size_match_pyg(device, backend, aggr, num_src, num_dst):
+    """Bipartite (x_src, x_dst) with in_channels=(a, b) and size=(N_src, N_dst), int32 indices,
+    and x_dst None, equal to PyG's (outputs and gradients)."""
+    ours, theirs = pyg_pair((12, 10), 16, seed=7, aggr=aggr, edge_dim=6, msg_norm=True, bias=True,
+                            backend=backend)
+    ours.to(device)
+    edge_index = shuffled_edges(num_src, num_dst, 90, seed=8)
+    size = (num_src, num_dst)
+    inputs = leaves((num_src, 12), (num_dst, 10), (edge_index.size(1), 6), seed=9)
+    assert_same_call(ours, theirs, inputs,
+                     lambda conv, a, b, e: conv((a.to(device), b.to(device)), edge_index.int().to(device),
+                                                e.to(device), size).cpu(),
+                     lambda conv, a, b, e: conv((a, b), edge_index, e, size))
+    src_only = leaves((num_src, 12), seed=10)
+    ours_none, theirs_none = pyg_pair((12, 10), 16, seed=7, aggr=aggr, backend=backend)
+    ours_none.to(device)
+    assert_same_call(ours_none, theirs_none, src_only,
+                     lambda conv, a: conv((a.to(device), None), edge_index.to(device), size=size).cpu(),
+                     lambda conv, a: conv((a, None), edge_index, size=size))
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr", "csc", "edge_index_class"])
+@pytest.mark.parametrize("aggr", AGGRS)
+def test_sparse_and_edge_index_inputs_match_pyg(layout, aggr):
+    """Torch sparse adjacency adj_t (COO, CSR, CSC; edge features as [E, D] values) and PyG's
+    EdgeIndex as graph inputs, equal to PyG's with the same input (PyG 2.8 refuses CSC: there
+    PyG gets the same adjacency as COO)."""
+    pyg = pytest.importorskip("torch_geometric")
+    ours, theirs = pyg_pair(8, 8, seed=11, aggr=aggr, learn_t=True)
+    edge_index = shuffled_edges(20, 20, 70, seed=12)
+    coo = torch.sparse_coo_tensor(edge_index.flip(0), torch.ones(edge_index.size(1)), (20, 20)).coalesce()
+    edge_index = coo.indices().flip(0)                 # no duplicates: a sparse tensor holds none
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(13))
+    if layout == "edge_index_class":
+        graph = pyg.EdgeIndex(edge_index, sparse_size=(20, 20))
+    else:
+        adj_t = torch.sparse_coo_tensor(edge_index.flip(0), torch.ones(edge_index.size(1)), (20, 20)).coalesce()
+        graph = {"coo": adj_t, "csr": adj_t.to_sparse_csr(), "csc": adj_t.to_sparse_csc()}[layout]
+    inputs = lambda: (x.clone().requires_grad_(),)  # noqa: E731
+    their_graph = graph.to_sparse_coo().coalesce() if layout == "csc" else graph
+    assert_same_call(ours, theirs, inputs, lambda conv, x: conv(x, graph), lambda conv, x: conv(x, their_graph))
+    torch.testing.assert_close(ours(x, graph), ours(x, edge_index), atol=1e-6, rtol=0)
+    if layout == "coo":
+        values = torch.randn(edge_index.size(1), 8, generator=torch.Generator().manual_seed(14))
+        adj_t = torch.sparse_coo_tensor(edge_index.flip(0), values, (20, 20, 8)).coalesce()
+        torch.testing.assert_close(ours(x, adj_t), theirs(x, adj_t), **F32_TOL)
+        torch.testing.assert_close(ours(x, adj_t), ours(x, edge_index, values), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("aggr,kwargs", [
+    ("powermean", dict(p=2.0)), ("powermean", dict(p=0.5, learn_p=True)),
+    ("powermean", dict(aggr_kwargs=dict(p=1.0, learn=True, channels=16))),
+    ("powermean", dict(aggr_kwargs=dict(p=3.0, clamp_min=None, clamp_max=50.0))),
+    ("power", dict(p=1.0)), ("add", {}), ("sum", {}), ("mean", {}), ("max", {}), ("min", {}),
+])
+def test_other_aggregations_match_pyg(aggr, kwargs):
+    """The power mean (learnable p, per-channel p, PyG's clamping, isolated nodes) and the plain
+    reductions, with edge features, equal to PyG's (outputs and gradients); repr as PyG's."""
+    ours, theirs = pyg_pair(16, 16, seed=15, aggr=aggr, edge_dim=5, **kwargs)
+    assert repr(ours) == repr(theirs)
+    edge_index = shuffled_edges(26, 26, 100, seed=16)
+    inputs = leaves((26, 16), (edge_index.size(1), 5), seed=17)
+    assert_same_call(ours, theirs, inputs, lambda conv, x, e: conv(x, edge_index, e),
+                     lambda conv, x, e: conv(x, edge_index, e))
+
+
+def test_edge_features_gradcheck_float64():
+    gen = torch.Generator().manual_seed(18)
+    conv = GENConv(6, 6, edge_dim=3, learn_t=True, norm=None, bias=True).double()
+    edge_index = shuffled_edges(9, 9, 25, seed=19)
+    x = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(edge_index.size(1), 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, e: conv(x, edge_index, e), (x, e), atol=1e-6)
+    # ... and the edge encoder's own backward (weight and bias gradients).
+    w = conv.lin_edge.weight.detach().clone().requires_grad_()
+    b = conv.lin_edge.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(gen_conv_module._EdgeEncoder.apply, (e, w, b))

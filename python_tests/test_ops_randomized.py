@@ -26,6 +26,7 @@ import torch
 
 import keypointops
 from keypointops import reference
+from keypointops._opdefs.window_graph_conv import window_count
 from keypointops.graphs import Graph
 
 from helpers import device_backend_params
@@ -147,15 +148,19 @@ def part_pool_case(case: Case, backend: str):
 
 def window_graph_conv_case(case: Case, backend: str):
     batch, frames, nodes, channels = case.size(3), case.size(6), case.size(4), case.size(5)
-    window, dilation = case.choice([1, 3, 5]), int(case.rng.integers(1, 3))
+    window, dilation = case.choice([1, 2, 3, 4, 5]), int(case.rng.integers(1, 3))
+    stride, scales = int(case.rng.integers(1, 4)), int(case.rng.integers(1, 3))
     size = window * nodes
+    windows = window_count(frames, window, dilation, stride)
     scale = case.choice([1.0, 1e4])
     case.moderate = scale <= 1000
     x = case.tensor(batch, frames, nodes, channels, scale=scale)
-    adj = case.choice([lambda: case.tensor(size, size), lambda: case.tensor(batch, size, size),
-                       lambda: case.tensor(batch, frames, size, size)])()
-    check_op(case, lambda x, a: keypointops.window_graph_conv(x, a, window, dilation=dilation, backend=backend),
-             lambda x, a: reference.window_graph_conv(x, a, window, dilation=dilation), [x, adj], [True, True])
+    adj = case.choice([lambda: case.tensor(scales * size, size), lambda: case.tensor(batch, scales * size, size),
+                       lambda: case.tensor(batch, windows, scales * size, size)])()
+    check_op(case, lambda x, a: keypointops.window_graph_conv(x, a, window, dilation=dilation, stride=stride,
+                                                              backend=backend),
+             lambda x, a: reference.window_graph_conv(x, a, window, dilation=dilation, stride=stride), [x, adj],
+             [True, True])
 
 
 def keypoint_gather_case(case: Case, backend: str):

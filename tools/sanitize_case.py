@@ -19,6 +19,7 @@ import torch
 
 import keypointops
 from keypointops import reference
+from keypointops._opdefs.window_graph_conv import window_count
 from keypointops.graphs import Graph
 
 DEVICE = os.environ.get("SANITIZE_CASE_DEVICE", "cuda")
@@ -50,8 +51,10 @@ def keypoint_gather(dtype) -> None:
     valid = (torch.rand(3, 9, generator=gen) > 0.2).to(DEVICE)
     for layout in (torch.contiguous_format, torch.channels_last):
         features = torch.randn(3, 37, 7, 5, generator=gen).to(DEVICE, dtype).contiguous(memory_format=layout)
-        for roi_size, ratio, aligned in ((1.0, 1, False), (0.0, 1, True), (6.0, 2, True), (9.0, -1, False)):
-            kwargs = dict(roi_size=roi_size, sampling_ratio=ratio, aligned=aligned, valid=valid)
+        sizes = (torch.rand(3, 9, 2, generator=gen) * 12).to(DEVICE)
+        for roi_size, ratio, aligned, bins in ((1.0, 1, False, None), (0.0, 1, True, None), (6.0, 2, True, None),
+                                               (9.0, -1, False, None), (sizes, 2, True, 3), (sizes, -1, False, 2)):
+            kwargs = dict(roi_size=roi_size, sampling_ratio=ratio, aligned=aligned, valid=valid, output_size=bins)
             _forward_backward(
                 lambda f: keypointops.keypoint_gather(f, keypoints, 0.25, backend=DEVICE, **kwargs),
                 lambda f: reference.keypoint_gather(f, keypoints.float(), 0.25, **kwargs), [features], dtype)
@@ -67,6 +70,9 @@ def msg_pass(dtype) -> None:
     t = (torch.rand(37, generator=gen) + 0.5).to(DEVICE)
     _forward_backward(lambda x_, t_: keypointops.msg_pass(x_, graph, t_, backend=DEVICE),
                       lambda x_, t_: reference.msg_pass(x_, graph, t_), [x, t], dtype)
+    edge_attr = torch.randn(graph.num_edges, 37, generator=gen).to(DEVICE, dtype)   # in edge_index order
+    _forward_backward(lambda x_, e_, t_: keypointops.msg_pass(x_, graph, t_, edge_attr=e_, backend=DEVICE),
+                      lambda x_, e_, t_: reference.msg_pass(x_, graph, t_, edge_attr=e_), [x, edge_attr, t], dtype)
 
 
 def part_pool(dtype) -> None:
@@ -84,13 +90,15 @@ def part_pool(dtype) -> None:
 def window_graph_conv(dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 4, 37, generator=gen).to(DEVICE, dtype)
-    for window, dilation in ((3, 1), (5, 2)):
-        size = window * 4
-        for shape in ((size, size), (2, size, size), (2, 5, size, size)):
+    for window, dilation, stride, scales in ((3, 1, 1, 1), (5, 2, 1, 1), (4, 1, 2, 3)):
+        size, windows = window * 4, window_count(5, window, dilation, stride)
+        for shape in ((scales * size, size), (2, scales * size, size), (2, windows, scales * size, size)):
             adj = (torch.randn(shape, generator=gen) / size).to(DEVICE, dtype)
             _forward_backward(
-                lambda x_, a: keypointops.window_graph_conv(x_, a, window, dilation=dilation, backend=DEVICE),
-                lambda x_, a: reference.window_graph_conv(x_, a, window, dilation=dilation), [x, adj], dtype)
+                lambda x_, a: keypointops.window_graph_conv(x_, a, window, dilation=dilation, stride=stride,
+                                                            backend=DEVICE),
+                lambda x_, a: reference.window_graph_conv(x_, a, window, dilation=dilation, stride=stride),
+                [x, adj], dtype)
 
 
 CASES = {"keypoint_gather": keypoint_gather, "msg_pass": msg_pass, "part_pool": part_pool,

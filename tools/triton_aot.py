@@ -109,41 +109,48 @@ def keypoint_gather_variants():
         acc_torch, acc = kg._accumulation(dtype)
         keypoints = acc_torch  # keypoints are float32 (float64 beside float64 features)
         valid = torch.bool if has_valid else keypoints  # without valid: keypoints as placeholder
+        sizes = acc_torch  # box sides per keypoint, in the accumulation dtype
         for block_c in _pow2_range(kg._block_c(1), kg.MAX_BLOCK_C):
             constexprs = dict(ALIGNED=aligned, ADAPTIVE=adaptive, HAS_VALID=has_valid, ACC=acc,
                               EPS=kg._epsilon(acc), BLOCK_C=block_c)
             label = (f"{_name(dtype)} aligned={aligned} adaptive={adaptive} valid={has_valid} "
                      f"BLOCK_C={block_c}")
-            scalars = dict(spatial_scale="fp64", half_size="fp64")
+            scalars = dict(spatial_scale="fp64")
             yield _variant(kg, "_forward_kernel", label,
-                           dict(features_ptr=dtype, keypoints_ptr=keypoints, valid_ptr=valid, out_ptr=dtype),
+                           dict(features_ptr=dtype, keypoints_ptr=keypoints, valid_ptr=valid, sizes_ptr=sizes,
+                                out_ptr=dtype),
                            constexprs, scalars)
             # backward: grad_out in the data dtype, the gradient buffer in the accumulation dtype
             yield _variant(kg, "_backward_kernel", label,
-                           dict(grad_out_ptr=dtype, keypoints_ptr=keypoints, valid_ptr=valid,
+                           dict(grad_out_ptr=dtype, keypoints_ptr=keypoints, valid_ptr=valid, sizes_ptr=sizes,
                                 grad_ptr=acc_torch), constexprs, scalars)
 
 
 def msg_pass_variants():
-    tile = dict(mp.GPU_TILE)
-    num_warps = tile.pop("num_warps")
-    max_block_c = tile.pop("MAX_BLOCK_C")
     eps = 1e-7  # the op's default; another eps is one more specialisation of the same code
     for dtype in DATA_DTYPES:
         acc = _acc(dtype)
-        for block_c in _pow2_range(1, max_block_c):
-            blocks = dict(tile, BLOCK_C=block_c)
-            label = f"{_name(dtype)} BLOCK_C={block_c}"
-            yield _variant(mp, "_forward_kernel", label,
-                           dict(x_ptr=dtype, rowptr_ptr=torch.int64, col_ptr=torch.int64, t_ptr=acc,
-                                out_ptr=dtype, row_max_ptr=acc, row_sum_ptr=acc),
-                           dict(blocks, EPS=eps), num_warps=num_warps)
-            for grad_t in (False, True):
-                yield _variant(mp, "_backward_kernel", f"{label} grad_t={grad_t}",
-                               dict(grad_out_ptr=dtype, x_ptr=dtype, out_ptr=dtype, row_max_ptr=acc,
-                                    row_sum_ptr=acc, rowptr_t_ptr=torch.int64, col_t_ptr=torch.int64,
-                                    t_ptr=acc, grad_x_ptr=dtype, grad_t_partial_ptr=acc),
-                               dict(blocks, EPS=eps, COMPUTE_GRAD_T=grad_t), num_warps=num_warps)
+        for block_c in _pow2_range(1, mp.GPU_TILE["MAX_BLOCK_C"]):
+            for has_edge in (False, True):
+                tile = dict(mp.GPU_EDGE_TILE if has_edge else mp.GPU_TILE)
+                num_warps = tile.pop("num_warps")
+                tile.pop("MAX_BLOCK_C")
+                blocks = dict(tile, BLOCK_C=block_c)
+                label = f"{_name(dtype)} BLOCK_C={block_c} edge={has_edge}"
+                # Without edge features the launcher passes x and col as the (unread) edge pointers.
+                edge = dict(edge_attr_ptr=dtype, perm_ptr=torch.int64)
+                yield _variant(mp, "_forward_kernel", label,
+                               dict(x_ptr=dtype, rowptr_ptr=torch.int64, col_ptr=torch.int64, **edge, t_ptr=acc,
+                                    out_ptr=dtype, row_max_ptr=acc, row_sum_ptr=acc),
+                               dict(blocks, EPS=eps, HAS_EDGE=has_edge), num_warps=num_warps)
+                for grad_t in (False, True):
+                    yield _variant(mp, "_backward_kernel", f"{label} grad_t={grad_t}",
+                                   dict(grad_out_ptr=dtype, x_ptr=dtype, out_ptr=dtype, row_max_ptr=acc,
+                                        row_sum_ptr=acc, rowptr_t_ptr=torch.int64, col_t_ptr=torch.int64,
+                                        edge_attr_ptr=dtype, perm_t_ptr=torch.int64, t_ptr=acc,
+                                        grad_x_ptr=dtype, grad_t_partial_ptr=acc, grad_edge_attr_ptr=dtype),
+                                   dict(blocks, EPS=eps, COMPUTE_GRAD_T=grad_t, HAS_EDGE=has_edge),
+                                   num_warps=num_warps)
             yield _variant(mp, "_sum_rows_kernel", f"{_name(acc)} BLOCK_C={block_c}",
                            dict(partial_ptr=acc, total_ptr=acc),
                            dict(BLOCK_R=mp.SUM_BLOCK_ROWS, BLOCK_C=block_c))

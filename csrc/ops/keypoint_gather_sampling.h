@@ -1,11 +1,15 @@
 #pragma once
-// keypoint_gather: the sampling rules of torchvision's RoIAlign (output_size=1), per axis, shared
-// by the CPU and CUDA kernels.
+// keypoint_gather: the sampling rules of torchvision's RoIAlign, per axis, shared by the CPU and
+// CUDA kernels.
 
-// The box of a keypoint is the square of side roi_size (input-image pixels) centred on it.  Along
-// one axis its start is (center - roi_size / 2) * scale - offset (offset 0.5 when aligned), its
-// extent end - start (at least 1 when not aligned), and its `grid` samples sit at
-// start + (i + 0.5) * extent / grid, i < grid (grid = sampling_ratio, or ceil(extent) when adaptive).
+// The box of a keypoint is the rectangle of side roi_size (input-image pixels; one per axis and
+// keypoint when the sizes are a tensor) centred on it.  Along one axis its start is
+// (center - roi_size / 2) * scale - offset (offset 0.5 when aligned), its extent end - start (at
+// least 1 when not aligned).  With output_size S the box splits into S bins of extent / S per axis,
+// bin p starting at start + p * (extent / S), and each bin is a box of its own: its `grid` samples
+// sit at bin_start + (i + 0.5) * bin_extent / grid, i < grid (grid = sampling_ratio, or
+// ceil(bin_extent) when adaptive).  The kernels treat every (keypoint, bin y, bin x) as a node of
+// its own, node k * S * S + py * S + px: S = 1 is the keypoint's box itself.
 // A sample outside [-1, size] contributes nothing; otherwise it is clamped to >= 0 and split
 // between rows low = floor and low + 1 (all of it on size - 1 from there on).
 // RoIAlign's bilinear weight of sample (iy, ix) on pixel (r, q) is the product of these per-axis
@@ -33,9 +37,15 @@ C10_HOST_DEVICE inline bool is_finite(T x) {
   return x - x == T(0);
 }
 
-// The box of a keypoint at `center` along an axis of `size` pixels.  A box that is not finite or
-// lies entirely beyond [-2, size + 1] gets no samples: its output is 0 under torchvision's rules
-// anyway, and this keeps a far-away keypoint from asking for an enormous adaptive grid.
+// Largest half box side in feature pixels (half of the 1e6 limit of the scalar roi_size): a
+// per-keypoint size beyond it, or not finite, gives that keypoint no samples (zeros), so that no
+// adaptive grid can grow unbounded.
+constexpr double kMaxHalfBoxExtent = 5e5;
+
+// The box of a keypoint at `center` along an axis of `size` pixels.  A box that is not finite,
+// too large (kMaxHalfBoxExtent) or lies entirely beyond [-2, size + 1] gets no samples: its output
+// is 0 under torchvision's rules anyway, and this keeps a far-away keypoint from asking for an
+// enormous adaptive grid.
 template <typename T>
 C10_HOST_DEVICE inline BoxAxis<T> box_axis(T center, T half_size, T scale, bool aligned,
                                            int64_t sampling_ratio, int64_t size) {
@@ -44,11 +54,25 @@ C10_HOST_DEVICE inline BoxAxis<T> box_axis(T center, T half_size, T scale, bool 
   const T end = (center + half_size) * scale - offset;
   T extent = end - start;
   if (!aligned && extent < T(1)) extent = T(1);
+  const T half_extent = half_size * scale;
   const bool reachable = is_finite(start) && is_finite(extent) && start <= T(size + 1) &&
-                         start + extent >= T(-2);
+                         start + extent >= T(-2) && half_extent < T(kMaxHalfBoxExtent) &&
+                         half_extent > T(-kMaxHalfBoxExtent);
   int64_t grid = 0;
   if (reachable) grid = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(::ceil(extent));
   return {start, extent, grid};
+}
+
+// Bin p of `bins` along the axis of `box`, as torchvision's RoIAlign with output_size = bins splits
+// it: a box of its own starting at start + p * (extent / bins), with ceil(bin extent) samples when
+// adaptive.  bins = 1 returns the box unchanged (bitwise); a box without samples keeps none.
+template <typename T>
+C10_HOST_DEVICE inline BoxAxis<T> bin_axis(const BoxAxis<T>& box, int64_t p, int64_t bins,
+                                           int64_t sampling_ratio) {
+  if (box.grid == 0 || bins == 1) return box;
+  const T bin = box.extent / static_cast<T>(bins);
+  const int64_t grid = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(::ceil(bin));
+  return {box.start + static_cast<T>(p) * bin, bin, grid};
 }
 
 // Coordinate of sample i, as torchvision computes it.

@@ -5,6 +5,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 namespace keypointops {
 
 void check_msg_pass_args(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
@@ -59,6 +61,43 @@ void check_msg_pass_backward_args(const at::Tensor& grad_out, const at::Tensor& 
   }
 }
 
+void check_msg_pass_edge_args(const at::Tensor& x, const c10::optional<at::Tensor>& edge_attr,
+                              const c10::optional<at::Tensor>& perm, int64_t num_edges,
+                              const char* perm_name) {
+  TORCH_CHECK(edge_attr.has_value() == perm.has_value(), "msg_pass: edge_attr and ", perm_name,
+              " must be given together");
+  if (!edge_attr.has_value()) return;
+  const at::Tensor& ea = *edge_attr;
+  const at::Tensor& p = *perm;
+  TORCH_CHECK(ea.dim() == 2 && ea.size(0) == num_edges && ea.size(1) == x.size(1),
+              "msg_pass: edge_attr must be [E, C] = [", num_edges, ", ", x.size(1), "], got ",
+              ea.sizes());
+  TORCH_CHECK(ea.scalar_type() == x.scalar_type(), "msg_pass: edge_attr must be ", x.scalar_type(),
+              " like x, got ", ea.scalar_type());
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == num_edges && p.scalar_type() == at::kLong, "msg_pass: ",
+              perm_name, " must be [E] = [", num_edges, "] int64, got ", p.sizes(), " ",
+              p.scalar_type());
+  for (const auto* arg : {&ea, &p}) {
+    TORCH_CHECK(arg->device() == x.device(), "msg_pass: x (", x.device(), ") and ",
+                arg == &ea ? "edge_attr" : perm_name, " (", arg->device(),
+                ") must be on the same device");
+  }
+}
+
+void check_perm_cpu(const at::Tensor& perm, const char* perm_name) {
+  const auto p = perm.contiguous();
+  const int64_t* e = p.data_ptr<int64_t>();
+  const int64_t num_edges = p.numel();
+  std::vector<bool> seen(num_edges, false);  // every edge once: each gradient row has one writer
+  for (int64_t k = 0; k < num_edges; ++k) {
+    TORCH_CHECK(e[k] >= 0 && e[k] < num_edges, "msg_pass: ", perm_name, " holds edge id ", e[k],
+                " out of range [0, ", num_edges, ")");
+    TORCH_CHECK(!seen[e[k]], "msg_pass: ", perm_name, " must be a permutation of [0, E), edge id ",
+                e[k], " appears twice");
+    seen[e[k]] = true;
+  }
+}
+
 void check_csr_cpu(const at::Tensor& rowptr, const at::Tensor& col, int64_t num_nodes,
                    const char* rowptr_name, const char* col_name) {
   const auto rp = rowptr.contiguous();
@@ -81,22 +120,26 @@ void check_csr_cpu(const at::Tensor& rowptr, const at::Tensor& col, int64_t num_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass(
     const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& rowptr_t,
-    const at::Tensor& col_t, const at::Tensor& t, double eps) {
+    const at::Tensor& col_t, const at::Tensor& t, double eps,
+    const c10::optional<at::Tensor>& edge_attr, const c10::optional<at::Tensor>& perm,
+    const c10::optional<at::Tensor>& perm_t) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("keypointops::msg_pass", "")
                        .typed<decltype(msg_pass)>();
-  return op.call(x, rowptr, col, rowptr_t, col_t, t, eps);
+  return op.call(x, rowptr, col, rowptr_t, col_t, t, eps, edge_attr, perm, perm_t);
 }
 
-std::tuple<at::Tensor, at::Tensor> msg_pass_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const at::Tensor& row_max,
     const at::Tensor& row_sum,
     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t, double eps,
-    bool compute_grad_t) {
+    bool compute_grad_t, const c10::optional<at::Tensor>& edge_attr,
+    const c10::optional<at::Tensor>& perm_t) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("keypointops::msg_pass_backward", "")
                        .typed<decltype(msg_pass_backward)>();
-  return op.call(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, eps, compute_grad_t);
+  return op.call(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, eps, compute_grad_t,
+                 edge_attr, perm_t);
 }
 
 }  // namespace keypointops

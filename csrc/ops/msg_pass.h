@@ -1,5 +1,6 @@
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 #include <tuple>
 
 namespace keypointops {
@@ -20,6 +21,15 @@ void check_msg_pass_backward_args(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& row_sum, const at::Tensor& rowptr_t,
                                   const at::Tensor& col_t, const at::Tensor& t);
 
+// Checks of the optional edge features: none of edge_attr and perm, or edge_attr [E, C] of x's
+// dtype and device and perm [E] int64 on x's device (E = num_edges).
+void check_msg_pass_edge_args(const at::Tensor& x, const c10::optional<at::Tensor>& edge_attr,
+                              const c10::optional<at::Tensor>& perm, int64_t num_edges,
+                              const char* perm_name);
+
+// Content check of an edge permutation on the CPU: a permutation of [0, E).
+void check_perm_cpu(const at::Tensor& perm, const char* perm_name);
+
 // Content check of a CSR on the CPU: rowptr[0] == 0, non-decreasing, rowptr[N] == E, col in [0, N).
 void check_csr_cpu(const at::Tensor& rowptr, const at::Tensor& col, int64_t num_nodes,
                    const char* rowptr_name, const char* col_name);
@@ -27,11 +37,14 @@ void check_csr_cpu(const at::Tensor& rowptr, const at::Tensor& col, int64_t num_
 // C++ entry points (go through the dispatcher, like torch.ops.keypointops.*).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass(
     const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& rowptr_t,
-    const at::Tensor& col_t, const at::Tensor& t, double eps);
-std::tuple<at::Tensor, at::Tensor> msg_pass_backward(
+    const at::Tensor& col_t, const at::Tensor& t, double eps,
+    const c10::optional<at::Tensor>& edge_attr, const c10::optional<at::Tensor>& perm,
+    const c10::optional<at::Tensor>& perm_t);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const at::Tensor& row_max,
     const at::Tensor& row_sum,
     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t, double eps,
-    bool compute_grad_t);
+    bool compute_grad_t, const c10::optional<at::Tensor>& edge_attr,
+    const c10::optional<at::Tensor>& perm_t);
 
 }  // namespace keypointops

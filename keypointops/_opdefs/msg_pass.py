@@ -11,7 +11,7 @@ from keypointops._opdefs.backend import check_float_dtype, check_same_device, ch
 from keypointops.graphs import Graph
 
 
-def check_args(x, graph, t, eps) -> Graph:
+def check_args(x, graph, t, eps, edge_attr=None) -> Graph:
     check_tensors("msg_pass", x=x)
     if x.dim() != 2:
         raise ValueError(f"msg_pass: x must be [N, C], got shape {list(x.shape)}")
@@ -39,7 +39,33 @@ def check_args(x, graph, t, eps) -> Graph:
         raise ValueError(f"msg_pass: t must be a finite float or a tensor, got {t!r}")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps):
         raise ValueError(f"msg_pass: eps must be a finite float, got {eps!r}")
+    if edge_attr is not None:
+        check_tensors("msg_pass", edge_attr=edge_attr)
+        if edge_attr.shape != (graph.num_edges, x.size(1)):
+            raise ValueError(f"msg_pass: edge_attr must be [E, C] = [{graph.num_edges}, {x.size(1)}], "
+                             f"got {list(edge_attr.shape)}")
+        if edge_attr.dtype != x.dtype:
+            raise ValueError(f"msg_pass: edge_attr must be {x.dtype} like x, got {edge_attr.dtype}")
+        check_same_device("msg_pass", "x", x.device, "edge_attr", edge_attr.device)
     return graph
+
+
+def check_edge_args(x: Tensor, edge_attr: Tensor | None, perm: Tensor | None, num_edges: int,
+                    perm_name: str) -> None:
+    """The checks of the raw op's optional edge arguments (csrc/ops/msg_pass.cpp's
+    check_msg_pass_edge_args), for the kernels called directly through ``torch.ops.keypointops``."""
+    if (edge_attr is None) != (perm is None):
+        raise ValueError(f"msg_pass: edge_attr and {perm_name} must be given together")
+    if edge_attr is None:
+        return
+    if edge_attr.shape != (num_edges, x.size(1)) or edge_attr.dtype != x.dtype:
+        raise ValueError(f"msg_pass: edge_attr must be [E, C] = [{num_edges}, {x.size(1)}] of {x.dtype}, "
+                         f"got {edge_attr.dtype} {list(edge_attr.shape)}")
+    if perm.shape != (num_edges,) or perm.dtype != torch.int64:
+        raise ValueError(f"msg_pass: {perm_name} must be [E] = [{num_edges}] int64, got {perm.dtype} "
+                         f"{list(perm.shape)}")
+    for name, arg in (("edge_attr", edge_attr), (perm_name, perm)):
+        check_same_device("msg_pass", "x", x.device, name, arg.device)
 
 
 def check_csr_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_name: str, col_name: str) -> None:
@@ -63,27 +89,33 @@ def check_csr_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_nam
 
 # --- torch.library registrations: fake kernels and the autograd formula --------------------------
 
-def _fake_forward(x, rowptr, col, rowptr_t, col_t, t, eps):
+def _fake_forward(x, rowptr, col, rowptr_t, col_t, t, eps, edge_attr=None, perm=None, perm_t=None):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=t.dtype), x.new_empty(x.shape, dtype=t.dtype)
 
 
-def _fake_backward(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, eps, compute_grad_t):
-    return torch.empty_like(x), torch.empty_like(t)
+def _fake_backward(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, eps, compute_grad_t,
+                   edge_attr=None, perm_t=None):
+    grad_edge_attr = torch.empty_like(edge_attr) if edge_attr is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(t), grad_edge_attr
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, _, rowptr_t, col_t, t, eps = inputs
+    x, _, _, rowptr_t, col_t, t, eps, edge_attr, _, perm_t = inputs
     out, row_max, row_sum = output
-    ctx.save_for_backward(x, t, out, row_max, row_sum, rowptr_t, col_t)
+    ctx.save_for_backward(x, t, out, row_max, row_sum, rowptr_t, col_t, edge_attr, perm_t)
     ctx.eps = eps
 
 
 def _backward(ctx, backward_op, grad_out, _grad_row_max, _grad_row_sum):
-    x, t, out, row_max, row_sum, rowptr_t, col_t = ctx.saved_tensors
+    x, t, out, row_max, row_sum, rowptr_t, col_t, edge_attr, perm_t = ctx.saved_tensors
     need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
-    grad_x, grad_t = backward_op(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t,
-                                 ctx.eps, need_t)
-    return grad_x if need_x else None, None, None, None, None, grad_t if need_t else None, None
+    # One gradient per argument the caller passed (the optional edge arguments may be left out).
+    num_args = len(ctx.needs_input_grad)
+    need_edge = num_args > 7 and ctx.needs_input_grad[7]
+    grad_x, grad_t, grad_edge_attr = backward_op(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t,
+                                                 ctx.eps, need_t, edge_attr, perm_t)
+    return (grad_x if need_x else None, None, None, None, None, grad_t if need_t else None, None,
+            grad_edge_attr if need_edge else None, None, None)[:num_args]
 
 
 def register_kernels_of(forward_name: str, backward_name: str) -> None:

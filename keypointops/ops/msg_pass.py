@@ -15,17 +15,21 @@ __all__ = ["msg_pass"]
 
 
 def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: float = 1e-7, *,
-             backend: str = "auto") -> Tensor:
-    r"""Softmax-temperature aggregation of the messages ``relu(x_u) + eps`` into every node.
+             edge_attr: Tensor | None = None, backend: str = "auto") -> Tensor:
+    r"""Softmax-temperature aggregation of the messages ``relu(x_u + e_uv) + eps`` into every node.
 
-    With :math:`m_u = \mathrm{relu}(x_u) + \epsilon`, for every node ``v`` and channel ``c``
+    With the message of edge :math:`u \to v` :math:`m_{uv} = \mathrm{relu}(x_u + e_{uv}) + \epsilon`
+    (:math:`e_{uv} = 0` without ``edge_attr``), for every node ``v`` and channel ``c``
 
-    .. math:: \mathrm{out}[v, c] = \sum_{u \in N(v)} \mathrm{softmax}_u(t_c\, m[u, c])\, m[u, c]
+    .. math:: \mathrm{out}[v, c] = \sum_{u \in N(v)} \mathrm{softmax}_u(t_c\, m_{uv}[c])\, m_{uv}[c]
 
     and 0 where ``v`` has no incoming edge.  This is PyG's ``GENConv`` message plus
-    ``SoftmaxAggregation`` in one pass: an online softmax per (node, channel), no tensor of size
-    ``E x C`` in forward or backward; backward recomputes the weights from the saved per-(node,
-    channel) max and sum and walks the cached transposed CSR (no atomics, deterministic).
+    ``SoftmaxAggregation`` in one pass (DeeperGCN, Li et al., arXiv 2020): an online softmax per
+    (node, channel), no intermediate tensor of size ``E x C`` in forward or backward; backward
+    recomputes the weights from the saved per-(node, channel) max and sum and walks the cached
+    transposed CSR (no atomics, deterministic).  ``edge_attr`` is read in place, in the graph's
+    edge order, through the graph's CSR permutations (no permuted copy); its gradient is the only
+    ``E x C`` tensor backward writes.
 
     Args:
         x: ``[N, C]`` node features, float32, float64, float16 or bfloat16 (the last two summed
@@ -35,6 +39,9 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
         t: inverse temperature: a float, a 0-dim or ``[1]`` tensor, or a ``[C]`` tensor (one per
             channel); differentiable when it is a tensor that requires grad.
         eps: the constant added to the messages.
+        edge_attr: optional ``[E, C]`` edge features of ``x``'s dtype, row ``e`` for edge ``e``
+            (column ``e`` of the ``edge_index``; for a :class:`keypointops.Graph`, its edge
+            order, see :class:`~keypointops.Graph`); differentiable.
         backend: ``"auto"`` (compiled kernel for the tensor's device), ``"cpu"``, ``"cuda"``,
             ``"triton"`` or ``"reference"``.
 
@@ -42,20 +49,25 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
         ``[N, C]`` tensor of ``x``'s dtype.
 
     Autocast: under ``torch.autocast`` the op computes in the dtype of ``x`` (bfloat16 or float16
-    with float32 accumulation; a tensor ``t`` is taken in float32) on every backend.
+    with float32 accumulation; a tensor ``t`` is taken in float32; ``edge_attr`` is cast to that
+    dtype) on every backend.
     """
-    x = autocast.cast(x, autocast.compute_dtype(x))
-    graph = check_args(x, graph, t, eps)
+    dtype = autocast.compute_dtype(x)
+    x = autocast.cast(x, dtype)
+    edge_attr = autocast.cast(edge_attr, dtype)   # under autocast, in x's compute dtype
+    graph = check_args(x, graph, t, eps, edge_attr)
     backend = resolve_backend("msg_pass", backend, x.device)
     if backend == "reference":
-        return reference.msg_pass(x, graph, t, eps)
+        return reference.msg_pass(x, graph, t, eps, edge_attr=edge_attr)
     t_channels = _channel_t(t, x)
     if backend == "triton":
         from keypointops.triton import msg_pass as triton_msg_pass
         forward = triton_msg_pass.msg_pass_triton
     else:
         forward = torch.ops.keypointops.msg_pass
-    out, _, _ = forward(x, graph.rowptr, graph.col, graph.rowptr_t, graph.col_t, t_channels, float(eps))
+    perms = (graph.perm, graph.perm_t) if edge_attr is not None else (None, None)
+    out, _, _ = forward(x, graph.rowptr, graph.col, graph.rowptr_t, graph.col_t, t_channels, float(eps),
+                        edge_attr, *perms)
     return out
 
 

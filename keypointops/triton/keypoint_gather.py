@@ -1,5 +1,9 @@
 """Triton kernels of ``keypoint_gather`` and the ``keypointops::keypoint_gather_triton`` ops.
 
+A node is a keypoint's box (``output_size`` S = 1) or one of its ``S x S`` bins (node
+``k * S * S + py * S + px``: torchvision's RoIAlign bins, each a box of its own); below
+"keypoint" means node.  Box sides are read per keypoint from ``roi_sizes`` (a scalar
+``roi_size`` is passed as a stride-0 view of one pair: one set of kernel specialisations for both).
 Forward: one program per (keypoint, block of channels).  It walks the keypoint's RoIAlign sample
 grid with torchvision's rules, computing each sample's four bilinear weights once for the whole
 channel block, and writes ``out[b, k, block]`` node-major.  Any strides of ``features`` are read
@@ -9,7 +13,7 @@ walks the image's keypoints in order and adds ``weight * grad_out[b, k, c] / cou
 corners of each sample.  No other program touches the slice, so the adds (relaxed atomics, which
 need not wait for a read) land in a fixed order: the result is deterministic.  float16/bfloat16
 gradients are accumulated in a float32 buffer.
-Memory: the output ``[B, K, C]``, the gradient ``[B, C, H, W]`` (+ its float32 buffer for
+Memory: the output ``[B, K * S * S, C]``, the gradient ``[B, C, H, W]`` (+ its float32 buffer for
 reduced precision); nothing per sample.
 """
 from typing import Optional, Sequence
@@ -28,7 +32,8 @@ MAX_BLOCK_C = 256
 def _box_axis(center, half_size, scale, sampling_ratio, size, ALIGNED: tl.constexpr,
               ADAPTIVE: tl.constexpr):
     """torchvision's box along one axis: (start, extent, grid).  grid is 0 when the box is not
-    finite or lies entirely beyond [-2, size + 1] (no sample can reach the map)."""
+    finite, its half side is MAX_HALF_BOX_EXTENT feature pixels or more, or it lies entirely
+    beyond [-2, size + 1] (no sample can reach the map)."""
     if ALIGNED:
         start = (center - half_size) * scale - 0.5
         end = (center + half_size) * scale - 0.5
@@ -37,13 +42,28 @@ def _box_axis(center, half_size, scale, sampling_ratio, size, ALIGNED: tl.conste
         start = (center - half_size) * scale
         end = (center + half_size) * scale
         extent = tl.maximum(end - start, 1.0)
+    half_extent = half_size * scale
     reachable = ((start - start) == 0) & ((extent - extent) == 0) & (start <= size + 1) & (
-        start + extent >= -2)
+        start + extent >= -2) & (half_extent < 5e5) & (half_extent > -5e5)
     if ADAPTIVE:
         grid = tl.ceil(tl.where(reachable, extent, 0.0)).to(tl.int32)
     else:
         grid = sampling_ratio
     return start, extent, tl.where(reachable, grid, 0)
+
+
+@triton.jit
+def _bin_axis(start, extent, grid, p, bins, sampling_ratio, ADAPTIVE: tl.constexpr):
+    """Bin p of ``bins`` along a box axis, a box of its own (torchvision's RoIAlign bins): start
+    ``start + p * (extent / bins)``, extent ``extent / bins``, ``ceil`` of it samples when adaptive;
+    a box without samples keeps none."""
+    bin_extent = extent / bins.to(extent.dtype)
+    bin_start = start + p.to(extent.dtype) * bin_extent
+    if ADAPTIVE:
+        bin_grid = tl.ceil(tl.where(grid != 0, bin_extent, 0.0)).to(tl.int32)
+    else:
+        bin_grid = sampling_ratio
+    return bin_start, bin_extent, tl.where(grid != 0, bin_grid, 0)
 
 
 @triton.jit
@@ -79,19 +99,26 @@ def _sample_taps(start, extent, grid, i, size, ACC: tl.constexpr):
 
 
 @triton.jit
-def _keypoint_boxes(keypoints_ptr, valid_ptr, b, k, stride_kb, stride_kk, stride_kd, stride_vb,
-                    stride_vk, H, W, spatial_scale, half_size, sampling_ratio, ALIGNED: tl.constexpr,
-                    ADAPTIVE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
-                    EPS: tl.constexpr):
-    """Both box axes of keypoint (b, k) and the index ranges of its samples that can reach the
-    map; an invalid keypoint gets no sample rows."""
+def _keypoint_boxes(keypoints_ptr, valid_ptr, sizes_ptr, b, node, bins, stride_kb, stride_kk,
+                    stride_kd, stride_vb, stride_vk, stride_sb, stride_sk, stride_sd, H, W,
+                    spatial_scale, sampling_ratio, ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr,
+                    HAS_VALID: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr):
+    """Both box axes of node ``node`` of image b (bin (py, px) of keypoint k) and the index
+    ranges of its samples that can reach the map; an invalid keypoint gets no sample rows."""
+    k = node // (bins * bins)
+    py = (node % (bins * bins)) // bins
+    px = node % bins
     scale = tl.full((), spatial_scale, ACC)
-    half = tl.full((), half_size, ACC)
     point = keypoints_ptr + b * stride_kb + k * stride_kk
     x = tl.load(point).to(ACC)
     y = tl.load(point + stride_kd).to(ACC)
-    x_start, x_extent, x_grid = _box_axis(x, half, scale, sampling_ratio, W, ALIGNED, ADAPTIVE)
-    y_start, y_extent, y_grid = _box_axis(y, half, scale, sampling_ratio, H, ALIGNED, ADAPTIVE)
+    side = sizes_ptr + b * stride_sb + k * stride_sk
+    half_x = tl.load(side).to(ACC) * 0.5
+    half_y = tl.load(side + stride_sd).to(ACC) * 0.5
+    x_start, x_extent, x_grid = _box_axis(x, half_x, scale, sampling_ratio, W, ALIGNED, ADAPTIVE)
+    y_start, y_extent, y_grid = _box_axis(y, half_y, scale, sampling_ratio, H, ALIGNED, ADAPTIVE)
+    x_start, x_extent, x_grid = _bin_axis(x_start, x_extent, x_grid, px, bins, sampling_ratio, ADAPTIVE)
+    y_start, y_extent, y_grid = _bin_axis(y_start, y_extent, y_grid, py, bins, sampling_ratio, ADAPTIVE)
     if HAS_VALID:
         y_grid = tl.where(tl.load(valid_ptr + b * stride_vb + k * stride_vk) != 0, y_grid, 0)
     iy_first, iy_last = _sample_range(y_start, y_extent, y_grid, H, EPS)
@@ -116,20 +143,21 @@ def _sample_corners(x_axis, y_axis, ix, iy, H, W, stride_h, stride_w, c_mask, AC
 
 
 @triton.jit
-def _forward_kernel(features_ptr, keypoints_ptr, valid_ptr, out_ptr, K, C, H, W,
+def _forward_kernel(features_ptr, keypoints_ptr, valid_ptr, sizes_ptr, out_ptr, K, bins, C, H, W,
                     stride_b, stride_c, stride_h, stride_w, stride_kb, stride_kk, stride_kd,
-                    stride_vb, stride_vk, spatial_scale: tl.float64, half_size: tl.float64,
+                    stride_vb, stride_vk, stride_sb, stride_sk, stride_sd, spatial_scale: tl.float64,
                     sampling_ratio, ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr,
                     HAS_VALID: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
                     BLOCK_C: tl.constexpr):
-    node = tl.program_id(0).to(tl.int64)
+    node = tl.program_id(0).to(tl.int64)  # b * K + k over the nodes (K: nodes per image)
     b = node // K
     k = node % K
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     x_axis, y_axis = _keypoint_boxes(
-        keypoints_ptr, valid_ptr, b, k, stride_kb, stride_kk, stride_kd, stride_vb, stride_vk, H, W,
-        spatial_scale, half_size, sampling_ratio, ALIGNED, ADAPTIVE, HAS_VALID, ACC, EPS)
+        keypoints_ptr, valid_ptr, sizes_ptr, b, k, bins, stride_kb, stride_kk, stride_kd, stride_vb,
+        stride_vk, stride_sb, stride_sk, stride_sd, H, W, spatial_scale, sampling_ratio,
+        ALIGNED, ADAPTIVE, HAS_VALID, ACC, EPS)
     _, _, x_grid, ix_first, ix_last = x_axis
     _, _, y_grid, iy_first, iy_last = y_axis
     image = features_ptr + b * stride_b + c.to(tl.int64) * stride_c
@@ -146,9 +174,9 @@ def _forward_kernel(features_ptr, keypoints_ptr, valid_ptr, out_ptr, K, C, H, W,
 
 
 @triton.jit
-def _backward_kernel(grad_out_ptr, keypoints_ptr, valid_ptr, grad_ptr, K, C, H, W,
+def _backward_kernel(grad_out_ptr, keypoints_ptr, valid_ptr, sizes_ptr, grad_ptr, K, bins, C, H, W,
                      stride_b, stride_c, stride_h, stride_w, stride_kb, stride_kk, stride_kd,
-                     stride_vb, stride_vk, spatial_scale: tl.float64, half_size: tl.float64,
+                     stride_vb, stride_vk, stride_sb, stride_sk, stride_sd, spatial_scale: tl.float64,
                      sampling_ratio, ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr,
                      HAS_VALID: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
                      BLOCK_C: tl.constexpr):
@@ -158,8 +186,9 @@ def _backward_kernel(grad_out_ptr, keypoints_ptr, valid_ptr, grad_ptr, K, C, H, 
     image = grad_ptr + b * stride_b + c.to(tl.int64) * stride_c
     for k in range(0, K):
         x_axis, y_axis = _keypoint_boxes(
-            keypoints_ptr, valid_ptr, b, k, stride_kb, stride_kk, stride_kd, stride_vb, stride_vk, H,
-            W, spatial_scale, half_size, sampling_ratio, ALIGNED, ADAPTIVE, HAS_VALID, ACC, EPS)
+            keypoints_ptr, valid_ptr, sizes_ptr, b, k, bins, stride_kb, stride_kk, stride_kd,
+            stride_vb, stride_vk, stride_sb, stride_sk, stride_sd, H, W, spatial_scale,
+            sampling_ratio, ALIGNED, ADAPTIVE, HAS_VALID, ACC, EPS)
         _, _, x_grid, ix_first, ix_last = x_axis
         _, _, y_grid, iy_first, iy_last = y_axis
         count = tl.maximum(y_grid * x_grid, 1).to(ACC)
@@ -181,58 +210,78 @@ def _epsilon(acc) -> float:
     return torch.finfo(torch.float64 if acc == tl.float64 else torch.float32).eps
 
 
-def _launch_args(keypoints: Tensor, valid: Optional[Tensor], spatial_scale: float, roi_size: float,
-                 sampling_ratio: int, aligned: bool, acc) -> tuple:
-    """The keypoint, valid and sampling arguments shared by both kernels, and their constexprs."""
+def _launch_args(keypoints: Tensor, valid: Optional[Tensor], roi_sizes: Optional[Tensor],
+                 spatial_scale: float, roi_size: float, sampling_ratio: int, aligned: bool, acc) -> tuple:
+    """(keypoints, valid, sizes pointers), the keypoint, valid, sizes and sampling arguments that
+    follow the kernels' shape arguments, and their constexprs.  The sizes are ``roi_sizes`` in the
+    accumulation dtype, or the scalar ``roi_size`` as a stride-0 ``[B, K, 2]`` view."""
+    acc_dtype = torch.float64 if acc == tl.float64 else torch.float32
+    if roi_sizes is None:
+        roi_sizes = torch.full((1, 1, 2), roi_size, dtype=acc_dtype, device=keypoints.device).expand(
+            *keypoints.shape[:2], 2)
+    roi_sizes = roi_sizes.to(acc_dtype)
     valid_args = (valid, *valid.stride()) if valid is not None else (keypoints, 0, 0)
-    args = (keypoints, valid_args[0], *keypoints.stride(), *valid_args[1:], spatial_scale,
-            roi_size / 2, sampling_ratio)
+    pointers = (keypoints, valid_args[0], roi_sizes)
+    args = (*keypoints.stride(), *valid_args[1:], *roi_sizes.stride(), spatial_scale, sampling_ratio)
     constexprs = dict(ALIGNED=aligned, ADAPTIVE=sampling_ratio <= 0, HAS_VALID=valid is not None, ACC=acc,
                       EPS=_epsilon(acc))
-    return args, constexprs
+    return pointers, args, constexprs
 
 
 def _block_c(channels: int) -> int:
     return min(triton.next_power_of_2(max(channels, 1)), MAX_BLOCK_C)
 
 
+def _check_roi_sizes(roi_sizes: Optional[Tensor], keypoints: Tensor) -> None:
+    if roi_sizes is not None and (tuple(roi_sizes.shape) != (*keypoints.shape[:2], 2)
+                                  or not roi_sizes.is_floating_point()):
+        raise ValueError(f"keypoint_gather: roi_sizes must be a floating point [B, K, 2] = "
+                         f"{[*keypoints.shape[:2], 2]} tensor, got {roi_sizes.dtype} of shape "
+                         f"{list(roi_sizes.shape)}")
+
+
 @torch.library.custom_op("keypointops::keypoint_gather_triton", mutates_args=())
-def keypoint_gather_triton(features: Tensor, keypoints: Tensor, valid: Optional[Tensor], spatial_scale: float,
-                           roi_size: float, sampling_ratio: int, aligned: bool) -> Tensor:
-    check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid)
+def keypoint_gather_triton(features: Tensor, keypoints: Tensor, valid: Optional[Tensor],
+                           roi_sizes: Optional[Tensor], spatial_scale: float, roi_size: float,
+                           sampling_ratio: int, aligned: bool, output_size: int) -> Tensor:
+    check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid, output_size)
+    _check_roi_sizes(roi_sizes, keypoints)
     B, C, H, W = features.shape
-    K = keypoints.shape[1]
+    K = keypoints.shape[1] * output_size * output_size
     out = features.new_empty((B, K, C))
     if out.numel() == 0:
         return out
     _, acc = _accumulation(features.dtype)
-    (keypoints_arg, valid_arg, *rest), constexprs = _launch_args(
-        keypoints, valid, spatial_scale, roi_size, sampling_ratio, aligned, acc)
+    pointers, rest, constexprs = _launch_args(keypoints, valid, roi_sizes, spatial_scale, roi_size,
+                                              sampling_ratio, aligned, acc)
     block_c = _block_c(C)
     _forward_kernel[(B * K, triton.cdiv(C, block_c))](
-        features, keypoints_arg, valid_arg, out, K, C, H, W, *features.stride(), *rest,
+        features, *pointers, out, K, output_size, C, H, W, *features.stride(), *rest,
         **constexprs, BLOCK_C=block_c, num_warps=4)
     return out
 
 
 @torch.library.custom_op("keypointops::keypoint_gather_triton_backward", mutates_args=())
 def keypoint_gather_triton_backward(grad_out: Tensor, keypoints: Tensor, valid: Optional[Tensor],
-                                    features_size: Sequence[int], channels_last: bool, spatial_scale: float,
-                                    roi_size: float, sampling_ratio: int, aligned: bool) -> Tensor:
+                                    roi_sizes: Optional[Tensor], features_size: Sequence[int],
+                                    channels_last: bool, spatial_scale: float, roi_size: float,
+                                    sampling_ratio: int, aligned: bool, output_size: int) -> Tensor:
     B, C, H, W = features_size
-    if tuple(grad_out.shape) != (B, keypoints.shape[1], C):
-        raise ValueError(f"keypoint_gather_backward: grad_out must be [B, K, C] = "
-                         f"{[B, keypoints.shape[1], C]}, got {list(grad_out.shape)}")
+    K = keypoints.shape[1] * output_size * output_size
+    if tuple(grad_out.shape) != (B, K, C):
+        raise ValueError(f"keypoint_gather_backward: grad_out must be [B, K * S * S, C] = "
+                         f"{[B, K, C]}, got {list(grad_out.shape)}")
+    _check_roi_sizes(roi_sizes, keypoints)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     acc_dtype, acc = _accumulation(grad_out.dtype)
     grad = torch.empty(features_size, dtype=acc_dtype, device=grad_out.device,
                        memory_format=memory_format).zero_()
-    if grad.numel() and keypoints.shape[1]:
-        (keypoints_arg, valid_arg, *rest), constexprs = _launch_args(
-            keypoints, valid, spatial_scale, roi_size, sampling_ratio, aligned, acc)
+    if grad.numel() and K:
+        pointers, rest, constexprs = _launch_args(keypoints, valid, roi_sizes, spatial_scale, roi_size,
+                                                  sampling_ratio, aligned, acc)
         block_c = _block_c(C)
         _backward_kernel[(B, triton.cdiv(C, block_c))](
-            grad_out.contiguous(), keypoints_arg, valid_arg, grad, keypoints.shape[1], C, H, W,
+            grad_out.contiguous(), *pointers, grad, K, output_size, C, H, W,
             *grad.stride(), *rest, **constexprs, BLOCK_C=block_c, num_warps=4)
     return grad.to(grad_out.dtype)
 

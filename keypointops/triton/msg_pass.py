@@ -20,8 +20,13 @@ grad_m_u = sum_v (w + w t d),  grad_t += m_u sum_v w d,  grad_x_u = grad_m_u * (
 partial to its own row of [num_programs, C], summed afterwards row by row in a fixed order: no
 atomics, bitwise deterministic.  Edge indices outside [0, N) are skipped and rowptr entries are
 clamped to [0, E], never read through (index contents are only validated on the CPU).
-Memory: forward out [N, C] + row_max, row_sum [N, C]; backward grad_x [N, C] and the grad_t
-partials [ceil(N / BLOCK_N), C]; nothing of size E x C.
+Edge features (HAS_EDGE): the message of CSR position k is relu(x[col[k]] + edge_attr[perm[k]]) + eps,
+the edge rows gathered in place through the permutation (edge ids outside [0, E) skip the edge);
+backward takes message and mask per edge, g = (w + w t d) [x_u + e > 0], grad_x_u = sum g,
+grad_edge_attr[perm_t[k]] = g (one writer per edge row), grad_t += sum w d m.
+Memory: forward out [N, C] + row_max, row_sum [N, C]; backward grad_x [N, C], the grad_t
+partials [ceil(N / BLOCK_N), C] and with edge features grad_edge_attr [E, C] (the gradient of that
+input); no other tensor of size E x C.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from keypointops._opdefs.backend import triton_available
-from keypointops._opdefs.msg_pass import check_csr_args, register_kernels_of
+from keypointops._opdefs.msg_pass import check_csr_args, check_edge_args, register_kernels_of
 
 __all__ = ["msg_pass_triton", "msg_pass_triton_backward"]
 
@@ -39,6 +44,11 @@ __all__ = ["msg_pass_triton", "msg_pass_triton_backward"]
 # for registers; the interpreter runs every program and every op in Python, so it gets fewer,
 # larger tiles (the same code; only the tile shapes differ).
 GPU_TILE = dict(BLOCK_N=4, BLOCK_E=8, MAX_BLOCK_C=64, num_warps=4)
+# With edge features two more gathered tiles are live per step (the edge rows, and in backward the
+# per-edge messages): half the edges per step keeps the backward within the register file (at
+# BLOCK_E=8 it takes 255 registers and spills on sm_90; at 4 at most 142, no spill:
+# tools/triton_aot.py).
+GPU_EDGE_TILE = dict(GPU_TILE, BLOCK_E=4)
 INTERPRETER_TILE = dict(BLOCK_N=64, BLOCK_E=16, MAX_BLOCK_C=64, num_warps=4)
 SUM_BLOCK_ROWS = 64       # rows of grad_t partials per step of the final sum
 
@@ -62,20 +72,28 @@ def _tile_setup(t_ptr, rowptr_ptr, num_nodes, num_edges, channels, EPS: tl.const
 
 
 @triton.jit
-def _gather_step(col_ptr, e_begin, degree, k0, num_nodes, c_mask, BLOCK_E: tl.constexpr):
+def _gather_step(col_ptr, perm_ptr, e_begin, degree, k0, num_nodes, num_edges, c_mask,
+                 BLOCK_E: tl.constexpr, HAS_EDGE: tl.constexpr):
     """Neighbours k0 .. k0 + BLOCK_E - 1 of every node of the tile: their ids [BLOCK_N, BLOCK_E]
-    (-1 past the segment or out of [0, N)) and the [BLOCK_N, BLOCK_E, BLOCK_C] gather mask."""
+    (-1 past the segment, out of [0, N), or with HAS_EDGE an edge id out of [0, E)), their edge
+    ids (perm; 0 without HAS_EDGE) and the [BLOCK_N, BLOCK_E, BLOCK_C] gather mask."""
     k = k0 + tl.arange(0, BLOCK_E)
     in_segment = k[None, :] < degree[:, None]
-    nbr = tl.load(col_ptr + e_begin[:, None] + k[None, :], mask=in_segment, other=-1)
+    position = e_begin[:, None] + k[None, :]
+    nbr = tl.load(col_ptr + position, mask=in_segment, other=-1)
     nbr = tl.where((nbr >= 0) & (nbr < num_nodes), nbr, -1)
-    return nbr, (nbr >= 0)[:, :, None] & c_mask[None, None, :]
+    edge = tl.zeros_like(nbr)
+    if HAS_EDGE:
+        edge = tl.load(perm_ptr + position, mask=nbr >= 0, other=-1)
+        nbr = tl.where((edge >= 0) & (edge < num_edges), nbr, -1)
+    return nbr, edge, (nbr >= 0)[:, :, None] & c_mask[None, None, :]
 
 
 @triton.jit
-def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, t_ptr, out_ptr, row_max_ptr, row_sum_ptr,
-                    num_nodes, num_edges, channels, EPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, edge_attr_ptr, perm_ptr, t_ptr, out_ptr, row_max_ptr,
+                    row_sum_ptr, num_nodes, num_edges, channels, EPS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+                    HAS_EDGE: tl.constexpr):
     acc_dtype = t_ptr.dtype.element_ty
     nodes, node_mask, e_begin, degree, c, c_mask, t, eps = _tile_setup(
         t_ptr, rowptr_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
@@ -84,10 +102,15 @@ def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, t_ptr, out_ptr, row_max_ptr, row
     weighted = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
     valid_edges = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, tl.max(degree, axis=0), BLOCK_E):
-        src, tile_mask = _gather_step(col_ptr, e_begin, degree, k0, num_nodes, c_mask, BLOCK_E)
+        src, edge, tile_mask = _gather_step(col_ptr, perm_ptr, e_begin, degree, k0, num_nodes, num_edges,
+                                            c_mask, BLOCK_E, HAS_EDGE)
         valid_edges += tl.sum((src >= 0).to(tl.int32), axis=1)
         x = tl.load(x_ptr + src[:, :, None] * channels + c[None, None, :], mask=tile_mask, other=0.0)
-        m = tl.maximum(x.to(acc_dtype), 0.0) + eps[None, None, :]
+        x = x.to(acc_dtype)
+        if HAS_EDGE:
+            x += tl.load(edge_attr_ptr + edge[:, :, None] * channels + c[None, None, :], mask=tile_mask,
+                         other=0.0).to(acc_dtype)
+        m = tl.maximum(x, 0.0) + eps[None, None, :]
         # The tile's candidate shift: its largest m for t >= 0, its smallest for t < 0 (the current
         # shift where the tile holds no edge of the node).
         largest = tl.max(tl.where(tile_mask, m, float("-inf")), axis=1)
@@ -114,9 +137,10 @@ def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, t_ptr, out_ptr, row_max_ptr, row
 
 @triton.jit
 def _backward_kernel(grad_out_ptr, x_ptr, out_ptr, row_max_ptr, row_sum_ptr, rowptr_t_ptr, col_t_ptr,
-                     t_ptr, grad_x_ptr, grad_t_partial_ptr, num_nodes, num_edges, channels,
-                     EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                     BLOCK_C: tl.constexpr, COMPUTE_GRAD_T: tl.constexpr):
+                     edge_attr_ptr, perm_t_ptr, t_ptr, grad_x_ptr, grad_t_partial_ptr,
+                     grad_edge_attr_ptr, num_nodes, num_edges, channels, EPS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+                     COMPUTE_GRAD_T: tl.constexpr, HAS_EDGE: tl.constexpr):
     acc_dtype = t_ptr.dtype.element_ty
     nodes, node_mask, e_begin, degree, c, c_mask, t, eps = _tile_setup(
         t_ptr, rowptr_t_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
@@ -127,22 +151,39 @@ def _backward_kernel(grad_out_ptr, x_ptr, out_ptr, row_max_ptr, row_sum_ptr, row
     grad_m = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
     grad_t = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
     for k0 in range(0, tl.max(degree, axis=0), BLOCK_E):
-        dst, tile_mask = _gather_step(col_t_ptr, e_begin, degree, k0, num_nodes, c_mask, BLOCK_E)
+        dst, edge, tile_mask = _gather_step(col_t_ptr, perm_t_ptr, e_begin, degree, k0, num_nodes,
+                                            num_edges, c_mask, BLOCK_E, HAS_EDGE)
         gathered = dst[:, :, None] * channels + c[None, None, :]
         row_max_v = tl.load(row_max_ptr + gathered, mask=tile_mask, other=0.0)
         row_sum_v = tl.load(row_sum_ptr + gathered, mask=tile_mask, other=1.0)
         grad_v = tl.load(grad_out_ptr + gathered, mask=tile_mask, other=0.0).to(acc_dtype)
         out_v = tl.load(out_ptr + gathered, mask=tile_mask, other=0.0).to(acc_dtype)
-        exponent = tl.where(tile_mask, t[None, None, :] * (m[:, None, :] - row_max_v), float("-inf"))
+        if HAS_EDGE:  # the message, its mask and grad_t's factor m per edge
+            edge_rows = edge[:, :, None] * channels + c[None, None, :]
+            x_e = x[:, None, :] + tl.load(edge_attr_ptr + edge_rows, mask=tile_mask, other=0.0).to(acc_dtype)
+            m_e = tl.maximum(x_e, 0.0) + eps[None, None, :]
+        else:
+            m_e = m[:, None, :]
+        exponent = tl.where(tile_mask, t[None, None, :] * (m_e - row_max_v), float("-inf"))
         w = tl.exp(exponent) * grad_v / row_sum_v                    # masked entries: 0
-        d = m[:, None, :] - out_v
-        grad_m += tl.sum(w + w * t[None, None, :] * d, axis=1)
-        if COMPUTE_GRAD_T:
+        d = m_e - out_v
+        g = w + w * t[None, None, :] * d
+        if HAS_EDGE:
+            g = tl.where(x_e > 0, g, 0.0)
+            tl.store(grad_edge_attr_ptr + edge_rows, g.to(grad_edge_attr_ptr.dtype.element_ty), mask=tile_mask)
+            if COMPUTE_GRAD_T:
+                grad_t += tl.sum(w * d * m_e, axis=1)
+        elif COMPUTE_GRAD_T:
             grad_t += tl.sum(w * d, axis=1)
-    grad_x = tl.where(x > 0, grad_m, 0.0)
+        grad_m += tl.sum(g, axis=1)
+    if HAS_EDGE:
+        grad_x = grad_m
+    else:
+        grad_x = tl.where(x > 0, grad_m, 0.0)
+        grad_t = grad_t * m
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if COMPUTE_GRAD_T:
-        grad_t_partial = tl.sum(grad_t * m, axis=0)  # rows past N hold 0
+        grad_t_partial = tl.sum(grad_t, axis=0)  # rows past N hold 0
         tl.store(grad_t_partial_ptr + tl.program_id(0).to(tl.int64) * channels + c, grad_t_partial,
                  mask=c_mask)
 
@@ -161,9 +202,11 @@ def _sum_rows_kernel(partial_ptr, total_ptr, rows, channels, BLOCK_R: tl.constex
     tl.store(total_ptr + c, tl.sum(acc, axis=0), mask=c_mask)
 
 
-def _tile(x: Tensor) -> dict:
-    """Tile sizes and launch grid helpers for x's device (see GPU_TILE / INTERPRETER_TILE)."""
-    tile = dict(GPU_TILE if x.device.type == "cuda" else INTERPRETER_TILE)
+def _tile(x: Tensor, has_edge: bool) -> dict:
+    """Tile sizes for x's device and the edge features (see GPU_TILE / GPU_EDGE_TILE /
+    INTERPRETER_TILE)."""
+    gpu_tile = GPU_EDGE_TILE if has_edge else GPU_TILE
+    tile = dict(gpu_tile if x.device.type == "cuda" else INTERPRETER_TILE)
     tile["BLOCK_C"] = min(triton.next_power_of_2(x.size(1)), tile.pop("MAX_BLOCK_C"))
     return tile
 
@@ -177,30 +220,39 @@ def _check_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_name: 
 
 @torch.library.custom_op("keypointops::msg_pass_triton", mutates_args=())
 def msg_pass_triton(x: Tensor, rowptr: Tensor, col: Tensor, rowptr_t: Tensor, col_t: Tensor, t: Tensor,
-                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                    eps: float, edge_attr: Tensor | None = None, perm: Tensor | None = None,
+                    perm_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     _check_args(x, rowptr, col, t, "rowptr", "col")
     _check_args(x, rowptr_t, col_t, t, "rowptr_t", "col_t")
     if col_t.numel() != col.numel():
         raise ValueError(f"msg_pass: col_t must have as many edges as col ({col.numel()}), got {col_t.numel()}")
+    check_edge_args(x, edge_attr, perm, col.numel(), "perm")
+    check_edge_args(x, edge_attr, perm_t, col.numel(), "perm_t")
     x, rowptr, col, t = x.contiguous(), rowptr.contiguous(), col.contiguous(), t.contiguous()
+    has_edge = edge_attr is not None
+    # Without edge features the edge pointers are never read: x and col stand in for them.
+    edge_attr = edge_attr.contiguous() if has_edge else x
+    perm = perm.contiguous() if has_edge else col
     num_nodes, channels = x.shape
     out = torch.empty_like(x)
     row_max = torch.empty(x.shape, dtype=t.dtype, device=x.device)
     row_sum = torch.empty(x.shape, dtype=t.dtype, device=x.device)
     if num_nodes == 0 or channels == 0:
         return out, row_max, row_sum
-    tile = _tile(x)
+    tile = _tile(x, has_edge)
     grid = (triton.cdiv(num_nodes, tile["BLOCK_N"]), triton.cdiv(channels, tile["BLOCK_C"]))
-    _forward_kernel[grid](x, rowptr, col, t, out, row_max, row_sum, num_nodes, col.numel(), channels,
-                          EPS=float(eps), **tile)
+    _forward_kernel[grid](x, rowptr, col, edge_attr, perm, t, out, row_max, row_sum, num_nodes, col.numel(),
+                          channels, EPS=float(eps), HAS_EDGE=has_edge, **tile)
     return out, row_max, row_sum
 
 
 @torch.library.custom_op("keypointops::msg_pass_triton_backward", mutates_args=())
 def msg_pass_triton_backward(grad_out: Tensor, x: Tensor, out: Tensor, row_max: Tensor, row_sum: Tensor,
                              rowptr_t: Tensor, col_t: Tensor, t: Tensor, eps: float,
-                             compute_grad_t: bool) -> tuple[Tensor, Tensor]:
+                             compute_grad_t: bool, edge_attr: Tensor | None = None,
+                             perm_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     _check_args(x, rowptr_t, col_t, t, "rowptr_t", "col_t")
+    check_edge_args(x, edge_attr, perm_t, col_t.numel(), "perm_t")
     for name, arg, dtype in (("grad_out", grad_out, x.dtype), ("out", out, x.dtype),
                              ("row_max", row_max, t.dtype), ("row_sum", row_sum, t.dtype)):
         if arg.shape != x.shape or arg.dtype != dtype or arg.device != x.device:
@@ -209,23 +261,28 @@ def msg_pass_triton_backward(grad_out: Tensor, x: Tensor, out: Tensor, row_max: 
     grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t = (
         arg.contiguous() for arg in (grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t))
     num_nodes, channels = x.shape
+    has_edge = edge_attr is not None
     grad_x = torch.empty_like(x)
+    # Zeros: the rows of edges skipped for a bad index are never written.
+    grad_edge_attr = torch.zeros_like(edge_attr) if has_edge else x.new_empty(0)
+    edge_attr = edge_attr.contiguous() if has_edge else x          # stand-ins, never read
+    perm_t = perm_t.contiguous() if has_edge else col_t
     if num_nodes == 0 or channels == 0:
-        return grad_x, torch.zeros_like(t)
-    tile = _tile(x)
+        return grad_x, torch.zeros_like(t), grad_edge_attr
+    tile = _tile(x, has_edge)
     num_programs = triton.cdiv(num_nodes, tile["BLOCK_N"])
     grad_t_partial = torch.empty((num_programs if compute_grad_t else 1, channels), dtype=t.dtype,
                                  device=x.device)
     grid = (num_programs, triton.cdiv(channels, tile["BLOCK_C"]))
-    _backward_kernel[grid](grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, grad_x,
-                           grad_t_partial, num_nodes, col_t.numel(), channels, EPS=float(eps),
-                           COMPUTE_GRAD_T=compute_grad_t, **tile)
+    _backward_kernel[grid](grad_out, x, out, row_max, row_sum, rowptr_t, col_t, edge_attr, perm_t, t, grad_x,
+                           grad_t_partial, grad_edge_attr if has_edge else grad_x, num_nodes, col_t.numel(),
+                           channels, EPS=float(eps), COMPUTE_GRAD_T=compute_grad_t, HAS_EDGE=has_edge, **tile)
     if not compute_grad_t:
-        return grad_x, torch.zeros_like(t)
+        return grad_x, torch.zeros_like(t), grad_edge_attr
     grad_t = torch.empty_like(t)
     _sum_rows_kernel[(triton.cdiv(channels, tile["BLOCK_C"]),)](
         grad_t_partial, grad_t, num_programs, channels, BLOCK_R=SUM_BLOCK_ROWS, BLOCK_C=tile["BLOCK_C"])
-    return grad_x, grad_t
+    return grad_x, grad_t, grad_edge_attr
 
 
 register_kernels_of("keypointops::msg_pass_triton", "keypointops::msg_pass_triton_backward")

@@ -1,8 +1,10 @@
 // keypoint_gather CPU kernel.
 //
-// For each keypoint the RoIAlign sample grid is reduced once to separable per-axis weights
+// A node is a keypoint's box (output_size S = 1) or one of its S x S bins (node k * S * S +
+// py * S + px, ops/keypoint_gather_sampling.h); below "keypoint" means node.
+// For each node the RoIAlign sample grid is reduced once to separable per-axis weights
 // (ops/keypoint_gather_sampling.h): a few rows and columns of the map, whose products, with
-// 1/count folded in, are the keypoint's taps (pixel offset, weight) -- about 4 for a small box.
+// 1/count folded in, are the node's taps (pixel offset, weight) -- about 4 for a small box.
 // Every channel reuses the same taps:
 //   forward   out[b, k, c] = sum_taps weight * features[b, c, pixel]     (written node-major)
 //   backward  grad[b, c, pixel] += weight * grad_out[b, k, c]            (k ascending)
@@ -31,13 +33,13 @@
 // taps: a large one is a fresh anonymous mapping on huge pages (ops/cpu/huge_pages.h), whose pages
 // the kernel hands out zeroed, so the kernels only scatter (no zero-fill pass over [B, C, H, W],
 // which costs more than everything else here).
-// Memory: the output [B, K, C] and the gradient [B, C, H, W]; per task the taps of one image's
-// keypoints (K * taps); no [B*K, C, ...] intermediate.
-// float16 / bfloat16 features: the keypoints, the taps and every sum are float32
-// (ops/cpu/reduced_precision.h); a channel's value of a keypoint is rounded once, when stored.  The
-// backward then walks the taps pixel by pixel (each distinct pixel's taps in keypoint order: the same
+// Memory: the output [B, K * S * S, C] and the gradient [B, C, H, W]; per task the taps of one
+// image's nodes (K * S * S * taps); no [B*K, C, ...] intermediate.
+// float16 / bfloat16 features: the keypoints, box sizes, taps and every sum are float32
+// (ops/cpu/reduced_precision.h); a channel's value of a node is rounded once, when stored.  The
+// backward then walks the taps pixel by pixel (each distinct pixel's taps in node order: the same
 // sum as above), forms a pixel's gradient in float32 and stores it once, instead of adding into a
-// 16-bit gradient keypoint by keypoint.
+// 16-bit gradient node by node.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -66,14 +68,15 @@ constexpr int64_t kCacheLineBytes = 64;
 constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
 
 struct GatherParams {
-  int64_t B, C, H, W, K;
+  int64_t B, C, H, W, K;  // K: nodes per image, keypoints * S * S
+  int64_t keypoints, S;   // keypoints per image, bins per axis (output_size)
   double scale, half_size;
   int64_t sampling_ratio;
   bool aligned;
 };
 
-// The taps of the keypoints of one image: keypoint k's are offset / weight [begin[k], begin[k+1]),
-// offsets in pixels (row-major over H x W); an invalid keypoint has none.
+// The taps of the nodes of one image: node k's are offset / weight [begin[k], begin[k+1]), offsets
+// in pixels (row-major over H x W); the nodes of an invalid keypoint have none.
 template <typename T>
 struct ImageTaps {
   std::vector<int64_t> offset;
@@ -82,28 +85,39 @@ struct ImageTaps {
   std::vector<int64_t> line_offsets;  // NCHW plane-major: every distinct cache line the taps touch
   std::vector<T> row_weight, col_weight;
   // Pixel-major view (16-bit backward): the distinct pixels the taps touch; pixel i's taps are
-  // pixel_taps[pixel_begin[i] : pixel_begin[i + 1]], in keypoint order; tap t belongs to keypoint
+  // pixel_taps[pixel_begin[i] : pixel_begin[i + 1]], in node order; tap t belongs to node
   // tap_keypoint[t].
   std::vector<int64_t> pixel_offset, pixel_begin, pixel_taps, tap_keypoint;
 
+  // sizes: [B, keypoints, 2] box sides (x, y) per keypoint, or null (p.half_size for all).
   void compute(const GatherParams& p, const T* keypoints, int64_t point_dims, const bool* valid,
-               int64_t b) {
+               const T* sizes, int64_t b) {
     offset.clear();
     weight.clear();
     begin.assign(1, 0);
-    for (int64_t k = 0; k < p.K; ++k) {
-      const int64_t n = b * p.K + k;
-      if (valid == nullptr || valid[n]) {
-        add_keypoint(keypoints[n * point_dims], keypoints[n * point_dims + 1], p);
+    const auto half = static_cast<T>(p.half_size), scale = static_cast<T>(p.scale);
+    for (int64_t k = 0; k < p.keypoints; ++k) {
+      const int64_t n = b * p.keypoints + k;
+      const bool used = valid == nullptr || valid[n];
+      const T half_x = sizes != nullptr ? sizes[2 * n] * T(0.5) : half;
+      const T half_y = sizes != nullptr ? sizes[2 * n + 1] * T(0.5) : half;
+      const BoxAxis<T> ay = box_axis(keypoints[n * point_dims + 1], half_y, scale, p.aligned,
+                                     p.sampling_ratio, p.H);
+      const BoxAxis<T> ax = box_axis(keypoints[n * point_dims], half_x, scale, p.aligned,
+                                     p.sampling_ratio, p.W);
+      for (int64_t py = 0; py < p.S; ++py) {
+        for (int64_t px = 0; px < p.S; ++px) {
+          if (used) {
+            add_node(bin_axis(ay, py, p.S, p.sampling_ratio),
+                     bin_axis(ax, px, p.S, p.sampling_ratio), p);
+          }
+          begin.push_back(static_cast<int64_t>(offset.size()));
+        }
       }
-      begin.push_back(static_cast<int64_t>(offset.size()));
     }
   }
 
-  void add_keypoint(T x, T y, const GatherParams& p) {
-    const auto half = static_cast<T>(p.half_size), scale = static_cast<T>(p.scale);
-    const BoxAxis<T> ay = box_axis(y, half, scale, p.aligned, p.sampling_ratio, p.H);
-    const BoxAxis<T> ax = box_axis(x, half, scale, p.aligned, p.sampling_ratio, p.W);
+  void add_node(const BoxAxis<T>& ay, const BoxAxis<T>& ax, const GatherParams& p) {
     int64_t row0, row1, col0, col1;
     axis_range(ay, p.H, row0, row1);
     axis_range(ax, p.W, col0, col1);
@@ -327,7 +341,7 @@ void scatter_channels_last(const scalar_t* grad_out, const ImageTaps<scalar_t>& 
 }
 
 // 16-bit NCHW backward of channels [c0, c1) of one image (zeros on entry), pixel by pixel:
-// plane_c[pixel] = sum over the pixel's taps t (keypoint order) of w_t * grad_out[k_t * C + c],
+// plane_c[pixel] = sum over the pixel's taps t (node order) of w_t * grad_out[k_t * C + c],
 // formed in the accumulation dtype and rounded once.
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 void scatter_nchw_by_pixel(const scalar_t* grad_out, const ImageTaps<acc_t<scalar_t>>& taps,
@@ -349,7 +363,7 @@ void scatter_nchw_by_pixel(const scalar_t* grad_out, const ImageTaps<acc_t<scala
 }
 
 // 16-bit channels_last backward of channels [c0, c1) of one image (zeros on entry), pixel by pixel:
-// pixel[c] = sum over the pixel's taps t (keypoint order) of w_t * grad_out[k_t * C + c].
+// pixel[c] = sum over the pixel's taps t (node order) of w_t * grad_out[k_t * C + c].
 template <typename scalar_t>
 void scatter_channels_last_by_pixel(const scalar_t* grad_out, const ImageTaps<acc_t<scalar_t>>& taps,
                                     int64_t C, int64_t c0, int64_t c1, scalar_t* image) {
@@ -398,14 +412,16 @@ int64_t channel_block(int64_t B, int64_t C) {
 }
 
 // Runs fn(b, c0, c1, taps) for every (image, channel block) task in parallel, tasks handed out
-// one at a time (ops/cpu/dynamic_tasks.h); taps holds the image's keypoint taps (scalar_t: the
+// one at a time (ops/cpu/dynamic_tasks.h); taps holds the image's node taps (scalar_t: the
 // accumulation dtype), with the cache lines of planes of line_element_bytes elements when that is
 // non-zero and the pixel-major view when need_pixels.
 template <typename scalar_t, typename Fn>
 void for_each_image_task(const GatherParams& p, const at::Tensor& keypoints, const at::Tensor& valid,
-                         int64_t line_element_bytes, bool need_pixels, const Fn& fn) {
+                         const at::Tensor& sizes, int64_t line_element_bytes, bool need_pixels,
+                         const Fn& fn) {
   const scalar_t* kp = keypoints.const_data_ptr<scalar_t>();
   const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  const scalar_t* sp = sizes.defined() ? sizes.const_data_ptr<scalar_t>() : nullptr;
   const int64_t point_dims = keypoints.size(2);
   const int64_t block = channel_block(p.B, p.C);
   const int64_t blocks = (p.C + block - 1) / block;
@@ -414,7 +430,7 @@ void for_each_image_task(const GatherParams& p, const at::Tensor& keypoints, con
       const int64_t b = task / blocks;
       const int64_t c0 = task % blocks * block, c1 = std::min(p.C, c0 + block);
       if (b != tapped_image) {
-        taps.compute(p, kp, point_dims, vp, b);
+        taps.compute(p, kp, point_dims, vp, sp, b);
         if (line_element_bytes > 0) taps.collect_lines(line_element_bytes);
         if (need_pixels) taps.collect_pixels();
         tapped_image = b;
@@ -426,9 +442,16 @@ void for_each_image_task(const GatherParams& p, const at::Tensor& keypoints, con
 
 GatherParams make_params(at::IntArrayRef features_size, const at::Tensor& keypoints,
                          double spatial_scale, double roi_size, int64_t sampling_ratio,
-                         bool aligned) {
+                         bool aligned, int64_t output_size) {
+  const int64_t K = keypoints.size(1);
   return {features_size[0], features_size[1], features_size[2], features_size[3],
-          keypoints.size(1), spatial_scale, roi_size * 0.5, sampling_ratio, aligned};
+          K * output_size * output_size, K, output_size, spatial_scale, roi_size * 0.5,
+          sampling_ratio, aligned};
+}
+
+// roi_sizes in the kernels' dtype, contiguous; undefined when the scalar roi_size applies.
+at::Tensor sizes_as(const std::optional<at::Tensor>& roi_sizes, at::ScalarType dtype) {
+  return roi_sizes.has_value() ? roi_sizes->to(dtype).contiguous() : at::Tensor();
 }
 
 void check_cpu_dtype(at::ScalarType dtype, const char* name) {
@@ -438,17 +461,21 @@ void check_cpu_dtype(at::ScalarType dtype, const char* name) {
 }
 
 at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& keypoints_in,
-                               const std::optional<at::Tensor>& valid_in, double spatial_scale,
-                               double roi_size, int64_t sampling_ratio, bool aligned) {
+                               const std::optional<at::Tensor>& valid_in,
+                               const std::optional<at::Tensor>& roi_sizes, double spatial_scale,
+                               double roi_size, int64_t sampling_ratio, bool aligned,
+                               int64_t output_size) {
   check_keypoint_gather_args(features_in.sizes(), features_in.device(), keypoints_in, valid_in,
-                             spatial_scale, roi_size, sampling_ratio);
+                             roi_sizes, spatial_scale, roi_size, sampling_ratio, output_size);
   check_cpu_dtype(features_in.scalar_type(), "features");
   const bool channels_last = uses_channels_last(features_in);
   const auto features = channels_last ? features_in : features_in.contiguous();
-  const auto keypoints = keypoints_in.to(at::toOpMathType(features.scalar_type())).contiguous();
+  const auto acc_dtype = at::toOpMathType(features.scalar_type());
+  const auto keypoints = keypoints_in.to(acc_dtype).contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
+  const auto sizes = sizes_as(roi_sizes, acc_dtype);
   const GatherParams p = make_params(features.sizes(), keypoints, spatial_scale, roi_size,
-                                     sampling_ratio, aligned);
+                                     sampling_ratio, aligned, output_size);
   auto out = at::empty({p.B, p.K, p.C}, features.options());
   if (out.numel() == 0) return out;
   const int64_t image_size = p.C * p.H * p.W;
@@ -457,7 +484,7 @@ at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& 
     const scalar_t* fp = features.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const bool need_lines = !channels_last && !keypoint_major_nchw<scalar_t>(p.H * p.W);
-    for_each_image_task<acc>(p, keypoints, valid, need_lines ? sizeof(scalar_t) : 0, false,
+    for_each_image_task<acc>(p, keypoints, valid, sizes, need_lines ? sizeof(scalar_t) : 0, false,
                              [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<acc>& taps) {
       if (channels_last) {
         gather_channels_last(fp + b * image_size, taps, p.K, p.C, c0, c1, op + b * p.K * p.C);
@@ -471,17 +498,21 @@ at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& 
 
 at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& keypoints_in,
                                         const std::optional<at::Tensor>& valid_in,
+                                        const std::optional<at::Tensor>& roi_sizes,
                                         at::IntArrayRef features_size, bool channels_last,
                                         double spatial_scale, double roi_size,
-                                        int64_t sampling_ratio, bool aligned) {
-  check_keypoint_gather_backward_args(grad_out_in, features_size, keypoints_in, valid_in,
-                                      spatial_scale, roi_size, sampling_ratio);
+                                        int64_t sampling_ratio, bool aligned,
+                                        int64_t output_size) {
+  check_keypoint_gather_backward_args(grad_out_in, features_size, keypoints_in, valid_in, roi_sizes,
+                                      spatial_scale, roi_size, sampling_ratio, output_size);
   check_cpu_dtype(grad_out_in.scalar_type(), "grad_out");
   const GatherParams p = make_params(features_size, keypoints_in, spatial_scale, roi_size,
-                                     sampling_ratio, aligned);
+                                     sampling_ratio, aligned, output_size);
   const auto grad_out = grad_out_in.contiguous();
-  const auto keypoints = keypoints_in.to(at::toOpMathType(grad_out.scalar_type())).contiguous();
+  const auto acc_dtype = at::toOpMathType(grad_out.scalar_type());
+  const auto keypoints = keypoints_in.to(acc_dtype).contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
+  const auto sizes = sizes_as(roi_sizes, acc_dtype);
   auto grad = zeros_from_fresh_pages(features_size, grad_out.options(),
       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (grad.numel() == 0) return grad;
@@ -490,7 +521,7 @@ at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at:
     using acc = acc_t<scalar_t>;
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* grad_p = grad.mutable_data_ptr<scalar_t>();
-    for_each_image_task<acc>(p, keypoints, valid, 0, is_reduced_precision<scalar_t>,
+    for_each_image_task<acc>(p, keypoints, valid, sizes, 0, is_reduced_precision<scalar_t>,
                              [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<acc>& taps) {
       scatter_image(gp + b * p.K * p.C, taps, p, channels_last, c0, c1, grad_p + b * image_size);
     });

@@ -23,11 +23,20 @@
 // kParallelWork updates run on the calling thread.
 // Rows gathered at random are software-prefetched two nodes ahead; large fresh buffers are advised
 // onto transparent huge pages (ops/cpu/huge_pages.h).
+// Edge features (edge_attr [E, C], in the caller's edge order): the message of CSR position k is
+// m_k = relu(x[col[k]] + edge_attr[perm[k]]) + eps, the edge row read in place through the
+// permutation (no permuted copy).  Backward then takes the mask and message per edge:
+//   g_k = (w + w t d) [x_u + e_k > 0],  grad_x_u = sum_k g_k,  grad_edge_attr[perm_t[k]] = g_k,
+//   grad_t += sum_k w d m_k
+// over the transposed positions k of the edges leaving u; each edge's gradient row has one writer
+// (the source that owns it), so it stays deterministic without atomics.
 // Memory: forward out, row_max, row_sum ([N, C] each); backward the packed factors [N, 3, C],
-// grad_x [N, C] and [num_chunks, C] grad_t partials; nothing of size E x C.  Channels are vectorised with at::vec (AVX2 when built).
-// float16 / bfloat16 x: x, out, grad_out and grad_x are 16-bit in memory, widened on load and every
-// sum above runs in float32 (ops/cpu/reduced_precision.h); t, row_max, row_sum, the packed factors
-// and grad_t are float32, as for float32 x.
+// grad_x [N, C] and [num_chunks, C] grad_t partials, and grad_edge_attr [E, C] (the gradient of
+// the [E, C] input itself); no other tensor of size E x C.  Channels are vectorised with at::vec
+// (AVX2 when built).
+// float16 / bfloat16 x: x, edge_attr, out, grad_out, grad_x and grad_edge_attr are 16-bit in
+// memory, widened on load, and every sum above runs in float32 (ops/cpu/reduced_precision.h); t,
+// row_max, row_sum, the packed factors and grad_t are float32, as for float32 x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -35,6 +44,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops/cpu/huge_pages.h"
@@ -88,8 +98,18 @@ std::vector<int64_t> balanced_chunks(const int64_t* rowptr, int64_t num_nodes) {
   return bounds;
 }
 
-template <typename scalar_t>
-void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col, const acc_t<scalar_t>* t,
+// relu(x_row + edge_row) + eps for channels [c, c + n) in acc_t (edge_row only with kEdge).
+template <bool kEdge, typename scalar_t>
+inline AccVec<scalar_t> edge_message(const scalar_t* x_row, const scalar_t* edge_row, int64_t n,
+                                     const AccVec<scalar_t>& eps) {
+  AccVec<scalar_t> in = load_acc(x_row, n);
+  if constexpr (kEdge) in = in + load_acc(edge_row, n);
+  return at::vec::maximum(in, AccVec<scalar_t>(0)) + eps;
+}
+
+template <typename scalar_t, bool kEdge>
+void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
+                   const acc_t<scalar_t>* t, const scalar_t* edge_attr, const int64_t* perm,
                    acc_t<scalar_t> eps, int64_t C, int64_t v_begin, int64_t v_end, scalar_t* out,
                    acc_t<scalar_t>* row_max, acc_t<scalar_t>* row_sum) {
   using acc = acc_t<scalar_t>;
@@ -101,6 +121,9 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
     const int64_t e_begin = rowptr[v], e_end = rowptr[v + 1];
     if (v + kPrefetchNodes < v_end) {
       prefetch_rows(x, col, rowptr[v + kPrefetchNodes], rowptr[v + kPrefetchNodes + 1], C);
+      if constexpr (kEdge) {
+        prefetch_rows(edge_attr, perm, rowptr[v + kPrefetchNodes], rowptr[v + kPrefetchNodes + 1], C);
+      }
     }
     scalar_t* out_v = out + v * C;
     acc* max_v = row_max + v * C;
@@ -116,14 +139,16 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
       const Vec t_c = Vec::loadu(t + c, n);
       Vec largest = neg_inf, smallest = pos_inf;
       for (int64_t e = e_begin; e < e_end; ++e) {
-        const Vec m = at::vec::maximum(load_acc(x + col[e] * C + c, n), zero) + eps_v;
+        const Vec m = edge_message<kEdge>(x + col[e] * C + c, kEdge ? edge_attr + perm[e] * C + c : nullptr,
+                                          n, eps_v);
         largest = at::vec::maximum(largest, m);
         smallest = at::vec::minimum(smallest, m);
       }
       const Vec M = Vec::blendv(smallest, largest, t_c >= zero);
       Vec Z = zero, A = zero;  // the exps are independent of each other: they pipeline
       for (int64_t e = e_begin; e < e_end; ++e) {
-        const Vec m = at::vec::maximum(load_acc(x + col[e] * C + c, n), zero) + eps_v;
+        const Vec m = edge_message<kEdge>(x + col[e] * C + c, kEdge ? edge_attr + perm[e] * C + c : nullptr,
+                                          n, eps_v);
         const Vec d = m - M;
         const Vec w = (t_c * d).exp();
         Z = Z + w;
@@ -160,10 +185,13 @@ void pack_target_factors(const scalar_t* grad_out, const scalar_t* out, const ac
 
 // With w = exp(t (m_u - M_v)) q_v and d = m_u - out_v:
 // grad_m_u = sum_{u->v} (w + w t d),   grad_t += m_u * sum_{u->v} w d
-template <typename scalar_t, bool kGradT>
+// (with kEdge the message, its mask and so grad_t's m are per edge; see the file header).
+template <typename scalar_t, bool kGradT, bool kEdge>
 void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int64_t* rowptr_t,
-                    const int64_t* col_t, const acc_t<scalar_t>* t, acc_t<scalar_t> eps, int64_t C,
-                    int64_t u_begin, int64_t u_end, scalar_t* grad_x, acc_t<scalar_t>* grad_t_partial) {
+                    const int64_t* col_t, const acc_t<scalar_t>* t, const scalar_t* edge_attr,
+                    const int64_t* perm_t, acc_t<scalar_t> eps, int64_t C, int64_t u_begin,
+                    int64_t u_end, scalar_t* grad_x, acc_t<scalar_t>* grad_t_partial,
+                    scalar_t* grad_edge_attr) {
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
   constexpr int64_t VL = Vec::size();
@@ -172,6 +200,10 @@ void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int
     if (u + kPrefetchNodes < u_end) {
       prefetch_rows(factors, col_t, rowptr_t[u + kPrefetchNodes], rowptr_t[u + kPrefetchNodes + 1],
                     3 * C);
+      if constexpr (kEdge) {
+        prefetch_rows(edge_attr, perm_t, rowptr_t[u + kPrefetchNodes],
+                      rowptr_t[u + kPrefetchNodes + 1], C);
+      }
     }
     for (int64_t c = 0; c < C; c += VL) {
       const int64_t n = std::min(VL, C - c);
@@ -181,14 +213,30 @@ void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int
       Vec GM = zero, GT = zero;
       for (int64_t e = rowptr_t[u]; e < rowptr_t[u + 1]; ++e) {
         const acc* f = factors + col_t[e] * 3 * C + c;
-        const Vec w = (t_c * (m - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
-        const Vec d = m - Vec::loadu(f + 2 * C, n);
-        GM = at::vec::fmadd(w * t_c, d, GM + w);
-        if constexpr (kGradT) GT = at::vec::fmadd(w, d, GT);
+        if constexpr (kEdge) {
+          const Vec in = x_u + load_acc(edge_attr + perm_t[e] * C + c, n);
+          const Vec m_e = at::vec::maximum(in, zero) + eps_v;
+          const Vec w = (t_c * (m_e - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
+          const Vec d = m_e - Vec::loadu(f + 2 * C, n);
+          const Vec g = Vec::blendv(zero, at::vec::fmadd(w * t_c, d, w), in > zero);
+          store_acc<scalar_t>(g, grad_edge_attr + perm_t[e] * C + c, n);
+          GM = GM + g;
+          if constexpr (kGradT) GT = at::vec::fmadd(w * d, m_e, GT);
+        } else {
+          const Vec w = (t_c * (m - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
+          const Vec d = m - Vec::loadu(f + 2 * C, n);
+          GM = at::vec::fmadd(w * t_c, d, GM + w);
+          if constexpr (kGradT) GT = at::vec::fmadd(w, d, GT);
+        }
       }
-      store_acc<scalar_t>(Vec::blendv(zero, GM, x_u > zero), grad_x + u * C + c, n);
-      if constexpr (kGradT) {
-        (Vec::loadu(grad_t_partial + c, n) + GT * m).store(grad_t_partial + c, n);
+      if constexpr (kEdge) {
+        store_acc<scalar_t>(GM, grad_x + u * C + c, n);
+        if constexpr (kGradT) (Vec::loadu(grad_t_partial + c, n) + GT).store(grad_t_partial + c, n);
+      } else {
+        store_acc<scalar_t>(Vec::blendv(zero, GM, x_u > zero), grad_x + u * C + c, n);
+        if constexpr (kGradT) {
+          (Vec::loadu(grad_t_partial + c, n) + GT * m).store(grad_t_partial + c, n);
+        }
       }
     }
   }
@@ -196,14 +244,22 @@ void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
     const at::Tensor& x_in, const at::Tensor& rowptr_in, const at::Tensor& col_in,
-    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps) {
+    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps,
+    const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_in,
+    const c10::optional<at::Tensor>& perm_t) {
   check_msg_pass_forward_args(x_in, rowptr_in, col_in, rowptr_t, col_t, t_in);
+  check_msg_pass_edge_args(x_in, edge_attr_in, perm_in, col_in.numel(), "perm");
+  check_msg_pass_edge_args(x_in, edge_attr_in, perm_t, col_in.numel(), "perm_t");
+  const bool with_edges = edge_attr_in.has_value();
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const auto x = x_in.contiguous();
   const auto rowptr = rowptr_in.contiguous();
   const auto col = col_in.contiguous();
   const auto t = t_in.contiguous();
   check_csr_cpu(rowptr, col, N, "rowptr", "col");
+  const auto edge_attr = with_edges ? edge_attr_in->contiguous() : at::Tensor();
+  const auto perm = with_edges ? perm_in->contiguous() : at::Tensor();
+  if (with_edges) check_perm_cpu(perm, "perm");
   auto out = at::empty({N, C}, x.options());
   auto row_max = at::empty({N, C}, t.options());
   auto row_sum = at::empty({N, C}, t.options());
@@ -220,23 +276,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
     acc* mp = row_max.data_ptr<acc>();
     acc* sp = row_sum.data_ptr<acc>();
     const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
-    const int64_t work = (col.numel() + N) * C;
+    const scalar_t* ep = with_edges ? edge_attr.data_ptr<scalar_t>() : nullptr;
+    const int64_t* pp = with_edges ? perm.data_ptr<int64_t>() : nullptr;
+    const int64_t work = (col.numel() * (with_edges ? 2 : 1) + N) * C;
+    const auto e = static_cast<acc>(eps);
     at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        forward_nodes<scalar_t>(xp, rp, cp, tp, static_cast<acc>(eps), C, chunks[k],
-                                chunks[k + 1], op, mp, sp);
+        if (with_edges) {
+          forward_nodes<scalar_t, true>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
+        } else {
+          forward_nodes<scalar_t, false>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
+        }
       }
     });
   });
   return {out, row_max, row_sum};
 }
 
-std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const at::Tensor& row_max_in, const at::Tensor& row_sum_in, const at::Tensor& rowptr_t_in,
-    const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t) {
+    const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t,
+    const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_t_in) {
   check_msg_pass_backward_args(grad_out_in, x_in, out_in, row_max_in, row_sum_in, rowptr_t_in,
                                col_t_in, t_in);
+  check_msg_pass_edge_args(x_in, edge_attr_in, perm_t_in, col_t_in.numel(), "perm_t");
+  const bool with_edges = edge_attr_in.has_value();
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const auto grad_out = grad_out_in.contiguous();
   const auto x = x_in.contiguous();
@@ -247,8 +312,12 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
   const auto col_t = col_t_in.contiguous();
   const auto t = t_in.contiguous();
   check_csr_cpu(rowptr_t, col_t, N, "rowptr_t", "col_t");
+  const auto edge_attr = with_edges ? edge_attr_in->contiguous() : at::Tensor();
+  const auto perm_t = with_edges ? perm_t_in->contiguous() : at::Tensor();
+  if (with_edges) check_perm_cpu(perm_t, "perm_t");
   auto grad_x = at::empty({N, C}, x.options());
-  if (N == 0 || C == 0) return {grad_x, at::zeros_like(t)};
+  auto grad_edge_attr = with_edges ? at::empty({col_t.numel(), C}, x.options()) : at::empty({0}, x.options());
+  if (N == 0 || C == 0) return {grad_x, at::zeros_like(t), grad_edge_attr};
   const int64_t* rp = rowptr_t.data_ptr<int64_t>();
   const auto chunks = balanced_chunks(rp, N);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
@@ -256,6 +325,7 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
   auto factors = at::empty({N, 3, C}, t.options());
   advise_huge_pages(grad_x);
   advise_huge_pages(factors);
+  if (with_edges) advise_huge_pages(grad_edge_attr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msg_pass_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -265,7 +335,10 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     acc* gtp = grad_t_partial.data_ptr<acc>();
     const auto e = static_cast<acc>(eps);
-    const int64_t work = (col_t.numel() + N) * C;
+    const scalar_t* ep = with_edges ? edge_attr.data_ptr<scalar_t>() : nullptr;
+    const int64_t* pp = with_edges ? perm_t.data_ptr<int64_t>() : nullptr;
+    scalar_t* gep = with_edges ? grad_edge_attr.data_ptr<scalar_t>() : nullptr;
+    const int64_t work = (col_t.numel() * (with_edges ? 3 : 1) + N) * C;
     at::parallel_for(0, N, std::max<int64_t>(1024, grain_for(work, N)), [&](int64_t begin, int64_t end) {
       pack_target_factors<scalar_t>(grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                     row_max.data_ptr<acc>(), row_sum.data_ptr<acc>(), C,
@@ -273,12 +346,17 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
     });
     at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
+        acc* partial = compute_grad_t ? gtp + k * C : nullptr;
+        const auto run = [&](auto grad_t_flag, auto edge_flag) {
+          backward_nodes<scalar_t, decltype(grad_t_flag)::value, decltype(edge_flag)::value>(
+              xp, fp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], gxp, partial, gep);
+        };
+        using Yes = std::true_type;
+        using No = std::false_type;
         if (compute_grad_t) {
-          backward_nodes<scalar_t, true>(xp, fp, rp, cp, tp, e, C, chunks[k], chunks[k + 1], gxp,
-                                         gtp + k * C);
+          with_edges ? run(Yes{}, Yes{}) : run(Yes{}, No{});
         } else {
-          backward_nodes<scalar_t, false>(xp, fp, rp, cp, tp, e, C, chunks[k], chunks[k + 1], gxp,
-                                          nullptr);
+          with_edges ? run(No{}, Yes{}) : run(No{}, No{});
         }
       }
     });
@@ -294,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cpu(
       }
     });
   }
-  return {grad_x, grad_t};
+  return {grad_x, grad_t, grad_edge_attr};
 }
 
 }  // namespace

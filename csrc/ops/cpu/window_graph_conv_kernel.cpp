@@ -1,35 +1,38 @@
 // window_graph_conv CPU kernel: register-blocked small GEMMs whose operands are gathered through
 // row-pointer tables (the unfolded input is never built).
 //
-// Window slot w of output frame t reads frame f_w = t - pad + w * dilation; the slots whose frame is
-// in [0, T) form one range [lo, hi), the others read zeros and are skipped.  A_bt = adj[b, t] (the
-// same matrix for every t, or every (b, t), when adj is per sample or shared).
+// Slot w of window t (t < T') reads frame f_w = t * stride - pad + w * dilation; the slots whose
+// frame is in [0, T) form one range [lo, hi), the others read zeros and are skipped.  A_bt =
+// adj[b, t] ([R, L]: R = S * L rows, S stacked scales; the same matrix for every t, or every (b, t),
+// when adj is per sample or shared).
 // Forward, per (b, t):   out[b, t] = sum_{valid j} A_bt[:, j] (x) x[b, f(j), j % N]
-//   ([L, C] = sum over the K <= L valid window nodes of a column of A times a row of x).
-// grad_x, per (b, f), over the slots w whose window t = f + pad - w * dilation is in [0, T):
-//   grad_x[b, f] = sum_{w, i} A_bt[i, wN:(w+1)N]^T (x) grad_out[b, t, i]   (K = slots * L terms)
-//   Each frame of grad_x has one writer: no atomics.
+//   ([R, C] = sum over the K <= L valid window nodes of a column of A times a row of x: x is read
+//   once for all S scales).
+// grad_x, per (b, f), over the slots w whose window t = (f + pad - w * dilation) / stride exists:
+//   grad_x[b, f] = sum_{w, i} A_bt[i, wN:(w+1)N]^T (x) grad_out[b, t, i]   (K = slots * R terms)
+//   Each frame of grad_x has one writer: no atomics.  With stride > 1 a frame is read by fewer
+//   windows, and frames read by none get zeros.
 // grad_adj, per (b, t): grad_A_bt = sum_c grad_out[b, t, :, c] (x) Xt[c, :]   (K = C terms)
 //   with Xt [C, L] the window's x rows transposed (zero for slots outside the clip), a per-thread
-//   copy of L * C elements per window against its L * L * C multiply-adds.  Accumulated per window
+//   copy of L * C elements per window against its R * L * C multiply-adds.  Accumulated per window
 //   (per-window adj), over t per sample (per-sample adj), or over fixed chunks of windows for a
-//   shared adj, whose [chunks, L, L] partial sums are then added in chunk order.  The chunks depend
-//   on B * T only, and every sum runs in a fixed order: bitwise the same for any thread count.
+//   shared adj, whose [chunks, R, L] partial sums are then added in chunk order.  The chunks depend
+//   on B * T' only, and every sum runs in a fixed order: bitwise the same for any thread count.
 // All three are "broadcast" GEMMs: a block of up to 6 rows x 2 vectors of the output stays in
 // registers while the terms stream by (one broadcast of the left operand per row and term, the
 // right operand's row vectorised), over chunks of the right rows packed contiguously per strip.
 // One parallel pass over (b, t) windows, (b, f) frames or chunks, the tasks handed to the threads
 // one at a time (ops/cpu/dynamic_tasks.h); no BLAS call, so no nested threading.
-// Memory: forward only the output [B, T, L, C]; backward grad_x, grad_adj and, for a shared adj,
-// at most kSharedAdjChunks [L, L] partials, plus per thread a pointer table of <= window * L
+// Memory: forward only the output [B, T', R, C]; backward grad_x, grad_adj and, for a shared adj,
+// at most kSharedAdjChunks [R, L] partials, plus per thread a pointer table of <= window * L
 // entries, Xt [C, L] and a packed strip of kTermChunk x 2 vectors.  The unfolded window tensor
-// [B, T, L, C] is never built.
+// [B, T', L, C] is never built.
 // float16 / bfloat16: x, grad_out, out and grad_x are 16-bit in memory; the packed strips, Xt and
 // every accumulator are float32 (ops/cpu/reduced_precision.h), a 16-bit output takes all its terms
-// in one chunk (so that each element is rounded once), and grad_adj is summed in float32 ([adj] or
-// the chunk partials) and rounded at the end.  The broadcast (left) operands are widened
-// beforehand, so the inner loops are the float32 ones: adj once per call (a float32 copy, at most
-// L / C of x's size), a window's grad_out rows (L x C) per window of grad_adj.
+// in one chunk (so that each element is rounded once), and grad_adj is summed in float32 ([R, L]
+// adj or the chunk partials) and rounded at the end.  The broadcast (left) operands are widened
+// beforehand, so the inner loops are the float32 ones: adj once per call (a float32 copy of adj),
+// a window's grad_out rows (R x C) per window of grad_adj.
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -49,17 +52,23 @@ namespace {
 constexpr int64_t kSharedAdjChunks = 64;
 
 struct Shape {
-  int64_t B, T, N, C, window, dilation, pad, L;
-  int64_t adj_batch, adj_windows;  // adj as [adj_batch, adj_windows, L, L]: 1 or B, 1 or T
+  int64_t B, T, N, C, window, dilation, stride, pad, L;
+  int64_t To, R;                   // windows per sample T', adj rows R = S * L
+  int64_t adj_batch, adj_windows;  // adj as [adj_batch, adj_windows, R, L]: 1 or B, 1 or T'
 
-  Shape(const at::Tensor& x, const at::Tensor& adj, int64_t window_, int64_t dilation_)
+  Shape(const at::Tensor& x, const at::Tensor& adj, int64_t window_, int64_t dilation_,
+        int64_t stride_)
       : B(x.size(0)), T(x.size(1)), N(x.size(2)), C(x.size(3)), window(window_),
-        dilation(dilation_), pad(window_pad(window_, dilation_)), L(window_ * x.size(2)),
-        adj_batch(adj.dim() >= 3 ? adj.size(0) : 1), adj_windows(adj.dim() == 4 ? adj.size(1) : 1) {}
+        dilation(dilation_), stride(stride_), pad(window_pad(window_, dilation_)),
+        L(window_ * x.size(2)), To(window_count(x.size(1), window_, dilation_, stride_)),
+        R(adj.size(-2)), adj_batch(adj.dim() >= 3 ? adj.size(0) : 1),
+        adj_windows(adj.dim() == 4 ? adj.size(1) : 1) {}
 
   int64_t adj_offset(int64_t b, int64_t t) const {
-    return ((adj_batch == 1 ? 0 : b) * adj_windows + (adj_windows == 1 ? 0 : t)) * L * L;
+    return ((adj_batch == 1 ? 0 : b) * adj_windows + (adj_windows == 1 ? 0 : t)) * R * L;
   }
+  // First frame of window t (may be negative: padding).
+  int64_t start(int64_t t) const { return t * stride - pad; }
 };
 
 // The K terms of a product sum_k left_k (x) right_k: term k has a left column (element m at
@@ -185,21 +194,21 @@ void broadcast_gemm(Terms<left_t, right_t>& terms, int64_t stride, int64_t M, in
 template <typename scalar_t>
 void window_terms(const Shape& s, const scalar_t* x, const acc_t<scalar_t>* a_bt, int64_t b, int64_t t,
                   Terms<acc_t<scalar_t>, scalar_t>& terms) {
-  const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation);
+  const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation, s.stride);
   for (int64_t w = slots.lo; w < slots.hi; ++w) {
-    const scalar_t* frame = x + ((b * s.T + t - s.pad + w * s.dilation) * s.N) * s.C;
+    const scalar_t* frame = x + ((b * s.T + s.start(t) + w * s.dilation) * s.N) * s.C;
     for (int64_t n = 0; n < s.N; ++n) terms.add(a_bt + w * s.N + n, frame + n * s.C);
   }
 }
 
-// out[b, t] of window r = b * T + t.
+// out[b, t] of window r = b * T' + t.
 template <typename scalar_t>
 void forward_window(const Shape& s, const scalar_t* x, const acc_t<scalar_t>* adj, int64_t r,
                     Terms<acc_t<scalar_t>, scalar_t>& terms, scalar_t* out) {
-  const int64_t b = r / s.T, t = r % s.T;
+  const int64_t b = r / s.To, t = r % s.To;
   terms.clear();
   window_terms(s, x, adj + s.adj_offset(b, t), b, t, terms);
-  broadcast_gemm(terms, s.L, s.L, s.C, out + r * s.L * s.C, s.C);
+  broadcast_gemm(terms, s.L, s.R, s.C, out + r * s.R * s.C, s.C);
 }
 
 // grad_x[b, f] of frame r = b * T + f.
@@ -208,18 +217,18 @@ void grad_x_frame(const Shape& s, const scalar_t* grad_out, const acc_t<scalar_t
                   Terms<acc_t<scalar_t>, scalar_t>& terms, scalar_t* grad_x) {
   const int64_t b = r / s.T, f = r % s.T;
   terms.clear();
-  const SlotRange slots = slots_reading_frame(f, s.T, s.window, s.dilation);
-  for (int64_t w = slots.lo; w < slots.hi; ++w) {
-    const int64_t t = f + s.pad - w * s.dilation;
+  for (int64_t w = 0; w < s.window; ++w) {
+    const int64_t t = window_reading_frame(f, w, s.To, s.window, s.dilation, s.stride);
+    if (t < 0) continue;
     const acc_t<scalar_t>* a = adj + s.adj_offset(b, t) + w * s.N;  // A_bt[:, wN:(w+1)N]
-    const scalar_t* g = grad_out + (b * s.T + t) * s.L * s.C;
-    for (int64_t i = 0; i < s.L; ++i) terms.add(a + i * s.L, g + i * s.C);
+    const scalar_t* g = grad_out + (b * s.To + t) * s.R * s.C;
+    for (int64_t i = 0; i < s.R; ++i) terms.add(a + i * s.L, g + i * s.C);
   }
   broadcast_gemm(terms, 1, s.N, s.C, grad_x + r * s.N * s.C, s.C);
 }
 
 // target = grad_A summed over the windows [begin, end): per window r, grad_A[i, j] +=
-// sum_c G[i, c] Xt[c, j] with G = grad_out[r] ([L, C]) and Xt ([C, L]) the window's x rows
+// sum_c G[i, c] Xt[c, j] with G = grad_out[r] ([R, C]) and Xt ([C, L]) the window's x rows
 // transposed, zero for the slots outside the clip: a broadcast GEMM over the C channels.
 // g_rows: where a 16-bit window of grad_out is widened.
 template <typename scalar_t>
@@ -229,30 +238,30 @@ void grad_adj_windows(const Shape& s, const scalar_t* grad_out, const scalar_t* 
   using acc = acc_t<scalar_t>;
   xt.resize(s.C * s.L);
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / s.T, t = r % s.T;
-    const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation);
+    const int64_t b = r / s.To, t = r % s.To;
+    const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation, s.stride);
     for (int64_t w = 0; w < s.window; ++w) {
       const bool inside = w >= slots.lo && w < slots.hi;
-      const scalar_t* frame = x + ((b * s.T + t - s.pad + w * s.dilation) * s.N) * s.C;
+      const scalar_t* frame = x + ((b * s.T + s.start(t) + w * s.dilation) * s.N) * s.C;
       for (int64_t n = 0; n < s.N; ++n) {
         acc* column = xt.data() + w * s.N + n;
         for (int64_t c = 0; c < s.C; ++c) column[c * s.L] = inside ? static_cast<acc>(frame[n * s.C + c]) : acc(0);
       }
     }
     terms.clear();
-    const acc* g = in_acc(grad_out + r * s.L * s.C, s.L * s.C, g_rows);
+    const acc* g = in_acc(grad_out + r * s.R * s.C, s.R * s.C, g_rows);
     for (int64_t c = 0; c < s.C; ++c) terms.add(g + c, xt.data() + c * s.L);
-    broadcast_gemm(terms, s.C, s.L, s.L, target, s.L, /*accumulate=*/true);
+    broadcast_gemm(terms, s.C, s.R, s.L, target, s.L, /*accumulate=*/true);
   }
 }
 
 at::Tensor window_graph_conv_cpu(const at::Tensor& x_in, const at::Tensor& adj_in, int64_t window,
-                                 int64_t dilation) {
-  check_window_graph_conv_args(x_in, adj_in, window, dilation);
-  const Shape s(x_in, adj_in, window, dilation);
+                                 int64_t dilation, int64_t stride) {
+  check_window_graph_conv_args(x_in, adj_in, window, dilation, stride);
+  const Shape s(x_in, adj_in, window, dilation, stride);
   const auto x = x_in.contiguous();
   const auto adj = adj_in.to(at::toOpMathType(x.scalar_type())).contiguous();
-  auto out = at::empty({s.B, s.T, s.L, s.C}, x.options());
+  auto out = at::empty({s.B, s.To, s.R, s.C}, x.options());
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_graph_conv_cpu", [&] {
@@ -260,7 +269,7 @@ at::Tensor window_graph_conv_cpu(const at::Tensor& x_in, const at::Tensor& adj_i
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const acc* ap = adj.data_ptr<acc>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    for_each_task(s.B * s.T, [&] {
+    for_each_task(s.B * s.To, [&] {
       return [&, terms = Terms<acc, scalar_t>()](int64_t r) mutable {
         forward_window<scalar_t>(s, xp, ap, r, terms, op);
       };
@@ -271,10 +280,10 @@ at::Tensor window_graph_conv_cpu(const at::Tensor& x_in, const at::Tensor& adj_i
 
 std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& adj_in, int64_t window,
-    int64_t dilation, bool compute_grad_x, bool compute_grad_adj) {
-  check_window_graph_conv_args(x_in, adj_in, window, dilation);
-  check_window_graph_conv_grad_out(grad_out_in, x_in, window);
-  const Shape s(x_in, adj_in, window, dilation);
+    int64_t dilation, int64_t stride, bool compute_grad_x, bool compute_grad_adj) {
+  check_window_graph_conv_args(x_in, adj_in, window, dilation, stride);
+  check_window_graph_conv_grad_out(grad_out_in, x_in, adj_in, window, dilation, stride);
+  const Shape s(x_in, adj_in, window, dilation, stride);
   const auto grad_out = grad_out_in.contiguous();
   const auto x = x_in.contiguous();
   const auto adj = adj_in.to(at::toOpMathType(x.scalar_type())).contiguous();
@@ -283,17 +292,17 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
   const bool reduced = acc_options.dtype() != options.dtype();
   auto grad_x = compute_grad_x ? at::empty(x.sizes(), options) : at::empty({0}, options);
   auto grad_adj = compute_grad_adj ? at::zeros(adj.sizes(), options) : at::empty({0}, options);
-  const int64_t windows = s.B * s.T;
+  const int64_t windows = s.B * s.To;
   if (x.numel() == 0) {
     return {grad_x, grad_adj};
   }
   const bool shared = adj.dim() == 2;
-  const AdjGradUnits work = adj_grad_units(adj.dim(), s.B, s.T, kSharedAdjChunks);
+  const AdjGradUnits work = adj_grad_units(adj.dim(), s.B, s.To, kSharedAdjChunks);
   const int64_t per_unit = work.windows_per_unit, units = work.units;
   // Where grad_adj is summed: per-chunk partials (shared adj), a float32 grad_adj (16-bit adj), or
   // grad_adj itself.
   auto targets = !compute_grad_adj ? grad_adj
-                 : shared          ? at::zeros({units, s.L, s.L}, acc_options)
+                 : shared          ? at::zeros({units, s.R, s.L}, acc_options)
                  : reduced         ? at::zeros(adj.sizes(), acc_options)
                                    : grad_adj;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_graph_conv_backward_cpu", [&] {
@@ -304,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
     if (compute_grad_x) {
       advise_huge_pages(grad_x);
       scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-      for_each_task(windows, [&] {
+      for_each_task(s.B * s.T, [&] {
         return [&, terms = Terms<acc, scalar_t>()](int64_t r) mutable {
           grad_x_frame<scalar_t>(s, gp, ap, r, terms, gxp);
         };
@@ -317,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
                 terms = Terms<acc>()](int64_t unit) mutable {
           grad_adj_windows<scalar_t>(s, gp, xp, unit * per_unit,
                                      std::min(windows, (unit + 1) * per_unit), xt, g_rows, terms,
-                                     tp + unit * s.L * s.L);
+                                     tp + unit * s.R * s.L);
         };
       });
     }

@@ -1,5 +1,7 @@
 // keypoint_gather CUDA kernels.
 //
+// A node is a keypoint's box (output_size S = 1) or one of its S x S bins (node k * S * S +
+// py * S + px, ops/keypoint_gather_sampling.h); below "keypoint" means node.
 // One block per (image b, tile of kThreads channels); thread = channel, so the lanes of a warp
 // read consecutive channels (coalesced on channels_last features and on the [B, K, C] rows of
 // out / grad_out).  The block walks the image's keypoints in groups of kWarps: warp w reduces the
@@ -14,7 +16,7 @@
 // taps in a fixed order (groups, tiles, keypoints, taps) with atomicAdd, which need not wait for
 // a read, and since no other thread touches those addresses the result is deterministic.
 // float16 / bfloat16 accumulate in float32 (backward into a float32 gradient, converted at the end).
-// Memory: out [B, K, C]; the gradient [B, C, H, W] (+ its float32 buffer for reduced precision);
+// Memory: out [B, K * S * S, C]; the gradient [B, C, H, W] (+ its float32 buffer for reduced precision);
 // shared memory kWarps * 2 * kTile weights per block; nothing per sample or per (keypoint, channel).
 // Occupancy: at most 96 registers per thread (the float64 instances; 72-80 for float32 and 16-bit),
 // so 5 blocks of 128 threads fit an SM's 65,536 registers.
@@ -43,7 +45,8 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kTile = kWarpSize;  // rows / columns of one tile: one per lane
 
 struct Sampling {
-  int64_t K, C, H, W, point_dims, sampling_ratio;
+  int64_t K, C, H, W, point_dims, sampling_ratio;  // K: nodes per image, keypoints * S * S
+  int64_t keypoints, S;                             // keypoints per image, bins per axis
   double scale, half_size;
   bool aligned;
 };
@@ -70,15 +73,24 @@ struct TileWeights {
   int rows, cols;  // rows == 0: nothing in this slot
 };
 
+// The box of node `node` (b * K + k over all images' nodes); sizes: [B, keypoints, 2] box sides
+// (x, y) per keypoint, or null (s.half_size for all).
 template <typename acc_t>
-__device__ KeypointBox<acc_t> keypoint_box(const acc_t* keypoints, const bool* valid, int64_t n,
-                                           const Sampling& s) {
+__device__ KeypointBox<acc_t> keypoint_box(const acc_t* keypoints, const bool* valid,
+                                           const acc_t* sizes, int64_t node, const Sampling& s) {
   KeypointBox<acc_t> box{};
   box.tiles = 0;
+  const int64_t bins = s.S * s.S, n = node / bins, bin = node % bins;
   if (valid != nullptr && !valid[n]) return box;
   const auto half = static_cast<acc_t>(s.half_size), scale = static_cast<acc_t>(s.scale);
-  box.y = box_axis(keypoints[n * s.point_dims + 1], half, scale, s.aligned, s.sampling_ratio, s.H);
-  box.x = box_axis(keypoints[n * s.point_dims], half, scale, s.aligned, s.sampling_ratio, s.W);
+  const acc_t half_x = sizes != nullptr ? sizes[2 * n] * acc_t(0.5) : half;
+  const acc_t half_y = sizes != nullptr ? sizes[2 * n + 1] * acc_t(0.5) : half;
+  box.y = bin_axis(box_axis(keypoints[n * s.point_dims + 1], half_y, scale, s.aligned,
+                            s.sampling_ratio, s.H),
+                   bin / s.S, s.S, s.sampling_ratio);
+  box.x = bin_axis(box_axis(keypoints[n * s.point_dims], half_x, scale, s.aligned,
+                            s.sampling_ratio, s.W),
+                   bin % s.S, s.S, s.sampling_ratio);
   axis_range(box.y, s.H, box.row0, box.row1);
   axis_range(box.x, s.W, box.col0, box.col1);
   if (box.row0 > box.row1 || box.col0 > box.col1) return box;
@@ -111,8 +123,8 @@ __device__ void fill_tile(const KeypointBox<acc_t>& box, int tile, int lane, con
 // start(j) once per keypoint slot, then for each tile round visit(j, tile weights) for the slots
 // that have a tile in that round, then finish(j).  Slot j is keypoint k0 + j.
 template <typename acc_t, typename Start, typename Visit, typename Finish>
-__device__ void walk_keypoints(const acc_t* keypoints, const bool* valid, int64_t b,
-                               const Sampling& s, const Start& start, const Visit& visit,
+__device__ void walk_keypoints(const acc_t* keypoints, const bool* valid, const acc_t* sizes,
+                               int64_t b, const Sampling& s, const Start& start, const Visit& visit,
                                const Finish& finish) {
   __shared__ TileWeights<acc_t> tiles[kWarps];
   __shared__ int tile_counts[kWarps];
@@ -120,7 +132,7 @@ __device__ void walk_keypoints(const acc_t* keypoints, const bool* valid, int64_
   for (int64_t k0 = 0; k0 < s.K; k0 += kWarps) {
     KeypointBox<acc_t> box{};
     box.tiles = 0;
-    if (k0 + warp < s.K) box = keypoint_box(keypoints, valid, b * s.K + k0 + warp, s);
+    if (k0 + warp < s.K) box = keypoint_box(keypoints, valid, sizes, b * s.K + k0 + warp, s);
     if (lane == 0) tile_counts[warp] = box.tiles;
     __syncthreads();
     int rounds = 0;
@@ -151,7 +163,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     keypoint_gather_forward_kernel(const scalar_t* __restrict__ features, Strides fs,
                                    const acc_t* __restrict__ keypoints,
-                                   const bool* __restrict__ valid, Sampling s, int64_t channel_tiles,
+                                   const bool* __restrict__ valid, const acc_t* __restrict__ sizes,
+                                   Sampling s, int64_t channel_tiles,
                                    scalar_t* __restrict__ out) {
   const int64_t b = blockIdx.x / channel_tiles;
   const int64_t c = (blockIdx.x % channel_tiles) * kThreads + threadIdx.x;
@@ -159,7 +172,7 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* image = features + b * fs.b + (active ? c : 0) * fs.c;
   acc_t acc[kWarps];
   walk_keypoints<acc_t>(
-      keypoints, valid, b, s, [&](int j, int64_t) { acc[j] = acc_t(0); },
+      keypoints, valid, sizes, b, s, [&](int j, int64_t) { acc[j] = acc_t(0); },
       [&](int j, const TileWeights<acc_t>& tw) {
         if (!active) return;
         for (int r = 0; r < tw.rows; ++r) {
@@ -179,7 +192,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     keypoint_gather_backward_kernel(const scalar_t* __restrict__ grad_out,
                                     const acc_t* __restrict__ keypoints,
-                                    const bool* __restrict__ valid, Sampling s,
+                                    const bool* __restrict__ valid,
+                                    const acc_t* __restrict__ sizes, Sampling s,
                                     int64_t channel_tiles, Strides gs, acc_t* __restrict__ grad) {
   const int64_t b = blockIdx.x / channel_tiles;
   const int64_t c = (blockIdx.x % channel_tiles) * kThreads + threadIdx.x;
@@ -187,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* image = grad + b * gs.b + (active ? c : 0) * gs.c;
   acc_t g[kWarps];
   walk_keypoints<acc_t>(
-      keypoints, valid, b, s,
+      keypoints, valid, sizes, b, s,
       [&](int j, int64_t k) {
         g[j] = active && k < s.K ? static_cast<acc_t>(grad_out[(b * s.K + k) * s.C + c]) : acc_t(0);
       },
@@ -218,9 +232,16 @@ int64_t num_blocks(int64_t images, int64_t channel_tiles) {
 
 Sampling make_sampling(at::IntArrayRef features_size, const at::Tensor& keypoints,
                        double spatial_scale, double roi_size, int64_t sampling_ratio,
-                       bool aligned) {
-  return {keypoints.size(1), features_size[1], features_size[2], features_size[3],
-          keypoints.size(2), sampling_ratio, spatial_scale, roi_size * 0.5, aligned};
+                       bool aligned, int64_t output_size) {
+  const int64_t K = keypoints.size(1);
+  return {K * output_size * output_size, features_size[1], features_size[2], features_size[3],
+          keypoints.size(2), sampling_ratio, K, output_size, spatial_scale, roi_size * 0.5,
+          aligned};
+}
+
+// roi_sizes in the accumulation dtype, contiguous; undefined when the scalar roi_size applies.
+at::Tensor sizes_as(const std::optional<at::Tensor>& roi_sizes, at::ScalarType dtype) {
+  return roi_sizes.has_value() ? roi_sizes->to(dtype).contiguous() : at::Tensor();
 }
 
 void check_cuda_dtype(at::ScalarType dtype, const char* name) {
@@ -231,15 +252,17 @@ void check_cuda_dtype(at::ScalarType dtype, const char* name) {
 }
 
 at::Tensor keypoint_gather_cuda(const at::Tensor& features, const at::Tensor& keypoints_in,
-                                const std::optional<at::Tensor>& valid_in, double spatial_scale,
-                                double roi_size, int64_t sampling_ratio, bool aligned) {
-  check_keypoint_gather_args(features.sizes(), features.device(), keypoints_in, valid_in,
-                             spatial_scale, roi_size, sampling_ratio);
+                                const std::optional<at::Tensor>& valid_in,
+                                const std::optional<at::Tensor>& roi_sizes, double spatial_scale,
+                                double roi_size, int64_t sampling_ratio, bool aligned,
+                                int64_t output_size) {
+  check_keypoint_gather_args(features.sizes(), features.device(), keypoints_in, valid_in, roi_sizes,
+                             spatial_scale, roi_size, sampling_ratio, output_size);
   check_cuda_dtype(features.scalar_type(), "features");
   const c10::cuda::CUDAGuard device_guard(features.device());
   const int64_t B = features.size(0);
   const Sampling s = make_sampling(features.sizes(), keypoints_in, spatial_scale, roi_size,
-                                   sampling_ratio, aligned);
+                                   sampling_ratio, aligned, output_size);
   auto out = at::empty({B, s.K, s.C}, features.options());
   if (out.numel() == 0) return out;
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
@@ -250,9 +273,11 @@ at::Tensor keypoint_gather_cuda(const at::Tensor& features, const at::Tensor& ke
                                   "keypoint_gather_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto keypoints = keypoints_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const auto sizes = sizes_as(roi_sizes, c10::CppTypeToScalarType<acc_t>::value);
     keypoint_gather_forward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         features.const_data_ptr<scalar_t>(), strides_of(features), keypoints.const_data_ptr<acc_t>(),
-        valid.defined() ? valid.const_data_ptr<bool>() : nullptr, s, channel_tiles,
+        valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
+        sizes.defined() ? sizes.const_data_ptr<acc_t>() : nullptr, s, channel_tiles,
         out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -261,16 +286,18 @@ at::Tensor keypoint_gather_cuda(const at::Tensor& features, const at::Tensor& ke
 
 at::Tensor keypoint_gather_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& keypoints_in,
                                          const std::optional<at::Tensor>& valid_in,
+                                         const std::optional<at::Tensor>& roi_sizes,
                                          at::IntArrayRef features_size, bool channels_last,
                                          double spatial_scale, double roi_size,
-                                         int64_t sampling_ratio, bool aligned) {
-  check_keypoint_gather_backward_args(grad_out_in, features_size, keypoints_in, valid_in,
-                                      spatial_scale, roi_size, sampling_ratio);
+                                         int64_t sampling_ratio, bool aligned,
+                                         int64_t output_size) {
+  check_keypoint_gather_backward_args(grad_out_in, features_size, keypoints_in, valid_in, roi_sizes,
+                                      spatial_scale, roi_size, sampling_ratio, output_size);
   check_cuda_dtype(grad_out_in.scalar_type(), "grad_out");
   const c10::cuda::CUDAGuard device_guard(grad_out_in.device());
   const int64_t B = features_size[0];
   const Sampling s = make_sampling(features_size, keypoints_in, spatial_scale, roi_size,
-                                   sampling_ratio, aligned);
+                                   sampling_ratio, aligned, output_size);
   const auto grad_out = grad_out_in.contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
   const auto acc_type = at::toOpMathType(grad_out.scalar_type());
@@ -285,9 +312,11 @@ at::Tensor keypoint_gather_backward_cuda(const at::Tensor& grad_out_in, const at
                                   "keypoint_gather_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto keypoints = keypoints_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const auto sizes = sizes_as(roi_sizes, c10::CppTypeToScalarType<acc_t>::value);
     keypoint_gather_backward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         grad_out.const_data_ptr<scalar_t>(), keypoints.const_data_ptr<acc_t>(),
-        valid.defined() ? valid.const_data_ptr<bool>() : nullptr, s, channel_tiles,
+        valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
+        sizes.defined() ? sizes.const_data_ptr<acc_t>() : nullptr, s, channel_tiles,
         strides_of(grad), grad.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -20,6 +20,7 @@
 //   E*C*sizeof(x) gathered + E*8 (col) + (N+1)*8 (rowptr) read, N*C*(sizeof(x) + 2*sizeof(acc)) written.
 // N = 1M, E = 5M, C = 64, float32: 1.28 GB + 40 MB + 8 MB + 768 MB = 2.10 GB; the kernel's time is
 // this traffic over the device's memory bandwidth (the gathers are the random-access part).
+// Edge features add E*C*sizeof(x) (the edge rows, gathered through perm) + E*8 (perm) read.
 // Backward: one group per kNodesPerGroup consecutive source nodes u walks their outgoing edges
 // u -> v (transposed CSR), gathering row_max, row_sum, grad_out and out of v:
 //   w = exp(t (m_u - M_v)) grad_out_v / Z_v,  d = m_u - out_v (centred: no cancellation of two large
@@ -27,15 +28,25 @@
 //   grad_m_u = sum_v (w + w t d),  grad_t += m_u sum_v w d,  grad_x_u = grad_m_u [x_u > 0].
 // Every grad_x row has one writer; each group writes its grad_t partial to its own row of
 // [num_groups, C] and a second kernel sums the rows in a fixed order: no atomics, deterministic.
-// Memory: forward out, row_max, row_sum ([N, C] each); backward grad_x [N, C] and the grad_t partials
-// [ceil(N / kNodesPerGroup), C]; nothing of size E x C.
+// Edge features (edge_attr [E, C] in the caller's edge order, kEdge): the message of CSR position k
+// is relu(x[col[k]] + edge_attr[perm[k]]) + eps, the edge row gathered in place through the
+// permutation (no permuted copy), with half the forward unroll (two rows in flight per edge).
+// Backward takes the message and its mask per edge, g = (w + w t d) [x_u + e > 0]:
+// grad_x_u = sum g, grad_edge_attr[perm_t[k]] = g (one writer per edge row: the group that owns
+// its source), grad_t += sum w d m.
+// Memory: forward out, row_max, row_sum ([N, C] each); backward grad_x [N, C], the grad_t partials
+// [ceil(N / kNodesPerGroup), C] and with edge features grad_edge_attr [E, C] (the gradient of that
+// input); no other tensor of size E x C.
 // Index contents are validated on the CPU only (Graph): here rowptr entries are clamped to [0, E]
-// and edges whose node index lies outside [0, N) are skipped, so bad indices never read out of range.
-// Occupancy: at most 168 registers per thread (the 16-byte bfloat16 backward with grad_t on sm_90;
-// 115-128 for the other backward instances, 80-128 for forward), so 1 block of 256 threads per SM
-// in the worst instance and 2 in the others.
-// Local memory: at most 32 bytes per thread, where ptxas spills in the float64 instances and the
-// vectorised float32 / bfloat16 forward (bench/results/cuda-resources.md).
+// and edges whose node index lies outside [0, N), or whose edge id lies outside [0, E), are skipped,
+// so bad indices never read out of range.
+// Occupancy: at most 168 registers per thread (167: the 16-byte bfloat16 backward with grad_t and
+// edge features on sm_90; up to 157 for the other edge-feature backward instances, 48-128 for the
+// backward without edge features and for forward), so 1 block of 256 threads per SM in the
+// vectorised edge-feature backward instances and 2 in the others.
+// Local memory: at most 32 bytes per thread, where ptxas spills (8 bytes) in the float64 backward
+// with grad_t, the vectorised 16-bit backward with grad_t and edge features, and the vectorised
+// bfloat16 forward on sm_90 (bench/results/cuda-resources.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -102,6 +113,16 @@ __device__ __forceinline__ int64_t checked_node(const int64_t* col, int64_t e, i
   return node >= 0 && node < num_nodes ? node : -1;
 }
 
+// The edge id perm[e] when e is an edge to use (node >= 0) and the id lies in [0, num_edges), else
+// -1; without edge features (perm == nullptr) the edge is used as it is (0).
+__device__ __forceinline__ int64_t checked_edge(const int64_t* perm, int64_t e, int64_t node,
+                                                int64_t num_edges) {
+  if (node < 0) return -1;
+  if (perm == nullptr) return 0;
+  const int64_t id = perm[e];
+  return id >= 0 && id < num_edges ? id : -1;
+}
+
 // One step of the online softmax of (M, Z, A) with message m at inverse temperature t; Z = 0
 // before the first message.
 template <typename acc_t>
@@ -118,10 +139,11 @@ __device__ __forceinline__ void online_softmax_step(acc_t t, acc_t m, acc_t& M, 
   }
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, bool kEdge>
 __global__ void __launch_bounds__(kThreads) forward_kernel(
     const scalar_t* __restrict__ x, const int64_t* __restrict__ rowptr,
-    const int64_t* __restrict__ col, const at::opmath_type<scalar_t>* __restrict__ t,
+    const int64_t* __restrict__ col, const scalar_t* __restrict__ edge_attr,
+    const int64_t* __restrict__ perm, const at::opmath_type<scalar_t>* __restrict__ t,
     at::opmath_type<scalar_t> eps, int64_t num_nodes, int64_t num_edges, int64_t channels,
     int lanes_log2, scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ row_max,
     at::opmath_type<scalar_t>* __restrict__ row_sum) {
@@ -141,21 +163,27 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
       A[j] = acc_t(0);
     }
     bool any_edge = false;
-    for (int64_t e0 = e_begin; e0 < e_end; e0 += kForwardUnroll) {
-      Pack<scalar_t, VEC> rows[kForwardUnroll];
-      int64_t u[kForwardUnroll];
+    constexpr int kUnroll = kEdge ? kForwardUnroll / 2 : kForwardUnroll;
+    for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
+      Pack<scalar_t, VEC> rows[kUnroll], edge_rows[kUnroll];
+      int64_t u[kUnroll];
 #pragma unroll
-      for (int k = 0; k < kForwardUnroll; ++k) {
+      for (int k = 0; k < kUnroll; ++k) {
         u[k] = checked_node(col, e0 + k, e_end, num_nodes);
+        const int64_t id = checked_edge(kEdge ? perm : nullptr, e0 + k, u[k], num_edges);
+        if (id < 0) u[k] = -1;
         if (u[k] >= 0) rows[k] = load_pack<VEC>(x + u[k] * channels + c);
+        if (kEdge && u[k] >= 0) edge_rows[k] = load_pack<VEC>(edge_attr + id * channels + c);
       }
 #pragma unroll
-      for (int k = 0; k < kForwardUnroll; ++k) {
+      for (int k = 0; k < kUnroll; ++k) {
         if (u[k] < 0) continue;
         any_edge = true;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const acc_t m = message(static_cast<acc_t>(rows[k].v[j]), eps);
+          acc_t in = static_cast<acc_t>(rows[k].v[j]);
+          if constexpr (kEdge) in += static_cast<acc_t>(edge_rows[k].v[j]);
+          const acc_t m = message(in, eps);
           online_softmax_step(t_c[j], m, M[j], Z[j], A[j]);
         }
       }
@@ -175,15 +203,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   }
 }
 
-template <typename scalar_t, int VEC, bool kGradT>
+template <typename scalar_t, int VEC, bool kGradT, bool kEdge>
 __global__ void __launch_bounds__(kThreads) backward_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const at::opmath_type<scalar_t>* __restrict__ row_max,
     const at::opmath_type<scalar_t>* __restrict__ row_sum, const int64_t* __restrict__ rowptr_t,
-    const int64_t* __restrict__ col_t, const at::opmath_type<scalar_t>* __restrict__ t,
+    const int64_t* __restrict__ col_t, const scalar_t* __restrict__ edge_attr,
+    const int64_t* __restrict__ perm_t, const at::opmath_type<scalar_t>* __restrict__ t,
     at::opmath_type<scalar_t> eps, int64_t num_nodes, int64_t num_edges, int64_t channels,
     int lanes_log2, scalar_t* __restrict__ grad_x,
-    at::opmath_type<scalar_t>* __restrict__ grad_t_partial) {
+    at::opmath_type<scalar_t>* __restrict__ grad_t_partial, scalar_t* __restrict__ grad_edge_attr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
   const int64_t u_begin = group * kNodesPerGroup;
@@ -211,38 +240,55 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
       constexpr int kUnroll = kBackwardUnroll<VEC>;
       for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
         Pack<acc_t, VEC> max_v[kUnroll], sum_v[kUnroll];
-        Pack<scalar_t, VEC> grad_v[kUnroll], out_v[kUnroll];
-        int64_t v[kUnroll];
+        Pack<scalar_t, VEC> grad_v[kUnroll], out_v[kUnroll], edge_rows[kUnroll];
+        int64_t v[kUnroll], id[kUnroll];
 #pragma unroll
         for (int k = 0; k < kUnroll; ++k) {
           v[k] = checked_node(col_t, e0 + k, e_end, num_nodes);
+          id[k] = checked_edge(kEdge ? perm_t : nullptr, e0 + k, v[k], num_edges);
+          if (id[k] < 0) v[k] = -1;
           if (v[k] >= 0) {
             const int64_t i = v[k] * channels + c;
             max_v[k] = load_pack<VEC>(row_max + i);
             sum_v[k] = load_pack<VEC>(row_sum + i);
             grad_v[k] = load_pack<VEC>(grad_out + i);
             out_v[k] = load_pack<VEC>(out + i);
+            if constexpr (kEdge) edge_rows[k] = load_pack<VEC>(edge_attr + id[k] * channels + c);
           }
         }
 #pragma unroll
         for (int k = 0; k < kUnroll; ++k) {
           if (v[k] < 0) continue;
+          Pack<scalar_t, VEC> grad_edge;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            const acc_t w = exp_acc(t_c[j] * (m[j] - max_v[k].v[j])) *
+            acc_t m_e = m[j], in = acc_t(0);
+            if constexpr (kEdge) {
+              in = static_cast<acc_t>(x_u.v[j]) + static_cast<acc_t>(edge_rows[k].v[j]);
+              m_e = message(in, eps);
+            }
+            const acc_t w = exp_acc(t_c[j] * (m_e - max_v[k].v[j])) *
                             static_cast<acc_t>(grad_v[k].v[j]) / sum_v[k].v[j];
-            const acc_t d = m[j] - static_cast<acc_t>(out_v[k].v[j]);
-            grad_m[j] += w + w * t_c[j] * d;
-            if constexpr (kGradT) grad_t_u[j] += w * d;
+            const acc_t d = m_e - static_cast<acc_t>(out_v[k].v[j]);
+            if constexpr (kEdge) {
+              const acc_t g = in > acc_t(0) ? w + w * t_c[j] * d : acc_t(0);
+              grad_edge.v[j] = static_cast<scalar_t>(g);
+              grad_m[j] += g;
+              if constexpr (kGradT) grad_t_u[j] += w * d * m_e;
+            } else {
+              grad_m[j] += w + w * t_c[j] * d;
+              if constexpr (kGradT) grad_t_u[j] += w * d;
+            }
           }
+          if constexpr (kEdge) store_pack(grad_edge_attr + id[k] * channels + c, grad_edge);
         }
       }
       Pack<scalar_t, VEC> grad_pack;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        grad_pack.v[j] = static_cast<scalar_t>(static_cast<acc_t>(x_u.v[j]) > acc_t(0) ? grad_m[j]
-                                                                                      : acc_t(0));
-        if constexpr (kGradT) grad_t[j] += grad_t_u[j] * m[j];
+      for (int j = 0; j < VEC; ++j) {  // with edge features the mask and m are already per edge
+        grad_pack.v[j] = static_cast<scalar_t>(kEdge || static_cast<acc_t>(x_u.v[j]) > acc_t(0)
+                                                   ? grad_m[j] : acc_t(0));
+        if constexpr (kGradT) grad_t[j] += kEdge ? grad_t_u[j] : grad_t_u[j] * m[j];
       }
       store_pack(grad_x + u * channels + c, grad_pack);
     }
@@ -313,14 +359,21 @@ void with_vector_width(bool vectorize, Launch&& launch) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cuda(
     const at::Tensor& x_in, const at::Tensor& rowptr_in, const at::Tensor& col_in,
-    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps) {
+    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps,
+    const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_in,
+    const c10::optional<at::Tensor>& perm_t) {
   check_msg_pass_forward_args(x_in, rowptr_in, col_in, rowptr_t, col_t, t_in);
+  check_msg_pass_edge_args(x_in, edge_attr_in, perm_in, col_in.numel(), "perm");
+  check_msg_pass_edge_args(x_in, edge_attr_in, perm_t, col_in.numel(), "perm_t");
+  const bool with_edges = edge_attr_in.has_value();
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const auto x = x_in.contiguous();
   const auto rowptr = rowptr_in.contiguous();
   const auto col = col_in.contiguous();
   const auto t = t_in.contiguous();
+  const auto edge_attr = with_edges ? edge_attr_in->contiguous() : at::Tensor();
+  const auto perm = with_edges ? perm_in->contiguous() : at::Tensor();
   auto out = at::empty({N, C}, x.options());
   auto row_max = at::empty({N, C}, t.options());
   auto row_sum = at::empty({N, C}, t.options());
@@ -330,13 +383,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msg_pass_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vectorize = rows_aligned(C, kVec, {&x, &out, &row_max, &row_sum});
+    const bool vectorize = with_edges ? rows_aligned(C, kVec, {&x, &out, &row_max, &row_sum, &edge_attr})
+                                      : rows_aligned(C, kVec, {&x, &out, &row_max, &row_sum});
     const int lanes_log2 = group_lanes_log2(C, vectorize ? kVec : 1);
     const int64_t blocks = num_blocks(N, lanes_log2);
     with_vector_width<scalar_t>(vectorize, [&](auto vec) {
-      forward_kernel<scalar_t, decltype(vec)::value>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      constexpr int VEC = decltype(vec)::value;
+      const auto kernel = with_edges ? forward_kernel<scalar_t, VEC, true> : forward_kernel<scalar_t, VEC, false>;
+      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+          with_edges ? edge_attr.data_ptr<scalar_t>() : nullptr,
+          with_edges ? perm.data_ptr<int64_t>() : nullptr,
           t.data_ptr<acc_t>(), static_cast<acc_t>(eps), N, E, C, lanes_log2,
           out.data_ptr<scalar_t>(), row_max.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -345,12 +402,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cuda(
   return {out, row_max, row_sum};
 }
 
-std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const at::Tensor& row_max_in, const at::Tensor& row_sum_in, const at::Tensor& rowptr_t_in,
-    const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t) {
+    const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t,
+    const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_t_in) {
   check_msg_pass_backward_args(grad_out_in, x_in, out_in, row_max_in, row_sum_in, rowptr_t_in,
                                col_t_in, t_in);
+  check_msg_pass_edge_args(x_in, edge_attr_in, perm_t_in, col_t_in.numel(), "perm_t");
+  const bool with_edges = edge_attr_in.has_value();
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const auto grad_out = grad_out_in.contiguous();
@@ -361,8 +421,12 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cuda(
   const auto rowptr_t = rowptr_t_in.contiguous();
   const auto col_t = col_t_in.contiguous();
   const auto t = t_in.contiguous();
+  const auto edge_attr = with_edges ? edge_attr_in->contiguous() : at::Tensor();
+  const auto perm_t = with_edges ? perm_t_in->contiguous() : at::Tensor();
   auto grad_x = at::empty({N, C}, x.options());
-  if (N == 0 || C == 0) return {grad_x, at::zeros_like(t)};
+  // Every row of an edge whose id appears in perm_t is written; zeros cover the rest.
+  auto grad_edge_attr = with_edges ? at::zeros({col_t.numel(), C}, x.options()) : at::empty({0}, x.options());
+  if (N == 0 || C == 0) return {grad_x, at::zeros_like(t), grad_edge_attr};
   // grad_t is all zeros unless asked for.
   auto grad_t = compute_grad_t ? at::empty({C}, t.options()) : at::zeros({C}, t.options());
   const int64_t E = col_t.numel();
@@ -372,19 +436,26 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msg_pass_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vectorize = rows_aligned(C, kVec, {&grad_out, &x, &out, &row_max, &row_sum, &grad_x});
+    const bool vectorize =
+        with_edges ? rows_aligned(C, kVec, {&grad_out, &x, &out, &row_max, &row_sum, &grad_x, &edge_attr,
+                                            &grad_edge_attr})
+                   : rows_aligned(C, kVec, {&grad_out, &x, &out, &row_max, &row_sum, &grad_x});
     const int lanes_log2 = group_lanes_log2(C, vectorize ? kVec : 1);
     const int64_t blocks = num_blocks(num_groups, lanes_log2);
     with_vector_width<scalar_t>(vectorize, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      const auto kernel = compute_grad_t ? backward_kernel<scalar_t, VEC, true>
-                                         : backward_kernel<scalar_t, VEC, false>;
+      const auto kernel = compute_grad_t ? (with_edges ? backward_kernel<scalar_t, VEC, true, true>
+                                                       : backward_kernel<scalar_t, VEC, true, false>)
+                                         : (with_edges ? backward_kernel<scalar_t, VEC, false, true>
+                                                       : backward_kernel<scalar_t, VEC, false, false>);
       kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
           row_max.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>(), rowptr_t.data_ptr<int64_t>(),
-          col_t.data_ptr<int64_t>(), t.data_ptr<acc_t>(), static_cast<acc_t>(eps), N, E, C,
-          lanes_log2, grad_x.data_ptr<scalar_t>(),
-          compute_grad_t ? grad_t_partial.data_ptr<acc_t>() : nullptr);
+          col_t.data_ptr<int64_t>(), with_edges ? edge_attr.data_ptr<scalar_t>() : nullptr,
+          with_edges ? perm_t.data_ptr<int64_t>() : nullptr, t.data_ptr<acc_t>(),
+          static_cast<acc_t>(eps), N, E, C, lanes_log2, grad_x.data_ptr<scalar_t>(),
+          compute_grad_t ? grad_t_partial.data_ptr<acc_t>() : nullptr,
+          with_edges ? grad_edge_attr.data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (compute_grad_t) {
@@ -394,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> msg_pass_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {grad_x, grad_t};
+  return {grad_x, grad_t, grad_edge_attr};
 }
 
 }  // namespace

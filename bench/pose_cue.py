@@ -1,0 +1,181 @@
+"""How much identity the keypoints alone carry: a no-image check of a dataset's pose cue.
+
+RGCN/LGCN's pose branch (and any pose-only re-ID feature) can only learn what the keypoint
+sequences tell apart.  This script measures that without training a re-ID model, on the test split
+(4 evenly spaced frames per tracklet, as the ``cpu`` presets' test sampling) and, for a synthetic
+dataset with gait twins, on the twins: for each twin query the gallery is restricted to the
+tracklets of its pair (same appearance, different body and gait), so a feature that ranks the
+query's own identity first gets AP 1 and a random one gets the chance level printed beside it.
+
+Features compared (each a clip embedding ranked by Euclidean distance):
+
+* **random**: Gaussian noise (the chance level; mean over 5 draws).
+* **limb ratios** (hand-made, no learning): per frame, the lengths of thigh, shin, torso,
+  upper arm, forearm, shoulder width and hip width divided by the frame's visible body height
+  (left and right averaged where both are seen), then the median over the clip's frames.
+* **learned MLP**: a 2-layer MLP on the clip's body-normalised coordinates (each frame's visible
+  joints centred on their box and divided by its height; missing joints 0), trained with
+  cross-entropy on the training identities for ``--steps`` steps of 16 clips (random frames, one
+  per quarter of the tracklet: the test sampling's distribution).  It prints the training
+  cross-entropy at the start (``ln(training ids)``) and at the end: how far the keypoints alone
+  let even a free-form classifier fit the training identities.
+* **trained pose branches** (``--checkpoint``, RGCN/LGCN runs on the same dataset): the model's
+  pose feature ``f^p`` alone (``embedding="pose"``), extracted with the run's own test settings.
+
+Run: ``PYTHONPATH=. python bench/pose_cue.py [--data synthetic-hard] [--steps 2000] [--seed 0]
+[--checkpoint RUN/model.pt ...]``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from keypointops.data import build_dataset, load_keypoints
+from keypointops.data.synthetic import gait_twins
+from keypointops.evaluation import evaluate
+
+FRAMES = 4
+# COCO-17 limbs: (name, (joint a, joint b) pairs over which the length is averaged)
+LIMBS = (("thigh", ((11, 13), (12, 14))), ("shin", ((13, 15), (14, 16))), ("torso", ((5, 11), (6, 12))),
+         ("upper arm", ((5, 7), (6, 8))), ("forearm", ((7, 9), (8, 10))), ("shoulders", ((5, 6),)),
+         ("hips", ((11, 12),)))
+
+
+def evenly(count: int) -> np.ndarray:
+    return np.linspace(0, count - 1, FRAMES).round().astype(int)
+
+
+def one_per_quarter(count: int, rng: np.random.Generator) -> np.ndarray:
+    edges = np.linspace(0, count, FRAMES + 1)
+    return np.array([rng.integers(int(lo), max(int(lo) + 1, int(hi))) for lo, hi in zip(edges[:-1], edges[1:])])
+
+
+def body_normalised(clip: np.ndarray) -> np.ndarray:
+    """``[T, 17, 3]`` keypoints -> ``[T, 17, 2]``: each frame's visible joints centred on their box
+    and divided by its height; missing joints (confidence 0) exactly 0."""
+    out = np.zeros(clip.shape[:2] + (2,), np.float32)
+    for t, frame in enumerate(clip):
+        seen = frame[:, 2] > 0
+        if seen.sum() < 2:
+            continue
+        xy = frame[seen, :2]
+        lo, hi = xy.min(0), xy.max(0)
+        out[t, seen] = (xy - (lo + hi) / 2) / max(hi[1] - lo[1], 1e-3)
+    return out
+
+
+def limb_ratios(clip: np.ndarray) -> np.ndarray:
+    """The hand-made feature of a clip: median over frames of each limb's length / body height."""
+    rows = []
+    for frame in clip:
+        seen = frame[:, 2] > 0
+        height = np.ptp(frame[seen, 1]) if seen.sum() >= 2 else 0.0
+        row = []
+        for _, pairs in LIMBS:
+            lengths = [np.linalg.norm(frame[a, :2] - frame[b, :2]) for a, b in pairs if seen[a] and seen[b]]
+            row.append(np.mean(lengths) / height if lengths and height > 1 else np.nan)
+        rows.append(row)
+    feature = np.nanmedian(np.array(rows, np.float64), axis=0)
+    return np.nan_to_num(feature, nan=0.0)
+
+
+class Split:
+    def __init__(self, tracklets):
+        self.keypoints = [load_keypoints(t) for t in tracklets]
+        self.pids = np.array([t.pid for t in tracklets])
+        self.cams = np.array([t.camid for t in tracklets])
+
+    def clips(self) -> list[np.ndarray]:
+        return [kp[evenly(len(kp))] for kp in self.keypoints]
+
+
+def retrieval(features: np.ndarray, query: Split, gallery: Split, twins: list[tuple[int, int]]) -> tuple:
+    """(mAP on all queries, mean AP of the twins' queries against their pair's tracklets only)."""
+    qf, gf = torch.as_tensor(features[:len(query.pids)]), torch.as_tensor(features[len(query.pids):])
+    whole = 100 * evaluate(qf, gf, query.pids, gallery.pids, query.cams, gallery.cams)["mAP"]
+    pair_of = {pid: set(pair) for pair in twins for pid in pair}
+    aps = []
+    for i in np.flatnonzero(np.isin(query.pids, list(pair_of))):
+        keep = np.isin(gallery.pids, list(pair_of[query.pids[i]]))
+        try:
+            aps.append(evaluate(qf[i:i + 1], gf[keep], query.pids[i:i + 1], gallery.pids[keep], query.cams[i:i + 1],
+                                gallery.cams[keep])["mAP"])
+        except ValueError:  # no cross-camera match of this query in its pair's tracklets
+            pass
+    return whole, 100 * float(np.mean(aps)) if aps else float("nan")
+
+
+def train_mlp(train: Split, steps: int, seed: int) -> tuple[torch.nn.Module, float, float]:
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    ids = np.unique(train.pids)
+    labels = np.searchsorted(ids, train.pids)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(FRAMES * 17 * 2, 256), torch.nn.ReLU(),
+                              torch.nn.Linear(256, 128), torch.nn.ReLU())
+    classifier = torch.nn.Linear(128, len(ids))
+    optimizer = torch.optim.Adam([*net.parameters(), *classifier.parameters()], lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        batch = rng.choice(len(train.keypoints), 16)
+        x = torch.from_numpy(np.stack([body_normalised(train.keypoints[i][one_per_quarter(len(train.keypoints[i]),
+                                                                                              rng)])
+                                       for i in batch]))
+        loss = torch.nn.functional.cross_entropy(classifier(net(x)), torch.from_numpy(labels[batch]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return net.eval(), math.log(len(ids)), float(np.mean(losses[-100:]))
+
+
+def pose_features(checkpoint: str, dataset) -> np.ndarray:
+    """The query + gallery ``f^p`` embeddings of a trained RGCN/LGCN run."""
+    from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
+    from keypointops.engine import evaluate_models
+
+    state = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(state, embedding="pose")
+    result = evaluate_models({"pose": model}, dataset, state["config"], torch.device("cpu"))["pose"]
+    return torch.cat([result["qf"], result["gf"]]).numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="synthetic-hard")
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", nargs="*", default=[], help="RGCN/LGCN runs whose f^p to evaluate")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    dataset = build_dataset(args.data, args.root)
+    twins = gait_twins(dataset.root) if (dataset.root / "synthetic.json").exists() else []
+    train, query, gallery = Split(dataset.train), Split(dataset.query), Split(dataset.gallery)
+    clips = query.clips() + gallery.clips()
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    draws = [retrieval(rng.normal(size=(len(clips), 7)), query, gallery, twins) for _ in range(5)]
+    rows.append(("random (chance, 5 draws)", *np.mean(draws, axis=0), ""))
+    rows.append(("limb ratios (hand-made)", *retrieval(np.stack([limb_ratios(c) for c in clips]), query, gallery,
+                                                     twins), ""))
+    net, ce_start, ce_end = train_mlp(train, args.steps, args.seed)
+    with torch.no_grad():
+        learned = net(torch.from_numpy(np.stack([body_normalised(c) for c in clips]))).numpy()
+    rows.append((f"learned MLP ({args.steps} steps)", *retrieval(learned, query, gallery, twins),
+                 f"training CE {ce_start:.2f} -> {ce_end:.2f}"))
+    for path in args.checkpoint:
+        rows.append((f"f^p of {path}", *retrieval(pose_features(path, dataset), query, gallery, twins), ""))
+    print(f"{args.data}: {len(query.pids)} queries, {len(gallery.pids)} gallery tracklets, {len(twins)} gait-twin "
+          f"pairs in the test split; {len(np.unique(train.pids))} training ids, {len(train.pids)} tracklets; "
+          f"{time.perf_counter() - start:.0f} s")
+    print("| feature | mAP, all queries | twin-pair AP | note |\n|---|---:|---:|---|")
+    for name, whole, pair, note in rows:
+        print(f"| {name} | {whole:.1f} | {pair:.1f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
