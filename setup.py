@@ -2,7 +2,7 @@
 
 C++ CPU kernels are always built.  CUDA kernels are built when torch is a CUDA build and nvcc is
 found, or when FORCE_CUDA=1.  Set KEYPOINTOPS_CPU_ARCH=generic to build the CPU kernels without
-AVX2/FMA (default on x86-64: AVX2+FMA when the build host supports them).
+AVX2/FMA (default on x86-64: AVX2+FMA+F16C when the build host supports them).
 
 The CUDA kernels are compiled for the architectures in TORCH_CUDA_ARCH_LIST (torch's variable,
 e.g. "9.0" or "8.0;9.0+PTX"); by default for sm_80, sm_86, sm_89 and sm_90 (A100, A10/RTX 30xx,
@@ -26,7 +26,7 @@ def _host_has_avx2() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
-        return " avx2" in flags and " fma" in flags
+        return " avx2" in flags and " fma" in flags and " f16c" in flags
     except OSError:
         return False
 
@@ -36,8 +36,9 @@ def _cpu_flags():
     if arch == "generic" or platform.machine() not in ("x86_64", "AMD64"):
         return [], "generic"
     if arch == "avx2" or (arch == "auto" and _host_has_avx2()):
-        # at::vec::Vectorized picks its AVX2 specialisation (Sleef exp from libtorch_cpu).
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], "avx2"
+        # at::vec::Vectorized picks its AVX2 specialisation (Sleef exp from libtorch_cpu); its
+        # float16 conversions are F16C instructions (every AVX2 CPU has them).
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], "avx2"
     return [], "generic"
 
 

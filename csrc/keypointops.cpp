@@ -37,13 +37,11 @@ TORCH_LIBRARY(keypointops, m) {
         "Tensor? edge_attr=None, Tensor? perm_t=None) -> (Tensor, Tensor, Tensor)");
   // part_pool: softmax over H*W of the part logits (groups @ heatmaps) / temperature, then the
   // probability-weighted sum of the features.  groups = None is the identity (P = J).
-  // Returns (out [B, P, C], lse [B, P]): the log-sum-exp of the logits of every (image, part), saved
-  // so that backward recomputes the probabilities (float32 for reduced precision inputs).
-  m.def("part_pool(Tensor features, Tensor heatmaps, Tensor? groups, float temperature) "
-        "-> (Tensor, Tensor)");
+  // Returns out [B, P, C]; backward recomputes the probabilities from the inputs.
+  m.def("part_pool(Tensor features, Tensor heatmaps, Tensor? groups, float temperature) -> Tensor");
   // Returns (grad_features, grad_heatmaps, grad_groups); the ones output_mask leaves out are empty [0].
   m.def("part_pool_backward(Tensor grad_out, Tensor features, Tensor heatmaps, Tensor? groups, "
-        "Tensor out, Tensor lse, float temperature, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+        "float temperature, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // window_graph_conv: sliding-window block-adjacency graph conv, x [B, T, N, C] and adj [R, L],
   // [B, R, L] or [B, T', R, L] (L = window * N, R = S * L: S stacked scales) -> [B, T', R, C];
   // slot w of window t reads frame t * stride - (window - 1) * dilation / 2 + w * dilation (zeros

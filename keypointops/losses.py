@@ -66,6 +66,9 @@ def batch_hard_triplet(features: Tensor, targets: Tensor, margin: float = 0.3) -
     _check_targets(targets, features.size(0), "batch_hard_triplet")
     if margin < 0:
         raise ValueError(f"batch_hard_triplet: margin must be >= 0, got {margin}")
+    # The distances in float32 (float64 stays): in float16 the clamp's floor 1e-12 rounds to 0, so
+    # the zero distance of every anchor to itself gives sqrt's backward 0 / 0 = NaN.
+    features = features.to(torch.promote_types(features.dtype, torch.float32))
     sq = features.pow(2).sum(1)
     dist = (sq[:, None] + sq[None, :] - 2.0 * features @ features.t()).clamp(min=1e-12).sqrt()
     same = targets[:, None] == targets[None, :]

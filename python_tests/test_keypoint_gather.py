@@ -265,21 +265,63 @@ def test_torch_compile_fullgraph(device, backend):
                                torch.autograd.grad(layer(features), features)[0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16/bfloat16 run on CUDA only")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_precision_on_cuda(backend, dtype):
-    if backend == "cuda" and not keypointops.has_cuda_ops("keypoint_gather"):
-        pytest.skip("keypointops._C built without CUDA kernels")
+@pytest.mark.parametrize("shape,channels_last", [((2, 40, 7, 5), False), ((2, 40, 7, 5), True),
+                                                 ((2, 3, 64, 32), False)],
+                         ids=["small_planes", "channels_last", "page_planes"])
+def test_reduced_precision(device, backend, dtype, shape, channels_last):
+    """float16/bfloat16 features, float32 keypoints: sums in float32, out and the gradient in the
+    features' dtype, within :func:`tolerances` of that dtype (bfloat16: 2e-2, float16: 1e-2) of the
+    reference.  The shapes take the compiled CPU kernel's three paths: plane-major and keypoint-major
+    NCHW (planes of a page or more) and channels_last.  Zero-sized dimensions included."""
+    if backend == "triton" and device == "cpu" and shape[2] * shape[3] > 64:
+        pytest.skip("Triton's interpreter is slow: the small planes suffice there")
     gen = torch.Generator().manual_seed(11)
-    features = make_features((2, 40, 7, 5), dtype, "cuda", gen).requires_grad_()
-    keypoints = make_keypoints(2, 9, 7, 5, torch.float32, "cuda", gen)
+    _, _, height, width = shape
+    features = make_features(shape, dtype, device, gen, channels_last=channels_last).requires_grad_()
+    keypoints = make_keypoints(2, 9, height, width, torch.float32, device, gen)
+    keypoints[:, :3] = keypoints[:, 3:6] + 0.25  # neighbours that share pixels (summed per pixel)
     out = gather(features, keypoints, backend, roi_size=5.3, sampling_ratio=-1)
     expected = reference.keypoint_gather(features, keypoints, 1 / STRIDE, roi_size=5.3, sampling_ratio=-1)
+    assert out.dtype == dtype
     torch.testing.assert_close(out, expected, **tolerances(dtype))
-    grad = torch.randn(out.shape, generator=gen).to("cuda", dtype)
-    torch.testing.assert_close(torch.autograd.grad(out, features, grad)[0],
-                               torch.autograd.grad(expected, features, grad)[0], **tolerances(dtype))
+    grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+    got = torch.autograd.grad(out, features, grad)[0]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, torch.autograd.grad(expected, features, grad)[0], **tolerances(dtype))
+    for f, k in ((features[:, :0], keypoints), (features, keypoints[:, :0]), (features[:0], keypoints[:0])):
+        empty = f.detach().requires_grad_()
+        out = gather(empty, k, backend)
+        assert out.shape == (f.size(0), k.size(1), f.size(1)) and out.dtype == dtype
+        assert torch.autograd.grad(out.sum(), empty)[0].shape == f.shape
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size_dims", [2, 3], ids=["square_boxes", "rectangular_boxes"])
+def test_reduced_precision_patches(device, backend, dtype, channels_last, size_dims):
+    """float16/bfloat16 features with 3 x 3 patches and per-keypoint float32 box sizes ([B, K] or
+    [B, K, 2]): the bins' taps and sums in float32, out [B, K, C, 3, 3] and the gradient in the
+    features' dtype, within :func:`tolerances` of that dtype of the reference."""
+    if backend == "triton" and device == "cpu" and channels_last:
+        pytest.skip("Triton's interpreter is slow; it reads any strides with the same code")
+    gen = torch.Generator().manual_seed(24)
+    features = make_features((2, 24, 7, 5), dtype, device, gen, channels_last=channels_last).requires_grad_()
+    keypoints = make_keypoints(2, 10, 7, 5, torch.float32, device, gen)
+    keypoints[:, 7:] = keypoints[:, 3:6] + 0.25  # neighbours whose bins share pixels (summed per pixel)
+    sizes = (2 + torch.rand((2, 10, 2)[:size_dims], generator=gen) * 8).to(device)
+    valid = make_valid(2, 10, device, gen)
+    kwargs = dict(roi_size=sizes, sampling_ratio=-1, output_size=3, valid=valid)
+    out = gather(features, keypoints, backend, **kwargs)
+    expected = reference.keypoint_gather(features, keypoints, 1 / STRIDE, **kwargs)
+    assert out.shape == (2, 10, 24, 3, 3) and out.dtype == dtype
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+    got = torch.autograd.grad(out, features, grad)[0]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, torch.autograd.grad(expected, features, grad)[0], **tolerances(dtype))
 
 
 # --- torchvision (test-only dependency; on a GPU machine also on CUDA tensors) ---------------
@@ -601,8 +643,8 @@ def test_compiled_op_checks_its_arguments():
         op(features, keypoints, None, torch.ones(2, 4, 2, dtype=torch.long), 0.5, 1.0, 2, True, 1)
     with pytest.raises(RuntimeError, match="must be on the same device"):
         op(features, keypoints.to("meta"), None, None, 0.5, 1.0, 2, True, 1)
-    with pytest.raises(RuntimeError, match="float32 or float64 features"):
-        op(features.half(), keypoints, None, None, 0.5, 1.0, 2, True, 1)
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16 features, got Long"):
+        op(features.long(), keypoints, None, None, 0.5, 1.0, 2, True, 1)
     with pytest.raises(RuntimeError, match="grad_out must be \\[B, K \\* S \\* S, C\\] = \\[2, 4, 3\\]"):
         torch.ops.keypointops.keypoint_gather_backward(torch.randn(2, 4, 5), keypoints, None, None, [2, 3, 7, 5],
                                                        False, 0.5, 1.0, 2, True, 1)

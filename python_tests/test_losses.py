@@ -68,6 +68,23 @@ def test_batch_hard_triplet_by_hand_and_gradient():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batch_hard_triplet_reduced_precision_gradient_is_finite(dtype):
+    """float16 features (as under float16 autocast): the distances are taken in float32, where the
+    clamp of the zero self-distances to 1e-12 holds (in float16 it rounds to 0, and sqrt's backward
+    gives 0 / 0 = NaN for every feature); the loss and gradients match the float32 ones."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, generator=g).to(dtype).requires_grad_()
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    loss = batch_hard_triplet(x, y, 0.3)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    exact = x.detach().float().requires_grad_()
+    want = batch_hard_triplet(exact, y, 0.3)
+    torch.testing.assert_close(loss.float(), want, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(grad.float(), torch.autograd.grad(want, exact)[0], rtol=2e-2, atol=1e-3)
+
+
 def test_batch_hard_triplet_one_identity_is_zero():
     x = torch.randn(4, 3, requires_grad=True)
     loss = batch_hard_triplet(x, torch.zeros(4, dtype=torch.long))

@@ -13,7 +13,7 @@ from keypointops._extension import has_ops
 from keypointops.models import build_model, get_preset
 from keypointops.models.alignnet import AlignNet
 from helpers import clips, one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
-from helpers import DEVICES, assert_autocast_step_matches_reference
+from helpers import AUTOCAST_STEP_CASES, assert_autocast_step_matches_reference
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 
@@ -294,14 +294,9 @@ def test_diagnostics_are_the_training_masks_entropy_and_part_cosine():
     assert AlignNet(5, **SMALL, use_parts=False).diagnostics() == {}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,dtype", AUTOCAST_STEP_CASES)
 @pytest.mark.parametrize("name", ["alignnet"])
-def test_training_step_under_autocast_matches_reference(name, device, dtype, request):
+def test_training_step_under_autocast_matches_reference(name, device, dtype):
     """Forward, loss, backward and an optimiser step under autocast: finite, and the fused ops
     agree with the reference ops within the dtype's tolerance."""
-    if device == "cpu" and dtype == torch.float16:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "on CPU: the reference's float16 backward overflows: non-finite backbone "
-            "gradients (the fused step is finite)")))
     assert_autocast_step_matches_reference(name, dtype, device)

@@ -9,7 +9,7 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.backbones import load_pretrained
 from keypointops.models.baselines import PCBVideo, ResNet50Video
 from helpers import one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
-from helpers import DEVICES, assert_autocast_step_matches_reference
+from helpers import AUTOCAST_STEP_CASES, assert_autocast_step_matches_reference
 from test_models_backbones import torchvision_state_dict
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
@@ -110,8 +110,7 @@ def test_presets_and_bad_input(name):
         build_model(name, 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,dtype", AUTOCAST_STEP_CASES)
 @pytest.mark.parametrize("name", ["resnet50", "pcb"])
 def test_training_step_under_autocast_matches_reference(name, device, dtype):
     """Forward, loss, backward and an optimiser step under autocast: finite, and the fused ops

@@ -12,7 +12,7 @@ from keypointops.models import build_model, get_preset
 from keypointops.models.ctl import CTL, VARIANTS
 from keypointops.nn import WindowGraphConv3D
 from helpers import one_thread  # noqa: F401 (an autouse fixture)
-from helpers import DEVICES, assert_autocast_step_matches_reference, optimisation_step, upright_keypoints
+from helpers import AUTOCAST_STEP_CASES, assert_autocast_step_matches_reference, optimisation_step, upright_keypoints
 from helpers import clips as pose_clips
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
@@ -307,13 +307,9 @@ def test_bad_input_names_the_argument():
         CTL(3, **SMALL, diversity_weight=-1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,dtype", AUTOCAST_STEP_CASES)
 @pytest.mark.parametrize("name", ["ctl"])
-def test_training_step_under_autocast_matches_reference(name, device, dtype, request):
+def test_training_step_under_autocast_matches_reference(name, device, dtype):
     """Forward, loss, backward and an optimiser step under autocast: finite, and the fused ops
     agree with the reference ops within the dtype's tolerance."""
-    if device == "cpu" and dtype == torch.float16:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "on CPU: non-finite backbone gradients in float16 with either backend")))
     assert_autocast_step_matches_reference(name, dtype, device)

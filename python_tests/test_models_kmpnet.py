@@ -12,7 +12,7 @@ from keypointops.models.backbones import load_pretrained
 from keypointops.models.kmpnet import JRPP_GROUPS, KMPNet, flip_frames, headless_keypoints
 from keypointops.nn import GENConv, KeypointGather
 from helpers import one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
-from helpers import DEVICES, assert_autocast_step_matches_reference
+from helpers import AUTOCAST_STEP_CASES, assert_autocast_step_matches_reference
 from test_models_backbones import torchvision_state_dict
 
 B, T, H, W, N_CLS = 2, 3, 64, 32, 5
@@ -376,8 +376,7 @@ def test_init_from_stage_a_fills_the_visual_branch_only():
         small(visual="resnet50").init_from_state(stage_a.state_dict(), "pcb")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,dtype", AUTOCAST_STEP_CASES)
 @pytest.mark.parametrize("name", ["kmpnet"])
 def test_training_step_under_autocast_matches_reference(name, device, dtype):
     """Forward, loss, backward and an optimiser step under autocast: finite, and the fused ops

@@ -10,7 +10,7 @@ from keypointops.models.rgcn import (DualAttention, RecurrentGraphConv, Temporal
                                      pose14_from_coco17)
 from keypointops._opdefs.backend import triton_available
 from helpers import one_thread, optimisation_step  # noqa: F401 (one_thread: an autouse fixture)
-from helpers import DEVICES, assert_autocast_step_matches_reference
+from helpers import AUTOCAST_STEP_CASES, assert_autocast_step_matches_reference
 
 needs_ops = pytest.mark.skipif(not has_ops(), reason="keypointops._C not built")
 
@@ -356,13 +356,9 @@ def test_presets_and_bad_options():
         model(images[:, 0], keypoints)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,dtype", AUTOCAST_STEP_CASES)
 @pytest.mark.parametrize("name", ["rgcn", "lgcn"])
-def test_training_step_under_autocast_matches_reference(name, device, dtype, request):
+def test_training_step_under_autocast_matches_reference(name, device, dtype):
     """Forward, loss, backward and an optimiser step under autocast: finite, and the fused ops
     agree with the reference ops within the dtype's tolerance."""
-    if device == "cpu" and dtype == torch.float16:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "on CPU: non-finite backbone gradients in float16 with either backend")))
     assert_autocast_step_matches_reference(name, dtype, device)

@@ -280,10 +280,12 @@ def test_triton_gpu_tile_shapes_in_the_interpreter(monkeypatch):
         torch.testing.assert_close(g, w, **tolerances(torch.float64))
 
 
-@pytest.mark.parametrize("device,backend", gpu_kernel_params())
+@pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision(device, backend, dtype):
-    """float16/bfloat16 x: float32 accumulation and statistics; out and grad_x in x's dtype."""
+    """float16/bfloat16 x: float32 accumulation and statistics; out and grad_x in x's dtype, within
+    :func:`tolerances` of that dtype (bfloat16: 2e-2, float16: 1e-2) of the reference; grad_t
+    (float32) within the bound below.  An empty graph and zero channels included."""
     gen = torch.Generator().manual_seed(10)
     graph = random_graph(37, 130, device=device)
     x = (torch.randn(37, 24, generator=gen) * 2).to(device, dtype).requires_grad_()
@@ -304,6 +306,12 @@ def test_reduced_precision(device, backend, dtype):
     # nodes of terms centred on out, is off by up to u * sum_v |grad_out_v| * out_v^2 per channel.
     bound = torch.finfo(dtype).eps / 2 * (grad.float().abs() * expected.float() ** 2).sum(0)
     assert ((grad_t - want_t).abs() <= bound + 1e-4 * (1 + want_t.abs())).all()
+    no_edges = torch.empty(2, 0, dtype=torch.long, device=device)
+    assert (keypointops.msg_pass(x, no_edges, t, backend=backend) == 0).all()
+    no_channels = x[:, :0].detach().requires_grad_()
+    out = keypointops.msg_pass(no_channels, graph, t[:0], backend=backend)
+    assert out.shape == (37, 0) and out.dtype == dtype
+    assert torch.autograd.grad(out.sum(), no_channels)[0].shape == (37, 0)
 
 
 @pytest.mark.parametrize("device,backend", gpu_kernel_params())
@@ -438,6 +446,31 @@ def test_edge_attr_matches_reference(device, backend, dtype, t_kind):
     tol = tolerances(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_edge_attr_reduced_precision(device, backend, dtype):
+    """float16/bfloat16 x and edge_attr: messages, statistics and sums in float32; out, grad_x and
+    grad_edge_attr in x's dtype within :func:`tolerances` of that dtype of the reference, grad_t
+    (float32) within the bound of :func:`test_reduced_precision`."""
+    gen = torch.Generator().manual_seed(16)
+    edge_index = shuffled_edge_index(37, 140, seed=2, device=device)
+    x = (torch.randn(37, 24, generator=gen) * 2).to(device, dtype).requires_grad_()
+    edge_attr = torch.randn(edge_index.size(1), 24, generator=gen).to(device, dtype).requires_grad_()
+    t = torch.rand(24, generator=gen).to(device).requires_grad_()
+    out = keypointops.msg_pass(x, edge_index, t, edge_attr=edge_attr, backend=backend)
+    expected = reference.msg_pass(x, edge_index, t, edge_attr=edge_attr)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+    grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+    grad_x, grad_e, grad_t = torch.autograd.grad(out, (x, edge_attr, t), grad)
+    want_x, want_e, want_t = torch.autograd.grad(expected, (x, edge_attr, t), grad)
+    assert grad_x.dtype == grad_e.dtype == dtype and grad_t.dtype == torch.float32
+    torch.testing.assert_close(grad_x, want_x, **tolerances(dtype))
+    torch.testing.assert_close(grad_e, want_e, **tolerances(dtype))
+    bound = torch.finfo(dtype).eps / 2 * (grad.float().abs() * expected.float() ** 2).sum(0)
+    assert ((grad_t - want_t).abs() <= bound + 1e-4 * (1 + want_t.abs())).all()
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

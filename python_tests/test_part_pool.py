@@ -122,20 +122,24 @@ def test_alignnet_grouping(device, backend):
                             GRAD_TOLERANCES[torch.float64])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 / bfloat16 run on CUDA only")
-@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=pytest.mark.skipif(
-    not keypointops.has_cuda_ops(), reason="keypointops._C built without CUDA kernels")), "triton"])
+@pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_reduced_precision_on_cuda(backend, dtype, channels_last):
-    """float16 / bfloat16 inputs, float32 accumulation: against the float32 reference."""
-    features, heatmaps, groups = make_inputs(7, random_groups(3, 7), channels=70, height=9, width=5,
-                                             dtype=torch.float32, device="cuda",
+@pytest.mark.parametrize("case", list(CASES))
+def test_reduced_precision(device, backend, dtype, channels_last, case):
+    """float16 / bfloat16 inputs, float32 accumulation: out within :func:`tolerances` of the dtype
+    (bfloat16: 2e-2, float16: 1e-2) of the float32 reference of the same values, the gradients
+    (rounded once to the dtype, as the reference's float32 ones are not) within 5e-2."""
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes tl.dot wrong for bfloat16 (triton-lang/triton#11584)")
+    joints, make_groups = CASES[case]
+    features, heatmaps, groups = make_inputs(joints, make_groups, channels=70, height=9, width=5,
+                                             dtype=torch.float32, device=device,
                                              channels_last=channels_last)
-    low = [t.detach().to(dtype).requires_grad_() for t in (features, heatmaps, groups)]
+    low = [t.detach().to(dtype).requires_grad_() for t in (features, heatmaps, groups) if t is not None]
     exact = [t.detach().float().requires_grad_() for t in low]  # the same values in float32
     out = keypointops.part_pool(*low, temperature=0.5, backend=backend)
-    expected = reference.part_pool(*exact, 0.5)
+    expected = reference.part_pool(*exact, temperature=0.5)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, **tolerances(dtype))
     grad = torch.randn_like(expected)
@@ -188,10 +192,11 @@ def test_backward_is_deterministic(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
-def test_empty_batch_and_channels(device, backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_empty_batch_and_channels(device, backend, dtype):
     for batch, channels in ((0, 4), (2, 0)):
-        features = torch.randn(batch, channels, 3, 2, device=device, requires_grad=True)
-        heatmaps = torch.randn(batch, 3, 3, 2, device=device, requires_grad=True)
+        features = torch.randn(batch, channels, 3, 2, device=device, dtype=dtype, requires_grad=True)
+        heatmaps = torch.randn(batch, 3, 3, 2, device=device, dtype=dtype, requires_grad=True)
         out = keypointops.part_pool(features, heatmaps, backend=backend)
         assert out.shape == (batch, 3, channels)
         out.sum().backward()
@@ -340,11 +345,11 @@ def test_compiled_op_checks_its_arguments():
         op(f, h, torch.rand(2, 5), 1.0)
     with pytest.raises(RuntimeError, match="temperature must be a finite number > 0"):
         op(f, h, None, 0.0)
-    out, lse = op(f, h, None, 1.0)
-    with pytest.raises(RuntimeError, match="lse must be"):
-        torch.ops.keypointops.part_pool_backward(out, f, h, None, out, lse[:, :2], 1.0, [True, True, False])
+    out = op(f, h, None, 1.0)
     with pytest.raises(RuntimeError, match="grad_out must be"):
-        torch.ops.keypointops.part_pool_backward(out[:, :2], f, h, None, out, lse, 1.0, [True, True, False])
+        torch.ops.keypointops.part_pool_backward(out[:, :2], f, h, None, 1.0, [True, True, False])
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.keypointops.part_pool_backward(out.double(), f, h, None, 1.0, [True, True, False])
 
 
 # --- the module ----------------------------------------------------------------------------------

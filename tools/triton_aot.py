@@ -167,7 +167,7 @@ def part_pool_variants():
                 groups = dtype  # identity: the heatmaps stand in for the groups pointer
                 label = f"{_name(dtype)} identity={identity} " + " ".join(f"{k}={v}" for k, v in blocks.items())
                 common = dict(f_ptr=dtype, hm_ptr=dtype, g_ptr=groups, t_ptr=acc)
-                yield _variant(pp, "_part_pool_fwd_kernel", label, dict(common, out_ptr=dtype, lse_ptr=acc),
+                yield _variant(pp, "_part_pool_fwd_kernel", label, dict(common, out_ptr=dtype),
                                dict(blocks, IDENTITY=identity, FP64=fp64))
                 tiles = {k: blocks[k] for k in ("BLOCK_P", "BLOCK_J", "BLOCK_S")}
                 stats = dict(row_max_ptr=acc, row_sum_ptr=acc)

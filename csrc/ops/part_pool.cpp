@@ -1,7 +1,6 @@
 // part_pool: argument checks shared by every device, and the C++ dispatcher entry points.
 #include "ops/part_pool.h"
 
-#include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
@@ -39,26 +38,17 @@ int64_t check_part_pool_args(const at::Tensor& features, const at::Tensor& heatm
 }
 
 void check_part_pool_backward_args(const at::Tensor& grad_out, const at::Tensor& features,
-                                   const at::Tensor& out, const at::Tensor& lse, int64_t parts) {
+                                   int64_t parts) {
   const std::vector<int64_t> out_shape{features.size(0), parts, features.size(1)};
-  for (const auto* arg : {&grad_out, &out}) {
-    TORCH_CHECK(arg->sizes() == out_shape && arg->scalar_type() == features.scalar_type() &&
-                    arg->device() == features.device(),
-                "part_pool_backward: ", arg == &out ? "out" : "grad_out", " must be [B, P, C] = ",
-                out_shape, " of ", features.scalar_type(), " on ", features.device(), ", got ",
-                arg->sizes(), " of ", arg->scalar_type(), " on ", arg->device());
-  }
-  const auto acc_type = at::toOpMathType(features.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == features.size(0) && lse.size(1) == parts &&
-                  lse.scalar_type() == acc_type && lse.device() == features.device(),
-              "part_pool_backward: lse must be [B, P] = [", features.size(0), ", ", parts, "] of ",
-              acc_type, " on ", features.device(), ", got ", lse.sizes(), " of ", lse.scalar_type(),
-              " on ", lse.device());
+  TORCH_CHECK(grad_out.sizes() == out_shape && grad_out.scalar_type() == features.scalar_type() &&
+                  grad_out.device() == features.device(),
+              "part_pool_backward: grad_out must be [B, P, C] = ", out_shape, " of ",
+              features.scalar_type(), " on ", features.device(), ", got ", grad_out.sizes(), " of ",
+              grad_out.scalar_type(), " on ", grad_out.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> part_pool(const at::Tensor& features, const at::Tensor& heatmaps,
-                                             const std::optional<at::Tensor>& groups,
-                                             double temperature) {
+at::Tensor part_pool(const at::Tensor& features, const at::Tensor& heatmaps,
+                     const std::optional<at::Tensor>& groups, double temperature) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("keypointops::part_pool", "")
                        .typed<decltype(part_pool)>();
@@ -67,12 +57,11 @@ std::tuple<at::Tensor, at::Tensor> part_pool(const at::Tensor& features, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward(
     const at::Tensor& grad_out, const at::Tensor& features, const at::Tensor& heatmaps,
-    const std::optional<at::Tensor>& groups, const at::Tensor& out, const at::Tensor& lse,
-    double temperature, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& groups, double temperature, std::array<bool, 3> output_mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("keypointops::part_pool_backward", "")
                        .typed<decltype(part_pool_backward)>();
-  return op.call(grad_out, features, heatmaps, groups, out, lse, temperature, output_mask);
+  return op.call(grad_out, features, heatmaps, groups, temperature, output_mask);
 }
 
 }  // namespace keypointops

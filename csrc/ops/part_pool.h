@@ -11,18 +11,15 @@ namespace keypointops {
 int64_t check_part_pool_args(const at::Tensor& features, const at::Tensor& heatmaps,
                              const std::optional<at::Tensor>& groups, double temperature);
 
-// The extra checks of backward: grad_out and out [B, P, C] of the features' dtype, lse [B, P] of
-// the accumulation dtype, all on the features' device.
+// The extra check of backward: grad_out [B, P, C] of the features' dtype, on the features' device.
 void check_part_pool_backward_args(const at::Tensor& grad_out, const at::Tensor& features,
-                                   const at::Tensor& out, const at::Tensor& lse, int64_t parts);
+                                   int64_t parts);
 
 // C++ entry points (go through the dispatcher, like torch.ops.keypointops.*).
-std::tuple<at::Tensor, at::Tensor> part_pool(const at::Tensor& features, const at::Tensor& heatmaps,
-                                             const std::optional<at::Tensor>& groups,
-                                             double temperature);
+at::Tensor part_pool(const at::Tensor& features, const at::Tensor& heatmaps,
+                     const std::optional<at::Tensor>& groups, double temperature);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward(
     const at::Tensor& grad_out, const at::Tensor& features, const at::Tensor& heatmaps,
-    const std::optional<at::Tensor>& groups, const at::Tensor& out, const at::Tensor& lse,
-    double temperature, std::array<bool, 3> output_mask);
+    const std::optional<at::Tensor>& groups, double temperature, std::array<bool, 3> output_mask);
 
 }  // namespace keypointops

@@ -12,10 +12,9 @@ dtypes raise as usual).
   dtype (float32 for float16/bfloat16), as the kernels take it.
 - Coordinates and masks are never cast: ``keypoints`` and ``valid`` (keypoint_gather) stay as given
   (float32 keeps sub-pixel positions exact on large maps).
-- Where the backend has no float16/bfloat16 kernel -- the compiled CPU kernels -- the compute
-  dtype is float32 instead, and the op returns float32 (as autocast's ``float32`` class does).
-  The other backends (CUDA, Triton, the reference) compute in float16/bfloat16 with float32
-  accumulation and return the compute dtype.
+- Every backend (the compiled CPU and CUDA kernels, Triton, the reference) computes in a
+  float16/bfloat16 compute dtype with float32 accumulation and returns the compute dtype, so the
+  policy does not depend on the backend.
 
 The casts are ordinary differentiable ``Tensor.to`` calls, so every gradient comes back in the
 dtype of the tensor it belongs to.
@@ -25,15 +24,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from keypointops._opdefs.backend import resolve_backend
 
-REDUCED_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(op_name: str, main, backend: str) -> torch.dtype | None:
-    """The dtype ``op_name`` computes in under autocast, or None when nothing is to be cast
-    (autocast off for ``main``'s device, or ``main`` not a floating point Tensor: the op's checks
-    then report it).  ``backend`` is the op's ``backend`` argument."""
+def compute_dtype(main) -> torch.dtype | None:
+    """The dtype an op with main tensor ``main`` computes in under autocast (``main``'s own), or
+    None when nothing is to be cast (autocast off for ``main``'s device, or ``main`` not a floating
+    point Tensor: the op's checks then report it)."""
     if not isinstance(main, Tensor) or not main.is_floating_point():
         return None
     try:
@@ -42,8 +37,6 @@ def compute_dtype(op_name: str, main, backend: str) -> torch.dtype | None:
         return None
     if not enabled:
         return None
-    if resolve_backend(op_name, backend, main.device) == "cpu" and main.dtype in REDUCED_PRECISION:
-        return torch.float32
     return main.dtype
 
 

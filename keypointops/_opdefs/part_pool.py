@@ -49,10 +49,6 @@ def _check_like_features(name: str, tensor: Tensor, features: Tensor) -> None:
 
 # --- torch.library registrations: fake kernels and the autograd formula --------------------------
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def grad_features_format(features: Tensor) -> torch.memory_format:
     """The layout every backend gives grad_features: channels_last for channels_last features."""
     if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
@@ -63,11 +59,10 @@ def grad_features_format(features: Tensor) -> torch.memory_format:
 def _fake_forward(features, heatmaps, groups, temperature):
     parts = heatmaps.size(1) if groups is None else groups.size(0)
     batch, channels = features.shape[:2]
-    return (features.new_empty(batch, parts, channels),
-            features.new_empty(batch, parts, dtype=_accumulation_dtype(features.dtype)))
+    return features.new_empty(batch, parts, channels)
 
 
-def _fake_backward(grad_out, features, heatmaps, groups, out, lse, temperature, output_mask):
+def _fake_backward(grad_out, features, heatmaps, groups, temperature, output_mask):
     need_features, need_heatmaps, need_groups = output_mask
     return (torch.empty_like(features, memory_format=grad_features_format(features))
             if need_features else features.new_empty(0),
@@ -76,17 +71,17 @@ def _fake_backward(grad_out, features, heatmaps, groups, out, lse, temperature, 
 
 
 def _setup_context(ctx, inputs, output):
+    """Saves the inputs only: every backend's backward recomputes the probabilities from them."""
     features, heatmaps, groups, temperature = inputs
-    out, lse = output
-    ctx.save_for_backward(features, heatmaps, groups, out, lse)
+    ctx.save_for_backward(features, heatmaps, groups)
     ctx.temperature = temperature
 
 
-def _backward(ctx, backward_op, grad_out, _grad_lse):
-    features, heatmaps, groups, out, lse = ctx.saved_tensors
+def _backward(ctx, backward_op, grad_out):
+    features, heatmaps, groups = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             groups is not None and ctx.needs_input_grad[2]]
-    grads = backward_op(grad_out, features, heatmaps, groups, out, lse, ctx.temperature, mask)
+    grads = backward_op(grad_out, features, heatmaps, groups, ctx.temperature, mask)
     return tuple(grad if need else None for grad, need in zip(grads, mask)) + (None,)
 
 

@@ -51,7 +51,8 @@ def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *
     float16/bfloat16).
 
     Args:
-        features: ``[B, C, H, W]`` feature map, float32 or float64 (float16/bfloat16 on CUDA).
+        features: ``[B, C, H, W]`` feature map, float32, float64, float16 or bfloat16 (the last
+            two summed in float32 by every backend).
         keypoints: ``[B, K, 2]`` ``(x, y)`` or ``[B, K, 3]`` ``(x, y, confidence)`` in input-image
             pixels, any floating dtype (converted to the accumulation dtype), any strides.
         spatial_scale: feature pixels per input pixel (``1 / stride``), finite and positive.
@@ -73,10 +74,9 @@ def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *
         ``[B, K, C]`` (or ``[B, K, C, S, S]``) tensor of ``features``' dtype.
 
     Autocast: under ``torch.autocast`` the op computes in the dtype of ``features`` (bfloat16 or
-    float16 with float32 accumulation), except on the compiled CPU kernels, which compute and
-    return float32; ``keypoints`` and ``valid`` are never cast.
+    float16 with float32 accumulation) on every backend; ``keypoints`` and ``valid`` are never cast.
     """
-    features = autocast.cast(features, autocast.compute_dtype("keypoint_gather", features, backend))
+    features = autocast.cast(features, autocast.compute_dtype(features))
     valid = check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid, output_size)
     backend = resolve_backend("keypoint_gather", backend, features.device)
     if backend == "reference":

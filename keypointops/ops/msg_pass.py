@@ -32,7 +32,8 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
     ``E x C`` tensor backward writes.
 
     Args:
-        x: ``[N, C]`` node features, float32 or float64 (float16/bfloat16 on CUDA).
+        x: ``[N, C]`` node features, float32, float64, float16 or bfloat16 (the last two summed
+            in float32 by every backend).
         graph: a :class:`keypointops.Graph` (CSR over incoming edges; build it once and reuse it)
             or a PyG ``edge_index`` ``[2, E]`` (row 0 source, row 1 target), converted each call.
         t: inverse temperature: a float, a 0-dim or ``[1]`` tensor, or a ``[C]`` tensor (one per
@@ -49,11 +50,11 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
 
     Autocast: under ``torch.autocast`` the op computes in the dtype of ``x`` (bfloat16 or float16
     with float32 accumulation; a tensor ``t`` is taken in float32; ``edge_attr`` is cast to that
-    dtype), except on the compiled CPU kernels, which compute and return float32.
+    dtype) on every backend.
     """
-    autocast_dtype = autocast.compute_dtype("msg_pass", x, backend)
-    x = autocast.cast(x, autocast_dtype)
-    edge_attr = autocast.cast(edge_attr, autocast_dtype)   # under autocast, in x's compute dtype
+    dtype = autocast.compute_dtype(x)
+    x = autocast.cast(x, dtype)
+    edge_attr = autocast.cast(edge_attr, dtype)   # under autocast, in x's compute dtype
     graph = check_args(x, graph, t, eps, edge_attr)
     backend = resolve_backend("msg_pass", backend, x.device)
     if backend == "reference":

@@ -29,8 +29,8 @@ def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None, 
     ``avgpool(features * p)`` equals ``out / (H * W)``.
 
     Args:
-        features: ``[B, C, H, W]`` feature map, float32 or float64 (float16/bfloat16 on CUDA);
-            contiguous or channels_last.
+        features: ``[B, C, H, W]`` feature map, float32, float64, float16 or bfloat16 (the last
+            two with float32 probabilities and sums on every backend); contiguous or channels_last.
         heatmaps: ``[B, J, H, W]`` keypoint heatmaps on the same grid, of the features' dtype.
         groups: ``[P, J]`` part-from-joint weights (e.g. the row-averaging matrices of
             :func:`keypointops.parts.part_groups`), or None for the identity (``P = J``).  It may
@@ -44,10 +44,10 @@ def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None, 
         ``heatmaps`` and ``groups``.
 
     Autocast: under ``torch.autocast`` ``heatmaps`` and ``groups`` are cast to the dtype of
-    ``features`` and the op computes in it (bfloat16 or float16 with float32 accumulation), except
-    on the compiled CPU kernels, which compute and return float32.
+    ``features`` and the op computes in it (bfloat16 or float16 with float32 accumulation) on every
+    backend.
     """
-    dtype = autocast.compute_dtype("part_pool", features, backend)
+    dtype = autocast.compute_dtype(features)
     features, heatmaps, groups = (autocast.cast(arg, dtype) for arg in (features, heatmaps, groups))
     check_args(features, heatmaps, groups, temperature)
     backend = resolve_backend("part_pool", backend, features.device)
@@ -58,8 +58,7 @@ def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None, 
         forward = triton_part_pool.part_pool_triton
     else:
         forward = torch.ops.keypointops.part_pool
-    out, _ = forward(features, heatmaps, groups, float(temperature))
-    return out
+    return forward(features, heatmaps, groups, float(temperature))
 
 
 if has_ops():

@@ -42,8 +42,8 @@ def window_graph_conv(x: Tensor, adj: Tensor, window: int, *, dilation: int = 1,
     ``T'`` windows kept are computed.
 
     Args:
-        x: ``[B, T, N, C]`` node features of ``T`` frames, float32 or float64 (float16/bfloat16 on
-            CUDA, accumulated in float32).
+        x: ``[B, T, N, C]`` node features of ``T`` frames, float32, float64, float16 or bfloat16
+            (the last two accumulated in float32 by every backend).
         adj: the window adjacency, already normalised (see
             :func:`keypointops.graphs.normalize_adjacency` and
             :func:`keypointops.graphs.block_adjacency`): ``[R, L]`` shared by every window,
@@ -62,10 +62,9 @@ def window_graph_conv(x: Tensor, adj: Tensor, window: int, *, dilation: int = 1,
         and :class:`keypointops.nn.MSG3DWindow`).
 
     Autocast: under ``torch.autocast`` ``adj`` is cast to the dtype of ``x`` and the op computes
-    in it (bfloat16 or float16 with float32 accumulation), except on the compiled CPU kernels,
-    which compute and return float32.
+    in it (bfloat16 or float16 with float32 accumulation) on every backend.
     """
-    dtype = autocast.compute_dtype("window_graph_conv", x, backend)
+    dtype = autocast.compute_dtype(x)
     x, adj = autocast.cast(x, dtype), autocast.cast(adj, dtype)
     check_args(x, adj, window, dilation, stride)
     backend = resolve_backend("window_graph_conv", backend, x.device)

@@ -3,11 +3,11 @@
 Forward: one program per (image, block of channels) runs a flash-attention-style online softmax
 over blocks of pixels: the logits tile ``groups @ heatmaps`` is computed in registers (the softmax
 prologue), the running max and sum rescale the accumulator, and ``p @ features^T`` is accumulated
-tile by tile; the log-sum-exp of every part is stored ([B, P]).
+tile by tile; nothing but the inputs is saved for backward.
 Backward: a first kernel, one program per image, computes the max M and sum Z of every part's
-logits (p = exp(r - M) / Z as the softmax of autograd, not exp(r - lse): the float32 lse is rounded
-to ulp(lse), an error that exp(r - lse) carries into every probability of the row, relative 1e-5 at
-logits of a few hundred, a sharp softmax).  Then two kernels, one program per (image, block of
+logits (p = exp(r - M) / Z as the softmax of autograd, not exp(r - lse) from a log-sum-exp: a
+float32 lse is rounded to ulp(lse), an error that exp(r - lse) carries into every probability of the
+row, relative 1e-5 at logits of a few hundred, a sharp softmax).  Then two kernels, one program per (image, block of
 pixels) each.  The first walks the channels once: it writes its tile of
 ``grad_features = p^T @ dout`` and of ``grad_p = dout @ features`` and its share of
 ``delta = rowsum(p * grad_p)``.  The second forms ``grad_r = p * (grad_p - delta) / T`` (the softmax
@@ -16,7 +16,7 @@ rounded number and cancel exactly, where ``rowsum(dout * out)``, equal in exact 
 differently rounded dot product and would leave noise of ulp(|dout| |f|) / T) and gives the heatmap
 (``groups^T @ grad_r``) and groups (``grad_r @ heatmaps^T``, per-program partials summed in a fixed
 order) gradients.
-Memory: besides the outputs and lse, M and Z [B, P], ``grad_p`` [B, P, S], the ``[B, S/BLOCK_S, P]``
+Memory: besides the outputs, M and Z [B, P], ``grad_p`` [B, P, S], the ``[B, S/BLOCK_S, P]``
 delta shares and the ``[B, S/BLOCK_S, P, J]`` groups partials; the probabilities are never stored.
 float64 has no tensor-core dot in Triton: its products are broadcast-multiply-sums.
 """
@@ -64,7 +64,7 @@ def _logits(hm_ptr, g, offs_p, offs_j, offs_s, P, J, S, temperature,
 
 
 @triton.jit
-def _part_pool_fwd_kernel(f_ptr, hm_ptr, g_ptr, t_ptr, out_ptr, lse_ptr,
+def _part_pool_fwd_kernel(f_ptr, hm_ptr, g_ptr, t_ptr, out_ptr,
                           P, J, C, S, stride_fb, stride_fc, stride_fs,
                           IDENTITY: tl.constexpr, FP64: tl.constexpr, BLOCK_P: tl.constexpr,
                           BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -97,8 +97,6 @@ def _part_pool_fwd_kernel(f_ptr, hm_ptr, g_ptr, t_ptr, out_ptr, lse_ptr,
     out = acc / row_sum[:, None]
     tl.store(out_ptr + b * P * C + offs_p[:, None] * C + offs_c[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
-    if pid_c == 0:
-        tl.store(lse_ptr + b * P + offs_p, row_max + tl.log(row_sum), mask=mask_p)
 
 
 @triton.jit
@@ -259,28 +257,26 @@ def _prepare(features: Tensor, heatmaps: Tensor, groups: Tensor | None, temperat
 
 @torch.library.custom_op("keypointops::part_pool_triton", mutates_args=())
 def part_pool_triton(features: Tensor, heatmaps: Tensor, groups: Tensor | None,
-                     temperature: float) -> tuple[Tensor, Tensor]:
-    """Triton forward: (out [B, P, C], lse [B, P]); the schema of ``keypointops::part_pool``."""
-    f, hm, g, t, acc_dtype = _prepare(features, heatmaps, groups, temperature)
+                     temperature: float) -> Tensor:
+    """Triton forward: out [B, P, C]; the schema of ``keypointops::part_pool``."""
+    f, hm, g, t, _ = _prepare(features, heatmaps, groups, temperature)
     batch, channels, pixels = f.shape
     joints = hm.size(1)
     parts = joints if groups is None else groups.size(0)
     out = features.new_empty(batch, parts, channels)
-    lse = features.new_empty(batch, parts, dtype=acc_dtype)
-    if lse.numel() == 0:
-        return out, lse
+    if out.numel() == 0:
+        return out
     blocks = _blocks(parts, joints, features.dtype)
-    grid = (batch, max(1, triton.cdiv(channels, blocks["BLOCK_C"])))  # C = 0: one program for lse
-    _part_pool_fwd_kernel[grid](_pointer(f), _pointer(hm), _pointer(g), t, _pointer(out), lse, parts,
-                                joints, channels, pixels,
+    grid = (batch, triton.cdiv(channels, blocks["BLOCK_C"]))
+    _part_pool_fwd_kernel[grid](_pointer(f), _pointer(hm), _pointer(g), t, out, parts, joints, channels, pixels,
                                 f.stride(0), f.stride(1), f.stride(2), IDENTITY=groups is None,
                                 FP64=features.dtype == torch.float64, **blocks)
-    return out, lse
+    return out
 
 
 @torch.library.custom_op("keypointops::part_pool_triton_backward", mutates_args=())
 def part_pool_triton_backward(grad_out: Tensor, features: Tensor, heatmaps: Tensor,
-                              groups: Tensor | None, out: Tensor, lse: Tensor, temperature: float,
+                              groups: Tensor | None, temperature: float,
                               output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward: (grad_features, grad_heatmaps, grad_groups), empty [0] where not asked for."""
     need_features, need_heatmaps, need_groups = output_mask

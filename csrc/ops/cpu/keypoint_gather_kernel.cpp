@@ -35,6 +35,11 @@
 // which costs more than everything else here).
 // Memory: the output [B, K * S * S, C] and the gradient [B, C, H, W]; per task the taps of one
 // image's nodes (K * S * S * taps); no [B*K, C, ...] intermediate.
+// float16 / bfloat16 features: the keypoints, box sizes, taps and every sum are float32
+// (ops/cpu/reduced_precision.h); a channel's value of a node is rounded once, when stored.  The
+// backward then walks the taps pixel by pixel (each distinct pixel's taps in node order: the same
+// sum as above), forms a pixel's gradient in float32 and stores it once, instead of adding into a
+// 16-bit gradient node by node.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -42,11 +47,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
 #include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/huge_pages.h"
+#include "ops/cpu/reduced_precision.h"
 #include "ops/keypoint_gather.h"
 #include "ops/keypoint_gather_sampling.h"
 
@@ -77,6 +84,10 @@ struct ImageTaps {
   std::vector<int64_t> begin;
   std::vector<int64_t> line_offsets;  // NCHW plane-major: every distinct cache line the taps touch
   std::vector<T> row_weight, col_weight;
+  // Pixel-major view (16-bit backward): the distinct pixels the taps touch; pixel i's taps are
+  // pixel_taps[pixel_begin[i] : pixel_begin[i + 1]], in node order; tap t belongs to node
+  // tap_keypoint[t].
+  std::vector<int64_t> pixel_offset, pixel_begin, pixel_taps, tap_keypoint;
 
   // sizes: [B, keypoints, 2] box sides (x, y) per keypoint, or null (p.half_size for all).
   void compute(const GatherParams& p, const T* keypoints, int64_t point_dims, const bool* valid,
@@ -126,14 +137,36 @@ struct ImageTaps {
     }
   }
 
-  // The distinct cache lines of a plane (offsets in elements, relative to the plane) that the
-  // taps touch, assuming 64-byte aligned planes; used only to prefetch.
-  void collect_lines() {
-    constexpr int64_t per_line = kCacheLineBytes / sizeof(T);
+  // The distinct cache lines of a plane of element_bytes elements (offsets in elements, relative
+  // to the plane) that the taps touch, assuming 64-byte aligned planes; used only to prefetch.
+  void collect_lines(int64_t element_bytes) {
+    const int64_t per_line = kCacheLineBytes / element_bytes;
     line_offsets.clear();
     for (const int64_t off : offset) line_offsets.push_back(off / per_line * per_line);
     std::sort(line_offsets.begin(), line_offsets.end());
     line_offsets.erase(std::unique(line_offsets.begin(), line_offsets.end()), line_offsets.end());
+  }
+
+  // Fills the pixel-major view from the taps.
+  void collect_pixels() {
+    const auto taps = static_cast<int64_t>(offset.size());
+    tap_keypoint.resize(taps);
+    for (int64_t k = 0; k + 1 < static_cast<int64_t>(begin.size()); ++k) {
+      std::fill(tap_keypoint.begin() + begin[k], tap_keypoint.begin() + begin[k + 1], k);
+    }
+    pixel_taps.resize(taps);
+    std::iota(pixel_taps.begin(), pixel_taps.end(), int64_t{0});
+    std::stable_sort(pixel_taps.begin(), pixel_taps.end(),
+                     [&](int64_t a, int64_t b) { return offset[a] < offset[b]; });
+    pixel_offset.clear();
+    pixel_begin.clear();
+    for (int64_t i = 0; i < taps; ++i) {
+      if (i == 0 || offset[pixel_taps[i]] != pixel_offset.back()) {
+        pixel_offset.push_back(offset[pixel_taps[i]]);
+        pixel_begin.push_back(i);
+      }
+    }
+    pixel_begin.push_back(taps);
   }
 };
 
@@ -141,37 +174,37 @@ struct ImageTaps {
 // taps (compile-time counts), walk channels [c0, c1): out_a[c] = sum_t wa_t * plane_c[oa_t], and
 // likewise out_b.  The taps are summed in their order, acc += w * x from 0, like the generic loop
 // below (bitwise the same).
-template <int NA, int NB, typename scalar_t>
+template <int NA, int NB, typename scalar_t, typename acc = acc_t<scalar_t>>
 void gather_nchw_pair(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
-                      const int64_t* offset_a, const scalar_t* weight_a, scalar_t* out_a,
-                      const int64_t* offset_b, const scalar_t* weight_b, scalar_t* out_b) {
+                      const int64_t* offset_a, const acc_t<scalar_t>* weight_a, scalar_t* out_a,
+                      const int64_t* offset_b, const acc_t<scalar_t>* weight_b, scalar_t* out_b) {
   int64_t oa[NA > 0 ? NA : 1], ob[NB > 0 ? NB : 1];
-  scalar_t wa[NA > 0 ? NA : 1], wb[NB > 0 ? NB : 1];
+  acc wa[NA > 0 ? NA : 1], wb[NB > 0 ? NB : 1];
   for (int t = 0; t < NA; ++t) oa[t] = offset_a[t], wa[t] = weight_a[t];
   for (int t = 0; t < NB; ++t) ob[t] = offset_b[t], wb[t] = weight_b[t];
   const scalar_t* plane = image + c0 * HW;
   for (int64_t c = c0; c < c1; ++c, plane += HW) {
-    scalar_t a = 0, b = 0;
-    for (int t = 0; t < NA; ++t) a += wa[t] * plane[oa[t]];
-    for (int t = 0; t < NB; ++t) b += wb[t] * plane[ob[t]];
-    out_a[c] = a;
-    if (out_b != nullptr) out_b[c] = b;
+    acc a = 0, b = 0;
+    for (int t = 0; t < NA; ++t) a += wa[t] * static_cast<acc>(plane[oa[t]]);
+    for (int t = 0; t < NB; ++t) b += wb[t] * static_cast<acc>(plane[ob[t]]);
+    out_a[c] = static_cast<scalar_t>(a);
+    if (out_b != nullptr) out_b[c] = static_cast<scalar_t>(b);
   }
 }
 
 // The same for any tap counts (more than kMaxFixedTaps: boxes that span several pixels).
-template <typename scalar_t>
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
 void gather_nchw_pair_any(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
-                          const int64_t* offset_a, const scalar_t* weight_a, int64_t na,
-                          scalar_t* out_a, const int64_t* offset_b, const scalar_t* weight_b,
+                          const int64_t* offset_a, const acc_t<scalar_t>* weight_a, int64_t na,
+                          scalar_t* out_a, const int64_t* offset_b, const acc_t<scalar_t>* weight_b,
                           int64_t nb, scalar_t* out_b) {
   const scalar_t* plane = image + c0 * HW;
   for (int64_t c = c0; c < c1; ++c, plane += HW) {
-    scalar_t a = 0, b = 0;
-    for (int64_t t = 0; t < na; ++t) a += weight_a[t] * plane[offset_a[t]];
-    for (int64_t t = 0; t < nb; ++t) b += weight_b[t] * plane[offset_b[t]];
-    out_a[c] = a;
-    if (out_b != nullptr) out_b[c] = b;
+    acc a = 0, b = 0;
+    for (int64_t t = 0; t < na; ++t) a += weight_a[t] * static_cast<acc>(plane[offset_a[t]]);
+    for (int64_t t = 0; t < nb; ++t) b += weight_b[t] * static_cast<acc>(plane[offset_b[t]]);
+    out_a[c] = static_cast<scalar_t>(a);
+    if (out_b != nullptr) out_b[c] = static_cast<scalar_t>(b);
   }
 }
 
@@ -196,11 +229,11 @@ void with_tap_count(int64_t n, const Fn& fn) {
 
 // NCHW forward, plane-major (small planes, where the taps cover most of a plane's lines): each
 // plane is visited once for all keypoints, the taps' lines a few planes ahead software-prefetched.
-template <typename scalar_t>
-void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K,
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<acc_t<scalar_t>>& taps, int64_t K,
                              int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
   const int64_t* off = taps.offset.data();
-  const scalar_t* w = taps.weight.data();
+  const acc* w = taps.weight.data();
   for (int64_t c = c0; c < c1; ++c) {
     if (c + kPrefetchChannels < c1) {
       const scalar_t* ahead = image + (c + kPrefetchChannels) * HW;
@@ -208,9 +241,9 @@ void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<scalar_t>& t
     }
     const scalar_t* plane = image + c * HW;
     for (int64_t k = 0; k < K; ++k) {
-      scalar_t acc = 0;
-      for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) acc += w[t] * plane[off[t]];
-      out[k * C + c] = acc;
+      acc sum = 0;
+      for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) sum += w[t] * static_cast<acc>(plane[off[t]]);
+      out[k * C + c] = static_cast<scalar_t>(sum);
     }
   }
 }
@@ -220,10 +253,10 @@ void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<scalar_t>& t
 // the top: within a tile of kChannelTile channels, one pair of keypoints walks the tile's planes,
 // then the next pair re-walks them (lines shared with an earlier pair still in L2).
 template <typename scalar_t>
-void gather_nchw(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K, int64_t C,
+void gather_nchw(const scalar_t* image, const ImageTaps<acc_t<scalar_t>>& taps, int64_t K, int64_t C,
                  int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
   const int64_t* off = taps.offset.data();
-  const scalar_t* w = taps.weight.data();
+  const acc_t<scalar_t>* w = taps.weight.data();
   const int64_t* begin = taps.begin.data();
   if (!keypoint_major_nchw<scalar_t>(HW)) {
     gather_nchw_plane_major(image, taps, K, C, HW, c0, c1, out);
@@ -255,18 +288,18 @@ void gather_nchw(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t
 
 // channels_last forward of channels [c0, c1) of one image: out[k * C + c] = sum_t w_t * pixel_t[c].
 template <typename scalar_t>
-void gather_channels_last(const scalar_t* image, const ImageTaps<scalar_t>& taps, int64_t K,
+void gather_channels_last(const scalar_t* image, const ImageTaps<acc_t<scalar_t>>& taps, int64_t K,
                           int64_t C, int64_t c0, int64_t c1, scalar_t* out) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+  using Vec = AccVec<scalar_t>;
   constexpr int64_t VL = Vec::size();
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t c = c0; c < c1; c += VL) {
       const int64_t n = std::min(VL, c1 - c);
       Vec acc(0);
       for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) {
-        acc = at::vec::fmadd(Vec(taps.weight[t]), Vec::loadu(image + taps.offset[t] * C + c, n), acc);
+        acc = at::vec::fmadd(Vec(taps.weight[t]), load_acc(image + taps.offset[t] * C + c, n), acc);
       }
-      acc.store(out + k * C + c, n);
+      store_acc(acc, out + k * C + c, n);
     }
   }
 }
@@ -307,6 +340,69 @@ void scatter_channels_last(const scalar_t* grad_out, const ImageTaps<scalar_t>& 
   }
 }
 
+// 16-bit NCHW backward of channels [c0, c1) of one image (zeros on entry), pixel by pixel:
+// plane_c[pixel] = sum over the pixel's taps t (node order) of w_t * grad_out[k_t * C + c],
+// formed in the accumulation dtype and rounded once.
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+void scatter_nchw_by_pixel(const scalar_t* grad_out, const ImageTaps<acc_t<scalar_t>>& taps,
+                           int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* image) {
+  const acc* w = taps.weight.data();
+  const int64_t* key = taps.tap_keypoint.data();
+  const int64_t* order = taps.pixel_taps.data();
+  const int64_t pixels = static_cast<int64_t>(taps.pixel_offset.size());
+  for (int64_t c = c0; c < c1; ++c) {
+    scalar_t* plane = image + c * HW;
+    for (int64_t i = 0; i < pixels; ++i) {
+      acc sum = 0;
+      for (int64_t j = taps.pixel_begin[i]; j < taps.pixel_begin[i + 1]; ++j) {
+        sum += w[order[j]] * static_cast<acc>(grad_out[key[order[j]] * C + c]);
+      }
+      plane[taps.pixel_offset[i]] = static_cast<scalar_t>(sum);
+    }
+  }
+}
+
+// 16-bit channels_last backward of channels [c0, c1) of one image (zeros on entry), pixel by pixel:
+// pixel[c] = sum over the pixel's taps t (node order) of w_t * grad_out[k_t * C + c].
+template <typename scalar_t>
+void scatter_channels_last_by_pixel(const scalar_t* grad_out, const ImageTaps<acc_t<scalar_t>>& taps,
+                                    int64_t C, int64_t c0, int64_t c1, scalar_t* image) {
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  const int64_t* order = taps.pixel_taps.data();
+  const int64_t pixels = static_cast<int64_t>(taps.pixel_offset.size());
+  for (int64_t i = 0; i < pixels; ++i) {
+    scalar_t* pixel = image + taps.pixel_offset[i] * C;
+    for (int64_t c = c0; c < c1; c += VL) {
+      const int64_t n = std::min(VL, c1 - c);
+      Vec sum(0);
+      for (int64_t j = taps.pixel_begin[i]; j < taps.pixel_begin[i + 1]; ++j) {
+        const int64_t t = order[j];
+        sum = at::vec::fmadd(Vec(taps.weight[t]), load_acc(grad_out + taps.tap_keypoint[t] * C + c, n), sum);
+      }
+      store_acc(sum, pixel + c, n);
+    }
+  }
+}
+
+// Backward of channels [c0, c1) of one image (zeros on entry) from its grad_out rows g [K, C]:
+// pixel by pixel for a 16-bit gradient, keypoint by keypoint otherwise.
+template <typename scalar_t>
+void scatter_image(const scalar_t* g, const ImageTaps<acc_t<scalar_t>>& taps, const GatherParams& p,
+                   bool channels_last, int64_t c0, int64_t c1, scalar_t* image) {
+  if constexpr (is_reduced_precision<scalar_t>) {
+    if (channels_last) {
+      scatter_channels_last_by_pixel(g, taps, p.C, c0, c1, image);
+    } else {
+      scatter_nchw_by_pixel(g, taps, p.C, p.H * p.W, c0, c1, image);
+    }
+  } else if (channels_last) {
+    scatter_channels_last(g, taps, p.K, p.C, c0, c1, image);
+  } else {
+    scatter_nchw(g, taps, p.K, p.C, p.H * p.W, c0, c1, image);
+  }
+}
+
 // Channel block size such that (image, channel block) tasks keep every thread busy.
 int64_t channel_block(int64_t B, int64_t C) {
   const int64_t wanted = (4 * at::get_num_threads() + B - 1) / B;
@@ -316,10 +412,13 @@ int64_t channel_block(int64_t B, int64_t C) {
 }
 
 // Runs fn(b, c0, c1, taps) for every (image, channel block) task in parallel, tasks handed out
-// one at a time (ops/cpu/dynamic_tasks.h); taps holds the image's keypoint taps.
+// one at a time (ops/cpu/dynamic_tasks.h); taps holds the image's node taps (scalar_t: the
+// accumulation dtype), with the cache lines of planes of line_element_bytes elements when that is
+// non-zero and the pixel-major view when need_pixels.
 template <typename scalar_t, typename Fn>
 void for_each_image_task(const GatherParams& p, const at::Tensor& keypoints, const at::Tensor& valid,
-                         const at::Tensor& sizes, bool need_lines, const Fn& fn) {
+                         const at::Tensor& sizes, int64_t line_element_bytes, bool need_pixels,
+                         const Fn& fn) {
   const scalar_t* kp = keypoints.const_data_ptr<scalar_t>();
   const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
   const scalar_t* sp = sizes.defined() ? sizes.const_data_ptr<scalar_t>() : nullptr;
@@ -332,7 +431,8 @@ void for_each_image_task(const GatherParams& p, const at::Tensor& keypoints, con
       const int64_t c0 = task % blocks * block, c1 = std::min(p.C, c0 + block);
       if (b != tapped_image) {
         taps.compute(p, kp, point_dims, vp, sp, b);
-        if (need_lines) taps.collect_lines();
+        if (line_element_bytes > 0) taps.collect_lines(line_element_bytes);
+        if (need_pixels) taps.collect_pixels();
         tapped_image = b;
       }
       fn(b, c0, c1, taps);
@@ -355,8 +455,9 @@ at::Tensor sizes_as(const std::optional<at::Tensor>& roi_sizes, at::ScalarType d
 }
 
 void check_cpu_dtype(at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "keypoint_gather: the CPU kernel takes "
-              "float32 or float64 ", name, ", got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "keypoint_gather: the CPU kernel takes float32, float64, float16 or bfloat16 ", name,
+              ", got ", dtype);
 }
 
 at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& keypoints_in,
@@ -369,20 +470,22 @@ at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& 
   check_cpu_dtype(features_in.scalar_type(), "features");
   const bool channels_last = uses_channels_last(features_in);
   const auto features = channels_last ? features_in : features_in.contiguous();
-  const auto keypoints = keypoints_in.to(features.scalar_type()).contiguous();
+  const auto acc_dtype = at::toOpMathType(features.scalar_type());
+  const auto keypoints = keypoints_in.to(acc_dtype).contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
-  const auto sizes = sizes_as(roi_sizes, features.scalar_type());
+  const auto sizes = sizes_as(roi_sizes, acc_dtype);
   const GatherParams p = make_params(features.sizes(), keypoints, spatial_scale, roi_size,
                                      sampling_ratio, aligned, output_size);
   auto out = at::empty({p.B, p.K, p.C}, features.options());
   if (out.numel() == 0) return out;
   const int64_t image_size = p.C * p.H * p.W;
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "keypoint_gather_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "keypoint_gather_cpu", [&] {
+    using acc = acc_t<scalar_t>;
     const scalar_t* fp = features.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const bool need_lines = !channels_last && !keypoint_major_nchw<scalar_t>(p.H * p.W);
-    for_each_image_task<scalar_t>(p, keypoints, valid, sizes, need_lines,
-                            [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<scalar_t>& taps) {
+    for_each_image_task<acc>(p, keypoints, valid, sizes, need_lines ? sizeof(scalar_t) : 0, false,
+                             [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<acc>& taps) {
       if (channels_last) {
         gather_channels_last(fp + b * image_size, taps, p.K, p.C, c0, c1, op + b * p.K * p.C);
       } else {
@@ -406,24 +509,21 @@ at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at:
   const GatherParams p = make_params(features_size, keypoints_in, spatial_scale, roi_size,
                                      sampling_ratio, aligned, output_size);
   const auto grad_out = grad_out_in.contiguous();
-  const auto keypoints = keypoints_in.to(grad_out.scalar_type()).contiguous();
+  const auto acc_dtype = at::toOpMathType(grad_out.scalar_type());
+  const auto keypoints = keypoints_in.to(acc_dtype).contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
-  const auto sizes = sizes_as(roi_sizes, grad_out.scalar_type());
+  const auto sizes = sizes_as(roi_sizes, acc_dtype);
   auto grad = zeros_from_fresh_pages(features_size, grad_out.options(),
       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (grad.numel() == 0) return grad;
   const int64_t image_size = p.C * p.H * p.W;
-  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "keypoint_gather_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "keypoint_gather_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* grad_p = grad.mutable_data_ptr<scalar_t>();
-    for_each_image_task<scalar_t>(p, keypoints, valid, sizes, false,
-                            [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<scalar_t>& taps) {
-      const scalar_t* g = gp + b * p.K * p.C;
-      if (channels_last) {
-        scatter_channels_last(g, taps, p.K, p.C, c0, c1, grad_p + b * image_size);
-      } else {
-        scatter_nchw(g, taps, p.K, p.C, p.H * p.W, c0, c1, grad_p + b * image_size);
-      }
+    for_each_image_task<acc>(p, keypoints, valid, sizes, 0, is_reduced_precision<scalar_t>,
+                             [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<acc>& taps) {
+      scatter_image(gp + b * p.K * p.C, taps, p, channels_last, c0, c1, grad_p + b * image_size);
     });
   });
   return grad;

@@ -34,6 +34,9 @@
 // grad_x [N, C] and [num_chunks, C] grad_t partials, and grad_edge_attr [E, C] (the gradient of
 // the [E, C] input itself); no other tensor of size E x C.  Channels are vectorised with at::vec
 // (AVX2 when built).
+// float16 / bfloat16 x: x, edge_attr, out, grad_out, grad_x and grad_edge_attr are 16-bit in
+// memory, widened on load, and every sum above runs in float32 (ops/cpu/reduced_precision.h); t,
+// row_max, row_sum, the packed factors and grad_t are float32, as for float32 x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -45,6 +48,7 @@
 #include <vector>
 
 #include "ops/cpu/huge_pages.h"
+#include "ops/cpu/reduced_precision.h"
 #include "ops/msg_pass.h"
 
 namespace keypointops {
@@ -94,25 +98,25 @@ std::vector<int64_t> balanced_chunks(const int64_t* rowptr, int64_t num_nodes) {
   return bounds;
 }
 
-// relu(x_row + edge_row) + eps for channels [c, c + n) (edge_row only with kEdge).
+// relu(x_row + edge_row) + eps for channels [c, c + n) in acc_t (edge_row only with kEdge).
 template <bool kEdge, typename scalar_t>
-inline at::vec::Vectorized<scalar_t> edge_message(const scalar_t* x_row, const scalar_t* edge_row,
-                                                  int64_t n, const at::vec::Vectorized<scalar_t>& eps) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  Vec in = Vec::loadu(x_row, n);
-  if constexpr (kEdge) in = in + Vec::loadu(edge_row, n);
-  return at::vec::maximum(in, Vec(0)) + eps;
+inline AccVec<scalar_t> edge_message(const scalar_t* x_row, const scalar_t* edge_row, int64_t n,
+                                     const AccVec<scalar_t>& eps) {
+  AccVec<scalar_t> in = load_acc(x_row, n);
+  if constexpr (kEdge) in = in + load_acc(edge_row, n);
+  return at::vec::maximum(in, AccVec<scalar_t>(0)) + eps;
 }
 
 template <typename scalar_t, bool kEdge>
-void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col, const scalar_t* t,
-                   const scalar_t* edge_attr, const int64_t* perm, scalar_t eps, int64_t C,
-                   int64_t v_begin, int64_t v_end, scalar_t* out, scalar_t* row_max,
-                   scalar_t* row_sum) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
+                   const acc_t<scalar_t>* t, const scalar_t* edge_attr, const int64_t* perm,
+                   acc_t<scalar_t> eps, int64_t C, int64_t v_begin, int64_t v_end, scalar_t* out,
+                   acc_t<scalar_t>* row_max, acc_t<scalar_t>* row_sum) {
+  using acc = acc_t<scalar_t>;
+  using Vec = AccVec<scalar_t>;
   constexpr int64_t VL = Vec::size();
-  const Vec zero(0), eps_v(eps), neg_inf(-std::numeric_limits<scalar_t>::infinity());
-  const Vec pos_inf(std::numeric_limits<scalar_t>::infinity());
+  const Vec zero(0), eps_v(eps), neg_inf(-std::numeric_limits<acc>::infinity());
+  const Vec pos_inf(std::numeric_limits<acc>::infinity());
   for (int64_t v = v_begin; v < v_end; ++v) {
     const int64_t e_begin = rowptr[v], e_end = rowptr[v + 1];
     if (v + kPrefetchNodes < v_end) {
@@ -122,12 +126,12 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
       }
     }
     scalar_t* out_v = out + v * C;
-    scalar_t* max_v = row_max + v * C;
-    scalar_t* sum_v = row_sum + v * C;
+    acc* max_v = row_max + v * C;
+    acc* sum_v = row_sum + v * C;
     if (e_begin == e_end) {
       std::fill(out_v, out_v + C, scalar_t(0));
-      std::fill(max_v, max_v + C, scalar_t(0));
-      std::fill(sum_v, sum_v + C, scalar_t(1));
+      std::fill(max_v, max_v + C, acc(0));
+      std::fill(sum_v, sum_v + C, acc(1));
       continue;
     }
     for (int64_t c = 0; c < C; c += VL) {
@@ -150,7 +154,7 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
         Z = Z + w;
         A = at::vec::fmadd(w, d, A);
       }
-      (M + A / Z).store(out_v + c, n);
+      store_acc<scalar_t>(M + A / Z, out_v + c, n);
       M.store(max_v + c, n);
       Z.store(sum_v + c, n);
     }
@@ -161,19 +165,20 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
 // factors[v] = (M_v, q_v = grad_out_v / Z_v, out_v), [N, 3, C]: the edge loop below then reads one
 // contiguous block per edge and divides nothing.
 template <typename scalar_t>
-void pack_target_factors(const scalar_t* grad_out, const scalar_t* out, const scalar_t* row_max,
-                         const scalar_t* row_sum, int64_t C, int64_t v_begin, int64_t v_end,
-                         scalar_t* factors) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+void pack_target_factors(const scalar_t* grad_out, const scalar_t* out, const acc_t<scalar_t>* row_max,
+                         const acc_t<scalar_t>* row_sum, int64_t C, int64_t v_begin, int64_t v_end,
+                         acc_t<scalar_t>* factors) {
+  using acc = acc_t<scalar_t>;
+  using Vec = AccVec<scalar_t>;
   constexpr int64_t VL = Vec::size();
   for (int64_t v = v_begin; v < v_end; ++v) {
-    scalar_t* f = factors + v * 3 * C;
+    acc* f = factors + v * 3 * C;
     for (int64_t c = 0; c < C; c += VL) {
       const int64_t n = std::min(VL, C - c), i = v * C + c;
-      const Vec q = Vec::loadu(grad_out + i, n) / Vec::loadu(row_sum + i, n);
+      const Vec q = load_acc(grad_out + i, n) / Vec::loadu(row_sum + i, n);
       Vec::loadu(row_max + i, n).store(f + c, n);
       q.store(f + C + c, n);
-      Vec::loadu(out + i, n).store(f + 2 * C + c, n);
+      load_acc(out + i, n).store(f + 2 * C + c, n);
     }
   }
 }
@@ -182,11 +187,13 @@ void pack_target_factors(const scalar_t* grad_out, const scalar_t* out, const sc
 // grad_m_u = sum_{u->v} (w + w t d),   grad_t += m_u * sum_{u->v} w d
 // (with kEdge the message, its mask and so grad_t's m are per edge; see the file header).
 template <typename scalar_t, bool kGradT, bool kEdge>
-void backward_nodes(const scalar_t* x, const scalar_t* factors, const int64_t* rowptr_t,
-                    const int64_t* col_t, const scalar_t* t, const scalar_t* edge_attr,
-                    const int64_t* perm_t, scalar_t eps, int64_t C, int64_t u_begin, int64_t u_end,
-                    scalar_t* grad_x, scalar_t* grad_t_partial, scalar_t* grad_edge_attr) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int64_t* rowptr_t,
+                    const int64_t* col_t, const acc_t<scalar_t>* t, const scalar_t* edge_attr,
+                    const int64_t* perm_t, acc_t<scalar_t> eps, int64_t C, int64_t u_begin,
+                    int64_t u_end, scalar_t* grad_x, acc_t<scalar_t>* grad_t_partial,
+                    scalar_t* grad_edge_attr) {
+  using acc = acc_t<scalar_t>;
+  using Vec = AccVec<scalar_t>;
   constexpr int64_t VL = Vec::size();
   const Vec zero(0), eps_v(eps);
   for (int64_t u = u_begin; u < u_end; ++u) {
@@ -201,18 +208,18 @@ void backward_nodes(const scalar_t* x, const scalar_t* factors, const int64_t* r
     for (int64_t c = 0; c < C; c += VL) {
       const int64_t n = std::min(VL, C - c);
       const Vec t_c = Vec::loadu(t + c, n);
-      const Vec x_u = Vec::loadu(x + u * C + c, n);
+      const Vec x_u = load_acc(x + u * C + c, n);
       const Vec m = at::vec::maximum(x_u, zero) + eps_v;
       Vec GM = zero, GT = zero;
       for (int64_t e = rowptr_t[u]; e < rowptr_t[u + 1]; ++e) {
-        const scalar_t* f = factors + col_t[e] * 3 * C + c;
+        const acc* f = factors + col_t[e] * 3 * C + c;
         if constexpr (kEdge) {
-          const Vec in = x_u + Vec::loadu(edge_attr + perm_t[e] * C + c, n);
+          const Vec in = x_u + load_acc(edge_attr + perm_t[e] * C + c, n);
           const Vec m_e = at::vec::maximum(in, zero) + eps_v;
           const Vec w = (t_c * (m_e - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
           const Vec d = m_e - Vec::loadu(f + 2 * C, n);
           const Vec g = Vec::blendv(zero, at::vec::fmadd(w * t_c, d, w), in > zero);
-          g.store(grad_edge_attr + perm_t[e] * C + c, n);
+          store_acc<scalar_t>(g, grad_edge_attr + perm_t[e] * C + c, n);
           GM = GM + g;
           if constexpr (kGradT) GT = at::vec::fmadd(w * d, m_e, GT);
         } else {
@@ -223,10 +230,10 @@ void backward_nodes(const scalar_t* x, const scalar_t* factors, const int64_t* r
         }
       }
       if constexpr (kEdge) {
-        GM.store(grad_x + u * C + c, n);
+        store_acc<scalar_t>(GM, grad_x + u * C + c, n);
         if constexpr (kGradT) (Vec::loadu(grad_t_partial + c, n) + GT).store(grad_t_partial + c, n);
       } else {
-        Vec::blendv(zero, GM, x_u > zero).store(grad_x + u * C + c, n);
+        store_acc<scalar_t>(Vec::blendv(zero, GM, x_u > zero), grad_x + u * C + c, n);
         if constexpr (kGradT) {
           (Vec::loadu(grad_t_partial + c, n) + GT * m).store(grad_t_partial + c, n);
         }
@@ -244,8 +251,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
   check_msg_pass_edge_args(x_in, edge_attr_in, perm_in, col_in.numel(), "perm");
   check_msg_pass_edge_args(x_in, edge_attr_in, perm_t, col_in.numel(), "perm_t");
   const bool with_edges = edge_attr_in.has_value();
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-              "msg_pass: the CPU kernel takes float32 or float64 x, got ", x_in.scalar_type());
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const auto x = x_in.contiguous();
   const auto rowptr = rowptr_in.contiguous();
@@ -256,24 +261,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
   const auto perm = with_edges ? perm_in->contiguous() : at::Tensor();
   if (with_edges) check_perm_cpu(perm, "perm");
   auto out = at::empty({N, C}, x.options());
-  auto row_max = at::empty({N, C}, x.options());
-  auto row_sum = at::empty({N, C}, x.options());
+  auto row_max = at::empty({N, C}, t.options());
+  auto row_sum = at::empty({N, C}, t.options());
   for (const auto* fresh : {&out, &row_max, &row_sum}) advise_huge_pages(*fresh);
   if (N == 0 || C == 0) return {out, row_max, row_sum};
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const auto chunks = balanced_chunks(rp, N);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "msg_pass_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msg_pass_cpu", [&] {
+    using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int64_t* cp = col.data_ptr<int64_t>();
-    const scalar_t* tp = t.data_ptr<scalar_t>();
+    const acc* tp = t.data_ptr<acc>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    scalar_t* mp = row_max.data_ptr<scalar_t>();
-    scalar_t* sp = row_sum.data_ptr<scalar_t>();
+    acc* mp = row_max.data_ptr<acc>();
+    acc* sp = row_sum.data_ptr<acc>();
     const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
     const scalar_t* ep = with_edges ? edge_attr.data_ptr<scalar_t>() : nullptr;
     const int64_t* pp = with_edges ? perm.data_ptr<int64_t>() : nullptr;
     const int64_t work = (col.numel() * (with_edges ? 2 : 1) + N) * C;
-    const auto e = static_cast<scalar_t>(eps);
+    const auto e = static_cast<acc>(eps);
     at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         if (with_edges) {
@@ -296,8 +302,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
                                col_t_in, t_in);
   check_msg_pass_edge_args(x_in, edge_attr_in, perm_t_in, col_t_in.numel(), "perm_t");
   const bool with_edges = edge_attr_in.has_value();
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-              "msg_pass: the CPU kernel takes float32 or float64 x, got ", x_in.scalar_type());
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const auto grad_out = grad_out_in.contiguous();
   const auto x = x_in.contiguous();
@@ -317,31 +321,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
   const int64_t* rp = rowptr_t.data_ptr<int64_t>();
   const auto chunks = balanced_chunks(rp, N);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
-  auto grad_t_partial = at::zeros({compute_grad_t ? num_chunks : 1, C}, x.options());
-  auto factors = at::empty({N, 3, C}, x.options());
+  auto grad_t_partial = at::zeros({compute_grad_t ? num_chunks : 1, C}, t.options());
+  auto factors = at::empty({N, 3, C}, t.options());
   advise_huge_pages(grad_x);
   advise_huge_pages(factors);
   if (with_edges) advise_huge_pages(grad_edge_attr);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "msg_pass_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "msg_pass_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int64_t* cp = col_t.data_ptr<int64_t>();
-    const scalar_t* tp = t.data_ptr<scalar_t>();
-    scalar_t* fp = factors.data_ptr<scalar_t>();
+    const acc* tp = t.data_ptr<acc>();
+    acc* fp = factors.data_ptr<acc>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    scalar_t* gtp = grad_t_partial.data_ptr<scalar_t>();
-    const auto e = static_cast<scalar_t>(eps);
+    acc* gtp = grad_t_partial.data_ptr<acc>();
+    const auto e = static_cast<acc>(eps);
     const scalar_t* ep = with_edges ? edge_attr.data_ptr<scalar_t>() : nullptr;
     const int64_t* pp = with_edges ? perm_t.data_ptr<int64_t>() : nullptr;
     scalar_t* gep = with_edges ? grad_edge_attr.data_ptr<scalar_t>() : nullptr;
     const int64_t work = (col_t.numel() * (with_edges ? 3 : 1) + N) * C;
     at::parallel_for(0, N, std::max<int64_t>(1024, grain_for(work, N)), [&](int64_t begin, int64_t end) {
       pack_target_factors<scalar_t>(grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                    row_max.data_ptr<scalar_t>(), row_sum.data_ptr<scalar_t>(), C,
+                                    row_max.data_ptr<acc>(), row_sum.data_ptr<acc>(), C,
                                     begin, end, fp);
     });
     at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        scalar_t* partial = compute_grad_t ? gtp + k * C : nullptr;
+        acc* partial = compute_grad_t ? gtp + k * C : nullptr;
         const auto run = [&](auto grad_t_flag, auto edge_flag) {
           backward_nodes<scalar_t, decltype(grad_t_flag)::value, decltype(edge_flag)::value>(
               xp, fp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], gxp, partial, gep);
@@ -359,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
   // Sum of the chunk partials in chunk order (a sequential loop: bitwise reproducible).
   auto grad_t = at::zeros_like(t);
   if (compute_grad_t) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "msg_pass_grad_t_sum", [&] {
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "msg_pass_grad_t_sum", [&] {
       const scalar_t* gtp = grad_t_partial.data_ptr<scalar_t>();
       scalar_t* dst = grad_t.data_ptr<scalar_t>();
       for (int64_t k = 0; k < num_chunks; ++k) {

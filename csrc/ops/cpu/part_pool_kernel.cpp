@@ -2,15 +2,16 @@
 //
 // Images run in parallel, one thread per image.  For image b, with S = H * W:
 //   r = (groups @ heatmaps[b]) / temperature   [P, S]   (identity groups: the heatmap rows)
-//   p = softmax_s(r),  lse[q] = logsumexp_s r[q, s]     in a per-thread [P, S] buffer
+//   p = softmax_s(r)                                      in a per-thread [P, S] buffer
 //   out[b] = p @ F[b]^T                                   a GEMM over S
 // (NCHW: the parts that fill whole vectors from p^T [S, P - P % VL], register tiles of feature rows
 // x part vectors with no horizontal sums; the last P % VL parts as dot products.)
 // F[b] is the [C, S] matrix of the image read in place, NCHW (rows contiguous along S) or
 // channels_last (contiguous along C): the features are never copied or transposed.
-// Backward recomputes p as forward does (max, exp, sum, divide; bitwise the forward's p) rather than
-// as exp(r - lse): the float32 lse is rounded to ulp(lse), an error that exp(r - lse) carries into
-// every probability of the row (relative 1e-5 at logits of a few hundred, a sharp softmax); then per image
+// Backward saves nothing but the inputs: it recomputes p as forward does (max, exp, sum, divide;
+// bitwise the forward's p), not from a saved log-sum-exp, whose float32 rounding (ulp(lse)) exp(r - lse)
+// would carry into every probability of the row (relative 1e-5 at logits of a few hundred, a sharp
+// softmax); then per image
 //   grad_features[b] = dout[b]^T @ p                      a GEMM written into grad_features' layout
 //   grad_p = dout[b] @ F[b],  grad_r = p * (grad_p - rowsum(p * grad_p)) / temperature   a GEMM + epilogue
 // (the softmax backward of autograd: at a saturated softmax the two terms at the dominant pixel are
@@ -22,8 +23,14 @@
 // at::parallel_for nests OpenMP teams (oversubscribing the cores).
 // Each GEMM reads the features once (one read in forward, one in backward) and writes
 // grad_features once.
-// Memory: forward out [B, P, C] and lse [B, P]; backward grad_features, grad_heatmaps and a [B, P, J]
-// grad_groups partial; two [P, S] buffers per thread (forward: p and p^T).  Nothing of size [B, P, C, H, W].
+// Memory: forward out [B, P, C]; backward grad_features, grad_heatmaps and a [B, P, J] grad_groups
+// partial; two [P, S] buffers per thread (forward: p and p^T).  Nothing of size [B, P, C, H, W].
+// float16 / bfloat16: features, heatmaps, grad_out and the outputs are 16-bit in memory; p, the
+// logits, their gradients and every GEMM accumulator are float32 (ops/cpu/reduced_precision.h).
+// Each thread widens what its image reuses (heatmaps [J, S], grad_out [P, C]) once into float32
+// buffers, and each GEMM widens the block of F it works on next (a few rows, or a chunk of rows x
+// 2 vectors) into a small float32 buffer that stays in L1, so the inner loops are the float32 ones;
+// each output element is rounded once, when stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -37,6 +44,7 @@
 #include <vector>
 
 #include "ops/cpu/huge_pages.h"
+#include "ops/cpu/reduced_precision.h"
 #include "ops/part_pool.h"
 
 namespace keypointops {
@@ -60,16 +68,17 @@ void with_count(int64_t n, const F& f) {
 
 // One MR x (NV vectors) tile of Y (+)= A @ Z with A[m, k] = A[m * a_m + k * a_k] broadcast and the
 // rows of Z (stride ldz) loaded as vectors; with kTail the last vector holds only `tail` columns.
-template <typename scalar_t, int MR, int NV, bool kTail>
-void broadcast_tile(int64_t K, int64_t tail, const scalar_t* A, int64_t a_m, int64_t a_k,
-                    const scalar_t* Z, int64_t ldz, scalar_t* Y, int64_t ldy, bool accumulate) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+// A and Z are in the accumulation dtype; Y may be 16-bit (widened on load, rounded on store).
+template <typename Y_t, int MR, int NV, bool kTail, typename Z_t = acc_t<Y_t>>
+void broadcast_tile(int64_t K, int64_t tail, const acc_t<Y_t>* A, int64_t a_m, int64_t a_k,
+                    const Z_t* Z, int64_t ldz, Y_t* Y, int64_t ldy, bool accumulate) {
+  using Vec = AccVec<Y_t>;
   constexpr int64_t VL = Vec::size();
   const auto width = [tail](int j) { return kTail && j == NV - 1 ? tail : VL; };
   Vec acc[MR][NV];
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NV; ++j) {
-      acc[i][j] = accumulate ? Vec::loadu(Y + i * ldy + j * VL, width(j)) : Vec(0);
+      acc[i][j] = accumulate ? load_acc(Y + i * ldy + j * VL, width(j)) : Vec(0);
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -81,21 +90,25 @@ void broadcast_tile(int64_t K, int64_t tail, const scalar_t* A, int64_t a_m, int
     }
   }
   for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NV; ++j) acc[i][j].store(Y + i * ldy + j * VL, width(j));
+    for (int j = 0; j < NV; ++j) store_acc(acc[i][j], Y + i * ldy + j * VL, width(j));
   }
 }
 
 // Y[m, n] (+)= sum_k A[m * a_m + k * a_k] * Z[k * ldz + n] for m < M, n < N (Y row stride ldy).
 // Column blocks outside, row blocks inside and K in chunks, so that the Z block in use stays in L1;
-// the next Z block is prefetched (it streams from memory).
-template <typename scalar_t>
-void gemm_broadcast(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t a_m, int64_t a_k,
-                    const scalar_t* Z, int64_t ldz, scalar_t* Y, int64_t ldy, bool accumulate) {
-  constexpr int64_t VL = at::vec::Vectorized<scalar_t>::size();
+// the next Z block is prefetched (it streams from memory).  A 16-bit Y takes K in one chunk, so that
+// each element is rounded once (the callers' K with a 16-bit Y: P or S, a Z block that fits L1).
+// A 16-bit Z block is widened once into z_block and then read by every row block.
+template <typename Z_t, typename Y_t>
+void gemm_broadcast(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_t a_m, int64_t a_k,
+                    const Z_t* Z, int64_t ldz, Y_t* Y, int64_t ldy, bool accumulate,
+                    std::vector<acc_t<Z_t>>& z_block) {
+  constexpr int64_t VL = AccVec<Y_t>::size();
   constexpr int kRows = 4, kVectors = 2;
-  constexpr int64_t kChunk = 64, kBlock = kVectors * VL;
+  constexpr int64_t kBlock = kVectors * VL;
+  const int64_t kChunk = is_reduced_precision<Y_t> ? std::max<int64_t>(K, 1) : 64;
   if (K == 0 && !accumulate) {
-    for (int64_t m = 0; m < M; ++m) std::fill(Y + m * ldy, Y + m * ldy + N, scalar_t(0));
+    for (int64_t m = 0; m < M; ++m) std::fill(Y + m * ldy, Y + m * ldy + N, Y_t(0));
   }
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t kc = std::min(kChunk, K - k0);
@@ -108,18 +121,20 @@ void gemm_broadcast(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t 
       }
       const int64_t nb = std::min<int64_t>(kBlock, N - n0);
       const int64_t nv = (nb + VL - 1) / VL, tail = nb - (nv - 1) * VL;
+      int64_t z_ld = ldz;
+      const acc_t<Z_t>* z_in = block_in_acc(Z + k0 * ldz + n0, kc, nb, z_ld, z_block);
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const scalar_t* a = A + m0 * a_m + k0 * a_k;
-        const scalar_t* z = Z + k0 * ldz + n0;
-        scalar_t* y = Y + m0 * ldy + n0;
+        const acc_t<Y_t>* a = A + m0 * a_m + k0 * a_k;
+        const acc_t<Z_t>* z = z_in;
+        Y_t* y = Y + m0 * ldy + n0;
         const bool acc = accumulate || k0 > 0;
         with_count<kRows>(std::min<int64_t>(kRows, M - m0), [&](auto rows) {
           with_count<kVectors>(nv, [&](auto vectors) {
             constexpr int MR = decltype(rows)::value, NV = decltype(vectors)::value;
             if (tail == VL) {
-              broadcast_tile<scalar_t, MR, NV, false>(kc, tail, a, a_m, a_k, z, ldz, y, ldy, acc);
+              broadcast_tile<Y_t, MR, NV, false>(kc, tail, a, a_m, a_k, z, z_ld, y, ldy, acc);
             } else {
-              broadcast_tile<scalar_t, MR, NV, true>(kc, tail, a, a_m, a_k, z, ldz, y, ldy, acc);
+              broadcast_tile<Y_t, MR, NV, true>(kc, tail, a, a_m, a_k, z, z_ld, y, ldy, acc);
             }
           });
         });
@@ -128,9 +143,10 @@ void gemm_broadcast(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t 
   }
 }
 
-// One MR x NR tile of Y = A @ Z^T: dot products of rows of A and rows of Z, both contiguous along K.
-template <typename scalar_t, int MR, int NR>
-void dot_tile(int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z, int64_t ldz, scalar_t* Y,
+// One MR x NR tile of Y = A @ Z^T: dot products of rows of A and rows of Z, both contiguous along K
+// and in the accumulation dtype; Y may be 16-bit.
+template <typename Y_t, int MR, int NR, typename scalar_t = acc_t<Y_t>>
+void dot_tile(int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z, int64_t ldz, Y_t* Y,
               int64_t ldy) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
@@ -151,28 +167,32 @@ void dot_tile(int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z, int6
   if (k < K) step(k, K - k);
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) {
-      Y[i * ldy + j] = at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; },
-                                                         acc[i][j]);
+      Y[i * ldy + j] = static_cast<Y_t>(at::vec::vec_reduce_all<scalar_t>(
+          [](Vec& x, Vec& y) { return x + y; }, acc[i][j]));
     }
   }
 }
 
 // Y[m, n] = sum_k A[m * lda + k] * Z[n * ldz + k] for m < M, n < N (Y row stride ldy).
 // Rows of Z outside (prefetched one block ahead: they stream from memory), rows of A inside.
-template <typename scalar_t>
-void gemm_dot(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z,
-              int64_t ldz, scalar_t* Y, int64_t ldy) {
+// A is in the accumulation dtype; 16-bit rows of Z are widened a block at a time into z_rows.
+template <typename Z_t, typename Y_t>
+void gemm_dot(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_t lda, const Z_t* Z,
+              int64_t ldz, Y_t* Y, int64_t ldy, std::vector<acc_t<Z_t>>& z_rows) {
   constexpr int kRows = 3, kCols = 3;
-  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  constexpr int64_t kLine = 64 / sizeof(Z_t);
   for (int64_t n0 = 0; n0 < N; n0 += kCols) {
     for (int64_t n = n0 + kCols; n < std::min<int64_t>(n0 + 2 * kCols, N); ++n) {
       for (int64_t k = 0; k < K; k += kLine) __builtin_prefetch(Z + n * ldz + k);
     }
+    const int64_t block = std::min<int64_t>(kCols, N - n0);
+    int64_t z_ld = ldz;
+    const acc_t<Z_t>* z = block_in_acc(Z + n0 * ldz, block, K, z_ld, z_rows);
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       with_count<kRows>(std::min<int64_t>(kRows, M - m0), [&](auto rows) {
-        with_count<kCols>(std::min<int64_t>(kCols, N - n0), [&](auto cols) {
-          dot_tile<scalar_t, decltype(rows)::value, decltype(cols)::value>(
-              K, A + m0 * lda, lda, Z + n0 * ldz, ldz, Y + m0 * ldy + n0, ldy);
+        with_count<kCols>(block, [&](auto cols) {
+          dot_tile<Y_t, decltype(rows)::value, decltype(cols)::value>(
+              K, A + m0 * lda, lda, z, z_ld, Y + m0 * ldy + n0, ldy);
         });
       });
     }
@@ -181,10 +201,10 @@ void gemm_dot(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, c
 
 // One MR x (NV vectors) tile of Y^T, Y[n, m] = sum_k A[m * lda + k] * Zt[k * ldz + n]: the MR rows
 // of A (contiguous along K) broadcast one scalar at a time, Zt's rows loaded as vectors; the tile is
-// stored transposed (Y row stride ldy), its first `cols` columns only.
-template <typename scalar_t, int MR, int NV>
+// stored transposed (Y row stride ldy, Y possibly 16-bit), its first `cols` columns only.
+template <typename Y_t, int MR, int NV, typename scalar_t = acc_t<Y_t>>
 void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, int64_t lda,
-                     const scalar_t* __restrict__ Zt, int64_t ldz, scalar_t* __restrict__ Y, int64_t ldy,
+                     const scalar_t* __restrict__ Zt, int64_t ldz, Y_t* __restrict__ Y, int64_t ldy,
                      scalar_t* __restrict__ lanes) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
@@ -212,7 +232,7 @@ void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, in
     for (int j = 0; j < NV; ++j) acc[i][j].store(lanes + i * NV * VL + j * VL);
   }
   for (int i = 0; i < MR; ++i) {
-    for (int64_t n = 0; n < cols; ++n) Y[n * ldy + i] = lanes[i * NV * VL + n];
+    for (int64_t n = 0; n < cols; ++n) Y[n * ldy + i] = static_cast<Y_t>(lanes[i * NV * VL + n]);
   }
 }
 
@@ -220,12 +240,16 @@ void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, in
 // transposed (Zt [K, ldz], ldz a multiple of the vector length covering N, padded lanes ignored).
 // For a small N (the parts) against a long streamed A (the feature rows): each row of A is read once
 // from memory, Zt stays in L1, and a column block of up to 3 vectors of Zt lives in registers.
-template <typename scalar_t>
-void gemm_transposed(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
-                     const scalar_t* Zt, int64_t ldz, scalar_t* Y, int64_t ldy) {
+// Zt is in the accumulation dtype; 16-bit rows of A are widened a tile at a time into a_rows
+// (before the tile broadcasts their elements), Y is rounded on store.
+template <typename A_t, typename Y_t>
+void gemm_transposed(int64_t M, int64_t N, int64_t K, const A_t* A, int64_t lda,
+                     const acc_t<Y_t>* Zt, int64_t ldz, Y_t* Y, int64_t ldy,
+                     std::vector<acc_t<A_t>>& a_rows) {
+  using scalar_t = acc_t<Y_t>;
   constexpr int64_t VL = at::vec::Vectorized<scalar_t>::size();
   constexpr int kVectors = 3, kMaxRows = 8;
-  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  constexpr int64_t kLine = 64 / sizeof(A_t);
   scalar_t lanes[kMaxRows * kVectors * VL];  // one tile, before it is stored transposed
   for (int64_t n0 = 0; n0 < N; n0 += kVectors * VL) {
     const int64_t cols = std::min<int64_t>(kVectors * VL, N - n0);
@@ -237,9 +261,12 @@ void gemm_transposed(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t
         for (int64_t m = std::min<int64_t>(m0 + kRows, ahead); m < ahead; ++m) {
           for (int64_t k = 0; k < K; k += kLine) __builtin_prefetch(A + m * lda + k);
         }
-        with_count<kRows>(std::min<int64_t>(kRows, M - m0), [&](auto rows) {
-          transposed_tile<scalar_t, decltype(rows)::value, NV>(
-              K, cols, A + m0 * lda, lda, Zt + n0, ldz, Y + n0 * ldy + m0, ldy, lanes);
+        const int64_t block = std::min<int64_t>(kRows, M - m0);
+        int64_t a_ld = lda;
+        const scalar_t* a = block_in_acc(A + m0 * lda, block, K, a_ld, a_rows);
+        with_count<kRows>(block, [&](auto rows) {
+          transposed_tile<Y_t, decltype(rows)::value, NV>(
+              K, cols, a, a_ld, Zt + n0, ldz, Y + n0 * ldy + m0, ldy, lanes);
         });
       }
     });
@@ -270,9 +297,9 @@ void image_logits(const scalar_t* hm, bool identity, const scalar_t* groups, int
   }
 }
 
-// Softmax of every row of r [P, S], in place: p = exp(r - max) / sum, and lse[q] = max + log(sum).
+// Softmax of every row of r [P, S], in place: p = exp(r - max) / sum.
 template <typename scalar_t>
-void row_softmax(scalar_t* r, int64_t P, int64_t S, scalar_t* lse) {
+void row_softmax(scalar_t* r, int64_t P, int64_t S) {
   using Vec = at::vec::Vectorized<scalar_t>;
   for (int64_t q = 0; q < P; ++q) {
     scalar_t* row = r + q * S;
@@ -283,7 +310,6 @@ void row_softmax(scalar_t* r, int64_t P, int64_t S, scalar_t* lse) {
     const scalar_t sum = at::vec::reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, row, S);
     const Vec sum_v(sum);
     at::vec::map<scalar_t>([&](Vec x) { return x / sum_v; }, row, row, S);
-    lse[q] = row_max + std::log(sum);
   }
 }
 
@@ -301,16 +327,18 @@ void logits_gradient(const scalar_t* p, int64_t P, int64_t S, scalar_t temperatu
   }
 }
 
-// grad_heatmaps[b] = groups^T @ grad_r ([J, S]; identity groups: grad_r) and, with grad_groups
-// non-null, grad_groups [P, J] = grad_r @ hm^T, for one image.
-template <typename scalar_t>
+// grad_heatmaps[b] = groups^T @ grad_r ([J, S]; identity groups: grad_r; possibly 16-bit) and,
+// with grad_groups non-null, grad_groups [P, J] = grad_r @ hm^T, for one image.
+template <typename hm_t, typename scalar_t = acc_t<hm_t>>
 void heatmap_gradients(const scalar_t* grad_r, const scalar_t* hm, bool identity, const scalar_t* groups,
-                       int64_t P, int64_t J, int64_t S, scalar_t* grad_hm, scalar_t* grad_groups) {
+                       int64_t P, int64_t J, int64_t S, hm_t* grad_hm, scalar_t* grad_groups) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
   if (grad_hm != nullptr) {
     if (identity) {
-      std::copy(grad_r, grad_r + P * S, grad_hm);
+      for (int64_t i = 0; i < P * S; i += VL) {
+        store_acc(Vec::loadu(grad_r + i, std::min(VL, P * S - i)), grad_hm + i, std::min(VL, P * S - i));
+      }
     } else {
       for (int64_t j = 0; j < J; ++j) {
         for (int64_t s = 0; s < S; s += VL) {
@@ -319,7 +347,7 @@ void heatmap_gradients(const scalar_t* grad_r, const scalar_t* hm, bool identity
           for (int64_t q = 0; q < P; ++q) {
             acc = at::vec::fmadd(Vec(groups[q * J + j]), Vec::loadu(grad_r + q * S + s, n), acc);
           }
-          acc.store(grad_hm + j * S + s, n);
+          store_acc(acc, grad_hm + j * S + s, n);
         }
       }
     }
@@ -335,41 +363,32 @@ void heatmap_gradients(const scalar_t* grad_r, const scalar_t* hm, bool identity
   }
 }
 
-void check_cpu_dtype(const at::Tensor& features) {
-  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
-              "part_pool: the CPU kernel takes float32 or float64 features, got ",
-              features.scalar_type());
-}
-
-std::tuple<at::Tensor, at::Tensor> part_pool_cpu(const at::Tensor& features_in,
-                                                 const at::Tensor& heatmaps_in,
-                                                 const std::optional<at::Tensor>& groups_in,
-                                                 double temperature) {
+at::Tensor part_pool_cpu(const at::Tensor& features_in, const at::Tensor& heatmaps_in,
+                         const std::optional<at::Tensor>& groups_in, double temperature) {
   const int64_t P = check_part_pool_args(features_in, heatmaps_in, groups_in, temperature);
-  check_cpu_dtype(features_in);
   const int64_t B = features_in.size(0), C = features_in.size(1), J = heatmaps_in.size(1);
   const int64_t S = features_in.size(2) * features_in.size(3);
   const auto features = image_matrices(features_in);
   const auto heatmaps = heatmaps_in.contiguous();
-  const auto groups = groups_in.has_value() ? groups_in->contiguous() : at::Tensor();
+  const auto acc_type = at::toOpMathType(features.scalar_type());
+  const auto groups = groups_in.has_value() ? groups_in->to(acc_type).contiguous() : at::Tensor();
   auto out = at::empty({B, P, C}, features.options());
-  auto lse = at::empty({B, P}, features.options());
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "part_pool_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "part_pool_cpu", [&] {
+    using acc = acc_t<scalar_t>;
     const scalar_t* fp = features.data_ptr<scalar_t>();
     const scalar_t* hp = heatmaps.data_ptr<scalar_t>();
     const bool identity = !groups.defined();
-    const scalar_t* gp = identity ? nullptr : groups.data_ptr<scalar_t>();
+    const acc* gp = identity ? nullptr : groups.data_ptr<acc>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    scalar_t* lp = lse.data_ptr<scalar_t>();
     const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
-    constexpr int64_t VL = at::vec::Vectorized<scalar_t>::size();
+    constexpr int64_t VL = AccVec<scalar_t>::size();
     const int64_t p_vectors = P / VL * VL;  // the parts that fill whole vectors
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> probs(P * S), probs_t(f_s == 1 ? S * p_vectors : 0);
+      std::vector<acc> probs(P * S), probs_t(f_s == 1 ? S * p_vectors : 0), hm_acc, f_rows;
       for (int64_t b = begin; b < end; ++b) {
-        image_logits<scalar_t>(hp + b * J * S, identity, gp, P, J, S,
-                               static_cast<scalar_t>(temperature), probs.data());
-        row_softmax<scalar_t>(probs.data(), P, S, lp + b * P);
+        image_logits<acc>(in_acc(hp + b * J * S, J * S, hm_acc), identity, gp, P, J, S,
+                          static_cast<acc>(temperature), probs.data());
+        row_softmax<acc>(probs.data(), P, S);
         const scalar_t* f = fp + b * f_batch;
         if (f_s == 1) {  // NCHW: out[q, c] = p[q, :] . F[c, :]
           // Whole vectors of parts against the feature rows, from p^T (no horizontal sums); the
@@ -377,34 +396,35 @@ std::tuple<at::Tensor, at::Tensor> part_pool_cpu(const at::Tensor& features_in,
           for (int64_t q = 0; q < p_vectors; ++q) {
             for (int64_t s = 0; s < S; ++s) probs_t[s * p_vectors + q] = probs[q * S + s];
           }
-          gemm_transposed<scalar_t>(C, p_vectors, S, f, f_c, probs_t.data(), p_vectors, op + b * P * C, C);
-          gemm_dot<scalar_t>(P - p_vectors, C, S, probs.data() + p_vectors * S, S, f, f_c,
-                             op + (b * P + p_vectors) * C, C);
+          gemm_transposed<scalar_t, scalar_t>(C, p_vectors, S, f, f_c, probs_t.data(), p_vectors,
+                                              op + b * P * C, C, f_rows);
+          gemm_dot<scalar_t, scalar_t>(P - p_vectors, C, S, probs.data() + p_vectors * S, S, f, f_c,
+                                       op + (b * P + p_vectors) * C, C, f_rows);
         } else {         // channels_last: out[q, :] = sum_s p[q, s] F[s, :]
-          gemm_broadcast<scalar_t>(P, C, S, probs.data(), S, 1, f, f_s, op + b * P * C, C, false);
+          gemm_broadcast<scalar_t, scalar_t>(P, C, S, probs.data(), S, 1, f, f_s, op + b * P * C, C, false,
+                                             f_rows);
         }
       }
     });
   });
-  return {out, lse};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& features_in, const at::Tensor& heatmaps_in,
-    const std::optional<at::Tensor>& groups_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    double temperature, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& groups_in, double temperature, std::array<bool, 3> output_mask) {
   const int64_t P = check_part_pool_args(features_in, heatmaps_in, groups_in, temperature);
-  check_part_pool_backward_args(grad_out_in, features_in, out_in, lse_in, P);
-  check_cpu_dtype(features_in);
+  check_part_pool_backward_args(grad_out_in, features_in, P);
   const int64_t B = features_in.size(0), C = features_in.size(1), J = heatmaps_in.size(1);
   const int64_t H = features_in.size(2), W = features_in.size(3), S = H * W;
   const bool need_features = output_mask[0], need_heatmaps = output_mask[1];
   const bool need_groups = output_mask[2] && groups_in.has_value();
   const auto features = image_matrices(features_in);
   const auto heatmaps = heatmaps_in.contiguous();
-  const auto groups = groups_in.has_value() ? groups_in->contiguous() : at::Tensor();
-  const auto grad_out = grad_out_in.contiguous();
   const auto options = features.options();
+  const auto acc_options = options.dtype(at::toOpMathType(features.scalar_type()));
+  const auto groups = groups_in.has_value() ? groups_in->to(acc_options.dtype()).contiguous() : at::Tensor();
+  const auto grad_out = grad_out_in.contiguous();
   const bool need_logits = need_heatmaps || need_groups;
   at::Tensor grad_features = at::empty({0}, options), grad_heatmaps = at::empty({0}, options);
   at::Tensor grad_groups = at::empty({0}, options), grad_groups_partial;
@@ -417,53 +437,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
     advise_huge_pages(grad_features);
   }
   if (need_heatmaps) grad_heatmaps = at::empty({B, J, H, W}, options);
-  if (need_groups) grad_groups_partial = at::empty({B, P, J}, options);
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "part_pool_backward_cpu", [&] {
+  if (need_groups) grad_groups_partial = at::empty({B, P, J}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "part_pool_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
     const scalar_t* fp = features.data_ptr<scalar_t>();
     const scalar_t* hp = heatmaps.data_ptr<scalar_t>();
     const bool identity = !groups.defined();
-    const scalar_t* gp = identity ? nullptr : groups.data_ptr<scalar_t>();
+    const acc* gp = identity ? nullptr : groups.data_ptr<acc>();
     const scalar_t* dp = grad_out.data_ptr<scalar_t>();
-    const auto t = static_cast<scalar_t>(temperature);
+    const auto t = static_cast<acc>(temperature);
     const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
     scalar_t* gfp = need_features ? grad_features.data_ptr<scalar_t>() : nullptr;
     // grad_features as [B, C, S]: strides (C*S, S, 1) or, channels_last, (S*C, 1, C).
     const int64_t gf_c = need_features ? grad_features.stride(1) : 0;
     const int64_t gf_s = need_features ? grad_features.stride(3) : 0;
     scalar_t* ghp = need_heatmaps ? grad_heatmaps.data_ptr<scalar_t>() : nullptr;
-    scalar_t* ggp = need_groups ? grad_groups_partial.data_ptr<scalar_t>() : nullptr;
+    acc* ggp = need_groups ? grad_groups_partial.data_ptr<acc>() : nullptr;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> probs(P * S), grad_logits(need_logits ? P * S : 0), row_lse(P);
+      std::vector<acc> probs(P * S), grad_logits(need_logits ? P * S : 0), hm_acc, dout_acc, f_rows;
       for (int64_t b = begin; b < end; ++b) {
-        image_logits<scalar_t>(hp + b * J * S, identity, gp, P, J, S, t, probs.data());
-        row_softmax<scalar_t>(probs.data(), P, S, row_lse.data());
-        const scalar_t* dout = dp + b * P * C;
+        const acc* hm = in_acc(hp + b * J * S, J * S, hm_acc);
+        image_logits<acc>(hm, identity, gp, P, J, S, t, probs.data());
+        row_softmax<acc>(probs.data(), P, S);
+        const acc* dout = in_acc(dp + b * P * C, P * C, dout_acc);
         const scalar_t* f = fp + b * f_batch;
         if (need_features) {
           scalar_t* grad_f = gfp + b * C * S;
           if (gf_s == 1) {  // NCHW: grad_f[c, :] = sum_q dout[q, c] p[q, :]
-            gemm_broadcast<scalar_t>(C, S, P, dout, 1, C, probs.data(), S, grad_f, gf_c, false);
+            gemm_broadcast<acc, scalar_t>(C, S, P, dout, 1, C, probs.data(), S, grad_f, gf_c, false, dout_acc);
           } else {          // channels_last: grad_f[s, :] = sum_q p[q, s] dout[q, :]
-            gemm_broadcast<scalar_t>(S, C, P, probs.data(), 1, S, dout, C, grad_f, gf_s, false);
+            gemm_broadcast<acc, scalar_t>(S, C, P, probs.data(), 1, S, dout, C, grad_f, gf_s, false, dout_acc);
           }
         }
         if (!need_logits) continue;
         if (f_s == 1) {  // NCHW: grad_p[q, :] = sum_c dout[q, c] F[c, :]
-          gemm_broadcast<scalar_t>(P, S, C, dout, C, 1, f, f_c, grad_logits.data(), S, false);
+          gemm_broadcast<scalar_t, acc>(P, S, C, dout, C, 1, f, f_c, grad_logits.data(), S, false, f_rows);
         } else {         // channels_last: grad_p[q, s] = dout[q, :] . F[s, :]
-          gemm_dot<scalar_t>(P, S, C, dout, C, f, f_s, grad_logits.data(), S);
+          gemm_dot<scalar_t, acc>(P, S, C, dout, C, f, f_s, grad_logits.data(), S, f_rows);
         }
-        logits_gradient<scalar_t>(probs.data(), P, S, t, grad_logits.data());
-        heatmap_gradients<scalar_t>(grad_logits.data(), hp + b * J * S, identity, gp, P, J, S,
+        logits_gradient<acc>(probs.data(), P, S, t, grad_logits.data());
+        heatmap_gradients<scalar_t>(grad_logits.data(), hm, identity, gp, P, J, S,
                                     ghp ? ghp + b * J * S : nullptr, need_groups ? ggp + b * P * J : nullptr);
       }
     });
     if (need_groups) {  // the per-image partials summed in image order ([P, J] zeros for B = 0)
-      grad_groups = at::zeros({P, J}, options);
-      scalar_t* dst = grad_groups.data_ptr<scalar_t>();
+      auto sum = at::zeros({P, J}, acc_options);
+      acc* dst = sum.data_ptr<acc>();
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t i = 0; i < P * J; ++i) dst[i] += ggp[b * P * J + i];
       }
+      grad_groups = sum.to(options.dtype());
     }
   });
   return {grad_features, grad_heatmaps, grad_groups};

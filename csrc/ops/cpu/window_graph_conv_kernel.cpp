@@ -27,6 +27,12 @@
 // at most kSharedAdjChunks [R, L] partials, plus per thread a pointer table of <= window * L
 // entries, Xt [C, L] and a packed strip of kTermChunk x 2 vectors.  The unfolded window tensor
 // [B, T', L, C] is never built.
+// float16 / bfloat16: x, grad_out, out and grad_x are 16-bit in memory; the packed strips, Xt and
+// every accumulator are float32 (ops/cpu/reduced_precision.h), a 16-bit output takes all its terms
+// in one chunk (so that each element is rounded once), and grad_adj is summed in float32 ([R, L]
+// adj or the chunk partials) and rounded at the end.  The broadcast (left) operands are widened
+// beforehand, so the inner loops are the float32 ones: adj once per call (a float32 copy of adj),
+// a window's grad_out rows (R x C) per window of grad_adj.
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -36,6 +42,7 @@
 
 #include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/huge_pages.h"
+#include "ops/cpu/reduced_precision.h"
 #include "ops/window_graph_conv.h"
 
 namespace keypointops {
@@ -66,17 +73,18 @@ struct Shape {
 
 // The K terms of a product sum_k left_k (x) right_k: term k has a left column (element m at
 // left[k][m * left_stride]) and a right row (element n at right[k][n], contiguous); `packed` is
-// the scratch buffer of broadcast_gemm.
-template <typename scalar_t>
+// the scratch buffer of broadcast_gemm, in the accumulation dtype.
+template <typename left_t, typename right_t = left_t>
 struct Terms {
-  std::vector<const scalar_t*> left, right;
-  std::vector<scalar_t> packed;
+  std::vector<const left_t*> left;
+  std::vector<const right_t*> right;
+  std::vector<acc_t<left_t>> packed;
 
   void clear() {
     left.clear();
     right.clear();
   }
-  void add(const scalar_t* l, const scalar_t* r) {
+  void add(const left_t* l, const right_t* r) {
     left.push_back(l);
     right.push_back(r);
   }
@@ -89,33 +97,40 @@ constexpr int64_t kTermChunk = 256;
 
 // out[m0 + r, n0 : n0 + count] (+)= sum_{k0 <= k < k1} left[k][(m0 + r) * stride] *
 // packed[k - k0][0 : count] for r < kRows; the 2 * kRows accumulators stay in registers.
-// `accumulate` adds to out instead of overwriting it.
-template <typename scalar_t, int kRows>
-void broadcast_block(const scalar_t* const* left, const scalar_t* packed, int64_t k0, int64_t k1,
+// `accumulate` adds to out instead of overwriting it.  left and out may be 16-bit.
+template <typename left_t, typename out_t, int kRows>
+void broadcast_block(const left_t* const* left, const acc_t<left_t>* packed, int64_t k0, int64_t k1,
                      int64_t stride, int64_t m0, int64_t n0, int64_t count, bool accumulate,
-                     scalar_t* out, int64_t ld_out) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+                     out_t* out, int64_t ld_out) {
+  using Vec = AccVec<left_t>;
+  using acc = acc_t<left_t>;
   constexpr int64_t VL = Vec::size();
   const int64_t count0 = std::min(VL, count), count1 = count - count0;
   Vec acc0[kRows], acc1[kRows];
   for (int r = 0; r < kRows; ++r) {
-    const scalar_t* o = out + (m0 + r) * ld_out + n0;
-    acc0[r] = accumulate ? Vec::loadu(o, count0) : Vec(scalar_t(0));
-    acc1[r] = accumulate && count1 > 0 ? Vec::loadu(o + VL, count1) : Vec(scalar_t(0));
+    const out_t* o = out + (m0 + r) * ld_out + n0;
+    acc0[r] = accumulate ? load_acc(o, count0) : Vec(acc(0));
+    acc1[r] = accumulate && count1 > 0 ? load_acc(o + VL, count1) : Vec(acc(0));
   }
   for (int64_t k = k0; k < k1; ++k, packed += 2 * VL) {
     const Vec b0 = Vec::loadu(packed), b1 = Vec::loadu(packed + VL);
-    const scalar_t* a = left[k] + m0 * stride;
+    const left_t* a = left[k] + m0 * stride;
     for (int r = 0; r < kRows; ++r) {
-      const Vec a_r(a[r * stride]);
+      const Vec a_r(static_cast<acc>(a[r * stride]));
       acc0[r] = at::vec::fmadd(a_r, b0, acc0[r]);
       acc1[r] = at::vec::fmadd(a_r, b1, acc1[r]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    scalar_t* o = out + (m0 + r) * ld_out + n0;
-    acc0[r].store(o, count0);
-    if (count1 > 0) acc1[r].store(o + VL, count1);
+    out_t* o = out + (m0 + r) * ld_out + n0;
+    if constexpr (is_reduced_precision<out_t>) {
+      if (count == 2 * VL) {  // both vectors rounded into one 16-bit vector, one full store
+        at::vec::convert_from_float<out_t>(acc0[r], acc1[r]).store(o);
+        continue;
+      }
+    }
+    store_acc(acc0[r], o, count0);
+    if (count1 > 0) store_acc(acc1[r], o + VL, count1);
   }
 }
 
@@ -125,33 +140,41 @@ void broadcast_block(const scalar_t* const* left, const scalar_t* packed, int64_
 // no masked loads; and the rows, often a power of two apart, no longer fight over L1 sets), then
 // ceil(M / 6) row blocks of nearly equal size run over the packed strip (25 rows: 5 x 5, not
 // 6 + 6 + 6 + 4 + 3: a block of r rows keeps 2r FMA chains in flight, and fewer than 8 leave the
-// FMA units waiting on their latency).
-template <typename scalar_t>
-void broadcast_gemm(Terms<scalar_t>& terms, int64_t stride, int64_t M, int64_t N, scalar_t* out,
+// FMA units waiting on their latency).  A 16-bit out takes all K terms in one chunk.
+template <typename left_t, typename right_t, typename out_t>
+void broadcast_gemm(Terms<left_t, right_t>& terms, int64_t stride, int64_t M, int64_t N, out_t* out,
                     int64_t ld_out, bool accumulate = false) {
-  constexpr int64_t kCols = 2 * at::vec::Vectorized<scalar_t>::size();
+  using acc = acc_t<left_t>;
+  constexpr int64_t kCols = 2 * AccVec<left_t>::size();
   const int64_t K = terms.size();
   const int64_t blocks = (M + 5) / 6;
   if (blocks == 0) return;
-  terms.packed.resize(kTermChunk * kCols);
-  scalar_t* packed = terms.packed.data();
-  const scalar_t* const* left = terms.left.data();
-  for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kTermChunk) {
-    const int64_t k1 = std::min(K, k0 + kTermChunk);
+  const int64_t chunk = is_reduced_precision<out_t> ? std::max<int64_t>(K, 1) : kTermChunk;
+  terms.packed.resize(chunk * kCols);
+  acc* packed = terms.packed.data();
+  const left_t* const* left = terms.left.data();
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += chunk) {
+    const int64_t k1 = std::min(K, k0 + chunk);
     const bool add = accumulate || k0 > 0;
     for (int64_t n0 = 0; n0 < N; n0 += kCols) {
       const int64_t count = std::min(kCols, N - n0);
       for (int64_t k = k0; k < k1; ++k) {
-        scalar_t* row = packed + (k - k0) * kCols;
-        std::copy_n(terms.right[k] + n0, count, row);
-        std::fill(row + count, row + kCols, scalar_t(0));
+        acc* row = packed + (k - k0) * kCols;
+        if constexpr (is_reduced_precision<right_t>) {  // widened a vector at a time, zeros past N
+          constexpr int64_t VL = AccVec<right_t>::size();
+          load_acc(terms.right[k] + n0, std::min(VL, count)).store(row);
+          load_acc(terms.right[k] + n0 + VL, std::max<int64_t>(count - VL, 0)).store(row + VL);
+        } else {
+          std::copy_n(terms.right[k] + n0, count, row);
+          std::fill(row + count, row + kCols, acc(0));
+        }
       }
       for (int64_t block = 0, m0 = 0; block < blocks; ++block) {
         const int64_t rows = M / blocks + (block < M % blocks ? 1 : 0);
         switch (rows) {
 #define KEYPOINTOPS_BLOCK(R)                                                                    \
   case R:                                                                                       \
-    broadcast_block<scalar_t, R>(left, packed, k0, k1, stride, m0, n0, count, add, out, ld_out); \
+    broadcast_block<left_t, out_t, R>(left, packed, k0, k1, stride, m0, n0, count, add, out, ld_out); \
     break;
           KEYPOINTOPS_BLOCK(6)
           KEYPOINTOPS_BLOCK(5)
@@ -169,8 +192,8 @@ void broadcast_gemm(Terms<scalar_t>& terms, int64_t stride, int64_t M, int64_t N
 
 // Appends the terms of window (b, t)'s valid nodes j: column j of A_bt and the row of x it reads.
 template <typename scalar_t>
-void window_terms(const Shape& s, const scalar_t* x, const scalar_t* a_bt, int64_t b, int64_t t,
-                  Terms<scalar_t>& terms) {
+void window_terms(const Shape& s, const scalar_t* x, const acc_t<scalar_t>* a_bt, int64_t b, int64_t t,
+                  Terms<acc_t<scalar_t>, scalar_t>& terms) {
   const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation, s.stride);
   for (int64_t w = slots.lo; w < slots.hi; ++w) {
     const scalar_t* frame = x + ((b * s.T + s.start(t) + w * s.dilation) * s.N) * s.C;
@@ -180,8 +203,8 @@ void window_terms(const Shape& s, const scalar_t* x, const scalar_t* a_bt, int64
 
 // out[b, t] of window r = b * T' + t.
 template <typename scalar_t>
-void forward_window(const Shape& s, const scalar_t* x, const scalar_t* adj, int64_t r,
-                    Terms<scalar_t>& terms, scalar_t* out) {
+void forward_window(const Shape& s, const scalar_t* x, const acc_t<scalar_t>* adj, int64_t r,
+                    Terms<acc_t<scalar_t>, scalar_t>& terms, scalar_t* out) {
   const int64_t b = r / s.To, t = r % s.To;
   terms.clear();
   window_terms(s, x, adj + s.adj_offset(b, t), b, t, terms);
@@ -190,14 +213,14 @@ void forward_window(const Shape& s, const scalar_t* x, const scalar_t* adj, int6
 
 // grad_x[b, f] of frame r = b * T + f.
 template <typename scalar_t>
-void grad_x_frame(const Shape& s, const scalar_t* grad_out, const scalar_t* adj, int64_t r,
-                  Terms<scalar_t>& terms, scalar_t* grad_x) {
+void grad_x_frame(const Shape& s, const scalar_t* grad_out, const acc_t<scalar_t>* adj, int64_t r,
+                  Terms<acc_t<scalar_t>, scalar_t>& terms, scalar_t* grad_x) {
   const int64_t b = r / s.T, f = r % s.T;
   terms.clear();
   for (int64_t w = 0; w < s.window; ++w) {
     const int64_t t = window_reading_frame(f, w, s.To, s.window, s.dilation, s.stride);
     if (t < 0) continue;
-    const scalar_t* a = adj + s.adj_offset(b, t) + w * s.N;  // A_bt[:, wN:(w+1)N]
+    const acc_t<scalar_t>* a = adj + s.adj_offset(b, t) + w * s.N;  // A_bt[:, wN:(w+1)N]
     const scalar_t* g = grad_out + (b * s.To + t) * s.R * s.C;
     for (int64_t i = 0; i < s.R; ++i) terms.add(a + i * s.L, g + i * s.C);
   }
@@ -207,10 +230,12 @@ void grad_x_frame(const Shape& s, const scalar_t* grad_out, const scalar_t* adj,
 // target = grad_A summed over the windows [begin, end): per window r, grad_A[i, j] +=
 // sum_c G[i, c] Xt[c, j] with G = grad_out[r] ([R, C]) and Xt ([C, L]) the window's x rows
 // transposed, zero for the slots outside the clip: a broadcast GEMM over the C channels.
+// g_rows: where a 16-bit window of grad_out is widened.
 template <typename scalar_t>
 void grad_adj_windows(const Shape& s, const scalar_t* grad_out, const scalar_t* x, int64_t begin,
-                      int64_t end, std::vector<scalar_t>& xt, Terms<scalar_t>& terms,
-                      scalar_t* target) {
+                      int64_t end, std::vector<acc_t<scalar_t>>& xt, std::vector<acc_t<scalar_t>>& g_rows,
+                      Terms<acc_t<scalar_t>>& terms, acc_t<scalar_t>* target) {
+  using acc = acc_t<scalar_t>;
   xt.resize(s.C * s.L);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / s.To, t = r % s.To;
@@ -219,38 +244,33 @@ void grad_adj_windows(const Shape& s, const scalar_t* grad_out, const scalar_t* 
       const bool inside = w >= slots.lo && w < slots.hi;
       const scalar_t* frame = x + ((b * s.T + s.start(t) + w * s.dilation) * s.N) * s.C;
       for (int64_t n = 0; n < s.N; ++n) {
-        scalar_t* column = xt.data() + w * s.N + n;
-        for (int64_t c = 0; c < s.C; ++c) column[c * s.L] = inside ? frame[n * s.C + c] : scalar_t(0);
+        acc* column = xt.data() + w * s.N + n;
+        for (int64_t c = 0; c < s.C; ++c) column[c * s.L] = inside ? static_cast<acc>(frame[n * s.C + c]) : acc(0);
       }
     }
     terms.clear();
-    const scalar_t* g = grad_out + r * s.R * s.C;
+    const acc* g = in_acc(grad_out + r * s.R * s.C, s.R * s.C, g_rows);
     for (int64_t c = 0; c < s.C; ++c) terms.add(g + c, xt.data() + c * s.L);
     broadcast_gemm(terms, s.C, s.R, s.L, target, s.L, /*accumulate=*/true);
   }
 }
 
-void check_cpu_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "window_graph_conv: the CPU kernel takes float32 or float64 x, got ", x.scalar_type());
-}
-
 at::Tensor window_graph_conv_cpu(const at::Tensor& x_in, const at::Tensor& adj_in, int64_t window,
                                  int64_t dilation, int64_t stride) {
   check_window_graph_conv_args(x_in, adj_in, window, dilation, stride);
-  check_cpu_dtype(x_in);
   const Shape s(x_in, adj_in, window, dilation, stride);
   const auto x = x_in.contiguous();
-  const auto adj = adj_in.contiguous();
+  const auto adj = adj_in.to(at::toOpMathType(x.scalar_type())).contiguous();
   auto out = at::empty({s.B, s.To, s.R, s.C}, x.options());
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "window_graph_conv_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_graph_conv_cpu", [&] {
+    using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ap = adj.data_ptr<scalar_t>();
+    const acc* ap = adj.data_ptr<acc>();
     scalar_t* op = out.data_ptr<scalar_t>();
     for_each_task(s.B * s.To, [&] {
-      return [&, terms = Terms<scalar_t>()](int64_t r) mutable {
+      return [&, terms = Terms<acc, scalar_t>()](int64_t r) mutable {
         forward_window<scalar_t>(s, xp, ap, r, terms, op);
       };
     });
@@ -263,12 +283,13 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
     int64_t dilation, int64_t stride, bool compute_grad_x, bool compute_grad_adj) {
   check_window_graph_conv_args(x_in, adj_in, window, dilation, stride);
   check_window_graph_conv_grad_out(grad_out_in, x_in, adj_in, window, dilation, stride);
-  check_cpu_dtype(x_in);
   const Shape s(x_in, adj_in, window, dilation, stride);
   const auto grad_out = grad_out_in.contiguous();
   const auto x = x_in.contiguous();
-  const auto adj = adj_in.contiguous();
+  const auto adj = adj_in.to(at::toOpMathType(x.scalar_type())).contiguous();
   const auto options = x.options();
+  const auto acc_options = options.dtype(at::toOpMathType(x.scalar_type()));
+  const bool reduced = acc_options.dtype() != options.dtype();
   auto grad_x = compute_grad_x ? at::empty(x.sizes(), options) : at::empty({0}, options);
   auto grad_adj = compute_grad_adj ? at::zeros(adj.sizes(), options) : at::empty({0}, options);
   const int64_t windows = s.B * s.To;
@@ -278,26 +299,33 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
   const bool shared = adj.dim() == 2;
   const AdjGradUnits work = adj_grad_units(adj.dim(), s.B, s.To, kSharedAdjChunks);
   const int64_t per_unit = work.windows_per_unit, units = work.units;
-  auto targets = compute_grad_adj && shared ? at::zeros({units, s.R, s.L}, options) : grad_adj;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "window_graph_conv_backward_cpu", [&] {
+  // Where grad_adj is summed: per-chunk partials (shared adj), a float32 grad_adj (16-bit adj), or
+  // grad_adj itself.
+  auto targets = !compute_grad_adj ? grad_adj
+                 : shared          ? at::zeros({units, s.R, s.L}, acc_options)
+                 : reduced         ? at::zeros(adj.sizes(), acc_options)
+                                   : grad_adj;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_graph_conv_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
     const scalar_t* gp = grad_out.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ap = adj.data_ptr<scalar_t>();
+    const acc* ap = adj.data_ptr<acc>();
     if (compute_grad_x) {
       advise_huge_pages(grad_x);
       scalar_t* gxp = grad_x.data_ptr<scalar_t>();
       for_each_task(s.B * s.T, [&] {
-        return [&, terms = Terms<scalar_t>()](int64_t r) mutable {
+        return [&, terms = Terms<acc, scalar_t>()](int64_t r) mutable {
           grad_x_frame<scalar_t>(s, gp, ap, r, terms, gxp);
         };
       });
     }
     if (compute_grad_adj) {
-      scalar_t* tp = targets.data_ptr<scalar_t>();
+      acc* tp = targets.data_ptr<acc>();
       for_each_task(units, [&] {
-        return [&, xt = std::vector<scalar_t>(), terms = Terms<scalar_t>()](int64_t unit) mutable {
+        return [&, xt = std::vector<acc>(), g_rows = std::vector<acc>(),
+                terms = Terms<acc>()](int64_t unit) mutable {
           grad_adj_windows<scalar_t>(s, gp, xp, unit * per_unit,
-                                     std::min(windows, (unit + 1) * per_unit), xt, terms,
+                                     std::min(windows, (unit + 1) * per_unit), xt, g_rows, terms,
                                      tp + unit * s.R * s.L);
         };
       });
@@ -305,7 +333,11 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
   });
   if (compute_grad_adj && shared) {
     // Chunk partials summed in chunk order (elementwise adds: bitwise reproducible).
-    for (int64_t unit = 0; unit < units; ++unit) grad_adj.add_(targets[unit]);
+    auto sum = reduced ? at::zeros(adj.sizes(), acc_options) : grad_adj;
+    for (int64_t unit = 0; unit < units; ++unit) sum.add_(targets[unit]);
+    if (reduced) grad_adj.copy_(sum);
+  } else if (compute_grad_adj && reduced) {
+    grad_adj.copy_(targets);
   }
   return {grad_x, grad_adj};
 }

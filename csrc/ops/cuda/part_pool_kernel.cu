@@ -1,12 +1,12 @@
 // part_pool CUDA kernels.
 //
 // Forward: (1) one block per (image, part) computes the logits r = (groups @ heatmaps) / temperature
-// over the S = H*W pixels, their max and sum (block reductions), the softmax p [B, P, S] and
-// lse [B, P]; (2) out = p @ F^T, one block per (image, 64 channels, 4..32 parts) walking the pixels in
+// over the S = H*W pixels, their max and sum (block reductions) and the softmax p [B, P, S];
+// (2) out = p @ F^T, one block per (image, 64 channels, 4..32 parts) walking the pixels in
 // tiles of 32 through shared memory: every feature element is read from global memory once (P <= 32).
-// Backward: (1) recomputes p as forward does (max, exp, sum, divide), not as exp(r - lse): the
-// float32 lse is rounded to ulp(lse), an error that exp(r - lse) carries into every probability of
-// the row (relative 1e-5 at logits of a few hundred, a sharp softmax); (3) grad_features =
+// Backward saves nothing but the inputs: (1) recomputes p as forward does (max, exp, sum, divide),
+// not from a saved log-sum-exp, whose float32 rounding (ulp(lse)) exp(r - lse) would carry into every
+// probability of the row (relative 1e-5 at logits of a few hundred, a sharp softmax); (3) grad_features =
 // p^T @ dout in tiles of 64 channels x 32 pixels, written once in the features' layout (NCHW or
 // channels_last, coalesced either way); (4) grad_p = dout @ F in tiles of 32 parts x 32 pixels over
 // all channels (the features read once more); (5) per row delta = rowsum(p * grad_p) and
@@ -16,7 +16,7 @@
 // leave noise of ulp(|dout| |F|) / temperature); grad_heatmaps = groups^T @ grad_r and
 // grad_groups = sum_b grad_r @ heatmaps^T are small GEMMs (ATen).  Every output element is summed
 // by one thread in a fixed order: deterministic.
-// Memory: p and grad_r [B, P, S] and lse [B, P], in the accumulation type (float for
+// Memory: p and grad_r [B, P, S], in the accumulation type (float for
 // half / bfloat16 / float, double for double); nothing of size [B, P, C, H, W].
 // Occupancy: at most 128 registers per thread (float64 weighted sums of 8 parts per thread; 48-89
 // for the other instances), so at least 2 blocks of 256 threads per SM.
@@ -45,8 +45,6 @@ constexpr int64_t kMaxGridYZ = 65535;
 
 __device__ __forceinline__ float exp_of(float x) { return expf(x); }
 __device__ __forceinline__ double exp_of(double x) { return exp(x); }
-__device__ __forceinline__ float log_of(float x) { return logf(x); }
-__device__ __forceinline__ double log_of(double x) { return log(x); }
 
 struct MaxOp {
   template <typename T>
@@ -99,14 +97,12 @@ __device__ __forceinline__ void load_rows_tile(acc_t (*tile)[kCols], const T* sr
 }
 
 // One block per row (image b, part q) of probs [B * P, S]: the logits (identity: groups is the
-// identity and not read; J = 0 with groups gives zero logits), then the softmax and
-// lse[row] = max + log(sum).
+// identity and not read; J = 0 with groups gives zero logits), then the softmax.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) probabilities_kernel(
     const scalar_t* __restrict__ heatmaps, bool identity, const scalar_t* __restrict__ groups,
     int64_t P, int64_t J,
-    int64_t S, acc_t temperature, acc_t* __restrict__ lse,
-    acc_t* __restrict__ probs) {
+    int64_t S, acc_t temperature, acc_t* __restrict__ probs) {
   __shared__ acc_t scratch[kThreads / 32];
   const int64_t row = blockIdx.x;
   const int64_t b = row / P, q = row % P;
@@ -135,7 +131,6 @@ __global__ void __launch_bounds__(kThreads) probabilities_kernel(
   }
   const acc_t row_sum = block_reduce(local_sum, SumOp(), scratch);
   for (int64_t s = threadIdx.x; s < S; s += kThreads) p[s] /= row_sum;
-  if (threadIdx.x == 0) lse[row] = row_max + log_of(row_sum);
 }
 
 // out[b, q, c] = sum_s p[b, q, s] * F[b, c, s].  Block: image blockIdx.x, channels
@@ -293,13 +288,12 @@ void check_grid(int64_t C, int64_t S) {
 
 template <typename scalar_t, typename acc_t>
 void launch_probabilities(const at::Tensor& heatmaps, const at::Tensor& groups, int64_t P,
-                          double temperature, const at::Tensor& lse,
-                          const at::Tensor& probs, cudaStream_t stream) {
+                          double temperature, const at::Tensor& probs, cudaStream_t stream) {
   const int64_t B = heatmaps.size(0), J = heatmaps.size(1), S = heatmaps.size(2) * heatmaps.size(3);
   probabilities_kernel<scalar_t, acc_t><<<B * P, kThreads, 0, stream>>>(
       heatmaps.data_ptr<scalar_t>(), !groups.defined(),
       groups.defined() ? groups.data_ptr<scalar_t>() : nullptr, P, J,
-      S, static_cast<acc_t>(temperature), lse.data_ptr<acc_t>(), probs.data_ptr<acc_t>());
+      S, static_cast<acc_t>(temperature), probs.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -327,10 +321,8 @@ at::Tensor image_matrices(const at::Tensor& t) {
   return t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)});
 }
 
-std::tuple<at::Tensor, at::Tensor> part_pool_cuda(const at::Tensor& features_in,
-                                                  const at::Tensor& heatmaps_in,
-                                                  const std::optional<at::Tensor>& groups_in,
-                                                  double temperature) {
+at::Tensor part_pool_cuda(const at::Tensor& features_in, const at::Tensor& heatmaps_in,
+                          const std::optional<at::Tensor>& groups_in, double temperature) {
   const int64_t P = check_part_pool_args(features_in, heatmaps_in, groups_in, temperature);
   const c10::cuda::CUDAGuard guard(features_in.device());
   const int64_t B = features_in.size(0), C = features_in.size(1);
@@ -341,13 +333,12 @@ std::tuple<at::Tensor, at::Tensor> part_pool_cuda(const at::Tensor& features_in,
   const auto groups = groups_in.has_value() ? groups_in->contiguous() : at::Tensor();
   const auto acc_type = at::toOpMathType(features.scalar_type());
   auto out = at::empty({B, P, C}, features.options());
-  auto lse = at::empty({B, P}, features.options().dtype(acc_type));
-  if (B == 0 || P == 0) return {out, lse};
-  auto probs = at::empty({B, P, S}, lse.options());
+  if (B == 0 || P == 0) return out;
+  auto probs = at::empty({B, P, S}, features.options().dtype(acc_type));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "part_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_probabilities<scalar_t, acc_t>(heatmaps, groups, P, temperature, lse, probs, stream);
+    launch_probabilities<scalar_t, acc_t>(heatmaps, groups, P, temperature, probs, stream);
     if (C == 0) return;
     if (P <= 4) {
       launch_weighted_sum<scalar_t, acc_t, 1>(features, probs, out, stream);
@@ -359,15 +350,14 @@ std::tuple<at::Tensor, at::Tensor> part_pool_cuda(const at::Tensor& features_in,
       launch_weighted_sum<scalar_t, acc_t, 8>(features, probs, out, stream);
     }
   });
-  return {out, lse};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& features_in, const at::Tensor& heatmaps_in,
-    const std::optional<at::Tensor>& groups_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    double temperature, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& groups_in, double temperature, std::array<bool, 3> output_mask) {
   const int64_t P = check_part_pool_args(features_in, heatmaps_in, groups_in, temperature);
-  check_part_pool_backward_args(grad_out_in, features_in, out_in, lse_in, P);
+  check_part_pool_backward_args(grad_out_in, features_in, P);
   const c10::cuda::CUDAGuard guard(features_in.device());
   const int64_t B = features_in.size(0), C = features_in.size(1), J = heatmaps_in.size(1);
   const int64_t H = features_in.size(2), W = features_in.size(3), S = H * W;
@@ -379,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cuda(
   const auto groups = groups_in.has_value() ? groups_in->contiguous() : at::Tensor();
   const auto grad_out = grad_out_in.contiguous();
   const auto options = features.options();
-  const auto acc_options = lse_in.options();
+  const auto acc_options = options.dtype(at::toOpMathType(features.scalar_type()));
   at::Tensor grad_features = at::empty({0}, options), grad_heatmaps = at::empty({0}, options);
   at::Tensor grad_groups = at::empty({0}, options);
   if (need_features) {  // channels_last features get a channels_last gradient, others NCHW
@@ -400,8 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "part_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_probabilities<scalar_t, acc_t>(heatmaps, groups, P, temperature, at::empty({B, P}, acc_options),
-                                          probs, stream);
+    launch_probabilities<scalar_t, acc_t>(heatmaps, groups, P, temperature, probs, stream);
     if (need_features && C > 0) {
       const auto g = grad_features.view({B, C, S});
       const dim3 grid(B, ceil_div(S, kTileS), ceil_div(C, kTileC));
