@@ -2,7 +2,7 @@
 
 RGCN/LGCN's pose branch (and any pose-only re-ID feature) can only learn what the keypoint
 sequences tell apart.  This script measures that without training a re-ID model, on the test split
-(4 evenly spaced frames per tracklet, as the ``cpu`` presets' test sampling) and, for a synthetic
+(4 frames per tracklet sampled ``evenly``, the ``cpu`` presets' test sampling) and, for a synthetic
 dataset with gait twins, on the twins: for each twin query the gallery is restricted to the
 tracklets of its pair (same appearance, different body and gait), so a feature that ranks the
 query's own identity first gets AP 1 and a random one gets the chance level printed beside it.
@@ -16,7 +16,7 @@ Features compared (each a clip embedding ranked by Euclidean distance):
 * **learned MLP**: a 2-layer MLP on the clip's body-normalised coordinates (each frame's visible
   joints centred on their box and divided by its height; missing joints 0), trained with
   cross-entropy on the training identities for ``--steps`` steps of 16 clips (random frames, one
-  per quarter of the tracklet: the test sampling's distribution).  It prints the training
+  per quarter of the tracklet, ``restricted_random``: the test frames' distribution).  It prints the training
   cross-entropy at the start (``ln(training ids)``) and at the end: how far the keypoints alone
   let even a free-form classifier fit the training identities.
 * **trained pose branches** (``--checkpoint``, RGCN/LGCN runs on the same dataset): the model's
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from keypointops.data import build_dataset, load_keypoints
+from keypointops.data.sampling import sample_frames
 from keypointops.data.synthetic import gait_twins
 from keypointops.evaluation import evaluate
 
@@ -43,15 +44,6 @@ FRAMES = 4
 LIMBS = (("thigh", ((11, 13), (12, 14))), ("shin", ((13, 15), (14, 16))), ("torso", ((5, 11), (6, 12))),
          ("upper arm", ((5, 7), (6, 8))), ("forearm", ((7, 9), (8, 10))), ("shoulders", ((5, 6),)),
          ("hips", ((11, 12),)))
-
-
-def evenly(count: int) -> np.ndarray:
-    return np.linspace(0, count - 1, FRAMES).round().astype(int)
-
-
-def one_per_quarter(count: int, rng: np.random.Generator) -> np.ndarray:
-    edges = np.linspace(0, count, FRAMES + 1)
-    return np.array([rng.integers(int(lo), max(int(lo) + 1, int(hi))) for lo, hi in zip(edges[:-1], edges[1:])])
 
 
 def body_normalised(clip: np.ndarray) -> np.ndarray:
@@ -90,7 +82,7 @@ class Split:
         self.cams = np.array([t.camid for t in tracklets])
 
     def clips(self) -> list[np.ndarray]:
-        return [kp[evenly(len(kp))] for kp in self.keypoints]
+        return [kp[sample_frames(len(kp), FRAMES, "evenly")] for kp in self.keypoints]
 
 
 def retrieval(features: np.ndarray, query: Split, gallery: Split, twins: list[tuple[int, int]]) -> tuple:
@@ -121,9 +113,8 @@ def train_mlp(train: Split, steps: int, seed: int) -> tuple[torch.nn.Module, flo
     losses = []
     for _ in range(steps):
         batch = rng.choice(len(train.keypoints), 16)
-        x = torch.from_numpy(np.stack([body_normalised(train.keypoints[i][one_per_quarter(len(train.keypoints[i]),
-                                                                                              rng)])
-                                       for i in batch]))
+        x = torch.from_numpy(np.stack([body_normalised(train.keypoints[i][
+            sample_frames(len(train.keypoints[i]), FRAMES, "restricted_random", rng)]) for i in batch]))
         loss = torch.nn.functional.cross_entropy(classifier(net(x)), torch.from_numpy(labels[batch]))
         optimizer.zero_grad()
         loss.backward()
