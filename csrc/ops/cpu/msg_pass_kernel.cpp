@@ -262,6 +262,14 @@ void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int
   }
 }
 
+// base^exponent for base >= 0 as exp(exponent ln base), not Sleef's pow: that pow carries its
+// logarithm in extended precision, which costs more than the exp and log together and buys
+// accuracy the sums above do not keep (here the relative error is about |exponent ln base| ulp).
+template <typename Vec>
+inline Vec power(const Vec& base, const Vec& exponent) {
+  return (exponent * base.log()).exp();
+}
+
 // Power-mean / mean forward of the destinations v_begin..v_end (see the file header): out, y and
 // the in-degree.
 template <typename scalar_t, bool kEdge, bool kPower>
@@ -289,14 +297,14 @@ void power_mean_forward_nodes(const scalar_t* x, const int64_t* rowptr, const in
         const Vec m = edge_message<kEdge>(x + col[e] * C + c, kEdge ? edge_attr + perm[e] * C + c : nullptr,
                                           n, eps_v);
         if constexpr (kPower) {
-          S = S + at::vec::clamp(m, lo_v, hi_v).pow(p_c);
+          S = S + power(at::vec::clamp(m, lo_v, hi_v), p_c);
         } else {
           S = S + m;
         }
       }
       const Vec y = S * inv_deg;
       if constexpr (kPower) {
-        store_acc<scalar_t>(at::vec::clamp(y, lo_v, hi_v).pow(one / p_c), out + v * C + c, n);
+        store_acc<scalar_t>(power(at::vec::clamp(y, lo_v, hi_v), one / p_c), out + v * C + c, n);
       } else {
         store_acc<scalar_t>(y, out + v * C + c, n);
       }
@@ -324,7 +332,7 @@ void pack_power_mean_factors(const scalar_t* grad_out, const acc_t<scalar_t>* me
         const Vec p_c = Vec::loadu(p + c, n);
         const Vec y = Vec::loadu(mean + i, n);
         const Vec Y = at::vec::clamp(y, lo_v, hi_v);
-        q = Vec::blendv(zero, q * Y.pow(one / p_c) / (p_c * Y), (y >= lo_v) & (y <= hi_v));
+        q = Vec::blendv(zero, q * power(Y, one / p_c) / (p_c * Y), (y >= lo_v) & (y <= hi_v));
       }
       q.store(factors + i, n);
     }
@@ -348,8 +356,9 @@ void power_mean_backward_nodes(const scalar_t* grad_out, const scalar_t* x, cons
     const Vec m = at::vec::maximum(in, zero) + eps_v;
     if constexpr (!kPower) return Vec::blendv(zero, one, in > zero);
     const Vec c = at::vec::clamp(m, lo_v, hi_v);
-    cp = c.pow(p_c);
-    if constexpr (kGradT) log_c = Vec::blendv(c.log(), zero, c == zero);  // 0^p ln 0 -> 0, as torch
+    const Vec ln_c = c.log();
+    cp = (p_c * ln_c).exp();
+    if constexpr (kGradT) log_c = Vec::blendv(ln_c, zero, c == zero);  // 0^p ln 0 -> 0, as torch
     return Vec::blendv(zero, p_c * cp / c, (in > zero) & (m >= lo_v) & (m <= hi_v));
   };
   for (int64_t u = u_begin; u < u_end; ++u) {
@@ -383,8 +392,9 @@ void power_mean_backward_nodes(const scalar_t* grad_out, const scalar_t* x, cons
       if constexpr (kGradT && kPower) {
         // u as a target: d out_u / d p = out_u ln(Y_u) (-1 / p^2), out_u = Y_u^(1/p).
         const Vec Y = at::vec::clamp(Vec::loadu(mean + u * C + c, n), lo_v, hi_v);
-        const Vec log_Y = Vec::blendv(Y.log(), zero, Y == zero);
-        const Vec direct = load_acc(grad_out + u * C + c, n) * Y.pow(one / p_c) * log_Y / (p_c * p_c);
+        const Vec ln_Y = Y.log();
+        const Vec log_Y = Vec::blendv(ln_Y, zero, Y == zero);
+        const Vec direct = load_acc(grad_out + u * C + c, n) * (ln_Y / p_c).exp() * log_Y / (p_c * p_c);
         (Vec::loadu(grad_p_partial + c, n) + GP - direct).store(grad_p_partial + c, n);
       }
     }

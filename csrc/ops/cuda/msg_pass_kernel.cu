@@ -51,13 +51,13 @@
 // Index contents are validated on the CPU only (Graph): here rowptr entries are clamped to [0, E]
 // and edges whose node index lies outside [0, N), or whose edge id lies outside [0, E), are skipped,
 // so bad indices never read out of range.
-// Occupancy: at most 168 registers per thread (165: the 16-byte bfloat16 power-mean backward with
+// Occupancy: at most 168 registers per thread (167: the 16-byte bfloat16 power-mean backward with
 // grad_p and edge features on sm_90; up to 163 for the other edge-feature backward instances,
 // 48-128 for most others), so 1 block of 256 threads per SM in the vectorised edge-feature
 // backward instances and 2 in the others.
 // Local memory: at most 32 bytes per thread, where ptxas spills (4-16 bytes) in the float64 softmax
-// backward with grad_t, the 16-bit backward with edge features (vectorised with grad_t; scalar
-// power mean on sm_80) and the vectorised bfloat16 forward on sm_90 (bench/results/cuda-resources.md).
+// backward with grad_t, the vectorised 16-bit backward with grad_t (grad_p) and edge features, and
+// the vectorised bfloat16 forward on sm_90 (bench/results/cuda-resources.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
