@@ -733,6 +733,17 @@ def test_power_mean_edge_cases(device, backend):
         torch.testing.assert_close(got[2], want[2], rtol=2e-2, atol=2e-2 * float(grad.float().abs().sum()) ** 0.5)
 
 
+def test_power_mean_and_mean_ignore_t():
+    """The power mean and the mean read no t: a t unfit for the softmax is not looked at (a plain p
+    of 1 runs the mean)."""
+    graph = random_graph(10, 30)
+    x = torch.randn(10, 4)
+    mean = keypointops.msg_pass(x, graph, aggr="mean")
+    for t in (torch.ones(3), float("nan")):
+        torch.testing.assert_close(keypointops.msg_pass(x, graph, t, aggr="powermean", p=1.0), mean)
+        torch.testing.assert_close(keypointops.msg_pass(x, graph, t, aggr="mean"), mean)
+
+
 def test_power_mean_bad_input_raises_naming_the_argument():
     graph = random_graph(10, 30)
     x = torch.randn(10, 4)

@@ -35,7 +35,7 @@ def check_args(x, graph, t, eps, edge_attr=None, aggr="softmax", p=1.0, clamp_mi
         for name, bound in (("clamp_min", clamp_min), ("clamp_max", clamp_max)):
             if bound is not None and (not isinstance(bound, (int, float)) or math.isnan(bound)):
                 raise ValueError(f"msg_pass: {name} must be a float or None, got {bound!r}")
-    else:
+    elif aggr != "mean":   # the mean reads neither t nor p
         _check_parameter("t", t, x)
         if aggr == "softmax_sg" and isinstance(t, Tensor) and t.requires_grad:
             raise ValueError("msg_pass: t cannot require grad with aggr='softmax_sg' (its weights are "
