@@ -195,16 +195,18 @@ def test_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
-def test_torch_compile_fullgraph(device, backend):
+@pytest.mark.parametrize("aggr", ["softmax", "powermean"])
+def test_torch_compile_fullgraph(device, backend, aggr):
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile does not trace Triton kernels in the interpreter on CPU tensors")
     gen = torch.Generator().manual_seed(8)
     graph = random_graph(19, 60, device=device)
     x = torch.randn(19, 8, generator=gen).to(device).requires_grad_()
-    t = torch.ones(8, device=device, requires_grad=True)
+    t = torch.full((8,), 1.5, device=device, requires_grad=True)   # the power p for the power mean
 
     def layer(x, t):
-        return keypointops.msg_pass(x, graph, t, backend=backend).relu().sum()
+        parameter = dict(t=t) if aggr == "softmax" else dict(p=t)
+        return keypointops.msg_pass(x, graph, aggr=aggr, backend=backend, **parameter).relu().sum()
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     got = compiled(x, t)
