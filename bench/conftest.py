@@ -279,9 +279,9 @@ def pytest_terminal_summary(terminalreporter, config):
     if group_floors:
         lines += ["", "| group | MB moved | GFLOP | of which GEMM | memory floor ms | compute floor ms | binds |",
                   "|---|---:|---:|---:|---:|---:|---|"] + [
-            f"| {group} | {f['bytes'] / 1e6:.1f} | {f['flops'] / 1e9:.3f} | "
-            f"{sum(floors.Gemm(**g).flops for g in f['gemms']) / 1e9:.3f} | {f['memory_s'] * 1e3:.2f} | "
-            f"{f['compute_s'] * 1e3:.2f} | {_binds(f)} |" for group, f in sorted(group_floors.items())]
+            f"| {group} | {f['bytes'] / 1e6:.4g} | {f['flops'] / 1e9:.4g} | "
+            f"{sum(floors.Gemm(**g).flops for g in f['gemms']) / 1e9:.4g} | {f['memory_s'] * 1e3:.3g} | "
+            f"{f['compute_s'] * 1e3:.3g} | {_binds(f)} |" for group, f in sorted(group_floors.items())]
     rounds = config.getoption("--kp-interleave")
     timer = config._benchmarksession.options["timer"].target
     stamp = (f"{datetime.date.today().isoformat()}, {rows[0]['device']}, torch {torch.__version__}, "

@@ -5,7 +5,8 @@ once and each output written once (forward + backward: the forward's bytes plus 
 which reads the output gradient and the inputs the gradients depend on and writes the gradients),
 and the FLOPs it must do, of which the matrix products are listed as ``Gemm`` shapes.
 
-Floors (measured in the run that times the ops, at its thread count; ``measure_floors``):
+Floors (measured in the run that times the ops, at its thread count, each the fastest of 5 calls;
+``measure_floors``):
 
 - memory: the seconds a streaming copy (``Tensor.copy_``) takes to move the same number of bytes
   (half read, half written); its working set has the case's size, so a case that fits a cache
@@ -150,14 +151,16 @@ def keypoint_gather(images: int, channels: int, height: int, width: int, keypoin
                           flops=flops)
 
 
-def _median_seconds(fn, rounds: int) -> float:
+def _best_seconds(fn, rounds: int) -> float:
+    """The fastest of ``rounds`` calls after a warm-up: a floor is the best the machine does (on a
+    shared machine, the round that other jobs disturbed least)."""
     fn()
-    times = []
+    best = math.inf
     for _ in range(rounds):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 @functools.cache
@@ -166,7 +169,7 @@ def copy_seconds(nbytes: int, rounds: int = 5) -> float:
     moved = min(max(nbytes, 2 * FLOAT_BYTES), COPY_CAP_BYTES)
     src = torch.ones(moved // (2 * FLOAT_BYTES))
     dst = torch.empty_like(src)
-    return _median_seconds(lambda: dst.copy_(src), rounds) * nbytes / moved
+    return _best_seconds(lambda: dst.copy_(src), rounds) * nbytes / moved
 
 
 def copy_bandwidth() -> float:
@@ -181,7 +184,7 @@ def gemm_seconds(gemm: Gemm, rounds: int = 5) -> float:
     a = torch.rand(gemm.batch, gemm.m, gemm.k, generator=gen)
     b = torch.rand(gemm.batch, gemm.k, gemm.n, generator=gen)
     out = torch.empty(gemm.batch, gemm.m, gemm.n)
-    return _median_seconds(lambda: torch.matmul(a, b, out=out), rounds)
+    return _best_seconds(lambda: torch.matmul(a, b, out=out), rounds)
 
 
 def square_gemm_rate() -> float:
