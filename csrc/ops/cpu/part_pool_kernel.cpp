@@ -21,6 +21,13 @@
 // (grad_groups from per-image partials summed in image order: bitwise deterministic).
 // The GEMMs are register-blocked at::vec loops, one thread per image: BLAS called from inside
 // at::parallel_for nests OpenMP teams (oversubscribing the cores).
+// Why not BLAS from outside the image loop (p of every image materialised as [B, P, S], then
+// at::bmm on the features' strided view, the softmax and the heatmap gradients fused around it):
+// with AVX2 (MKL's sgemm) that is slower in forward for every P and in backward for few parts
+// (P = 3: a product with 3 rows leaves BLAS's register tiles mostly empty), and no faster in
+// backward at P = 17.  The loops here read each feature row once with the parts' accumulators in
+// registers.  Where the CPU's GEMM is wider (AVX-512, AMX) the balance may differ: that choice
+// belongs to a per-ISA dispatch, which this build does not make.
 // Each GEMM reads the features once (one read in forward, one in backward) and writes
 // grad_features once.
 // Memory: forward out [B, P, C]; backward grad_features, grad_heatmaps and a [B, P, J] grad_groups
@@ -363,74 +370,6 @@ void heatmap_gradients(const scalar_t* grad_r, const scalar_t* hm, bool identity
   }
 }
 
-// The softmax probabilities of every image into p [B, P, S] (images in parallel).
-template <typename scalar_t>
-void all_probabilities(const scalar_t* hp, bool identity, const scalar_t* gp, int64_t B, int64_t P, int64_t J,
-                       int64_t S, scalar_t temperature, scalar_t* p) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      image_logits<scalar_t>(hp + b * J * S, identity, gp, P, J, S, temperature, p + b * P * S);
-      row_softmax<scalar_t>(p + b * P * S, P, S);
-    }
-  });
-}
-
-// float32 / float64 forward: the probabilities of every image, then out = p @ F^T as one batched
-// GEMM over S on the features as they lie ([B, C, S] transposed: BLAS reads NCHW as a transposed
-// operand, channels_last as a plain one).  False (nothing done) for 16-bit features, whose
-// probabilities stay float32 (a 16-bit GEMM would round them).
-template <typename scalar_t>
-bool forward_by_gemm(const at::Tensor& features, const scalar_t* hp, bool identity, const acc_t<scalar_t>* gp,
-                     int64_t P, int64_t J, double temperature, at::Tensor& out) {
-  if constexpr (is_reduced_precision<scalar_t>) {
-    return false;
-  } else {
-    const int64_t B = features.size(0), S = features.size(2);
-    auto probs = at::empty({B, P, S}, features.options());
-    all_probabilities<scalar_t>(hp, identity, gp, B, P, J, S, static_cast<scalar_t>(temperature),
-                                probs.data_ptr<scalar_t>());
-    at::bmm_out(out, probs, features.transpose(1, 2));
-    return true;
-  }
-}
-
-// float32 / float64 backward: the probabilities again, grad_features = dout^T @ p and grad_p =
-// dout @ F as batched GEMMs (grad_features written in its own layout), then per image the softmax
-// backward and the heatmap (and group) gradients.  False (nothing done) for 16-bit features.
-template <typename scalar_t>
-bool backward_by_gemm(const at::Tensor& grad_out, const at::Tensor& features, const scalar_t* hp, bool identity,
-                      const acc_t<scalar_t>* gp, int64_t P, int64_t J, acc_t<scalar_t> temperature,
-                      at::Tensor& grad_features, scalar_t* ghp, acc_t<scalar_t>* ggp, bool need_logits) {
-  if constexpr (is_reduced_precision<scalar_t>) {
-    return false;
-  } else {
-    const int64_t B = features.size(0), C = features.size(1), S = features.size(2);
-    auto probs = at::empty({B, P, S}, features.options());
-    scalar_t* pp = probs.data_ptr<scalar_t>();
-    all_probabilities<scalar_t>(hp, identity, gp, B, P, J, S, temperature, pp);
-    if (grad_features.numel() > 0) {
-      if (grad_features.stride(3) == 1) {  // NCHW: [C, S] = dout^T @ p
-        auto grad_f = grad_features.view({B, C, S});
-        at::bmm_out(grad_f, grad_out.transpose(1, 2), probs);
-      } else {                             // channels_last: [S, C] = p^T @ dout
-        auto grad_f = grad_features.permute({0, 2, 3, 1}).view({B, S, C});
-        at::bmm_out(grad_f, probs.transpose(1, 2), grad_out);
-      }
-    }
-    if (!need_logits) return true;
-    auto grad_p = at::bmm(grad_out, features);
-    scalar_t* gpp = grad_p.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        logits_gradient<scalar_t>(pp + b * P * S, P, S, temperature, gpp + b * P * S);
-        heatmap_gradients<scalar_t>(gpp + b * P * S, hp + b * J * S, identity, gp, P, J, S,
-                                    ghp ? ghp + b * J * S : nullptr, ggp ? ggp + b * P * J : nullptr);
-      }
-    });
-    return true;
-  }
-}
-
 at::Tensor part_pool_cpu(const at::Tensor& features_in, const at::Tensor& heatmaps_in,
                          const std::optional<at::Tensor>& groups_in, double temperature) {
   const int64_t P = check_part_pool_args(features_in, heatmaps_in, groups_in, temperature);
@@ -451,7 +390,6 @@ at::Tensor part_pool_cpu(const at::Tensor& features_in, const at::Tensor& heatma
     const int64_t f_batch = features.stride(0), f_c = features.stride(1), f_s = features.stride(2);
     constexpr int64_t VL = AccVec<scalar_t>::size();
     const int64_t p_vectors = P / VL * VL;  // the parts that fill whole vectors
-    if (forward_by_gemm<scalar_t>(features, hp, identity, gp, P, J, temperature, out)) return;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc> probs(P * S), probs_t(f_s == 1 ? S * p_vectors : 0), hm_acc, f_rows;
       for (int64_t b = begin; b < end; ++b) {
@@ -522,36 +460,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
     const int64_t gf_s = need_features ? grad_features.stride(3) : 0;
     scalar_t* ghp = need_heatmaps ? grad_heatmaps.data_ptr<scalar_t>() : nullptr;
     acc* ggp = need_groups ? grad_groups_partial.data_ptr<acc>() : nullptr;
-    if (!backward_by_gemm<scalar_t>(grad_out, features, hp, identity, gp, P, J, t, grad_features,
-                                    ghp, need_groups ? ggp : nullptr, need_logits)) {
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc> probs(P * S), grad_logits(need_logits ? P * S : 0), hm_acc, dout_acc, f_rows;
-        for (int64_t b = begin; b < end; ++b) {
-          const acc* hm = in_acc(hp + b * J * S, J * S, hm_acc);
-          image_logits<acc>(hm, identity, gp, P, J, S, t, probs.data());
-          row_softmax<acc>(probs.data(), P, S);
-          const acc* dout = in_acc(dp + b * P * C, P * C, dout_acc);
-          const scalar_t* f = fp + b * f_batch;
-          if (need_features) {
-            scalar_t* grad_f = gfp + b * C * S;
-            if (gf_s == 1) {  // NCHW: grad_f[c, :] = sum_q dout[q, c] p[q, :]
-              gemm_broadcast<acc, scalar_t>(C, S, P, dout, 1, C, probs.data(), S, grad_f, gf_c, false, dout_acc);
-            } else {          // channels_last: grad_f[s, :] = sum_q p[q, s] dout[q, :]
-              gemm_broadcast<acc, scalar_t>(S, C, P, probs.data(), 1, S, dout, C, grad_f, gf_s, false, dout_acc);
-            }
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc> probs(P * S), grad_logits(need_logits ? P * S : 0), hm_acc, dout_acc, f_rows;
+      for (int64_t b = begin; b < end; ++b) {
+        const acc* hm = in_acc(hp + b * J * S, J * S, hm_acc);
+        image_logits<acc>(hm, identity, gp, P, J, S, t, probs.data());
+        row_softmax<acc>(probs.data(), P, S);
+        const acc* dout = in_acc(dp + b * P * C, P * C, dout_acc);
+        const scalar_t* f = fp + b * f_batch;
+        if (need_features) {
+          scalar_t* grad_f = gfp + b * C * S;
+          if (gf_s == 1) {  // NCHW: grad_f[c, :] = sum_q dout[q, c] p[q, :]
+            gemm_broadcast<acc, scalar_t>(C, S, P, dout, 1, C, probs.data(), S, grad_f, gf_c, false, dout_acc);
+          } else {          // channels_last: grad_f[s, :] = sum_q p[q, s] dout[q, :]
+            gemm_broadcast<acc, scalar_t>(S, C, P, probs.data(), 1, S, dout, C, grad_f, gf_s, false, dout_acc);
           }
-          if (!need_logits) continue;
-          if (f_s == 1) {  // NCHW: grad_p[q, :] = sum_c dout[q, c] F[c, :]
-            gemm_broadcast<scalar_t, acc>(P, S, C, dout, C, 1, f, f_c, grad_logits.data(), S, false, f_rows);
-          } else {         // channels_last: grad_p[q, s] = dout[q, :] . F[s, :]
-            gemm_dot<scalar_t, acc>(P, S, C, dout, C, f, f_s, grad_logits.data(), S, f_rows);
-          }
-          logits_gradient<acc>(probs.data(), P, S, t, grad_logits.data());
-          heatmap_gradients<scalar_t>(grad_logits.data(), hm, identity, gp, P, J, S,
-                                      ghp ? ghp + b * J * S : nullptr, need_groups ? ggp + b * P * J : nullptr);
         }
-      });
-    }
+        if (!need_logits) continue;
+        if (f_s == 1) {  // NCHW: grad_p[q, :] = sum_c dout[q, c] F[c, :]
+          gemm_broadcast<scalar_t, acc>(P, S, C, dout, C, 1, f, f_c, grad_logits.data(), S, false, f_rows);
+        } else {         // channels_last: grad_p[q, s] = dout[q, :] . F[s, :]
+          gemm_dot<scalar_t, acc>(P, S, C, dout, C, f, f_s, grad_logits.data(), S, f_rows);
+        }
+        logits_gradient<acc>(probs.data(), P, S, t, grad_logits.data());
+        heatmap_gradients<scalar_t>(grad_logits.data(), hm, identity, gp, P, J, S,
+                                    ghp ? ghp + b * J * S : nullptr, need_groups ? ggp + b * P * J : nullptr);
+      }
+    });
     if (need_groups) {  // the per-image partials summed in image order ([P, J] zeros for B = 0)
       auto sum = at::zeros({P, J}, acc_options);
       acc* dst = sum.data_ptr<acc>();
