@@ -277,9 +277,10 @@ def pytest_terminal_summary(terminalreporter, config):
         f"{_fmt(r['compute_floor'], '.0%')} | "
         f"{_binds(group_floors[r['group']]) if r['group'] in group_floors else '-'} |" for r in rows]
     if group_floors:
-        lines += ["", "| group | MB moved | GFLOP | of which GEMM | memory floor ms | compute floor ms | binds |",
-                  "|---|---:|---:|---:|---:|---:|---|"] + [
-            f"| {group} | {f['bytes'] / 1e6:.4g} | {f['flops'] / 1e9:.4g} | "
+        lines += ["", "| group | MB moved | copy GB/s at its footprint | GFLOP | of which GEMM | memory floor ms "
+                  "| compute floor ms | binds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"] + [
+            f"| {group} | {f['bytes'] / 1e6:.4g} | {f['bytes'] / f['memory_s'] / 1e9:.3g} | {f['flops'] / 1e9:.4g} | "
             f"{sum(floors.Gemm(**g).flops for g in f['gemms']) / 1e9:.4g} | {f['memory_s'] * 1e3:.3g} | "
             f"{f['compute_s'] * 1e3:.3g} | {_binds(f)} |" for group, f in sorted(group_floors.items())]
     rounds = config.getoption("--kp-interleave")

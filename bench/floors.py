@@ -5,13 +5,15 @@ once and each output written once (forward + backward: the forward's bytes plus 
 which reads the output gradient and the inputs the gradients depend on and writes the gradients),
 and the FLOPs it must do, of which the matrix products are listed as ``Gemm`` shapes.
 
-Floors (measured in the run that times the ops, at its thread count, each the fastest of 5 calls;
-``measure_floors``):
+Floors (measured in the run that times the ops, at its thread count, each the fastest of at least
+5 calls; ``measure_floors``):
 
-- memory: the seconds a streaming copy (``Tensor.copy_``) takes to move the same number of bytes
-  (half read, half written); its working set has the case's size, so a case that fits a cache
-  is held to a cache's bandwidth.  Copies above ``COPY_CAP_BYTES`` run at the capped size and
-  scale: beyond the last-level cache the bandwidth no longer depends on the size.
+- memory: the bytes at the bandwidth of a streaming copy (``Tensor.copy_``, half read, half
+  written) as large as the case's footprint (the tensors its accesses spread over: the bytes it
+  moves, or for a gather the whole map it picks from), so a case that fits a cache is held to that
+  cache's bandwidth and a sparse read of a large tensor to the memory's.  Copies above
+  ``COPY_CAP_BYTES`` run at the capped size: beyond the last-level cache the bandwidth no longer
+  depends on the size.
 - compute: the seconds ``torch.matmul`` takes for the case's matrix products at their shapes (on
   contiguous operands: the BLAS PyTorch calls), plus the remaining FLOPs (softmax, bilinear
   weights, the messages) at the rate of a square 1024 x 1024 x 1024 matmul: a bound no
@@ -51,20 +53,28 @@ class Gemm:
 
 @dataclass(frozen=True)
 class Work:
-    """Bytes an op must move and FLOPs it must do; ``gemms`` are the matrix products among them."""
+    """Bytes an op must move and FLOPs it must do; ``gemms`` are the matrix products among them;
+    ``footprint``: the bytes of the tensors its accesses spread over (None: ``bytes``)."""
     bytes: int
     flops: int
     gemms: tuple[Gemm, ...] = field(default=())
+    footprint: int | None = None
+
+    @property
+    def spread(self) -> int:
+        return self.bytes if self.footprint is None else self.footprint
 
     def __add__(self, other: "Work") -> "Work":
-        return Work(self.bytes + other.bytes, self.flops + other.flops, self.gemms + other.gemms)
+        footprint = None if self.footprint is None and other.footprint is None else self.spread + other.spread
+        return Work(self.bytes + other.bytes, self.flops + other.flops, self.gemms + other.gemms, footprint)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_dict(values: dict) -> "Work":
-        return Work(values["bytes"], values["flops"], tuple(Gemm(**g) for g in values["gemms"]))
+        return Work(values["bytes"], values["flops"], tuple(Gemm(**g) for g in values["gemms"]),
+                    values.get("footprint"))
 
 
 def part_pool(images: int, channels: int, pixels: int, joints: int, parts: int, grouped: bool,
@@ -143,33 +153,37 @@ def keypoint_gather(images: int, channels: int, height: int, width: int, keypoin
     footprint = min(keypoints * side * side, height * width)
     out_elems = images * keypoints * channels * bins
     flops = 8 * out_elems * samples
-    points = images * keypoints * 2
-    forward = Work(bytes=FLOAT_BYTES * (images * footprint * channels + points + out_elems), flops=flops)
+    points, features = images * keypoints * 2, images * channels * height * width
+    forward = Work(bytes=FLOAT_BYTES * (images * footprint * channels + points + out_elems), flops=flops,
+                   footprint=FLOAT_BYTES * (features + points + out_elems))
     if not backward:
         return forward
-    return forward + Work(bytes=FLOAT_BYTES * (out_elems + points + images * channels * height * width),
-                          flops=flops)
+    return forward + Work(bytes=FLOAT_BYTES * (out_elems + points + features), flops=flops)
 
 
-def _best_seconds(fn, rounds: int) -> float:
-    """The fastest of ``rounds`` calls after a warm-up: a floor is the best the machine does (on a
-    shared machine, the round that other jobs disturbed least)."""
+def _best_seconds(fn, min_rounds: int = 5, budget_s: float = 0.25, max_rounds: int = 200) -> float:
+    """The fastest call after a warm-up, of at least ``min_rounds`` and as many more as fit in
+    ``budget_s`` (at most ``max_rounds``): a floor is the best the machine does.  On a shared
+    machine a short parallel call often waits a scheduler time slice for one of its threads; the
+    many rounds of a short call find one that did not."""
     fn()
-    best = math.inf
-    for _ in range(rounds):
+    best, spent, rounds = math.inf, 0.0, 0
+    while rounds < min_rounds or (spent < budget_s and rounds < max_rounds):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, spent, rounds = min(best, elapsed), spent + elapsed, rounds + 1
     return best
 
 
 @functools.cache
-def copy_seconds(nbytes: int, rounds: int = 5) -> float:
-    """Seconds a streaming ``copy_`` takes to move ``nbytes`` (half read, half written)."""
+def copy_seconds(nbytes: int) -> float:
+    """Seconds a streaming ``copy_`` takes to move ``nbytes`` (half read, half written; at most
+    ``COPY_CAP_BYTES`` copied, the seconds scaled to ``nbytes``)."""
     moved = min(max(nbytes, 2 * FLOAT_BYTES), COPY_CAP_BYTES)
     src = torch.ones(moved // (2 * FLOAT_BYTES))
     dst = torch.empty_like(src)
-    return _best_seconds(lambda: dst.copy_(src), rounds) * nbytes / moved
+    return _best_seconds(lambda: dst.copy_(src)) * nbytes / moved
 
 
 def copy_bandwidth() -> float:
@@ -178,13 +192,13 @@ def copy_bandwidth() -> float:
 
 
 @functools.cache
-def gemm_seconds(gemm: Gemm, rounds: int = 5) -> float:
+def gemm_seconds(gemm: Gemm) -> float:
     """Seconds ``torch.matmul`` takes for one product of that shape (float32, contiguous)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(gemm.batch, gemm.m, gemm.k, generator=gen)
     b = torch.rand(gemm.batch, gemm.k, gemm.n, generator=gen)
     out = torch.empty(gemm.batch, gemm.m, gemm.n)
-    return _best_seconds(lambda: torch.matmul(a, b, out=out), rounds)
+    return _best_seconds(lambda: torch.matmul(a, b, out=out))
 
 
 def square_gemm_rate() -> float:
@@ -197,4 +211,4 @@ def measure_floors(work: Work) -> dict:
     """The case's memory and compute floors in seconds on this machine, at the current threads."""
     gemm_flops = sum(g.flops for g in work.gemms)
     compute = sum(gemm_seconds(g) for g in work.gemms) + (work.flops - gemm_flops) / square_gemm_rate()
-    return {"memory_s": copy_seconds(work.bytes), "compute_s": compute}
+    return {"memory_s": work.bytes * copy_seconds(work.spread) / work.spread, "compute_s": compute}

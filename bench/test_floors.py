@@ -74,17 +74,21 @@ def test_keypoint_gather_work():
     both = floors.keypoint_gather(2, 3, 16, 8, 5, 0.0, 1, 1, backward=True)
     assert both.bytes - point.bytes == 4 * (2 * 5 * 3 + 2 * 5 * 2) + nbytes(features)
     assert both.flops == 2 * point.flops == 2 * 8 * 2 * 5 * 3
+    # the footprint, which sets the bandwidth: the whole map a sparse read picks from
+    assert point.footprint == nbytes(features) + 4 * (2 * 5 * 2 + 2 * 5 * 3)
+    assert both.spread == 2 * point.footprint
 
 
 def test_measured_floors(monkeypatch):
     work = floors.part_pool(2, 8, 16, 3, 3, False, backward=True)
     measured = floors.measure_floors(work)
     assert all(math.isfinite(v) and v > 0 for v in measured.values())
+    assert floors.Work.from_dict(work.as_dict()) == work
     # beyond the cap, a copy runs at the cap's size and its seconds scale with the bytes
     monkeypatch.setattr(floors, "COPY_CAP_BYTES", 2**16)
     floors.copy_seconds.cache_clear()
     try:
-        assert floors.copy_seconds(2**20, rounds=1) > 0
+        assert floors.copy_seconds(2**20) > 0
         assert floors.copy_bandwidth() > 0
     finally:
         floors.copy_seconds.cache_clear()
