@@ -289,7 +289,7 @@ def pytest_terminal_summary(terminalreporter, config):
              f"{torch.get_num_threads()} threads, {'small' if SMALL else 'full'} sizes, "
              f"timer {getattr(timer, '__name__', timer)}"
              + (f", medians of {rounds} interleaved rounds (speed-up: of the per-round ratios)" if rounds else "")
-             + (f"; floors: streaming copy {floors.copy_bandwidth() / 1e9:.1f} GB/s"
+             + (f"; floors: streaming copy {floors.copy_bandwidth(floors.COPY_CAP_BYTES) / 1e9:.1f} GB/s"
                 f" ({floors.COPY_CAP_BYTES // 2**21} MiB copied), matmul {floors.square_gemm_rate() / 1e9:.0f} GFLOP/s"
                 f" ({floors.SQUARE_GEMM}^3)" if group_floors else "")
              + f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

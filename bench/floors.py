@@ -11,8 +11,8 @@ Floors (measured in the run that times the ops, at its thread count, each the fa
 - memory: the bytes at the bandwidth of a streaming copy (``Tensor.copy_``, half read, half
   written) as large as the case's footprint (the tensors its accesses spread over: the bytes it
   moves, or for a gather the whole map it picks from), so a case that fits a cache is held to that
-  cache's bandwidth and a sparse read of a large tensor to the memory's.  Copies above
-  ``COPY_CAP_BYTES`` run at the capped size: beyond the last-level cache the bandwidth no longer
+  cache's bandwidth and a sparse read of a large tensor to the memory's.  Footprints above
+  ``COPY_CAP_BYTES`` share the capped copy's bandwidth: beyond the last-level cache it no longer
   depends on the size.
 - compute: the seconds ``torch.matmul`` takes for the case's matrix products at their shapes (on
   contiguous operands: the BLAS PyTorch calls), plus the remaining FLOPs (softmax, bilinear
@@ -176,19 +176,20 @@ def _best_seconds(fn, min_rounds: int = 5, budget_s: float = 0.25, max_rounds: i
     return best
 
 
-@functools.cache
-def copy_seconds(nbytes: int) -> float:
-    """Seconds a streaming ``copy_`` takes to move ``nbytes`` (half read, half written; at most
-    ``COPY_CAP_BYTES`` copied, the seconds scaled to ``nbytes``)."""
+def copy_bandwidth(nbytes: int) -> float:
+    """Bytes/s (read + written) of a streaming ``copy_`` that moves ``nbytes`` (at most
+    ``COPY_CAP_BYTES``), and never less than that of the capped copy: a smaller copy streams from a
+    cache at least as fast as from memory, so a slower reading is one that other jobs disturbed."""
     moved = min(max(nbytes, 2 * FLOAT_BYTES), COPY_CAP_BYTES)
+    bandwidth = _copy_bandwidth(moved)
+    return bandwidth if moved == COPY_CAP_BYTES else max(bandwidth, _copy_bandwidth(COPY_CAP_BYTES))
+
+
+@functools.cache
+def _copy_bandwidth(moved: int) -> float:
     src = torch.ones(moved // (2 * FLOAT_BYTES))
     dst = torch.empty_like(src)
-    return _best_seconds(lambda: dst.copy_(src)) * nbytes / moved
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s (read + written) of a streaming copy of ``COPY_CAP_BYTES`` moved: this machine's memory."""
-    return COPY_CAP_BYTES / copy_seconds(COPY_CAP_BYTES)
+    return moved / _best_seconds(lambda: dst.copy_(src))
 
 
 @functools.cache
@@ -211,4 +212,4 @@ def measure_floors(work: Work) -> dict:
     """The case's memory and compute floors in seconds on this machine, at the current threads."""
     gemm_flops = sum(g.flops for g in work.gemms)
     compute = sum(gemm_seconds(g) for g in work.gemms) + (work.flops - gemm_flops) / square_gemm_rate()
-    return {"memory_s": work.bytes * copy_seconds(work.spread) / work.spread, "compute_s": compute}
+    return {"memory_s": work.bytes / copy_bandwidth(work.spread), "compute_s": compute}
