@@ -9,6 +9,12 @@ Sizes: full by default (``pytest bench/ --benchmark-only``); ``KEYPOINTOPS_BENCH
 every case so that CI can smoke-run the suite (``--benchmark-disable``): sizes that still take
 every code path (several programs and blocks, clip borders and interior windows), each function
 called twice (the peak-memory call and the benchmark's own) without a warm-up.
+Floors: a test that passes ``work=`` (a ``floors.Work``: the bytes its case must move and the FLOPs
+it must do) gets its group's floors on this machine measured after the tests, in the same run and
+at its thread count (a streaming copy of as many bytes, ``torch.matmul`` at the case's matrix
+shapes; ``bench/floors.py``): the summary gives, per implementation, the fraction of the memory floor
+and of the compute floor it reaches (floor seconds / its seconds) and which floor binds, and per
+group the bytes, FLOPs and the two floors in a second table.
 ``--kp-results FILE.md`` also writes the summary table to FILE.md (and FILE.json).
 ``--kp-threads N`` sets torch's intra-op threads for the whole run (default: torch's default, one
 per core).  On a machine shared with other work, use fewer threads than free cores: an OpenMP
@@ -35,6 +41,8 @@ import time
 
 import pytest
 import torch
+
+import floors
 
 SMALL = os.environ.get("KEYPOINTOPS_BENCH_SMALL") == "1"
 
@@ -158,9 +166,10 @@ _KEPT: dict[str, list] = {}
 
 @pytest.fixture
 def measure(benchmark, request):
-    """``measure(fn, group=..., impl=..., device=..., baseline=False)`` times ``fn`` in ``group``."""
+    """``measure(fn, group=..., impl=..., device=..., baseline=False, work=None)`` times ``fn`` in
+    ``group``; ``work`` (what the case must do) gives the group its floors in the summary."""
 
-    def run(fn, *, group: str, impl: str, device: str, baseline: bool = False):
+    def run(fn, *, group: str, impl: str, device: str, baseline: bool = False, work: floors.Work | None = None):
         if device == "cuda":
             def timed():
                 fn()
@@ -175,6 +184,8 @@ def measure(benchmark, request):
         benchmark.group = group
         benchmark.extra_info.update(impl=impl, baseline=baseline, device=device_name(device),
                                     peak_mb=peak / 2**20)
+        if work is not None:
+            benchmark.extra_info["work"] = work.as_dict()
         rounds = 1 if SMALL else (3 if slow else 7)
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
         if request.config.getoption("--kp-interleave") > 0:
@@ -210,16 +221,21 @@ def _interleaved(rounds: int, timer) -> tuple[dict, dict]:
 
 
 def _summary_rows(config):
+    """(rows, floors): a row per timed function; the floors of each group given its work (CPU)."""
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
-        return []
+        return [], {}
     interleaved, paired = _interleaved(config.getoption("--kp-interleave"), session.options["timer"].target)
     groups: dict[str, list] = {}
     for bench in session.benchmarks:
         if bench.stats is not None and bench.stats.rounds:
             groups.setdefault(bench.group, []).append(bench)
-    rows = []
+    rows, group_floors = [], {}
     for group, benches in sorted(groups.items()):
+        work = next((b.extra_info["work"] for b in benches if "work" in b.extra_info), None)
+        floor = None
+        if work is not None and benches[0].extra_info.get("device") != "cuda":
+            floor = group_floors[group] = dict(work, **floors.measure_floors(floors.Work.from_dict(work)))
         median_of = {b: interleaved.get((group, b.extra_info.get("impl")), b.stats.median) for b in benches}
         base = next((b for b in benches if b.extra_info.get("baseline")), None)
         for b in sorted(benches, key=median_of.get):
@@ -234,8 +250,14 @@ def _summary_rows(config):
                                       median_of[base] / median if base else None),
                 "peak_mb": peak,
                 "peak_ratio": peak / base_peak if peak is not None and base_peak else None,
+                "memory_floor": floor["memory_s"] / median if floor else None,
+                "compute_floor": floor["compute_s"] / median if floor else None,
             })
-    return rows
+    return rows, group_floors
+
+
+def _binds(floor: dict) -> str:
+    return "memory" if floor["memory_s"] >= floor["compute_s"] else "compute"
 
 
 def _fmt(value, spec):
@@ -243,20 +265,34 @@ def _fmt(value, spec):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    rows = _summary_rows(config)
+    rows, group_floors = _summary_rows(config)
     if not rows:
         return
-    header = ("| group | impl | median ms | speed-up vs baseline | peak MB | peak / baseline |\n"
-              "|---|---|---:|---:|---:|---:|")
+    header = ("| group | impl | median ms | speed-up vs baseline | peak MB | peak / baseline "
+              "| of memory floor | of compute floor | binds |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|---|")
     lines = [header] + [
         f"| {r['group']} | {r['impl']} | {r['median_ms']:.2f} | {_fmt(r['speedup'], '.2f')}x | "
-        f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['peak_ratio'], '.2f')} |" for r in rows]
+        f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['peak_ratio'], '.2f')} | {_fmt(r['memory_floor'], '.0%')} | "
+        f"{_fmt(r['compute_floor'], '.0%')} | "
+        f"{_binds(group_floors[r['group']]) if r['group'] in group_floors else '-'} |" for r in rows]
+    if group_floors:
+        lines += ["", "| group | MB moved | copy GB/s at its footprint | GFLOP | of which GEMM | memory floor ms "
+                  "| compute floor ms | binds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"] + [
+            f"| {group} | {f['bytes'] / 1e6:.4g} | {f['bytes'] / f['memory_s'] / 1e9:.3g} | {f['flops'] / 1e9:.4g} | "
+            f"{sum(floors.Gemm(**g).flops for g in f['gemms']) / 1e9:.4g} | {f['memory_s'] * 1e3:.3g} | "
+            f"{f['compute_s'] * 1e3:.3g} | {_binds(f)} |" for group, f in sorted(group_floors.items())]
     rounds = config.getoption("--kp-interleave")
     timer = config._benchmarksession.options["timer"].target
     stamp = (f"{datetime.date.today().isoformat()}, {rows[0]['device']}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {'small' if SMALL else 'full'} sizes, "
              f"timer {getattr(timer, '__name__', timer)}"
-             + (f", medians of {rounds} interleaved rounds (speed-up: of the per-round ratios)" if rounds else ""))
+             + (f", medians of {rounds} interleaved rounds (speed-up: of the per-round ratios)" if rounds else "")
+             + (f"; floors: streaming copy {floors.copy_bandwidth(floors.COPY_CAP_BYTES) / 1e9:.1f} GB/s"
+                f" ({floors.COPY_CAP_BYTES // 2**21} MiB copied), matmul {floors.square_gemm_rate() / 1e9:.0f} GFLOP/s"
+                f" ({floors.SQUARE_GEMM}^3)" if group_floors else "")
+             + f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     terminalreporter.write_sep("=", "keypointops benchmark summary")
     terminalreporter.write_line(stamp)
     for line in lines:
@@ -267,4 +303,4 @@ def pytest_terminal_summary(terminalreporter, config):
         with open(path, "w") as f:
             f.write(f"{stamp}\n\n" + "\n".join(lines) + "\n")
         with open(os.path.splitext(path)[0] + ".json", "w") as f:
-            json.dump({"stamp": stamp, "rows": rows}, f, indent=1)
+            json.dump({"stamp": stamp, "rows": rows, "floors": group_floors}, f, indent=1)

@@ -2,7 +2,7 @@
 
 RGCN/LGCN's pose branch (and any pose-only re-ID feature) can only learn what the keypoint
 sequences tell apart.  This script measures that without training a re-ID model, on the test split
-(4 evenly spaced frames per tracklet, as the ``cpu`` presets' test sampling) and, for a synthetic
+(4 frames per tracklet sampled ``evenly``, the ``cpu`` presets' test sampling) and, for a synthetic
 dataset with gait twins, on the twins: for each twin query the gallery is restricted to the
 tracklets of its pair (same appearance, different body and gait), so a feature that ranks the
 query's own identity first gets AP 1 and a random one gets the chance level printed beside it.
@@ -16,9 +16,13 @@ Features compared (each a clip embedding ranked by Euclidean distance):
 * **learned MLP**: a 2-layer MLP on the clip's body-normalised coordinates (each frame's visible
   joints centred on their box and divided by its height; missing joints 0), trained with
   cross-entropy on the training identities for ``--steps`` steps of 16 clips (random frames, one
-  per quarter of the tracklet: the test sampling's distribution).  It prints the training
-  cross-entropy at the start (``ln(training ids)``) and at the end: how far the keypoints alone
-  let even a free-form classifier fit the training identities.
+  per quarter of the tracklet, ``restricted_random``: the test frames' distribution).  It prints the
+  training cross-entropy at the start (``ln(training ids)``) and at the end: how far the keypoints
+  alone let even a free-form classifier fit the training identities.
+* **RGCN's pose branch trained alone**: :class:`~keypointops.models.rgcn.RecurrentGraphConv` + DAM
+  (``--hidden`` n, the ``rgcn`` cpu preset's 64) on the paper's inputs (the 14 joints' coordinates
+  divided by the frame size), trained exactly as the MLP (same steps, batches, optimiser, no triplet
+  loss, no weight decay): whether the branch's architecture can fit what the keypoints carry.
 * **trained pose branches** (``--checkpoint``, RGCN/LGCN runs on the same dataset): the model's
   pose feature ``f^p`` alone (``embedding="pose"``), extracted with the run's own test settings.
 
@@ -33,25 +37,19 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 from keypointops.data import build_dataset, load_keypoints
+from keypointops.data.sampling import sample_frames
 from keypointops.data.synthetic import gait_twins
 from keypointops.evaluation import evaluate
+from keypointops.models.rgcn import DualAttention, RecurrentGraphConv, pose14_from_coco17
 
 FRAMES = 4
 # COCO-17 limbs: (name, (joint a, joint b) pairs over which the length is averaged)
 LIMBS = (("thigh", ((11, 13), (12, 14))), ("shin", ((13, 15), (14, 16))), ("torso", ((5, 11), (6, 12))),
          ("upper arm", ((5, 7), (6, 8))), ("forearm", ((7, 9), (8, 10))), ("shoulders", ((5, 6),)),
          ("hips", ((11, 12),)))
-
-
-def evenly(count: int) -> np.ndarray:
-    return np.linspace(0, count - 1, FRAMES).round().astype(int)
-
-
-def one_per_quarter(count: int, rng: np.random.Generator) -> np.ndarray:
-    edges = np.linspace(0, count, FRAMES + 1)
-    return np.array([rng.integers(int(lo), max(int(lo) + 1, int(hi))) for lo, hi in zip(edges[:-1], edges[1:])])
 
 
 def body_normalised(clip: np.ndarray) -> np.ndarray:
@@ -83,14 +81,21 @@ def limb_ratios(clip: np.ndarray) -> np.ndarray:
     return np.nan_to_num(feature, nan=0.0)
 
 
+def frame_size(path: str) -> tuple[int, int]:
+    """``(H, W)`` of a frame image (the keypoints are in its pixels)."""
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
 class Split:
     def __init__(self, tracklets):
         self.keypoints = [load_keypoints(t) for t in tracklets]
         self.pids = np.array([t.pid for t in tracklets])
         self.cams = np.array([t.camid for t in tracklets])
+        self.sizes = [frame_size(t.frames[0]) for t in tracklets]
 
     def clips(self) -> list[np.ndarray]:
-        return [kp[evenly(len(kp))] for kp in self.keypoints]
+        return [kp[sample_frames(len(kp), FRAMES, "evenly")] for kp in self.keypoints]
 
 
 def retrieval(features: np.ndarray, query: Split, gallery: Split, twins: list[tuple[int, int]]) -> tuple:
@@ -109,20 +114,45 @@ def retrieval(features: np.ndarray, query: Split, gallery: Split, twins: list[tu
     return whole, 100 * float(np.mean(aps)) if aps else float("nan")
 
 
-def train_mlp(train: Split, steps: int, seed: int) -> tuple[torch.nn.Module, float, float]:
+def mlp_net() -> torch.nn.Module:
+    """The free-form classifier's trunk: body-normalised ``[B, T, 17, 2]`` -> ``[B, 128]``."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(FRAMES * 17 * 2, 256), torch.nn.ReLU(),
+                               torch.nn.Linear(256, 128), torch.nn.ReLU())
+
+
+def pose_branch_net(hidden: int) -> torch.nn.Module:
+    """RGCN's pose branch as the model builds it: the recurrent graph conv and DAM,
+    ``[B, T, 14, 2]`` image-normalised coordinates -> ``f^p [B, 2 * hidden]``."""
+    return torch.nn.Sequential(RecurrentGraphConv(hidden), DualAttention(hidden))
+
+
+def mlp_inputs(split: Split, index: int, frames: np.ndarray) -> np.ndarray:
+    return body_normalised(split.keypoints[index][frames])
+
+
+def pose_branch_inputs(split: Split, index: int, frames: np.ndarray) -> np.ndarray:
+    """The pose branch's node features, as :class:`keypointops.models.RGCN` computes them."""
+    clip = torch.from_numpy(split.keypoints[index][frames])
+    return pose14_from_coco17(clip, size=split.sizes[index]).float().numpy()
+
+
+def train_classifier(train: Split, net: torch.nn.Module, inputs, width: int, steps: int,
+                     seed: int) -> tuple[torch.nn.Module, float, float]:
+    """``net`` + a linear classifier trained with cross-entropy on the training identities (Adam
+    1e-3, no weight decay, 16 clips per step of ``restricted_random`` frames: the test frames'
+    distribution); returns the trunk and the training CE at the start (``ln(ids)``) and at the end
+    (mean of the last 100 steps)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     ids = np.unique(train.pids)
     labels = np.searchsorted(ids, train.pids)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(FRAMES * 17 * 2, 256), torch.nn.ReLU(),
-                              torch.nn.Linear(256, 128), torch.nn.ReLU())
-    classifier = torch.nn.Linear(128, len(ids))
+    classifier = torch.nn.Linear(width, len(ids))
     optimizer = torch.optim.Adam([*net.parameters(), *classifier.parameters()], lr=1e-3)
     losses = []
     for _ in range(steps):
         batch = rng.choice(len(train.keypoints), 16)
-        x = torch.from_numpy(np.stack([body_normalised(train.keypoints[i][one_per_quarter(len(train.keypoints[i]),
-                                                                                              rng)])
+        x = torch.from_numpy(np.stack([inputs(train, i, sample_frames(len(train.keypoints[i]), FRAMES,
+                                                                      "restricted_random", rng))
                                        for i in batch]))
         loss = torch.nn.functional.cross_entropy(classifier(net(x)), torch.from_numpy(labels[batch]))
         optimizer.zero_grad()
@@ -130,6 +160,14 @@ def train_mlp(train: Split, steps: int, seed: int) -> tuple[torch.nn.Module, flo
         optimizer.step()
         losses.append(loss.item())
     return net.eval(), math.log(len(ids)), float(np.mean(losses[-100:]))
+
+
+def test_features(net: torch.nn.Module, inputs, splits: tuple[Split, ...]) -> np.ndarray:
+    """The trained trunk's embedding of every test clip (``evenly`` frames)."""
+    clips = [inputs(split, i, sample_frames(len(kp), FRAMES, "evenly"))
+             for split in splits for i, kp in enumerate(split.keypoints)]
+    with torch.no_grad():
+        return net(torch.from_numpy(np.stack(clips))).numpy()
 
 
 def pose_features(checkpoint: str, dataset) -> np.ndarray:
@@ -149,6 +187,7 @@ def main() -> None:
     parser.add_argument("--root", default=None)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=64, help="n of the pose branch (the rgcn cpu preset's 64)")
     parser.add_argument("--checkpoint", nargs="*", default=[], help="RGCN/LGCN runs whose f^p to evaluate")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -162,11 +201,14 @@ def main() -> None:
     rows.append(("random (chance, 5 draws)", *np.mean(draws, axis=0), ""))
     rows.append(("limb ratios (hand-made)", *retrieval(np.stack([limb_ratios(c) for c in clips]), query, gallery,
                                                      twins), ""))
-    net, ce_start, ce_end = train_mlp(train, args.steps, args.seed)
-    with torch.no_grad():
-        learned = net(torch.from_numpy(np.stack([body_normalised(c) for c in clips]))).numpy()
-    rows.append((f"learned MLP ({args.steps} steps)", *retrieval(learned, query, gallery, twins),
-                 f"training CE {ce_start:.2f} -> {ce_end:.2f}"))
+    for name, net, inputs, width in (
+            ("learned MLP, body-normalised keypoints", mlp_net(), mlp_inputs, 128),
+            (f"RGCN's pose branch (n = {args.hidden}), trained alone", pose_branch_net(args.hidden),
+             pose_branch_inputs, 2 * args.hidden)):
+        net, ce_start, ce_end = train_classifier(train, net, inputs, width, args.steps, args.seed)
+        rows.append((f"{name} ({args.steps} steps)",
+                     *retrieval(test_features(net, inputs, (query, gallery)), query, gallery, twins),
+                     f"training CE {ce_start:.2f} -> {ce_end:.2f}"))
     for path in args.checkpoint:
         rows.append((f"f^p of {path}", *retrieval(pose_features(path, dataset), query, gallery, twins), ""))
     print(f"{args.data}: {len(query.pids)} queries, {len(gallery.pids)} gallery tracklets, {len(twins)} gait-twin "

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import keypointops
 from keypointops._opdefs.backend import triton_available
 
+import floors
 from conftest import SMALL, timed_pass
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -102,6 +103,19 @@ def make_forward(impl, spatial_scale, spec):
                                                     aligned=spec["aligned"], backend=backend)
 
 
+def gather_work(spec, features, keypoints, box, backward):
+    """What the case must do (``floors.keypoint_gather``), ``box`` the mean box side in input pixels:
+    RoIAlign's samples of a bin at (i + 0.5) / ratio of the bin, so the first and last of a
+    keypoint's lie (1 - 1 / (bins ratio)) of the box apart."""
+    bins, ratio = spec.get("output_size", 1), spec["sampling_ratio"]
+    extent = box / spec["stride"]
+    if not spec["aligned"]:
+        extent = max(extent, 1.0)
+    batch, channels, height, width = features.shape
+    return floors.keypoint_gather(batch, channels, height, width, keypoints.size(1),
+                                  extent * (1 - 1 / (bins * ratio)), ratio * ratio, bins * bins, backward)
+
+
 def make_fn(forward, features, keypoints, backward):
     features = features.detach().requires_grad_(backward)
     return timed_pass(lambda: forward(features, keypoints), [features], backward)
@@ -126,7 +140,8 @@ def test_keypoint_gather(measure, case, impl, backward, device):
         torch.testing.assert_close(forward(features[:2], keypoints[:2]), expected, rtol=1e-4, atol=1e-4)
     measure(make_fn(forward, features, keypoints, backward),
             group=f"keypoint_gather {case} {'fwd+bwd' if backward else 'fwd'} {device}",
-            impl=impl, device=device, baseline=impl == "grid_sample")
+            impl=impl, device=device, baseline=impl == "grid_sample",
+            work=gather_work(spec, features, keypoints, spec["roi_size"], backward))
 
 
 PATCH_CASES = {
@@ -220,4 +235,5 @@ def test_keypoint_patches(measure, case, impl, backward, device):
         torch.testing.assert_close(forward(features[:2], keypoints[:2]), expected, rtol=1e-4, atol=1e-4)
     measure(make_fn(forward, features, keypoints, backward),
             group=f"keypoint_gather {case} {'fwd+bwd' if backward else 'fwd'} {device}",
-            impl=impl, device=device, baseline=impl == "grid_sample")
+            impl=impl, device=device, baseline=impl == "grid_sample",
+            work=gather_work(spec, features, keypoints, sizes.mean().item(), backward))

@@ -10,6 +10,7 @@ import keypointops
 from keypointops.graphs import Graph
 from keypointops._opdefs.backend import triton_available
 
+import floors
 from conftest import SMALL, timed_pass
 
 pyg_aggr = pytest.importorskip("torch_geometric.nn.aggr")
@@ -65,5 +66,6 @@ def test_msg_pass(measure, case, impl, backward, device):
         pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
     x, graph = make_case(case, device)
     fn = make_fn(impl, x, graph, device, backward)
+    work = floors.msg_pass(graph.num_nodes, graph.num_edges, x.size(1), backward)
     measure(fn, group=f"msg_pass {case} {'fwd+bwd' if backward else 'fwd'} {device}",
-            impl=impl, device=device, baseline=impl == "pyg")
+            impl=impl, device=device, baseline=impl == "pyg", work=work)

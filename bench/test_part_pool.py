@@ -12,6 +12,7 @@ import keypointops
 from keypointops import parts
 from keypointops._opdefs.backend import triton_available
 
+import floors
 from conftest import SMALL, timed_pass
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -68,5 +69,8 @@ def test_part_pool(measure, case, impl, backward, device):
         pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
     features, heatmaps, groups = make_case(case, device)
     fn = make_fn(impl, features, heatmaps, groups, backward)
+    batch, channels, height, width = features.shape
+    work = floors.part_pool(batch, channels, height * width, heatmaps.size(1),
+                            heatmaps.size(1) if groups is None else groups.size(0), groups is not None, backward)
     measure(fn, group=f"part_pool {case} {'fwd+bwd' if backward else 'fwd'} {device}",
-            impl=impl, device=device, baseline=impl == "softmax_bmm")
+            impl=impl, device=device, baseline=impl == "softmax_bmm", work=work)

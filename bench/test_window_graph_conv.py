@@ -21,6 +21,7 @@ import torch
 import keypointops
 from keypointops._opdefs.backend import triton_available
 
+import floors
 from conftest import SMALL, timed_pass
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -140,8 +141,9 @@ def test_window_graph_conv(measure, case, adj_kind, impl, backward, device):
         pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
     x, adj, window = make_case(case, adj_kind, device)
     fn = make_fn(impl, x, adj, window, backward)
+    work = floors.window_graph_conv(*x.shape, window, adj_kind == "per_sample", backward)
     measure(fn, group=f"window_graph_conv {case} {adj_kind} {'fwd+bwd' if backward else 'fwd'} {device}",
-            impl=impl, device=device, baseline=impl == "unfold_einsum")
+            impl=impl, device=device, baseline=impl == "unfold_einsum", work=work)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,5 +156,8 @@ def test_window_graph_conv_msg3d(measure, impl, backward, device):
     with torch.no_grad():
         _, baseline_check = make_msg3d_fn("unfold_einsum", device, False)
         torch.testing.assert_close(check(), baseline_check(), rtol=1e-4, atol=1e-4)
+    p = MSG3D
+    work = floors.window_graph_conv(p["batch"], p["frames"], p["nodes"], p["channels"], p["window"], False,
+                                    backward, stride=p["stride"], scales=p["scales"])
     measure(fn, group=f"window_graph_conv msg3d stride 2 {'fwd+bwd' if backward else 'fwd'} {device}",
-            impl=impl, device=device, baseline=impl == "unfold_einsum")
+            impl=impl, device=device, baseline=impl == "unfold_einsum", work=work)

@@ -15,7 +15,8 @@ extern "C" PyObject* PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(keypointops, m) {
-  // msg_pass: softmax-temperature aggregation over the incoming-edge CSR (rowptr, col).
+  // msg_pass: softmax-temperature (aggr "softmax"), power-mean or mean aggregation over the
+  // incoming-edge CSR (rowptr, col).
   // (rowptr_t, col_t) is the transposed CSR (targets of the edges leaving each node): forward only
   // checks its shape and passes it on, so that the autograd formula can hand it to backward.
   // Returns (out [N, C], row_max [N, C], row_sum [N, C]): per (node, channel) the message of the
@@ -25,16 +26,20 @@ TORCH_LIBRARY(keypointops, m) {
   // relu(x[col[k]] + edge_attr[perm[k]]) + eps: edge_attr is read in place in its own edge order.
   // perm_t (the edge ids of the transposed CSR) is, like rowptr_t and col_t, only checked and
   // passed on for backward.
+  // aggr "powermean" (t holds the power p) aggregates c = clamp(m, clamp_min, clamp_max) as
+  // out = clamp(mean(c^p), clamp_min, clamp_max)^(1/p), aggr "mean" the plain mean of m (t unread);
+  // both return (out, the mean before its clamp [N, C], the in-degree [N, C]) for backward.
   m.def("msg_pass(Tensor x, Tensor rowptr, Tensor col, Tensor rowptr_t, Tensor col_t, Tensor t, "
-        "float eps, Tensor? edge_attr=None, Tensor? perm=None, Tensor? perm_t=None) "
-        "-> (Tensor, Tensor, Tensor)");
+        "float eps, Tensor? edge_attr=None, Tensor? perm=None, Tensor? perm_t=None, "
+        "str aggr=\"softmax\", float clamp_min=0.0001, float clamp_max=100.0) -> (Tensor, Tensor, Tensor)");
   // Backward walks the transposed CSR: each row of grad_x and of grad_edge_attr has one writer, no
   // atomics.  perm_t[k] is the edge id of transposed-CSR position k.
   // Returns (grad_x [N, C], grad_t [C], grad_edge_attr [E, C], or [0] without edge_attr); grad_t is
   // all zeros unless compute_grad_t.
   m.def("msg_pass_backward(Tensor grad_out, Tensor x, Tensor out, Tensor row_max, Tensor row_sum, "
         "Tensor rowptr_t, Tensor col_t, Tensor t, float eps, bool compute_grad_t, "
-        "Tensor? edge_attr=None, Tensor? perm_t=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor? edge_attr=None, Tensor? perm_t=None, str aggr=\"softmax\", float clamp_min=0.0001, "
+        "float clamp_max=100.0) -> (Tensor, Tensor, Tensor)");
   // part_pool: softmax over H*W of the part logits (groups @ heatmaps) / temperature, then the
   // probability-weighted sum of the features.  groups = None is the identity (P = J).
   // Returns out [B, P, C]; backward recomputes the probabilities from the inputs.

@@ -211,11 +211,8 @@ def run_ablation(paper: str, out: str | os.PathLike, *, seeds: int = 3, data: st
             done[(row.name, seed)] = result
             log(f"{paper}: {row.name}/seed{seed}: mAP {result['keypoints']['as-is']['mAP']:.1f}")
         pending = [job for job in pending if job not in ready]
-    table = ablation_table(paper, {row.name: [done[(row.name, s)] for s in range(seeds)] for row in selected},
-                           data=data)
-    (out / paper).mkdir(parents=True, exist_ok=True)
-    (out / paper / "ablation.md").write_text(table + "\n")
-    return table
+    return _write_table(paper, out, {row.name: [done[(row.name, s)] for s in range(seeds)] for row in selected},
+                        data)
 
 
 def table_from_runs(paper: str, out: str | os.PathLike, *, rows: list[str] | None = None, data: str = "") -> str:
@@ -230,7 +227,14 @@ def table_from_runs(paper: str, out: str | os.PathLike, *, rows: list[str] | Non
             results[row.name] = found
     if not results:
         raise ValueError(f"no finished {paper} ablation run under {out / paper}")
+    return _write_table(paper, out, results, data)
+
+
+def _write_table(paper: str, out: Path, results: dict[str, list[dict]], data: str) -> str:
+    """:func:`ablation_table` of ``results`` (row name -> its seeds' results), written to
+    ``out/<paper>/ablation.md`` and returned."""
     table = ablation_table(paper, results, data=data)
+    (out / paper).mkdir(parents=True, exist_ok=True)
     (out / paper / "ablation.md").write_text(table + "\n")
     return table
 

@@ -18,9 +18,16 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: float = 1e-7, *,
-             edge_attr: Tensor | None = None) -> Tensor:
-    """``out[v] = sum_{u in N(v)} softmax_u(t * m_uv) * m_uv`` with ``m_uv = relu(x_u + e_uv) + eps``
-    (``e_uv`` row ``e`` of ``edge_attr`` for edge ``e``, 0 without it); 0 if N(v) is empty."""
+             edge_attr: Tensor | None = None, aggr: str = "softmax", p: float | Tensor = 1.0,
+             clamp_min: float | None = 1e-4, clamp_max: float | None = 100.0) -> Tensor:
+    """With the messages ``m_uv = relu(x_u + e_uv) + eps`` (``e_uv`` row ``e`` of ``edge_attr`` for
+    edge ``e``, 0 without it), per node v:
+
+    - ``"softmax"``: ``out[v] = sum_{u in N(v)} softmax_u(t * m_uv) * m_uv``, 0 if N(v) is empty
+      (``"softmax_sg"``: the same, the softmax weights taken as constants by autograd);
+    - ``"powermean"``: ``out[v] = cl(mean_{u in N(v)} cl(m_uv) ** p) ** (1 / p)``, ``cl`` the
+      clamp to ``[clamp_min, clamp_max]``, the mean of no message 0 (PyG's rules);
+    - ``"mean"``: ``out[v] = mean_{u in N(v)} m_uv``, 0 if N(v) is empty."""
     num_nodes, channels = x.shape
     dtype = _accumulation_dtype(x.dtype)
     if isinstance(graph, Graph):  # the graph's edge order, which edge_attr follows
@@ -31,16 +38,28 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
         messages = x.to(dtype)[src].relu() + eps                                # [E, C]
     else:
         messages = (x.to(dtype)[src] + edge_attr.to(dtype)).relu() + eps
+    index = dst[:, None].expand_as(messages)
+    zeros = torch.zeros(num_nodes, channels, dtype=dtype, device=x.device)
+    if aggr in ("powermean", "mean"):
+        power = aggr == "powermean"
+        if power:
+            p = p.to(dtype).reshape(-1) if isinstance(p, Tensor) else torch.tensor(p, dtype=dtype)
+            messages = messages.clamp(clamp_min, clamp_max).pow(p)
+        out = zeros.scatter_reduce(0, index, messages, "mean", include_self=False)   # 0 without edges
+        if power:
+            out = out.clamp(clamp_min, clamp_max).pow(1 / p)
+        return out.to(x.dtype)
     t = t.to(dtype).reshape(-1) if isinstance(t, Tensor) else torch.tensor(t, dtype=dtype)
     logits = messages * t
-    index = dst[:, None].expand_as(logits)
     # The softmax is shift invariant: the per-node max only keeps exp() finite (no gradient).
     shift = torch.full((num_nodes, channels), float("-inf"), dtype=dtype, device=x.device)
     shift = shift.scatter_reduce(0, index, logits.detach(), "amax")
     weights = (logits - shift[dst]).exp()
-    denom = torch.zeros(num_nodes, channels, dtype=dtype, device=x.device).index_add(0, dst, weights)
-    out = torch.zeros(num_nodes, channels, dtype=dtype, device=x.device)
-    out = out.index_add(0, dst, weights / denom[dst] * messages)
+    denom = zeros.index_add(0, dst, weights)
+    alpha = weights / denom[dst]
+    if aggr == "softmax_sg":    # PyG's semi-gradient softmax: the weights as constants
+        alpha = alpha.detach()
+    out = zeros.index_add(0, dst, alpha * messages)
     return out.to(x.dtype)
 
 

@@ -21,3 +21,21 @@ def test_features_ignore_the_person_s_place_and_size_in_the_crop():
     other = clip.copy()
     other[:, 13:, 1] += 8.0                                      # longer shins: another body
     assert not np.allclose(pose_cue.limb_ratios(other), pose_cue.limb_ratios(clip))
+
+
+def test_the_pose_branch_trains_on_the_model_s_inputs():
+    rng = np.random.default_rng(0)
+
+    class TinySplit:
+        keypoints = [np.concatenate([rng.uniform(0, 60, (9, 17, 2)), np.ones((9, 17, 1))], axis=-1)
+                     for _ in range(6)]
+        pids = np.array([0, 0, 1, 1, 2, 2])
+        sizes = [(128, 64)] * 6
+
+    split = TinySplit()
+    x = pose_cue.pose_branch_inputs(split, 0, np.arange(pose_cue.FRAMES))
+    assert x.shape == (pose_cue.FRAMES, 14, 2) and 0 <= x.min() and x.max() <= 1
+    net, ce_start, ce_end = pose_cue.train_classifier(split, pose_cue.pose_branch_net(8), pose_cue.pose_branch_inputs,
+                                                      16, steps=3, seed=0)
+    assert ce_start == np.log(3) and np.isfinite(ce_end)
+    assert pose_cue.test_features(net, pose_cue.pose_branch_inputs, (split,)).shape == (6, 16)

@@ -66,3 +66,17 @@ def test_op_modules_depend_one_way():
                          else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
                 for name in names:
                     assert not name.startswith(prefixes), f"{package}/{path.name} imports {name}"
+
+
+def test_sources_hold_no_control_characters():
+    """A backslash sequence written into a non-raw string (``"\\frac"``, ``"\\rfloor"``, ``"\\bmod"``)
+    becomes a control character that breaks the rendered docstring and the line numbering."""
+    import pathlib
+
+    repo = pathlib.Path(keypointops.__file__).parents[1]
+    paths = [p for folder in ("keypointops", "bench", "tools", "python_tests") for p in (repo / folder).rglob("*.py")]
+    assert paths
+    for path in paths:
+        data = path.read_bytes()
+        for byte in (b"\x08", b"\x0b", b"\x0c", b"\r"):
+            assert byte not in data, f"{path.relative_to(repo)} holds {byte!r} at byte {data.index(byte)}"

@@ -556,6 +556,27 @@ def test_module_matches_function_and_stores_its_settings():
         KeypointGather(float("nan"))
     with pytest.raises(ValueError, match="backend"):
         KeypointGather(0.5, backend="gpu")
+    with pytest.raises(ValueError, match="output_size must be None or a positive int"):
+        KeypointGather(0.5, output_size=0)
+
+
+def test_module_patches_and_per_keypoint_roi_size():
+    """output_size=S gives the function's [B, K, C, S, S] patches; a call's [B, K] or [B, K, 2]
+    roi_size replaces the module's box side for that call."""
+    gen = torch.Generator().manual_seed(14)
+    features = make_features((2, 4, 9, 7), torch.float32, "cpu", gen)
+    keypoints = make_keypoints(2, 9, 9, 7, torch.float32, "cpu", gen, dims=2)
+    module = KeypointGather(0.5, roi_size=4.0, sampling_ratio=2, output_size=3)
+    assert "output_size=3" in repr(module)
+    out = module(features, keypoints)
+    assert out.shape == (2, 9, 4, 3, 3)
+    torch.testing.assert_close(out, keypointops.keypoint_gather(features, keypoints, 0.5, roi_size=4.0,
+                                                                output_size=3, backend="reference"))
+    for sizes in (torch.rand(2, 9, generator=gen) * 6 + 1, torch.rand(2, 9, 2, generator=gen) * 6 + 1):
+        expected = keypointops.keypoint_gather(features, keypoints, 0.5, roi_size=sizes, output_size=3,
+                                               backend="reference")
+        torch.testing.assert_close(module(features, keypoints, roi_size=sizes), expected)
+        assert not torch.allclose(expected, out)
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -195,16 +195,18 @@ def test_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
-def test_torch_compile_fullgraph(device, backend):
+@pytest.mark.parametrize("aggr", ["softmax", "powermean"])
+def test_torch_compile_fullgraph(device, backend, aggr):
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile does not trace Triton kernels in the interpreter on CPU tensors")
     gen = torch.Generator().manual_seed(8)
     graph = random_graph(19, 60, device=device)
     x = torch.randn(19, 8, generator=gen).to(device).requires_grad_()
-    t = torch.ones(8, device=device, requires_grad=True)
+    t = torch.full((8,), 1.5, device=device, requires_grad=True)   # the power p for the power mean
 
     def layer(x, t):
-        return keypointops.msg_pass(x, graph, t, backend=backend).relu().sum()
+        parameter = dict(t=t) if aggr == "softmax" else dict(p=t)
+        return keypointops.msg_pass(x, graph, aggr=aggr, backend=backend, **parameter).relu().sum()
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     got = compiled(x, t)
@@ -565,3 +567,227 @@ def test_compiled_op_checks_edge_arguments():
         torch.ops.keypointops.msg_pass(x, *csr, t, 1e-7, edge_attr, None, graph.perm_t)
     with pytest.raises(RuntimeError, match="edge_attr must be"):
         torch.ops.keypointops.msg_pass(x, *csr, t, 1e-7, edge_attr[1:], graph.perm, graph.perm_t)
+
+
+# --- power mean and mean ------------------------------------------------------------------------
+
+def make_p(kind, channels, dtype, device, gen):
+    """The power: a float, a 0-dim tensor or a [C] tensor with negative and fractional powers."""
+    if kind == "float":
+        return 2.5
+    if kind == "scalar":
+        return torch.tensor(0.7, dtype=dtype, device=device)
+    return (torch.rand(channels, generator=gen, dtype=dtype) * 6 - 2).add(0.25).to(device)  # [C], some < 0
+
+
+def power_mean_inputs(device, dtype, *, num_nodes=31, num_edges=110, channels=9, seed=20):
+    """x with messages above clamp_max (100) and at clamp_min (relu zeros), a graph with empty
+    nodes and duplicate edges (random edge order), and edge features."""
+    gen = torch.Generator().manual_seed(seed)
+    edge_index = shuffled_edge_index(num_nodes, num_edges, seed=seed, device=device)
+    x = (torch.randn(num_nodes, channels, generator=gen, dtype=torch.float64) * 3)
+    x[::7] *= 60                                                   # messages past clamp_max
+    edge_attr = torch.randn(edge_index.size(1), channels, generator=gen, dtype=torch.float64)
+    return edge_index, x.to(device, dtype), edge_attr.to(device, dtype), gen
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aggr,p_kind", [("powermean", "float"), ("powermean", "scalar"),
+                                         ("powermean", "channels"), ("mean", None)])
+@pytest.mark.parametrize("with_edges", [False, True], ids=["nodes", "edges"])
+def test_power_mean_matches_reference(device, backend, dtype, aggr, p_kind, with_edges):
+    """Output and gradients (x, edge_attr, p) equal to the reference's autograd, with messages
+    clamped at both bounds and nodes without incoming edges; backward deterministic."""
+    edge_index, x, edge_attr, gen = power_mean_inputs(device, dtype)
+    graph = Graph.from_edge_index(edge_index, x.size(0))
+    x.requires_grad_()
+    edge_attr = edge_attr.requires_grad_() if with_edges else None
+    p = make_p(p_kind, x.size(1), dtype, device, gen) if p_kind else 1.0
+    if isinstance(p, torch.Tensor):
+        p.requires_grad_()
+    kwargs = dict(edge_attr=edge_attr, aggr=aggr, p=p)
+    out = keypointops.msg_pass(x, graph, backend=backend, **kwargs)
+    expected = reference.msg_pass(x, graph, **kwargs)
+    tol = tolerances(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, expected, **tol)
+    if aggr == "mean":
+        assert (out[:EMPTY_NODES] == 0).all()
+    else:   # PyG's rule: the empty mean 0 is clamped to clamp_min
+        p_c = torch.as_tensor(p, dtype=dtype, device=device).expand(x.size(1))
+        torch.testing.assert_close(out[:EMPTY_NODES], (1e-4 ** (1 / p_c.detach())).expand(EMPTY_NODES, -1),
+                                   **tol)
+    leaves = [v for v in (x, edge_attr, p) if isinstance(v, torch.Tensor) and v.requires_grad]
+    grad = torch.randn(out.shape, generator=gen, dtype=dtype).to(device)
+    got = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    want = torch.autograd.grad(expected, leaves, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **(tol if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)))
+    again = torch.autograd.grad(out, leaves, grad)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+
+
+def test_power_mean_matches_pyg():
+    """The op against PyG's PowerMeanAggregation on GENConv's messages: a learnable [1] p, a
+    per-channel p, a plain p of 1 (the unclamped mean), and clamp bounds of None."""
+    aggr = pytest.importorskip("torch_geometric.nn.aggr")
+    edge_index, x, edge_attr, gen = power_mean_inputs("cpu", torch.float64, seed=21)
+    for kwargs in (dict(p=2.0, learn=True), dict(p=0.5, learn=True, channels=9), dict(p=1.0),
+                   dict(p=3.0, learn=True, clamp_min=None, clamp_max=50.0)):
+        theirs = aggr.PowerMeanAggregation(**kwargs).double()
+        clamp = dict(clamp_min=theirs.min_value, clamp_max=theirs.max_value)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        es = [edge_attr.clone().requires_grad_() for _ in range(2)]
+        messages = (xs[1][edge_index[0]] + es[1]).relu() + 1e-7
+        want = theirs(messages, edge_index[1], dim_size=x.size(0))
+        got = keypointops.msg_pass(xs[0], edge_index, edge_attr=es[0], aggr="powermean", p=theirs.p, **clamp)
+        torch.testing.assert_close(got, want, **tolerances(torch.float64))
+        params = [theirs.p] if isinstance(theirs.p, torch.Tensor) else []
+        grad = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+        ours_grads = torch.autograd.grad(got, [xs[0], es[0], *params], grad)
+        their_grads = torch.autograd.grad(want, [xs[1], es[1], *params], grad)
+        for g, w in zip(ours_grads, their_grads):
+            torch.testing.assert_close(g, w, **tolerances(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("with_edges", [False, True], ids=["nodes", "edges"])
+def test_power_mean_gradcheck(device, backend, with_edges):
+    gen = torch.Generator().manual_seed(22)
+    edge_index = shuffled_edge_index(9, 20, seed=6, device=device)
+    x = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    x = (x + 0.3 * x.sign()).to(device).requires_grad_()     # away from relu's kink
+    edge_attr = None
+    if with_edges:
+        edge_attr = torch.randn(edge_index.size(1), 4, generator=gen, dtype=torch.float64).to(device)
+        pre = x.detach()[edge_index[0]] + edge_attr
+        edge_attr = (edge_attr + 0.3 * pre.sign() * (pre.abs() < 0.3)).requires_grad_()
+    # No p of exactly 1: a node whose messages are all clamp_min would have its mean clamp_min ** p
+    # on the clamp bound, where finite differences straddle the kink.
+    p = torch.tensor([0.5, 1.2, 2.5, -1.5], dtype=torch.float64, device=device, requires_grad=True)
+    graph = Graph.from_edge_index(edge_index, 9)
+    fast = backend == "triton" and device == "cpu"    # the interpreter: the randomised (fast) mode
+    if with_edges:
+        assert torch.autograd.gradcheck(
+            lambda x, e, p: keypointops.msg_pass(x, graph, edge_attr=e, aggr="powermean", p=p, backend=backend),
+            (x, edge_attr, p), atol=1e-6, fast_mode=fast)
+        assert torch.autograd.gradcheck(
+            lambda x, e: keypointops.msg_pass(x, graph, edge_attr=e, aggr="mean", backend=backend),
+            (x, edge_attr), atol=1e-6, fast_mode=fast)
+    else:
+        assert torch.autograd.gradcheck(
+            lambda x, p: keypointops.msg_pass(x, graph, aggr="powermean", p=p, backend=backend), (x, p),
+            fast_mode=fast)
+        assert torch.autograd.gradcheck(lambda x: keypointops.msg_pass(x, graph, aggr="mean", backend=backend),
+                                        (x,), fast_mode=fast)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_power_mean_opcheck(device, backend):
+    op, _ = ops_of(backend)
+    gen = torch.Generator().manual_seed(23)
+    graph = Graph.from_edge_index(shuffled_edge_index(17, 50, seed=7, device=device), 17)
+    x = torch.randn(17, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    edge_attr = torch.randn(graph.num_edges, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    p = (torch.rand(7, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    csr = (graph.rowptr, graph.col, graph.rowptr_t, graph.col_t)
+    torch.library.opcheck(op, (x, *csr, p, 1e-7, edge_attr, graph.perm, graph.perm_t, "powermean", 1e-4, 100.0))
+    torch.library.opcheck(op, (x, *csr, p, 1e-7, None, None, None, "powermean", 1e-4, 100.0))
+    torch.library.opcheck(op, (x, *csr, p, 1e-7, edge_attr, graph.perm, graph.perm_t, "mean", 1e-4, 100.0))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_power_mean_edge_cases(device, backend):
+    """No edges (E = 0: every node gets clamp_min ** (1/p), with its gradient for p), no nodes
+    (N = 0), zero channels, and float16 / bfloat16 against the reference."""
+    x = torch.randn(5, 3, device=device, requires_grad=True)
+    p = torch.tensor([2.0, -1.0, 0.5], device=device, requires_grad=True)
+    no_edges = torch.empty(2, 0, dtype=torch.long, device=device)
+    empty_attr = torch.empty(0, 3, device=device, requires_grad=True)
+    out = keypointops.msg_pass(x, no_edges, edge_attr=empty_attr, aggr="powermean", p=p, backend=backend)
+    expected = reference.msg_pass(x, no_edges, edge_attr=empty_attr, aggr="powermean", p=p)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, (1e-4 ** (1 / p.detach())).expand(5, 3))
+    grad_x, grad_e, grad_p = torch.autograd.grad(out.sum(), (x, empty_attr, p))
+    assert (grad_x == 0).all() and grad_e.shape == (0, 3)
+    torch.testing.assert_close(grad_p, torch.autograd.grad(expected.sum(), p)[0])
+    assert (keypointops.msg_pass(x, no_edges, aggr="mean", backend=backend) == 0).all()
+    for aggr in ("powermean", "mean"):
+        out = keypointops.msg_pass(torch.empty(0, 3, device=device), no_edges, aggr=aggr, p=p, backend=backend)
+        assert out.shape == (0, 3)
+        nothing = x[:, :0].detach().requires_grad_()
+        out = keypointops.msg_pass(nothing, no_edges, aggr=aggr, p=p[:0], backend=backend)
+        assert out.shape == (5, 0) and torch.autograd.grad(out.sum(), nothing)[0].shape == (5, 0)
+    edge_index, x32, edge_attr32, gen = power_mean_inputs(device, torch.float32, seed=24)
+    for dtype in (torch.float16, torch.bfloat16):
+        x16, e16 = x32.clamp(-60, 60).to(dtype).requires_grad_(), edge_attr32.to(dtype).requires_grad_()
+        p32 = torch.tensor(1.5, device=device, requires_grad=True)
+        out = keypointops.msg_pass(x16, edge_index, edge_attr=e16, aggr="powermean", p=p32, backend=backend)
+        expected = reference.msg_pass(x16, edge_index, edge_attr=e16, aggr="powermean", p=p32)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, expected, **tolerances(dtype))
+        grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+        got = torch.autograd.grad(out, (x16, e16, p32), grad)
+        want = torch.autograd.grad(expected, (x16, e16, p32), grad)
+        for g, w in zip(got[:2], want[:2]):
+            torch.testing.assert_close(g, w, **tolerances(dtype))
+        torch.testing.assert_close(got[2], want[2], rtol=2e-2, atol=2e-2 * float(grad.float().abs().sum()) ** 0.5)
+
+
+def test_power_mean_and_mean_ignore_t():
+    """The power mean and the mean read no t: a t unfit for the softmax is not looked at (a plain p
+    of 1 runs the mean)."""
+    graph = random_graph(10, 30)
+    x = torch.randn(10, 4)
+    mean = keypointops.msg_pass(x, graph, aggr="mean")
+    for t in (torch.ones(3), float("nan")):
+        torch.testing.assert_close(keypointops.msg_pass(x, graph, t, aggr="powermean", p=1.0), mean)
+        torch.testing.assert_close(keypointops.msg_pass(x, graph, t, aggr="mean"), mean)
+
+
+def test_power_mean_bad_input_raises_naming_the_argument():
+    graph = random_graph(10, 30)
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match=r"aggr must be one of \('softmax', 'softmax_sg', 'powermean', 'mean'\), "
+                                         r"got 'max'"):
+        keypointops.msg_pass(x, graph, aggr="max")
+    with pytest.raises(ValueError, match="p must be a finite and non-zero float"):
+        keypointops.msg_pass(x, graph, aggr="powermean", p=0.0)
+    with pytest.raises(ValueError, match="p must be finite and non-zero"):
+        keypointops.msg_pass(x, graph, aggr="powermean", p=torch.tensor([1.0, 0.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"p must be a float, a 0-dim or \[1\] tensor, or a \[C\]"):
+        keypointops.msg_pass(x, graph, aggr="powermean", p=torch.ones(3))
+    with pytest.raises(ValueError, match="clamp_min must be a float or None"):
+        keypointops.msg_pass(x, graph, aggr="powermean", p=2.0, clamp_min=float("nan"))
+    if keypointops.has_ops():
+        csr = (graph.rowptr, graph.col, graph.rowptr_t, graph.col_t)
+        with pytest.raises(ValueError, match="aggr must be 'softmax', 'softmax_sg', 'powermean' or 'mean', got"):
+            torch.ops.keypointops.msg_pass(x, *csr, torch.ones(4), 1e-7, None, None, None, "max")
+
+
+# --- semi-gradient softmax ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("with_edges", [False, True], ids=["nodes", "edges"])
+def test_semi_gradient_softmax_matches_reference(device, backend, with_edges):
+    """aggr="softmax_sg": the softmax's output, with the gradients of the weights as constants
+    (PyG's semi_grad), equal to the reference's autograd; a t that requires grad is refused."""
+    edge_index, x, edge_attr, gen = power_mean_inputs(device, torch.float64, seed=25)
+    x = (x / 10).requires_grad_()
+    edge_attr = edge_attr.requires_grad_() if with_edges else None
+    t = (torch.rand(x.size(1), generator=gen, dtype=torch.float64) * 4 - 1).to(device)
+    out = keypointops.msg_pass(x, edge_index, t, edge_attr=edge_attr, aggr="softmax_sg", backend=backend)
+    expected = reference.msg_pass(x, edge_index, t, edge_attr=edge_attr, aggr="softmax_sg")
+    torch.testing.assert_close(out, keypointops.msg_pass(x, edge_index, t, edge_attr=edge_attr, backend=backend))
+    torch.testing.assert_close(out, expected, **tolerances(torch.float64))
+    leaves = [x] + ([edge_attr] if with_edges else [])
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(expected, leaves, grad)
+    full = torch.autograd.grad(reference.msg_pass(x, edge_index, t, edge_attr=edge_attr), leaves, grad)
+    for g, w, f in zip(got, want, full):
+        torch.testing.assert_close(g, w, **tolerances(torch.float64))
+        assert not torch.allclose(g, f)
+    with pytest.raises(ValueError, match="t cannot require grad with aggr='softmax_sg'"):
+        keypointops.msg_pass(x, edge_index, t.clone().requires_grad_(), aggr="softmax_sg", backend=backend)

@@ -301,9 +301,8 @@ def test_res_plus_stack_compiles_fullgraph():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(aggr=["softmax", "max"]), NotImplementedError, "aggr must be one of"),
-    (dict(aggr="median"), NotImplementedError, r"aggr must be one of \('softmax', 'powermean'"),
-    (dict(aggr="softmax_sg"), NotImplementedError, "semi-gradient"),
-    (dict(aggr_kwargs=dict(t=1.0, semi_grad=True)), NotImplementedError, "semi_grad"),
+    (dict(aggr="median"), NotImplementedError, r"aggr must be one of \('softmax', 'softmax_sg', 'powermean'"),
+    (dict(aggr="softmax_sg", learn_t=True), ValueError, "semi_grad"),
     (dict(aggr_kwargs=dict(t=1.0, learn=True, semi_grad=True)), ValueError, "semi_grad"),
     (dict(aggr_kwargs=dict(learn=True, channels=5)), ValueError, "channels must be 1 or out_channels"),
     (dict(aggr_kwargs=dict(channels=8)), ValueError, "channels must be 1 when t is not learned"),
@@ -541,10 +540,12 @@ def test_sparse_and_edge_index_inputs_match_pyg(layout, aggr):
     ("powermean", dict(aggr_kwargs=dict(p=1.0, learn=True, channels=16))),
     ("powermean", dict(aggr_kwargs=dict(p=3.0, clamp_min=None, clamp_max=50.0))),
     ("power", dict(p=1.0)), ("add", {}), ("sum", {}), ("mean", {}), ("max", {}), ("min", {}),
+    ("softmax_sg", dict(t=0.5)), ("softmax", dict(aggr_kwargs=dict(t=2.0, semi_grad=True))),
 ])
 def test_other_aggregations_match_pyg(aggr, kwargs):
-    """The power mean (learnable p, per-channel p, PyG's clamping, isolated nodes) and the plain
-    reductions, with edge features, equal to PyG's (outputs and gradients); repr as PyG's."""
+    """The power mean (learnable p, per-channel p, PyG's clamping, isolated nodes), the plain
+    reductions and the semi-gradient softmax, with edge features, equal to PyG's (outputs and
+    gradients); repr as PyG's."""
     ours, theirs = pyg_pair(16, 16, seed=15, aggr=aggr, edge_dim=5, **kwargs)
     assert repr(ours) == repr(theirs)
     edge_index = shuffled_edges(26, 26, 100, seed=16)

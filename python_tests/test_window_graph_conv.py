@@ -7,7 +7,7 @@ import torch
 
 import keypointops
 from keypointops import reference
-from keypointops._opdefs.window_graph_conv import window_count
+from keypointops import window_graph_conv_output_length
 from keypointops.graphs import block_adjacency, multiscale_adjacency, normalize_adjacency, skeleton
 from keypointops.nn import MSG3DWindow, WindowGraphConv3D
 
@@ -47,7 +47,7 @@ def make_inputs(batch, frames, nodes, channels, window, adj_kind, *, dtype=torch
                 device="cpu", seed=0, requires_grad=False, dilation=1, stride=1, scales=1):
     gen = torch.Generator().manual_seed(seed)
     size = window * nodes
-    rows, windows = scales * size, window_count(frames, window, dilation, stride)
+    rows, windows = scales * size, window_graph_conv_output_length(frames, window, dilation, stride)
     adj_shape = {"shared": (rows, size), "per_sample": (batch, rows, size),
                  "per_window": (batch, windows, rows, size)}[adj_kind]
     x = torch.randn(batch, frames, nodes, channels, generator=gen, dtype=dtype).to(device)
@@ -119,7 +119,7 @@ def test_stride_even_windows_and_scales(device, backend, adj_kind, window, dilat
                          stride=stride, scales=scales)
     out = keypointops.window_graph_conv(x, adj, window, dilation=dilation, stride=stride,
                                         backend=backend)
-    windows = window_count(frames, window, dilation, stride)
+    windows = window_graph_conv_output_length(frames, window, dilation, stride)
     assert out.shape == (2, windows, scales * window * nodes, channels)
     if adj_kind == "per_window":  # MS-G3D has no per-window adjacency: against the reference
         expected = reference.window_graph_conv(x, adj, window, dilation, stride)
@@ -145,12 +145,12 @@ def test_window_count_is_nn_unfold():
                 for frames in range(1, 12):
                     padding = (window + (window - 1) * (dilation - 1) - 1) // 2
                     if frames + 2 * padding < (window - 1) * dilation + 1:
-                        assert window_count(frames, window, dilation, stride) == 0
+                        assert window_graph_conv_output_length(frames, window, dilation, stride) == 0
                         continue
                     unfold = torch.nn.Unfold((window, 1), dilation=(dilation, 1), stride=(stride, 1),
                                              padding=(padding, 0))
                     expected = unfold(torch.zeros(1, 1, frames, 1)).size(-1)
-                    assert window_count(frames, window, dilation, stride) == expected
+                    assert window_graph_conv_output_length(frames, window, dilation, stride) == expected
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
@@ -634,7 +634,7 @@ def test_msg3d_window_loads_msg3d_state_dict_and_matches_its_forward(
     out = layer(x)
     expected = msg3d_forward(state, x, ring.to(device), scales, window, stride, dilation, disentangled,
                              residual, training=False)
-    assert out.shape == (2, c_out, window_count(7, window, dilation, stride), window * 5)
+    assert out.shape == (2, c_out, window_graph_conv_output_length(7, window, dilation, stride), window * 5)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)   # MS-G3D's A_scales in float32
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(18), dtype=torch.float64).to(device)
     torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],

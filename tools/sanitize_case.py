@@ -19,7 +19,7 @@ import torch
 
 import keypointops
 from keypointops import reference
-from keypointops._opdefs.window_graph_conv import window_count
+from keypointops import window_graph_conv_output_length
 from keypointops.graphs import Graph
 
 DEVICE = os.environ.get("SANITIZE_CASE_DEVICE", "cuda")
@@ -91,7 +91,7 @@ def window_graph_conv(dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 4, 37, generator=gen).to(DEVICE, dtype)
     for window, dilation, stride, scales in ((3, 1, 1, 1), (5, 2, 1, 1), (4, 1, 2, 3)):
-        size, windows = window * 4, window_count(5, window, dilation, stride)
+        size, windows = window * 4, window_graph_conv_output_length(5, window, dilation, stride)
         for shape in ((scales * size, size), (2, scales * size, size), (2, windows, scales * size, size)):
             adj = (torch.randn(shape, generator=gen) / size).to(DEVICE, dtype)
             _forward_backward(

@@ -143,14 +143,33 @@ def msg_pass_variants():
                                dict(x_ptr=dtype, rowptr_ptr=torch.int64, col_ptr=torch.int64, **edge, t_ptr=acc,
                                     out_ptr=dtype, row_max_ptr=acc, row_sum_ptr=acc),
                                dict(blocks, EPS=eps, HAS_EDGE=has_edge), num_warps=num_warps)
-                for grad_t in (False, True):
-                    yield _variant(mp, "_backward_kernel", f"{label} grad_t={grad_t}",
+                # grad_t with the full softmax gradient, none with the semi-gradient one
+                for grad_t, semi_grad in ((False, False), (True, False), (False, True)):
+                    yield _variant(mp, "_backward_kernel", f"{label} grad_t={grad_t} semi_grad={semi_grad}",
                                    dict(grad_out_ptr=dtype, x_ptr=dtype, out_ptr=dtype, row_max_ptr=acc,
                                         row_sum_ptr=acc, rowptr_t_ptr=torch.int64, col_t_ptr=torch.int64,
                                         edge_attr_ptr=dtype, perm_t_ptr=torch.int64, t_ptr=acc,
                                         grad_x_ptr=dtype, grad_t_partial_ptr=acc, grad_edge_attr_ptr=dtype),
-                                   dict(blocks, EPS=eps, COMPUTE_GRAD_T=grad_t, HAS_EDGE=has_edge),
+                                   dict(blocks, EPS=eps, COMPUTE_GRAD_T=grad_t, HAS_EDGE=has_edge,
+                                        SEMI_GRAD=semi_grad),
                                    num_warps=num_warps)
+                # The power mean (its default clamp bounds) and the mean; grad_p only for the power mean.
+                bounds = dict(LO=1e-4, HI=100.0)
+                for power in (False, True):
+                    yield _variant(mp, "_power_mean_forward_kernel", f"{label} power={power}",
+                                   dict(x_ptr=dtype, rowptr_ptr=torch.int64, col_ptr=torch.int64, **edge, p_ptr=acc,
+                                        out_ptr=dtype, mean_ptr=acc, degree_ptr=acc),
+                                   dict(blocks, EPS=eps, HAS_EDGE=has_edge, POWER=power, **bounds),
+                                   num_warps=num_warps)
+                    for grad_p in (False, True) if power else (False,):
+                        yield _variant(mp, "_power_mean_backward_kernel", f"{label} power={power} grad_p={grad_p}",
+                                       dict(grad_out_ptr=dtype, x_ptr=dtype, mean_ptr=acc, degree_ptr=acc,
+                                            rowptr_t_ptr=torch.int64, col_t_ptr=torch.int64, edge_attr_ptr=dtype,
+                                            perm_t_ptr=torch.int64, p_ptr=acc, grad_x_ptr=dtype,
+                                            grad_p_partial_ptr=acc, grad_edge_attr_ptr=dtype),
+                                       dict(blocks, EPS=eps, COMPUTE_GRAD_T=grad_p, HAS_EDGE=has_edge,
+                                            POWER=power, **bounds),
+                                       num_warps=num_warps)
             yield _variant(mp, "_sum_rows_kernel", f"{_name(acc)} BLOCK_C={block_c}",
                            dict(partial_ptr=acc, total_ptr=acc),
                            dict(BLOCK_R=mp.SUM_BLOCK_ROWS, BLOCK_C=block_c))

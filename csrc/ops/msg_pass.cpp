@@ -9,6 +9,15 @@
 
 namespace keypointops {
 
+MsgPassAggr parse_msg_pass_aggr(c10::string_view aggr) {
+  if (aggr == "softmax") return MsgPassAggr::kSoftmax;
+  if (aggr == "softmax_sg") return MsgPassAggr::kSoftmaxSemiGrad;
+  if (aggr == "powermean") return MsgPassAggr::kPowerMean;
+  if (aggr == "mean") return MsgPassAggr::kMean;
+  TORCH_CHECK_VALUE(false, "msg_pass: aggr must be 'softmax', 'softmax_sg', 'powermean' or 'mean', got '", aggr,
+                    "'");
+}
+
 void check_msg_pass_args(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
                          const at::Tensor& t, const char* rowptr_name, const char* col_name) {
   TORCH_CHECK(x.dim() == 2, "msg_pass: x must be [N, C], got ", x.dim(), " dims");
@@ -122,11 +131,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass(
     const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& rowptr_t,
     const at::Tensor& col_t, const at::Tensor& t, double eps,
     const c10::optional<at::Tensor>& edge_attr, const c10::optional<at::Tensor>& perm,
-    const c10::optional<at::Tensor>& perm_t) {
+    const c10::optional<at::Tensor>& perm_t, c10::string_view aggr, double clamp_min,
+    double clamp_max) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("keypointops::msg_pass", "")
                        .typed<decltype(msg_pass)>();
-  return op.call(x, rowptr, col, rowptr_t, col_t, t, eps, edge_attr, perm, perm_t);
+  return op.call(x, rowptr, col, rowptr_t, col_t, t, eps, edge_attr, perm, perm_t, aggr, clamp_min,
+                 clamp_max);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward(
@@ -134,12 +145,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward(
     const at::Tensor& row_sum,
     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t, double eps,
     bool compute_grad_t, const c10::optional<at::Tensor>& edge_attr,
-    const c10::optional<at::Tensor>& perm_t) {
+    const c10::optional<at::Tensor>& perm_t, c10::string_view aggr, double clamp_min,
+    double clamp_max) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("keypointops::msg_pass_backward", "")
                        .typed<decltype(msg_pass_backward)>();
   return op.call(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, eps, compute_grad_t,
-                 edge_attr, perm_t);
+                 edge_attr, perm_t, aggr, clamp_min, clamp_max);
 }
 
 }  // namespace keypointops

@@ -1,9 +1,19 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 #include <tuple>
 
 namespace keypointops {
+
+// The aggregations of msg_pass: softmax with inverse temperature t (DeeperGCN's SoftMax_Agg), the
+// same with its weights taken as constants in backward (PyG's semi-gradient "softmax_sg"), power
+// mean with power p = t and PyG's clamping (DeeperGCN's PowerMean_Agg), and the mean (the power mean
+// of a plain p = 1, which PyG computes without clamping).
+enum class MsgPassAggr { kSoftmax, kSoftmaxSemiGrad, kPowerMean, kMean };
+
+// The aggregation named by the op's aggr argument; raises naming the accepted names otherwise.
+MsgPassAggr parse_msg_pass_aggr(c10::string_view aggr);
 
 // Device-agnostic argument checks shared by the CPU and CUDA kernels (shapes, dtypes, devices).
 void check_msg_pass_args(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
@@ -39,12 +49,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass(
     const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& rowptr_t,
     const at::Tensor& col_t, const at::Tensor& t, double eps,
     const c10::optional<at::Tensor>& edge_attr, const c10::optional<at::Tensor>& perm,
-    const c10::optional<at::Tensor>& perm_t);
+    const c10::optional<at::Tensor>& perm_t, c10::string_view aggr, double clamp_min,
+    double clamp_max);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const at::Tensor& row_max,
     const at::Tensor& row_sum,
     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t, double eps,
     bool compute_grad_t, const c10::optional<at::Tensor>& edge_attr,
-    const c10::optional<at::Tensor>& perm_t);
+    const c10::optional<at::Tensor>& perm_t, c10::string_view aggr, double clamp_min,
+    double clamp_max);
 
 }  // namespace keypointops

@@ -10,8 +10,11 @@ from torch import Tensor
 from keypointops._opdefs.backend import check_float_dtype, check_same_device, check_tensors, register_op_pair
 from keypointops.graphs import Graph
 
+# The aggregations of msg_pass (the raw ops' aggr argument takes the same names).
+AGGREGATIONS = ("softmax", "softmax_sg", "powermean", "mean")
 
-def check_args(x, graph, t, eps, edge_attr=None) -> Graph:
+
+def check_args(x, graph, t, eps, edge_attr=None, aggr="softmax", p=1.0, clamp_min=1e-4, clamp_max=100.0) -> Graph:
     check_tensors("msg_pass", x=x)
     if x.dim() != 2:
         raise ValueError(f"msg_pass: x must be [N, C], got shape {list(x.shape)}")
@@ -26,17 +29,17 @@ def check_args(x, graph, t, eps, edge_attr=None) -> Graph:
         raise ValueError(f"msg_pass: graph has {graph.num_nodes} nodes but x has {x.size(0)} rows")
     check_same_device("msg_pass", "x", x.device, "graph", graph.device,
                       hint="; move the graph with graph.to(x.device)")
-    if isinstance(t, Tensor):
-        if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.size(1))):
-            raise ValueError(f"msg_pass: t must be a float, a 0-dim or [1] tensor, or a [C] = "
-                             f"[{x.size(1)}] tensor, got shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"msg_pass: t must be a floating point tensor, got {t.dtype}")
-        check_same_device("msg_pass", "x", x.device, "t", t.device)
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
-            raise ValueError("msg_pass: t must be finite")
-    elif not isinstance(t, (int, float)) or not math.isfinite(t):
-        raise ValueError(f"msg_pass: t must be a finite float or a tensor, got {t!r}")
+    check_aggr(aggr)
+    if aggr == "powermean":
+        _check_parameter("p", p, x, nonzero=True)
+        for name, bound in (("clamp_min", clamp_min), ("clamp_max", clamp_max)):
+            if bound is not None and (not isinstance(bound, (int, float)) or math.isnan(bound)):
+                raise ValueError(f"msg_pass: {name} must be a float or None, got {bound!r}")
+    elif aggr != "mean":   # the mean reads neither t nor p
+        _check_parameter("t", t, x)
+        if aggr == "softmax_sg" and isinstance(t, Tensor) and t.requires_grad:
+            raise ValueError("msg_pass: t cannot require grad with aggr='softmax_sg' (its weights are "
+                             "constants in backward)")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps):
         raise ValueError(f"msg_pass: eps must be a finite float, got {eps!r}")
     if edge_attr is not None:
@@ -48,6 +51,25 @@ def check_args(x, graph, t, eps, edge_attr=None) -> Graph:
             raise ValueError(f"msg_pass: edge_attr must be {x.dtype} like x, got {edge_attr.dtype}")
         check_same_device("msg_pass", "x", x.device, "edge_attr", edge_attr.device)
     return graph
+
+
+def _check_parameter(name: str, value, x: Tensor, nonzero: bool = False) -> None:
+    """The aggregation's parameter (``t`` or ``p``): a finite (non-zero) float, or a 0-dim, [1] or
+    [C] floating point tensor on x's device."""
+    condition = "finite and non-zero" if nonzero else "finite"
+    if isinstance(value, Tensor):
+        if value.dim() > 1 or (value.dim() == 1 and value.numel() not in (1, x.size(1))):
+            raise ValueError(f"msg_pass: {name} must be a float, a 0-dim or [1] tensor, or a [C] = "
+                             f"[{x.size(1)}] tensor, got shape {list(value.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"msg_pass: {name} must be a floating point tensor, got {value.dtype}")
+        check_same_device("msg_pass", "x", x.device, name, value.device)
+        if not torch.compiler.is_compiling():
+            ok = torch.isfinite(value) & (value != 0) if nonzero else torch.isfinite(value)
+            if not bool(ok.all()):
+                raise ValueError(f"msg_pass: {name} must be {condition}")
+    elif (not isinstance(value, (int, float)) or not math.isfinite(value)) or (nonzero and value == 0):
+        raise ValueError(f"msg_pass: {name} must be a {condition} float or a tensor, got {value!r}")
 
 
 def check_edge_args(x: Tensor, edge_attr: Tensor | None, perm: Tensor | None, num_edges: int,
@@ -66,6 +88,12 @@ def check_edge_args(x: Tensor, edge_attr: Tensor | None, perm: Tensor | None, nu
                          f"{list(perm.shape)}")
     for name, arg in (("edge_attr", edge_attr), (perm_name, perm)):
         check_same_device("msg_pass", "x", x.device, name, arg.device)
+
+
+def check_aggr(aggr: str) -> None:
+    """The raw ops' aggr argument (csrc/ops/msg_pass.cpp's parse_msg_pass_aggr)."""
+    if aggr not in AGGREGATIONS:
+        raise ValueError(f"msg_pass: aggr must be one of {AGGREGATIONS}, got {aggr!r}")
 
 
 def check_csr_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_name: str, col_name: str) -> None:
@@ -89,21 +117,28 @@ def check_csr_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_nam
 
 # --- torch.library registrations: fake kernels and the autograd formula --------------------------
 
-def _fake_forward(x, rowptr, col, rowptr_t, col_t, t, eps, edge_attr=None, perm=None, perm_t=None):
+# The defaults of the raw ops' trailing optional arguments (edge_attr, perm, perm_t, aggr,
+# clamp_min, clamp_max), for calls that leave some of them out.
+_OPTIONAL_DEFAULTS = (None, None, None, "softmax", 1e-4, 100.0)
+
+
+def _fake_forward(x, rowptr, col, rowptr_t, col_t, t, eps, edge_attr=None, perm=None, perm_t=None,
+                  aggr="softmax", clamp_min=1e-4, clamp_max=100.0):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=t.dtype), x.new_empty(x.shape, dtype=t.dtype)
 
 
 def _fake_backward(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t, eps, compute_grad_t,
-                   edge_attr=None, perm_t=None):
+                   edge_attr=None, perm_t=None, aggr="softmax", clamp_min=1e-4, clamp_max=100.0):
     grad_edge_attr = torch.empty_like(edge_attr) if edge_attr is not None else x.new_empty(0)
     return torch.empty_like(x), torch.empty_like(t), grad_edge_attr
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, _, rowptr_t, col_t, t, eps, edge_attr, _, perm_t = inputs
+    x, _, _, rowptr_t, col_t, t, eps, *optional = inputs
+    edge_attr, _, perm_t, aggr, clamp_min, clamp_max = (*optional, *_OPTIONAL_DEFAULTS[len(optional):])
     out, row_max, row_sum = output
     ctx.save_for_backward(x, t, out, row_max, row_sum, rowptr_t, col_t, edge_attr, perm_t)
-    ctx.eps = eps
+    ctx.eps, ctx.aggr, ctx.clamp = eps, aggr, (clamp_min, clamp_max)
 
 
 def _backward(ctx, backward_op, grad_out, _grad_row_max, _grad_row_sum):
@@ -113,9 +148,9 @@ def _backward(ctx, backward_op, grad_out, _grad_row_max, _grad_row_sum):
     num_args = len(ctx.needs_input_grad)
     need_edge = num_args > 7 and ctx.needs_input_grad[7]
     grad_x, grad_t, grad_edge_attr = backward_op(grad_out, x, out, row_max, row_sum, rowptr_t, col_t, t,
-                                                 ctx.eps, need_t, edge_attr, perm_t)
+                                                 ctx.eps, need_t, edge_attr, perm_t, ctx.aggr, *ctx.clamp)
     return (grad_x if need_x else None, None, None, None, None, grad_t if need_t else None, None,
-            grad_edge_attr if need_edge else None, None, None)[:num_args]
+            grad_edge_attr if need_edge else None, None, None, None, None, None)[:num_args]
 
 
 def register_kernels_of(forward_name: str, backward_name: str) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from keypointops._opdefs.backend import check_float_dtype, check_same_device, check_tensors, register_op_pair
 
 
-def window_count(frames: int, window: int, dilation: int = 1, stride: int = 1) -> int:
-    """``T'``: the windows of ``nn.Unfold`` (MS-G3D's temporal windows) over ``frames`` frames
-    zero-padded by ``(window - 1) * dilation // 2`` on both sides, with the given stride;
-    0 when the padded clip is shorter than one window."""
+def window_graph_conv_output_length(frames: int, window: int, dilation: int = 1, stride: int = 1) -> int:
+    """``T'``, the number of windows :func:`keypointops.window_graph_conv` returns for ``frames``
+    frames: the windows of ``nn.Unfold`` (MS-G3D's temporal windows) over the frames zero-padded
+    by ``(window - 1) * dilation // 2`` on both sides, with the given stride; 0 when the padded clip
+    is shorter than one window.  Use it to size a time-varying ``adj`` ``[B, T', R, L]``."""
     reach = frames + 2 * ((window - 1) * dilation // 2) - (window - 1) * dilation
     return 0 if reach <= 0 else (reach - 1) // stride + 1
 
@@ -34,7 +35,7 @@ def check_args(x, adj, window, dilation, stride) -> None:
     if adj.dim() >= 3 and adj.size(0) != batch:
         raise ValueError(f"window_graph_conv: adj holds {adj.size(0)} samples (shape "
                          f"{list(adj.shape)}) but x holds B = {batch}")
-    windows = window_count(frames, window, dilation, stride)
+    windows = window_graph_conv_output_length(frames, window, dilation, stride)
     if adj.dim() == 4 and adj.size(1) != windows:
         raise ValueError(f"window_graph_conv: adj holds {adj.size(1)} windows per sample (shape "
                          f"{list(adj.shape)}) but x's T = {frames} frames make T' = {windows} "
@@ -49,7 +50,7 @@ def check_args(x, adj, window, dilation, stride) -> None:
 
 def _fake_forward(x, adj, window, dilation, stride):
     batch, frames, _, channels = x.shape
-    return x.new_empty((batch, window_count(frames, window, dilation, stride), adj.size(-2), channels))
+    return x.new_empty((batch, window_graph_conv_output_length(frames, window, dilation, stride), adj.size(-2), channels))
 
 
 def _fake_backward(grad_out, x, adj, window, dilation, stride, compute_grad_x, compute_grad_adj):

@@ -2,8 +2,8 @@
 
 A drop-in replacement for ``torch_geometric.nn.GENConv``: same constructor arguments, parameter
 names and forward call, so a PyG state dict loads with ``strict=True`` and gives the same output.
-With the softmax aggregation the message ``relu(x_j + e_ji) + eps`` and the aggregation run as one
-:func:`keypointops.msg_pass` call instead of PyG's gather / scatter-softmax / scatter-sum over
+With the softmax, power-mean and mean aggregations the message ``relu(x_j + e_ji) + eps`` and the
+aggregation run as one :func:`keypointops.msg_pass` call instead of PyG's gather / scatter over
 ``E x C`` tensors.  PyTorch Geometric is not needed at run time.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ _AGGR_KWARGS = {"softmax": ("t", "learn", "semi_grad", "channels"),
                 "powermean": ("p", "learn", "channels", "clamp_min", "clamp_max")}
 # PyG's names of the plain reductions -> torch's scatter_reduce names.
 _SCATTER_REDUCE = {"add": "sum", "sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}
-SUPPORTED_AGGR = ("softmax", "powermean", "power", "add", "sum", "mean", "max", "min")
+SUPPORTED_AGGR = ("softmax", "softmax_sg", "powermean", "power", "add", "sum", "mean", "max", "min")
 
 
 class _LearnableAggregation(torch.nn.Module):
@@ -65,20 +65,26 @@ class _LearnableAggregation(torch.nn.Module):
 class MsgPassAggregation(_LearnableAggregation):
     r"""Message ``relu(x_j) + eps`` and softmax-temperature aggregation, fused (:func:`keypointops.msg_pass`).
 
-    Holds the inverse temperature ``t`` like PyG's ``SoftmaxAggregation(t, learn, channels=channels)``:
-    a ``Parameter`` of shape ``[channels]`` when ``learn`` (state dict key ``t``), a float otherwise.
-    Unlike PyG's aggregation it takes node features and a graph, not gathered messages: it computes
+    Holds the inverse temperature ``t`` like PyG's ``SoftmaxAggregation(t, learn, semi_grad,
+    channels)``: a ``Parameter`` of shape ``[channels]`` when ``learn`` (state dict key ``t``), a
+    float otherwise; ``semi_grad`` takes the softmax weights as constants in backward (PyG's
+    semi-gradient softmax, ``aggr="softmax_sg"``; not with a learnable ``t``).  Unlike PyG's
+    aggregation it takes node features and a graph, not gathered messages: it computes
     ``out[v] = sum_{u in N(v)} softmax_u(t * m_u) * m_u`` with ``m_u = relu(x_u) + eps``.
     """
 
     PARAM = "t"
 
-    def __init__(self, t: float = 1.0, learn: bool = False, channels: int = 1):
+    def __init__(self, t: float = 1.0, learn: bool = False, channels: int = 1, semi_grad: bool = False):
+        if learn and semi_grad:
+            raise ValueError(f"{type(self).__name__}: semi_grad=True cannot be used with a learnable t")
         super().__init__(t, learn, channels)
+        self.semi_grad = semi_grad
 
     def forward(self, x: Tensor, graph: Graph | Tensor, eps: float = 1e-7, backend: str = "auto",
                 edge_attr: Tensor | None = None) -> Tensor:
-        return msg_pass(x, graph, self.t, eps, edge_attr=edge_attr, backend=backend)
+        return msg_pass(x, graph, self.t, eps, edge_attr=edge_attr, aggr="softmax_sg" if self.semi_grad else "softmax",
+                        backend=backend)
 
 
 def _messages(x: Tensor, graph: Graph | Tensor, eps: float, edge_attr: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -94,18 +100,20 @@ def _messages(x: Tensor, graph: Graph | Tensor, eps: float, edge_attr: Tensor | 
 
 
 class PowerMeanAggregation(_LearnableAggregation):
-    r"""GENConv's message and power-mean aggregation, in plain PyTorch (not fused).
+    r"""GENConv's message and power-mean aggregation, fused (:func:`keypointops.msg_pass` with
+    ``aggr="powermean"``).
 
-    .. math:: \mathrm{out}_v = \Big(\frac{1}{|N(v)|} \sum_{u \in N(v)}
-        \mathrm{clamp}(m_{uv})^p\Big)^{1/p} \text{ clamped again}
+    .. math:: \mathrm{out}_v = \mathrm{cl}\Big(\frac{1}{|N(v)|} \sum_{u \in N(v)}
+        \mathrm{cl}(m_{uv})^p\Big)^{1/p}
 
-    with the messages :math:`m_{uv} = \mathrm{relu}(x_u + e_{uv}) + \epsilon` (DeeperGCN, Li et
-    al., arXiv 2020).  The same computation, clamping rules and parameter as PyG's
-    ``PowerMeanAggregation(p, learn, channels, clamp_min, clamp_max)``: messages and the mean are
-    clamped to ``[clamp_min, clamp_max]`` (``None``: no bound) unless ``p`` is the plain number 1;
-    ``p`` is a ``Parameter`` of shape ``[channels]`` when ``learn`` (state dict key ``p``).  A node
-    without incoming edges gets ``clamp_min ** (1 / p)``, as in PyG.  It materialises the
-    ``[E, C]`` messages, like PyG; only the softmax aggregation is fused.
+    with the messages :math:`m_{uv} = \mathrm{relu}(x_u + e_{uv}) + \epsilon` and :math:`\mathrm{cl}`
+    the clamp to ``[clamp_min, clamp_max]`` (DeeperGCN, Li et al., arXiv 2020).  The same
+    computation, clamping rules and parameter as PyG's ``PowerMeanAggregation(p, learn, channels,
+    clamp_min, clamp_max)``: messages and the mean are clamped (``None``: no bound) unless ``p`` is
+    the plain number 1, which is the unclamped mean; ``p`` is a ``Parameter`` of shape
+    ``[channels]`` when ``learn`` (state dict key ``p``).  A node without incoming edges gets
+    ``clamp_min ** (1 / p)``, as in PyG.  Unlike PyG's aggregation it takes node features and a
+    graph, not gathered messages, and materialises no ``[E, C]`` tensor.
     """
 
     PARAM = "p"
@@ -117,20 +125,14 @@ class PowerMeanAggregation(_LearnableAggregation):
 
     def forward(self, x: Tensor, graph: Graph | Tensor, eps: float = 1e-7, backend: str = "auto",
                 edge_attr: Tensor | None = None) -> Tensor:
-        messages, dst = _messages(x, graph, eps, edge_attr)
-        p = self.p
-        plain_mean = isinstance(p, float) and p == 1.0
-        if not plain_mean:
-            messages = messages.clamp(self.min_value, self.max_value).pow(p)
-        out = _scatter(messages, dst, x.size(0), "mean")
-        if not plain_mean:
-            out = out.clamp(self.min_value, self.max_value).pow(1.0 / p)
-        return out
+        return msg_pass(x, graph, eps=eps, edge_attr=edge_attr, aggr="powermean", p=self.p,
+                        clamp_min=self.min_value, clamp_max=self.max_value, backend=backend)
 
 
 class ScatterAggregation(torch.nn.Module):
     """GENConv's message and a plain reduction (``"add"``/``"sum"``, ``"mean"``, ``"max"``,
-    ``"min"``; 0 where a node has no incoming edge), in plain PyTorch as PyG computes it."""
+    ``"min"``; 0 where a node has no incoming edge): the mean fused (:func:`keypointops.msg_pass`
+    with ``aggr="mean"``), the others in plain PyTorch as PyG computes them."""
 
     def __init__(self, reduce: str):
         super().__init__()
@@ -138,6 +140,8 @@ class ScatterAggregation(torch.nn.Module):
 
     def forward(self, x: Tensor, graph: Graph | Tensor, eps: float = 1e-7, backend: str = "auto",
                 edge_attr: Tensor | None = None) -> Tensor:
+        if self.reduce == "mean":
+            return msg_pass(x, graph, eps=eps, edge_attr=edge_attr, aggr="mean", backend=backend)
         messages, dst = _messages(x, graph, eps, edge_attr)
         return _scatter(messages, dst, x.size(0), _SCATTER_REDUCE[self.reduce])
 
@@ -189,7 +193,7 @@ def _mlp(channels: list[int], norm: str | None, bias: bool) -> Sequential:
 
 
 class GENConv(torch.nn.Module):
-    r"""DeeperGCN's GENeralized Graph Convolution (Li et al., arXiv 2020), softmax aggregation fused.
+    r"""DeeperGCN's GENeralized Graph Convolution (Li et al., arXiv 2020), its aggregations fused.
 
     .. math::
         \mathbf{x}_i' = \mathrm{MLP}\Big(\mathbf{x}_i + \mathrm{AGG}_{j \in N(i)}\,
@@ -215,11 +219,13 @@ class GENConv(torch.nn.Module):
     in another order).  ``norm="instance"`` is, as in PyG, ``InstanceNorm1d`` on the ``[N, C]``
     hidden features.
 
-    **Aggregations**: ``"softmax"`` is fused (:func:`keypointops.msg_pass`, edge features read in
-    place; no ``E x C`` intermediate).  ``"powermean"`` (alias ``"power"``; learnable ``p`` and
-    PyG's clamping, see :class:`PowerMeanAggregation`) and ``"add"``/``"sum"``, ``"mean"``,
-    ``"max"``, ``"min"`` (:class:`ScatterAggregation`) run in plain PyTorch, equal to PyG's and
-    as costly (they materialise the ``[E, C]`` messages).
+    **Aggregations**: ``"softmax"`` (and PyG's semi-gradient softmax ``"softmax_sg"`` /
+    ``aggr_kwargs=dict(semi_grad=True)``, whose weights are constants in backward),
+    ``"powermean"`` (alias ``"power"``; learnable ``p`` and PyG's clamping, see
+    :class:`PowerMeanAggregation`) and ``"mean"`` are fused (:func:`keypointops.msg_pass`, edge
+    features read in place; no ``E x C`` intermediate).
+    ``"add"``/``"sum"``, ``"max"`` and ``"min"`` (:class:`ScatterAggregation`) run in plain
+    PyTorch, equal to PyG's and as costly (they materialise the ``[E, C]`` messages).
 
     **Differs**: ``edge_index`` may also be a :class:`keypointops.Graph` (build it once per batch
     and reuse it across layers: a tensor or sparse adjacency is converted to CSR on every call;
@@ -229,7 +235,7 @@ class GENConv(torch.nn.Module):
     square graph (one ``[N_dst, C]`` copy; the padded rows send no message).
 
     **Not supported** (raise ``NotImplementedError`` at construction or call, naming what is):
-    the semi-gradient softmax (``"softmax_sg"`` / ``semi_grad=True``), lists of aggregations and
+    lists of aggregations and
     ``Aggregation`` objects, lazy ``in_channels=-1`` / ``edge_dim=-1``, and the other
     ``MessagePassing`` keyword arguments (``flow``, ``node_dim``, ``decomposed_layers``, ...).
     """
@@ -261,14 +267,9 @@ class GENConv(torch.nn.Module):
             raise NotImplementedError(f"GENConv: the MessagePassing arguments {sorted(kwargs)} are not "
                                       "supported (the fused aggregation has fixed source-to-target flow)")
         in_channels_src, in_channels_dst = _check_channels(in_channels, out_channels)
-        if aggr == "softmax_sg" or (isinstance(aggr_kwargs, dict) and aggr_kwargs.get("semi_grad")):
-            if isinstance(aggr_kwargs, dict) and aggr_kwargs.get("learn"):
-                raise ValueError("GENConv: aggr_kwargs semi_grad=True cannot be used with a learnable t")
-            raise NotImplementedError("GENConv: the semi-gradient softmax (aggr='softmax_sg', "
-                                      f"semi_grad=True) is not supported; aggr may be one of {SUPPORTED_AGGR}")
         if not isinstance(aggr, str) or aggr not in SUPPORTED_AGGR:
-            raise NotImplementedError(f"GENConv: aggr must be one of {SUPPORTED_AGGR} (softmax fused, the "
-                                      f"others in plain PyTorch), got aggr={aggr!r}")
+            raise NotImplementedError(f"GENConv: aggr must be one of {SUPPORTED_AGGR} (softmax, powermean and mean "
+                                      f"fused, the others in plain PyTorch), got aggr={aggr!r}")
         if edge_dim is not None and (not isinstance(edge_dim, int) or edge_dim < 1):
             if edge_dim == -1:
                 raise NotImplementedError("GENConv: lazy edge_dim=-1 is not supported; give the size")
@@ -285,10 +286,12 @@ class GENConv(torch.nn.Module):
 
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.aggr = "powermean" if aggr == "power" else aggr
+        # PyG's aliases: "softmax_sg" is the softmax with semi_grad=True, "power" the power mean.
+        self.aggr = {"power": "powermean", "softmax_sg": "softmax"}.get(aggr, aggr)
         self.eps = float(eps)
         self.backend = backend
-        self.aggr_module = _aggregation(self.aggr, aggr_kwargs, t, learn_t, p, learn_p, out_channels)
+        self.aggr_module = _aggregation(self.aggr, aggr_kwargs, t, learn_t, p, learn_p, out_channels,
+                                        semi_grad=aggr == "softmax_sg")
         if in_channels_src != out_channels:
             self.lin_src = Linear(in_channels_src, out_channels, bias=bias)
         if edge_dim is not None and edge_dim != out_channels:
@@ -457,7 +460,7 @@ def _check_channels(in_channels, out_channels) -> tuple[int, int]:
 
 
 def _aggregation(aggr: str, aggr_kwargs: dict | None, t: float, learn_t: bool, p: float, learn_p: bool,
-                 out_channels: int) -> torch.nn.Module:
+                 out_channels: int, semi_grad: bool) -> torch.nn.Module:
     """The ``aggr_module`` from ``t`` / ``learn_t`` or ``p`` / ``learn_p``, or from ``aggr_kwargs``
     which, as in PyG, override them."""
     if aggr in _SCATTER_REDUCE:
@@ -465,7 +468,7 @@ def _aggregation(aggr: str, aggr_kwargs: dict | None, t: float, learn_t: bool, p
             raise NotImplementedError(f"GENConv: aggr_kwargs are not supported with aggr={aggr!r}, got {aggr_kwargs!r}")
         return ScatterAggregation(aggr)
     if aggr_kwargs is None:
-        aggr_kwargs = dict(t=t, learn=learn_t) if aggr == "softmax" else dict(p=p, learn=learn_p)
+        aggr_kwargs = dict(t=t, learn=learn_t, semi_grad=semi_grad) if aggr == "softmax" else dict(p=p, learn=learn_p)
     allowed = _AGGR_KWARGS[aggr]
     if not isinstance(aggr_kwargs, dict) or set(aggr_kwargs) - set(allowed):
         raise NotImplementedError(f"GENConv: aggr_kwargs may only hold {allowed} with aggr={aggr!r}, "
@@ -475,5 +478,6 @@ def _aggregation(aggr: str, aggr_kwargs: dict | None, t: float, learn_t: bool, p
         raise ValueError(f"GENConv: aggr_kwargs channels must be 1 or out_channels ({out_channels}), "
                          f"got {channels!r}")
     if aggr == "softmax":
-        return MsgPassAggregation(aggr_kwargs.get("t", 1.0), aggr_kwargs.get("learn", False), channels)
+        return MsgPassAggregation(aggr_kwargs.get("t", 1.0), aggr_kwargs.get("learn", False), channels,
+                                  aggr_kwargs.get("semi_grad", False))
     return PowerMeanAggregation(**aggr_kwargs)

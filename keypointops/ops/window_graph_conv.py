@@ -8,9 +8,9 @@ from keypointops import reference
 from keypointops._extension import has_ops
 from keypointops._opdefs import autocast
 from keypointops._opdefs.backend import resolve_backend
-from keypointops._opdefs.window_graph_conv import check_args, register_kernels_of
+from keypointops._opdefs.window_graph_conv import check_args, register_kernels_of, window_graph_conv_output_length
 
-__all__ = ["window_graph_conv"]
+__all__ = ["window_graph_conv", "window_graph_conv_output_length"]
 
 
 def window_graph_conv(x: Tensor, adj: Tensor, window: int, *, dilation: int = 1, stride: int = 1,
@@ -22,15 +22,15 @@ def window_graph_conv(x: Tensor, adj: Tensor, window: int, *, dilation: int = 1,
     ``t * stride - pad + w * dilation``, ``w = 0 .. window-1`` (zeros for frames outside
     ``[0, T)``), and there are
 
-    .. math:: T' = \left\lfloor rac{T + 2\,\mathrm{pad} - (\mathrm{window} - 1)\,\mathrm{dilation}
-              - 1}{\mathrm{stride}} ightfloor + 1
+    .. math:: T' = \left\lfloor \frac{T + 2\,\mathrm{pad} - (\mathrm{window} - 1)\,\mathrm{dilation}
+              - 1}{\mathrm{stride}} \right\rfloor + 1
 
     of them (``T' = T`` for an odd window with stride 1: window ``t`` is centred on frame ``t``;
     ``T - 1`` for window 4 with stride 1).  Node ``j = w * N + n`` of a window is node ``n`` of slot
     ``w``'s frame, and
 
     .. math:: \mathrm{out}[b, t, i, :] = \sum_{j < L} \mathrm{adj}[b, t, i, j]\,
-              x[b,\ t\,\mathrm{stride} - \mathrm{pad} + \lfloor j / N floor \mathrm{dilation},              j mod N,\ :]
+              x[b,\ t\,\mathrm{stride} - \mathrm{pad} + \lfloor j / N \rfloor\,\mathrm{dilation},\ j \bmod N,\ :]
 
     with ``L = window * N``.  ``adj`` may stack ``S`` adjacencies of the window (e.g. the ``S``
     scales of MS-G3D's multi-scale aggregation, its ``A_large``) as ``R = S * L`` rows; every

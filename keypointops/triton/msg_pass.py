@@ -16,7 +16,9 @@ Backward: one program per (block of BLOCK_N source nodes u, channel block) steps
 through the transposed CSR (the targets v of the edges leaving u) with
 w = exp(t (m_u - M_v)) grad_out_v / Z_v and the centred message d = m_u - out_v (no cancellation of
 two large terms at a sharp softmax):
-grad_m_u = sum_v (w + w t d),  grad_t += m_u sum_v w d,  grad_x_u = grad_m_u * (x_u > 0).  Each row of grad_x has one writer; each program writes its grad_t
+grad_m_u = sum_v (w + w t d),  grad_t += m_u sum_v w d,  grad_x_u = grad_m_u * (x_u > 0)
+(SEMI_GRAD, aggr "softmax_sg", PyG's semi-gradient softmax: the weights are constants, grad_m_u =
+sum_v w, no grad_t).  Each row of grad_x has one writer; each program writes its grad_t
 partial to its own row of [num_programs, C], summed afterwards row by row in a fixed order: no
 atomics, bitwise deterministic.  Edge indices outside [0, N) are skipped and rowptr entries are
 clamped to [0, E], never read through (index contents are only validated on the CPU).
@@ -24,6 +26,14 @@ Edge features (HAS_EDGE): the message of CSR position k is relu(x[col[k]] + edge
 the edge rows gathered in place through the permutation (edge ids outside [0, E) skip the edge);
 backward takes message and mask per edge, g = (w + w t d) [x_u + e > 0], grad_x_u = sum g,
 grad_edge_attr[perm_t[k]] = g (one writer per edge row), grad_t += sum w d m.
+Power mean and mean (aggr "powermean" with p = t, "mean"; POWER selects): forward steps the same
+tiles and sums c^p, c = clamp(m, LO, HI) (m itself for the mean), per (node, channel); it stores
+out = clamp(y, LO, HI)^(1/p) (y for the mean) with y = sum / deg (0 without edges), and saves y and
+deg as row_max and row_sum.  Backward gathers per edge the target's factor
+q_v = grad_out_v Y^(1/p) / (p Y) [LO <= y_v <= HI] / deg_v (Y = clamp(y_v); grad_out_v / deg_v for
+the mean) and writes g = q_v p c^p / c [LO <= m <= HI] [x_u + e > 0] (g = q_v [x_u + e > 0]), with
+grad_p += q_v c^p ln c per edge and grad_out_u out_u ln(Y_u) (-1/p^2) per node u as a target.
+Powers are exp(p ln c) (Triton has no pow).
 Memory: forward out [N, C] + row_max, row_sum [N, C]; backward grad_x [N, C], the grad_t
 partials [ceil(N / BLOCK_N), C] and with edge features grad_edge_attr [E, C] (the gradient of that
 input); no other tensor of size E x C.
@@ -36,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from keypointops._opdefs.backend import triton_available
-from keypointops._opdefs.msg_pass import check_csr_args, check_edge_args, register_kernels_of
+from keypointops._opdefs.msg_pass import check_aggr, check_csr_args, check_edge_args, register_kernels_of
 
 __all__ = ["msg_pass_triton", "msg_pass_triton_backward"]
 
@@ -90,6 +100,21 @@ def _gather_step(col_ptr, perm_ptr, e_begin, degree, k0, num_nodes, num_edges, c
 
 
 @triton.jit
+def _message_tile(x_ptr, col_ptr, edge_attr_ptr, perm_ptr, e_begin, degree, k0, num_nodes, num_edges, channels,
+                  c, c_mask, eps, BLOCK_E: tl.constexpr, HAS_EDGE: tl.constexpr):
+    """The messages relu(x_src [+ e]) + eps of neighbours k0 .. k0 + BLOCK_E - 1 of the tile's nodes,
+    [BLOCK_N, BLOCK_E, BLOCK_C] in eps's dtype, with the sources (-1: skipped) and the tile mask."""
+    src, edge, tile_mask = _gather_step(col_ptr, perm_ptr, e_begin, degree, k0, num_nodes, num_edges,
+                                        c_mask, BLOCK_E, HAS_EDGE)
+    x = tl.load(x_ptr + src[:, :, None] * channels + c[None, None, :], mask=tile_mask, other=0.0)
+    x = x.to(eps.dtype)
+    if HAS_EDGE:
+        x += tl.load(edge_attr_ptr + edge[:, :, None] * channels + c[None, None, :], mask=tile_mask,
+                     other=0.0).to(eps.dtype)
+    return src, tile_mask, tl.maximum(x, 0.0) + eps[None, None, :]
+
+
+@triton.jit
 def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, edge_attr_ptr, perm_ptr, t_ptr, out_ptr, row_max_ptr,
                     row_sum_ptr, num_nodes, num_edges, channels, EPS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -102,15 +127,9 @@ def _forward_kernel(x_ptr, rowptr_ptr, col_ptr, edge_attr_ptr, perm_ptr, t_ptr, 
     weighted = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
     valid_edges = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, tl.max(degree, axis=0), BLOCK_E):
-        src, edge, tile_mask = _gather_step(col_ptr, perm_ptr, e_begin, degree, k0, num_nodes, num_edges,
-                                            c_mask, BLOCK_E, HAS_EDGE)
+        src, tile_mask, m = _message_tile(x_ptr, col_ptr, edge_attr_ptr, perm_ptr, e_begin, degree, k0, num_nodes,
+                                          num_edges, channels, c, c_mask, eps, BLOCK_E, HAS_EDGE)
         valid_edges += tl.sum((src >= 0).to(tl.int32), axis=1)
-        x = tl.load(x_ptr + src[:, :, None] * channels + c[None, None, :], mask=tile_mask, other=0.0)
-        x = x.to(acc_dtype)
-        if HAS_EDGE:
-            x += tl.load(edge_attr_ptr + edge[:, :, None] * channels + c[None, None, :], mask=tile_mask,
-                         other=0.0).to(acc_dtype)
-        m = tl.maximum(x, 0.0) + eps[None, None, :]
         # The tile's candidate shift: its largest m for t >= 0, its smallest for t < 0 (the current
         # shift where the tile holds no edge of the node).
         largest = tl.max(tl.where(tile_mask, m, float("-inf")), axis=1)
@@ -140,7 +159,7 @@ def _backward_kernel(grad_out_ptr, x_ptr, out_ptr, row_max_ptr, row_sum_ptr, row
                      edge_attr_ptr, perm_t_ptr, t_ptr, grad_x_ptr, grad_t_partial_ptr,
                      grad_edge_attr_ptr, num_nodes, num_edges, channels, EPS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
-                     COMPUTE_GRAD_T: tl.constexpr, HAS_EDGE: tl.constexpr):
+                     COMPUTE_GRAD_T: tl.constexpr, HAS_EDGE: tl.constexpr, SEMI_GRAD: tl.constexpr):
     acc_dtype = t_ptr.dtype.element_ty
     nodes, node_mask, e_begin, degree, c, c_mask, t, eps = _tile_setup(
         t_ptr, rowptr_t_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
@@ -167,7 +186,10 @@ def _backward_kernel(grad_out_ptr, x_ptr, out_ptr, row_max_ptr, row_sum_ptr, row
         exponent = tl.where(tile_mask, t[None, None, :] * (m_e - row_max_v), float("-inf"))
         w = tl.exp(exponent) * grad_v / row_sum_v                    # masked entries: 0
         d = m_e - out_v
-        g = w + w * t[None, None, :] * d
+        if SEMI_GRAD:   # the weights as constants
+            g = w
+        else:
+            g = w + w * t[None, None, :] * d
         if HAS_EDGE:
             g = tl.where(x_e > 0, g, 0.0)
             tl.store(grad_edge_attr_ptr + edge_rows, g.to(grad_edge_attr_ptr.dtype.element_ty), mask=tile_mask)
@@ -185,6 +207,108 @@ def _backward_kernel(grad_out_ptr, x_ptr, out_ptr, row_max_ptr, row_sum_ptr, row
     if COMPUTE_GRAD_T:
         grad_t_partial = tl.sum(grad_t, axis=0)  # rows past N hold 0
         tl.store(grad_t_partial_ptr + tl.program_id(0).to(tl.int64) * channels + c, grad_t_partial,
+                 mask=c_mask)
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    return tl.minimum(tl.maximum(v, lo), hi)
+
+
+@triton.jit
+def _power(base, exponent):
+    """base ** exponent for base >= 0 (0 ** positive = 0)."""
+    powered = tl.exp(exponent * tl.log(tl.maximum(base, 1e-38)))
+    return tl.where(base > 0, powered, tl.where(exponent > 0, 0.0, float("inf")))
+
+
+@triton.jit
+def _power_mean_forward_kernel(x_ptr, rowptr_ptr, col_ptr, edge_attr_ptr, perm_ptr, p_ptr, out_ptr, mean_ptr,
+                               degree_ptr, num_nodes, num_edges, channels, EPS: tl.constexpr,
+                               LO: tl.constexpr, HI: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, HAS_EDGE: tl.constexpr,
+                               POWER: tl.constexpr):
+    acc_dtype = p_ptr.dtype.element_ty
+    nodes, node_mask, e_begin, degree, c, c_mask, p, eps = _tile_setup(
+        p_ptr, rowptr_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
+    p = tl.where(c_mask, p, 1.0)   # channels past C: a harmless power (their results are masked)
+    lo = tl.full([BLOCK_C], LO, acc_dtype)
+    hi = tl.full([BLOCK_C], HI, acc_dtype)
+    total = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
+    valid_edges = tl.zeros([BLOCK_N], tl.int32)
+    for k0 in range(0, tl.max(degree, axis=0), BLOCK_E):
+        src, tile_mask, m = _message_tile(x_ptr, col_ptr, edge_attr_ptr, perm_ptr, e_begin, degree, k0, num_nodes,
+                                          num_edges, channels, c, c_mask, eps, BLOCK_E, HAS_EDGE)
+        valid_edges += tl.sum((src >= 0).to(tl.int32), axis=1)
+        if POWER:
+            m = _power(_clamp(m, lo[None, None, :], hi[None, None, :]), p[None, None, :])
+        total += tl.sum(tl.where(tile_mask, m, 0.0), axis=1)
+    deg = valid_edges.to(acc_dtype)[:, None]
+    mean = total / tl.maximum(deg, 1.0)                    # 0 without edges
+    out = mean
+    if POWER:
+        out = _power(_clamp(mean, lo[None, :], hi[None, :]), 1.0 / p[None, :])
+    offsets = nodes[:, None] * channels + c[None, :]
+    mask = node_mask[:, None] & c_mask[None, :]
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + offsets, mean, mask=mask)
+    tl.store(degree_ptr + offsets, tl.broadcast_to(deg, [BLOCK_N, BLOCK_C]), mask=mask)
+
+
+@triton.jit
+def _power_mean_backward_kernel(grad_out_ptr, x_ptr, mean_ptr, degree_ptr, rowptr_t_ptr, col_t_ptr,
+                                edge_attr_ptr, perm_t_ptr, p_ptr, grad_x_ptr, grad_p_partial_ptr,
+                                grad_edge_attr_ptr, num_nodes, num_edges, channels, EPS: tl.constexpr,
+                                LO: tl.constexpr, HI: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_GRAD_T: tl.constexpr,
+                                HAS_EDGE: tl.constexpr, POWER: tl.constexpr):
+    acc_dtype = p_ptr.dtype.element_ty
+    nodes, node_mask, e_begin, degree, c, c_mask, p, eps = _tile_setup(
+        p_ptr, rowptr_t_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
+    p = tl.where(c_mask, p, 1.0)   # channels past C: a harmless power (their results are masked)
+    lo_c = tl.full([BLOCK_C], LO, acc_dtype)
+    hi_c = tl.full([BLOCK_C], HI, acc_dtype)
+    lo, hi = lo_c[None, None, :], hi_c[None, None, :]
+    mask = node_mask[:, None] & c_mask[None, :]
+    offsets = nodes[:, None] * channels + c[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+    grad_x = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
+    grad_p = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
+    for k0 in range(0, tl.max(degree, axis=0), BLOCK_E):
+        dst, edge, tile_mask = _gather_step(col_t_ptr, perm_t_ptr, e_begin, degree, k0, num_nodes,
+                                            num_edges, c_mask, BLOCK_E, HAS_EDGE)
+        gathered = dst[:, :, None] * channels + c[None, None, :]
+        # The target's factor q_v (see the module docstring), 0 on masked entries.
+        q = tl.load(grad_out_ptr + gathered, mask=tile_mask, other=0.0).to(acc_dtype)
+        q = q / tl.maximum(tl.load(degree_ptr + gathered, mask=tile_mask, other=1.0), 1.0)
+        x_e = x[:, None, :]
+        if HAS_EDGE:
+            edge_rows = edge[:, :, None] * channels + c[None, None, :]
+            x_e = x_e + tl.load(edge_attr_ptr + edge_rows, mask=tile_mask, other=0.0).to(acc_dtype)
+        g = tl.where(x_e > 0, q, 0.0)
+        if POWER:
+            y = tl.load(mean_ptr + gathered, mask=tile_mask, other=1.0)
+            y_clamped = _clamp(y, lo, hi)
+            q = tl.where((y >= lo) & (y <= hi), q * _power(y_clamped, 1.0 / p[None, None, :]) /
+                         (p[None, None, :] * y_clamped), 0.0)
+            m = tl.maximum(x_e, 0.0) + eps[None, None, :]
+            c_m = _clamp(m, lo, hi)
+            c_p = _power(c_m, p[None, None, :])
+            g = tl.where((x_e > 0) & (m >= lo) & (m <= hi), q * p[None, None, :] * c_p / c_m, 0.0)
+            if COMPUTE_GRAD_T:
+                grad_p += tl.sum(tl.where(c_m > 0, q * c_p * tl.log(tl.maximum(c_m, 1e-38)), 0.0), axis=1)
+        if HAS_EDGE:
+            tl.store(grad_edge_attr_ptr + edge_rows, g.to(grad_edge_attr_ptr.dtype.element_ty), mask=tile_mask)
+        grad_x += tl.sum(g, axis=1)
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if COMPUTE_GRAD_T:
+        # Each node as a target: d out / d p = out ln(Y) (-1 / p^2), out = Y^(1/p), Y = clamp(mean).
+        y_clamped = _clamp(tl.load(mean_ptr + offsets, mask=mask, other=1.0), lo_c[None, :], hi_c[None, :])
+        grad_out = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+        log_y = tl.where(y_clamped > 0, tl.log(tl.maximum(y_clamped, 1e-38)), 0.0)
+        grad_p -= grad_out * _power(y_clamped, 1.0 / p[None, :]) * log_y / (p[None, :] * p[None, :])
+        grad_p_partial = tl.sum(tl.where(mask, grad_p, 0.0), axis=0)
+        tl.store(grad_p_partial_ptr + tl.program_id(0).to(tl.int64) * channels + c, grad_p_partial,
                  mask=c_mask)
 
 
@@ -221,7 +345,9 @@ def _check_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_name: 
 @torch.library.custom_op("keypointops::msg_pass_triton", mutates_args=())
 def msg_pass_triton(x: Tensor, rowptr: Tensor, col: Tensor, rowptr_t: Tensor, col_t: Tensor, t: Tensor,
                     eps: float, edge_attr: Tensor | None = None, perm: Tensor | None = None,
-                    perm_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    perm_t: Tensor | None = None, aggr: str = "softmax", clamp_min: float = 1e-4,
+                    clamp_max: float = 100.0) -> tuple[Tensor, Tensor, Tensor]:
+    check_aggr(aggr)
     _check_args(x, rowptr, col, t, "rowptr", "col")
     _check_args(x, rowptr_t, col_t, t, "rowptr_t", "col_t")
     if col_t.numel() != col.numel():
@@ -241,6 +367,12 @@ def msg_pass_triton(x: Tensor, rowptr: Tensor, col: Tensor, rowptr_t: Tensor, co
         return out, row_max, row_sum
     tile = _tile(x, has_edge)
     grid = (triton.cdiv(num_nodes, tile["BLOCK_N"]), triton.cdiv(channels, tile["BLOCK_C"]))
+    if aggr in ("powermean", "mean"):
+        _power_mean_forward_kernel[grid](x, rowptr, col, edge_attr, perm, t, out, row_max, row_sum, num_nodes,
+                                         col.numel(), channels, EPS=float(eps), LO=float(clamp_min),
+                                         HI=float(clamp_max), HAS_EDGE=has_edge, POWER=aggr == "powermean",
+                                         **tile)
+        return out, row_max, row_sum
     _forward_kernel[grid](x, rowptr, col, edge_attr, perm, t, out, row_max, row_sum, num_nodes, col.numel(),
                           channels, EPS=float(eps), HAS_EDGE=has_edge, **tile)
     return out, row_max, row_sum
@@ -250,7 +382,9 @@ def msg_pass_triton(x: Tensor, rowptr: Tensor, col: Tensor, rowptr_t: Tensor, co
 def msg_pass_triton_backward(grad_out: Tensor, x: Tensor, out: Tensor, row_max: Tensor, row_sum: Tensor,
                              rowptr_t: Tensor, col_t: Tensor, t: Tensor, eps: float,
                              compute_grad_t: bool, edge_attr: Tensor | None = None,
-                             perm_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                             perm_t: Tensor | None = None, aggr: str = "softmax", clamp_min: float = 1e-4,
+                             clamp_max: float = 100.0) -> tuple[Tensor, Tensor, Tensor]:
+    check_aggr(aggr)
     _check_args(x, rowptr_t, col_t, t, "rowptr_t", "col_t")
     check_edge_args(x, edge_attr, perm_t, col_t.numel(), "perm_t")
     for name, arg, dtype in (("grad_out", grad_out, x.dtype), ("out", out, x.dtype),
@@ -271,12 +405,22 @@ def msg_pass_triton_backward(grad_out: Tensor, x: Tensor, out: Tensor, row_max: 
         return grad_x, torch.zeros_like(t), grad_edge_attr
     tile = _tile(x, has_edge)
     num_programs = triton.cdiv(num_nodes, tile["BLOCK_N"])
+    # The mean has no parameter; the semi-gradient softmax's weights are constants (no grad for t).
+    compute_grad_t = compute_grad_t and aggr not in ("mean", "softmax_sg")
     grad_t_partial = torch.empty((num_programs if compute_grad_t else 1, channels), dtype=t.dtype,
                                  device=x.device)
     grid = (num_programs, triton.cdiv(channels, tile["BLOCK_C"]))
-    _backward_kernel[grid](grad_out, x, out, row_max, row_sum, rowptr_t, col_t, edge_attr, perm_t, t, grad_x,
-                           grad_t_partial, grad_edge_attr if has_edge else grad_x, num_nodes, col_t.numel(),
-                           channels, EPS=float(eps), COMPUTE_GRAD_T=compute_grad_t, HAS_EDGE=has_edge, **tile)
+    if aggr in ("powermean", "mean"):
+        _power_mean_backward_kernel[grid](
+            grad_out, x, row_max, row_sum, rowptr_t, col_t, edge_attr, perm_t, t, grad_x, grad_t_partial,
+            grad_edge_attr if has_edge else grad_x, num_nodes, col_t.numel(), channels, EPS=float(eps),
+            LO=float(clamp_min), HI=float(clamp_max), COMPUTE_GRAD_T=compute_grad_t, HAS_EDGE=has_edge,
+            POWER=aggr == "powermean", **tile)
+    else:
+        _backward_kernel[grid](grad_out, x, out, row_max, row_sum, rowptr_t, col_t, edge_attr, perm_t, t,
+                               grad_x, grad_t_partial, grad_edge_attr if has_edge else grad_x, num_nodes,
+                               col_t.numel(), channels, EPS=float(eps), COMPUTE_GRAD_T=compute_grad_t,
+                               HAS_EDGE=has_edge, SEMI_GRAD=aggr == "softmax_sg", **tile)
     if not compute_grad_t:
         return grad_x, torch.zeros_like(t), grad_edge_attr
     grad_t = torch.empty_like(t)

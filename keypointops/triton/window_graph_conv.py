@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from keypointops._opdefs.window_graph_conv import check_args, register_kernels_of, window_count
+from keypointops._opdefs.window_graph_conv import (check_args, register_kernels_of,
+                                                   window_graph_conv_output_length)
 
 __all__ = ["window_graph_conv_triton", "window_graph_conv_triton_backward"]
 
@@ -149,7 +150,7 @@ def window_graph_conv_triton(x: Tensor, adj: Tensor, window: int, dilation: int,
     """Forward of :func:`keypointops.window_graph_conv` in Triton (same schema as the compiled op)."""
     check_args(x, adj, window, dilation, stride)
     B, T, N, C = x.shape
-    L, R, T_out = window * N, adj.size(-2), window_count(T, window, dilation, stride)
+    L, R, T_out = window * N, adj.size(-2), window_graph_conv_output_length(T, window, dilation, stride)
     out = torch.empty((B, T_out, R, C), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -169,7 +170,7 @@ def window_graph_conv_triton_backward(grad_out: Tensor, x: Tensor, adj: Tensor, 
     """Backward of :func:`window_graph_conv_triton`: (grad_x, grad_adj), ``[0]`` when not asked for."""
     check_args(x, adj, window, dilation, stride)
     B, T, N, C = x.shape
-    L, R, T_out = window * N, adj.size(-2), window_count(T, window, dilation, stride)
+    L, R, T_out = window * N, adj.size(-2), window_graph_conv_output_length(T, window, dilation, stride)
     if grad_out.shape != (B, T_out, R, C):
         raise ValueError(f"window_graph_conv_backward: grad_out must be [B, T', R, C] = "
                          f"{[B, T_out, R, C]}, got {list(grad_out.shape)}")

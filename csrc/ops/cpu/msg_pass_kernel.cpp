@@ -34,6 +34,19 @@
 // grad_x [N, C] and [num_chunks, C] grad_t partials, and grad_edge_attr [E, C] (the gradient of
 // the [E, C] input itself); no other tensor of size E x C.  Channels are vectorised with at::vec
 // (AVX2 when built).
+// Power mean (aggr "powermean", p = t per channel, clamp bounds lo <= hi) and mean (aggr "mean"):
+// forward sums, per destination v, c_k^p over the incoming positions k with c_k = clamp(m_k, lo,
+// hi) (c_k = m_k for the mean), y_v = sum / deg_v (0 without edges) and
+//   out_v = clamp(y_v, lo, hi)^(1/p)      (out_v = y_v for the mean);
+// y and deg are saved for backward (as row_max and row_sum).  Backward packs one factor per target,
+// with Y = clamp(y_v) and torch's clamp gradient mask [lo <= y_v <= hi],
+//   q_v = grad_out_v * Y^(1/p) / (p Y) * [lo <= y_v <= hi] / deg_v     (grad_out_v / deg_v for the mean),
+// then per source u over its outgoing positions k -> v:
+//   g_k = q_v p c_k^p / c_k [lo <= m_k <= hi] [x_u + e_k > 0],   grad_x_u = sum_k g_k,
+//   grad_p += sum_k q_v c_k^p ln c_k,  and for u as a target  grad_p += grad_out_u out_u ln(Y_u) (-1/p^2)
+// (the mean: g_k = q_v [x_u + e_k > 0], no grad_p).  Without edge features the message is the
+// source's, so only sum_k q_v is gathered per source.  Memory: forward out, y, deg [N, C];
+// backward q [N, C], grad_x and the grad_p partials (grad_edge_attr with edge features).
 // float16 / bfloat16 x: x, edge_attr, out, grad_out, grad_x and grad_edge_attr are 16-bit in
 // memory, widened on load, and every sum above runs in float32 (ops/cpu/reduced_precision.h); t,
 // row_max, row_sum, the packed factors and grad_t are float32, as for float32 x.
@@ -73,6 +86,14 @@ inline void prefetch_rows(const scalar_t* base, const int64_t* idx, int64_t begi
     const char* row = reinterpret_cast<const char*>(base + idx[e] * row_elems);
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
   }
+}
+
+// Prefetch of the message rows of destination v: its sources' rows of x and (kEdge) its edge rows.
+template <bool kEdge, typename scalar_t>
+inline void prefetch_messages(const scalar_t* x, const int64_t* col, const scalar_t* edge_attr,
+                              const int64_t* perm, const int64_t* rowptr, int64_t v, int64_t C) {
+  prefetch_rows(x, col, rowptr[v], rowptr[v + 1], C);
+  if constexpr (kEdge) prefetch_rows(edge_attr, perm, rowptr[v], rowptr[v + 1], C);
 }
 
 // Grain for at::parallel_for over `items` pieces of a call of `work` updates: all of them (run
@@ -120,10 +141,7 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
   for (int64_t v = v_begin; v < v_end; ++v) {
     const int64_t e_begin = rowptr[v], e_end = rowptr[v + 1];
     if (v + kPrefetchNodes < v_end) {
-      prefetch_rows(x, col, rowptr[v + kPrefetchNodes], rowptr[v + kPrefetchNodes + 1], C);
-      if constexpr (kEdge) {
-        prefetch_rows(edge_attr, perm, rowptr[v + kPrefetchNodes], rowptr[v + kPrefetchNodes + 1], C);
-      }
+      prefetch_messages<kEdge>(x, col, edge_attr, perm, rowptr, v + kPrefetchNodes, C);
     }
     scalar_t* out_v = out + v * C;
     acc* max_v = row_max + v * C;
@@ -186,11 +204,12 @@ void pack_target_factors(const scalar_t* grad_out, const scalar_t* out, const ac
 // With w = exp(t (m_u - M_v)) q_v and d = m_u - out_v:
 // grad_m_u = sum_{u->v} (w + w t d),   grad_t += m_u * sum_{u->v} w d
 // (with kEdge the message, its mask and so grad_t's m are per edge; see the file header).
+// semi_grad (PyG's semi-gradient softmax: the weights as constants) drops the w t d term.
 template <typename scalar_t, bool kGradT, bool kEdge>
 void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int64_t* rowptr_t,
                     const int64_t* col_t, const acc_t<scalar_t>* t, const scalar_t* edge_attr,
                     const int64_t* perm_t, acc_t<scalar_t> eps, int64_t C, int64_t u_begin,
-                    int64_t u_end, scalar_t* grad_x, acc_t<scalar_t>* grad_t_partial,
+                    int64_t u_end, bool semi_grad, scalar_t* grad_x, acc_t<scalar_t>* grad_t_partial,
                     scalar_t* grad_edge_attr) {
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
@@ -208,6 +227,7 @@ void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int
     for (int64_t c = 0; c < C; c += VL) {
       const int64_t n = std::min(VL, C - c);
       const Vec t_c = Vec::loadu(t + c, n);
+      const Vec weight_t = semi_grad ? zero : t_c;   // t in the derivative of the weights
       const Vec x_u = load_acc(x + u * C + c, n);
       const Vec m = at::vec::maximum(x_u, zero) + eps_v;
       Vec GM = zero, GT = zero;
@@ -218,14 +238,14 @@ void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int
           const Vec m_e = at::vec::maximum(in, zero) + eps_v;
           const Vec w = (t_c * (m_e - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
           const Vec d = m_e - Vec::loadu(f + 2 * C, n);
-          const Vec g = Vec::blendv(zero, at::vec::fmadd(w * t_c, d, w), in > zero);
+          const Vec g = Vec::blendv(zero, at::vec::fmadd(w * weight_t, d, w), in > zero);
           store_acc<scalar_t>(g, grad_edge_attr + perm_t[e] * C + c, n);
           GM = GM + g;
           if constexpr (kGradT) GT = at::vec::fmadd(w * d, m_e, GT);
         } else {
           const Vec w = (t_c * (m - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
           const Vec d = m - Vec::loadu(f + 2 * C, n);
-          GM = at::vec::fmadd(w * t_c, d, GM + w);
+          GM = at::vec::fmadd(w * weight_t, d, GM + w);
           if constexpr (kGradT) GT = at::vec::fmadd(w, d, GT);
         }
       }
@@ -242,11 +262,152 @@ void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int
   }
 }
 
+// base^exponent for base >= 0 as exp(exponent ln base), not Sleef's pow: that pow carries its
+// logarithm in extended precision, which costs more than the exp and log together and buys
+// accuracy the sums above do not keep (here the relative error is about |exponent ln base| ulp).
+template <typename Vec>
+inline Vec power(const Vec& base, const Vec& exponent) {
+  return (exponent * base.log()).exp();
+}
+
+// Power-mean / mean forward of the destinations v_begin..v_end (see the file header): out, y and
+// the in-degree.
+template <typename scalar_t, bool kEdge, bool kPower>
+void power_mean_forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
+                              const acc_t<scalar_t>* p, const scalar_t* edge_attr, const int64_t* perm,
+                              acc_t<scalar_t> eps, acc_t<scalar_t> lo, acc_t<scalar_t> hi, int64_t C,
+                              int64_t v_begin, int64_t v_end, scalar_t* out, acc_t<scalar_t>* mean,
+                              acc_t<scalar_t>* degree) {
+  using acc = acc_t<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  const Vec zero(0), one(1), eps_v(eps), lo_v(lo), hi_v(hi);
+  for (int64_t v = v_begin; v < v_end; ++v) {
+    const int64_t e_begin = rowptr[v], e_end = rowptr[v + 1];
+    if (v + kPrefetchNodes < v_end) {
+      prefetch_messages<kEdge>(x, col, edge_attr, perm, rowptr, v + kPrefetchNodes, C);
+    }
+    const acc deg = static_cast<acc>(e_end - e_begin);
+    const Vec inv_deg(e_end > e_begin ? acc(1) / deg : acc(0));
+    for (int64_t c = 0; c < C; c += VL) {
+      const int64_t n = std::min(VL, C - c);
+      const Vec p_c = Vec::loadu(p + c, n);
+      Vec S = zero;
+      for (int64_t e = e_begin; e < e_end; ++e) {
+        const Vec m = edge_message<kEdge>(x + col[e] * C + c, kEdge ? edge_attr + perm[e] * C + c : nullptr,
+                                          n, eps_v);
+        if constexpr (kPower) {
+          S = S + power(at::vec::clamp(m, lo_v, hi_v), p_c);
+        } else {
+          S = S + m;
+        }
+      }
+      const Vec y = S * inv_deg;
+      if constexpr (kPower) {
+        store_acc<scalar_t>(power(at::vec::clamp(y, lo_v, hi_v), one / p_c), out + v * C + c, n);
+      } else {
+        store_acc<scalar_t>(y, out + v * C + c, n);
+      }
+      y.store(mean + v * C + c, n);
+      Vec(deg).store(degree + v * C + c, n);
+    }
+  }
+}
+
+// The per-target factor q_v of the power mean (the mean) for v_begin..v_end (see the file header).
+template <typename scalar_t, bool kPower>
+void pack_power_mean_factors(const scalar_t* grad_out, const acc_t<scalar_t>* mean,
+                             const acc_t<scalar_t>* degree, const acc_t<scalar_t>* p, acc_t<scalar_t> lo,
+                             acc_t<scalar_t> hi, int64_t C, int64_t v_begin, int64_t v_end,
+                             acc_t<scalar_t>* factors) {
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  const Vec zero(0), one(1), lo_v(lo), hi_v(hi);
+  for (int64_t v = v_begin; v < v_end; ++v) {
+    for (int64_t c = 0; c < C; c += VL) {
+      const int64_t n = std::min(VL, C - c), i = v * C + c;
+      const Vec deg = Vec::loadu(degree + i, n);
+      Vec q = load_acc(grad_out + i, n) / Vec::blendv(deg, one, deg == zero);
+      if constexpr (kPower) {
+        const Vec p_c = Vec::loadu(p + c, n);
+        const Vec y = Vec::loadu(mean + i, n);
+        const Vec Y = at::vec::clamp(y, lo_v, hi_v);
+        q = Vec::blendv(zero, q * power(Y, one / p_c) / (p_c * Y), (y >= lo_v) & (y <= hi_v));
+      }
+      q.store(factors + i, n);
+    }
+  }
+}
+
+// Power-mean (mean) backward of the sources u_begin..u_end over their outgoing positions (see the
+// file header); kGradT adds the chunk's grad_p to grad_p_partial.
+template <typename scalar_t, bool kGradT, bool kEdge, bool kPower>
+void power_mean_backward_nodes(const scalar_t* grad_out, const scalar_t* x, const acc_t<scalar_t>* mean,
+                               const acc_t<scalar_t>* factors, const int64_t* rowptr_t, const int64_t* col_t,
+                               const acc_t<scalar_t>* p, const scalar_t* edge_attr, const int64_t* perm_t,
+                               acc_t<scalar_t> eps, acc_t<scalar_t> lo, acc_t<scalar_t> hi, int64_t C,
+                               int64_t u_begin, int64_t u_end, scalar_t* grad_x,
+                               acc_t<scalar_t>* grad_p_partial, scalar_t* grad_edge_attr) {
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  const Vec zero(0), one(1), eps_v(eps), lo_v(lo), hi_v(hi);
+  // d c^p / d in (in = x_u + e) over c^p at the clamped message c, and grad_p's ln c.
+  const auto message_grad = [&](const Vec& in, const Vec& p_c, Vec& cp, Vec& log_c) {
+    const Vec m = at::vec::maximum(in, zero) + eps_v;
+    if constexpr (!kPower) return Vec::blendv(zero, one, in > zero);
+    const Vec c = at::vec::clamp(m, lo_v, hi_v);
+    const Vec ln_c = c.log();
+    cp = (p_c * ln_c).exp();
+    if constexpr (kGradT) log_c = Vec::blendv(ln_c, zero, c == zero);  // 0^p ln 0 -> 0, as torch
+    return Vec::blendv(zero, p_c * cp / c, (in > zero) & (m >= lo_v) & (m <= hi_v));
+  };
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    if (u + kPrefetchNodes < u_end) {
+      prefetch_rows(factors, col_t, rowptr_t[u + kPrefetchNodes], rowptr_t[u + kPrefetchNodes + 1], C);
+      if constexpr (kEdge) {
+        prefetch_rows(edge_attr, perm_t, rowptr_t[u + kPrefetchNodes],
+                      rowptr_t[u + kPrefetchNodes + 1], C);
+      }
+    }
+    for (int64_t c = 0; c < C; c += VL) {
+      const int64_t n = std::min(VL, C - c);
+      const Vec p_c = kPower ? Vec::loadu(p + c, n) : one;
+      const Vec x_u = load_acc(x + u * C + c, n);
+      Vec cp = one, log_c = zero, GX = zero, GP = zero;
+      if constexpr (kEdge) {
+        for (int64_t e = rowptr_t[u]; e < rowptr_t[u + 1]; ++e) {
+          const Vec q = Vec::loadu(factors + col_t[e] * C + c, n);
+          const Vec g = q * message_grad(x_u + load_acc(edge_attr + perm_t[e] * C + c, n), p_c, cp, log_c);
+          store_acc<scalar_t>(g, grad_edge_attr + perm_t[e] * C + c, n);
+          GX = GX + g;
+          if constexpr (kGradT && kPower) GP = at::vec::fmadd(q * cp, log_c, GP);
+        }
+      } else {
+        Vec Q = zero;
+        for (int64_t e = rowptr_t[u]; e < rowptr_t[u + 1]; ++e) Q = Q + Vec::loadu(factors + col_t[e] * C + c, n);
+        GX = Q * message_grad(x_u, p_c, cp, log_c);
+        if constexpr (kGradT && kPower) GP = Q * cp * log_c;
+      }
+      store_acc<scalar_t>(GX, grad_x + u * C + c, n);
+      if constexpr (kGradT && kPower) {
+        // u as a target: d out_u / d p = out_u ln(Y_u) (-1 / p^2), out_u = Y_u^(1/p).
+        const Vec Y = at::vec::clamp(Vec::loadu(mean + u * C + c, n), lo_v, hi_v);
+        const Vec ln_Y = Y.log();
+        const Vec log_Y = Vec::blendv(ln_Y, zero, Y == zero);
+        const Vec direct = load_acc(grad_out + u * C + c, n) * (ln_Y / p_c).exp() * log_Y / (p_c * p_c);
+        (Vec::loadu(grad_p_partial + c, n) + GP - direct).store(grad_p_partial + c, n);
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
     const at::Tensor& x_in, const at::Tensor& rowptr_in, const at::Tensor& col_in,
     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps,
     const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_in,
-    const c10::optional<at::Tensor>& perm_t) {
+    const c10::optional<at::Tensor>& perm_t, c10::string_view aggr_name, double clamp_min,
+    double clamp_max) {
+  const MsgPassAggr aggr = parse_msg_pass_aggr(aggr_name);
   check_msg_pass_forward_args(x_in, rowptr_in, col_in, rowptr_t, col_t, t_in);
   check_msg_pass_edge_args(x_in, edge_attr_in, perm_in, col_in.numel(), "perm");
   check_msg_pass_edge_args(x_in, edge_attr_in, perm_t, col_in.numel(), "perm_t");
@@ -280,9 +441,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
     const int64_t* pp = with_edges ? perm.data_ptr<int64_t>() : nullptr;
     const int64_t work = (col.numel() * (with_edges ? 2 : 1) + N) * C;
     const auto e = static_cast<acc>(eps);
+    const auto lo = static_cast<acc>(clamp_min), hi = static_cast<acc>(clamp_max);
     at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        if (with_edges) {
+        if (aggr == MsgPassAggr::kPowerMean || aggr == MsgPassAggr::kMean) {
+          const auto run = [&](auto edge_flag, auto power_flag) {
+            power_mean_forward_nodes<scalar_t, decltype(edge_flag)::value, decltype(power_flag)::value>(
+                xp, rp, cp, tp, ep, pp, e, lo, hi, C, chunks[k], chunks[k + 1], op, mp, sp);
+          };
+          const bool power = aggr == MsgPassAggr::kPowerMean;
+          using Yes = std::true_type;
+          using No = std::false_type;
+          if (with_edges) {
+            power ? run(Yes{}, Yes{}) : run(Yes{}, No{});
+          } else {
+            power ? run(No{}, Yes{}) : run(No{}, No{});
+          }
+        } else if (with_edges) {
           forward_nodes<scalar_t, true>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
         } else {
           forward_nodes<scalar_t, false>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
@@ -297,7 +472,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const at::Tensor& row_max_in, const at::Tensor& row_sum_in, const at::Tensor& rowptr_t_in,
     const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t,
-    const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_t_in) {
+    const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_t_in,
+    c10::string_view aggr_name, double clamp_min, double clamp_max) {
+  const MsgPassAggr aggr = parse_msg_pass_aggr(aggr_name);
+  const bool semi_grad = aggr == MsgPassAggr::kSoftmaxSemiGrad;
+  compute_grad_t = compute_grad_t && !semi_grad;  // the weights are constants: no gradient for t
   check_msg_pass_backward_args(grad_out_in, x_in, out_in, row_max_in, row_sum_in, rowptr_t_in,
                                col_t_in, t_in);
   check_msg_pass_edge_args(x_in, edge_attr_in, perm_t_in, col_t_in.numel(), "perm_t");
@@ -322,7 +501,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
   const auto chunks = balanced_chunks(rp, N);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
   auto grad_t_partial = at::zeros({compute_grad_t ? num_chunks : 1, C}, t.options());
-  auto factors = at::empty({N, 3, C}, t.options());
+  // Per target: q for the power mean and the mean, (M, q, out) for the softmax.
+  const bool mean_aggr = aggr == MsgPassAggr::kPowerMean || aggr == MsgPassAggr::kMean;
+  auto factors = at::empty(mean_aggr ? at::IntArrayRef{N, C} : at::IntArrayRef{N, 3, C}, t.options());
   advise_huge_pages(grad_x);
   advise_huge_pages(factors);
   if (with_edges) advise_huge_pages(grad_edge_attr);
@@ -339,6 +520,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
     const int64_t* pp = with_edges ? perm_t.data_ptr<int64_t>() : nullptr;
     scalar_t* gep = with_edges ? grad_edge_attr.data_ptr<scalar_t>() : nullptr;
     const int64_t work = (col_t.numel() * (with_edges ? 3 : 1) + N) * C;
+    if (aggr == MsgPassAggr::kPowerMean || aggr == MsgPassAggr::kMean) {
+      const bool power = aggr == MsgPassAggr::kPowerMean;
+      const auto lo = static_cast<acc>(clamp_min), hi = static_cast<acc>(clamp_max);
+      const scalar_t* gop = grad_out.data_ptr<scalar_t>();
+      const acc* mp = row_max.data_ptr<acc>();
+      at::parallel_for(0, N, std::max<int64_t>(1024, grain_for(work, N)), [&](int64_t begin, int64_t end) {
+        if (power) {
+          pack_power_mean_factors<scalar_t, true>(gop, mp, row_sum.data_ptr<acc>(), tp, lo, hi, C, begin, end, fp);
+        } else {
+          pack_power_mean_factors<scalar_t, false>(gop, mp, row_sum.data_ptr<acc>(), tp, lo, hi, C, begin, end, fp);
+        }
+      });
+      at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          acc* partial = compute_grad_t ? gtp + k * C : nullptr;
+          const auto run = [&](auto grad_t_flag, auto edge_flag, auto power_flag) {
+            power_mean_backward_nodes<scalar_t, decltype(grad_t_flag)::value, decltype(edge_flag)::value,
+                                      decltype(power_flag)::value>(
+                gop, xp, mp, fp, rp, cp, tp, ep, pp, e, lo, hi, C, chunks[k], chunks[k + 1], gxp, partial, gep);
+          };
+          using Yes = std::true_type;
+          using No = std::false_type;
+          // The mean has no parameter: its grad_t stays zero.
+          if (power && compute_grad_t) {
+            with_edges ? run(Yes{}, Yes{}, Yes{}) : run(Yes{}, No{}, Yes{});
+          } else if (power) {
+            with_edges ? run(No{}, Yes{}, Yes{}) : run(No{}, No{}, Yes{});
+          } else {
+            with_edges ? run(No{}, Yes{}, No{}) : run(No{}, No{}, No{});
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, N, std::max<int64_t>(1024, grain_for(work, N)), [&](int64_t begin, int64_t end) {
       pack_target_factors<scalar_t>(grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                     row_max.data_ptr<acc>(), row_sum.data_ptr<acc>(), C,
@@ -349,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
         acc* partial = compute_grad_t ? gtp + k * C : nullptr;
         const auto run = [&](auto grad_t_flag, auto edge_flag) {
           backward_nodes<scalar_t, decltype(grad_t_flag)::value, decltype(edge_flag)::value>(
-              xp, fp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], gxp, partial, gep);
+              xp, fp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], semi_grad, gxp, partial, gep);
         };
         using Yes = std::true_type;
         using No = std::false_type;

@@ -25,7 +25,8 @@
 // u -> v (transposed CSR), gathering row_max, row_sum, grad_out and out of v:
 //   w = exp(t (m_u - M_v)) grad_out_v / Z_v,  d = m_u - out_v (centred: no cancellation of two large
 //   terms at a sharp softmax),
-//   grad_m_u = sum_v (w + w t d),  grad_t += m_u sum_v w d,  grad_x_u = grad_m_u [x_u > 0].
+//   grad_m_u = sum_v (w + w t d),  grad_t += m_u sum_v w d,  grad_x_u = grad_m_u [x_u > 0]
+//   (aggr "softmax_sg", PyG's semi-gradient softmax: the weights are constants, grad_m_u = sum_v w).
 // Every grad_x row has one writer; each group writes its grad_t partial to its own row of
 // [num_groups, C] and a second kernel sums the rows in a fixed order: no atomics, deterministic.
 // Edge features (edge_attr [E, C] in the caller's edge order, kEdge): the message of CSR position k
@@ -37,16 +38,26 @@
 // Memory: forward out, row_max, row_sum ([N, C] each); backward grad_x [N, C], the grad_t partials
 // [ceil(N / kNodesPerGroup), C] and with edge features grad_edge_attr [E, C] (the gradient of that
 // input); no other tensor of size E x C.
+// Power mean and mean (aggr "powermean", p = t, runtime flag `power`; aggr "mean"): the same lane
+// groups; forward sums c^p with c = clamp(m, lo, hi) (m for the mean) over a destination's valid
+// edges, stores out = clamp(y, lo, hi)^(1/p) (y for the mean) with y = sum / deg (0 without
+// edges) and saves y (as row_max) and deg (as row_sum).  Backward, per source group as above,
+// gathers y_v, deg_v and grad_out_v of each target and forms its factor
+//   q_v = grad_out_v Y^(1/p) / (p Y) [lo <= y_v <= hi] / deg_v   (Y = clamp(y_v); grad_out_v / deg_v
+//   for the mean),
+// then g = q_v p c^p / c [lo <= m <= hi] [x_u + e > 0] (q_v [x_u + e > 0] for the mean), grad_x_u =
+// sum g, grad_p += q_v c^p ln c per edge and grad_out_u out_u ln(Y_u) (-1/p^2) for u as a target.
+// Memory as for the softmax (y and deg in place of row_max and row_sum).
 // Index contents are validated on the CPU only (Graph): here rowptr entries are clamped to [0, E]
 // and edges whose node index lies outside [0, N), or whose edge id lies outside [0, E), are skipped,
 // so bad indices never read out of range.
-// Occupancy: at most 168 registers per thread (167: the 16-byte bfloat16 backward with grad_t and
-// edge features on sm_90; up to 157 for the other edge-feature backward instances, 48-128 for the
-// backward without edge features and for forward), so 1 block of 256 threads per SM in the
-// vectorised edge-feature backward instances and 2 in the others.
-// Local memory: at most 32 bytes per thread, where ptxas spills (8 bytes) in the float64 backward
-// with grad_t, the vectorised 16-bit backward with grad_t and edge features, and the vectorised
-// bfloat16 forward on sm_90 (bench/results/cuda-resources.md).
+// Occupancy: at most 168 registers per thread (167: the 16-byte bfloat16 power-mean backward with
+// grad_p and edge features on sm_90; up to 163 for the other edge-feature backward instances,
+// 48-128 for most others), so 1 block of 256 threads per SM in the vectorised edge-feature
+// backward instances and 2 in the others.
+// Local memory: at most 32 bytes per thread, where ptxas spills (4-16 bytes) in the float64 softmax
+// backward with grad_t, the vectorised 16-bit backward with grad_t (grad_p) and edge features, and
+// the vectorised bfloat16 forward on sm_90 (bench/results/cuda-resources.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -92,6 +103,16 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pack) {
 __device__ __forceinline__ float exp_acc(float v) { return __expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return ::exp(v); }
 
+__device__ __forceinline__ float pow_acc(float base, float exponent) { return __powf(base, exponent); }
+__device__ __forceinline__ double pow_acc(double base, double exponent) { return ::pow(base, exponent); }
+__device__ __forceinline__ float log_acc(float v) { return __logf(v); }
+__device__ __forceinline__ double log_acc(double v) { return ::log(v); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t clamp_acc(acc_t v, acc_t lo, acc_t hi) {
+  return fmin(fmax(v, lo), hi);
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t message(acc_t x, acc_t eps) {
   return (x > acc_t(0) ? x : acc_t(0)) + eps;
@@ -121,6 +142,34 @@ __device__ __forceinline__ int64_t checked_edge(const int64_t* perm, int64_t e, 
   if (perm == nullptr) return 0;
   const int64_t id = perm[e];
   return id >= 0 && id < num_edges ? id : -1;
+}
+
+// The node col[e] and (kEdge) edge id perm[e] of CSR position e, or node -1 for a position to skip
+// (past end, or an index out of range).
+template <bool kEdge>
+__device__ __forceinline__ int64_t checked_position(const int64_t* col, const int64_t* perm, int64_t e,
+                                                    int64_t end, int64_t num_nodes, int64_t num_edges,
+                                                    int64_t& id) {
+  const int64_t node = checked_node(col, e, end, num_nodes);
+  id = checked_edge(kEdge ? perm : nullptr, e, node, num_edges);
+  return id < 0 ? -1 : node;
+}
+
+// The rows of the messages at CSR positions e0 .. e0 + kUnroll - 1 (all issued before any is used):
+// the source rows of x, with kEdge the edge rows; u[k] = -1 for a position to skip.
+template <bool kEdge, int VEC, int kUnroll, typename scalar_t>
+__device__ __forceinline__ void gather_messages(
+    const scalar_t* __restrict__ x, const int64_t* __restrict__ col, const scalar_t* __restrict__ edge_attr,
+    const int64_t* __restrict__ perm, int64_t e0, int64_t e_end, int64_t num_nodes, int64_t num_edges,
+    int64_t channels, int64_t c, Pack<scalar_t, VEC> (&rows)[kUnroll], Pack<scalar_t, VEC> (&edge_rows)[kUnroll],
+    int64_t (&u)[kUnroll]) {
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {
+    int64_t id;
+    u[k] = checked_position<kEdge>(col, perm, e0 + k, e_end, num_nodes, num_edges, id);
+    if (u[k] >= 0) rows[k] = load_pack<VEC>(x + u[k] * channels + c);
+    if (kEdge && u[k] >= 0) edge_rows[k] = load_pack<VEC>(edge_attr + id * channels + c);
+  }
 }
 
 // One step of the online softmax of (M, Z, A) with message m at inverse temperature t; Z = 0
@@ -167,14 +216,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
       Pack<scalar_t, VEC> rows[kUnroll], edge_rows[kUnroll];
       int64_t u[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        u[k] = checked_node(col, e0 + k, e_end, num_nodes);
-        const int64_t id = checked_edge(kEdge ? perm : nullptr, e0 + k, u[k], num_edges);
-        if (id < 0) u[k] = -1;
-        if (u[k] >= 0) rows[k] = load_pack<VEC>(x + u[k] * channels + c);
-        if (kEdge && u[k] >= 0) edge_rows[k] = load_pack<VEC>(edge_attr + id * channels + c);
-      }
+      gather_messages<kEdge>(x, col, edge_attr, perm, e0, e_end, num_nodes, num_edges, channels, c, rows,
+                             edge_rows, u);
 #pragma unroll
       for (int k = 0; k < kUnroll; ++k) {
         if (u[k] < 0) continue;
@@ -211,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
     const int64_t* __restrict__ col_t, const scalar_t* __restrict__ edge_attr,
     const int64_t* __restrict__ perm_t, const at::opmath_type<scalar_t>* __restrict__ t,
     at::opmath_type<scalar_t> eps, int64_t num_nodes, int64_t num_edges, int64_t channels,
-    int lanes_log2, scalar_t* __restrict__ grad_x,
+    int lanes_log2, bool semi_grad, scalar_t* __restrict__ grad_x,
     at::opmath_type<scalar_t>* __restrict__ grad_t_partial, scalar_t* __restrict__ grad_edge_attr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
@@ -220,10 +263,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   const int64_t u_end = u_begin + kNodesPerGroup < num_nodes ? u_begin + kNodesPerGroup : num_nodes;
   const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
   for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
-    acc_t t_c[VEC], grad_t[VEC];
+    acc_t t_c[VEC], weight_t[VEC], grad_t[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       t_c[j] = t[c + j];
+      weight_t[j] = semi_grad ? acc_t(0) : t_c[j];  // t in the derivative of the weights
       grad_t[j] = acc_t(0);
     }
     for (int64_t u = u_begin; u < u_end; ++u) {
@@ -244,9 +288,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
         int64_t v[kUnroll], id[kUnroll];
 #pragma unroll
         for (int k = 0; k < kUnroll; ++k) {
-          v[k] = checked_node(col_t, e0 + k, e_end, num_nodes);
-          id[k] = checked_edge(kEdge ? perm_t : nullptr, e0 + k, v[k], num_edges);
-          if (id[k] < 0) v[k] = -1;
+          v[k] = checked_position<kEdge>(col_t, perm_t, e0 + k, e_end, num_nodes, num_edges, id[k]);
           if (v[k] >= 0) {
             const int64_t i = v[k] * channels + c;
             max_v[k] = load_pack<VEC>(row_max + i);
@@ -271,12 +313,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
                             static_cast<acc_t>(grad_v[k].v[j]) / sum_v[k].v[j];
             const acc_t d = m_e - static_cast<acc_t>(out_v[k].v[j]);
             if constexpr (kEdge) {
-              const acc_t g = in > acc_t(0) ? w + w * t_c[j] * d : acc_t(0);
+              const acc_t g = in > acc_t(0) ? w + w * weight_t[j] * d : acc_t(0);
               grad_edge.v[j] = static_cast<scalar_t>(g);
               grad_m[j] += g;
               if constexpr (kGradT) grad_t_u[j] += w * d * m_e;
             } else {
-              grad_m[j] += w + w * t_c[j] * d;
+              grad_m[j] += w + w * weight_t[j] * d;
               if constexpr (kGradT) grad_t_u[j] += w * d;
             }
           }
@@ -295,6 +337,161 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
     if constexpr (kGradT) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) grad_t_partial[group * channels + c + j] = grad_t[j];
+    }
+  }
+}
+
+template <typename scalar_t, int VEC, bool kEdge>
+__global__ void __launch_bounds__(kThreads) power_mean_forward_kernel(
+    const scalar_t* __restrict__ x, const int64_t* __restrict__ rowptr,
+    const int64_t* __restrict__ col, const scalar_t* __restrict__ edge_attr,
+    const int64_t* __restrict__ perm, const at::opmath_type<scalar_t>* __restrict__ p, bool power,
+    at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t> lo, at::opmath_type<scalar_t> hi,
+    int64_t num_nodes, int64_t num_edges, int64_t channels, int lanes_log2, scalar_t* __restrict__ out,
+    at::opmath_type<scalar_t>* __restrict__ mean, at::opmath_type<scalar_t>* __restrict__ degree) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t v = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
+  if (v >= num_nodes) return;
+  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
+  int64_t e_begin, e_end;
+  edge_range(rowptr, v, num_edges, e_begin, e_end);
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
+    acc_t p_c[VEC], S[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      p_c[j] = p[c + j];
+      S[j] = acc_t(0);
+    }
+    int64_t count = 0;
+    constexpr int kUnroll = kEdge ? kForwardUnroll / 2 : kForwardUnroll;
+    for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
+      Pack<scalar_t, VEC> rows[kUnroll], edge_rows[kUnroll];
+      int64_t u[kUnroll];
+      gather_messages<kEdge>(x, col, edge_attr, perm, e0, e_end, num_nodes, num_edges, channels, c, rows,
+                             edge_rows, u);
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        if (u[k] < 0) continue;
+        ++count;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc_t in = static_cast<acc_t>(rows[k].v[j]);
+          if constexpr (kEdge) in += static_cast<acc_t>(edge_rows[k].v[j]);
+          const acc_t m = message(in, eps);
+          S[j] += power ? pow_acc(clamp_acc(m, lo, hi), p_c[j]) : m;
+        }
+      }
+    }
+    const acc_t deg = static_cast<acc_t>(count);
+    Pack<scalar_t, VEC> out_pack;
+    Pack<acc_t, VEC> mean_pack, degree_pack;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {  // no incoming edge: mean 0
+      const acc_t y = count > 0 ? S[j] / deg : acc_t(0);
+      out_pack.v[j] = static_cast<scalar_t>(power ? pow_acc(clamp_acc(y, lo, hi), acc_t(1) / p_c[j]) : y);
+      mean_pack.v[j] = y;
+      degree_pack.v[j] = deg;
+    }
+    const int64_t i = v * channels + c;
+    store_pack(out + i, out_pack);
+    store_pack(mean + i, mean_pack);
+    store_pack(degree + i, degree_pack);
+  }
+}
+
+template <typename scalar_t, int VEC, bool kGradT, bool kEdge>
+__global__ void __launch_bounds__(kThreads) power_mean_backward_kernel(
+    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+    const at::opmath_type<scalar_t>* __restrict__ mean, const at::opmath_type<scalar_t>* __restrict__ degree,
+    const int64_t* __restrict__ rowptr_t, const int64_t* __restrict__ col_t,
+    const scalar_t* __restrict__ edge_attr, const int64_t* __restrict__ perm_t,
+    const at::opmath_type<scalar_t>* __restrict__ p, bool power, at::opmath_type<scalar_t> eps,
+    at::opmath_type<scalar_t> lo, at::opmath_type<scalar_t> hi, int64_t num_nodes, int64_t num_edges,
+    int64_t channels, int lanes_log2, scalar_t* __restrict__ grad_x,
+    at::opmath_type<scalar_t>* __restrict__ grad_p_partial, scalar_t* __restrict__ grad_edge_attr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
+  const int64_t u_begin = group * kNodesPerGroup;
+  if (u_begin >= num_nodes) return;
+  const int64_t u_end = u_begin + kNodesPerGroup < num_nodes ? u_begin + kNodesPerGroup : num_nodes;
+  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
+    acc_t p_c[VEC], grad_p[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      p_c[j] = p[c + j];
+      grad_p[j] = acc_t(0);
+    }
+    for (int64_t u = u_begin; u < u_end; ++u) {
+      const Pack<scalar_t, VEC> x_u = load_pack<VEC>(x + u * channels + c);
+      acc_t grad_m[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) grad_m[j] = acc_t(0);
+      int64_t e_begin, e_end;
+      edge_range(rowptr_t, u, num_edges, e_begin, e_end);
+      constexpr int kUnroll = kBackwardUnroll<VEC>;
+      for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
+        Pack<acc_t, VEC> mean_v[kUnroll], degree_v[kUnroll];
+        Pack<scalar_t, VEC> grad_v[kUnroll], edge_rows[kUnroll];
+        int64_t v[kUnroll], id[kUnroll];
+#pragma unroll
+        for (int k = 0; k < kUnroll; ++k) {
+          v[k] = checked_position<kEdge>(col_t, perm_t, e0 + k, e_end, num_nodes, num_edges, id[k]);
+          if (v[k] >= 0) {
+            const int64_t i = v[k] * channels + c;
+            if (power) mean_v[k] = load_pack<VEC>(mean + i);
+            degree_v[k] = load_pack<VEC>(degree + i);
+            grad_v[k] = load_pack<VEC>(grad_out + i);
+            if constexpr (kEdge) edge_rows[k] = load_pack<VEC>(edge_attr + id[k] * channels + c);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < kUnroll; ++k) {
+          if (v[k] < 0) continue;
+          Pack<scalar_t, VEC> grad_edge;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            acc_t in = static_cast<acc_t>(x_u.v[j]);
+            if constexpr (kEdge) in += static_cast<acc_t>(edge_rows[k].v[j]);
+            // A target holds this edge: its degree is at least 1.
+            acc_t q = static_cast<acc_t>(grad_v[k].v[j]) / fmax(degree_v[k].v[j], acc_t(1));
+            acc_t g = in > acc_t(0) ? q : acc_t(0);
+            if (power) {
+              const acc_t y = mean_v[k].v[j];
+              const acc_t Y = clamp_acc(y, lo, hi);
+              q = y >= lo && y <= hi ? q * pow_acc(Y, acc_t(1) / p_c[j]) / (p_c[j] * Y) : acc_t(0);
+              const acc_t m = message(in, eps);
+              const acc_t cm = clamp_acc(m, lo, hi);
+              const acc_t cp = pow_acc(cm, p_c[j]);
+              g = in > acc_t(0) && m >= lo && m <= hi ? q * p_c[j] * cp / cm : acc_t(0);
+              if constexpr (kGradT) grad_p[j] += cm > acc_t(0) ? q * cp * log_acc(cm) : acc_t(0);
+            }
+            if constexpr (kEdge) grad_edge.v[j] = static_cast<scalar_t>(g);
+            grad_m[j] += g;
+          }
+          if constexpr (kEdge) store_pack(grad_edge_attr + id[k] * channels + c, grad_edge);
+        }
+      }
+      Pack<scalar_t, VEC> grad_pack;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) grad_pack.v[j] = static_cast<scalar_t>(grad_m[j]);
+      store_pack(grad_x + u * channels + c, grad_pack);
+      if constexpr (kGradT) {  // u as a target: d out_u / d p = out_u ln(Y_u) (-1 / p^2)
+        const Pack<acc_t, VEC> mean_u = load_pack<VEC>(mean + u * channels + c);
+        const Pack<scalar_t, VEC> grad_u = load_pack<VEC>(grad_out + u * channels + c);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t Y = clamp_acc(mean_u.v[j], lo, hi);
+          if (Y > acc_t(0)) {
+            grad_p[j] -= static_cast<acc_t>(grad_u.v[j]) * pow_acc(Y, acc_t(1) / p_c[j]) * log_acc(Y) /
+                         (p_c[j] * p_c[j]);
+          }
+        }
+      }
+    }
+    if constexpr (kGradT) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) grad_p_partial[group * channels + c + j] = grad_p[j];
     }
   }
 }
@@ -361,7 +558,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cuda(
     const at::Tensor& x_in, const at::Tensor& rowptr_in, const at::Tensor& col_in,
     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps,
     const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_in,
-    const c10::optional<at::Tensor>& perm_t) {
+    const c10::optional<at::Tensor>& perm_t, c10::string_view aggr_name, double clamp_min,
+    double clamp_max) {
+  const MsgPassAggr aggr = parse_msg_pass_aggr(aggr_name);
   check_msg_pass_forward_args(x_in, rowptr_in, col_in, rowptr_t, col_t, t_in);
   check_msg_pass_edge_args(x_in, edge_attr_in, perm_in, col_in.numel(), "perm");
   check_msg_pass_edge_args(x_in, edge_attr_in, perm_t, col_in.numel(), "perm_t");
@@ -389,6 +588,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cuda(
     const int64_t blocks = num_blocks(N, lanes_log2);
     with_vector_width<scalar_t>(vectorize, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
+      if (aggr == MsgPassAggr::kPowerMean || aggr == MsgPassAggr::kMean) {
+        const auto kernel = with_edges ? power_mean_forward_kernel<scalar_t, VEC, true>
+                                       : power_mean_forward_kernel<scalar_t, VEC, false>;
+        kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+            with_edges ? edge_attr.data_ptr<scalar_t>() : nullptr,
+            with_edges ? perm.data_ptr<int64_t>() : nullptr, t.data_ptr<acc_t>(),
+            aggr == MsgPassAggr::kPowerMean, static_cast<acc_t>(eps), static_cast<acc_t>(clamp_min),
+            static_cast<acc_t>(clamp_max), N, E, C, lanes_log2, out.data_ptr<scalar_t>(),
+            row_max.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       const auto kernel = with_edges ? forward_kernel<scalar_t, VEC, true> : forward_kernel<scalar_t, VEC, false>;
       kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
@@ -406,7 +618,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in,
     const at::Tensor& row_max_in, const at::Tensor& row_sum_in, const at::Tensor& rowptr_t_in,
     const at::Tensor& col_t_in, const at::Tensor& t_in, double eps, bool compute_grad_t,
-    const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_t_in) {
+    const c10::optional<at::Tensor>& edge_attr_in, const c10::optional<at::Tensor>& perm_t_in,
+    c10::string_view aggr_name, double clamp_min, double clamp_max) {
+  const MsgPassAggr aggr = parse_msg_pass_aggr(aggr_name);
+  const bool semi_grad = aggr == MsgPassAggr::kSoftmaxSemiGrad;
+  // The mean has no parameter; the semi-gradient softmax's weights are constants (no gradient for t).
+  compute_grad_t = compute_grad_t && aggr != MsgPassAggr::kMean && !semi_grad;
   check_msg_pass_backward_args(grad_out_in, x_in, out_in, row_max_in, row_sum_in, rowptr_t_in,
                                col_t_in, t_in);
   check_msg_pass_edge_args(x_in, edge_attr_in, perm_t_in, col_t_in.numel(), "perm_t");
@@ -444,6 +661,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cuda(
     const int64_t blocks = num_blocks(num_groups, lanes_log2);
     with_vector_width<scalar_t>(vectorize, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
+      if (aggr == MsgPassAggr::kPowerMean || aggr == MsgPassAggr::kMean) {
+        const auto kernel =
+            compute_grad_t ? (with_edges ? power_mean_backward_kernel<scalar_t, VEC, true, true>
+                                         : power_mean_backward_kernel<scalar_t, VEC, true, false>)
+                           : (with_edges ? power_mean_backward_kernel<scalar_t, VEC, false, true>
+                                         : power_mean_backward_kernel<scalar_t, VEC, false, false>);
+        kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), row_max.data_ptr<acc_t>(),
+            row_sum.data_ptr<acc_t>(), rowptr_t.data_ptr<int64_t>(), col_t.data_ptr<int64_t>(),
+            with_edges ? edge_attr.data_ptr<scalar_t>() : nullptr,
+            with_edges ? perm_t.data_ptr<int64_t>() : nullptr, t.data_ptr<acc_t>(),
+            aggr == MsgPassAggr::kPowerMean, static_cast<acc_t>(eps), static_cast<acc_t>(clamp_min),
+            static_cast<acc_t>(clamp_max), N, E, C, lanes_log2, grad_x.data_ptr<scalar_t>(),
+            compute_grad_t ? grad_t_partial.data_ptr<acc_t>() : nullptr,
+            with_edges ? grad_edge_attr.data_ptr<scalar_t>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       const auto kernel = compute_grad_t ? (with_edges ? backward_kernel<scalar_t, VEC, true, true>
                                                        : backward_kernel<scalar_t, VEC, true, false>)
                                          : (with_edges ? backward_kernel<scalar_t, VEC, false, true>
@@ -453,7 +688,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cuda(
           row_max.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>(), rowptr_t.data_ptr<int64_t>(),
           col_t.data_ptr<int64_t>(), with_edges ? edge_attr.data_ptr<scalar_t>() : nullptr,
           with_edges ? perm_t.data_ptr<int64_t>() : nullptr, t.data_ptr<acc_t>(),
-          static_cast<acc_t>(eps), N, E, C, lanes_log2, grad_x.data_ptr<scalar_t>(),
+          static_cast<acc_t>(eps), N, E, C, lanes_log2, semi_grad, grad_x.data_ptr<scalar_t>(),
           compute_grad_t ? grad_t_partial.data_ptr<acc_t>() : nullptr,
           with_edges ? grad_edge_attr.data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
