@@ -160,6 +160,18 @@ def patch_sizes(spec, keypoints):
     return (8 + 8 * torch.rand(keypoints.shape[:2], generator=gen)).to(keypoints.device)
 
 
+def make_patch_case(case, device):
+    """Features, keypoints and the spatial scale of a patch case: boxes inside the map (up to 16
+    input pixels = 4 feature pixels wide), where every implementation computes the same thing."""
+    spec = PATCH_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(IMAGES, spec["channels"], spec["height"], spec["width"], generator=gen).to(device)
+    low = torch.tensor([2.0, 2.0]) * spec["stride"]
+    span = torch.tensor([spec["width"] - 5.0, spec["height"] - 5.0]) * spec["stride"]
+    keypoints = (low + torch.rand(IMAGES, spec["keypoints"], 2, generator=gen) * span).to(device)
+    return features, keypoints, 1.0 / spec["stride"]
+
+
 def grid_sample_patches(features, keypoints, sizes, spatial_scale, spec):
     """What a user without torchvision writes for S x S patches: per bin its r x r sample grid
     (RoIAlign's, aligned), F.grid_sample, the mean per bin, permute to [B, K, C, S, S]."""
@@ -213,14 +225,7 @@ def test_keypoint_patches(measure, case, impl, backward, device):
     if impl == "torchvision" and roi_align is None:
         pytest.skip("torchvision is not installed")
     spec = PATCH_CASES[case]
-    gen = torch.Generator().manual_seed(0)
-    features = torch.randn(IMAGES, spec["channels"], spec["height"], spec["width"], generator=gen).to(device)
-    # Boxes inside the map (up to 16 input pixels = 4 feature pixels wide), where every
-    # implementation computes the same thing.
-    low = torch.tensor([2.0, 2.0]) * spec["stride"]
-    span = torch.tensor([spec["width"] - 5.0, spec["height"] - 5.0]) * spec["stride"]
-    keypoints = (low + torch.rand(IMAGES, spec["keypoints"], 2, generator=gen) * span).to(device)
-    spatial_scale = 1.0 / spec["stride"]
+    features, keypoints, spatial_scale = make_patch_case(case, device)
     if impl == "keypointops-channels_last":
         features = features.contiguous(memory_format=torch.channels_last)
     sizes = patch_sizes(spec, keypoints)

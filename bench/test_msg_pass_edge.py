@@ -86,9 +86,15 @@ def test_gen_conv_edge_features(measure, impl, backward, aggr, device):
     measure(fn, group=group_name(aggr, name), impl=impl, device=device, baseline=impl == "pyg")
 
 
-def make_message_passing_fn(impl, device, backward, aggr):
+def make_message_passing_case(device):
+    """x, edge_index and edge features already encoded to CHANNELS (in edge_index order)."""
     x, edge_index, _ = make_case(device)
     edge_attr = torch.randn(edge_index.size(1), CHANNELS, generator=torch.Generator().manual_seed(1)).to(device)
+    return x, edge_index, edge_attr
+
+
+def make_message_passing_fn(impl, device, backward, aggr):
+    x, edge_index, edge_attr = make_message_passing_case(device)
     x, edge_attr = x.requires_grad_(backward), edge_attr.requires_grad_(backward)
     eps = 1e-7
     if impl == "pyg":

@@ -71,15 +71,23 @@ def msg3d_aggregate(x_nctv, a_large, window, stride, scales):
     return agg.view(batch, scales * channels, -1, size)
 
 
-def make_msg3d_fn(impl, device, backward):
-    """(fn, check): the timed pass and, on the first sequence, the aggregate as [B, S * C, T', L]."""
+def make_msg3d_case(device):
+    """x [B, T, V, C], A_large [S L, L] in MS-G3D's row order (scale-major) and the same rows
+    scale-minor (v * S + s), for which the op's [B, T', S L, C] output is [B, T', L, S C]."""
     p = MSG3D
     gen = torch.Generator().manual_seed(0)
     size, scales = p["window"] * p["nodes"], p["scales"]
     x = torch.randn(p["batch"], p["frames"], p["nodes"], p["channels"], generator=gen).to(device)
-    a_large = (torch.rand(scales * size, size, generator=gen) / size).to(device)     # MS-G3D's row order
-    # Rows scale-minor (v * S + s): the op's [B, T', S L, C] output is [B, T', L, S C].
+    a_large = (torch.rand(scales * size, size, generator=gen) / size).to(device)
     rows_scale_minor = a_large.view(scales, size, size).transpose(0, 1).reshape(scales * size, size)
+    return x, a_large, rows_scale_minor
+
+
+def make_msg3d_fn(impl, device, backward):
+    """(fn, check): the timed pass and, on the first sequence, the aggregate as [B, S * C, T', L]."""
+    p = MSG3D
+    size, scales = p["window"] * p["nodes"], p["scales"]
+    x, a_large, rows_scale_minor = make_msg3d_case(device)
     window, stride = p["window"], p["stride"]
     if impl == "unfold_einsum":
         x_in = x.permute(0, 3, 1, 2).contiguous().requires_grad_(backward)           # MS-G3D's layout

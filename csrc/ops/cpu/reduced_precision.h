@@ -44,12 +44,26 @@ inline AccVec<T> load_acc(const T* p, int64_t n = AccVec<T>::size()) {
   }
 }
 
-// Stores the first n (<= AccVec<T>::size()) lanes of v at p, rounded to T.
+// Stores the first n (<= AccVec<T>::size()) lanes of v at p, rounded to T.  A full vector is one
+// 16-byte store: at::vec's store of 8 of a 16-bit vector's 16 lanes is an out-of-line call that
+// goes through a stack buffer and memcpy.
 template <typename T>
 inline void store_acc(const AccVec<T>& v, T* p, int64_t n = AccVec<T>::size()) {
   if constexpr (!is_reduced_precision<T>) {
     v.store(p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+    if (n == AccVec<T>::size()) {
+      __m128i narrow;
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        narrow = at::vec::cvtfp32_bf16(v);
+      } else {
+        narrow = at::vec::cvtfp32_fp16(v);
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow);
+      return;
+    }
+#endif
     at::vec::convert_from_float<T>(v, v).store(p, n);
   }
 }

@@ -106,7 +106,13 @@ void broadcast_block(const left_t* const* left, const acc_t<left_t>* packed, int
   using acc = acc_t<left_t>;
   constexpr int64_t VL = Vec::size();
   const int64_t count0 = std::min(VL, count), count1 = count - count0;
+  // Every loop over the rows is unrolled in full and the accumulators leave the arrays by value,
+  // so that each acc0[r] / acc1[r] is a register.  Otherwise (a 16-bit out_t, whose partial loads
+  // and stores are calls) the arrays stay in memory and the term loop stores every accumulator to
+  // the stack after each FMA: one store per FMA, the store port rather than the FMA units bounds it.
+  static_assert(kRows <= 8, "the row loops unroll 8 in full");
   Vec acc0[kRows], acc1[kRows];
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
     const out_t* o = out + (m0 + r) * ld_out + n0;
     acc0[r] = accumulate ? load_acc(o, count0) : Vec(acc(0));
@@ -115,22 +121,25 @@ void broadcast_block(const left_t* const* left, const acc_t<left_t>* packed, int
   for (int64_t k = k0; k < k1; ++k, packed += 2 * VL) {
     const Vec b0 = Vec::loadu(packed), b1 = Vec::loadu(packed + VL);
     const left_t* a = left[k] + m0 * stride;
+#pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const Vec a_r(static_cast<acc>(a[r * stride]));
       acc0[r] = at::vec::fmadd(a_r, b0, acc0[r]);
       acc1[r] = at::vec::fmadd(a_r, b1, acc1[r]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
     out_t* o = out + (m0 + r) * ld_out + n0;
+    const Vec lo = acc0[r], hi = acc1[r];
     if constexpr (is_reduced_precision<out_t>) {
       if (count == 2 * VL) {  // both vectors rounded into one 16-bit vector, one full store
-        at::vec::convert_from_float<out_t>(acc0[r], acc1[r]).store(o);
+        at::vec::convert_from_float<out_t>(lo, hi).store(o);
         continue;
       }
     }
-    store_acc(acc0[r], o, count0);
-    if (count1 > 0) store_acc(acc1[r], o + VL, count1);
+    store_acc(lo, o, count0);
+    if (count1 > 0) store_acc(hi, o + VL, count1);
   }
 }
 
