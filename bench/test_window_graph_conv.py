@@ -7,8 +7,8 @@ as [B, C, T, V] and its output stays [B, C, T, L] (no layout conversion is timed
 
 MS-G3D (test_window_graph_conv_msg3d): its G3D pathway of the second block on NTU-sized input,
 T = 300 frames of 25 joints, C = 96, window 3, temporal stride 2, 6 stacked scales ([6 L, L]),
-16 sequences (a quarter of MS-G3D's 64 = 32 clips x 2 persons: the baseline's [B, 6 C, T', L]
-aggregate and its gradients take several GiB at 64 on a machine shared with other jobs).  The
+64 sequences (MS-G3D's 32 clips x 2 persons; the baseline's [B, 6 C, T', L] aggregate and its
+gradients take a few GiB).  The
 baseline is MS-G3D's code path: UnfoldTemporalWindows with stride 2, the einsum with A_large, the
 view / permute of the scales into channels ([B, 6 C, T', L], what its 1x1 conv reads).  The op
 returns [B, T', 6 L, C] with the adjacency rows scale-minor, i.e. [B, T', L, 6 C]: the same
@@ -53,7 +53,7 @@ def unfold_einsum(x_nctv, adj, window):
     return torch.einsum("vu,nctu->nctv" if adj.dim() == 2 else "nvu,nctu->nctv", adj, windows)
 
 
-MSG3D = dict(batch=1 if SMALL else 16, frames=7 if SMALL else 300, nodes=25, channels=8 if SMALL else 96,
+MSG3D = dict(batch=1 if SMALL else 64, frames=7 if SMALL else 300, nodes=25, channels=8 if SMALL else 96,
              window=3, stride=2, scales=2 if SMALL else 6)
 MSG3D_IMPLS = ["keypointops", "keypointops-stride1-slice", "triton", "unfold_einsum"]
 
