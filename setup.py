@@ -73,7 +73,8 @@ class CpuCapabilityBuildExt(BuildExtension):
                 ext.cpu_capability_sources, output_dir=os.path.join(self.build_temp, f"cpu_{name}"),
                 macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
                 extra_postargs=postargs, depends=ext.depends)
-        ext.extra_objects = capability_objects + list(ext.extra_objects or [])
+        others = [obj for obj in ext.extra_objects or [] if obj not in capability_objects]
+        ext.extra_objects = capability_objects + others
         super().build_extension(ext)
 
 
