@@ -81,6 +81,11 @@ def limb_ratios(clip: np.ndarray) -> np.ndarray:
     return np.nan_to_num(feature, nan=0.0)
 
 
+def evaluation_frames(length: int) -> np.ndarray:
+    """The frames of a tracklet of ``length`` frames that make its test clip: ``FRAMES`` sampled ``evenly``."""
+    return sample_frames(length, FRAMES, "evenly")
+
+
 def frame_size(path: str) -> tuple[int, int]:
     """``(H, W)`` of a frame image (the keypoints are in its pixels)."""
     with Image.open(path) as image:
@@ -95,7 +100,7 @@ class Split:
         self.sizes = [frame_size(t.frames[0]) for t in tracklets]
 
     def clips(self) -> list[np.ndarray]:
-        return [kp[sample_frames(len(kp), FRAMES, "evenly")] for kp in self.keypoints]
+        return [kp[evaluation_frames(len(kp))] for kp in self.keypoints]
 
 
 def retrieval(features: np.ndarray, query: Split, gallery: Split, twins: list[tuple[int, int]]) -> tuple:
@@ -164,7 +169,7 @@ def train_classifier(train: Split, net: torch.nn.Module, inputs, width: int, ste
 
 def test_features(net: torch.nn.Module, inputs, splits: tuple[Split, ...]) -> np.ndarray:
     """The trained trunk's embedding of every test clip (``evenly`` frames)."""
-    clips = [inputs(split, i, sample_frames(len(kp), FRAMES, "evenly"))
+    clips = [inputs(split, i, evaluation_frames(len(kp)))
              for split in splits for i, kp in enumerate(split.keypoints)]
     with torch.no_grad():
         return net(torch.from_numpy(np.stack(clips))).numpy()

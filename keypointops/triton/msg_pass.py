@@ -223,6 +223,14 @@ def _power(base, exponent):
 
 
 @triton.jit
+def _power_setup(p, c_mask, LO: tl.constexpr, HI: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The exponents p with 1 on channels past C (a harmless power: their results are masked) and
+    the clamp bounds LO, HI as [BLOCK_C] vectors in p's dtype."""
+    p = tl.where(c_mask, p, 1.0)
+    return p, tl.full([BLOCK_C], LO, p.dtype), tl.full([BLOCK_C], HI, p.dtype)
+
+
+@triton.jit
 def _power_mean_forward_kernel(x_ptr, rowptr_ptr, col_ptr, edge_attr_ptr, perm_ptr, p_ptr, out_ptr, mean_ptr,
                                degree_ptr, num_nodes, num_edges, channels, EPS: tl.constexpr,
                                LO: tl.constexpr, HI: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -231,9 +239,7 @@ def _power_mean_forward_kernel(x_ptr, rowptr_ptr, col_ptr, edge_attr_ptr, perm_p
     acc_dtype = p_ptr.dtype.element_ty
     nodes, node_mask, e_begin, degree, c, c_mask, p, eps = _tile_setup(
         p_ptr, rowptr_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
-    p = tl.where(c_mask, p, 1.0)   # channels past C: a harmless power (their results are masked)
-    lo = tl.full([BLOCK_C], LO, acc_dtype)
-    hi = tl.full([BLOCK_C], HI, acc_dtype)
+    p, lo, hi = _power_setup(p, c_mask, LO, HI, BLOCK_C)
     total = tl.zeros([BLOCK_N, BLOCK_C], acc_dtype)
     valid_edges = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, tl.max(degree, axis=0), BLOCK_E):
@@ -265,9 +271,7 @@ def _power_mean_backward_kernel(grad_out_ptr, x_ptr, mean_ptr, degree_ptr, rowpt
     acc_dtype = p_ptr.dtype.element_ty
     nodes, node_mask, e_begin, degree, c, c_mask, p, eps = _tile_setup(
         p_ptr, rowptr_t_ptr, num_nodes, num_edges, channels, EPS, BLOCK_N, BLOCK_C)
-    p = tl.where(c_mask, p, 1.0)   # channels past C: a harmless power (their results are masked)
-    lo_c = tl.full([BLOCK_C], LO, acc_dtype)
-    hi_c = tl.full([BLOCK_C], HI, acc_dtype)
+    p, lo_c, hi_c = _power_setup(p, c_mask, LO, HI, BLOCK_C)
     lo, hi = lo_c[None, None, :], hi_c[None, None, :]
     mask = node_mask[:, None] & c_mask[None, :]
     offsets = nodes[:, None] * channels + c[None, :]

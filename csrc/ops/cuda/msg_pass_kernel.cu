@@ -172,6 +172,26 @@ __device__ __forceinline__ void gather_messages(
   }
 }
 
+// Backward's prefetch: the targets v[k] (transposed CSR) and (kEdge) edge ids id[k] of positions
+// e0 .. e0 + kUnroll - 1, v[k] = -1 for a position to skip; for each target load_target(k, i) loads
+// the target's rows (i = v[k] * channels + c: what each aggregation saved), and with kEdge the edge
+// row.  All loads are issued before any is used.
+template <bool kEdge, int VEC, int kUnroll, typename scalar_t, typename LoadTarget>
+__device__ __forceinline__ void gather_targets(
+    const int64_t* __restrict__ col_t, const scalar_t* __restrict__ edge_attr, const int64_t* __restrict__ perm_t,
+    int64_t e0, int64_t e_end, int64_t num_nodes, int64_t num_edges, int64_t channels, int64_t c,
+    int64_t (&v)[kUnroll], int64_t (&id)[kUnroll], Pack<scalar_t, VEC> (&edge_rows)[kUnroll],
+    LoadTarget&& load_target) {
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {
+    v[k] = checked_position<kEdge>(col_t, perm_t, e0 + k, e_end, num_nodes, num_edges, id[k]);
+    if (v[k] >= 0) {
+      load_target(k, v[k] * channels + c);
+      if constexpr (kEdge) edge_rows[k] = load_pack<VEC>(edge_attr + id[k] * channels + c);
+    }
+  }
+}
+
 // One step of the online softmax of (M, Z, A) with message m at inverse temperature t; Z = 0
 // before the first message.
 template <typename acc_t>
@@ -286,18 +306,13 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
         Pack<acc_t, VEC> max_v[kUnroll], sum_v[kUnroll];
         Pack<scalar_t, VEC> grad_v[kUnroll], out_v[kUnroll], edge_rows[kUnroll];
         int64_t v[kUnroll], id[kUnroll];
-#pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
-          v[k] = checked_position<kEdge>(col_t, perm_t, e0 + k, e_end, num_nodes, num_edges, id[k]);
-          if (v[k] >= 0) {
-            const int64_t i = v[k] * channels + c;
-            max_v[k] = load_pack<VEC>(row_max + i);
-            sum_v[k] = load_pack<VEC>(row_sum + i);
-            grad_v[k] = load_pack<VEC>(grad_out + i);
-            out_v[k] = load_pack<VEC>(out + i);
-            if constexpr (kEdge) edge_rows[k] = load_pack<VEC>(edge_attr + id[k] * channels + c);
-          }
-        }
+        gather_targets<kEdge>(col_t, edge_attr, perm_t, e0, e_end, num_nodes, num_edges, channels, c, v, id,
+                              edge_rows, [&](int k, int64_t i) {
+                                max_v[k] = load_pack<VEC>(row_max + i);
+                                sum_v[k] = load_pack<VEC>(row_sum + i);
+                                grad_v[k] = load_pack<VEC>(grad_out + i);
+                                out_v[k] = load_pack<VEC>(out + i);
+                              });
 #pragma unroll
         for (int k = 0; k < kUnroll; ++k) {
           if (v[k] < 0) continue;
@@ -434,17 +449,12 @@ __global__ void __launch_bounds__(kThreads) power_mean_backward_kernel(
         Pack<acc_t, VEC> mean_v[kUnroll], degree_v[kUnroll];
         Pack<scalar_t, VEC> grad_v[kUnroll], edge_rows[kUnroll];
         int64_t v[kUnroll], id[kUnroll];
-#pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
-          v[k] = checked_position<kEdge>(col_t, perm_t, e0 + k, e_end, num_nodes, num_edges, id[k]);
-          if (v[k] >= 0) {
-            const int64_t i = v[k] * channels + c;
-            if (power) mean_v[k] = load_pack<VEC>(mean + i);
-            degree_v[k] = load_pack<VEC>(degree + i);
-            grad_v[k] = load_pack<VEC>(grad_out + i);
-            if constexpr (kEdge) edge_rows[k] = load_pack<VEC>(edge_attr + id[k] * channels + c);
-          }
-        }
+        gather_targets<kEdge>(col_t, edge_attr, perm_t, e0, e_end, num_nodes, num_edges, channels, c, v, id,
+                              edge_rows, [&](int k, int64_t i) {
+                                if (power) mean_v[k] = load_pack<VEC>(mean + i);
+                                degree_v[k] = load_pack<VEC>(degree + i);
+                                grad_v[k] = load_pack<VEC>(grad_out + i);
+                              });
 #pragma unroll
         for (int k = 0; k < kUnroll; ++k) {
           if (v[k] < 0) continue;
