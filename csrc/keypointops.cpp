@@ -3,6 +3,8 @@
 // kernels are registered from Python (keypointops/ops/<op>.py) with torch.library.
 #include <torch/library.h>
 
+#include "ops/cpu/cpu_capability.h"
+
 #ifdef KEYPOINTOPS_PYTHON_MODULE
 #include <Python.h>
 // Empty Python module so that `import keypointops._C` loads this library (and runs the
@@ -73,4 +75,9 @@ TORCH_LIBRARY(keypointops, m) {
   // the MARS / torchreid rules (same pid and camera removed, pid -1 junk removed, ties by index).
   m.def("rank_stats(Tensor dist, Tensor q_pids, Tensor q_camids, Tensor g_pids, Tensor g_camids) "
         "-> (Tensor, Tensor, Tensor)");
+  // The instruction set the CPU kernels run with ("default", "avx2" or "avx512"; chosen when the
+  // library loads, ops/cpu/cpu_capability.h), and a switch to another one that the CPU supports
+  // (for tests and measurements; it applies to every thread).
+  m.def("_cpu_capability() -> str", &keypointops::cpu_capability_name);
+  m.def("_set_cpu_capability(str capability) -> ()", &keypointops::set_cpu_capability);
 }

@@ -13,11 +13,13 @@ BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the keyp
 
 
 def _import_library() -> str | None:
-    """Imports ``keypointops._C``; returns the import error message, or None on success."""
+    """Imports ``keypointops._C``; returns the import error message, or None on success.  A bad
+    ``KEYPOINTOPS_CPU_CAPABILITY`` raises its one-line RuntimeError here, when the package loads."""
     try:
         from keypointops import _C  # noqa: F401  (registers torch.ops.keypointops.*)
     except ImportError as err:
         return str(err)
+    torch.ops.keypointops._cpu_capability()
     return None
 
 
@@ -37,6 +39,20 @@ def has_cuda_ops(op_name: str | None = None) -> bool:
     names = [f"keypointops::{op_name}"] if op_name else [
         name for name in torch._C._dispatch_get_all_op_names() if name.startswith("keypointops::")]
     return any(torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") for name in names)
+
+
+def cpu_capability() -> str:
+    """The instruction set that the compiled CPU kernels run with: ``"avx512"``, ``"avx2"`` or
+    ``"default"`` (no vector extension beyond the architecture's baseline).
+
+    The library holds a build of every CPU kernel for each of them (x86-64; ``"default"`` only
+    elsewhere) and picks one when it loads: the widest that the CPU supports and that PyTorch's
+    own CPU kernels use (``ATEN_CPU_CAPABILITY`` narrows both), or the one named by the
+    environment variable ``KEYPOINTOPS_CPU_CAPABILITY`` (``default``, ``avx2`` or ``avx512``).
+    A name that is unknown, or that the CPU lacks, fails the import with a one-line RuntimeError.
+    """
+    require_ops()
+    return torch.ops.keypointops._cpu_capability()
 
 
 def require_ops(device_type: str = "cpu", op_name: str | None = None) -> None:

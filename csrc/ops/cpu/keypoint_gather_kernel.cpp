@@ -58,6 +58,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops/cpu/cpu_capability.h"
 #include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/huge_pages.h"
 #include "ops/cpu/reduced_precision.h"
@@ -65,6 +66,7 @@
 #include "ops/keypoint_gather_sampling.h"
 
 namespace keypointops {
+namespace CPU_CAPABILITY {  // this build's capability (ops/cpu/cpu_capability.h)
 namespace {
 
 // NCHW forward: keypoint-major from planes of this many bytes (a page) on, plane-major below.
@@ -558,10 +560,16 @@ at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at:
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
+KEYPOINTOPS_CPU_KERNEL(keypoint_gather, CPU_CAPABILITY::keypoint_gather_cpu)
+KEYPOINTOPS_CPU_KERNEL(keypoint_gather_backward, CPU_CAPABILITY::keypoint_gather_backward_cpu)
+
+#if defined(CPU_CAPABILITY_DEFAULT)  // one registration, for every capability's build
 TORCH_LIBRARY_IMPL(keypointops, CPU, m) {
-  m.impl("keypoint_gather", &keypoint_gather_cpu);
-  m.impl("keypoint_gather_backward", &keypoint_gather_backward_cpu);
+  m.impl("keypoint_gather", KEYPOINTOPS_CPU_DISPATCH(keypoint_gather, CPU_CAPABILITY::keypoint_gather_cpu));
+  m.impl("keypoint_gather_backward", KEYPOINTOPS_CPU_DISPATCH(keypoint_gather_backward, CPU_CAPABILITY::keypoint_gather_backward_cpu));
 }
+#endif
 
 }  // namespace keypointops

@@ -60,11 +60,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops/cpu/cpu_capability.h"
 #include "ops/cpu/huge_pages.h"
 #include "ops/cpu/reduced_precision.h"
 #include "ops/msg_pass.h"
 
 namespace keypointops {
+namespace CPU_CAPABILITY {  // this build's capability (ops/cpu/cpu_capability.h)
 namespace {
 
 constexpr int64_t kChunkWork = 1 << 14;
@@ -591,10 +593,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
+KEYPOINTOPS_CPU_KERNEL(msg_pass, CPU_CAPABILITY::msg_pass_cpu)
+KEYPOINTOPS_CPU_KERNEL(msg_pass_backward, CPU_CAPABILITY::msg_pass_backward_cpu)
+
+#if defined(CPU_CAPABILITY_DEFAULT)  // one registration, for every capability's build
 TORCH_LIBRARY_IMPL(keypointops, CPU, m) {
-  m.impl("msg_pass", &msg_pass_cpu);
-  m.impl("msg_pass_backward", &msg_pass_backward_cpu);
+  m.impl("msg_pass", KEYPOINTOPS_CPU_DISPATCH(msg_pass, CPU_CAPABILITY::msg_pass_cpu));
+  m.impl("msg_pass_backward", KEYPOINTOPS_CPU_DISPATCH(msg_pass_backward, CPU_CAPABILITY::msg_pass_backward_cpu));
 }
+#endif
 
 }  // namespace keypointops

@@ -51,11 +51,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops/cpu/cpu_capability.h"
 #include "ops/cpu/huge_pages.h"
 #include "ops/cpu/reduced_precision.h"
 #include "ops/part_pool.h"
 
 namespace keypointops {
+namespace CPU_CAPABILITY {  // this build's capability (ops/cpu/cpu_capability.h)
 namespace {
 
 // [B, C, H, W] as [B, C, S] matrices with unit stride along S (NCHW) or along C (channels_last):
@@ -528,10 +530,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cpu(
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
+KEYPOINTOPS_CPU_KERNEL(part_pool, CPU_CAPABILITY::part_pool_cpu)
+KEYPOINTOPS_CPU_KERNEL(part_pool_backward, CPU_CAPABILITY::part_pool_backward_cpu)
+
+#if defined(CPU_CAPABILITY_DEFAULT)  // one registration, for every capability's build
 TORCH_LIBRARY_IMPL(keypointops, CPU, m) {
-  m.impl("part_pool", &part_pool_cpu);
-  m.impl("part_pool_backward", &part_pool_backward_cpu);
+  m.impl("part_pool", KEYPOINTOPS_CPU_DISPATCH(part_pool, CPU_CAPABILITY::part_pool_cpu));
+  m.impl("part_pool_backward", KEYPOINTOPS_CPU_DISPATCH(part_pool_backward, CPU_CAPABILITY::part_pool_backward_cpu));
 }
+#endif
 
 }  // namespace keypointops

@@ -19,6 +19,7 @@
 // Queries run in parallel in tasks of several rows (dynamic_tasks.h); each writes only its own
 // outputs (deterministic).
 #include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -31,9 +32,11 @@
 #include <tuple>
 #include <vector>
 
+#include "ops/cpu/cpu_capability.h"
 #include "ops/cpu/dynamic_tasks.h"
 
 namespace keypointops {
+namespace CPU_CAPABILITY {  // this build's capability (ops/cpu/cpu_capability.h)
 namespace {
 
 constexpr int64_t kMaxCountedMatches = 128;
@@ -200,7 +203,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_stats_cpu(const at::Tensor& 
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
-TORCH_LIBRARY_IMPL(keypointops, CPU, m) { m.impl("rank_stats", &rank_stats_cpu); }
+KEYPOINTOPS_CPU_KERNEL(rank_stats, CPU_CAPABILITY::rank_stats_cpu)
+
+#if defined(CPU_CAPABILITY_DEFAULT)  // one registration, for every capability's build
+TORCH_LIBRARY_IMPL(keypointops, CPU, m) {
+  m.impl("rank_stats", KEYPOINTOPS_CPU_DISPATCH(rank_stats, CPU_CAPABILITY::rank_stats_cpu));
+}
+#endif
 
 }  // namespace keypointops

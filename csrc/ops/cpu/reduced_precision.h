@@ -5,20 +5,24 @@
 // acc_t<T> = at::opmath_type<T>: float for float16 / bfloat16 (and float), double for double.  The
 // kernels keep every operand that they sum into in acc_t and every tensor in memory in T: a 16-bit
 // value is widened on load (exact) and rounded once, to nearest even, when a finished result is
-// stored.  Vectors are Vectorized<acc_t> (8 floats with AVX2): a reduced-precision load reads 16
-// bytes and widens them (vpmovzxwd + shift for bfloat16, vcvtph2ps for float16), a store narrows 8
-// floats to 16 bytes.  For T = acc_t both are plain at::vec loads and stores, so the float32 and
-// float64 kernels are unchanged.
+// stored.  Vectors are Vectorized<acc_t> (8 floats with AVX2, 16 with AVX512): a reduced-precision
+// load reads half a vector's bytes and widens them (vpmovzxwd + shift for bfloat16, vcvtph2ps for
+// float16), a store narrows a vector of floats to half its bytes.  For T = acc_t both are plain
+// at::vec loads and stores, so the float32 and float64 kernels are unchanged.
+// Everything here depends on the vector width, so it lives in the namespace of the capability this
+// file is compiled for (ops/cpu/cpu_capability.h).
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 namespace keypointops {
+namespace CPU_CAPABILITY {
 
 template <typename T>
 using acc_t = at::opmath_type<T>;
@@ -45,22 +49,24 @@ inline AccVec<T> load_acc(const T* p, int64_t n = AccVec<T>::size()) {
 }
 
 // Stores the first n (<= AccVec<T>::size()) lanes of v at p, rounded to T.  A full vector is one
-// 16-byte store: at::vec's store of 8 of a 16-bit vector's 16 lanes is an out-of-line call that
-// goes through a stack buffer and memcpy.
+// store of half its width (16 bytes with AVX2, 32 with AVX512): at::vec's store of the low half of
+// a 16-bit vector is an out-of-line call that goes through a stack buffer and memcpy.
 template <typename T>
 inline void store_acc(const AccVec<T>& v, T* p, int64_t n = AccVec<T>::size()) {
   if constexpr (!is_reduced_precision<T>) {
     v.store(p, n);
   } else {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+#if (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)) && !defined(_MSC_VER)
     if (n == AccVec<T>::size()) {
-      __m128i narrow;
+      // __m128i (AVX2) or __m256i (AVX512): the narrowed vector, as at::vec converts it.
+      decltype(at::vec::cvtfp32_bf16(v)) narrow;
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         narrow = at::vec::cvtfp32_bf16(v);
       } else {
         narrow = at::vec::cvtfp32_fp16(v);
       }
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow);
+      static_assert(sizeof(narrow) == AccVec<T>::size() * sizeof(T), "one 16-bit lane per float lane");
+      std::memcpy(p, &narrow, sizeof(narrow));  // one unaligned vector store
       return;
     }
 #endif
@@ -101,4 +107,5 @@ const acc_t<T>* in_acc(const T* src, int64_t n, std::vector<acc_t<T>>& buffer) {
   return block_in_acc(src, 1, n, ld, buffer);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace keypointops

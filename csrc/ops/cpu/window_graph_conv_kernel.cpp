@@ -40,12 +40,14 @@
 #include <algorithm>
 #include <vector>
 
+#include "ops/cpu/cpu_capability.h"
 #include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/huge_pages.h"
 #include "ops/cpu/reduced_precision.h"
 #include "ops/window_graph_conv.h"
 
 namespace keypointops {
+namespace CPU_CAPABILITY {  // this build's capability (ops/cpu/cpu_capability.h)
 namespace {
 
 // Chunks of (b, t) windows for the partial sums of a shared adj's gradient.
@@ -352,10 +354,16 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 
+KEYPOINTOPS_CPU_KERNEL(window_graph_conv, CPU_CAPABILITY::window_graph_conv_cpu)
+KEYPOINTOPS_CPU_KERNEL(window_graph_conv_backward, CPU_CAPABILITY::window_graph_conv_backward_cpu)
+
+#if defined(CPU_CAPABILITY_DEFAULT)  // one registration, for every capability's build
 TORCH_LIBRARY_IMPL(keypointops, CPU, m) {
-  m.impl("window_graph_conv", &window_graph_conv_cpu);
-  m.impl("window_graph_conv_backward", &window_graph_conv_backward_cpu);
+  m.impl("window_graph_conv", KEYPOINTOPS_CPU_DISPATCH(window_graph_conv, CPU_CAPABILITY::window_graph_conv_cpu));
+  m.impl("window_graph_conv_backward", KEYPOINTOPS_CPU_DISPATCH(window_graph_conv_backward, CPU_CAPABILITY::window_graph_conv_backward_cpu));
 }
+#endif
 
 }  // namespace keypointops
