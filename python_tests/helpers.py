@@ -3,6 +3,7 @@ for the model tests, one intra-op thread, synthetic clips and one optimisation s
 strategy and checks of the property-based file-parser tests."""
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -258,3 +259,24 @@ def gradient_errors(function, inputs, grad_out):
         typed = [i.to(dtype).requires_grad_() for i in inputs]
         return torch.autograd.grad(function(*typed), typed, grad_out.to(dtype))
     return [float((g.double() - e).abs().max()) for g, e in zip(grads(torch.float32), grads(torch.float64))]
+
+
+def best_cpu_times(fns, rounds: int = 9):
+    """For timing comparisons (e.g. of dtypes) on a shared machine: on one intra-op thread, a warm-up
+    call of each of ``fns``, then ``rounds`` rounds calling each once, timed in CPU time of the process
+    (``time.process_time``: not the time other jobs hold the core).  Returns the least time of each
+    fn and every round's times."""
+    def cpu_time(fn):
+        start = time.process_time()
+        fn()
+        return time.process_time() - start
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for fn in fns:
+            fn()
+        times = [tuple(cpu_time(fn) for fn in fns) for _ in range(rounds)]
+    finally:
+        torch.set_num_threads(threads)
+    return [min(column) for column in zip(*times)], times

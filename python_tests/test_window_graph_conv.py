@@ -1,6 +1,5 @@
 """window_graph_conv: every fused backend against the reference and MS-G3D's unfold + einsum,
 gradients, registration, bad input; the adjacency helpers of graphs.py; WindowGraphConv3D."""
-import time
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from keypointops import window_graph_conv_output_length
 from keypointops.graphs import block_adjacency, multiscale_adjacency, normalize_adjacency, skeleton
 from keypointops.nn import MSG3DWindow, WindowGraphConv3D
 
-from helpers import check_autocast_policy, device_backend_params, tolerances
+from helpers import best_cpu_times, check_autocast_policy, device_backend_params, tolerances
 
 # (window, dilation, T, N, C): window 1 / 3 / 5, dilation 1 / 2, T smaller than the window (and
 # than its dilated span), T = 1, N = 1, odd C.
@@ -270,21 +269,9 @@ def test_cpu_bfloat16_is_not_slower_than_float32():
             torch.autograd.grad(keypointops.window_graph_conv(x, adj, 3, backend="cpu"), (x, adj), grad)
         return forward, forward_backward
 
-    def cpu_time(fn):
-        start = time.process_time()
-        fn()
-        return time.process_time() - start
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for float32_fn, bfloat16_fn in zip(passes(torch.float32), passes(torch.bfloat16)):
-            float32_fn(), bfloat16_fn()
-            rounds = [(cpu_time(float32_fn), cpu_time(bfloat16_fn)) for _ in range(9)]
-            float32_time, bfloat16_time = (min(times) for times in zip(*rounds))
-            assert bfloat16_time < 1.2 * float32_time, f"{bfloat16_fn.__name__}: {rounds}"
-    finally:
-        torch.set_num_threads(threads)
+    for float32_fn, bfloat16_fn in zip(passes(torch.float32), passes(torch.bfloat16)):
+        (float32_time, bfloat16_time), rounds = best_cpu_times([float32_fn, bfloat16_fn])
+        assert bfloat16_time < 1.2 * float32_time, f"{bfloat16_fn.__name__}: {rounds}"
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

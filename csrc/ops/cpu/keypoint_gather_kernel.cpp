@@ -37,6 +37,13 @@
 // image's nodes (K * S * S * taps); no [B*K, C, ...] intermediate.
 // float16 / bfloat16 features: the keypoints, box sizes, taps and every sum are float32
 // (ops/cpu/reduced_precision.h); a channel's value of a node is rounded once, when stored.  The
+// forward is bound by the latency of the taps' cache lines, and a 16-bit load costs more
+// instructions than a float32 one (a scattered 16-bit value is moved to a vector register and
+// shifted, and each output is rounded), so the out-of-order window holds fewer loads and fewer
+// cache misses overlap than in float32.  The 16-bit forward therefore prefetches: keypoint-major
+// NCHW the taps' lines kPairPrefetchPlanes planes ahead, channels_last the next node's pixels
+// while it sums the current node.  (The float32 and float64 loops keep enough loads in flight
+// without: prefetches there add instructions and cost time.)  The
 // backward then walks the taps pixel by pixel (each distinct pixel's taps in node order: the same
 // sum as above), forms a pixel's gradient in float32 and stores it once, instead of adding into a
 // 16-bit gradient node by node.
@@ -66,6 +73,7 @@ namespace {
 constexpr int64_t kKeypointMajorPlaneBytes = 4096;
 constexpr int64_t kChannelTile = 64;      // keypoint-major: channels a pair walks at a time
 constexpr int64_t kPrefetchChannels = 4;  // plane-major: prefetch this many planes ahead
+constexpr int64_t kPairPrefetchPlanes = 8;  // keypoint-major, 16-bit: prefetch this many planes ahead
 constexpr int64_t kCacheLineBytes = 64;
 constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
 
@@ -186,6 +194,13 @@ void gather_nchw_pair(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
   for (int t = 0; t < NB; ++t) ob[t] = offset_b[t], wb[t] = weight_b[t];
   const scalar_t* plane = image + c0 * HW;
   for (int64_t c = c0; c < c1; ++c, plane += HW) {
+    if constexpr (is_reduced_precision<scalar_t>) {
+      if (c + kPairPrefetchPlanes < c1) {
+        const scalar_t* ahead = plane + kPairPrefetchPlanes * HW;
+        for (int t = 0; t < NA; ++t) __builtin_prefetch(ahead + oa[t]);
+        for (int t = 0; t < NB; ++t) __builtin_prefetch(ahead + ob[t]);
+      }
+    }
     acc a = 0, b = 0;
     for (int t = 0; t < NA; ++t) a += wa[t] * static_cast<acc>(plane[oa[t]]);
     for (int t = 0; t < NB; ++t) b += wb[t] * static_cast<acc>(plane[ob[t]]);
@@ -202,6 +217,13 @@ void gather_nchw_pair_any(const scalar_t* image, int64_t HW, int64_t c0, int64_t
                           int64_t nb, scalar_t* out_b) {
   const scalar_t* plane = image + c0 * HW;
   for (int64_t c = c0; c < c1; ++c, plane += HW) {
+    if constexpr (is_reduced_precision<scalar_t>) {
+      if (c + kPairPrefetchPlanes < c1) {
+        const scalar_t* ahead = plane + kPairPrefetchPlanes * HW;
+        for (int64_t t = 0; t < na; ++t) __builtin_prefetch(ahead + offset_a[t]);
+        for (int64_t t = 0; t < nb; ++t) __builtin_prefetch(ahead + offset_b[t]);
+      }
+    }
     acc a = 0, b = 0;
     for (int64_t t = 0; t < na; ++t) a += weight_a[t] * static_cast<acc>(plane[offset_a[t]]);
     for (int64_t t = 0; t < nb; ++t) b += weight_b[t] * static_cast<acc>(plane[offset_b[t]]);
@@ -294,7 +316,13 @@ void gather_channels_last(const scalar_t* image, const ImageTaps<acc_t<scalar_t>
                           int64_t C, int64_t c0, int64_t c1, scalar_t* out) {
   using Vec = AccVec<scalar_t>;
   constexpr int64_t VL = Vec::size();
+  constexpr int64_t kLine = kCacheLineBytes / sizeof(scalar_t);
   for (int64_t k = 0; k < K; ++k) {
+    if constexpr (is_reduced_precision<scalar_t>) {  // the next node's pixels (see the top)
+      for (int64_t t = taps.begin[std::min(k + 1, K)]; t < taps.begin[std::min(k + 2, K)]; ++t) {
+        for (int64_t c = c0; c < c1; c += kLine) __builtin_prefetch(image + taps.offset[t] * C + c);
+      }
+    }
     for (int64_t c = c0; c < c1; c += VL) {
       const int64_t n = std::min(VL, c1 - c);
       Vec acc(0);

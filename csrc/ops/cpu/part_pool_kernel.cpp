@@ -5,7 +5,8 @@
 //   p = softmax_s(r)                                      in a per-thread [P, S] buffer
 //   out[b] = p @ F[b]^T                                   a GEMM over S
 // (NCHW: the parts that fill whole vectors from p^T [S, P - P % VL], register tiles of feature rows
-// x part vectors with no horizontal sums; the last P % VL parts as dot products.)
+// x part vectors with no horizontal sums; the last P % VL parts as dot products against the same
+// tile of feature rows, so that F is read (and, 16-bit, widened) once.)
 // F[b] is the [C, S] matrix of the image read in place, NCHW (rows contiguous along S) or
 // channels_last (contiguous along C): the features are never copied or transposed.
 // Backward saves nothing but the inputs: it recomputes p as forward does (max, exp, sum, divide;
@@ -152,6 +153,9 @@ void gemm_broadcast(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_
   }
 }
 
+// Register tile of the dot products: rows of A x rows of Z.
+constexpr int kDotRows = 3, kDotCols = 3;
+
 // One MR x NR tile of Y = A @ Z^T: dot products of rows of A and rows of Z, both contiguous along K
 // and in the accumulation dtype; Y may be 16-bit.
 template <typename Y_t, int MR, int NR, typename scalar_t = acc_t<Y_t>>
@@ -188,7 +192,7 @@ void dot_tile(int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z, int6
 template <typename Z_t, typename Y_t>
 void gemm_dot(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_t lda, const Z_t* Z,
               int64_t ldz, Y_t* Y, int64_t ldy, std::vector<acc_t<Z_t>>& z_rows) {
-  constexpr int kRows = 3, kCols = 3;
+  constexpr int kRows = kDotRows, kCols = kDotCols;
   constexpr int64_t kLine = 64 / sizeof(Z_t);
   for (int64_t n0 = 0; n0 < N; n0 += kCols) {
     for (int64_t n = n0 + kCols; n < std::min<int64_t>(n0 + 2 * kCols, N); ++n) {
@@ -208,13 +212,18 @@ void gemm_dot(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_t lda,
   }
 }
 
+// The dtype of a finished tile before it is stored transposed: a 16-bit tile is rounded a vector
+// at a time into a Y_t buffer (not element by element as it is stored).
+template <typename Y_t>
+using TileLane = std::conditional_t<is_reduced_precision<Y_t>, Y_t, acc_t<Y_t>>;
+
 // One MR x (NV vectors) tile of Y^T, Y[n, m] = sum_k A[m * lda + k] * Zt[k * ldz + n]: the MR rows
 // of A (contiguous along K) broadcast one scalar at a time, Zt's rows loaded as vectors; the tile is
 // stored transposed (Y row stride ldy, Y possibly 16-bit), its first `cols` columns only.
 template <typename Y_t, int MR, int NV, typename scalar_t = acc_t<Y_t>>
 void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, int64_t lda,
                      const scalar_t* __restrict__ Zt, int64_t ldz, Y_t* __restrict__ Y, int64_t ldy,
-                     scalar_t* __restrict__ lanes) {
+                     TileLane<Y_t>* __restrict__ lanes) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
   // Fully unrolled loops over the tile, so that the accumulators stay in registers.
@@ -238,7 +247,7 @@ void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, in
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) acc[i][j].store(lanes + i * NV * VL + j * VL);
+    for (int j = 0; j < NV; ++j) store_acc<TileLane<Y_t>>(acc[i][j], lanes + i * NV * VL + j * VL);
   }
   for (int i = 0; i < MR; ++i) {
     for (int64_t n = 0; n < cols; ++n) Y[n * ldy + i] = static_cast<Y_t>(lanes[i * NV * VL + n]);
@@ -246,20 +255,23 @@ void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, in
 }
 
 // Y[n, m] = sum_k A[m * lda + k] * Zt[k * ldz + n] for m < M, n < N, i.e. Y = Z @ A^T with Z given
-// transposed (Zt [K, ldz], ldz a multiple of the vector length covering N, padded lanes ignored).
+// transposed (Zt [K, ldz], ldz a multiple of the vector length covering N, padded lanes ignored),
+// and with the same rows of A the D more rows of Y, Y[N + d, m] = sum_k Zd[d * K + k] A[m * lda + k]
+// for d < D (Zd [D, K] not transposed: the parts that do not fill a vector, as dot products).
 // For a small N (the parts) against a long streamed A (the feature rows): each row of A is read once
 // from memory, Zt stays in L1, and a column block of up to 3 vectors of Zt lives in registers.
-// Zt is in the accumulation dtype; 16-bit rows of A are widened a tile at a time into a_rows
-// (before the tile broadcasts their elements), Y is rounded on store.
+// Zt and Zd are in the accumulation dtype; 16-bit rows of A are widened a tile at a time into a_rows
+// (before the tile broadcasts their elements; the dot products read the same widened tile), Y is
+// rounded on store.
 template <typename A_t, typename Y_t>
 void gemm_transposed(int64_t M, int64_t N, int64_t K, const A_t* A, int64_t lda,
-                     const acc_t<Y_t>* Zt, int64_t ldz, Y_t* Y, int64_t ldy,
-                     std::vector<acc_t<A_t>>& a_rows) {
+                     const acc_t<Y_t>* Zt, int64_t ldz, int64_t D, const acc_t<Y_t>* Zd, Y_t* Y,
+                     int64_t ldy, std::vector<acc_t<A_t>>& a_rows) {
   using scalar_t = acc_t<Y_t>;
   constexpr int64_t VL = at::vec::Vectorized<scalar_t>::size();
   constexpr int kVectors = 3, kMaxRows = 8;
   constexpr int64_t kLine = 64 / sizeof(A_t);
-  scalar_t lanes[kMaxRows * kVectors * VL];  // one tile, before it is stored transposed
+  TileLane<Y_t> lanes[kMaxRows * kVectors * VL];  // one tile, before it is stored transposed
   for (int64_t n0 = 0; n0 < N; n0 += kVectors * VL) {
     const int64_t cols = std::min<int64_t>(kVectors * VL, N - n0);
     with_count<kVectors>((cols + VL - 1) / VL, [&](auto vectors) {
@@ -273,6 +285,18 @@ void gemm_transposed(int64_t M, int64_t N, int64_t K, const A_t* A, int64_t lda,
         const int64_t block = std::min<int64_t>(kRows, M - m0);
         int64_t a_ld = lda;
         const scalar_t* a = block_in_acc(A + m0 * lda, block, K, a_ld, a_rows);
+        if (n0 == 0) {  // the D dot-product rows first (after the tile, float32 runs slower)
+          for (int64_t d0 = 0; d0 < D; d0 += kDotRows) {
+            for (int64_t r = 0; r < block; r += kDotCols) {
+              with_count<kDotRows>(std::min<int64_t>(kDotRows, D - d0), [&](auto d_rows) {
+                with_count<kDotCols>(std::min<int64_t>(kDotCols, block - r), [&](auto a_cols) {
+                  dot_tile<Y_t, decltype(d_rows)::value, decltype(a_cols)::value>(
+                      K, Zd + d0 * K, K, a + r * a_ld, a_ld, Y + (N + d0) * ldy + m0 + r, ldy);
+                });
+              });
+            }
+          }
+        }
         with_count<kRows>(block, [&](auto rows) {
           transposed_tile<Y_t, decltype(rows)::value, NV>(
               K, cols, a, a_ld, Zt + n0, ldz, Y + n0 * ldy + m0, ldy, lanes);
@@ -405,10 +429,14 @@ at::Tensor part_pool_cpu(const at::Tensor& features_in, const at::Tensor& heatma
           for (int64_t q = 0; q < p_vectors; ++q) {
             for (int64_t s = 0; s < S; ++s) probs_t[s * p_vectors + q] = probs[q * S + s];
           }
-          gemm_transposed<scalar_t, scalar_t>(C, p_vectors, S, f, f_c, probs_t.data(), p_vectors,
-                                              op + b * P * C, C, f_rows);
-          gemm_dot<scalar_t, scalar_t>(P - p_vectors, C, S, probs.data() + p_vectors * S, S, f, f_c,
-                                       op + (b * P + p_vectors) * C, C, f_rows);
+          // With fewer parts than a vector, all of them as dot products.
+          if (p_vectors > 0) {
+            gemm_transposed<scalar_t, scalar_t>(C, p_vectors, S, f, f_c, probs_t.data(), p_vectors,
+                                                P - p_vectors, probs.data() + p_vectors * S,
+                                                op + b * P * C, C, f_rows);
+          } else {
+            gemm_dot<scalar_t, scalar_t>(P, C, S, probs.data(), S, f, f_c, op + b * P * C, C, f_rows);
+          }
         } else {         // channels_last: out[q, :] = sum_s p[q, s] F[s, :]
           gemm_broadcast<scalar_t, scalar_t>(P, C, S, probs.data(), S, 1, f, f_s, op + b * P * C, C, false,
                                              f_rows);
