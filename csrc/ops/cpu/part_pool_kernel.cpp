@@ -27,8 +27,9 @@
 // with AVX2 (MKL's sgemm) that is slower in forward (at P = 17 and P = 3) and in backward for few
 // parts (P = 3: a product with 3 rows leaves BLAS's register tiles mostly empty), and no faster in
 // backward at P = 17.  The loops here read each feature row once with the parts' accumulators in
-// registers.  Where the CPU's GEMM is wider (AVX-512, AMX) the balance may differ: that choice
-// belongs to a per-ISA dispatch, which this build does not make.
+// registers.  Where the CPU's GEMM is wider (AVX-512, AMX) the balance may differ: every
+// instruction-set build (ops/cpu/cpu_capability.h) uses these loops, and only the AVX2 balance has
+// been measured.
 // Each GEMM reads the features once (one read in forward, one in backward) and writes
 // grad_features once.
 // Memory: forward out [B, P, C]; backward grad_features, grad_heatmaps and a [B, P, J] grad_groups
