@@ -7,7 +7,7 @@ import keypointops
 from keypointops import parts, reference
 from keypointops.nn import PartPool
 
-from helpers import check_autocast_policy, device_backend_params, gradient_errors, tolerances
+from helpers import best_cpu_times, check_autocast_policy, device_backend_params, gradient_errors, tolerances
 
 
 
@@ -147,6 +147,28 @@ def test_reduced_precision(device, backend, dtype, channels_last, case):
     want = torch.autograd.grad(expected, exact, grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("parts_count", [8, 17, 27])
+def test_many_parts_many_channels(device, backend, parts_count):
+    """Parts that fill whole vectors and a remainder (8: one vector, 17: two and 1, 27: three and 3
+    with AVX2), channels over several blocks of outputs (200: two of 96 and 8) and an odd map: float32
+    against the reference; in the compiled CPU kernel each 16-bit dtype gives exactly its float32 result
+    of the same values rounded once (the same float32 sums: 16-bit elements are widened exactly, however
+    they are read)."""
+    features, heatmaps, _ = make_inputs(parts_count, None, channels=200, height=9, width=5,
+                                        dtype=torch.float32, device=device)
+    features, heatmaps = features.detach(), heatmaps.detach()
+    out = keypointops.part_pool(features, heatmaps, temperature=0.5, backend=backend)
+    torch.testing.assert_close(out, reference.part_pool(features, heatmaps, None, 0.5), **tolerances(torch.float32))
+    if backend != "cpu":
+        return
+    for dtype in (torch.bfloat16, torch.float16):
+        low = [features.to(dtype), heatmaps.to(dtype)]
+        out = keypointops.part_pool(*low, temperature=0.5, backend=backend)
+        same_values = keypointops.part_pool(*(t.float() for t in low), temperature=0.5, backend=backend)
+        assert torch.equal(out, same_values.to(dtype)), dtype
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
@@ -387,3 +409,26 @@ def test_autocast_policy(dtype):
     others = dict(heatmaps=torch.randn(2, 4, 4, 5, generator=g), groups=torch.rand(3, 4, generator=g))
     check_autocast_policy(keypointops.part_pool, features, others, ("heatmaps", "groups"), temperature=0.7,
                           dtype=dtype, uses_dot=True)
+
+
+@pytest.mark.skipif(not keypointops.has_ops() or keypointops.cpu_capability() == "default",
+                    reason="needs the CPU kernels' AVX2 or AVX512 build (16-bit loads and stores vectorised)")
+def test_cpu_bfloat16_forward_is_not_slower_than_float32():
+    """CTL's pooling (17 parts, one per keypoint heatmap; 2048 channels, a 16 x 8 map; 48 images, the
+    features larger than the last-level cache), NCHW, takes no more CPU time in bfloat16 than in float32,
+    up to a margin for timing noise (one thread, CPU time, the best of 9 interleaved rounds).  The
+    weighted sum is bound by its FMAs, so a 16-bit forward that widens the features into a buffer
+    before broadcasting them (a vector store per 8 elements) is slower than float32; broadcasting them
+    in place it is faster.  The margin, 1.2 as for the other ops' such tests, is set by the noise of a
+    shared 2-core VM: the test catches the larger regressions (accumulators kept in memory, a second
+    widening pass), not the few per cent of one widening pass."""
+    gen = torch.Generator().manual_seed(0)
+    features32 = torch.randn(48, 2048, 16, 8, generator=gen)
+    heatmaps32 = torch.randn(48, 17, 16, 8, generator=gen)
+
+    def forward(dtype):
+        features, heatmaps = features32.to(dtype), heatmaps32.to(dtype)
+        return lambda: keypointops.part_pool(features, heatmaps, backend="cpu")
+
+    (float32_time, bfloat16_time), rounds = best_cpu_times([forward(torch.float32), forward(torch.bfloat16)])
+    assert bfloat16_time < 1.2 * float32_time, rounds

@@ -6,7 +6,9 @@
 //   out[b] = p @ F[b]^T                                   a GEMM over S
 // (NCHW: the parts that fill whole vectors from p^T [S, P - P % VL], register tiles of feature rows
 // x part vectors with no horizontal sums; the last P % VL parts as dot products against the same
-// tile of feature rows, so that F is read (and, 16-bit, widened) once.)
+// tile of feature rows, so that F is read once.  The tiles of 96 feature rows gather their outputs in
+// a [P, 96] buffer, copied to out[b] as contiguous runs: transposed stores straight into out[b], P
+// rows C elements apart, fall into one L1 set at C = 2048 and evict each other.)
 // F[b] is the [C, S] matrix of the image read in place, NCHW (rows contiguous along S) or
 // channels_last (contiguous along C): the features are never copied or transposed.
 // Backward saves nothing but the inputs: it recomputes p as forward does (max, exp, sum, divide;
@@ -33,22 +35,28 @@
 // Each GEMM reads the features once (one read in forward, one in backward) and writes
 // grad_features once.
 // Memory: forward out [B, P, C]; backward grad_features, grad_heatmaps and a [B, P, J] grad_groups
-// partial; two [P, S] buffers per thread (forward: p and p^T).  Nothing of size [B, P, C, H, W].
+// partial; per thread two [P, S] buffers (forward: p and p^T) and, in the NCHW forward, a [P, 96]
+// block of outputs.  Nothing of size [B, P, C, H, W].
 // float16 / bfloat16: features, heatmaps, grad_out and the outputs are 16-bit in memory; p, the
 // logits, their gradients and every GEMM accumulator are float32 (ops/cpu/reduced_precision.h).
 // Each thread widens what its image reuses (heatmaps [J, S], grad_out [P, C]) once into float32
-// buffers, and each GEMM widens the block of F it works on next (a few rows, or a chunk of rows x
-// 2 vectors) into a small float32 buffer that stays in L1, so the inner loops are the float32 ones;
-// each output element is rounded once, when stored.
+// buffers.  The NCHW forward is bound by its FMAs, not by memory: its tiles broadcast bfloat16
+// features in place (a bfloat16 is the high half of its float32: one broadcast load and an AND per
+// element, no widening pass) and its dot products widen them in registers; float16 features, and F
+// in the other GEMMs, are widened a block at a time (a few rows, or a chunk of rows x 2 vectors)
+// into a small float32 buffer that stays in L1, so the inner loops are the float32 ones; each
+// output element is rounded once, when stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -157,10 +165,10 @@ void gemm_broadcast(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_
 // Register tile of the dot products: rows of A x rows of Z.
 constexpr int kDotRows = 3, kDotCols = 3;
 
-// One MR x NR tile of Y = A @ Z^T: dot products of rows of A and rows of Z, both contiguous along K
-// and in the accumulation dtype; Y may be 16-bit.
-template <typename Y_t, int MR, int NR, typename scalar_t = acc_t<Y_t>>
-void dot_tile(int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z, int64_t ldz, Y_t* Y,
+// One MR x NR tile of Y = A @ Z^T: dot products of rows of A and rows of Z, both contiguous along K;
+// A in the accumulation dtype, Z in it or 16-bit (widened as it is loaded); Y may be 16-bit.
+template <typename Y_t, int MR, int NR, typename Z_t = acc_t<Y_t>, typename scalar_t = acc_t<Y_t>>
+void dot_tile(int64_t K, const scalar_t* A, int64_t lda, const Z_t* Z, int64_t ldz, Y_t* Y,
               int64_t ldy) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
@@ -170,7 +178,7 @@ void dot_tile(int64_t K, const scalar_t* A, int64_t lda, const scalar_t* Z, int6
   }
   const auto step = [&](int64_t k, int64_t n) {  // loadu zero-fills the lanes past n
     Vec z[NR];
-    for (int j = 0; j < NR; ++j) z[j] = Vec::loadu(Z + j * ldz + k, n);
+    for (int j = 0; j < NR; ++j) z[j] = load_acc(Z + j * ldz + k, n);
     for (int i = 0; i < MR; ++i) {
       const Vec a = Vec::loadu(A + i * lda + k, n);
       for (int j = 0; j < NR; ++j) acc[i][j] = at::vec::fmadd(a, z[j], acc[i][j]);
@@ -213,18 +221,41 @@ void gemm_dot(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_t lda,
   }
 }
 
-// The dtype of a finished tile before it is stored transposed: a 16-bit tile is rounded a vector
-// at a time into a Y_t buffer (not element by element as it is stored).
-template <typename Y_t>
-using TileLane = std::conditional_t<is_reduced_precision<Y_t>, Y_t, acc_t<Y_t>>;
+// Rows of Y^T (columns of Y) per chunk in gemm_transposed: a multiple of every tile's row count
+// (8, 6 and 4).  The chunk's outputs [N + D, kChunk] (6.5 KiB at 17 parts) stay in L1.
+constexpr int64_t kChunk = 96;
+
+// The dtype in which gemm_transposed's tiles broadcast the elements of A: float32, float64 and
+// bfloat16 in place (broadcast_acc), float16 widened a tile at a time into a buffer first.
+template <typename T>
+using BroadcastSource = std::conditional_t<std::is_same_v<T, c10::Half>, acc_t<T>, T>;
+
+// *p in the accumulation dtype, broadcast to every lane; with kAfterFirst, p[-1] is readable too.
+// A bfloat16 is the high half of its float32, so the 32 bits at p - 1 (little-endian: p[0] above
+// p[-1]) with the low half cleared are *p as a float32: one broadcast load and one AND per element,
+// where widening the rows into a buffer first costs a vector store per 8 elements (the 16-bit
+// forward's bottleneck beside the FMAs).  The first element of a row (p[-1] may lie outside the
+// tensor) widens the scalar.
+template <bool kAfterFirst, typename T>
+inline AccVec<T> broadcast_acc(const T* p) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  if constexpr (kAfterFirst && std::is_same_v<T, c10::BFloat16>) {
+    static_assert(sizeof(float) == 2 * sizeof(T), "a bfloat16 is half a float32");
+    float pair;
+    std::memcpy(&pair, p - 1, sizeof(pair));
+    return AccVec<T>(pair) & AccVec<T>(c10::bit_cast<float>(0xffff0000u));
+  }
+#endif
+  return AccVec<T>(static_cast<acc_t<T>>(*p));
+}
 
 // One MR x (NV vectors) tile of Y^T, Y[n, m] = sum_k A[m * lda + k] * Zt[k * ldz + n]: the MR rows
-// of A (contiguous along K) broadcast one scalar at a time, Zt's rows loaded as vectors; the tile is
-// stored transposed (Y row stride ldy, Y possibly 16-bit), its first `cols` columns only.
-template <typename Y_t, int MR, int NV, typename scalar_t = acc_t<Y_t>>
-void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, int64_t lda,
-                     const scalar_t* __restrict__ Zt, int64_t ldz, Y_t* __restrict__ Y, int64_t ldy,
-                     TileLane<Y_t>* __restrict__ lanes) {
+// of A (contiguous along K, BroadcastSource dtype) broadcast one element at a time, Zt's rows loaded
+// as vectors; the tile is stored transposed into Y (row stride ldy: the chunk buffer), its first
+// `cols` columns only.
+template <int MR, int NV, typename A_t, typename scalar_t = acc_t<A_t>>
+void transposed_tile(int64_t K, int64_t cols, const A_t* __restrict__ A, int64_t lda,
+                     const scalar_t* __restrict__ Zt, int64_t ldz, scalar_t* __restrict__ Y, int64_t ldy) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
   // Fully unrolled loops over the tile, so that the accumulators stay in registers.
@@ -234,24 +265,27 @@ void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, in
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) acc[i][j] = Vec(0);
   }
-  for (int64_t k = 0; k < K; ++k) {
+  const auto step = [&](int64_t k, auto after_first) {
     Vec z[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) z[j] = Vec::loadu(Zt + k * ldz + j * VL);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const Vec a(A[i * lda + k]);
+      const Vec a = broadcast_acc<decltype(after_first)::value>(A + i * lda + k);
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(a, z[j], acc[i][j]);
     }
-  }
+  };
+  if (K > 0) step(0, std::false_type{});
+  for (int64_t k = 1; k < K; ++k) step(k, std::true_type{});
+  scalar_t lanes[MR * NV * VL];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) store_acc<TileLane<Y_t>>(acc[i][j], lanes + i * NV * VL + j * VL);
+    for (int j = 0; j < NV; ++j) acc[i][j].store(lanes + i * NV * VL + j * VL);
   }
   for (int i = 0; i < MR; ++i) {
-    for (int64_t n = 0; n < cols; ++n) Y[n * ldy + i] = static_cast<Y_t>(lanes[i * NV * VL + n]);
+    for (int64_t n = 0; n < cols; ++n) Y[n * ldy + i] = lanes[i * NV * VL + n];
   }
 }
 
@@ -261,49 +295,71 @@ void transposed_tile(int64_t K, int64_t cols, const scalar_t* __restrict__ A, in
 // for d < D (Zd [D, K] not transposed: the parts that do not fill a vector, as dot products).
 // For a small N (the parts) against a long streamed A (the feature rows): each row of A is read once
 // from memory, Zt stays in L1, and a column block of up to 3 vectors of Zt lives in registers.
-// Zt and Zd are in the accumulation dtype; 16-bit rows of A are widened a tile at a time into a_rows
-// (before the tile broadcasts their elements; the dot products read the same widened tile), Y is
-// rounded on store.
+// The tiles of a chunk of kChunk rows of A are stored transposed into a float32 (accumulation
+// dtype) buffer, which is then copied to Y's N + D rows as runs of kChunk contiguous elements,
+// rounded a vector at a time when Y is 16-bit: storing each tile transposed straight into Y writes
+// a few elements into each of N + D rows ldy apart, and at ldy = 2048 floats (a multiple of 4 KiB)
+// those lines all fall into one L1 set and evict one another before they are complete.
+// Zt and Zd are in the accumulation dtype; bfloat16 rows of A are read in place (broadcast_acc, and
+// widened in registers by the dot products), float16 rows are widened a tile at a time into a_rows
+// (before the tile broadcasts their elements; the dot products read the same widened tile).
 template <typename A_t, typename Y_t>
 void gemm_transposed(int64_t M, int64_t N, int64_t K, const A_t* A, int64_t lda,
                      const acc_t<Y_t>* Zt, int64_t ldz, int64_t D, const acc_t<Y_t>* Zd, Y_t* Y,
                      int64_t ldy, std::vector<acc_t<A_t>>& a_rows) {
   using scalar_t = acc_t<Y_t>;
-  constexpr int64_t VL = at::vec::Vectorized<scalar_t>::size();
-  constexpr int kVectors = 3, kMaxRows = 8;
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t VL = Vec::size();
+  constexpr int kVectors = 3;
   constexpr int64_t kLine = 64 / sizeof(A_t);
-  TileLane<Y_t> lanes[kMaxRows * kVectors * VL];  // one tile, before it is stored transposed
-  for (int64_t n0 = 0; n0 < N; n0 += kVectors * VL) {
-    const int64_t cols = std::min<int64_t>(kVectors * VL, N - n0);
-    with_count<kVectors>((cols + VL - 1) / VL, [&](auto vectors) {
-      // As many rows as 16 vector registers hold: MR * NV accumulators, NV loads, one broadcast.
-      constexpr int NV = decltype(vectors)::value, kRows = NV == 1 ? 8 : NV == 2 ? 6 : 4;
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const int64_t ahead = std::min<int64_t>(m0 + 2 * kRows, M);  // rows two tiles ahead: from memory
-        for (int64_t m = std::min<int64_t>(m0 + kRows, ahead); m < ahead; ++m) {
-          for (int64_t k = 0; k < K; k += kLine) __builtin_prefetch(A + m * lda + k);
-        }
-        const int64_t block = std::min<int64_t>(kRows, M - m0);
-        int64_t a_ld = lda;
-        const scalar_t* a = block_in_acc(A + m0 * lda, block, K, a_ld, a_rows);
-        if (n0 == 0) {  // the D dot-product rows first (after the tile, float32 runs slower)
-          for (int64_t d0 = 0; d0 < D; d0 += kDotRows) {
-            for (int64_t r = 0; r < block; r += kDotCols) {
-              with_count<kDotRows>(std::min<int64_t>(kDotRows, D - d0), [&](auto d_rows) {
-                with_count<kDotCols>(std::min<int64_t>(kDotCols, block - r), [&](auto a_cols) {
-                  dot_tile<Y_t, decltype(d_rows)::value, decltype(a_cols)::value>(
-                      K, Zd + d0 * K, K, a + r * a_ld, a_ld, Y + (N + d0) * ldy + m0 + r, ldy);
+  std::vector<scalar_t> chunk((N + D) * kChunk);  // Y[:, c0 : c0 + kChunk], in the accumulation dtype
+  for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
+    const int64_t rows = std::min(kChunk, M - c0);
+    for (int64_t n0 = 0; n0 < N; n0 += kVectors * VL) {
+      const int64_t cols = std::min<int64_t>(kVectors * VL, N - n0);
+      with_count<kVectors>((cols + VL - 1) / VL, [&](auto vectors) {
+        // As many rows as 16 vector registers hold: MR * NV accumulators, NV loads, one broadcast.
+        constexpr int NV = decltype(vectors)::value, kRows = NV == 1 ? 8 : NV == 2 ? 6 : 4;
+        static_assert(kChunk % kRows == 0, "a chunk holds whole tiles");
+        for (int64_t m0 = c0; m0 < c0 + rows; m0 += kRows) {
+          const int64_t ahead = std::min<int64_t>(m0 + 2 * kRows, M);  // rows two tiles ahead: from memory
+          for (int64_t m = std::min<int64_t>(m0 + kRows, ahead); m < ahead; ++m) {
+            for (int64_t k = 0; k < K; k += kLine) __builtin_prefetch(A + m * lda + k);
+          }
+          const int64_t block = std::min<int64_t>(kRows, c0 + rows - m0);
+          int64_t a_ld = lda;
+          const BroadcastSource<A_t>* a;
+          if constexpr (std::is_same_v<BroadcastSource<A_t>, A_t>) {
+            a = A + m0 * lda;
+          } else {
+            a = block_in_acc(A + m0 * lda, block, K, a_ld, a_rows);
+          }
+          scalar_t* y = chunk.data() + (m0 - c0);
+          if (n0 == 0) {  // the D dot-product rows first (after the tile, float32 runs slower)
+            for (int64_t d0 = 0; d0 < D; d0 += kDotRows) {
+              for (int64_t r = 0; r < block; r += kDotCols) {
+                with_count<kDotRows>(std::min<int64_t>(kDotRows, D - d0), [&](auto d_rows) {
+                  with_count<kDotCols>(std::min<int64_t>(kDotCols, block - r), [&](auto a_cols) {
+                    dot_tile<scalar_t, decltype(d_rows)::value, decltype(a_cols)::value, BroadcastSource<A_t>>(
+                        K, Zd + d0 * K, K, a + r * a_ld, a_ld, y + (N + d0) * kChunk + r, kChunk);
+                  });
                 });
-              });
+              }
             }
           }
+          with_count<kRows>(block, [&](auto tile_rows) {
+            transposed_tile<decltype(tile_rows)::value, NV>(K, cols, a, a_ld, Zt + n0, ldz,
+                                                            y + n0 * kChunk, kChunk);
+          });
         }
-        with_count<kRows>(block, [&](auto rows) {
-          transposed_tile<Y_t, decltype(rows)::value, NV>(
-              K, cols, a, a_ld, Zt + n0, ldz, Y + n0 * ldy + m0, ldy, lanes);
-        });
+      });
+    }
+    for (int64_t n = 0; n < N + D; ++n) {
+      for (int64_t m = 0; m < rows; m += VL) {
+        const int64_t width = std::min(VL, rows - m);
+        store_acc(Vec::loadu(chunk.data() + n * kChunk + m, width), Y + n * ldy + c0 + m, width);
       }
-    });
+    }
   }
 }
 
