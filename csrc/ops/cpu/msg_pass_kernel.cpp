@@ -102,6 +102,24 @@ inline void prefetch_messages(const scalar_t* x, const int64_t* col, const scala
 // inline) for small calls, else one.
 int64_t grain_for(int64_t work, int64_t items) { return work < kParallelWork ? std::max<int64_t>(items, 1) : 1; }
 
+// Calls fn(std::bool_constant<flags>...) with each runtime flag as a compile-time constant, so
+// that fn can pass them on as template arguments: one instance of fn's body per combination.
+template <typename Fn>
+inline void with_flags(const Fn& fn) {
+  fn();
+}
+template <typename Fn, typename... Flags>
+inline void with_flags(const Fn& fn, bool first, Flags... rest) {
+  const auto bind_first = [&](auto first_flag) {
+    with_flags([&](auto... rest_flags) { fn(first_flag, rest_flags...); }, rest...);
+  };
+  if (first) {
+    bind_first(std::true_type{});
+  } else {
+    bind_first(std::false_type{});
+  }
+}
+
 // Node boundaries 0 = b_0 < b_1 < ... < b_k = N, each chunk holding about kChunkWork of
 // (in-degree + 1) summed over its nodes.
 std::vector<int64_t> balanced_chunks(const int64_t* rowptr, int64_t num_nodes) {
@@ -447,22 +465,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
     at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         if (aggr == MsgPassAggr::kPowerMean || aggr == MsgPassAggr::kMean) {
-          const auto run = [&](auto edge_flag, auto power_flag) {
-            power_mean_forward_nodes<scalar_t, decltype(edge_flag)::value, decltype(power_flag)::value>(
+          with_flags([&](auto edge_flag, auto power_flag) {
+            power_mean_forward_nodes<scalar_t, edge_flag, power_flag>(
                 xp, rp, cp, tp, ep, pp, e, lo, hi, C, chunks[k], chunks[k + 1], op, mp, sp);
-          };
-          const bool power = aggr == MsgPassAggr::kPowerMean;
-          using Yes = std::true_type;
-          using No = std::false_type;
-          if (with_edges) {
-            power ? run(Yes{}, Yes{}) : run(Yes{}, No{});
-          } else {
-            power ? run(No{}, Yes{}) : run(No{}, No{});
-          }
-        } else if (with_edges) {
-          forward_nodes<scalar_t, true>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
+          }, with_edges, aggr == MsgPassAggr::kPowerMean);
         } else {
-          forward_nodes<scalar_t, false>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
+          with_flags([&](auto edge_flag) {
+            forward_nodes<scalar_t, edge_flag>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
+          }, with_edges);
         }
       }
     });
@@ -528,30 +538,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
       const scalar_t* gop = grad_out.data_ptr<scalar_t>();
       const acc* mp = row_max.data_ptr<acc>();
       at::parallel_for(0, N, std::max<int64_t>(1024, grain_for(work, N)), [&](int64_t begin, int64_t end) {
-        if (power) {
-          pack_power_mean_factors<scalar_t, true>(gop, mp, row_sum.data_ptr<acc>(), tp, lo, hi, C, begin, end, fp);
-        } else {
-          pack_power_mean_factors<scalar_t, false>(gop, mp, row_sum.data_ptr<acc>(), tp, lo, hi, C, begin, end, fp);
-        }
+        with_flags([&](auto power_flag) {
+          pack_power_mean_factors<scalar_t, power_flag>(gop, mp, row_sum.data_ptr<acc>(), tp, lo, hi, C, begin, end, fp);
+        }, power);
       });
       at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
           acc* partial = compute_grad_t ? gtp + k * C : nullptr;
-          const auto run = [&](auto grad_t_flag, auto edge_flag, auto power_flag) {
-            power_mean_backward_nodes<scalar_t, decltype(grad_t_flag)::value, decltype(edge_flag)::value,
-                                      decltype(power_flag)::value>(
-                gop, xp, mp, fp, rp, cp, tp, ep, pp, e, lo, hi, C, chunks[k], chunks[k + 1], gxp, partial, gep);
-          };
-          using Yes = std::true_type;
-          using No = std::false_type;
-          // The mean has no parameter: its grad_t stays zero.
-          if (power && compute_grad_t) {
-            with_edges ? run(Yes{}, Yes{}, Yes{}) : run(Yes{}, No{}, Yes{});
-          } else if (power) {
-            with_edges ? run(No{}, Yes{}, Yes{}) : run(No{}, No{}, Yes{});
-          } else {
-            with_edges ? run(No{}, Yes{}, No{}) : run(No{}, No{}, No{});
-          }
+          // The mean has no parameter: its grad_t stays zero, and (grad_t, mean) builds no kernel.
+          with_flags([&](auto grad_t_flag, auto edge_flag, auto power_flag) {
+            if constexpr (grad_t_flag && !power_flag) {
+              TORCH_INTERNAL_ASSERT(false, "msg_pass_backward: the mean has no grad_t");
+            } else {
+              power_mean_backward_nodes<scalar_t, grad_t_flag, edge_flag, power_flag>(
+                  gop, xp, mp, fp, rp, cp, tp, ep, pp, e, lo, hi, C, chunks[k], chunks[k + 1], gxp, partial, gep);
+            }
+          }, power && compute_grad_t, with_edges, power);
         }
       });
       return;
@@ -564,17 +566,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
     at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         acc* partial = compute_grad_t ? gtp + k * C : nullptr;
-        const auto run = [&](auto grad_t_flag, auto edge_flag) {
-          backward_nodes<scalar_t, decltype(grad_t_flag)::value, decltype(edge_flag)::value>(
+        with_flags([&](auto grad_t_flag, auto edge_flag) {
+          backward_nodes<scalar_t, grad_t_flag, edge_flag>(
               xp, fp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], semi_grad, gxp, partial, gep);
-        };
-        using Yes = std::true_type;
-        using No = std::false_type;
-        if (compute_grad_t) {
-          with_edges ? run(Yes{}, Yes{}) : run(Yes{}, No{});
-        } else {
-          with_edges ? run(No{}, Yes{}) : run(No{}, No{});
-        }
+        }, compute_grad_t, with_edges);
       }
     });
   });
