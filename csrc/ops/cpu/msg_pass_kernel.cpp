@@ -49,7 +49,9 @@
 // backward q [N, C], grad_x and the grad_p partials (grad_edge_attr with edge features).
 // float16 / bfloat16 x: x, edge_attr, out, grad_out, grad_x and grad_edge_attr are 16-bit in
 // memory, widened on load, and every sum above runs in float32 (ops/cpu/reduced_precision.h); t,
-// row_max, row_sum, the packed factors and grad_t are float32, as for float32 x.
+// row_max, row_sum, the packed factors and grad_t are float32, as for float32 x.  Their softmax
+// weights take an inline exp of relative error under 4e-7 instead of Sleef's out-of-line one
+// (softmax_exp below).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -148,6 +150,21 @@ inline AccVec<scalar_t> edge_message(const scalar_t* x_row, const scalar_t* edge
   return at::vec::maximum(in, AccVec<scalar_t>(0)) + eps;
 }
 
+// exp of a softmax exponent t (m - M) <= 0.  float32 / float64 x: at::vec's exp (Sleef, within
+// 1 ulp, an out-of-line call around which the loop's live vectors are spilled to the stack).
+// float16 / bfloat16 x, whose results are rounded to 8 or 11 significant bits: at::vec's inline
+// exp_u20, relative error under 4e-7 for exponents down to -86 and 0 below ln(FLT_MIN) (values
+// under 1.2e-38, beside the largest weight exp(0) = 1 in every sum), with NaN passed through
+// (exp_u20 alone turns NaN into a finite value).
+template <typename scalar_t>
+inline AccVec<scalar_t> softmax_exp(const AccVec<scalar_t>& z) {
+  if constexpr (is_reduced_precision<scalar_t>) {
+    return AccVec<scalar_t>::blendv(z.exp_u20(), z, z != z);
+  } else {
+    return z.exp();
+  }
+}
+
 template <typename scalar_t, bool kEdge>
 void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
                    const acc_t<scalar_t>* t, const scalar_t* edge_attr, const int64_t* perm,
@@ -188,7 +205,7 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
         const Vec m = edge_message<kEdge>(x + col[e] * C + c, kEdge ? edge_attr + perm[e] * C + c : nullptr,
                                           n, eps_v);
         const Vec d = m - M;
-        const Vec w = (t_c * d).exp();
+        const Vec w = softmax_exp<scalar_t>(t_c * d);
         Z = Z + w;
         A = at::vec::fmadd(w, d, A);
       }
@@ -256,14 +273,14 @@ void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int
         if constexpr (kEdge) {
           const Vec in = x_u + load_acc(edge_attr + perm_t[e] * C + c, n);
           const Vec m_e = at::vec::maximum(in, zero) + eps_v;
-          const Vec w = (t_c * (m_e - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
+          const Vec w = softmax_exp<scalar_t>(t_c * (m_e - Vec::loadu(f, n))) * Vec::loadu(f + C, n);
           const Vec d = m_e - Vec::loadu(f + 2 * C, n);
           const Vec g = Vec::blendv(zero, at::vec::fmadd(w * weight_t, d, w), in > zero);
           store_acc<scalar_t>(g, grad_edge_attr + perm_t[e] * C + c, n);
           GM = GM + g;
           if constexpr (kGradT) GT = at::vec::fmadd(w * d, m_e, GT);
         } else {
-          const Vec w = (t_c * (m - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
+          const Vec w = softmax_exp<scalar_t>(t_c * (m - Vec::loadu(f, n))) * Vec::loadu(f + C, n);
           const Vec d = m - Vec::loadu(f + 2 * C, n);
           GM = at::vec::fmadd(w * weight_t, d, GM + w);
           if constexpr (kGradT) GT = at::vec::fmadd(w, d, GT);
