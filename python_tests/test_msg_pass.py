@@ -7,7 +7,7 @@ from keypointops import reference
 from keypointops.graphs import Graph
 from keypointops._opdefs.backend import triton_available
 
-from helpers import check_autocast_policy, device_backend_params, gradient_errors, tolerances
+from helpers import best_cpu_times, check_autocast_policy, device_backend_params, gradient_errors, tolerances
 
 EMPTY_NODES = 3  # nodes 0..2 get no incoming edge
 
@@ -323,6 +323,71 @@ def test_reduced_precision(device, backend, dtype):
     assert out.shape == (37, 0) and out.dtype == dtype
     assert torch.autograd.grad(out.sum(), no_channels)[0].shape == (37, 0)
 
+
+
+@pytest.mark.skipif(not keypointops.has_ops(), reason="needs the CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_edges", [False, True], ids=["nodes", "edges"])
+def test_reduced_precision_softmax_rounds_the_float32_result(dtype, with_edges):
+    """The 16-bit softmax kernels (their weights from an inline exp of relative error under 4e-7)
+    give the float32 kernels' results on the same values rounded to x's dtype, up to one unit in the
+    last place where a float32 result lies next to a rounding boundary: forward, and backward from the
+    same grad_out and saved statistics (out as the 16-bit forward saved it)."""
+    gen = torch.Generator().manual_seed(31)
+    graph = random_graph(60, 400, hub_edges=40)
+    x = (torch.randn(60, 19, generator=gen) * 3).to(dtype)  # 19 channels: a full vector and a tail
+    t = torch.rand(19, generator=gen) * 8 - 2                # sharp, flat and negative temperatures
+    edge_attr = torch.randn(graph.num_edges, 19, generator=gen).to(dtype) if with_edges else None
+    grad_out = torch.randn(60, 19, generator=gen).to(dtype)
+    forward, backward = ops_of("cpu")
+    csr = (graph.rowptr, graph.col, graph.rowptr_t, graph.col_t)
+    edges = (graph.perm, graph.perm_t) if with_edges else (None, None)
+
+    def run(cast, saved=None):
+        e = None if edge_attr is None else edge_attr.to(cast)
+        out, row_max, row_sum = forward(x.to(cast), *csr, t, 1e-7, e, *edges)
+        saved_out, saved_max, saved_sum = saved or (out, row_max, row_sum)
+        grads = backward(grad_out.to(cast), x.to(cast), saved_out.to(cast), saved_max, saved_sum,
+                         graph.rowptr_t, graph.col_t, t, 1e-7, True, e, edges[1])
+        return out, row_max, row_sum, grads
+
+    got = run(dtype)
+    want = run(torch.float32, saved=got[:3])
+    ulp = torch.finfo(dtype).eps
+    pairs = [(got[0], want[0]), (got[3][0], want[3][0])] + ([(got[3][2], want[3][2])] if with_edges else [])
+    for g, w in pairs:
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w.to(dtype).float(), rtol=ulp, atol=1e-5)
+    for g, w in [(got[1], want[1]), (got[2], want[2]), (got[3][1], want[3][1])]:  # float32 statistics, grad_t
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
+@pytest.mark.skipif(not keypointops.has_ops() or keypointops.cpu_capability() == "default",
+                    reason="needs the CPU kernels' AVX2 or AVX512 build (16-bit loads and stores vectorised)")
+def test_cpu_bfloat16_forward_is_not_slower_than_float32():
+    """KMPNet's graph (32 clips x 8 frames x 17 joints, 17,344 edges, 64 channels): the softmax
+    forward takes no more CPU time in bfloat16 than in float32, up to a margin for timing noise (one
+    thread, CPU time, the best of 9 interleaved rounds).  Its time is mostly the weights' exp: with
+    Sleef's out-of-line exp, as float32 takes, the 16-bit forward takes about 1.1 times the float32
+    time (best of 9), with the inline exp about 0.89 times; the margin of 1.2 (as for
+    keypoint_gather) absorbs the noise of a shared 2-core VM, so the test catches larger
+    regressions, not one of 10 %."""
+    gen = torch.Generator().manual_seed(0)
+    graph = Graph.spatial_temporal("coco17", frames=8, batch=32)
+    x32 = torch.randn(graph.num_nodes, 64, generator=gen)
+    t = torch.ones(1)
+
+    def forward(dtype):
+        x = x32.to(dtype)
+
+        def run():
+            with torch.no_grad():
+                for _ in range(5):
+                    keypointops.msg_pass(x, graph, t, 1e-7, backend="cpu")
+        return run
+
+    (float32_time, bfloat16_time), rounds = best_cpu_times([forward(torch.float32), forward(torch.bfloat16)])
+    assert bfloat16_time < 1.2 * float32_time, rounds
 
 @pytest.mark.parametrize("device,backend", gpu_kernel_params())
 def test_out_of_range_indices_are_skipped(device, backend):

@@ -49,7 +49,9 @@
 // backward q [N, C], grad_x and the grad_p partials (grad_edge_attr with edge features).
 // float16 / bfloat16 x: x, edge_attr, out, grad_out, grad_x and grad_edge_attr are 16-bit in
 // memory, widened on load, and every sum above runs in float32 (ops/cpu/reduced_precision.h); t,
-// row_max, row_sum, the packed factors and grad_t are float32, as for float32 x.
+// row_max, row_sum, the packed factors and grad_t are float32, as for float32 x.  Their softmax
+// weights take an inline exp of relative error under 4e-7 instead of Sleef's out-of-line one
+// (softmax_exp below).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -102,6 +104,24 @@ inline void prefetch_messages(const scalar_t* x, const int64_t* col, const scala
 // inline) for small calls, else one.
 int64_t grain_for(int64_t work, int64_t items) { return work < kParallelWork ? std::max<int64_t>(items, 1) : 1; }
 
+// Calls fn(std::bool_constant<flags>...) with each runtime flag as a compile-time constant, so
+// that fn can pass them on as template arguments: one instance of fn's body per combination.
+template <typename Fn>
+inline void with_flags(const Fn& fn) {
+  fn();
+}
+template <typename Fn, typename... Flags>
+inline void with_flags(const Fn& fn, bool first, Flags... rest) {
+  const auto bind_first = [&](auto first_flag) {
+    with_flags([&](auto... rest_flags) { fn(first_flag, rest_flags...); }, rest...);
+  };
+  if (first) {
+    bind_first(std::true_type{});
+  } else {
+    bind_first(std::false_type{});
+  }
+}
+
 // Node boundaries 0 = b_0 < b_1 < ... < b_k = N, each chunk holding about kChunkWork of
 // (in-degree + 1) summed over its nodes.
 std::vector<int64_t> balanced_chunks(const int64_t* rowptr, int64_t num_nodes) {
@@ -128,6 +148,21 @@ inline AccVec<scalar_t> edge_message(const scalar_t* x_row, const scalar_t* edge
   AccVec<scalar_t> in = load_acc(x_row, n);
   if constexpr (kEdge) in = in + load_acc(edge_row, n);
   return at::vec::maximum(in, AccVec<scalar_t>(0)) + eps;
+}
+
+// exp of a softmax exponent t (m - M) <= 0.  float32 / float64 x: at::vec's exp (Sleef, within
+// 1 ulp, an out-of-line call around which the loop's live vectors are spilled to the stack).
+// float16 / bfloat16 x, whose results are rounded to 8 or 11 significant bits: at::vec's inline
+// exp_u20, relative error under 4e-7 for exponents down to -86 and 0 below ln(FLT_MIN) (values
+// under 1.2e-38, beside the largest weight exp(0) = 1 in every sum), with NaN passed through
+// (exp_u20 alone turns NaN into a finite value).
+template <typename scalar_t>
+inline AccVec<scalar_t> softmax_exp(const AccVec<scalar_t>& z) {
+  if constexpr (is_reduced_precision<scalar_t>) {
+    return AccVec<scalar_t>::blendv(z.exp_u20(), z, z != z);
+  } else {
+    return z.exp();
+  }
 }
 
 template <typename scalar_t, bool kEdge>
@@ -170,7 +205,7 @@ void forward_nodes(const scalar_t* x, const int64_t* rowptr, const int64_t* col,
         const Vec m = edge_message<kEdge>(x + col[e] * C + c, kEdge ? edge_attr + perm[e] * C + c : nullptr,
                                           n, eps_v);
         const Vec d = m - M;
-        const Vec w = (t_c * d).exp();
+        const Vec w = softmax_exp<scalar_t>(t_c * d);
         Z = Z + w;
         A = at::vec::fmadd(w, d, A);
       }
@@ -238,14 +273,14 @@ void backward_nodes(const scalar_t* x, const acc_t<scalar_t>* factors, const int
         if constexpr (kEdge) {
           const Vec in = x_u + load_acc(edge_attr + perm_t[e] * C + c, n);
           const Vec m_e = at::vec::maximum(in, zero) + eps_v;
-          const Vec w = (t_c * (m_e - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
+          const Vec w = softmax_exp<scalar_t>(t_c * (m_e - Vec::loadu(f, n))) * Vec::loadu(f + C, n);
           const Vec d = m_e - Vec::loadu(f + 2 * C, n);
           const Vec g = Vec::blendv(zero, at::vec::fmadd(w * weight_t, d, w), in > zero);
           store_acc<scalar_t>(g, grad_edge_attr + perm_t[e] * C + c, n);
           GM = GM + g;
           if constexpr (kGradT) GT = at::vec::fmadd(w * d, m_e, GT);
         } else {
-          const Vec w = (t_c * (m - Vec::loadu(f, n))).exp() * Vec::loadu(f + C, n);
+          const Vec w = softmax_exp<scalar_t>(t_c * (m - Vec::loadu(f, n))) * Vec::loadu(f + C, n);
           const Vec d = m - Vec::loadu(f + 2 * C, n);
           GM = at::vec::fmadd(w * weight_t, d, GM + w);
           if constexpr (kGradT) GT = at::vec::fmadd(w, d, GT);
@@ -447,22 +482,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cpu(
     at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         if (aggr == MsgPassAggr::kPowerMean || aggr == MsgPassAggr::kMean) {
-          const auto run = [&](auto edge_flag, auto power_flag) {
-            power_mean_forward_nodes<scalar_t, decltype(edge_flag)::value, decltype(power_flag)::value>(
+          with_flags([&](auto edge_flag, auto power_flag) {
+            power_mean_forward_nodes<scalar_t, edge_flag, power_flag>(
                 xp, rp, cp, tp, ep, pp, e, lo, hi, C, chunks[k], chunks[k + 1], op, mp, sp);
-          };
-          const bool power = aggr == MsgPassAggr::kPowerMean;
-          using Yes = std::true_type;
-          using No = std::false_type;
-          if (with_edges) {
-            power ? run(Yes{}, Yes{}) : run(Yes{}, No{});
-          } else {
-            power ? run(No{}, Yes{}) : run(No{}, No{});
-          }
-        } else if (with_edges) {
-          forward_nodes<scalar_t, true>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
+          }, with_edges, aggr == MsgPassAggr::kPowerMean);
         } else {
-          forward_nodes<scalar_t, false>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
+          with_flags([&](auto edge_flag) {
+            forward_nodes<scalar_t, edge_flag>(xp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], op, mp, sp);
+          }, with_edges);
         }
       }
     });
@@ -528,30 +555,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
       const scalar_t* gop = grad_out.data_ptr<scalar_t>();
       const acc* mp = row_max.data_ptr<acc>();
       at::parallel_for(0, N, std::max<int64_t>(1024, grain_for(work, N)), [&](int64_t begin, int64_t end) {
-        if (power) {
-          pack_power_mean_factors<scalar_t, true>(gop, mp, row_sum.data_ptr<acc>(), tp, lo, hi, C, begin, end, fp);
-        } else {
-          pack_power_mean_factors<scalar_t, false>(gop, mp, row_sum.data_ptr<acc>(), tp, lo, hi, C, begin, end, fp);
-        }
+        with_flags([&](auto power_flag) {
+          pack_power_mean_factors<scalar_t, power_flag>(gop, mp, row_sum.data_ptr<acc>(), tp, lo, hi, C, begin, end, fp);
+        }, power);
       });
       at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
           acc* partial = compute_grad_t ? gtp + k * C : nullptr;
-          const auto run = [&](auto grad_t_flag, auto edge_flag, auto power_flag) {
-            power_mean_backward_nodes<scalar_t, decltype(grad_t_flag)::value, decltype(edge_flag)::value,
-                                      decltype(power_flag)::value>(
-                gop, xp, mp, fp, rp, cp, tp, ep, pp, e, lo, hi, C, chunks[k], chunks[k + 1], gxp, partial, gep);
-          };
-          using Yes = std::true_type;
-          using No = std::false_type;
-          // The mean has no parameter: its grad_t stays zero.
-          if (power && compute_grad_t) {
-            with_edges ? run(Yes{}, Yes{}, Yes{}) : run(Yes{}, No{}, Yes{});
-          } else if (power) {
-            with_edges ? run(No{}, Yes{}, Yes{}) : run(No{}, No{}, Yes{});
-          } else {
-            with_edges ? run(No{}, Yes{}, No{}) : run(No{}, No{}, No{});
-          }
+          // The mean has no parameter: its grad_t stays zero, and (grad_t, mean) builds no kernel.
+          with_flags([&](auto grad_t_flag, auto edge_flag, auto power_flag) {
+            if constexpr (grad_t_flag && !power_flag) {
+              TORCH_INTERNAL_ASSERT(false, "msg_pass_backward: the mean has no grad_t");
+            } else {
+              power_mean_backward_nodes<scalar_t, grad_t_flag, edge_flag, power_flag>(
+                  gop, xp, mp, fp, rp, cp, tp, ep, pp, e, lo, hi, C, chunks[k], chunks[k + 1], gxp, partial, gep);
+            }
+          }, power && compute_grad_t, with_edges, power);
         }
       });
       return;
@@ -564,17 +583,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cpu(
     at::parallel_for(0, num_chunks, grain_for(work, num_chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         acc* partial = compute_grad_t ? gtp + k * C : nullptr;
-        const auto run = [&](auto grad_t_flag, auto edge_flag) {
-          backward_nodes<scalar_t, decltype(grad_t_flag)::value, decltype(edge_flag)::value>(
+        with_flags([&](auto grad_t_flag, auto edge_flag) {
+          backward_nodes<scalar_t, grad_t_flag, edge_flag>(
               xp, fp, rp, cp, tp, ep, pp, e, C, chunks[k], chunks[k + 1], semi_grad, gxp, partial, gep);
-        };
-        using Yes = std::true_type;
-        using No = std::false_type;
-        if (compute_grad_t) {
-          with_edges ? run(Yes{}, Yes{}) : run(Yes{}, No{});
-        } else {
-          with_edges ? run(No{}, Yes{}) : run(No{}, No{});
-        }
+        }, compute_grad_t, with_edges);
       }
     });
   });
