@@ -169,7 +169,8 @@ struct ImageTaps {
       std::fill(node.begin() + begin[k], node.begin() + begin[k + 1], k);
     }
     std::iota(order.begin(), order.end(), int64_t{0});
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return offset[a] < offset[b]; });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return offset[a] < offset[b]; });
     pixel_offset.clear();
     pixel_begin.clear();
     pixel_node.resize(taps);
@@ -424,7 +425,8 @@ void scatter_channels_last_by_pixel(const scalar_t* grad_out, const ImageTaps<ac
       const int64_t n = std::min(VL, c1 - c);
       Vec sum(0);
       for (int64_t j = taps.pixel_begin[i]; j < taps.pixel_begin[i + 1]; ++j) {
-        sum = at::vec::fmadd(Vec(taps.pixel_weight[j]), load_acc(grad_out + taps.pixel_node[j] * C + c, n), sum);
+        sum = at::vec::fmadd(Vec(taps.pixel_weight[j]),
+                             load_acc(grad_out + taps.pixel_node[j] * C + c, n), sum);
       }
       store_acc(sum, pixel + c, n);
     }
