@@ -46,7 +46,10 @@
 // without: prefetches there add instructions and cost time.)  The
 // backward then walks the taps pixel by pixel (each distinct pixel's taps in node order: the same
 // sum as above), forms a pixel's gradient in float32 and stores it once, instead of adding into a
-// 16-bit gradient node by node.
+// 16-bit gradient node by node.  In NCHW it does so for a vector of channels at a time: the
+// grad_out values of a tap's node are then contiguous (one widening load per tap, not one
+// scattered 16-bit load per tap and channel), one rounding covers the vector, and each lane is
+// stored to its channel's plane.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -95,9 +98,10 @@ struct ImageTaps {
   std::vector<int64_t> line_offsets;  // NCHW plane-major: every distinct cache line the taps touch
   std::vector<T> row_weight, col_weight;
   // Pixel-major view (16-bit backward): the distinct pixels the taps touch; pixel i's taps are
-  // pixel_taps[pixel_begin[i] : pixel_begin[i + 1]], in node order; tap t belongs to node
-  // tap_keypoint[t].
-  std::vector<int64_t> pixel_offset, pixel_begin, pixel_taps, tap_keypoint;
+  // j in [pixel_begin[i], pixel_begin[i + 1]), in node order, tap j of node pixel_node[j] with
+  // weight pixel_weight[j].
+  std::vector<int64_t> pixel_offset, pixel_begin, pixel_node;
+  std::vector<T> pixel_weight;
 
   // sizes: [B, keypoints, 2] box sides (x, y) per keypoint, or null (p.half_size for all).
   void compute(const GatherParams& p, const T* keypoints, int64_t point_dims, const bool* valid,
@@ -160,21 +164,25 @@ struct ImageTaps {
   // Fills the pixel-major view from the taps.
   void collect_pixels() {
     const auto taps = static_cast<int64_t>(offset.size());
-    tap_keypoint.resize(taps);
+    std::vector<int64_t> node(taps), order(taps);
     for (int64_t k = 0; k + 1 < static_cast<int64_t>(begin.size()); ++k) {
-      std::fill(tap_keypoint.begin() + begin[k], tap_keypoint.begin() + begin[k + 1], k);
+      std::fill(node.begin() + begin[k], node.begin() + begin[k + 1], k);
     }
-    pixel_taps.resize(taps);
-    std::iota(pixel_taps.begin(), pixel_taps.end(), int64_t{0});
-    std::stable_sort(pixel_taps.begin(), pixel_taps.end(),
+    std::iota(order.begin(), order.end(), int64_t{0});
+    std::stable_sort(order.begin(), order.end(),
                      [&](int64_t a, int64_t b) { return offset[a] < offset[b]; });
     pixel_offset.clear();
     pixel_begin.clear();
-    for (int64_t i = 0; i < taps; ++i) {
-      if (i == 0 || offset[pixel_taps[i]] != pixel_offset.back()) {
-        pixel_offset.push_back(offset[pixel_taps[i]]);
-        pixel_begin.push_back(i);
+    pixel_node.resize(taps);
+    pixel_weight.resize(taps);
+    for (int64_t j = 0; j < taps; ++j) {
+      const int64_t t = order[j];
+      if (j == 0 || offset[t] != pixel_offset.back()) {
+        pixel_offset.push_back(offset[t]);
+        pixel_begin.push_back(j);
       }
+      pixel_node[j] = node[t];
+      pixel_weight[j] = weight[t];
     }
     pixel_begin.push_back(taps);
   }
@@ -372,22 +380,33 @@ void scatter_channels_last(const scalar_t* grad_out, const ImageTaps<scalar_t>& 
 
 // 16-bit NCHW backward of channels [c0, c1) of one image (zeros on entry), pixel by pixel:
 // plane_c[pixel] = sum over the pixel's taps t (node order) of w_t * grad_out[k_t * C + c],
-// formed in the accumulation dtype and rounded once.
+// formed in the accumulation dtype and rounded once.  A vector of channels at a time: the taps'
+// grad_out values of those channels are contiguous (one load each), the sums are rounded together,
+// and each lane is stored to its channel's plane.
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 void scatter_nchw_by_pixel(const scalar_t* grad_out, const ImageTaps<acc_t<scalar_t>>& taps,
                            int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* image) {
-  const acc* w = taps.weight.data();
-  const int64_t* key = taps.tap_keypoint.data();
-  const int64_t* order = taps.pixel_taps.data();
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t VL = Vec::size();
   const int64_t pixels = static_cast<int64_t>(taps.pixel_offset.size());
-  for (int64_t c = c0; c < c1; ++c) {
-    scalar_t* plane = image + c * HW;
+  const int64_t* node = taps.pixel_node.data();
+  const acc* w = taps.pixel_weight.data();
+  for (int64_t c = c0; c < c1; c += VL) {
+    const int64_t n = std::min(VL, c1 - c);
+    scalar_t* planes = image + c * HW;
     for (int64_t i = 0; i < pixels; ++i) {
-      acc sum = 0;
+      Vec sum(0);
       for (int64_t j = taps.pixel_begin[i]; j < taps.pixel_begin[i + 1]; ++j) {
-        sum += w[order[j]] * static_cast<acc>(grad_out[key[order[j]] * C + c]);
+        sum = at::vec::fmadd(Vec(w[j]), load_acc(grad_out + node[j] * C + c, n), sum);
       }
-      plane[taps.pixel_offset[i]] = static_cast<scalar_t>(sum);
+      scalar_t lanes[VL];
+      store_acc(sum, lanes);
+      scalar_t* pixel = planes + taps.pixel_offset[i];
+      if (n == VL) {  // a constant count: the stores unroll
+        for (int64_t l = 0; l < VL; ++l) pixel[l * HW] = lanes[l];
+      } else {
+        for (int64_t l = 0; l < n; ++l) pixel[l * HW] = lanes[l];
+      }
     }
   }
 }
@@ -399,7 +418,6 @@ void scatter_channels_last_by_pixel(const scalar_t* grad_out, const ImageTaps<ac
                                     int64_t C, int64_t c0, int64_t c1, scalar_t* image) {
   using Vec = AccVec<scalar_t>;
   constexpr int64_t VL = Vec::size();
-  const int64_t* order = taps.pixel_taps.data();
   const int64_t pixels = static_cast<int64_t>(taps.pixel_offset.size());
   for (int64_t i = 0; i < pixels; ++i) {
     scalar_t* pixel = image + taps.pixel_offset[i] * C;
@@ -407,8 +425,8 @@ void scatter_channels_last_by_pixel(const scalar_t* grad_out, const ImageTaps<ac
       const int64_t n = std::min(VL, c1 - c);
       Vec sum(0);
       for (int64_t j = taps.pixel_begin[i]; j < taps.pixel_begin[i + 1]; ++j) {
-        const int64_t t = order[j];
-        sum = at::vec::fmadd(Vec(taps.weight[t]), load_acc(grad_out + taps.tap_keypoint[t] * C + c, n), sum);
+        sum = at::vec::fmadd(Vec(taps.pixel_weight[j]),
+                             load_acc(grad_out + taps.pixel_node[j] * C + c, n), sum);
       }
       store_acc(sum, pixel + c, n);
     }
