@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from helpers import without_run_plots  # noqa: F401 (the fixture)
 from keypointops import engine
 from keypointops.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from keypointops.models.presets import TrainSettings
@@ -238,14 +239,12 @@ def test_forward_backward_amp_and_channels_last(cache, amp):
     assert (grad - ref_grad).norm() <= rtol * ref_grad.norm()
 
 
-def test_train_with_amp_channels_last_and_compile(cache, tmp_path, monkeypatch):
+def test_train_with_amp_channels_last_and_compile(cache, tmp_path, without_run_plots):
     """The speed settings through `keypointops train` at a tiny size: one step each of fp16 with
     its gradient scaler, bf16 with channels_last, and torch.compile (the aot_eager backend: the
     graph capture of the model and its ops; inductor would spend minutes generating code here).
     The runs' plots are not drawn (test_cli.py's train run checks them)."""
-    from keypointops import cli, plots
-    for plot in ("plot_curves", "plot_cmc", "plot_ranking"):
-        monkeypatch.setattr(plots, plot, lambda *args, **kwargs: None)
+    from keypointops import cli
     for name, flags in (("fp16", ["--amp", "fp16"]), ("bf16-nhwc", ["--amp", "bf16", "--channels-last"]),
                         ("compiled", ["--compile", "aot_eager"])):
         out = tmp_path / name
