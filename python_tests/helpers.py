@@ -71,6 +71,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def without_run_plots(monkeypatch):
+    """``keypointops train`` and ``evaluate`` without their PNG plots (matplotlib's drawing of the
+    ranking grid takes longer than a tiny run), for tests of other things: test_cli.py's train and
+    evaluate runs check the plots."""
+    from keypointops import plots
+
+    for name in ("plot_curves", "plot_cmc", "plot_ranking"):
+        monkeypatch.setattr(plots, name, lambda *args, **kwargs: None)
+
+
 def upright_keypoints(height: int, width: int) -> torch.Tensor:
     """COCO-17 keypoints ``[17, 3]`` of a person standing upright, facing the camera, filling an
     ``H x W`` frame (the person's right side on the image's left)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import without_run_plots  # noqa: F401 (the fixture)
 from keypointops.cli import main
 from keypointops.data.synthetic import HARD
 
@@ -170,7 +171,7 @@ def test_init_from_a_checkpoint_of_an_unrelated_model(run, capsys, tmp_path):
                    "a 'pcb' model can only start from a 'pcb' checkpoint")
 
 
-def test_resume_does_not_read_the_init_from_checkpoint_again(run, tmp_path):
+def test_resume_does_not_read_the_init_from_checkpoint_again(run, tmp_path, without_run_plots):
     """Stage B resumes from its own checkpoint: the stage-A file it started from may be gone."""
     out, _ = run
     root = json.loads((out / "config.json").read_text())["root"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import upright_keypoints
+from helpers import upright_keypoints, without_run_plots  # noqa: F401 (the fixture)
 from keypointops.cli import main
 from keypointops.data.keypoint_files import COCO17_FLIP
 from keypointops.keypoint_estimation import decode_pose, keypoint_file
@@ -67,7 +67,7 @@ def test_decoder_rejects_other_layouts():
 TINY_DATA = ["--ids", "3", "--cameras", "2", "--frames", "3", "--size", "64", "32"]
 
 
-def test_keypoints_command_end_to_end(tmp_path, capsys):
+def test_keypoints_command_end_to_end(tmp_path, capsys, without_run_plots):
     """From frames without keypoints to a trained keypoint model with keypointops commands only
     (random OpenPose weights: the keypoints are noise, the plumbing is what is tested)."""
     root = tmp_path / "data"
