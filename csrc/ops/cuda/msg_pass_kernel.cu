@@ -175,9 +175,8 @@ __device__ __forceinline__ void gather_messages(
 // The forward's walk over destination node v (one lane group of 1 << lanes_log2 lanes per node): for
 // each of the lane's channel chunks c, begin(c), then update(j, m) with the message m of channel c + j
 // of each of v's in-edges in CSR order (positions to skip left out, the rows of kUnroll edges gathered
-// before any is used), then end(i = v * channels + c, count), count the messages taken.  The state of
-// the aggregation lives in the caller's lambdas; a caller that ignores count pays nothing for it (the
-// counter is dead code).
+// before any is used), then end(v, c, count), count the messages taken.  The aggregation's state lives
+// in the caller's lambdas; a caller that ignores count pays nothing for it (the counter is dead code).
 template <bool kEdge, int VEC, typename scalar_t, typename Begin, typename Update, typename End>
 __device__ __forceinline__ void for_each_message(
     const scalar_t* __restrict__ x, const int64_t* __restrict__ rowptr, const int64_t* __restrict__ col,
@@ -211,7 +210,7 @@ __device__ __forceinline__ void for_each_message(
         }
       }
     }
-    end(v * channels + c, count);
+    end(v, c, count);
   }
 }
 
@@ -280,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
         any_edge = true;
         online_softmax_step(t_c[j], m, M[j], Z[j], A[j]);
       },
-      [&](int64_t i, int64_t) {
+      [&](int64_t v, int64_t c, int64_t) {
         Pack<scalar_t, VEC> out_pack;
         Pack<acc_t, VEC> max_pack, sum_pack;
 #pragma unroll
@@ -289,6 +288,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
           max_pack.v[j] = any_edge ? M[j] : acc_t(0);
           sum_pack.v[j] = any_edge ? Z[j] : acc_t(1);
         }
+        const int64_t i = v * channels + c;
         store_pack(out + i, out_pack);
         store_pack(row_max + i, max_pack);
         store_pack(row_sum + i, sum_pack);
@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(kThreads) power_mean_forward_kernel(
         }
       },
       [&](int j, acc_t m) { S[j] += power ? pow_acc(clamp_acc(m, lo, hi), p_c[j]) : m; },
-      [&](int64_t i, int64_t count) {
+      [&](int64_t v, int64_t c, int64_t count) {
         const acc_t deg = static_cast<acc_t>(count);
         Pack<scalar_t, VEC> out_pack;
         Pack<acc_t, VEC> mean_pack, degree_pack;
@@ -416,6 +416,7 @@ __global__ void __launch_bounds__(kThreads) power_mean_forward_kernel(
           mean_pack.v[j] = y;
           degree_pack.v[j] = deg;
         }
+        const int64_t i = v * channels + c;
         store_pack(out + i, out_pack);
         store_pack(mean + i, mean_pack);
         store_pack(degree + i, degree_pack);
