@@ -172,6 +172,48 @@ __device__ __forceinline__ void gather_messages(
   }
 }
 
+// The forward's walk over destination node v (one lane group of 1 << lanes_log2 lanes per node): for
+// each of the lane's channel chunks c, begin(c), then update(j, m) with the message m of channel c + j
+// of each of v's in-edges in CSR order (positions to skip left out, the rows of kUnroll edges gathered
+// before any is used), then end(v, c, count), count the messages taken.  The aggregation's state lives
+// in the caller's lambdas; a caller that ignores count pays nothing for it (the counter is dead code).
+template <bool kEdge, int VEC, typename scalar_t, typename Begin, typename Update, typename End>
+__device__ __forceinline__ void for_each_message(
+    const scalar_t* __restrict__ x, const int64_t* __restrict__ rowptr, const int64_t* __restrict__ col,
+    const scalar_t* __restrict__ edge_attr, const int64_t* __restrict__ perm, at::opmath_type<scalar_t> eps,
+    int64_t num_nodes, int64_t num_edges, int64_t channels, int lanes_log2, Begin&& begin, Update&& update,
+    End&& end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t v = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
+  if (v >= num_nodes) return;
+  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
+  int64_t e_begin, e_end;
+  edge_range(rowptr, v, num_edges, e_begin, e_end);
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
+    begin(c);
+    int64_t count = 0;
+    constexpr int kUnroll = kEdge ? kForwardUnroll / 2 : kForwardUnroll;
+    for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
+      Pack<scalar_t, VEC> rows[kUnroll], edge_rows[kUnroll];
+      int64_t u[kUnroll];
+      gather_messages<kEdge>(x, col, edge_attr, perm, e0, e_end, num_nodes, num_edges, channels, c, rows,
+                             edge_rows, u);
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        if (u[k] < 0) continue;
+        ++count;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc_t in = static_cast<acc_t>(rows[k].v[j]);
+          if constexpr (kEdge) in += static_cast<acc_t>(edge_rows[k].v[j]);
+          update(j, message(in, eps));
+        }
+      }
+    }
+    end(v, c, count);
+  }
+}
+
 // Backward's prefetch: the targets v[k] (transposed CSR) and (kEdge) edge ids id[k] of positions
 // e0 .. e0 + kUnroll - 1, v[k] = -1 for a position to skip; for each target load_target(k, i) loads
 // the target's rows (i = v[k] * channels + c: what each aggregation saved), and with kEdge the edge
@@ -217,53 +259,40 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     int lanes_log2, scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ row_max,
     at::opmath_type<scalar_t>* __restrict__ row_sum) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t v = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
-  if (v >= num_nodes) return;
-  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
-  int64_t e_begin, e_end;
-  edge_range(rowptr, v, num_edges, e_begin, e_end);
-  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
-    acc_t t_c[VEC], M[VEC], Z[VEC], A[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      t_c[j] = t[c + j];
-      M[j] = acc_t(0);
-      Z[j] = acc_t(0);
-      A[j] = acc_t(0);
-    }
-    bool any_edge = false;
-    constexpr int kUnroll = kEdge ? kForwardUnroll / 2 : kForwardUnroll;
-    for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
-      Pack<scalar_t, VEC> rows[kUnroll], edge_rows[kUnroll];
-      int64_t u[kUnroll];
-      gather_messages<kEdge>(x, col, edge_attr, perm, e0, e_end, num_nodes, num_edges, channels, c, rows,
-                             edge_rows, u);
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        if (u[k] < 0) continue;
-        any_edge = true;
+  acc_t t_c[VEC], M[VEC], Z[VEC], A[VEC];
+  // Set by each message rather than read from count: the flag costs no instruction per message, the
+  // 64-bit count two.
+  bool any_edge;
+  for_each_message<kEdge, VEC>(
+      x, rowptr, col, edge_attr, perm, eps, num_nodes, num_edges, channels, lanes_log2,
+      [&](int64_t c) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          acc_t in = static_cast<acc_t>(rows[k].v[j]);
-          if constexpr (kEdge) in += static_cast<acc_t>(edge_rows[k].v[j]);
-          const acc_t m = message(in, eps);
-          online_softmax_step(t_c[j], m, M[j], Z[j], A[j]);
+          t_c[j] = t[c + j];
+          M[j] = acc_t(0);
+          Z[j] = acc_t(0);
+          A[j] = acc_t(0);
         }
-      }
-    }
-    Pack<scalar_t, VEC> out_pack;
-    Pack<acc_t, VEC> max_pack, sum_pack;
+        any_edge = false;
+      },
+      [&](int j, acc_t m) {
+        any_edge = true;
+        online_softmax_step(t_c[j], m, M[j], Z[j], A[j]);
+      },
+      [&](int64_t v, int64_t c, int64_t) {
+        Pack<scalar_t, VEC> out_pack;
+        Pack<acc_t, VEC> max_pack, sum_pack;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {  // no incoming edge: out 0, and M = 0, Z = 1 as the CPU kernel
-      out_pack.v[j] = static_cast<scalar_t>(any_edge ? M[j] + A[j] / Z[j] : acc_t(0));
-      max_pack.v[j] = any_edge ? M[j] : acc_t(0);
-      sum_pack.v[j] = any_edge ? Z[j] : acc_t(1);
-    }
-    const int64_t i = v * channels + c;
-    store_pack(out + i, out_pack);
-    store_pack(row_max + i, max_pack);
-    store_pack(row_sum + i, sum_pack);
-  }
+        for (int j = 0; j < VEC; ++j) {  // no incoming edge: out 0, and M = 0, Z = 1 as the CPU kernel
+          out_pack.v[j] = static_cast<scalar_t>(any_edge ? M[j] + A[j] / Z[j] : acc_t(0));
+          max_pack.v[j] = any_edge ? M[j] : acc_t(0);
+          sum_pack.v[j] = any_edge ? Z[j] : acc_t(1);
+        }
+        const int64_t i = v * channels + c;
+        store_pack(out + i, out_pack);
+        store_pack(row_max + i, max_pack);
+        store_pack(row_sum + i, sum_pack);
+      });
 }
 
 template <typename scalar_t, int VEC, bool kGradT, bool kEdge>
@@ -365,53 +394,33 @@ __global__ void __launch_bounds__(kThreads) power_mean_forward_kernel(
     int64_t num_nodes, int64_t num_edges, int64_t channels, int lanes_log2, scalar_t* __restrict__ out,
     at::opmath_type<scalar_t>* __restrict__ mean, at::opmath_type<scalar_t>* __restrict__ degree) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t v = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
-  if (v >= num_nodes) return;
-  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
-  int64_t e_begin, e_end;
-  edge_range(rowptr, v, num_edges, e_begin, e_end);
-  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
-    acc_t p_c[VEC], S[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      p_c[j] = p[c + j];
-      S[j] = acc_t(0);
-    }
-    int64_t count = 0;
-    constexpr int kUnroll = kEdge ? kForwardUnroll / 2 : kForwardUnroll;
-    for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
-      Pack<scalar_t, VEC> rows[kUnroll], edge_rows[kUnroll];
-      int64_t u[kUnroll];
-      gather_messages<kEdge>(x, col, edge_attr, perm, e0, e_end, num_nodes, num_edges, channels, c, rows,
-                             edge_rows, u);
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        if (u[k] < 0) continue;
-        ++count;
+  acc_t p_c[VEC], S[VEC];
+  for_each_message<kEdge, VEC>(
+      x, rowptr, col, edge_attr, perm, eps, num_nodes, num_edges, channels, lanes_log2,
+      [&](int64_t c) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          acc_t in = static_cast<acc_t>(rows[k].v[j]);
-          if constexpr (kEdge) in += static_cast<acc_t>(edge_rows[k].v[j]);
-          const acc_t m = message(in, eps);
-          S[j] += power ? pow_acc(clamp_acc(m, lo, hi), p_c[j]) : m;
+          p_c[j] = p[c + j];
+          S[j] = acc_t(0);
         }
-      }
-    }
-    const acc_t deg = static_cast<acc_t>(count);
-    Pack<scalar_t, VEC> out_pack;
-    Pack<acc_t, VEC> mean_pack, degree_pack;
+      },
+      [&](int j, acc_t m) { S[j] += power ? pow_acc(clamp_acc(m, lo, hi), p_c[j]) : m; },
+      [&](int64_t v, int64_t c, int64_t count) {
+        const acc_t deg = static_cast<acc_t>(count);
+        Pack<scalar_t, VEC> out_pack;
+        Pack<acc_t, VEC> mean_pack, degree_pack;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {  // no incoming edge: mean 0
-      const acc_t y = count > 0 ? S[j] / deg : acc_t(0);
-      out_pack.v[j] = static_cast<scalar_t>(power ? pow_acc(clamp_acc(y, lo, hi), acc_t(1) / p_c[j]) : y);
-      mean_pack.v[j] = y;
-      degree_pack.v[j] = deg;
-    }
-    const int64_t i = v * channels + c;
-    store_pack(out + i, out_pack);
-    store_pack(mean + i, mean_pack);
-    store_pack(degree + i, degree_pack);
-  }
+        for (int j = 0; j < VEC; ++j) {  // no incoming edge: mean 0
+          const acc_t y = count > 0 ? S[j] / deg : acc_t(0);
+          out_pack.v[j] = static_cast<scalar_t>(power ? pow_acc(clamp_acc(y, lo, hi), acc_t(1) / p_c[j]) : y);
+          mean_pack.v[j] = y;
+          degree_pack.v[j] = deg;
+        }
+        const int64_t i = v * channels + c;
+        store_pack(out + i, out_pack);
+        store_pack(mean + i, mean_pack);
+        store_pack(degree + i, degree_pack);
+      });
 }
 
 template <typename scalar_t, int VEC, bool kGradT, bool kEdge>
