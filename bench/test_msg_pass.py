@@ -18,7 +18,7 @@ pyg_aggr = pytest.importorskip("torch_geometric.nn.aggr")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = {
     "kmpnet": dict(batch=2 if SMALL else 32),
-    # SMALL: 12,000 nodes still take the CPU kernel's parallel, multi-chunk path (> 4M updates)
+    # SMALL: 12,000 nodes still take the CPU kernel's parallel path over several chunks (72,000 edges + nodes)
     "large": dict(nodes=12_000 if SMALL else 1_000_000),
 }
 IMPLS = ["keypointops", "triton", "reference", "pyg"]

@@ -72,10 +72,11 @@ namespace CPU_CAPABILITY {  // this build's capability (ops/cpu/cpu_capability.h
 namespace {
 
 constexpr int64_t kChunkWork = 1 << 14;
-// Below this many (edge + node) x channel updates a call runs on the calling thread: a parallel
-// region costs more than it saves there, and far more when the cores are shared (a descheduled
-// OpenMP worker stalls the whole region).
-constexpr int64_t kParallelWork = int64_t{1} << 22;
+// Below this many (edge + node) x channel updates (tens of microseconds of work) a call runs on the
+// calling thread: starting a parallel region costs more than it saves there.  Above it, a
+// KMPNet training batch's graph (32 clips x 8 frames x 17 joints, C = 64: 1.6M updates) gains
+// from the second core, also while the cores are shared with other work.
+constexpr int64_t kParallelWork = int64_t{1} << 16;
 constexpr int64_t kPrefetchNodes = 2;   // prefetch the rows gathered this many nodes ahead
 constexpr int64_t kPrefetchEdges = 16;  // ... for at most this many edges of that node
 constexpr int64_t kPrefetchBytes = 1024;  // ... and at most this many bytes of each row

@@ -295,9 +295,10 @@ void transposed_tile(int64_t K, int64_t cols, const A_t* __restrict__ A, int64_t
 // for d < D (Zd [D, K] not transposed: the parts that do not fill a vector, as dot products).
 // For a small N (the parts) against a long streamed A (the feature rows): each row of A is read once
 // from memory, Zt stays in L1, and a column block of up to 3 vectors of Zt lives in registers.
-// The tiles of a chunk of kChunk rows of A are stored transposed into a float32 (accumulation
-// dtype) buffer, which is then copied to Y's N + D rows as runs of kChunk contiguous elements,
-// rounded a vector at a time when Y is 16-bit: storing each tile transposed straight into Y writes
+// The tiles of a chunk of kChunk rows of A are stored transposed into `chunk`, a float32
+// (accumulation dtype) buffer of the calling thread reused from image to image, which is then
+// copied to Y's N + D rows as runs of kChunk contiguous elements, rounded a vector at a time when
+// Y is 16-bit: storing each tile transposed straight into Y writes
 // a few elements into each of N + D rows ldy apart, and at ldy = 2048 floats (a multiple of 4 KiB)
 // those lines all fall into one L1 set and evict one another before they are complete.
 // Zt and Zd are in the accumulation dtype; bfloat16 rows of A are read in place (broadcast_acc, and
@@ -306,13 +307,13 @@ void transposed_tile(int64_t K, int64_t cols, const A_t* __restrict__ A, int64_t
 template <typename A_t, typename Y_t>
 void gemm_transposed(int64_t M, int64_t N, int64_t K, const A_t* A, int64_t lda,
                      const acc_t<Y_t>* Zt, int64_t ldz, int64_t D, const acc_t<Y_t>* Zd, Y_t* Y,
-                     int64_t ldy, std::vector<acc_t<A_t>>& a_rows) {
+                     int64_t ldy, std::vector<acc_t<A_t>>& a_rows, std::vector<acc_t<Y_t>>& chunk) {
   using scalar_t = acc_t<Y_t>;
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t VL = Vec::size();
   constexpr int kVectors = 3;
   constexpr int64_t kLine = 64 / sizeof(A_t);
-  std::vector<scalar_t> chunk((N + D) * kChunk);  // Y[:, c0 : c0 + kChunk], in the accumulation dtype
+  chunk.resize((N + D) * kChunk);  // Y[:, c0 : c0 + kChunk], in the accumulation dtype
   for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
     const int64_t rows = std::min(kChunk, M - c0);
     for (int64_t n0 = 0; n0 < N; n0 += kVectors * VL) {
@@ -474,7 +475,7 @@ at::Tensor part_pool_cpu(const at::Tensor& features_in, const at::Tensor& heatma
     constexpr int64_t VL = AccVec<scalar_t>::size();
     const int64_t p_vectors = P / VL * VL;  // the parts that fill whole vectors
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc> probs(P * S), probs_t(f_s == 1 ? S * p_vectors : 0), hm_acc, f_rows;
+      std::vector<acc> probs(P * S), probs_t(f_s == 1 ? S * p_vectors : 0), hm_acc, f_rows, out_block;
       for (int64_t b = begin; b < end; ++b) {
         image_logits<acc>(in_acc(hp + b * J * S, J * S, hm_acc), identity, gp, P, J, S,
                           static_cast<acc>(temperature), probs.data());
@@ -490,7 +491,7 @@ at::Tensor part_pool_cpu(const at::Tensor& features_in, const at::Tensor& heatma
           if (p_vectors > 0) {
             gemm_transposed<scalar_t, scalar_t>(C, p_vectors, S, f, f_c, probs_t.data(), p_vectors,
                                                 P - p_vectors, probs.data() + p_vectors * S,
-                                                op + b * P * C, C, f_rows);
+                                                op + b * P * C, C, f_rows, out_block);
           } else {
             gemm_dot<scalar_t, scalar_t>(P, C, S, probs.data(), S, f, f_c, op + b * P * C, C, f_rows);
           }
