@@ -22,7 +22,8 @@
 // this traffic over the device's memory bandwidth (the gathers are the random-access part).
 // Edge features add E*C*sizeof(x) (the edge rows, gathered through perm) + E*8 (perm) read.
 // Backward: one group per kNodesPerGroup consecutive source nodes u walks their outgoing edges
-// u -> v (transposed CSR), gathering row_max, row_sum, grad_out and out of v:
+// u -> v (transposed CSR; for_each_target, shared with the power mean), gathering row_max,
+// row_sum, grad_out and out of v:
 //   w = exp(t (m_u - M_v)) grad_out_v / Z_v,  d = m_u - out_v (centred: no cancellation of two large
 //   terms at a sharp softmax),
 //   grad_m_u = sum_v (w + w t d),  grad_t += m_u sum_v w d,  grad_x_u = grad_m_u [x_u > 0]
@@ -51,13 +52,13 @@
 // Index contents are validated on the CPU only (Graph): here rowptr entries are clamped to [0, E]
 // and edges whose node index lies outside [0, N), or whose edge id lies outside [0, E), are skipped,
 // so bad indices never read out of range.
-// Occupancy: at most 168 registers per thread (167: the 16-byte bfloat16 power-mean backward with
-// grad_p and edge features on sm_90; up to 163 for the other edge-feature backward instances,
+// Occupancy: at most 168 registers per thread (165: the 16-byte bfloat16 backwards with grad_t
+// (grad_p) and edge features on sm_90; up to 157 for the other edge-feature backward instances,
 // 48-128 for most others), so 1 block of 256 threads per SM in the vectorised edge-feature
 // backward instances and 2 in the others.
-// Local memory: at most 32 bytes per thread, where ptxas spills (4-16 bytes) in the float64 softmax
-// backward with grad_t, the vectorised 16-bit backward with grad_t (grad_p) and edge features, and
-// the vectorised bfloat16 forward on sm_90 (bench/results/cuda-resources.md).
+// Local memory: at most 32 bytes per thread, where ptxas spills (4-16 bytes) in the scalar float64
+// softmax backward with grad_t, the vectorised 16-bit backwards with grad_t (grad_p) and edge
+// features, and the vectorised bfloat16 forward on sm_90 (bench/results/cuda-resources.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -234,6 +235,49 @@ __device__ __forceinline__ void gather_targets(
   }
 }
 
+// The backward's walk over the sources of one lane group (kNodesPerGroup consecutive source nodes
+// u, 1 << lanes_log2 lanes): for each of the lane's channel chunks c, begin(c); for each source u,
+// source(u, c), then target(k, edge_row, edge_index) for each out-edge of u in transposed-CSR order
+// (positions to skip left out; k < kBackwardUnroll is the slot in which load_target(k, i) loaded
+// that target's rows, all kBackwardUnroll targets loaded before any is used; edge_row is the
+// edge's row of edge_attr with kEdge and edge_index = id * channels + c its offset there), then
+// end_source(u, c); after the sources, end(group, c).  The gradients' state lives in the caller's
+// lambdas.
+template <bool kEdge, int VEC, typename scalar_t, typename Begin, typename Source, typename LoadTarget,
+          typename Target, typename EndSource, typename End>
+__device__ __forceinline__ void for_each_target(
+    const int64_t* __restrict__ rowptr_t, const int64_t* __restrict__ col_t,
+    const scalar_t* __restrict__ edge_attr, const int64_t* __restrict__ perm_t, int64_t num_nodes,
+    int64_t num_edges, int64_t channels, int lanes_log2, Begin&& begin, Source&& source,
+    LoadTarget&& load_target, Target&& target, EndSource&& end_source, End&& end) {
+  const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
+  const int64_t u_begin = group * kNodesPerGroup;
+  if (u_begin >= num_nodes) return;
+  const int64_t u_end = u_begin + kNodesPerGroup < num_nodes ? u_begin + kNodesPerGroup : num_nodes;
+  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
+    begin(c);
+    for (int64_t u = u_begin; u < u_end; ++u) {
+      source(u, c);
+      int64_t e_begin, e_end;
+      edge_range(rowptr_t, u, num_edges, e_begin, e_end);
+      constexpr int kUnroll = kBackwardUnroll<VEC>;
+      for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
+        Pack<scalar_t, VEC> edge_rows[kUnroll];
+        int64_t v[kUnroll], id[kUnroll];
+        gather_targets<kEdge>(col_t, edge_attr, perm_t, e0, e_end, num_nodes, num_edges, channels, c, v, id,
+                              edge_rows, load_target);
+#pragma unroll
+        for (int k = 0; k < kUnroll; ++k) {
+          if (v[k] >= 0) target(k, edge_rows[k], id[k] * channels + c);
+        }
+      }
+      end_source(u, c);
+    }
+    end(group, c);
+  }
+}
+
 // One step of the online softmax of (M, Z, A) with message m at inverse temperature t; Z = 0
 // before the first message.
 template <typename acc_t>
@@ -306,83 +350,77 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
     int lanes_log2, bool semi_grad, scalar_t* __restrict__ grad_x,
     at::opmath_type<scalar_t>* __restrict__ grad_t_partial, scalar_t* __restrict__ grad_edge_attr) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
-  const int64_t u_begin = group * kNodesPerGroup;
-  if (u_begin >= num_nodes) return;
-  const int64_t u_end = u_begin + kNodesPerGroup < num_nodes ? u_begin + kNodesPerGroup : num_nodes;
-  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
-  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
-    acc_t t_c[VEC], weight_t[VEC], grad_t[VEC];
+  constexpr int kUnroll = kBackwardUnroll<VEC>;
+  acc_t t_c[VEC], weight_t[VEC], grad_t[VEC];              // per channel chunk
+  Pack<scalar_t, VEC> x_u;                                 // per source
+  acc_t m[VEC], grad_m[VEC], grad_t_u[VEC];
+  Pack<acc_t, VEC> max_v[kUnroll], sum_v[kUnroll];         // per target slot
+  Pack<scalar_t, VEC> grad_v[kUnroll], out_v[kUnroll];
+  for_each_target<kEdge, VEC>(
+      rowptr_t, col_t, edge_attr, perm_t, num_nodes, num_edges, channels, lanes_log2,
+      [&](int64_t c) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      t_c[j] = t[c + j];
-      weight_t[j] = semi_grad ? acc_t(0) : t_c[j];  // t in the derivative of the weights
-      grad_t[j] = acc_t(0);
-    }
-    for (int64_t u = u_begin; u < u_end; ++u) {
-      const Pack<scalar_t, VEC> x_u = load_pack<VEC>(x + u * channels + c);
-      acc_t m[VEC], grad_m[VEC], grad_t_u[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        m[j] = message(static_cast<acc_t>(x_u.v[j]), eps);
-        grad_m[j] = acc_t(0);
-        grad_t_u[j] = acc_t(0);
-      }
-      int64_t e_begin, e_end;
-      edge_range(rowptr_t, u, num_edges, e_begin, e_end);
-      constexpr int kUnroll = kBackwardUnroll<VEC>;
-      for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
-        Pack<acc_t, VEC> max_v[kUnroll], sum_v[kUnroll];
-        Pack<scalar_t, VEC> grad_v[kUnroll], out_v[kUnroll], edge_rows[kUnroll];
-        int64_t v[kUnroll], id[kUnroll];
-        gather_targets<kEdge>(col_t, edge_attr, perm_t, e0, e_end, num_nodes, num_edges, channels, c, v, id,
-                              edge_rows, [&](int k, int64_t i) {
-                                max_v[k] = load_pack<VEC>(row_max + i);
-                                sum_v[k] = load_pack<VEC>(row_sum + i);
-                                grad_v[k] = load_pack<VEC>(grad_out + i);
-                                out_v[k] = load_pack<VEC>(out + i);
-                              });
-#pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
-          if (v[k] < 0) continue;
-          Pack<scalar_t, VEC> grad_edge;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            acc_t m_e = m[j], in = acc_t(0);
-            if constexpr (kEdge) {
-              in = static_cast<acc_t>(x_u.v[j]) + static_cast<acc_t>(edge_rows[k].v[j]);
-              m_e = message(in, eps);
-            }
-            const acc_t w = exp_acc(t_c[j] * (m_e - max_v[k].v[j])) *
-                            static_cast<acc_t>(grad_v[k].v[j]) / sum_v[k].v[j];
-            const acc_t d = m_e - static_cast<acc_t>(out_v[k].v[j]);
-            if constexpr (kEdge) {
-              const acc_t g = in > acc_t(0) ? w + w * weight_t[j] * d : acc_t(0);
-              grad_edge.v[j] = static_cast<scalar_t>(g);
-              grad_m[j] += g;
-              if constexpr (kGradT) grad_t_u[j] += w * d * m_e;
-            } else {
-              grad_m[j] += w + w * weight_t[j] * d;
-              if constexpr (kGradT) grad_t_u[j] += w * d;
-            }
-          }
-          if constexpr (kEdge) store_pack(grad_edge_attr + id[k] * channels + c, grad_edge);
+        for (int j = 0; j < VEC; ++j) {
+          t_c[j] = t[c + j];
+          weight_t[j] = semi_grad ? acc_t(0) : t_c[j];  // t in the derivative of the weights
+          grad_t[j] = acc_t(0);
         }
-      }
-      Pack<scalar_t, VEC> grad_pack;
+      },
+      [&](int64_t u, int64_t c) {
+        x_u = load_pack<VEC>(x + u * channels + c);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {  // with edge features the mask and m are already per edge
-        grad_pack.v[j] = static_cast<scalar_t>(kEdge || static_cast<acc_t>(x_u.v[j]) > acc_t(0)
-                                                   ? grad_m[j] : acc_t(0));
-        if constexpr (kGradT) grad_t[j] += kEdge ? grad_t_u[j] : grad_t_u[j] * m[j];
-      }
-      store_pack(grad_x + u * channels + c, grad_pack);
-    }
-    if constexpr (kGradT) {
+        for (int j = 0; j < VEC; ++j) {
+          m[j] = message(static_cast<acc_t>(x_u.v[j]), eps);
+          grad_m[j] = acc_t(0);
+          grad_t_u[j] = acc_t(0);
+        }
+      },
+      [&](int k, int64_t i) {
+        max_v[k] = load_pack<VEC>(row_max + i);
+        sum_v[k] = load_pack<VEC>(row_sum + i);
+        grad_v[k] = load_pack<VEC>(grad_out + i);
+        out_v[k] = load_pack<VEC>(out + i);
+      },
+      [&](int k, const Pack<scalar_t, VEC>& edge_row, int64_t edge_index) {
+        Pack<scalar_t, VEC> grad_edge;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) grad_t_partial[group * channels + c + j] = grad_t[j];
-    }
-  }
+        for (int j = 0; j < VEC; ++j) {
+          acc_t m_e = m[j], in = acc_t(0);
+          if constexpr (kEdge) {
+            in = static_cast<acc_t>(x_u.v[j]) + static_cast<acc_t>(edge_row.v[j]);
+            m_e = message(in, eps);
+          }
+          const acc_t w = exp_acc(t_c[j] * (m_e - max_v[k].v[j])) *
+                          static_cast<acc_t>(grad_v[k].v[j]) / sum_v[k].v[j];
+          const acc_t d = m_e - static_cast<acc_t>(out_v[k].v[j]);
+          if constexpr (kEdge) {
+            const acc_t g = in > acc_t(0) ? w + w * weight_t[j] * d : acc_t(0);
+            grad_edge.v[j] = static_cast<scalar_t>(g);
+            grad_m[j] += g;
+            if constexpr (kGradT) grad_t_u[j] += w * d * m_e;
+          } else {
+            grad_m[j] += w + w * weight_t[j] * d;
+            if constexpr (kGradT) grad_t_u[j] += w * d;
+          }
+        }
+        if constexpr (kEdge) store_pack(grad_edge_attr + edge_index, grad_edge);
+      },
+      [&](int64_t u, int64_t c) {
+        Pack<scalar_t, VEC> grad_pack;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {  // with edge features the mask and m are already per edge
+          grad_pack.v[j] = static_cast<scalar_t>(kEdge || static_cast<acc_t>(x_u.v[j]) > acc_t(0)
+                                                     ? grad_m[j] : acc_t(0));
+          if constexpr (kGradT) grad_t[j] += kEdge ? grad_t_u[j] : grad_t_u[j] * m[j];
+        }
+        store_pack(grad_x + u * channels + c, grad_pack);
+      },
+      [&](int64_t group, int64_t c) {
+        if constexpr (kGradT) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) grad_t_partial[group * channels + c + j] = grad_t[j];
+        }
+      });
 }
 
 template <typename scalar_t, int VEC, bool kEdge>
@@ -434,85 +472,79 @@ __global__ void __launch_bounds__(kThreads) power_mean_backward_kernel(
     int64_t channels, int lanes_log2, scalar_t* __restrict__ grad_x,
     at::opmath_type<scalar_t>* __restrict__ grad_p_partial, scalar_t* __restrict__ grad_edge_attr) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> lanes_log2;
-  const int64_t u_begin = group * kNodesPerGroup;
-  if (u_begin >= num_nodes) return;
-  const int64_t u_end = u_begin + kNodesPerGroup < num_nodes ? u_begin + kNodesPerGroup : num_nodes;
-  const int lane = threadIdx.x & ((1 << lanes_log2) - 1);
-  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < channels; c += int64_t{VEC} << lanes_log2) {
-    acc_t p_c[VEC], grad_p[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      p_c[j] = p[c + j];
-      grad_p[j] = acc_t(0);
-    }
-    for (int64_t u = u_begin; u < u_end; ++u) {
-      const Pack<scalar_t, VEC> x_u = load_pack<VEC>(x + u * channels + c);
-      acc_t grad_m[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) grad_m[j] = acc_t(0);
-      int64_t e_begin, e_end;
-      edge_range(rowptr_t, u, num_edges, e_begin, e_end);
-      constexpr int kUnroll = kBackwardUnroll<VEC>;
-      for (int64_t e0 = e_begin; e0 < e_end; e0 += kUnroll) {
-        Pack<acc_t, VEC> mean_v[kUnroll], degree_v[kUnroll];
-        Pack<scalar_t, VEC> grad_v[kUnroll], edge_rows[kUnroll];
-        int64_t v[kUnroll], id[kUnroll];
-        gather_targets<kEdge>(col_t, edge_attr, perm_t, e0, e_end, num_nodes, num_edges, channels, c, v, id,
-                              edge_rows, [&](int k, int64_t i) {
-                                if (power) mean_v[k] = load_pack<VEC>(mean + i);
-                                degree_v[k] = load_pack<VEC>(degree + i);
-                                grad_v[k] = load_pack<VEC>(grad_out + i);
-                              });
-#pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
-          if (v[k] < 0) continue;
-          Pack<scalar_t, VEC> grad_edge;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            acc_t in = static_cast<acc_t>(x_u.v[j]);
-            if constexpr (kEdge) in += static_cast<acc_t>(edge_rows[k].v[j]);
-            // A target holds this edge: its degree is at least 1.
-            acc_t q = static_cast<acc_t>(grad_v[k].v[j]) / fmax(degree_v[k].v[j], acc_t(1));
-            acc_t g = in > acc_t(0) ? q : acc_t(0);
-            if (power) {
-              const acc_t y = mean_v[k].v[j];
-              const acc_t Y = clamp_acc(y, lo, hi);
-              q = y >= lo && y <= hi ? q * pow_acc(Y, acc_t(1) / p_c[j]) / (p_c[j] * Y) : acc_t(0);
-              const acc_t m = message(in, eps);
-              const acc_t cm = clamp_acc(m, lo, hi);
-              const acc_t cp = pow_acc(cm, p_c[j]);
-              g = in > acc_t(0) && m >= lo && m <= hi ? q * p_c[j] * cp / cm : acc_t(0);
-              if constexpr (kGradT) grad_p[j] += cm > acc_t(0) ? q * cp * log_acc(cm) : acc_t(0);
-            }
-            if constexpr (kEdge) grad_edge.v[j] = static_cast<scalar_t>(g);
-            grad_m[j] += g;
-          }
-          if constexpr (kEdge) store_pack(grad_edge_attr + id[k] * channels + c, grad_edge);
-        }
-      }
-      Pack<scalar_t, VEC> grad_pack;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) grad_pack.v[j] = static_cast<scalar_t>(grad_m[j]);
-      store_pack(grad_x + u * channels + c, grad_pack);
-      if constexpr (kGradT) {  // u as a target: d out_u / d p = out_u ln(Y_u) (-1 / p^2)
-        const Pack<acc_t, VEC> mean_u = load_pack<VEC>(mean + u * channels + c);
-        const Pack<scalar_t, VEC> grad_u = load_pack<VEC>(grad_out + u * channels + c);
+  constexpr int kUnroll = kBackwardUnroll<VEC>;
+  acc_t p_c[VEC], grad_p[VEC];                          // per channel chunk
+  Pack<scalar_t, VEC> x_u;                              // per source
+  acc_t grad_m[VEC];
+  Pack<acc_t, VEC> mean_v[kUnroll], degree_v[kUnroll];  // per target slot
+  Pack<scalar_t, VEC> grad_v[kUnroll];
+  for_each_target<kEdge, VEC>(
+      rowptr_t, col_t, edge_attr, perm_t, num_nodes, num_edges, channels, lanes_log2,
+      [&](int64_t c) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const acc_t Y = clamp_acc(mean_u.v[j], lo, hi);
-          if (Y > acc_t(0)) {
-            grad_p[j] -= static_cast<acc_t>(grad_u.v[j]) * pow_acc(Y, acc_t(1) / p_c[j]) * log_acc(Y) /
-                         (p_c[j] * p_c[j]);
+          p_c[j] = p[c + j];
+          grad_p[j] = acc_t(0);
+        }
+      },
+      [&](int64_t u, int64_t c) {
+        x_u = load_pack<VEC>(x + u * channels + c);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) grad_m[j] = acc_t(0);
+      },
+      [&](int k, int64_t i) {
+        if (power) mean_v[k] = load_pack<VEC>(mean + i);
+        degree_v[k] = load_pack<VEC>(degree + i);
+        grad_v[k] = load_pack<VEC>(grad_out + i);
+      },
+      [&](int k, const Pack<scalar_t, VEC>& edge_row, int64_t edge_index) {
+        Pack<scalar_t, VEC> grad_edge;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc_t in = static_cast<acc_t>(x_u.v[j]);
+          if constexpr (kEdge) in += static_cast<acc_t>(edge_row.v[j]);
+          // A target holds this edge: its degree is at least 1.
+          acc_t q = static_cast<acc_t>(grad_v[k].v[j]) / fmax(degree_v[k].v[j], acc_t(1));
+          acc_t g = in > acc_t(0) ? q : acc_t(0);
+          if (power) {
+            const acc_t y = mean_v[k].v[j];
+            const acc_t Y = clamp_acc(y, lo, hi);
+            q = y >= lo && y <= hi ? q * pow_acc(Y, acc_t(1) / p_c[j]) / (p_c[j] * Y) : acc_t(0);
+            const acc_t m = message(in, eps);
+            const acc_t cm = clamp_acc(m, lo, hi);
+            const acc_t cp = pow_acc(cm, p_c[j]);
+            g = in > acc_t(0) && m >= lo && m <= hi ? q * p_c[j] * cp / cm : acc_t(0);
+            if constexpr (kGradT) grad_p[j] += cm > acc_t(0) ? q * cp * log_acc(cm) : acc_t(0);
+          }
+          if constexpr (kEdge) grad_edge.v[j] = static_cast<scalar_t>(g);
+          grad_m[j] += g;
+        }
+        if constexpr (kEdge) store_pack(grad_edge_attr + edge_index, grad_edge);
+      },
+      [&](int64_t u, int64_t c) {
+        Pack<scalar_t, VEC> grad_pack;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) grad_pack.v[j] = static_cast<scalar_t>(grad_m[j]);
+        store_pack(grad_x + u * channels + c, grad_pack);
+        if constexpr (kGradT) {  // u as a target: d out_u / d p = out_u ln(Y_u) (-1 / p^2)
+          const Pack<acc_t, VEC> mean_u = load_pack<VEC>(mean + u * channels + c);
+          const Pack<scalar_t, VEC> grad_u = load_pack<VEC>(grad_out + u * channels + c);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const acc_t Y = clamp_acc(mean_u.v[j], lo, hi);
+            if (Y > acc_t(0)) {
+              grad_p[j] -= static_cast<acc_t>(grad_u.v[j]) * pow_acc(Y, acc_t(1) / p_c[j]) * log_acc(Y) /
+                           (p_c[j] * p_c[j]);
+            }
           }
         }
-      }
-    }
-    if constexpr (kGradT) {
+      },
+      [&](int64_t group, int64_t c) {
+        if constexpr (kGradT) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) grad_p_partial[group * channels + c + j] = grad_p[j];
-    }
-  }
+          for (int j = 0; j < VEC; ++j) grad_p_partial[group * channels + c + j] = grad_p[j];
+        }
+      });
 }
 
 // grad_t[c] = sum_r partial[r, c]: thread (c, slice) sums the rows slice, slice + kSumSlices, ...
