@@ -21,6 +21,20 @@ def test_rows_with_their_starting_rows_and_bad_names():
         check_rows("alignnet", ["tap"])
 
 
+@pytest.mark.parametrize("paper", list(ABLATIONS))
+def test_every_row_has_its_controls_budget_and_starting_point(paper):
+    """A method and its control train with the same settings from the same weights; the only row
+    that may differ is one whose control is the row it starts from (KMPNet's "+ fine-tune", which
+    measures the extra training itself)."""
+    rows = {row.name: row for row in ABLATIONS[paper].rows}
+    for row in rows.values():
+        if row.control is None or row.control == row.init_from:
+            continue
+        control = rows[row.control]
+        assert row.train == control.train, (row.name, control.name)
+        assert row.init_from == control.init_from, (row.name, control.name)
+
+
 def test_table_mean_spread_and_direction():
     results = {
         "baseline": [_result("baseline", s, {"as-is": 40.0 + s, "shuffled": 40.0 + s}) for s in range(3)],
