@@ -7,7 +7,8 @@ control start from the stage-A PCB) and names the row it is compared against (``
 (row, seed) run lives in ``OUT/<paper>/<row>/seed<k>/`` (a normal run folder, resumable) and ends
 with ``result.json``: the mAP/CMC of every keypoint setting and of each evaluation variant (the
 same weights evaluated with another test embedding, e.g. CTL's V_f^g). A finished run is never
-trained again, so an interrupted ablation continues where it stopped; ``jobs=2`` runs independent
+trained again (an evaluation variant added to its row later is evaluated from its checkpoint), so an
+interrupted ablation continues where it stopped; ``jobs=2`` runs independent
 (row, seed) runs in two processes with one thread each.
 
 The table written to ``OUT/<paper>/ablation.md`` gives, per row, the paper's figures, ours (mean
@@ -74,7 +75,7 @@ ABLATIONS: dict[str, Ablation] = {
             Row("temporal", "+ temporal graph only", "kmpnet", dict(graph="temporal"), _STAGE_B, "pcb",
                 "pcb+finetune", (88.7, 85.3)),
             Row("both", "+ both = KMPNet", "kmpnet", dict(graph="both"), _STAGE_B, "pcb", "pcb+finetune",
-                (89.7, 86.5)),
+                (89.7, 86.5), eval_variants={"x_g (graph branch, Table 4: 61.7 / 57.3)": dict(embedding="x_g")}),
             Row("both-released-gather", "+ both, the released code's keypoint sampling (not in the paper)",
                 "kmpnet", dict(graph="both", gather="released"), _STAGE_B, "pcb", "both"),
         )),
@@ -141,27 +142,35 @@ def _run_one(job: dict) -> dict:
 
     from keypointops import engine
     from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
+    from keypointops.data import build_dataset
 
     torch.set_num_threads(job["threads"])
     folder = Path(job["folder"])
     result_path = folder / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
     row: Row = job["row"]
     config = engine.make_config(row.model, "cpu", job["data"], job["root"], seed=job["seed"], workers=job["workers"],
                                 max_steps=job["max_steps"], init_from=job["init_from"],
                                 train_overrides={**row.train, **job["train_overrides"]},
                                 model_overrides={**row.model_options, **job["model_overrides"]},
                                 data_options=job["data_options"])
-    run = engine.train(config, folder, resume=(folder / "model.pt").exists(), evaluate_at_end=False,
-                       log=lambda line: None)
-    dataset, device = run["dataset"], torch.device("cpu")
-    result = {"row": row.name, "seed": job["seed"], "epochs": config["train"]["epochs"], "keypoints": {},
-              "variants": {}}
-    settings = engine.evaluate_keypoint_settings(run["model"].eval(), dataset, config, device, job["keypoints"])
-    result["keypoints"] = {setting: engine.summary(evaluation) for setting, evaluation in settings.items()}
+    device = torch.device("cpu")
+    if result_path.exists():  # finished: only the evaluation variants added to its row since then
+        result = json.loads(result_path.read_text())
+        if all(label in result["variants"] for label in row.eval_variants):
+            return result
+        dataset = build_dataset(config["data"], config["root"], **config["data_options"])
+    else:
+        run = engine.train(config, folder, resume=(folder / "model.pt").exists(), evaluate_at_end=False,
+                           log=lambda line: None)
+        dataset = run["dataset"]
+        result = {"row": row.name, "seed": job["seed"], "epochs": config["train"]["epochs"], "keypoints": {},
+                  "variants": {}}
+        settings = engine.evaluate_keypoint_settings(run["model"].eval(), dataset, config, device, job["keypoints"])
+        result["keypoints"] = {setting: engine.summary(evaluation) for setting, evaluation in settings.items()}
     state = load_checkpoint(folder / "model.pt")
     for label, options in row.eval_variants.items():
+        if label in result["variants"]:
+            continue
         variant = model_from_checkpoint(state, **options)
         result["variants"][label] = engine.summary(
             engine.evaluate_models({"model": variant}, dataset, config, device)["model"])

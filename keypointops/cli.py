@@ -145,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated test-keypoint settings, one table row each: "
                         f"{', '.join(KEYPOINT_CORRUPTIONS)} (a keypoint model that works loses mAP when "
                         "they are shuffled)")
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                   help="evaluate the same weights with a changed model option (JSON value), e.g. another test "
+                        "embedding: embedding=x_g (KMPNet's graph branch), embedding=global (CTL's V_f^g), "
+                        "embedding=pose (RGCN's f^p)")
 
     p = sub.add_parser("ablate", help="run a paper's ablation rows over seeds, with keypoint-corruption controls")
     p.add_argument("--paper", required=True, choices=list(ABLATIONS), help="whose ablation table to reproduce")
@@ -334,13 +338,16 @@ def _evaluate(args) -> None:
 
     settings = _keypoint_settings(args.keypoints)
     state, config, dataset = _checkpoint_and_dataset(args)
-    model = model_from_checkpoint(state)
+    options = _key_values(args.model_option, "--model-option")
+    with engine.model_options_checked(config):
+        model = model_from_checkpoint(state, **options)
     device = device_for_rank()
     results = engine.evaluate_models({"model": model.to(device), **engine.baselines()}, dataset, config, device,
                                      keypoints=settings[0])
-    label = config["model"] if settings == ["as-is"] else f"{config['model']}, keypoints {settings[0]}"
+    name = config["model"] + "".join(f", {key}={value}" for key, value in options.items())
+    label = name if settings == ["as-is"] else f"{name}, keypoints {settings[0]}"
     rows = {label: results.pop("model")}
-    rows.update({f"{config['model']}, keypoints {s}": r
+    rows.update({f"{name}, keypoints {s}": r
                  for s, r in engine.evaluate_keypoint_settings(model, dataset, config, device, settings[1:]).items()})
     print(f"{config['model']} after {_epochs(state['epoch'])} on {config['data']}")
     _report(rows, results, dataset, config["data"], None if args.out is None else Path(args.out))

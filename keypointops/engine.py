@@ -101,7 +101,7 @@ def build_run(config: dict, *, rank: int = 0, world_size: int = 1, initial_weigh
                           instances=t.instances, flip=t.flip, random_erase=t.random_erase,
                           workers=config["workers"], seed=config["seed"], rank=rank, world_size=world_size)
     torch.manual_seed(config["seed"])  # the initial weights
-    with _options_of("--model-option", config["model"], _model_options(config)):
+    with model_options_checked(config):
         model = build_model(config["model"], dataset.num_train_pids, **config["model_options"])
     if initial_weights and config["pretrained"]:
         load_pretrained(model, config["pretrained"])
@@ -123,6 +123,12 @@ def _model_options(config: dict) -> list[str]:
     names = _keyword_names(model_class(config["model"]).__init__) | set(
         preset_of(config["model"], config["preset"]).model_options(TrainSettings.from_dict(config["train"])))
     return sorted(names - {"self", "num_classes"})
+
+
+def model_options_checked(config: dict):
+    """Context in which building the config's model with an unknown ``--model-option`` raises a
+    one-line ``ValueError`` that lists the model's options."""
+    return _options_of("--model-option", config["model"], _model_options(config))
 
 
 def _dataset_options(name: str) -> list[str]:

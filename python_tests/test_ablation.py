@@ -1,5 +1,6 @@
 """keypointops.ablation: row selection, the table (mean +- spread, directions), a tiny end-to-end run
 with resume, and bad input."""
+import dataclasses
 import json
 
 import pytest
@@ -59,7 +60,7 @@ def test_rows_with_fewer_seeds_compare_on_the_seeds_both_ran():
     assert "shuffled" not in lines[4]                    # a setting only some runs were evaluated with
 
 
-def test_tiny_run_resumes_and_writes_table(tmp_path):
+def test_tiny_run_resumes_and_writes_table(tmp_path, monkeypatch):
     options = dict(seeds=1, data="synthetic", rows=["baseline", "parts"], keypoints=("as-is", "shuffled"),
                    max_steps=1, train_overrides=dict(epochs=1, frames=2, batch_size=4, height=64, width=32,
                                                      instances=2),
@@ -76,6 +77,18 @@ def test_tiny_run_resumes_and_writes_table(tmp_path):
     result_path.write_text(json.dumps(result))
     assert "| 123.0 |" in run_ablation("alignnet", tmp_path / "out", **options)
     assert "| 123.0 |" in table_from_runs("alignnet", tmp_path / "out")     # trains nothing
+    # An evaluation variant added to a finished row is evaluated from the run's checkpoint, not retrained.
+    checkpoint = tmp_path / "out" / "alignnet" / "parts" / "seed0" / "model.pt"
+    trained_at = checkpoint.stat().st_mtime_ns
+    ablation = ABLATIONS["alignnet"]
+    rows = tuple(dataclasses.replace(row, eval_variants={"the same weights": {}}) if row.name == "parts" else row
+                 for row in ablation.rows)
+    monkeypatch.setitem(ABLATIONS, "alignnet", dataclasses.replace(ablation, rows=rows))
+    table = run_ablation("alignnet", tmp_path / "out", **options)
+    result = json.loads(result_path.read_text())
+    assert result["keypoints"]["as-is"]["mAP"] == 123.0 and checkpoint.stat().st_mtime_ns == trained_at
+    assert 0.0 <= result["variants"]["the same weights"]["mAP"] <= 100.0
+    assert "| parts, test embedding the same weights |" in table
     with pytest.raises(ValueError, match="no finished ctl ablation run"):
         table_from_runs("ctl", tmp_path / "out")
 

@@ -328,6 +328,20 @@ def test_evaluate_keypoint_settings_one_row_each(run, capsys):
     assert rows["kmpnet, keypoints zeroed"].split("|")[2:] == rows["kmpnet, keypoints as-is"].split("|")[2:]
 
 
+def test_evaluate_another_embedding_of_the_same_weights(run, capsys):
+    out, _ = run
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--workers", "0", "--threads", "1",
+                 "--model-option", "embedding=x_g", "--keypoints", "as-is,shuffled"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "method" not in line}
+    # the graph branch's embedding reads the keypoints: shuffling them changes its figures
+    assert {"kmpnet, embedding=x_g, keypoints as-is", "kmpnet, embedding=x_g, keypoints shuffled"} <= set(rows)
+    assert (rows["kmpnet, embedding=x_g, keypoints shuffled"].split("|")[2:]
+            != rows["kmpnet, embedding=x_g, keypoints as-is"].split("|")[2:])
+    one_line_error(capsys, ["evaluate", "--checkpoint", str(out / "model.pt"), "--model-option", "embeding=x_g"],
+                   "--model-option 'embeding' is not an option of kmpnet")
+
+
 def test_keypoint_and_ablation_bad_input(run, capsys):
     out, _ = run
     one_line_error(capsys, ["evaluate", "--checkpoint", str(out / "model.pt"), "--keypoints", "as-is,mirrored"],
