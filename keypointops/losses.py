@@ -66,11 +66,15 @@ def batch_hard_triplet(features: Tensor, targets: Tensor, margin: float = 0.3) -
     _check_targets(targets, features.size(0), "batch_hard_triplet")
     if margin < 0:
         raise ValueError(f"batch_hard_triplet: margin must be >= 0, got {margin}")
-    # The distances in float32 (float64 stays): in float16 the clamp's floor 1e-12 rounds to 0, so
-    # the zero distance of every anchor to itself gives sqrt's backward 0 / 0 = NaN.
+    # The distances in float32 (float64 stays), with autocast off (it would run the Gram matmul in
+    # bfloat16 / float16 again): in float16 the clamp's floor 1e-12 rounds to 0, so the zero distance
+    # of every anchor to itself gives sqrt's backward 0 / 0 = NaN; and ||a||^2 + ||b||^2 - 2 a.b
+    # cancels, so a Gram matrix rounded to 8 mantissa bits (bfloat16) leaves an error of about
+    # ||a||^2 / 256 in every squared distance, enough to change the hardest positive and negative.
     features = features.to(torch.promote_types(features.dtype, torch.float32))
-    sq = features.pow(2).sum(1)
-    dist = (sq[:, None] + sq[None, :] - 2.0 * features @ features.t()).clamp(min=1e-12).sqrt()
+    with torch.autocast(features.device.type, enabled=False):
+        sq = features.pow(2).sum(1)
+        dist = (sq[:, None] + sq[None, :] - 2.0 * features @ features.t()).clamp(min=1e-12).sqrt()
     same = targets[:, None] == targets[None, :]
     d_ap = dist.masked_fill(~same, float("-inf")).amax(1)
     d_an = dist.masked_fill(same, float("inf")).amin(1)

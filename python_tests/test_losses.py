@@ -85,6 +85,21 @@ def test_batch_hard_triplet_reduced_precision_gradient_is_finite(dtype):
     torch.testing.assert_close(grad.float(), torch.autograd.grad(want, exact)[0], rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batch_hard_triplet_under_autocast_takes_float32_distances(dtype):
+    """Under CPU autocast the Gram matmul of the distances stays in float32: features of norm ~15
+    (as a re-ID embedding) whose squared distances (~4) are far below their squared norms (~225),
+    where a bfloat16 Gram matrix (error ~225 / 256 per entry) picks other hardest samples."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(8, 64, generator=g) * 3.7 + 0.2 * torch.randn(8, 64, generator=g)).requires_grad_()
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    with torch.autocast("cpu", dtype=dtype):
+        loss = batch_hard_triplet(x, y, 0.3)
+    want = batch_hard_triplet(x.detach(), y, 0.3)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+
+
 def test_batch_hard_triplet_one_identity_is_zero():
     x = torch.randn(4, 3, requires_grad=True)
     loss = batch_hard_triplet(x, torch.zeros(4, dtype=torch.long))

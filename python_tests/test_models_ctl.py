@@ -191,6 +191,9 @@ def test_variants_set_the_switches():
     assert len(model.graph["s1"]) == 0 and model.cross_scale == "pool"
     model = CTL(3, **SMALL, variant="basel+contre", graph_layers=2)   # the full model's value: allowed
     assert model.graph["s1"][0].window == 1 and model.cross_scale == "pool"
+    assert model.graph["s1"][0].collapse is None and CTL(3, **SMALL).graph["s1"][0].collapse is not None
+    with pytest.raises(ValueError, match="collapse must be True, or False with window 1"):
+        CTL(3, **SMALL, collapse=False)
     assert CTL(3, **SMALL, variant="basel", alpha=0.5).alpha == 0.5    # a switch the variant leaves alone
     with pytest.raises(ValueError, match="variant 'basel' sets graph_layers = 0; got graph_layers = 1"):
         CTL(3, **SMALL, variant="basel", graph_layers=1)
@@ -200,7 +203,7 @@ def test_variants_set_the_switches():
 
 def dense_3d_gcl(layer, x):
     """docs/models/ctl.md 3D-GCL written densely: zero-pad + unfold the C-channel windows, the context block
-    on them, Eq. 3-4's adjacency, einsum, Conv3d(C, C, (1, tau, 1)) collapse, BN, ReLU, shortcut."""
+    on them, Eq. 3-4's adjacency (the skeleton normalised, A_m and A_c added), einsum, Conv3d(C, C, (1, tau, 1)) collapse, BN, ReLU, shortcut."""
     batch, frames, n, c = x.shape
     tau = layer.window
     padded = F.pad(x, (0, 0, 0, 0, 1, 1))                                        # [B, T + 2, N, C]
@@ -214,9 +217,9 @@ def dense_3d_gcl(layer, x):
     a_c = F.normalize(ctx.expand(z).view(batch, frames, tau * n, tau * n), dim=-1)
     eye = torch.eye(n, dtype=x.dtype)
     a_p = torch.tensor(np.tile((skeleton("coco17").adjacency().double() + eye).numpy(), (tau, tau)))
-    a_hat = a_p + layer.learned.repeat(tau, tau) + a_c + torch.eye(tau * n, dtype=x.dtype)
-    d = a_hat.sum(-1).rsqrt()
-    a_norm = d[..., :, None] * a_hat * d[..., None, :]
+    fixed = a_p + torch.eye(tau * n, dtype=x.dtype)
+    d = fixed.sum(-1).rsqrt()
+    a_norm = d[:, None] * fixed * d[None, :] + layer.learned.repeat(tau, tau) + a_c
     h = torch.einsum("btij,btjc->btic", a_norm, windows @ layer.linear.weight.t()).relu()
     h = h.view(batch, frames, tau, n, c).permute(0, 4, 1, 2, 3)                   # [B, C, T, tau, N]
     kernel = layer.collapse.weight.view(c, tau, c).permute(0, 2, 1)[:, :, None, :, None]
@@ -233,6 +236,60 @@ def test_3d_gcl_equals_dense_unfold_einsum():
             p.normal_(0, 0.5)
     x = torch.randn(2, 4, 17, 6, dtype=torch.float64)
     torch.testing.assert_close(layer(x), dense_3d_gcl(layer, x))
+
+
+def test_signed_adjacency_terms_are_added_to_the_normalised_skeleton():
+    """A_m and A_c are signed: normalising by the degrees of the full adjacency would zero (degree <= 0)
+    or blow up (degree near 0) whole nodes.  Here A_m = -0.5 makes every full degree negative; the
+    adjacency is still D^-1/2 (tile(A_p + I) + I) D^-1/2 + tile(A_m) + A_c and no node is lost."""
+    torch.manual_seed(0)
+    layer = WindowGraphConv3D(6, 6, "coco17", 3, context="window", frames=4).double()
+    with torch.no_grad():
+        layer.learned.fill_(-0.5)
+    x = torch.rand(2, 4, 17, 6, dtype=torch.float64)
+    fixed = torch.tensor(np.tile(skeleton("coco17").adjacency().double().numpy() + np.eye(17), (3, 3))) \
+        + torch.eye(51, dtype=torch.float64)
+    d = fixed.sum(-1).rsqrt()
+    a_c = layer.context(x)
+    expected = d[:, None] * fixed * d[None, :] + layer.learned.repeat(3, 3) + a_c
+    adj = layer.adjacency(x)
+    torch.testing.assert_close(adj, expected)
+    assert (adj.abs().sum(-1) > 0).all() and adj.abs().amax() <= 1.5
+
+
+def test_contre_row_is_the_frame_level_gcn():
+    """Table 3's "Basel+ContRe" adds frame-level graph convs (Eq. 4 with tau = 1) on Eq. 2's adjacency
+    to Basel, and nothing else: each layer is relu(Â X W) (+ X from the second layer on) with
+    Â = D^-1/2 (A_p + I) D^-1/2 + A_m + A_c, no window-collapse layer or BN; the parameters it adds are
+    W, A_m and the basic context block of each layer and scale."""
+    torch.manual_seed(0)
+    model = CTL(5, **SMALL, variant="basel+contre").double()
+    basel = CTL(5, **SMALL, variant="basel")
+    c = 64
+    added = 0
+    for scale, n in (("s1", 17), ("s2", 10), ("s3", 5)):
+        for index, layer in enumerate(model.graph[scale]):
+            with torch.no_grad():
+                layer.learned.normal_(0, 0.1)
+            assert layer.window == 1 and layer.collapse is None and layer.norm is None
+            x = torch.rand(2, 3, n, c, dtype=torch.float64)
+            a_p = layer.physical.new_zeros(n, n)
+            if scale == "s1":
+                a_p = skeleton("coco17").adjacency().double()
+            else:
+                for a, b in {"s2": [(0, 1), (1, 2), (2, 3), (1, 4), (4, 5), (1, 6), (6, 7), (1, 8), (8, 9)],
+                             "s3": [(0, 1), (0, 2), (0, 3), (0, 4)]}[scale]:
+                    a_p[a, b] = a_p[b, a] = 1
+            fixed = a_p + torch.eye(n, dtype=torch.float64)
+            d = fixed.sum(-1).rsqrt()
+            a_hat = d[:, None] * fixed * d[None, :] + layer.learned + layer.context(x)     # [B, N, N]
+            expected = torch.einsum("bij,btjc->btic", a_hat, x @ layer.linear.weight.t()).relu()
+            if index > 0:
+                expected = expected + x
+            torch.testing.assert_close(layer(x), expected)
+            added += c * c + n * n + sum(p.numel() for p in layer.context.parameters())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model) - count(basel) == added
 
 
 @needs_ops

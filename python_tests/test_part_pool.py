@@ -432,3 +432,17 @@ def test_cpu_bfloat16_forward_is_not_slower_than_float32():
 
     (float32_time, bfloat16_time), rounds = best_cpu_times([forward(torch.float32), forward(torch.bfloat16)])
     assert bfloat16_time < 1.2 * float32_time, rounds
+
+
+def test_reference_backend_accumulates_in_float32_under_autocast():
+    """Under bfloat16 autocast the reference backend computes on the inputs cast to bfloat16 with
+    float32 softmax weights and accumulation, as the kernels: autocast must not cast its float32
+    einsum back down (bit-equal to the reference run on the cast inputs outside autocast)."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 16, 4, 2, generator=g)
+    heatmaps = torch.rand(3, 5, 4, 2, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = keypointops.part_pool(features.bfloat16(), heatmaps, temperature=0.1, backend="reference")
+    want = reference.part_pool(features.bfloat16(), heatmaps.bfloat16(), temperature=0.1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -505,6 +505,11 @@ def test_window_graph_conv_3d_options_and_errors():
         WindowGraphConv3D(8, 8, ring, 3, context="frame")
     with pytest.raises(ValueError, match="residual needs in_channels == out_channels"):
         WindowGraphConv3D(8, 3, ring, 3, residual=True)
+    with pytest.raises(ValueError, match="collapse must be True, or False with window 1"):
+        WindowGraphConv3D(8, 8, ring, 3, collapse=False)
+    frame_level = WindowGraphConv3D(8, 8, ring, 1, collapse=False)
+    assert frame_level.collapse is None and frame_level(x).shape == (2, 5, 4, 8)
+    torch.testing.assert_close(frame_level.adjacency(), normalize_adjacency(ring))   # A_p + I, one self loop
     with pytest.raises(ValueError, match="frames must be a positive int"):
         WindowGraphConv3D(8, 8, ring, 3, context="sample")
     with pytest.raises(ValueError, match="built for frames = 5"):

@@ -14,12 +14,15 @@ dtypes raise as usual).
   (float32 keeps sub-pixel positions exact on large maps).
 - Every backend (the compiled CPU and CUDA kernels, Triton, the reference) computes in a
   float16/bfloat16 compute dtype with float32 accumulation and returns the compute dtype, so the
-  policy does not depend on the backend.
+  policy does not depend on the backend.  The reference runs with autocast off (:func:`disabled`):
+  it accumulates in float32 tensors, whose matmuls and einsums autocast would cast down again.
 
 The casts are ordinary differentiable ``Tensor.to`` calls, so every gradient comes back in the
 dtype of the tensor it belongs to.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -45,3 +48,11 @@ def cast(tensor, dtype: torch.dtype | None):
     if dtype is None or not isinstance(tensor, Tensor) or not tensor.is_floating_point():
         return tensor
     return tensor.to(dtype)
+
+
+def disabled(main):
+    """A context with autocast off for ``main``'s device (a no-op where it is not on), for the
+    reference backend's float32 accumulation."""
+    if compute_dtype(main) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(main.device.type, enabled=False)

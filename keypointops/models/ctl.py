@@ -14,9 +14,9 @@ frames, ``C`` backbone channels:
   groupings ``parts.CTL_PARTS_10`` / ``CTL_PARTS_5``); the global feature ``V_g`` = GAP of ``F``.
 * **3D-GCL** (Eqs. 2-4): per scale ``L = 2`` layers of
   :class:`keypointops.nn.WindowGraphConv3D`: window ``tau = 3``, adjacency
-  ``tile(A_p + I) + tile(A_m) + A_c + I`` normalised per window (``A_m`` learnable, zero-init,
-  ``N x N``; ``A_c`` the advanced context block, one ``[L, L]`` topology per window, so the fused
-  op gets the ``[B, T, L, L]`` adjacency), the window-collapse conv, the shortcut from layer 2 on.
+  ``D^-1/2 (tile(A_p + I) + I) D^-1/2 + tile(A_m) + A_c`` (``A_m`` learnable, zero-init, ``N x N``;
+  ``A_c`` the advanced context block, one ``[L, L]`` topology per window, so the fused op gets the
+  ``[B, T, L, L]`` adjacency), the window-collapse conv, the shortcut from layer 2 on.
   The physical graphs: the COCO skeleton (s1), :data:`CTL10_SKELETON` and :data:`CTL5_SKELETON`.
 * **CS-GCL** (Eqs. 5-7): :class:`CrossScaleGraphConv` s1 -> s3 and s2 -> s3 (a dense
   softmax attention over the source nodes, plain PyTorch), ``V_p = X_s3 + alpha (X_s13 + X_s23)``.
@@ -30,7 +30,8 @@ frames, ``C`` backbone channels:
 
 The rows of the paper's ablation Tables 3-5 are :data:`VARIANTS` (``variant="basel"``, ...), built
 from these switches: ``graph_layers`` (0 = "Basel"), ``window`` (``tau``; 1 with
-``context="sample"`` = the frame-level "+ContRe"), ``learned_adjacency`` and ``context`` (Table 4's
+``context="sample"`` and ``collapse=False`` = the frame-level GCN of "+ContRe", Eq. 4 without the
+3D-GCL's window collapse), ``learned_adjacency`` and ``context`` (Table 4's
 adjacency terms), ``cross_scale`` (``"graph"`` = CS-GCL, ``"pool"`` = the addition fusion of Basel /
 +ContRe / +3D), ``cross_scale_sources`` and ``cross_scale_stages`` (Table 5).
 
@@ -38,8 +39,9 @@ Deviations from the paper (docs/models/ctl.md):
 
 * The heatmaps are rendered from keypoints, not predicted by HRNet (the weights cannot be fetched;
   for a frozen pose net this is the same information).
-* Degree normalisation as :class:`~keypointops.nn.WindowGraphConv3D` documents (a node of degree
-  ``<= 0`` is zeroed rather than clamped to 1e-3).
+* Degree normalisation of the fixed skeleton only, with ``A_m`` and ``A_c`` added after it (as
+  2s-AGCN and MS-G3D add theirs), where Eq. 4 normalises by the degrees of the full signed adjacency,
+  which reach zero (:class:`~keypointops.nn.WindowGraphConv3D` says why).
 * ``V_f^a`` adds the *mean* of the five part features to ``V_g`` (``part_fusion="mean"``), where
   the paper writes their sum (``part_fusion="sum"``).  The paper gives no relative scale of the
   two terms.  Each part (a softmax-weighted sum of the map, or a 3D-GCL output after BN + ReLU) is
@@ -88,7 +90,7 @@ _HEATMAP_STRIDE = 4   # HRNet's output grid: 1/4 of the input
 # each row sets (the others keep the full model's values).
 VARIANTS: dict[str, dict] = {
     "basel": dict(graph_layers=0, cross_scale="pool"),
-    "basel+contre": dict(window=1, context="sample", cross_scale="pool"),
+    "basel+contre": dict(window=1, context="sample", collapse=False, cross_scale="pool"),
     "basel+contre+3d": dict(cross_scale="pool"),
     "ctl": {},
     "ctl-ap": dict(learned_adjacency=False, context=None),
@@ -194,6 +196,8 @@ class CTL(nn.Module):
         learned_adjacency: include ``A_m``.
         context: the context term ``A_c``: ``"window"`` (per window, the advanced block),
             ``"sample"`` (one per sample; with ``window=1`` the basic block) or None.
+        collapse: the 3D-GCL's window-collapse conv + BN + ReLU after each graph conv; False (with
+            ``window=1``): the frame-level GCN layers of Table 3's "Basel+ContRe" row (Eq. 4 alone).
         cross_scale: ``"graph"`` (the CS-GCLs) or ``"pool"`` (Basel's addition fusion: the source
             features averaged into the 5 parts).
         cross_scale_sources: the scales fused into s3: ``("s1", "s2")``, ``("s1",)``, ``("s2",)``
@@ -213,7 +217,7 @@ class CTL(nn.Module):
     def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
                  pretrained: str | None = None, frames: int = 6, variant: str = "ctl", temperature: float = 0.1,
                  heatmap_sigma: float = 2.0, graph_layers: int = 2, window: int = 3,
-                 learned_adjacency: bool = True, context: str | None = "window",
+                 learned_adjacency: bool = True, context: str | None = "window", collapse: bool = True,
                  cross_scale: str = "graph", cross_scale_sources: tuple[str, ...] = ("s1", "s2"),
                  cross_scale_stages: int = 1, alpha: float = 0.3, embed_dim: int = 256,
                  part_fusion: str = "mean", embedding: str = "attended", diversity_weight: float | None = None,
@@ -223,15 +227,15 @@ class CTL(nn.Module):
         check_choice("CTL", "part_fusion", part_fusion, _PART_FUSIONS)
         check_choice("CTL", "embedding", embedding, _EMBEDDINGS)
         given = dict(graph_layers=graph_layers, window=window, learned_adjacency=learned_adjacency,
-                     context=context, cross_scale=cross_scale, cross_scale_sources=tuple(cross_scale_sources),
-                     cross_scale_stages=cross_scale_stages)
+                     context=context, collapse=collapse, cross_scale=cross_scale,
+                     cross_scale_sources=tuple(cross_scale_sources), cross_scale_stages=cross_scale_stages)
         defaults = inspect.signature(CTL.__init__).parameters                 # the full model's switches
         for name, value in VARIANTS[variant].items():
             if given[name] != defaults[name].default:
                 raise ValueError(f"CTL: variant {variant!r} sets {name} = {value!r}; got {name} = {given[name]!r}")
             given[name] = value
-        graph_layers, window, learned_adjacency, context = (given[k] for k in (
-            "graph_layers", "window", "learned_adjacency", "context"))
+        graph_layers, window, learned_adjacency, context, collapse = (given[k] for k in (
+            "graph_layers", "window", "learned_adjacency", "context", "collapse"))
         cross_scale, cross_scale_sources, cross_scale_stages = (given[k] for k in (
             "cross_scale", "cross_scale_sources", "cross_scale_stages"))
         if diversity_weight is not None and (isinstance(diversity_weight, bool)
@@ -242,6 +246,9 @@ class CTL(nn.Module):
             raise ValueError(f"CTL: frames must be a positive int, got {frames!r}")
         if isinstance(graph_layers, bool) or not isinstance(graph_layers, int) or graph_layers < 0:
             raise ValueError(f"CTL: graph_layers must be an int >= 0, got {graph_layers!r}")
+        if not isinstance(collapse, bool) or (not collapse and graph_layers and window != 1):
+            raise ValueError(f"CTL: collapse must be True, or False with window 1 (the frame-level GCN), got "
+                             f"collapse={collapse!r} with window {window!r}")
         if cross_scale not in ("graph", "pool"):
             raise ValueError(f"CTL: cross_scale must be 'graph' or 'pool', got {cross_scale!r}")
         sources = tuple(cross_scale_sources)
@@ -270,7 +277,8 @@ class CTL(nn.Module):
         self.graph = nn.ModuleDict({
             scale: nn.ModuleList(
                 WindowGraphConv3D(channels, channels, graph, window, learned=learned_adjacency,
-                                  context=context, frames=frames, residual=layer > 0, backend=ops_backend)
+                                  context=context, frames=frames, residual=layer > 0, collapse=collapse,
+                                  backend=ops_backend)
                 for layer in range(graph_layers))
             for scale, graph in _SCALES.items()})
         self.cross = nn.ModuleList(

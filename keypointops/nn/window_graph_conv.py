@@ -81,28 +81,36 @@ class WindowGraphConv3D(nn.Module):
 
     1. ``h = x W``: per-node linear map ``C_in -> C_out`` (no bias), applied before the aggregation
        (same result, on ``T * N`` rows rather than ``T * L``).
-    2. The window adjacency (Eq. 3 + Eq. 4's self loops), normalised
-       ``D^-1/2 Â D^-1/2`` with ``D`` the row sums of the full ``Â``:
+    2. The window adjacency (Eq. 3 + Eq. 4's self loops):
 
-       ``Â = tile(A_p + I) + tile(A_m) + A_c + I_L``
+       ``Â = D^-1/2 (tile(A_p + I) + I_L) D^-1/2 + tile(A_m) + A_c``
 
        ``A_p`` the physical graph (fixed), tiled over the ``window x window`` blocks with self links
-       (:func:`keypointops.graphs.block_adjacency`, a node linked to its copies in the other frames);
-       ``A_m`` a learnable ``[N, N]`` matrix (zero at initialisation, ``learned=True``) tiled the same
-       way; ``A_c`` the :class:`ContextTopology` of the input (``context="window"``: per window
-       ``[B, T, L, L]``; ``"sample"``: ``[B, L, L]``; ``None``: no context term).  The constant part
-       is a buffer built once; with neither ``A_m`` nor ``A_c`` the normalised adjacency is.
-    3. ``y = relu(window_graph_conv(h, Â_norm, window))``: ``[B, T, L, C_out]``, the window of every
+       (:func:`keypointops.graphs.block_adjacency`, a node linked to its copies in the other frames)
+       and degree-normalised once (a buffer); ``A_m`` a learnable ``[N, N]`` matrix (zero at
+       initialisation, ``learned=True``) tiled the same way; ``A_c`` the :class:`ContextTopology` of
+       the input (``context="window"``: per window ``[B, T, L, L]``; ``"sample"``: ``[B, L, L]``;
+       ``None``: no context term).  ``A_m`` and ``A_c`` are added to the normalised skeleton, as
+       2s-AGCN (Shi et al., CVPR 2019) and MS-G3D (Liu et al., CVPR 2020) add their learned and
+       data-dependent adjacencies, rather than normalised with it (see the deviation below).
+    3. ``y = relu(window_graph_conv(h, Â, window))``: ``[B, T, L, C_out]``, the window of every
        frame aggregated without building the unfolded input.
-    4. Window collapse: MS-G3D's ``Conv3d(C_out, C_out, (1, window, 1))`` without bias over the
-       window slots (a linear map of each node's ``window * C_out`` slot features), ``BatchNorm``,
-       ReLU: ``z`` ``[B, T, N, C_out]``.
+    4. Window collapse (``collapse=True``): MS-G3D's ``Conv3d(C_out, C_out, (1, window, 1))`` without
+       bias over the window slots (a linear map of each node's ``window * C_out`` slot features),
+       ``BatchNorm``, ReLU: ``z`` ``[B, T, N, C_out]``.  ``collapse=False`` (``window=1`` only) is the
+       frame-level graph conv of CTL's "+ContRe" ablation row, Kipf and Welling's GCN (ICLR 2017) on
+       Eq. 2's adjacency: ``z = y`` with the fixed part ``D^-1/2 (A_p + I) D^-1/2`` (one self loop;
+       a window of one frame has no other frames to link a node to) and no collapse layer or BN.
     5. ``out = x + z`` with ``residual=True`` (needs ``C_in == C_out``), else ``out = z``: CTL adds the
        shortcut from its second layer on.
 
-    Deviation from the paper (docs/models/ctl.md): a node whose degree is ``<= 0`` (possible only when ``A_m`` and
-    ``A_c`` are negative enough) gets a zero row and column (:func:`~keypointops.graphs.normalize_adjacency`)
-    instead of ``deg.clamp_min(1e-3)``, which would scale such a row by ~32; both avoid NaN.
+    Deviation from the paper (docs/models/ctl.md): Eq. 4 normalises by the degrees of the full
+    ``Â``, but ``A_m`` and ``A_c`` are signed, and a row of ``A_c`` (unit L2 norm) sums to as much as
+    ``+-sqrt(L)``, as much as the sparsest fixed rows (at least 3 in a frame-level graph of 17
+    keypoints, against ``sqrt(17) = 4.1``; at least 7 in a 3-frame window, against
+    ``sqrt(51) = 7.1``).  Degrees then reach zero or below, where ``D^-1/2`` is undefined, and near
+    zero they scale a node's row and column by ``1/sqrt(d)``.  Normalising the fixed part only keeps
+    every node and bounds the signed terms (``|A_c| <= 1``; ``A_m`` learned).
 
     Args:
         in_channels, out_channels: ``C_in`` and ``C_out``.
@@ -115,12 +123,14 @@ class WindowGraphConv3D(nn.Module):
         context: ``"window"``, ``"sample"`` or None: the context term ``A_c`` (see above).
         frames: ``T``, required with a context term (its temporal conv has ``T`` input channels).
         residual: add the identity shortcut.
+        collapse: the window-collapse layer (step 4); False: the frame-level GCN (``window=1``).
         backend: backend of :func:`keypointops.window_graph_conv`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, adjacency: str | Skeleton | Tensor,
                  window: int = 3, *, dilation: int = 1, learned: bool = True, context: str | None = None,
-                 frames: int | None = None, residual: bool = False, backend: str = "auto"):
+                 frames: int | None = None, residual: bool = False, collapse: bool = True,
+                 backend: str = "auto"):
         super().__init__()
         joint_adjacency = (adjacency if isinstance(adjacency, Tensor)
                            else skeleton(adjacency).adjacency())
@@ -134,26 +144,25 @@ class WindowGraphConv3D(nn.Module):
         if residual and in_channels != out_channels:
             raise ValueError(f"WindowGraphConv3D: residual needs in_channels == out_channels, got "
                              f"{in_channels} and {out_channels}")
+        if not isinstance(collapse, bool) or (not collapse and window != 1):
+            raise ValueError(f"WindowGraphConv3D: collapse must be True, or False with window 1 (the "
+                             f"frame-level graph conv), got collapse={collapse!r} with window {window!r}")
         self.num_joints = joint_adjacency.size(0)
         self.window, self.dilation, self.residual, self.backend = window, dilation, residual, backend
         size = window * self.num_joints
-        physical = block_adjacency(joint_adjacency.float(), window) + torch.eye(size)
-        self.constant = not learned and context is None
-        if self.constant:
-            physical = normalize_adjacency(physical, add_self_loops=False)
-        self.register_buffer("physical", physical)
+        fixed = (block_adjacency(joint_adjacency.float(), window) + torch.eye(size) if collapse
+                 else joint_adjacency.float() + torch.eye(size))
+        self.register_buffer("physical", normalize_adjacency(fixed, add_self_loops=False))
         self.learned = nn.Parameter(torch.zeros(self.num_joints, self.num_joints)) if learned else None
         self.context = (ContextTopology(in_channels, self.num_joints, window, frames, context,
                                         dilation=dilation) if context is not None else None)
         self.linear = nn.Linear(in_channels, out_channels, bias=False)
-        self.collapse = nn.Linear(window * out_channels, out_channels, bias=False)
-        self.norm = nn.BatchNorm1d(out_channels)
+        self.collapse = nn.Linear(window * out_channels, out_channels, bias=False) if collapse else None
+        self.norm = nn.BatchNorm1d(out_channels) if collapse else None
 
     def adjacency(self, x: Tensor | None = None) -> Tensor:
-        """The normalised window adjacency: ``[L, L]``, or with a context term (computed from the
+        """The window adjacency ``Â`` of step 2: ``[L, L]``, or with a context term (computed from the
         layer input ``x``) ``[B, T, L, L]`` / ``[B, L, L]``."""
-        if self.constant:
-            return self.physical
         adj = self.physical
         if self.learned is not None:
             adj = adj + self.learned.repeat(self.window, self.window)
@@ -161,7 +170,7 @@ class WindowGraphConv3D(nn.Module):
             if x is None:
                 raise ValueError("WindowGraphConv3D.adjacency: x is required with a context term")
             adj = adj + self.context(x)
-        return normalize_adjacency(adj, add_self_loops=False)
+        return adj
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[B, T, N, C_in]`` -> ``[B, T, N, C_out]``."""
@@ -172,6 +181,9 @@ class WindowGraphConv3D(nn.Module):
         h = self.linear(x)
         adj = self.adjacency(x).to(h.dtype)
         y = window_graph_conv(h, adj, self.window, dilation=self.dilation, backend=self.backend)
+        if self.collapse is None:                                             # window 1: [B, T, N, C]
+            z = y.relu()
+            return x + z if self.residual else z
         # Each node's window slots side by side ([B, T, N, window * C]) for the collapse GEMM.  The
         # one copy of y is made before the ReLU, which then runs in place on it: y itself is not
         # kept for backward, so the layer holds a single [B, T, L, C] tensor.

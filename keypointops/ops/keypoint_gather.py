@@ -80,9 +80,10 @@ def keypoint_gather(features: Tensor, keypoints: Tensor, spatial_scale: float, *
     valid = check_args(features, keypoints, spatial_scale, roi_size, sampling_ratio, aligned, valid, output_size)
     backend = resolve_backend("keypoint_gather", backend, features.device)
     if backend == "reference":
-        return reference.keypoint_gather(features, keypoints, spatial_scale, roi_size=roi_size,
-                                         sampling_ratio=sampling_ratio, aligned=aligned, valid=valid,
-                                         output_size=output_size)
+        with autocast.disabled(features):
+            return reference.keypoint_gather(features, keypoints, spatial_scale, roi_size=roi_size,
+                                             sampling_ratio=sampling_ratio, aligned=aligned, valid=valid,
+                                             output_size=output_size)
     if backend == "triton":
         from keypointops.triton import keypoint_gather as triton_keypoint_gather
         forward = triton_keypoint_gather.keypoint_gather_triton

@@ -86,8 +86,9 @@ def msg_pass(x: Tensor, graph: Graph | Tensor, t: float | Tensor = 1.0, eps: flo
     if aggr == "powermean" and not isinstance(p, Tensor) and p == 1:
         aggr = "mean"   # PyG's rule: a plain p of 1 is the mean, unclamped
     if backend == "reference":
-        return reference.msg_pass(x, graph, t, eps, edge_attr=edge_attr, aggr=aggr, p=p,
-                                  clamp_min=clamp_min, clamp_max=clamp_max)
+        with autocast.disabled(x):
+            return reference.msg_pass(x, graph, t, eps, edge_attr=edge_attr, aggr=aggr, p=p,
+                                      clamp_min=clamp_min, clamp_max=clamp_max)
     parameter = _channel_parameter({"softmax": t, "softmax_sg": t, "powermean": p}.get(aggr, 1.0), x)  # mean: none
     if backend == "triton":
         from keypointops.triton import msg_pass as triton_msg_pass

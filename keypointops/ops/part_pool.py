@@ -52,7 +52,8 @@ def part_pool(features: Tensor, heatmaps: Tensor, groups: Tensor | None = None, 
     check_args(features, heatmaps, groups, temperature)
     backend = resolve_backend("part_pool", backend, features.device)
     if backend == "reference":
-        return reference.part_pool(features, heatmaps, groups, temperature)
+        with autocast.disabled(features):
+            return reference.part_pool(features, heatmaps, groups, temperature)
     if backend == "triton":
         from keypointops.triton import part_pool as triton_part_pool
         forward = triton_part_pool.part_pool_triton

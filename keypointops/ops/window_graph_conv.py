@@ -69,7 +69,8 @@ def window_graph_conv(x: Tensor, adj: Tensor, window: int, *, dilation: int = 1,
     check_args(x, adj, window, dilation, stride)
     backend = resolve_backend("window_graph_conv", backend, x.device)
     if backend == "reference":
-        return reference.window_graph_conv(x, adj, window, dilation=dilation, stride=stride)
+        with autocast.disabled(x):
+            return reference.window_graph_conv(x, adj, window, dilation=dilation, stride=stride)
     if backend == "triton":
         from keypointops.triton import window_graph_conv as triton_window_graph_conv
         forward = triton_window_graph_conv.window_graph_conv_triton
