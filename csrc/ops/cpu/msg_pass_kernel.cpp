@@ -74,7 +74,7 @@ namespace {
 constexpr int64_t kChunkWork = 1 << 14;
 // Below this many (edge + node) x channel updates (tens of microseconds of work) a call runs on the
 // calling thread: starting a parallel region costs more than it saves there.  Above it, a
-// KMPNet training batch's graph (32 clips x 8 frames x 17 joints, C = 64: 1.6M updates) gains
+// KMPNet training batch's graph (32 clips x 8 frames x 17 joints, C = 64: 1.4M updates) gains
 // from the second core, also while the cores are shared with other work.
 constexpr int64_t kParallelWork = int64_t{1} << 16;
 constexpr int64_t kPrefetchNodes = 2;   // prefetch the rows gathered this many nodes ahead
