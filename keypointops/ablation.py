@@ -142,7 +142,6 @@ def _run_one(job: dict) -> dict:
 
     from keypointops import engine
     from keypointops.checkpoints import load_checkpoint, model_from_checkpoint
-    from keypointops.data import build_dataset
 
     torch.set_num_threads(job["threads"])
     folder = Path(job["folder"])
@@ -158,7 +157,7 @@ def _run_one(job: dict) -> dict:
         result = json.loads(result_path.read_text())
         if all(label in result["variants"] for label in row.eval_variants):
             return result
-        dataset = build_dataset(config["data"], config["root"], **config["data_options"])
+        dataset = engine.dataset_of(config)
     else:
         run = engine.train(config, folder, resume=(folder / "model.pt").exists(), evaluate_at_end=False,
                            log=lambda line: None)

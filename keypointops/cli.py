@@ -319,7 +319,7 @@ def _checkpoint_and_dataset(args) -> tuple[dict, dict, object]:
     """``(checkpoint, its run config, the dataset)`` for a command that reads a checkpoint: the
     config's dataset unless ``--data`` / ``--root`` name another; sets the threads."""
     from keypointops.checkpoints import load_checkpoint
-    from keypointops.data import build_dataset
+    from keypointops.engine import dataset_of
 
     _set_threads(args)
     state = load_checkpoint(args.checkpoint, args.model)
@@ -328,7 +328,7 @@ def _checkpoint_and_dataset(args) -> tuple[dict, dict, object]:
         config["data"] = args.data
     if getattr(args, "root", None) is not None:
         config["root"] = str(Path(args.root).resolve())
-    return state, config, build_dataset(config["data"], config["root"], **config["data_options"])
+    return state, config, dataset_of(config)
 
 
 def _evaluate(args) -> None:

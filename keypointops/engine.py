@@ -85,16 +85,24 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
 
 # ----------------------------------------------------------------------------------------- data + model
 
+def dataset_of(config: dict):
+    """The dataset a run config names (``data``, ``root``, ``data_options``); an option the dataset
+    does not take is a one-line error naming ``--data-option``."""
+    from keypointops.data import build_dataset
+
+    with _options_of("--data-option", config["data"], _dataset_options(config["data"])):
+        return build_dataset(config["data"], config["root"], **config["data_options"])
+
+
 def build_run(config: dict, *, rank: int = 0, world_size: int = 1, initial_weights: bool = True):
     """Builds ``(dataset, train_loader, model)`` of a config (the model on CPU, training mode).
     ``initial_weights=False`` skips the config's ``pretrained`` / ``init_from`` loads: a resumed run's
     checkpoint replaces them, so their files need not exist any more."""
-    from keypointops.data import build_dataset, build_loader
+    from keypointops.data import build_loader
     from keypointops.models import build_model
     from keypointops.models.backbones import load_pretrained
 
-    with _options_of("--data-option", config["data"], _dataset_options(config["data"])):
-        dataset = build_dataset(config["data"], config["root"], **config["data_options"])
+    dataset = dataset_of(config)
     t = TrainSettings.from_dict(config["train"])
     loader = build_loader(dataset.train, train=True, frames=t.frames, sampling=t.train_sampling,
                           height=t.height, width=t.width, batch_size=t.batch_size,

@@ -1,4 +1,5 @@
 // keypoint_gather: argument checks shared by every device, and the C++ dispatcher entry points.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include "ops/keypoint_gather.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -1,4 +1,5 @@
 // msg_pass: argument checks shared by every device, and the C++ dispatcher entry points.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include "ops/msg_pass.h"
 
 #include <ATen/OpMathType.h>

@@ -1,5 +1,6 @@
 // The choice of the CPU kernels' capability (ops/cpu/cpu_capability.h).  Compiled without
 // instruction-set flags: it runs before anything is known about the CPU.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include "ops/cpu/cpu_capability.h"
 
 #include <ATen/Version.h>

@@ -10,7 +10,9 @@
 // first touch, so the buffer costs no zero-fill pass of its own (and a page nobody writes stays the
 // shared zero page).  Such a mapping is reported to torch's memory profiler like an allocation of
 // the CPU allocator, so that profiles and peak-memory measurements count it.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/core/Allocator.h>
 
 #include <cstdint>

@@ -50,10 +50,15 @@
 // grad_out values of a tap's node are then contiguous (one widening load per tap, not one
 // scattered 16-bit load per tap and channel), one rounding covers the vector, and each lane is
 // stored to its channel's plane.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#if defined(CPU_CAPABILITY_DEFAULT)  // the build that registers the op with torch (below)
 #include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>

@@ -52,10 +52,17 @@
 // row_max, row_sum, the packed factors and grad_t are float32, as for float32 x.  Their softmax
 // weights take an inline exp of relative error under 4e-7 instead of Sleef's out-of-line one
 // (softmax_exp below).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#if defined(CPU_CAPABILITY_DEFAULT)  // the build that registers the op with torch (below)
 #include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <limits>

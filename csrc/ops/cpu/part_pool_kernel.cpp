@@ -46,12 +46,18 @@
 // in the other GEMMs, are widened a block at a time (a few rows, or a chunk of rows x 2 vectors)
 // into a small float32 buffer that stays in L1, so the inner loops are the float32 ones; each
 // output element is rounded once, when stored.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/bit_cast.h>
+#if defined(CPU_CAPABILITY_DEFAULT)  // the build that registers the op with torch (below)
 #include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <cmath>

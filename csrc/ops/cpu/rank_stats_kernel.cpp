@@ -18,11 +18,17 @@
 // Memory: outputs [Q] and a [G] non-junk mask; per thread the matches (and a [G] order when sorting).
 // Queries run in parallel in tasks of several rows (dynamic_tasks.h); each writes only its own
 // outputs (deterministic).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#if defined(CPU_CAPABILITY_DEFAULT)  // the build that registers the op with torch (below)
 #include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <atomic>

@@ -33,9 +33,15 @@
 // adj or the chunk partials) and rounded at the end.  The broadcast (left) operands are widened
 // beforehand, so the inner loops are the float32 ones: adj once per call (a float32 copy of adj),
 // a window's grad_out rows (R x C) per window of grad_adj.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#if defined(CPU_CAPABILITY_DEFAULT)  // the build that registers the op with torch (below)
 #include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <vector>

@@ -22,9 +22,11 @@
 // so 5 blocks of 128 threads fit an SM's 65,536 registers.
 // Local memory: at most 16 bytes per thread, where ptxas spills a register or two of the keypoint
 // walk (float64 and some 16-bit and float32 instances; bench/results/cuda-resources.md).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -59,9 +59,13 @@
 // Local memory: at most 32 bytes per thread, where ptxas spills (4-16 bytes) in the scalar float64
 // softmax backward with grad_t, the vectorised 16-bit backwards with grad_t (grad_p) and edge
 // features, and the vectorised bfloat16 forward on sm_90 (bench/results/cuda-resources.md).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -22,9 +22,13 @@
 // for the other instances), so at least 2 blocks of 256 threads per SM.
 // Local memory: at most 20 bytes per thread, where ptxas spills in the weighted-sum and grad-logits
 // instances (a few registers of their tile loops; bench/results/cuda-resources.md).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

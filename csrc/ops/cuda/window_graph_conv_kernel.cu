@@ -19,9 +19,12 @@
 // at least 2 blocks of 256 threads per SM.
 // Local memory: at most 8 bytes per thread, where ptxas spills in grad_x (float32 and 16-bit:
 // 4-8 bytes; bench/results/cuda-resources.md).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
