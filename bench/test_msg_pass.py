@@ -21,16 +21,17 @@ CASES = {
     # SMALL: 12,000 nodes still take the CPU kernel's parallel path over several chunks (72,000 edges + nodes)
     "large": dict(nodes=12_000 if SMALL else 1_000_000),
 }
+INTERPRETED_NODES = 1_200  # the large case in Triton's interpreter (SMALL, CPU): the same kernels, a tenth of the nodes
 IMPLS = ["keypointops", "triton", "reference", "pyg"]
 EPS = 1e-7
 
 
-def make_case(case, device):
+def make_case(case, device, nodes=None):
     gen = torch.Generator().manual_seed(0)
     if case == "kmpnet":
         graph = Graph.spatial_temporal("coco17", frames=8, batch=CASES[case]["batch"], device=device)
     else:
-        n = CASES[case]["nodes"]
+        n = nodes or CASES[case]["nodes"]
         src = torch.randint(0, n, (5 * n,), generator=gen)
         dst = torch.arange(n).repeat_interleave(5)
         graph = Graph.from_edge_index(torch.stack([src, dst]).to(device), n)
@@ -64,7 +65,7 @@ def make_fn(impl, x, graph, device, backward):
 def test_msg_pass(measure, case, impl, backward, device):
     if impl == "triton" and (not triton_available(torch.device(device)) or (device == "cpu" and not SMALL)):
         pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
-    x, graph = make_case(case, device)
+    x, graph = make_case(case, device, INTERPRETED_NODES if impl == "triton" and device == "cpu" else None)
     fn = make_fn(impl, x, graph, device, backward)
     work = floors.msg_pass(graph.num_nodes, graph.num_edges, x.size(1), backward)
     measure(fn, group=f"msg_pass {case} {'fwd+bwd' if backward else 'fwd'} {device}",
