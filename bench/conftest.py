@@ -264,6 +264,19 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def pytest_collection_modifyitems(config, items):
+    """A smoke run (``KEYPOINTOPS_BENCH_SMALL=1``) leaves out the forward-only variant of each case:
+    its forward+backward variant runs the same forward, and every forward-only path is tested in
+    ``python_tests/``."""
+    if not SMALL:
+        return
+    forward_only = [item for item in items
+                    if getattr(item, "callspec", None) is not None and item.callspec.params.get("backward") is False]
+    if forward_only:
+        config.hook.pytest_deselected(items=forward_only)
+        items[:] = [item for item in items if item not in forward_only]
+
+
 def pytest_terminal_summary(terminalreporter, config):
     rows, group_floors = _summary_rows(config)
     if not rows:

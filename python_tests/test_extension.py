@@ -80,3 +80,20 @@ def test_sources_hold_no_control_characters():
         data = path.read_bytes()
         for byte in (b"\x08", b"\x0b", b"\x0c", b"\r"):
             assert byte not in data, f"{path.relative_to(repo)} holds {byte!r} at byte {data.index(byte)}"
+
+
+def test_cmake_builds_each_capability_with_setup_py_flags():
+    """CMakeLists.txt's per-capability compiler flags are setup.py's: CI compiles every capability
+    through setup.py and only DEFAULT through CMake, which is a check of the AVX2 / AVX-512 builds of
+    both only while the flags agree."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    setup_py = ast.parse((root / "setup.py").read_text())
+    setup_flags = next(ast.literal_eval(node.value) for node in setup_py.body if isinstance(node, ast.Assign)
+                       and getattr(node.targets[0], "id", None) == "CPU_CAPABILITY_FLAGS")
+    cmake_flags = {name.lower(): flags.split() for name, flags in re.findall(
+        r'^set\(KEYPOINTOPS_CPU_FLAGS_(\w+) ?"?([^")]*)"?\)$', (root / "CMakeLists.txt").read_text(), re.M)}
+    assert cmake_flags == setup_flags
