@@ -270,11 +270,13 @@ def pytest_collection_modifyitems(config, items):
     ``python_tests/``."""
     if not SMALL:
         return
-    forward_only = [item for item in items
-                    if getattr(item, "callspec", None) is not None and item.callspec.params.get("backward") is False]
+    kept, forward_only = [], []
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        (forward_only if params.get("backward") is False else kept).append(item)
     if forward_only:
         config.hook.pytest_deselected(items=forward_only)
-        items[:] = [item for item in items if item not in forward_only]
+        items[:] = kept
 
 
 def pytest_terminal_summary(terminalreporter, config):

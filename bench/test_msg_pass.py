@@ -63,9 +63,10 @@ def make_fn(impl, x, graph, device, backward):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_msg_pass(measure, case, impl, backward, device):
-    if impl == "triton" and (not triton_available(torch.device(device)) or (device == "cpu" and not SMALL)):
+    interpreted = impl == "triton" and device == "cpu"
+    if impl == "triton" and (not triton_available(torch.device(device)) or (interpreted and not SMALL)):
         pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
-    x, graph = make_case(case, device, INTERPRETED_NODES if impl == "triton" and device == "cpu" else None)
+    x, graph = make_case(case, device, INTERPRETED_NODES if interpreted else None)
     fn = make_fn(impl, x, graph, device, backward)
     work = floors.msg_pass(graph.num_nodes, graph.num_edges, x.size(1), backward)
     measure(fn, group=f"msg_pass {case} {'fwd+bwd' if backward else 'fwd'} {device}",

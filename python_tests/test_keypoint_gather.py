@@ -47,7 +47,7 @@ def gather(features, keypoints, backend, **kwargs):
     return keypointops.keypoint_gather(features, keypoints, 1 / STRIDE, backend=backend, **kwargs)
 
 
-ROI_SIZES = [0.0, 1.0, 5.3, 15.0]  # 29 input pixels = 14.5 feature pixels, larger than the map
+ROI_SIZES = [0.0, 1.0, 5.3, 15.0]  # 15 input pixels = 7.5 feature pixels, larger than the 7 x 5 maps
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params("keypoint_gather"))
