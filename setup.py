@@ -86,7 +86,9 @@ def extensions():
     # The kernel sources are compiled by CpuCapabilityBuildExt: setuptools only sees them (and the
     # headers) as files whose change rebuilds the extension.
     depends = kernel_sources + sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
+    # The kernels (.cu) and their registration with the dispatcher (a .cpp, see register_cuda.cpp).
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu"))
+                          + glob.glob(os.path.join("csrc", "ops", "cuda", "*.cpp")))
 
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     with_cuda = force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None)

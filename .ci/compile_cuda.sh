@@ -6,11 +6,12 @@
 # The CPU wheel of torch lacks c10/cuda/impl/cuda_cmake_macros.h: a one-line stand-in is supplied.
 # The files compile in parallel (NVCC_JOBS at a time, default: the number of cores); each file's
 # output is printed after all of them, in file order.  Exits non-zero if any file fails.
-# Usage: .ci/compile_cuda.sh [file.cu ...]   (default: every csrc/**/*.cu)
+# nvcc hands the CUDA build's .cpp files (ops/cuda/register_cuda.cpp) to the host compiler.
+# Usage: .ci/compile_cuda.sh [file.cu ...]   (default: every csrc/**/*.cu and csrc/ops/cuda/*.cpp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 files=("$@")
-if [ ${#files[@]} -eq 0 ]; then mapfile -t files < <(find csrc -name '*.cu' | sort); fi
+if [ ${#files[@]} -eq 0 ]; then mapfile -t files < <(find csrc -name '*.cu' -o -path 'csrc/ops/cuda/*.cpp' | sort); fi
 torch_dir=$(python -c "import os, torch; print(os.path.dirname(torch.__file__))")
 py_include=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 work=$(mktemp -d)

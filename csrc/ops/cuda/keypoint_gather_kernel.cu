@@ -30,11 +30,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
 
+#include "ops/cuda/kernels.h"
 #include "ops/keypoint_gather.h"
 #include "ops/keypoint_gather_sampling.h"
 
@@ -253,6 +253,8 @@ void check_cuda_dtype(at::ScalarType dtype, const char* name) {
               ", got ", dtype);
 }
 
+}  // namespace
+
 at::Tensor keypoint_gather_cuda(const at::Tensor& features, const at::Tensor& keypoints_in,
                                 const std::optional<at::Tensor>& valid_in,
                                 const std::optional<at::Tensor>& roi_sizes, double spatial_scale,
@@ -323,13 +325,6 @@ at::Tensor keypoint_gather_backward_cuda(const at::Tensor& grad_out_in, const at
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad.to(grad_out.scalar_type());
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(keypointops, CUDA, m) {
-  m.impl("keypoint_gather", &keypoint_gather_cuda);
-  m.impl("keypoint_gather_backward", &keypoint_gather_backward_cuda);
 }
 
 }  // namespace keypointops

@@ -69,12 +69,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 
+#include "ops/cuda/kernels.h"
 #include "ops/msg_pass.h"
 
 namespace keypointops {
@@ -609,6 +609,8 @@ void with_vector_width(bool vectorize, Launch&& launch) {
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_cuda(
     const at::Tensor& x_in, const at::Tensor& rowptr_in, const at::Tensor& col_in,
     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& t_in, double eps,
@@ -756,13 +758,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cuda(
     }
   });
   return {grad_x, grad_t, grad_edge_attr};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(keypointops, CUDA, m) {
-  m.impl("msg_pass", &msg_pass_cuda);
-  m.impl("msg_pass_backward", &msg_pass_backward_cuda);
 }
 
 }  // namespace keypointops

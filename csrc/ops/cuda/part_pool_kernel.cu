@@ -32,10 +32,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <limits>
 
+#include "ops/cuda/kernels.h"
 #include "ops/part_pool.h"
 
 namespace keypointops {
@@ -325,6 +325,8 @@ at::Tensor image_matrices(const at::Tensor& t) {
   return t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)});
 }
 
+}  // namespace
+
 at::Tensor part_pool_cuda(const at::Tensor& features_in, const at::Tensor& heatmaps_in,
                           const std::optional<at::Tensor>& groups_in, double temperature) {
   const int64_t P = check_part_pool_args(features_in, heatmaps_in, groups_in, temperature);
@@ -437,13 +439,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cuda(
     grad_groups = at::matmul(grad_logits, hm.transpose(1, 2)).sum(0).to(options.dtype());
   }
   return {grad_features, grad_heatmaps, grad_groups};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(keypointops, CUDA, m) {
-  m.impl("part_pool", &part_pool_cuda);
-  m.impl("part_pool_backward", &part_pool_backward_cuda);
 }
 
 }  // namespace keypointops

@@ -28,10 +28,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <limits>
 
+#include "ops/cuda/kernels.h"
 #include "ops/window_graph_conv.h"
 
 namespace keypointops {
@@ -219,6 +219,8 @@ void check_cuda_inputs(const at::Tensor& x, int64_t blocks_x) {
               " windows (or frames) is more than one CUDA launch takes");
 }
 
+}  // namespace
+
 at::Tensor window_graph_conv_cuda(const at::Tensor& x_in, const at::Tensor& adj_in, int64_t window,
                                   int64_t dilation, int64_t stride) {
   check_window_graph_conv_args(x_in, adj_in, window, dilation, stride);
@@ -301,13 +303,6 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cuda(
     grad_adj = grad_adj.to(adj.scalar_type());
   }
   return {grad_x, grad_adj};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(keypointops, CUDA, m) {
-  m.impl("window_graph_conv", &window_graph_conv_cuda);
-  m.impl("window_graph_conv_backward", &window_graph_conv_backward_cuda);
 }
 
 }  // namespace keypointops
