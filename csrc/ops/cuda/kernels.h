@@ -1,7 +1,9 @@
 #pragma once
 // The CUDA kernels' entry points (defined in ops/cuda/*_kernel.cu, registered with torch's
-// dispatcher in ops/cuda/register_cuda.cpp).  The .cu files include this header, so a definition
-// that drifts from its declaration fails to compile rather than to link.
+// dispatcher in ops/cuda/register_cuda.cpp).  Each .cu file includes this header and ends with
+// KEYPOINTOPS_DEFINED_AS_DECLARED for its entry points: a definition whose signature drifted from
+// its declaration would be a second overload (and the declared function left undefined until the
+// library fails to load), so the check makes it a compile error.
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
@@ -9,6 +11,10 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+
+// After f's definition: &f names one function only if that definition is the declaration here.
+#define KEYPOINTOPS_DEFINED_AS_DECLARED(f) \
+  static_assert(sizeof(decltype(&f)) > 0, #f " must be defined with its signature in ops/cuda/kernels.h")
 
 namespace keypointops {
 

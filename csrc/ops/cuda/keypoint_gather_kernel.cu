@@ -327,4 +327,7 @@ at::Tensor keypoint_gather_backward_cuda(const at::Tensor& grad_out_in, const at
   return grad.to(grad_out.scalar_type());
 }
 
+KEYPOINTOPS_DEFINED_AS_DECLARED(keypoint_gather_cuda);
+KEYPOINTOPS_DEFINED_AS_DECLARED(keypoint_gather_backward_cuda);
+
 }  // namespace keypointops

@@ -760,4 +760,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msg_pass_backward_cuda(
   return {grad_x, grad_t, grad_edge_attr};
 }
 
+KEYPOINTOPS_DEFINED_AS_DECLARED(msg_pass_cuda);
+KEYPOINTOPS_DEFINED_AS_DECLARED(msg_pass_backward_cuda);
+
 }  // namespace keypointops

@@ -441,4 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> part_pool_backward_cuda(
   return {grad_features, grad_heatmaps, grad_groups};
 }
 
+KEYPOINTOPS_DEFINED_AS_DECLARED(part_pool_cuda);
+KEYPOINTOPS_DEFINED_AS_DECLARED(part_pool_backward_cuda);
+
 }  // namespace keypointops

@@ -305,4 +305,7 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cuda(
   return {grad_x, grad_adj};
 }
 
+KEYPOINTOPS_DEFINED_AS_DECLARED(window_graph_conv_cuda);
+KEYPOINTOPS_DEFINED_AS_DECLARED(window_graph_conv_backward_cuda);
+
 }  // namespace keypointops
