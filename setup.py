@@ -112,7 +112,7 @@ def extensions():
         ext_cls = CppExtension
         extra = {"cxx": cxx}
     print(f"keypointops: building C++ CPU kernels ({', '.join(cpu_capabilities)})"
-          + (f" and {len(cuda_sources)} CUDA kernel file(s) for TORCH_CUDA_ARCH_LIST="
+          + (f" and {len(cuda_sources)} CUDA source file(s) for TORCH_CUDA_ARCH_LIST="
                 f"{os.environ.get('TORCH_CUDA_ARCH_LIST')}" if with_cuda else "; CUDA kernels skipped "
              "(torch has no CUDA or nvcc not found; set FORCE_CUDA=1 to force)"))
     ext = ext_cls("keypointops._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],

@@ -1,6 +1,7 @@
-// keypointops: every operator schema lives here.  Kernels register per dispatch key at the bottom
-// of csrc/ops/cpu/<op>_kernel.cpp and csrc/ops/cuda/<op>_kernel.cu; autograd and fake (meta)
-// kernels are registered from Python (keypointops/ops/<op>.py) with torch.library.
+// keypointops: every operator schema lives here.  Kernels register per dispatch key: the CPU ones
+// at the bottom of csrc/ops/cpu/<op>_kernel.cpp, the CUDA ones all in csrc/ops/cuda/register_cuda.cpp
+// (declared in ops/cuda/kernels.h); autograd and fake (meta) kernels are registered from Python
+// (keypointops/ops/<op>.py) with torch.library.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include <torch/library.h>
 

@@ -1,7 +1,8 @@
 """Resource report and check of the CUDA kernels, from ptxas's ``-v`` output.
 
 Reads the output of ``.ci/compile_cuda.sh`` (nvcc -Xptxas -v of every ``csrc/**/*.cu`` for sm_80
-and sm_90: one block per file, headed ``nvcc -c FILE: exit N``) and, for every kernel and template
+and sm_90, and of the CUDA build's host-only ``csrc/ops/cuda/*.cpp``, which report no kernel: one
+block per file, headed ``nvcc -c FILE: exit N``) and, for every kernel and template
 instance, reports registers per thread, spill stores, stack frame (local memory) and static shared
 memory.  It checks each kernel against the header comment of its file:
 

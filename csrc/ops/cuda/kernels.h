@@ -3,7 +3,8 @@
 // dispatcher in ops/cuda/register_cuda.cpp).  Each .cu file includes this header and ends with
 // KEYPOINTOPS_DEFINED_AS_DECLARED for its entry points: a definition whose signature drifted from
 // its declaration would be a second overload (and the declared function left undefined until the
-// library fails to load), so the check makes it a compile error.
+// library fails to load), so the check makes it a compile error (nvcc: "cannot determine which
+// instance of overloaded function ... is intended"; the static_assert's message does not print).
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 

@@ -1,6 +1,7 @@
 // Registers the CUDA kernels with torch's dispatcher.  In a C++ file of its own, compiled once by
 // the host compiler: torch/library.h in a .cu file is parsed four times by nvcc (cudafe++, the host
 // compile and cicc for each of two architectures).  Built only with CUDA (setup.py, CMakeLists.txt).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include <torch/library.h>
 
 #include "ops/cuda/kernels.h"
