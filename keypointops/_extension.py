@@ -46,10 +46,9 @@ def cpu_capability() -> str:
     ``"default"`` (no vector extension beyond the architecture's baseline).
 
     The library holds a build of every CPU kernel for each of them (x86-64; ``"default"`` only
-    elsewhere) and picks one when it loads: the widest up to ``"avx2"`` that the CPU supports and
-    that PyTorch's own CPU kernels use (``ATEN_CPU_CAPABILITY`` narrows both), or the one named by
-    the environment variable ``KEYPOINTOPS_CPU_CAPABILITY`` (``default``, ``avx2`` or ``avx512``).
-    The ``"avx512"`` build runs only when named until its tests have run on an AVX-512 CPU.
+    elsewhere) and picks one when it loads: the widest that the CPU supports and that PyTorch's own
+    CPU kernels use (``ATEN_CPU_CAPABILITY`` narrows both), or the one named by the environment
+    variable ``KEYPOINTOPS_CPU_CAPABILITY`` (``default``, ``avx2`` or ``avx512``).
     A name that is unknown, or that the CPU lacks, fails the import with a one-line RuntimeError.
     """
     require_ops()

@@ -1,6 +1,6 @@
 """The builds of the CPU kernels per instruction set (``keypointops.cpu_capability()``): every build
 that this CPU can run agrees with ``keypointops.reference``, forward and backward, in float32,
-float64 and bfloat16; the library picks the widest build up to AVX2 by default; ``KEYPOINTOPS_CPU_CAPABILITY``
+float64 and bfloat16; the library picks the widest supported build by default; ``KEYPOINTOPS_CPU_CAPABILITY``
 overrides it and a bad value fails the import with one line.
 
 Sizes are chosen for the vector widths: 37 channels are 2 full AVX-512 float vectors (4 AVX2 ones)
@@ -48,15 +48,9 @@ def missing_feature(capability: str) -> str | None:
     return next((feature for feature in FEATURES[capability] if feature not in flags), None)
 
 
-# The widest capability chosen without KEYPOINTOPS_CPU_CAPABILITY: the AVX512 build runs only when
-# named until its tests have passed on an AVX-512 CPU (csrc/ops/cpu/cpu_capability.cpp).
-WIDEST_DEFAULT = "avx2"
-
-
 def best_capability() -> str:
-    """The widest capability up to WIDEST_DEFAULT that this CPU supports and PyTorch's own CPU
-    kernels use."""
-    supported = [c for c in CAPABILITIES[:CAPABILITIES.index(WIDEST_DEFAULT) + 1] if missing_feature(c) is None]
+    """The widest capability that this CPU supports and PyTorch's own CPU kernels use."""
+    supported = [c for c in CAPABILITIES if missing_feature(c) is None]
     aten = torch.backends.cpu.get_cpu_capability().lower()
     return supported[min(len(supported), CAPABILITIES.index(aten) + 1 if aten in CAPABILITIES else 1) - 1]
 

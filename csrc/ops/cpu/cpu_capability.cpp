@@ -6,7 +6,6 @@
 #include <ATen/Version.h>
 #include <c10/util/env.h>
 
-#include <algorithm>
 #include <atomic>
 #include <string>
 
@@ -60,12 +59,6 @@ int parse(const std::string& name) {
   return -1;
 }
 
-// The widest build chosen when KEYPOINTOPS_CPU_CAPABILITY is unset.  The AVX512 build compiles
-// and every kernel in it is written for any vector width, but its test suite has not yet run on an
-// AVX-512 CPU: until it has, it runs only when named (python_tests/test_cpu_capability.py tests it,
-// against the reference, on every CPU that has AVX-512).
-constexpr CpuCapability kWidestDefault = CpuCapability::AVX2;
-
 // ATen's own capability (ATEN_CPU_CAPABILITY and the CPU): the widest one chosen by default.
 int aten_capability() {
   const std::string aten = at::get_cpu_capability();
@@ -95,7 +88,7 @@ struct Choice {
       capability = c;
       return;
     }
-    int c = std::min(aten_capability(), static_cast<int>(kWidestDefault));
+    int c = aten_capability();
     while (c > 0 && !unusable_reason(static_cast<CpuCapability>(c)).empty()) --c;
     capability = c;
   }

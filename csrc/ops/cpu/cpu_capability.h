@@ -14,10 +14,9 @@
 // of active_cpu_capability().
 //
 // The capability is chosen once, on the first call: KEYPOINTOPS_CPU_CAPABILITY (default, avx2 or
-// avx512) when set, else the widest capability up to AVX2 that the CPU supports, that this
-// library was built with, and that ATen itself uses (so ATEN_CPU_CAPABILITY=default also narrows
-// these kernels).  The AVX512 build runs only when named until its tests have run on an AVX-512
-// CPU (cpu_capability.cpp, kWidestDefault).  An unknown value, or a capability the CPU or the build lacks, makes every CPU kernel
+// avx512) when set, else the widest capability that the CPU supports, that this library was built
+// with, and that ATen itself uses (so ATEN_CPU_CAPABILITY=avx2 or default also narrows these
+// kernels).  An unknown value, or a capability the CPU or the build lacks, makes every CPU kernel
 // raise a one-line RuntimeError: it never falls back silently.
 //
 // Inline functions of shared headers (torch, ops/*.h) are compiled into every build too; of their

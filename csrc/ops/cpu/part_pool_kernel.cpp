@@ -29,9 +29,9 @@
 // with AVX2 (MKL's sgemm) that is slower in forward (at P = 17 and P = 3) and in backward for few
 // parts (P = 3: a product with 3 rows leaves BLAS's register tiles mostly empty), and no faster in
 // backward at P = 17.  The loops here read each feature row once with the parts' accumulators in
-// registers.  Where the CPU's GEMM is wider (AVX-512, AMX) the balance may differ: every
-// instruction-set build (ops/cpu/cpu_capability.h) uses these loops, and only the AVX2 balance has
-// been measured.
+// registers.  In the AVX512 build on an AMD Zen 5 the CTL forward runs at the time of a
+// torch.matmul of the same shapes (docs/benchmarks.md); where the CPU's GEMM is wider still (AMX)
+// the balance may differ and has not been measured.
 // Each GEMM reads the features once (one read in forward, one in backward) and writes
 // grad_features once.
 // Memory: forward out [B, P, C]; backward grad_features, grad_heatmaps and a [B, P, J] grad_groups
@@ -40,12 +40,13 @@
 // float16 / bfloat16: features, heatmaps, grad_out and the outputs are 16-bit in memory; p, the
 // logits, their gradients and every GEMM accumulator are float32 (ops/cpu/reduced_precision.h).
 // Each thread widens what its image reuses (heatmaps [J, S], grad_out [P, C]) once into float32
-// buffers.  The NCHW forward is bound by its FMAs, not by memory: its tiles broadcast bfloat16
-// features in place (a bfloat16 is the high half of its float32: one broadcast load and an AND per
-// element, no widening pass) and its dot products widen them in registers; float16 features, and F
-// in the other GEMMs, are widened a block at a time (a few rows, or a chunk of rows x 2 vectors)
-// into a small float32 buffer that stays in L1, so the inner loops are the float32 ones; each
-// output element is rounded once, when stored.
+// buffers.  The NCHW forward is bound by its FMAs, not by memory: with AVX2 and below its tiles
+// broadcast bfloat16 features in place (a bfloat16 is the high half of its float32: one broadcast
+// load and an AND per element, no widening pass) and its dot products widen them in registers;
+// float16 features (and bfloat16 ones in the AVX512 build: BroadcastSource), and F in the other
+// GEMMs, are widened a block at a time (a few rows, or a chunk of rows x 2 vectors) into a small
+// float32 buffer that stays in L1, so the inner loops are the float32 ones; each output element is
+// rounded once, when stored.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -231,10 +232,19 @@ void gemm_dot(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_t lda,
 // (8, 6 and 4).  The chunk's outputs [N + D, kChunk] (6.5 KiB at 17 parts) stay in L1.
 constexpr int64_t kChunk = 96;
 
-// The dtype in which gemm_transposed's tiles broadcast the elements of A: float32, float64 and
-// bfloat16 in place (broadcast_acc), float16 widened a tile at a time into a buffer first.
+// The dtype in which gemm_transposed's tiles broadcast the elements of A: float32 and float64 in
+// place; float16 widened a tile at a time into a buffer first; bfloat16 in place (broadcast_acc)
+// with AVX2 and below, widened like float16 with AVX-512.  An AVX-512 FMA takes its broadcast
+// operand straight from memory (one instruction per element and part vector for float32), where a
+// bfloat16 broadcast in place costs a load and an AND more per element; at 17 parts the AVX-512
+// tile has one part vector (16 lanes), so those two extra instructions per FMA made the bfloat16
+// forward 1.2-1.5 times float32's, while one widening pass costs three per 16 elements.
 template <typename T>
-using BroadcastSource = std::conditional_t<std::is_same_v<T, c10::Half>, acc_t<T>, T>;
+using BroadcastSource = std::conditional_t<std::is_same_v<T, c10::Half>
+#if defined(CPU_CAPABILITY_AVX512)
+                                               || std::is_same_v<T, c10::BFloat16>
+#endif
+                                           , acc_t<T>, T>;
 
 // *p in the accumulation dtype, broadcast to every lane; with kAfterFirst, p[-1] is readable too.
 // A bfloat16 is the high half of its float32, so the 32 bits at p - 1 (little-endian: p[0] above
