@@ -201,7 +201,9 @@ void broadcast_gemm(Terms<left_t, right_t>& terms, int64_t stride, int64_t M, in
         switch (rows) {
 #define KEYPOINTOPS_BLOCK(R)                                                                    \
   case R:                                                                                       \
-    broadcast_block<left_t, out_t, R>(left, packed, k0, k1, stride, m0, n0, count, add, out, ld_out); \
+    if constexpr (R <= kMaxRows) {  /* rows <= kMaxRows: larger blocks are never built */       \
+      broadcast_block<left_t, out_t, R>(left, packed, k0, k1, stride, m0, n0, count, add, out, ld_out); \
+    }                                                                                           \
     break;
           KEYPOINTOPS_BLOCK(6)
           KEYPOINTOPS_BLOCK(5)
