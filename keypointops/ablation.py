@@ -162,8 +162,8 @@ def _run_one(job: dict) -> dict:
         run = engine.train(config, folder, resume=(folder / "model.pt").exists(), evaluate_at_end=False,
                            log=lambda line: None)
         dataset = run["dataset"]
-        result = {"row": row.name, "seed": job["seed"], "epochs": config["train"]["epochs"], "keypoints": {},
-                  "variants": {}}
+        result = {"row": row.name, "seed": job["seed"], "epochs": config["train"]["epochs"],
+                  "split": dataset.evaluation_split, "keypoints": {}, "variants": {}}
         settings = engine.evaluate_keypoint_settings(run["model"].eval(), dataset, config, device, job["keypoints"])
         result["keypoints"] = {setting: engine.summary(evaluation) for setting, evaluation in settings.items()}
     state = load_checkpoint(folder / "model.pt")
@@ -288,10 +288,12 @@ def ablation_table(paper: str, results: dict[str, list[dict]], *, data: str = ""
     settings = [k for k in KEYPOINT_CORRUPTIONS   # the settings every run was evaluated with
                 if k != "as-is" and all(k in r["keypoints"] for row in rows for r in results[row.name])]
     main = ablation.columns[ablation.main_column]
+    splits = {r.get("split", "test") for row in rows for r in results[row.name]}  # results before "split": test
     head = (["row", *[f"paper {c}" for c in ablation.columns], "seeds", "ours mAP", "ours rank-1", "vs control (mAP)",
              f"paper vs control ({main})", "direction"] + [f"{s} (mAP change)" for s in settings])
     lines = [f"### {paper}: {ablation.table}", "",
-             f"{ablation.citation}. Ours: {data or 'synthetic'} data, cpu preset, up to {seeds} seed(s), mean ± sample "
+             f"{ablation.citation}. Ours: {data or 'synthetic'} data ({' and '.join(sorted(splits))} split), cpu "
+             f"preset, up to {seeds} seed(s), mean ± sample "
              "standard deviation over seeds; vs control: the mean of the per-seed differences over the seeds both rows "
              "ran; keypoint columns: mAP with corrupted test keypoints minus mAP as-is.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]

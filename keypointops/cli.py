@@ -236,7 +236,8 @@ def _report(rows: dict[str, dict], baseline_results: dict, dataset, data: str, o
     label, result = next(iter(rows.items()))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"data": data, "results": table}, indent=1) + "\n")
+        (out / "results.json").write_text(json.dumps({"data": data, "split": dataset.evaluation_split,
+                                                      "results": table}, indent=1) + "\n")
         plot_cmc({label: result["cmc"], **{k: v["cmc"] for k, v in baseline_results.items()}}, out / "cmc.png",
                  title=f"{label} on {data}: mAP {table[label]['mAP']:.1f}%")
         plot_ranking(compute_distance(result["qf"], result["gf"]).numpy(), dataset.query, dataset.gallery,
@@ -302,8 +303,8 @@ def _train(args) -> None:
     if run["eval"] is None:  # a DDP rank other than 0
         return
     plot_curves(out / "metrics.jsonl", out / "curves.png")
-    print(f"\n{args.model} ({args.preset} preset) on {args.data}, {_epochs(config['train']['epochs'])}, "
-          f"{run['seconds']:.0f} s; run folder {out}")
+    print(f"\n{args.model} ({args.preset} preset) on {args.data} ({run['dataset'].evaluation_split} split), "
+          f"{_epochs(config['train']['epochs'])}, {run['seconds']:.0f} s; run folder {out}")
     _report({args.model: run["eval"]}, run["baselines"], run["dataset"], args.data, out)
 
 

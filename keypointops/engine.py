@@ -145,8 +145,8 @@ def _dataset_options(name: str) -> list[str]:
     from keypointops.data.synthetic import generate
 
     if name in SYNTHETIC_DATASETS:
-        return sorted(_keyword_names(generate) - {"root", "workers"} | {"progress", "drop_distractors"})
-    return sorted(_keyword_names(DATASETS[name].__init__) - {"self", "root"})
+        return sorted(_keyword_names(generate) - {"root", "workers"} | {"progress", "drop_distractors", "validation_ids"})
+    return sorted(_keyword_names(DATASETS[name].__init__) - {"self", "root"} | {"validation_ids"})
 
 
 @contextmanager

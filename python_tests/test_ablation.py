@@ -60,6 +60,18 @@ def test_rows_with_fewer_seeds_compare_on_the_seeds_both_ran():
     assert "shuffled" not in lines[4]                    # a setting only some runs were evaluated with
 
 
+def test_validation_split_is_named_in_the_table(tmp_path):
+    """With ``validation_ids`` every row trains without those identities and is evaluated on them;
+    result.json and the table say so."""
+    table = run_ablation("alignnet", tmp_path / "out", seeds=1, data="synthetic", rows=["baseline"],
+                         keypoints=("as-is",), max_steps=1,
+                         train_overrides=dict(epochs=1, frames=2, batch_size=4, height=64, width=32, instances=2),
+                         model_overrides=dict(width=0.125), root=str(tmp_path / "data"), log=lambda line: None,
+                         data_options=dict(num_train_ids=6, num_test_ids=3, frames=4, size=[64, 32], validation_ids=2))
+    result = json.loads((tmp_path / "out" / "alignnet" / "baseline" / "seed0" / "result.json").read_text())
+    assert result["split"] == "validation" and "Ours: synthetic data (validation split)" in table
+
+
 def test_tiny_run_resumes_and_writes_table(tmp_path, monkeypatch):
     options = dict(seeds=1, data="synthetic", rows=["baseline", "parts"], keypoints=("as-is", "shuffled"),
                    max_steps=1, train_overrides=dict(epochs=1, frames=2, batch_size=4, height=64, width=32,
@@ -70,6 +82,7 @@ def test_tiny_run_resumes_and_writes_table(tmp_path, monkeypatch):
                    log=lambda line: None)
     table = run_ablation("alignnet", tmp_path / "out", **options)
     assert (tmp_path / "out" / "alignnet" / "ablation.md").read_text().strip() == table.strip()
+    assert "Ours: synthetic data (test split)" in table
     result_path = tmp_path / "out" / "alignnet" / "parts" / "seed0" / "result.json"
     result = json.loads(result_path.read_text())
     assert set(result["keypoints"]) == {"as-is", "shuffled"}

@@ -56,11 +56,25 @@ def test_run_folder_log_and_dataset_statistics(run):
     log = (out / "log.txt").read_text()
     assert stdout.strip() and stdout.strip() in log.strip()   # everything printed, the dataset table first
     header = next(line for line in log.splitlines() if line.startswith("=> "))
-    assert header.startswith("=> MARS from ") and header.split(" from ")[1].endswith("synthetic")  # the data's path
+    path, split = header.removeprefix("=> MARS from ").split(", query / gallery: ")
+    assert path.endswith("synthetic") and split == "test"  # the data's path, and what is evaluated
     assert "  subset   | # ids | # tracklets | # images" in log
     train_row = next(line for line in log.splitlines() if line.startswith("  train "))
     assert train_row.split("|")[1].strip() == "6"   # --data-option num_train_ids=6
     assert log.index("# tracklets") < log.index("epoch 1/2")
+
+
+def test_train_on_a_validation_split(tmp_path, capsys):
+    """``--data-option validation_ids=N`` trains without N training identities and evaluates on
+    them: the statistics, the summary line and results.json name the validation split."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--max-steps", "1", "--root", str(tmp_path / "data"),
+                 "--data-option", "validation_ids=2", "--no-baselines", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "query / gallery: validation" in stdout and "(validation split)" in stdout
+    train_row = next(line for line in stdout.splitlines() if line.startswith("  train "))
+    assert train_row.split("|")[1].strip() == "4"   # 6 training identities, 2 held out
+    assert json.loads((out / "results.json").read_text())["split"] == "validation"
 
 
 def test_evaluate_checkpoint(run, capsys, tmp_path):

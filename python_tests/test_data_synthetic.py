@@ -13,7 +13,7 @@ from PIL import Image
 
 import torch
 
-from keypointops.data import MARS, build_dataset, load_keypoints
+from keypointops.data import MARS, build_dataset, hold_out_validation, load_keypoints
 from keypointops.data import synthetic
 from keypointops.data.synthetic import appearance, rendering
 from keypointops.engine import evaluate_models
@@ -63,6 +63,28 @@ def test_mars_reader_loads_it_with_the_asked_counts(small_root):
     image = Image.open(ds.train[0].frames[0])
     assert image.size == (SMALL["size"][1], SMALL["size"][0])
     assert len(MARS(small_root, drop_distractors=True).gallery) == len(ds.gallery) - described["test"]["distractors"]
+
+
+def test_validation_split_holds_out_training_identities(small_root):
+    """hold_out_validation: query and gallery are training identities taken out of the training
+    set (relabelled 0..n-1), none of the test split; one query per identity, each with a gallery
+    match in another camera; the same split for the same seed; bad counts are one-line errors."""
+    full = MARS(small_root)
+    validation = hold_out_validation(full, 2)
+    assert (full.evaluation_split, validation.evaluation_split) == ("test", "validation")
+    kept, held = {t.frames for t in validation.train}, {t.frames for t in validation.query + validation.gallery}
+    assert not kept & held and kept | held == {t.frames for t in full.train}
+    assert not held & {t.frames for t in full.query + full.gallery}
+    assert sorted({t.pid for t in validation.train}) == list(range(validation.num_train_pids)) == [0, 1]
+    assert len({t.pid for t in validation.query}) == len(validation.query) > 0
+    for q in validation.query:
+        assert any(g.pid == q.pid and g.camid != q.camid for g in validation.gallery)
+    assert [t.frames for t in hold_out_validation(full, 2).query] == [t.frames for t in validation.query]
+    assert any({t.frames for t in hold_out_validation(full, 2, seed=seed).train} != kept for seed in range(1, 6))
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=rf"^validation_ids={bad}: must be between 1 and 3 \(the dataset "
+                                             r"has 4 training identities\)$"):
+            hold_out_validation(full, bad)
 
 
 def test_neutral_knobs_render_the_default_dataset(small_root, tmp_path):

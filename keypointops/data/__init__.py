@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from keypointops.data.datasets import (DATASETS, MARS, PRID2011, DatasetNotFoundError, DukeMTMCVideoReID,
-                                       PoseTrackReID, Tracklet, VideoReIDDataset, iLIDSVID)
+                                       PoseTrackReID, Tracklet, VideoReIDDataset, hold_out_validation, iLIDSVID)
 from keypointops.data.keypoint_files import load_keypoints
 from keypointops.data.loader import VideoDataset, build_loader
 from keypointops.data.sampling import PKBatchSampler, RandomBatchSampler, sample_frames
@@ -18,7 +18,7 @@ from keypointops.data.synthetic import DEFAULTS as _SYNTHETIC_DEFAULTS
 from keypointops.data.synthetic import HARD as _SYNTHETIC_HARD
 from keypointops.data.synthetic import ensure_synthetic
 
-__all__ = ["Tracklet", "build_dataset", "build_loader", "DATASETS", "DATASET_NAMES", "DatasetNotFoundError", "MARS", "iLIDSVID",
+__all__ = ["Tracklet", "build_dataset", "hold_out_validation", "build_loader", "DATASETS", "DATASET_NAMES", "DatasetNotFoundError", "MARS", "iLIDSVID",
            "PRID2011", "DukeMTMCVideoReID", "PoseTrackReID", "VideoReIDDataset", "VideoDataset",
            "PKBatchSampler", "RandomBatchSampler", "sample_frames", "load_keypoints", "ensure_synthetic"]
 
@@ -34,7 +34,15 @@ def build_dataset(name: str, root=None, **options) -> VideoReIDDataset:
     options: generator parameters overriding the variant's, ``progress``, and
     ``drop_distractors``; a ``root`` written by ``keypointops synth`` is read as it is unless
     generator parameters are given), ``mars``, ``ilidsvid``, ``prid2011``,
-    ``dukev``, ``posetrackreid`` (``root`` required; options go to the reader)."""
+    ``dukev``, ``posetrackreid`` (``root`` required; options go to the reader).  Every dataset
+    also takes ``validation_ids=N``: query / gallery are then N identities held out of the training
+    set, never the test split (:func:`~keypointops.data.datasets.hold_out_validation`)."""
+    validation_ids = options.pop("validation_ids", None)
+    dataset = _build_dataset(name, root, **options)
+    return dataset if validation_ids is None else hold_out_validation(dataset, int(validation_ids))
+
+
+def _build_dataset(name: str, root=None, **options) -> VideoReIDDataset:
     key = name.lower()
     if key in SYNTHETIC_DATASETS:
         reader = {k: options.pop(k) for k in ("drop_distractors",) if k in options}

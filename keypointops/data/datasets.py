@@ -9,6 +9,7 @@ per-tracklet ``.npz`` cache (``keypoint_files.cache_tracklet_keypoints``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ import numpy as np
 from keypointops.data.keypoint_files import cache_tracklet_keypoints
 from keypointops.data.mat_files import read_mat
 
-__all__ = ["Tracklet", "DatasetNotFoundError", "VideoReIDDataset", "MARS", "iLIDSVID", "PRID2011",
+__all__ = ["Tracklet", "DatasetNotFoundError", "VideoReIDDataset", "hold_out_validation", "MARS", "iLIDSVID", "PRID2011",
            "DukeMTMCVideoReID", "PoseTrackReID", "DATASETS"]
 
 logger = logging.getLogger("keypointops.data")
@@ -47,18 +48,24 @@ def _require(dataset: str, root: Path, paths: Sequence[str], source: str) -> Non
 
 
 class VideoReIDDataset:
-    """Base class: ``train`` / ``query`` / ``gallery`` and the training set's counts."""
+    """Base class: ``train`` / ``query`` / ``gallery`` and the training set's counts.
+    ``evaluation_split`` says what query / gallery hold: ``"test"`` (the dataset's test split) or,
+    for :func:`hold_out_validation`, ``"validation"``."""
 
     name = "dataset"
+    evaluation_split = "test"
 
     def __init__(self, train: list[Tracklet], query: list[Tracklet], gallery: list[Tracklet]):
-        self.train, self.query, self.gallery = train, query, gallery
-        self.num_train_pids = len({t.pid for t in train})
-        self.num_train_cams = len({t.camid for t in train})
+        self._set_splits(train, query, gallery)
         missing, total = getattr(self, "_keypoint_files", (0, 0))
         if missing:
             logger.warning("%s: %d of %d frames have no keypoint file; their joints are missing",
                            type(self).__name__, missing, total)
+
+    def _set_splits(self, train: list[Tracklet], query: list[Tracklet], gallery: list[Tracklet]) -> None:
+        self.train, self.query, self.gallery = train, query, gallery
+        self.num_train_pids = len({t.pid for t in train})
+        self.num_train_cams = len({t.camid for t in train})
 
     def _with_keypoints(self, tracklets: list[Tracklet], frame_file: Callable[[str], Path | None],
                         cache_dir: Path, label: str) -> list[Tracklet]:
@@ -84,7 +91,8 @@ class VideoReIDDataset:
         rows = [(name, len({t.pid for t in split}), len(split), sum(len(t.frames) for t in split))
                 for name, split in (("train", self.train), ("query", self.query), ("gallery", self.gallery))]
         rule = "  " + "-" * 44
-        lines = [f"=> {type(self).__name__} from {getattr(self, 'root', '?')}", rule,
+        lines = [f"=> {type(self).__name__} from {getattr(self, 'root', '?')}, query / gallery: "
+                 f"{self.evaluation_split}", rule,
                  "  subset   | # ids | # tracklets | # images", rule]
         lines += [f"  {name:<8} | {ids:5d} | {tracklets:11d} | {images:8d}" for name, ids, tracklets, images in rows]
         return "\n".join(lines + [rule])
@@ -95,6 +103,42 @@ class VideoReIDDataset:
                    f"{sum(len(t.frames) for t in split)} frames"
         return (f"{type(self).__name__}(train: {stats(self.train)}, {self.num_train_cams} cameras; "
                 f"query: {stats(self.query)}; gallery: {stats(self.gallery)})")
+
+
+def hold_out_validation(dataset: VideoReIDDataset, num_ids: int, seed: int = 0) -> VideoReIDDataset:
+    """A validation split carved out of ``dataset``'s training set, for choosing settings without
+    looking at the test split: ``num_ids`` training identities (drawn with ``seed``) leave the
+    training set, which is relabelled ``0..n-1``; of each one seen by two cameras or more, the
+    first tracklet becomes the query and its other tracklets go to the gallery (an identity seen
+    by one camera only is gallery for the others' queries).  The evaluation's rules
+    stay the test split's: a gallery tracklet of the query's identity and camera is not counted.
+    The test split is left out: query and gallery hold none of it.  Raises ``ValueError`` unless
+    0 < ``num_ids`` < the training identities and at least one drawn identity is seen by two
+    cameras."""
+    pids = sorted({t.pid for t in dataset.train})
+    if not 0 < num_ids < len(pids):
+        raise ValueError(f"validation_ids={num_ids}: must be between 1 and {len(pids) - 1} "
+                         f"(the dataset has {len(pids)} training identities)")
+    held_out = set(np.random.default_rng(seed).choice(pids, size=num_ids, replace=False).tolist())
+    cameras: dict[int, set] = {}
+    for tracklet in dataset.train:
+        cameras.setdefault(tracklet.pid, set()).add(tracklet.camid)
+    query, gallery, queried = [], [], set()
+    for tracklet in dataset.train:
+        if tracklet.pid not in held_out:
+            continue
+        if len(cameras[tracklet.pid]) > 1 and tracklet.pid not in queried:
+            queried.add(tracklet.pid)
+            query.append(tracklet)
+        else:
+            gallery.append(tracklet)
+    if not query:
+        raise ValueError(f"validation_ids={num_ids}: none of the {num_ids} identities drawn is seen by two "
+                         "cameras, so no query has a match; hold out more")
+    validation = copy.copy(dataset)  # the same reader and folder, other splits
+    validation._set_splits(_relabel([t for t in dataset.train if t.pid not in held_out]), query, gallery)
+    validation.evaluation_split = "validation"
+    return validation
 
 
 def _relabel(tracklets: list[Tracklet]) -> list[Tracklet]:
