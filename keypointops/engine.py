@@ -145,7 +145,8 @@ def _dataset_options(name: str) -> list[str]:
     from keypointops.data.synthetic import generate
 
     if name in SYNTHETIC_DATASETS:
-        return sorted(_keyword_names(generate) - {"root", "workers"} | {"progress", "drop_distractors", "validation_ids"})
+        extra = {"progress", "drop_distractors", "validation_ids"}
+        return sorted(_keyword_names(generate) - {"root", "workers"} | extra)
     return sorted(_keyword_names(DATASETS[name].__init__) - {"self", "root"} | {"validation_ids"})
 
 

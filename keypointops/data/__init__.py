@@ -18,7 +18,8 @@ from keypointops.data.synthetic import DEFAULTS as _SYNTHETIC_DEFAULTS
 from keypointops.data.synthetic import HARD as _SYNTHETIC_HARD
 from keypointops.data.synthetic import ensure_synthetic
 
-__all__ = ["Tracklet", "build_dataset", "hold_out_validation", "build_loader", "DATASETS", "DATASET_NAMES", "DatasetNotFoundError", "MARS", "iLIDSVID",
+__all__ = ["Tracklet", "build_dataset", "hold_out_validation", "build_loader", "DATASETS", "DATASET_NAMES",
+           "DatasetNotFoundError", "MARS", "iLIDSVID",
            "PRID2011", "DukeMTMCVideoReID", "PoseTrackReID", "VideoReIDDataset", "VideoDataset",
            "PKBatchSampler", "RandomBatchSampler", "sample_frames", "load_keypoints", "ensure_synthetic"]
 

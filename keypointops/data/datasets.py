@@ -21,8 +21,8 @@ import numpy as np
 from keypointops.data.keypoint_files import cache_tracklet_keypoints
 from keypointops.data.mat_files import read_mat
 
-__all__ = ["Tracklet", "DatasetNotFoundError", "VideoReIDDataset", "hold_out_validation", "MARS", "iLIDSVID", "PRID2011",
-           "DukeMTMCVideoReID", "PoseTrackReID", "DATASETS"]
+__all__ = ["Tracklet", "DatasetNotFoundError", "VideoReIDDataset", "hold_out_validation", "MARS", "iLIDSVID",
+           "PRID2011", "DukeMTMCVideoReID", "PoseTrackReID", "DATASETS"]
 
 logger = logging.getLogger("keypointops.data")
 
@@ -110,11 +110,10 @@ def hold_out_validation(dataset: VideoReIDDataset, num_ids: int, seed: int = 0) 
     looking at the test split: ``num_ids`` training identities (drawn with ``seed``) leave the
     training set, which is relabelled ``0..n-1``; of each one seen by two cameras or more, the
     first tracklet becomes the query and its other tracklets go to the gallery (an identity seen
-    by one camera only is gallery for the others' queries).  The evaluation's rules
-    stay the test split's: a gallery tracklet of the query's identity and camera is not counted.
-    The test split is left out: query and gallery hold none of it.  Raises ``ValueError`` unless
-    0 < ``num_ids`` < the training identities and at least one drawn identity is seen by two
-    cameras."""
+    by one camera only is gallery for the others' queries).  The evaluation's rules stay the test
+    split's: a gallery tracklet of the query's identity and camera is not counted.  The test split
+    is left out: query and gallery hold none of it.  Raises ``ValueError`` unless 0 < ``num_ids`` <
+    the training identities and at least one drawn identity is seen by two cameras."""
     pids = sorted({t.pid for t in dataset.train})
     if not 0 < num_ids < len(pids):
         raise ValueError(f"validation_ids={num_ids}: must be between 1 and {len(pids) - 1} "
