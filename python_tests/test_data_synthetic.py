@@ -67,16 +67,17 @@ def test_mars_reader_loads_it_with_the_asked_counts(small_root):
 
 def test_validation_split_holds_out_training_identities(small_root):
     """hold_out_validation: query and gallery are training identities taken out of the training
-    set (relabelled 0..n-1), none of the test split; one query per identity, each with a gallery
-    match in another camera; the same split for the same seed; bad counts are one-line errors."""
+    set (relabelled 0..n-1), none of the test split; every held-out tracklet is in the gallery and,
+    where its identity has another camera, a query with a gallery match there; the same split for
+    the same seed; bad counts are one-line errors."""
     full = MARS(small_root)
     validation = hold_out_validation(full, 2)
     assert (full.evaluation_split, validation.evaluation_split) == ("test", "validation")
-    kept, held = {t.frames for t in validation.train}, {t.frames for t in validation.query + validation.gallery}
+    kept, held = {t.frames for t in validation.train}, {t.frames for t in validation.gallery}
     assert not kept & held and kept | held == {t.frames for t in full.train}
     assert not held & {t.frames for t in full.query + full.gallery}
     assert sorted({t.pid for t in validation.train}) == list(range(validation.num_train_pids)) == [0, 1]
-    assert len({t.pid for t in validation.query}) == len(validation.query) > 0
+    assert 0 < len(validation.query) and {t.frames for t in validation.query} <= held
     for q in validation.query:
         assert any(g.pid == q.pid and g.camid != q.camid for g in validation.gallery)
     assert [t.frames for t in hold_out_validation(full, 2).query] == [t.frames for t in validation.query]

@@ -108,11 +108,12 @@ class VideoReIDDataset:
 def hold_out_validation(dataset: VideoReIDDataset, num_ids: int, seed: int = 0) -> VideoReIDDataset:
     """A validation split carved out of ``dataset``'s training set, for choosing settings without
     looking at the test split: ``num_ids`` training identities (drawn with ``seed``) leave the
-    training set, which is relabelled ``0..n-1``; of each one seen by two cameras or more, the
-    first tracklet becomes the query and its other tracklets go to the gallery (an identity seen
-    by one camera only is gallery for the others' queries).  The evaluation's rules stay the test
-    split's: a gallery tracklet of the query's identity and camera is not counted.  The test split
-    is left out: query and gallery hold none of it.  Raises ``ValueError`` unless 0 < ``num_ids`` <
+    training set, which is relabelled ``0..n-1``, and all their tracklets form the gallery; every
+    one of them whose identity is seen by two cameras or more is also a query.  The evaluation's
+    rules stay the test split's: a gallery tracklet of the query's identity and camera, the query
+    itself included, is not counted, so each query is matched against its identity's tracklets of
+    the other cameras, among all the others (more queries than one per identity, hence a steadier
+    mAP on a few identities).  The test split is left out: query and gallery hold none of it.  Raises ``ValueError`` unless 0 < ``num_ids`` <
     the training identities and at least one drawn identity is seen by two cameras."""
     pids = sorted({t.pid for t in dataset.train})
     if not 0 < num_ids < len(pids):
@@ -122,15 +123,8 @@ def hold_out_validation(dataset: VideoReIDDataset, num_ids: int, seed: int = 0) 
     cameras: dict[int, set] = {}
     for tracklet in dataset.train:
         cameras.setdefault(tracklet.pid, set()).add(tracklet.camid)
-    query, gallery, queried = [], [], set()
-    for tracklet in dataset.train:
-        if tracklet.pid not in held_out:
-            continue
-        if len(cameras[tracklet.pid]) > 1 and tracklet.pid not in queried:
-            queried.add(tracklet.pid)
-            query.append(tracklet)
-        else:
-            gallery.append(tracklet)
+    gallery = [t for t in dataset.train if t.pid in held_out]
+    query = [t for t in gallery if len(cameras[t.pid]) > 1]
     if not query:
         raise ValueError(f"validation_ids={num_ids}: none of the {num_ids} identities drawn is seen by two "
                          "cameras, so no query has a match; hold out more")
