@@ -136,13 +136,18 @@ def window_graph_conv_cases():
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def interleaved(fns: dict, rounds: int, timer=time.perf_counter) -> dict:
-    """{name: [seconds per round]}: a warm-up call of each, then ``rounds`` rounds calling each once."""
-    for fn in fns.values():
+def interleaved(fns: dict, rounds: int, timer=time.perf_counter, prepare: dict | None = None) -> dict:
+    """{name: [seconds per round]}: a warm-up call of each, then ``rounds`` rounds calling each once;
+    ``prepare[name]()``, when given, runs untimed before each of ``name``'s calls (e.g. a switch of
+    the CPU kernels' build, bench/capabilities.py)."""
+    prepare = prepare or {}
+    for name, fn in fns.items():
+        prepare.get(name, lambda: None)()
         fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            prepare.get(name, lambda: None)()
             start = timer()
             fn()
             times[name].append(timer() - start)

@@ -145,9 +145,10 @@ def _dataset_options(name: str) -> list[str]:
     from keypointops.data.synthetic import generate
 
     if name in SYNTHETIC_DATASETS:
-        extra = {"progress", "drop_distractors", "validation_ids"}
-        return sorted(_keyword_names(generate) - {"root", "workers"} | extra)
-    return sorted(_keyword_names(DATASETS[name].__init__) - {"self", "root"} | {"validation_ids"})
+        own = _keyword_names(generate) - {"root", "workers"} | {"progress", "drop_distractors"}
+    else:
+        own = _keyword_names(DATASETS[name].__init__) - {"self", "root"}
+    return sorted(own | {"validation_ids"})  # build_dataset's own option, for every dataset
 
 
 @contextmanager

@@ -113,8 +113,9 @@ def hold_out_validation(dataset: VideoReIDDataset, num_ids: int, seed: int = 0) 
     rules stay the test split's: a gallery tracklet of the query's identity and camera, the query
     itself included, is not counted, so each query is matched against its identity's tracklets of
     the other cameras, among all the others (more queries than one per identity, hence a steadier
-    mAP on a few identities).  The test split is left out: query and gallery hold none of it.  Raises ``ValueError`` unless 0 < ``num_ids`` <
-    the training identities and at least one drawn identity is seen by two cameras."""
+    mAP on a few identities).  The test split is left out: query and gallery hold none of it.
+    Raises ``ValueError`` unless 0 < ``num_ids`` < the training identities and at least one drawn
+    identity is seen by two cameras."""
     pids = sorted({t.pid for t in dataset.train})
     if not 0 < num_ids < len(pids):
         raise ValueError(f"validation_ids={num_ids}: must be between 1 and {len(pids) - 1} "

@@ -81,8 +81,8 @@ namespace {
 constexpr int64_t kKeypointMajorPlaneBytes = 4096;
 constexpr int64_t kChannelTile = 64;      // keypoint-major: channels a pair walks at a time
 constexpr int64_t kPrefetchChannels = 4;  // plane-major: prefetch this many planes ahead
-// keypoint-major, 16-bit: prefetch this many planes ahead; 16 hides the lines' latency on the CPUs
-// measured (8 fell short on an AMD Zen 5; docs/benchmarks.md, bfloat16 against float32).
+// keypoint-major, 16-bit: prefetch this many planes ahead, far enough to hide the lines' latency on
+// the CPUs measured (docs/benchmarks.md, bfloat16 against float32).
 constexpr int64_t kPairPrefetchPlanes = 16;
 constexpr int64_t kCacheLineBytes = 64;
 constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task

@@ -29,9 +29,8 @@
 // with AVX2 (MKL's sgemm) that is slower in forward (at P = 17 and P = 3) and in backward for few
 // parts (P = 3: a product with 3 rows leaves BLAS's register tiles mostly empty), and no faster in
 // backward at P = 17.  The loops here read each feature row once with the parts' accumulators in
-// registers.  In the AVX512 build on an AMD Zen 5 the CTL forward runs at the time of a
-// torch.matmul of the same shapes (docs/benchmarks.md); where the CPU's GEMM is wider still (AMX)
-// the balance may differ and has not been measured.
+// registers, in every instruction-set build (the AVX-512 balance: docs/benchmarks.md); where the
+// CPU's GEMM is wider still (AMX) the balance may differ and has not been measured.
 // Each GEMM reads the features once (one read in forward, one in backward) and writes
 // grad_features once.
 // Memory: forward out [B, P, C]; backward grad_features, grad_heatmaps and a [B, P, J] grad_groups
@@ -237,8 +236,8 @@ constexpr int64_t kChunk = 96;
 // with AVX2 and below, widened like float16 with AVX-512.  An AVX-512 FMA takes its broadcast
 // operand straight from memory (one instruction per element and part vector for float32), where a
 // bfloat16 broadcast in place costs a load and an AND more per element; at 17 parts the AVX-512
-// tile has one part vector (16 lanes), so those two extra instructions per FMA made the bfloat16
-// forward 1.2-1.5 times float32's, while one widening pass costs three per 16 elements.
+// tile has one part vector (16 lanes), so those are two extra instructions per FMA, while one
+// widening pass costs three per 16 elements.
 template <typename T>
 using BroadcastSource = std::conditional_t<std::is_same_v<T, c10::Half>
 #if defined(CPU_CAPABILITY_AVX512)

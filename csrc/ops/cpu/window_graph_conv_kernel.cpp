@@ -153,8 +153,8 @@ void broadcast_block(const left_t* const* left, const acc_t<left_t>* packed, int
 
 // Rows per block of broadcast_gemm: 6 (12 accumulators), and 4 in the AVX512 build, where GCC keeps
 // the accumulators of a 5- or 6-row block (any dtype) in stack memory and stores them after every
-// term (the store port then bounds the loop: that build's forward ran 1.4-2.7 times the AVX2 one).
-// 4 rows x 2 vectors are 8 FMA chains, of 16 float lanes each there.
+// term, so that the store port rather than the FMAs bounds the loop (docs/benchmarks.md, the
+// instruction-set builds).  4 rows x 2 vectors are 8 FMA chains, of 16 float lanes each there.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kMaxRows = 4;
 #else
