@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import floors
+from conftest import SMALL
 import keypointops
 from keypointops.graphs import Graph
 
@@ -92,3 +93,15 @@ def test_measured_floors(monkeypatch):
         assert floors._copy_bandwidth.cache_info().currsize == 2
     finally:
         floors._copy_bandwidth.cache_clear()
+
+
+@pytest.mark.skipif(not SMALL, reason="measures every case at its size: a smoke test at the small sizes")
+def test_floor_gaps():
+    """bench/floor_gaps.py: every case measured, each bound at least its floor, one table row each."""
+    import floor_gaps
+
+    rows = floor_gaps.gather_rows(rounds=1) + floor_gaps.msg_pass_rows(rounds=1)
+    assert [row["case"].split()[0] for row in rows] == ["keypoint_gather"] * 6 + ["msg_pass"] * 2
+    for row in rows:
+        assert row["op"] > 0 and row["extra"] > 0 and row["bound"] >= row["floor"] > 0
+    assert floor_gaps.table(rows).count("\n") == len(rows) + 1
