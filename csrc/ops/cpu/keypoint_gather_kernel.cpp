@@ -29,7 +29,13 @@
 // Other strides are copied to NCHW first.
 // Backward: each task owns its slice of the gradient (its image, its channels): no data races,
 // and every element receives its keypoints' contributions in keypoint order, so the result is
-// bitwise deterministic and independent of the thread count.  The gradient is zero except at the
+// bitwise deterministic and independent of the thread count.  NCHW walks the taps pixel by pixel
+// (each distinct pixel's taps in node order), a vector of channels at a time: the grad_out values
+// of a tap's node are contiguous, so a pixel's sum over its taps is a few vector fmadds and each
+// lane is stored once to its channel's plane, where a walk node by node would load, add and store
+// one scalar per tap and channel (at KMPNet stage 4, 2048 planes of 512 bytes per image, that walk
+// is most of the backward once the gradient's pages are in).  channels_last adds node by node,
+// a vector fmadd over the channel block per tap.  The gradient is zero except at the
 // taps: a large one is a fresh anonymous mapping on huge pages (ops/cpu/huge_pages.h), whose pages
 // the kernel hands out zeroed, so the kernels only scatter (no zero-fill pass over [B, C, H, W],
 // which costs more than everything else here).
@@ -43,13 +49,10 @@
 // cache misses overlap than in float32.  The 16-bit forward therefore prefetches: keypoint-major
 // NCHW the taps' lines kPairPrefetchPlanes planes ahead, channels_last the next node's pixels
 // while it sums the current node.  (The float32 and float64 loops keep enough loads in flight
-// without: prefetches there add instructions and cost time.)  The
-// backward then walks the taps pixel by pixel (each distinct pixel's taps in node order: the same
-// sum as above), forms a pixel's gradient in float32 and stores it once, instead of adding into a
-// 16-bit gradient node by node.  In NCHW it does so for a vector of channels at a time: the
-// grad_out values of a tap's node are then contiguous (one widening load per tap, not one
-// scattered 16-bit load per tap and channel), one rounding covers the vector, and each lane is
-// stored to its channel's plane.
+// without: prefetches there add instructions and cost time.)  The 16-bit backward walks the taps
+// pixel by pixel in channels_last as well, and forms each pixel's gradient in float32 and rounds
+// it once, instead of adding into a 16-bit gradient node by node; in NCHW one widening load per
+// tap covers a vector of channels and one rounding covers the vector.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers (ATen/ops/*.h) only, not ATen/ATen.h
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -349,22 +352,6 @@ void gather_channels_last(const scalar_t* image, const ImageTaps<acc_t<scalar_t>
   }
 }
 
-// NCHW backward of channels [c0, c1) of one image (zeros on entry):
-// plane_c[off_t] += w_t * grad_out[k * C + c] for every keypoint k in order.
-template <typename scalar_t>
-void scatter_nchw(const scalar_t* grad_out, const ImageTaps<scalar_t>& taps, int64_t K, int64_t C,
-                  int64_t HW, int64_t c0, int64_t c1, scalar_t* image) {
-  const int64_t* off = taps.offset.data();
-  const scalar_t* w = taps.weight.data();
-  for (int64_t c = c0; c < c1; ++c) {
-    scalar_t* plane = image + c * HW;
-    for (int64_t k = 0; k < K; ++k) {
-      const scalar_t g = grad_out[k * C + c];
-      for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) plane[off[t]] += w[t] * g;
-    }
-  }
-}
-
 // channels_last backward of channels [c0, c1) of one image (zeros on entry):
 // pixel_t[c] += w_t * grad_out[k * C + c] for every keypoint k in order.
 template <typename scalar_t>
@@ -385,11 +372,11 @@ void scatter_channels_last(const scalar_t* grad_out, const ImageTaps<scalar_t>& 
   }
 }
 
-// 16-bit NCHW backward of channels [c0, c1) of one image (zeros on entry), pixel by pixel:
+// NCHW backward of channels [c0, c1) of one image (zeros on entry), pixel by pixel:
 // plane_c[pixel] = sum over the pixel's taps t (node order) of w_t * grad_out[k_t * C + c],
-// formed in the accumulation dtype and rounded once.  A vector of channels at a time: the taps'
-// grad_out values of those channels are contiguous (one load each), the sums are rounded together,
-// and each lane is stored to its channel's plane.
+// formed in the accumulation dtype (float32 for 16-bit scalar_t) and rounded once.  A vector of
+// channels at a time: the taps' grad_out values of those channels are contiguous (one load each),
+// the sums are rounded together, and each lane is stored to its channel's plane.
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 void scatter_nchw_by_pixel(const scalar_t* grad_out, const ImageTaps<acc_t<scalar_t>>& taps,
                            int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* image) {
@@ -441,20 +428,17 @@ void scatter_channels_last_by_pixel(const scalar_t* grad_out, const ImageTaps<ac
 }
 
 // Backward of channels [c0, c1) of one image (zeros on entry) from its grad_out rows g [K, C]:
-// pixel by pixel for a 16-bit gradient, keypoint by keypoint otherwise.
+// pixel by pixel for NCHW and for a 16-bit gradient, keypoint by keypoint for a float32 or
+// float64 channels_last one.
 template <typename scalar_t>
 void scatter_image(const scalar_t* g, const ImageTaps<acc_t<scalar_t>>& taps, const GatherParams& p,
                    bool channels_last, int64_t c0, int64_t c1, scalar_t* image) {
-  if constexpr (is_reduced_precision<scalar_t>) {
-    if (channels_last) {
-      scatter_channels_last_by_pixel(g, taps, p.C, c0, c1, image);
-    } else {
-      scatter_nchw_by_pixel(g, taps, p.C, p.H * p.W, c0, c1, image);
-    }
-  } else if (channels_last) {
-    scatter_channels_last(g, taps, p.K, p.C, c0, c1, image);
+  if (!channels_last) {
+    scatter_nchw_by_pixel(g, taps, p.C, p.H * p.W, c0, c1, image);
+  } else if constexpr (is_reduced_precision<scalar_t>) {
+    scatter_channels_last_by_pixel(g, taps, p.C, c0, c1, image);
   } else {
-    scatter_nchw(g, taps, p.K, p.C, p.H * p.W, c0, c1, image);
+    scatter_channels_last(g, taps, p.K, p.C, c0, c1, image);
   }
 }
 
@@ -576,7 +560,8 @@ at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at:
     using acc = acc_t<scalar_t>;
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* grad_p = grad.mutable_data_ptr<scalar_t>();
-    for_each_image_task<acc>(p, keypoints, valid, sizes, 0, is_reduced_precision<scalar_t>,
+    const bool by_pixel = is_reduced_precision<scalar_t> || !channels_last;  // scatter_image's choice
+    for_each_image_task<acc>(p, keypoints, valid, sizes, 0, by_pixel,
                              [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<acc>& taps) {
       scatter_image(gp + b * p.K * p.C, taps, p, channels_last, c0, c1, grad_p + b * image_size);
     });
