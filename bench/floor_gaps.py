@@ -1,17 +1,17 @@
 """What the floors of bench/floors.py leave out for the two ops that run far from them.
 
 The op benchmarks hold ``keypoint_gather`` and ``msg_pass`` to a memory or compute floor that
-counts only the bytes they must move and the FLOPs they must do.  Two costs that every
-implementation on this machine pays are not in those counts; this script measures each, in the
-same run and at the same threads as the op's forward+backward, and reports how far the op runs
-from the floor with that cost added:
+counts only the bytes they must move and the FLOPs they must do.  Two costs their implementations
+pay are not in those counts; this script measures each, in the same run and at the same threads as
+the op's forward+backward, and reports how far the op runs from the floor with that cost added:
 
 - **fresh gradient pages** (``keypoint_gather``): backward returns a new ``[B, C, H, W]`` gradient.
   PyTorch's CPU allocator hands a buffer of that size back to the OS when it is freed, so every
   call's gradient is fresh memory, whose pages the OS zeroes on their first touch; the memory
   floor assumes resident memory written at a streaming copy's bandwidth.  Measured: mapping a fresh
   anonymous region of the gradient's size (advised onto huge pages, as the op's own buffer is),
-  touching every 4 KiB page of it from the process's threads, and unmapping it.
+  touching every 4 KiB page of it (one ``fill_`` over a strided view, on torch's threads), and
+  unmapping it.
 - **exponentials** (``msg_pass``): the softmax takes one ``exp`` per edge and channel in forward
   and again in backward; the compute floor counts each as one FLOP at a matmul's rate.  Measured:
   ``torch.exp`` (PyTorch's vectorised exp) over ``E x C`` resident float32 elements, twice.
@@ -44,9 +44,10 @@ PAGE = 4096
 
 
 def touch_fresh_pages(nbytes: int) -> None:
-    """Map ``nbytes`` of fresh private anonymous memory, advise it onto huge pages, write one byte of every
-    4 KiB page (the OS zeroes each page on that first write) and unmap it."""
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: no huge pages
+    """Map ``nbytes`` of fresh private anonymous memory, advise it onto huge pages, write one byte
+    of every 4 KiB page (the OS zeroes each page on that first write) and unmap it.  Private: a
+    shared anonymous mapping (mmap's default) is not given transparent huge pages."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)
     pages = torch.frombuffer(region, dtype=torch.uint8)[::PAGE]
