@@ -29,7 +29,6 @@ import argparse
 import mmap
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floors  # noqa: E402
 import test_keypoint_gather as gather_bench  # noqa: E402
 import test_msg_pass as msg_pass_bench  # noqa: E402
-from reduced_precision import cpu_name  # noqa: E402
+from reduced_precision import cpu_name, interleaved  # noqa: E402
 
 PAGE = 4096
 
@@ -56,21 +55,12 @@ def touch_fresh_pages(nbytes: int) -> None:
     region.close()
 
 
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def medians(fns: dict, rounds: int) -> dict:
-    """Median seconds of each function over ``rounds`` calls in a row after a warm-up call (in a
-    row, not interleaved: the op benchmarks time warm repeated calls, and a left-out cost that
-    streams a large buffer would evict a small case's inputs between them)."""
-    result = {}
-    for name, fn in fns.items():
-        fn()
-        result[name] = statistics.median(seconds(fn) for _ in range(rounds))
-    return result
+    """Median seconds of each function over ``rounds`` calls in a row after a warm-up call
+    (``interleaved`` of one function at a time, not of all together: the op benchmarks time warm
+    repeated calls, and a left-out cost that streams a large buffer would evict a small case's
+    inputs between them)."""
+    return {name: statistics.median(interleaved({name: fn}, rounds)[name]) for name, fn in fns.items()}
 
 
 def gather_rows(rounds: int) -> list[dict]:
@@ -85,10 +75,9 @@ def gather_rows(rounds: int) -> list[dict]:
             op = gather_bench.make_fn(forward, features, keypoints, backward=True)
             work = gather_bench.gather_work(spec, features, keypoints, spec["roi_size"], backward=True)
             measured = medians({"op": op, "extra": lambda: touch_fresh_pages(features.nbytes)}, rounds)
-            floor = floors.measure_floors(work)
+            floor = max(floors.measure_floors(work).values())
             rows.append(dict(case=f"keypoint_gather {case} {layout}", left_out="fresh gradient pages",
-                             floor=max(floor.values()),
-                             bound=max(floor["memory_s"], floor["compute_s"], measured["extra"]), **measured))
+                             floor=floor, bound=max(floor, measured["extra"]), **measured))
     return rows
 
 

@@ -427,18 +427,26 @@ void scatter_channels_last_by_pixel(const scalar_t* grad_out, const ImageTaps<ac
   }
 }
 
-// Backward of channels [c0, c1) of one image (zeros on entry) from its grad_out rows g [K, C]:
-// pixel by pixel for NCHW and for a 16-bit gradient, keypoint by keypoint for a float32 or
-// float64 channels_last one.
+// Whether the backward walks the taps pixel by pixel (NCHW, and any 16-bit gradient), which needs
+// the image's pixel-major taps (ImageTaps::collect_pixels), or keypoint by keypoint (a float32 or
+// float64 channels_last gradient).
+template <typename scalar_t>
+constexpr bool scatters_by_pixel(bool channels_last) {
+  return is_reduced_precision<scalar_t> || !channels_last;
+}
+
+// Backward of channels [c0, c1) of one image (zeros on entry) from its grad_out rows g [K, C],
+// walked as scatters_by_pixel says.
 template <typename scalar_t>
 void scatter_image(const scalar_t* g, const ImageTaps<acc_t<scalar_t>>& taps, const GatherParams& p,
                    bool channels_last, int64_t c0, int64_t c1, scalar_t* image) {
-  if (!channels_last) {
-    scatter_nchw_by_pixel(g, taps, p.C, p.H * p.W, c0, c1, image);
-  } else if constexpr (is_reduced_precision<scalar_t>) {
+  if (!scatters_by_pixel<scalar_t>(channels_last)) {
+    // float32 / float64 only (the 16-bit dtypes never reach here, and their taps' dtype differs)
+    if constexpr (!is_reduced_precision<scalar_t>) scatter_channels_last(g, taps, p.K, p.C, c0, c1, image);
+  } else if (channels_last) {
     scatter_channels_last_by_pixel(g, taps, p.C, c0, c1, image);
   } else {
-    scatter_channels_last(g, taps, p.K, p.C, c0, c1, image);
+    scatter_nchw_by_pixel(g, taps, p.C, p.H * p.W, c0, c1, image);
   }
 }
 
@@ -560,8 +568,7 @@ at::Tensor keypoint_gather_backward_cpu(const at::Tensor& grad_out_in, const at:
     using acc = acc_t<scalar_t>;
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* grad_p = grad.mutable_data_ptr<scalar_t>();
-    const bool by_pixel = is_reduced_precision<scalar_t> || !channels_last;  // scatter_image's choice
-    for_each_image_task<acc>(p, keypoints, valid, sizes, 0, by_pixel,
+    for_each_image_task<acc>(p, keypoints, valid, sizes, 0, scatters_by_pixel<scalar_t>(channels_last),
                              [&](int64_t b, int64_t c0, int64_t c1, const ImageTaps<acc>& taps) {
       scatter_image(gp + b * p.K * p.C, taps, p, channels_last, c0, c1, grad_p + b * image_size);
     });
