@@ -72,6 +72,7 @@
 #include "ops/cpu/cpu_capability.h"
 #include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/huge_pages.h"
+#include "ops/cpu/prefetch.h"
 #include "ops/cpu/reduced_precision.h"
 #include "ops/keypoint_gather.h"
 #include "ops/keypoint_gather_sampling.h"
@@ -215,8 +216,8 @@ void gather_nchw_pair(const scalar_t* image, int64_t HW, int64_t c0, int64_t c1,
     if constexpr (is_reduced_precision<scalar_t>) {
       if (c + kPairPrefetchPlanes < c1) {
         const scalar_t* ahead = plane + kPairPrefetchPlanes * HW;
-        for (int t = 0; t < NA; ++t) __builtin_prefetch(ahead + oa[t]);
-        for (int t = 0; t < NB; ++t) __builtin_prefetch(ahead + ob[t]);
+        for (int t = 0; t < NA; ++t) prefetch_line(ahead + oa[t]);
+        for (int t = 0; t < NB; ++t) prefetch_line(ahead + ob[t]);
       }
     }
     acc a = 0, b = 0;
@@ -238,8 +239,8 @@ void gather_nchw_pair_any(const scalar_t* image, int64_t HW, int64_t c0, int64_t
     if constexpr (is_reduced_precision<scalar_t>) {
       if (c + kPairPrefetchPlanes < c1) {
         const scalar_t* ahead = plane + kPairPrefetchPlanes * HW;
-        for (int64_t t = 0; t < na; ++t) __builtin_prefetch(ahead + offset_a[t]);
-        for (int64_t t = 0; t < nb; ++t) __builtin_prefetch(ahead + offset_b[t]);
+        for (int64_t t = 0; t < na; ++t) prefetch_line(ahead + offset_a[t]);
+        for (int64_t t = 0; t < nb; ++t) prefetch_line(ahead + offset_b[t]);
       }
     }
     acc a = 0, b = 0;
@@ -279,7 +280,7 @@ void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<acc_t<scalar
   for (int64_t c = c0; c < c1; ++c) {
     if (c + kPrefetchChannels < c1) {
       const scalar_t* ahead = image + (c + kPrefetchChannels) * HW;
-      for (const int64_t line : taps.line_offsets) __builtin_prefetch(ahead + line);
+      for (const int64_t line : taps.line_offsets) prefetch_line(ahead + line);
     }
     const scalar_t* plane = image + c * HW;
     for (int64_t k = 0; k < K; ++k) {
@@ -338,7 +339,7 @@ void gather_channels_last(const scalar_t* image, const ImageTaps<acc_t<scalar_t>
   for (int64_t k = 0; k < K; ++k) {
     if constexpr (is_reduced_precision<scalar_t>) {  // the next node's pixels (see the top)
       for (int64_t t = taps.begin[std::min(k + 1, K)]; t < taps.begin[std::min(k + 2, K)]; ++t) {
-        for (int64_t c = c0; c < c1; c += kLine) __builtin_prefetch(image + taps.offset[t] * C + c);
+        for (int64_t c = c0; c < c1; c += kLine) prefetch_line(image + taps.offset[t] * C + c);
       }
     }
     for (int64_t c = c0; c < c1; c += VL) {

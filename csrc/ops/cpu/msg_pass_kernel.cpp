@@ -71,6 +71,7 @@
 
 #include "ops/cpu/cpu_capability.h"
 #include "ops/cpu/huge_pages.h"
+#include "ops/cpu/prefetch.h"
 #include "ops/cpu/reduced_precision.h"
 #include "ops/msg_pass.h"
 
@@ -96,7 +97,7 @@ inline void prefetch_rows(const scalar_t* base, const int64_t* idx, int64_t begi
   const int64_t bytes = std::min<int64_t>(row_elems * sizeof(scalar_t), kPrefetchBytes);
   for (int64_t e = begin; e < std::min(end, begin + kPrefetchEdges); ++e) {
     const char* row = reinterpret_cast<const char*>(base + idx[e] * row_elems);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+    for (int64_t off = 0; off < bytes; off += 64) prefetch_line(row + off);
   }
 }
 

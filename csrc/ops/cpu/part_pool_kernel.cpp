@@ -68,6 +68,7 @@
 
 #include "ops/cpu/cpu_capability.h"
 #include "ops/cpu/huge_pages.h"
+#include "ops/cpu/prefetch.h"
 #include "ops/cpu/reduced_precision.h"
 #include "ops/part_pool.h"
 
@@ -141,8 +142,8 @@ void gemm_broadcast(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_
       const int64_t next_k = n0 + kBlock < N ? k0 : k0 + kChunk;
       const int64_t next_n = n0 + kBlock < N ? n0 + kBlock : 0;
       for (int64_t k = next_k; k < std::min(next_k + kChunk, K); ++k) {
-        __builtin_prefetch(Z + k * ldz + next_n);
-        __builtin_prefetch(Z + k * ldz + std::min(next_n + kBlock, N) - 1);
+        prefetch_line(Z + k * ldz + next_n);
+        prefetch_line(Z + k * ldz + std::min(next_n + kBlock, N) - 1);
       }
       const int64_t nb = std::min<int64_t>(kBlock, N - n0);
       const int64_t nv = (nb + VL - 1) / VL, tail = nb - (nv - 1) * VL;
@@ -211,7 +212,7 @@ void gemm_dot(int64_t M, int64_t N, int64_t K, const acc_t<Y_t>* A, int64_t lda,
   constexpr int64_t kLine = 64 / sizeof(Z_t);
   for (int64_t n0 = 0; n0 < N; n0 += kCols) {
     for (int64_t n = n0 + kCols; n < std::min<int64_t>(n0 + 2 * kCols, N); ++n) {
-      for (int64_t k = 0; k < K; k += kLine) __builtin_prefetch(Z + n * ldz + k);
+      for (int64_t k = 0; k < K; k += kLine) prefetch_line(Z + n * ldz + k);
     }
     const int64_t block = std::min<int64_t>(kCols, N - n0);
     int64_t z_ld = ldz;
@@ -340,7 +341,7 @@ void gemm_transposed(int64_t M, int64_t N, int64_t K, const A_t* A, int64_t lda,
         for (int64_t m0 = c0; m0 < c0 + rows; m0 += kRows) {
           const int64_t ahead = std::min<int64_t>(m0 + 2 * kRows, M);  // rows two tiles ahead: from memory
           for (int64_t m = std::min<int64_t>(m0 + kRows, ahead); m < ahead; ++m) {
-            for (int64_t k = 0; k < K; k += kLine) __builtin_prefetch(A + m * lda + k);
+            for (int64_t k = 0; k < K; k += kLine) prefetch_line(A + m * lda + k);
           }
           const int64_t block = std::min<int64_t>(kRows, c0 + rows - m0);
           int64_t a_ld = lda;
