@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 import keypointops  # noqa: E402
 import reduced_precision as cases  # noqa: E402  (the cases and the interleaved timing, from bench/)
+from machine import cpu_description  # noqa: E402
 
 
 def runs(capability: str) -> bool:
@@ -45,7 +46,7 @@ def main() -> None:
     default = keypointops.cpu_capability()
     caps = args.capabilities or [c for c in ("avx2", "avx512") if runs(c)]
     torch.ops.keypointops._set_cpu_capability(default)
-    print(f"{cases.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+    print(f"{cpu_description()}, torch {torch.__version__}, {args.threads} threads, "
           f"{args.rounds} interleaved rounds; default build here: {default}\n")
     print("| case | pass | " + " | ".join(f"{c} ms" for c in caps) + " | "
           + " | ".join(f"{c} / {caps[0]}" for c in caps[1:]) + " |")

@@ -36,13 +36,13 @@ import datetime
 import functools
 import json
 import os
-import platform
 import time
 
 import pytest
 import torch
 
 import floors
+from machine import cpu_description
 
 SMALL = os.environ.get("KEYPOINTOPS_BENCH_SMALL") == "1"
 
@@ -69,7 +69,7 @@ def pytest_configure(config):
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return cpu_description()
 
 
 @functools.cache

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floors  # noqa: E402
 import test_keypoint_gather as gather_bench  # noqa: E402
 import test_msg_pass as msg_pass_bench  # noqa: E402
-from reduced_precision import cpu_name, interleaved  # noqa: E402
+from machine import cpu_description  # noqa: E402
+from reduced_precision import interleaved  # noqa: E402
 
 PAGE = 4096
 
@@ -118,7 +119,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{cpu_name()}, torch {torch.__version__}, {args.threads} threads, median of {args.rounds} calls\n")
+    print(f"{cpu_description()}, torch {torch.__version__}, {args.threads} threads, median of {args.rounds} calls\n")
     print(table(gather_rows(args.rounds) + msg_pass_rows(args.rounds)))
 
 

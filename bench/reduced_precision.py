@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import test_msg_pass as mp  # noqa: E402
 import test_part_pool as pp  # noqa: E402
 import test_window_graph_conv as wg  # noqa: E402
 from conftest import timed_pass  # noqa: E402
+from machine import cpu_description  # noqa: E402
 
 import keypointops  # noqa: E402
 from keypointops.graphs import Graph  # noqa: E402
@@ -154,17 +154,6 @@ def interleaved(fns: dict, rounds: int, timer=time.perf_counter, prepare: dict |
     return times
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -177,7 +166,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reduced = DTYPES[args.dtype]
-    header = (f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
+    header = (f"{cpu_description()}, {args.threads} threads, torch {torch.__version__}, "
               f"{args.rounds} interleaved rounds, {args.timer} time, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     lines = [header, "", f"| case | pass | float32 ms | {args.dtype} ms | float32 / {args.dtype} |",
              "|---|---|---:|---:|---:|"]

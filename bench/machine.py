@@ -1,0 +1,64 @@
+"""The machine a benchmark ran on, in one line, for the head of every result it writes.
+
+CPU results differ by CPU kind, and the model name alone does not tell the kinds apart (every AMD
+VM here reports "AMD EPYC", Zen 3 and Zen 5 alike): the line also gives the CPU family and model
+numbers and the vector extensions the kernels and PyTorch's baselines dispatch on.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+# (cpuinfo flag, name in the line), in the order printed.
+VECTOR_FLAGS = [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                ("avx512_vnni", "AVX512-VNNI"), ("amx_tile", "AMX")]
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty off Linux)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_description() -> str:
+    """E.g. "AMD EPYC (family 26, model 2; AVX2, AVX-512, AVX512-BF16, AVX512-VNNI; 2 cores;
+    PyTorch's kernels: AVX512)"."""
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    details = []
+    if "cpu family" in info and "model" in info:
+        details.append(f"family {info['cpu family']}, model {info['model']}")
+    flags = set(info.get("flags", "").split())
+    if flags:
+        present = [label for flag, label in VECTOR_FLAGS if flag in flags]
+        details.append(", ".join(present) if present else "no AVX2")
+    details.append(f"{os.cpu_count()} cores")
+    details.append(f"PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}")
+    return f"{name} ({'; '.join(details)})"
+
+
+def cpu_slug() -> str:
+    """The CPU in a file name, e.g. "amd-epyc-family26-model2" (results are kept per CPU kind)."""
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    words = "".join(ch if ch.isalnum() else " " for ch in name.split("@")[0].lower()).split()
+    words = [w for w in words if w not in ("r", "tm", "cpu", "processor")]
+    if "cpu family" in info and "model" in info:
+        words += [f"family{info['cpu family']}", f"model{info['model']}"]
+    return "-".join(words)
+
+
+if __name__ == "__main__":
+    import sys
+    print(cpu_slug() if sys.argv[1:] == ["--slug"] else cpu_description())
