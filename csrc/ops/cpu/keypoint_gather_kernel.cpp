@@ -22,8 +22,8 @@
 //    order (each plane once for all keypoints, prefetched a few planes ahead) is as fast on an idle
 //    memory system but slower on a loaded one (likely fewer misses in flight with ~20 scattered
 //    lines per plane; not the TLB: huge pages do not close the gap).
-//  - contiguous NCHW, smaller planes (stage 4: 16x8): plane-major, each plane visited once for all
-//    keypoints, the cache lines the taps need a few channels ahead software-prefetched.
+//  - contiguous NCHW, smaller planes (stage 4: 16x8): plane-major, each group of 4 planes visited
+//    once for all keypoints, the cache lines the taps need a page of planes ahead software-prefetched.
 //  - channels_last: a pixel's channels are contiguous, so every tap is a vector fmadd over the
 //    channel block (at::vec).
 // Other strides are copied to NCHW first.
@@ -84,7 +84,10 @@ namespace {
 // NCHW forward: keypoint-major from planes of this many bytes (a page) on, plane-major below.
 constexpr int64_t kKeypointMajorPlaneBytes = 4096;
 constexpr int64_t kChannelTile = 64;      // keypoint-major: channels a pair walks at a time
-constexpr int64_t kPrefetchChannels = 4;  // plane-major: prefetch this many planes ahead
+// plane-major: prefetch this many planes ahead (at stage 4's 16 x 8 planes 4 KiB: the next page, which
+// the hardware prefetcher, stopping at page boundaries, does not reach)
+constexpr int64_t kPrefetchChannels = 8;
+constexpr int64_t kPlaneGroup = 4;  // plane-major: planes summed side by side
 // keypoint-major, 16-bit: prefetch this many planes ahead, far enough to hide the lines' latency on
 // the CPUs measured (docs/benchmarks.md, bfloat16 against float32).
 constexpr int64_t kPairPrefetchPlanes = 16;
@@ -271,23 +274,43 @@ void with_tap_count(int64_t n, const Fn& fn) {
 }
 
 // NCHW forward, plane-major (small planes, where the taps cover most of a plane's lines): each
-// plane is visited once for all keypoints, the taps' lines a few planes ahead software-prefetched.
+// group of kPlaneGroup planes is visited once for all keypoints, the taps' lines a few planes ahead
+// software-prefetched.  A keypoint's taps are summed for the group's planes side by side: each tap's
+// offset and weight are loaded once for the group, and the group's sums are independent, so their
+// multiply-adds overlap where one plane's sum would wait on its previous add at every tap.  Each
+// channel's sum still adds its taps in tap order.
+template <int64_t kPlanes, typename scalar_t, typename acc = acc_t<scalar_t>>
+void gather_planes(const scalar_t* plane, const ImageTaps<acc>& taps, int64_t K, int64_t C, int64_t HW,
+                   scalar_t* out) {
+  const int64_t* off = taps.offset.data();
+  const acc* w = taps.weight.data();
+  for (int64_t k = 0; k < K; ++k) {
+    acc sum[kPlanes] = {};
+    for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) {
+      const acc weight = w[t];
+      const scalar_t* value = plane + off[t];
+      for (int64_t g = 0; g < kPlanes; ++g) sum[g] += weight * static_cast<acc>(value[g * HW]);
+    }
+    for (int64_t g = 0; g < kPlanes; ++g) out[k * C + g] = static_cast<scalar_t>(sum[g]);
+  }
+}
+
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<acc_t<scalar_t>>& taps, int64_t K,
                              int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
-  const int64_t* off = taps.offset.data();
-  const acc* w = taps.weight.data();
-  for (int64_t c = c0; c < c1; ++c) {
-    if (c + kPrefetchChannels < c1) {
-      const scalar_t* ahead = image + (c + kPrefetchChannels) * HW;
+  for (int64_t c = c0; c < c1;) {
+    const int64_t planes = c1 - c >= kPlaneGroup ? kPlaneGroup : 1;
+    const int64_t ahead_end = std::min(c + kPrefetchChannels + planes, c1);
+    for (int64_t ahead_c = c + kPrefetchChannels; ahead_c < ahead_end; ++ahead_c) {
+      const scalar_t* ahead = image + ahead_c * HW;
       for (const int64_t line : taps.line_offsets) prefetch_line(ahead + line);
     }
-    const scalar_t* plane = image + c * HW;
-    for (int64_t k = 0; k < K; ++k) {
-      acc sum = 0;
-      for (int64_t t = taps.begin[k]; t < taps.begin[k + 1]; ++t) sum += w[t] * static_cast<acc>(plane[off[t]]);
-      out[k * C + c] = static_cast<scalar_t>(sum);
+    if (planes == kPlaneGroup) {
+      gather_planes<kPlaneGroup>(image + c * HW, taps, K, C, HW, out + c);
+    } else {
+      gather_planes<1>(image + c * HW, taps, K, C, HW, out + c);
     }
+    c += planes;
   }
 }
 
