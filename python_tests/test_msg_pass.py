@@ -395,10 +395,11 @@ def test_cpu_forward_hides_the_latency_of_random_rows():
     """The CPU kernel prefetches the source rows of the nodes ahead, so a graph whose sources are
     random rows of a 51 MB x (200,000 nodes x 64 channels, 5 in-edges each: larger than the caches
     of the CPUs here) runs about as fast as one whose sources are each node's next 5 rows (one
-    thread, CPU time, the best of 7 interleaved rounds).  Measured on a 2-core AMD EPYC Zen 5:
-    1.12 times with the prefetches, 2.79 times with them compiled out (as GCC once deleted them);
-    the bound of 1.8 leaves room for timing noise and CPUs with slower memory.  On a CPU whose
-    caches hold x the two run alike whatever the prefetches do."""
+    thread, CPU time, the best of 7 interleaved rounds): within a few percent of it with the
+    prefetches, well over twice as long with them compiled out, as GCC does to __builtin_prefetch
+    there (ops/cpu/prefetch.h; figures in docs/benchmarks.md).  The bound of 1.8 leaves room for
+    timing noise and CPUs with slower memory.  On a CPU whose caches hold x the two run alike
+    whatever the prefetches do."""
     n = 200_000
     gen = torch.Generator().manual_seed(0)
     dst = torch.arange(n).repeat_interleave(5)
