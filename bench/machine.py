@@ -31,31 +31,41 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
+def _model_name(info: dict[str, str]) -> str:
+    return info.get("model name") or platform.processor() or platform.machine()
+
+
+def _family_model(info: dict[str, str]) -> tuple[str, str] | None:
+    """The CPU family and model numbers, where /proc/cpuinfo gives them."""
+    if "cpu family" in info and "model" in info:
+        return info["cpu family"], info["model"]
+    return None
+
+
 def cpu_description() -> str:
     """E.g. "AMD EPYC (family 26, model 2; AVX2, AVX-512, AVX512-BF16, AVX512-VNNI; 2 cores;
     PyTorch's kernels: AVX512)"."""
     info = _cpuinfo()
-    name = info.get("model name") or platform.processor() or platform.machine()
     details = []
-    if "cpu family" in info and "model" in info:
-        details.append(f"family {info['cpu family']}, model {info['model']}")
+    if family_model := _family_model(info):
+        details.append("family {}, model {}".format(*family_model))
     flags = set(info.get("flags", "").split())
     if flags:
         present = [label for flag, label in VECTOR_FLAGS if flag in flags]
         details.append(", ".join(present) if present else "no AVX2")
     details.append(f"{os.cpu_count()} cores")
     details.append(f"PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}")
-    return f"{name} ({'; '.join(details)})"
+    return f"{_model_name(info)} ({'; '.join(details)})"
 
 
 def cpu_slug() -> str:
     """The CPU in a file name, e.g. "amd-epyc-family26-model2" (results are kept per CPU kind)."""
     info = _cpuinfo()
-    name = info.get("model name") or platform.processor() or platform.machine()
-    words = "".join(ch if ch.isalnum() else " " for ch in name.split("@")[0].lower()).split()
+    name = _model_name(info).split("@")[0].lower()
+    words = "".join(ch if ch.isalnum() else " " for ch in name).split()
     words = [w for w in words if w not in ("r", "tm", "cpu", "processor")]
-    if "cpu family" in info and "model" in info:
-        words += [f"family{info['cpu family']}", f"model{info['model']}"]
+    if family_model := _family_model(info):
+        words += ["family{}".format(family_model[0]), "model{}".format(family_model[1])]
     return "-".join(words)
 
 

@@ -295,7 +295,7 @@ void gather_planes(const scalar_t* plane, const ImageTaps<acc>& taps, int64_t K,
   }
 }
 
-template <typename scalar_t, typename acc = acc_t<scalar_t>>
+template <typename scalar_t>
 void gather_nchw_plane_major(const scalar_t* image, const ImageTaps<acc_t<scalar_t>>& taps, int64_t K,
                              int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* out) {
   for (int64_t c = c0; c < c1;) {
