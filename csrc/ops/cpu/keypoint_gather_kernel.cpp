@@ -31,14 +31,14 @@
 // and every element receives its keypoints' contributions in keypoint order, so the result is
 // bitwise deterministic and independent of the thread count.  NCHW walks the taps pixel by pixel
 // (each distinct pixel's taps in node order), a vector of channels at a time: the grad_out values
-// of a tap's node are contiguous, so a pixel's sum over its taps is a few vector fmadds and each
-// lane is stored once to its channel's plane, where a walk node by node would load, add and store
-// one scalar per tap and channel (at KMPNet stage 4, 2048 planes of 512 bytes per image, that walk
-// is most of the backward once the gradient's pages are in).  channels_last adds node by node,
-// a vector fmadd over the channel block per tap.  The gradient is zero except at the
-// taps: a large one is a fresh anonymous mapping on huge pages (ops/cpu/huge_pages.h), whose pages
-// the kernel hands out zeroed, so the kernels only scatter (no zero-fill pass over [B, C, H, W],
-// which costs more than everything else here).
+// of a tap's node are contiguous, so a pixel's sum over its taps is a few vector fmadds, and each
+// lane is stored once to its channel's plane -- or, where the taps are dense (stage 4's 16 x 8
+// planes, patches), a run of pixels' sums is transposed in registers and stored a vector per plane
+// -- where a walk node by node would load, add and store one scalar per tap and channel.
+// channels_last adds node by node, a vector fmadd over the channel block per tap.  The gradient is
+// zero except at the taps: a large one is a fresh anonymous mapping on huge pages
+// (ops/cpu/huge_pages.h), whose pages the kernel hands out zeroed, so the kernels only scatter (no
+// zero-fill pass over [B, C, H, W], which costs more than everything else here).
 // Memory: the output [B, K * S * S, C] and the gradient [B, C, H, W]; per task the taps of one
 // image's nodes (K * S * S * taps); no [B*K, C, ...] intermediate.
 // float16 / bfloat16 features: the keypoints, box sizes, taps and every sum are float32
@@ -93,6 +93,9 @@ constexpr int64_t kPlaneGroup = 4;  // plane-major: planes summed side by side
 constexpr int64_t kPairPrefetchPlanes = 16;
 constexpr int64_t kCacheLineBytes = 64;
 constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
+// NCHW float32 backward: a run of a vector's width of pixels with at least this many tapped pixels
+// is written as a tile (transposed in registers, one vector store per channel), not lane by lane.
+constexpr int64_t kTilePixels = 4;
 
 struct GatherParams {
   int64_t B, C, H, W, K;  // K: nodes per image, keypoints * S * S
@@ -396,34 +399,110 @@ void scatter_channels_last(const scalar_t* grad_out, const ImageTaps<scalar_t>& 
   }
 }
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j in [0, VL): a VL x VL block of floats, VL the
+// vector width, transposed in registers.  (ATen's transpose_mxn<float, 16, 16> handles any M x N
+// through masked copies on the stack, several times slower for the full block.)
+template <int64_t VL>
+inline void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (VL == 16) {
+    // rows -> pairs of rows interleaved (32-bit) -> 4 rows' columns per 128-bit lane (64-bit) ->
+    // the lanes of 4 registers transposed (128-bit): u[4 * m + e] lane l holds column 4 * l + e of
+    // rows 4 * m .. 4 * m + 3.
+    __m512 r[16], t[16], u[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512d lo_a = _mm512_castps_pd(t[4 * i]), lo_b = _mm512_castps_pd(t[4 * i + 2]);
+      const __m512d hi_a = _mm512_castps_pd(t[4 * i + 1]), hi_b = _mm512_castps_pd(t[4 * i + 3]);
+      u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo_a, lo_b));
+      u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo_a, lo_b));
+      u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi_a, hi_b));
+      u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi_a, hi_b));
+    }
+    for (int e = 0; e < 4; ++e) {
+      const __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44);
+      const __m512 v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
+      const __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44);
+      const __m512 v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
+      _mm512_storeu_ps(dst + e * ld_dst, _mm512_shuffle_f32x4(v0, v2, 0x88));
+      _mm512_storeu_ps(dst + (4 + e) * ld_dst, _mm512_shuffle_f32x4(v0, v2, 0xDD));
+      _mm512_storeu_ps(dst + (8 + e) * ld_dst, _mm512_shuffle_f32x4(v1, v3, 0x88));
+      _mm512_storeu_ps(dst + (12 + e) * ld_dst, _mm512_shuffle_f32x4(v1, v3, 0xDD));
+    }
+  } else
+#endif
+  {
+    at::vec::transpose_mxn<float, VL, VL>(src, ld_src, dst, ld_dst);  // AVX2: 8 x 8 in registers
+  }
+}
+
 // NCHW backward of channels [c0, c1) of one image (zeros on entry), pixel by pixel:
 // plane_c[pixel] = sum over the pixel's taps t (node order) of w_t * grad_out[k_t * C + c],
 // formed in the accumulation dtype (float32 for 16-bit scalar_t) and rounded once.  A vector of
-// channels at a time: the taps' grad_out values of those channels are contiguous (one load each),
-// the sums are rounded together, and each lane is stored to its channel's plane.
+// channels at a time: the nodes' grad_out values of those channels are first copied to `rows`
+// (K vectors, converted to the accumulation dtype once), so the pixel walk reads them from one
+// contiguous buffer: read in place, the K rows lie a row of C values apart, which at a power-of-two
+// C maps them all to one L1 set (at stage 4, 17 lines 8 KiB apart, more than the set's ways) and
+// every tap's load misses L1.  The rows of the vector kRowsAhead vectors on are prefetched as the
+// current ones are copied.  The pixels are walked in runs of VL (a vector's width of a plane's
+// row-major pixels): in float32, a run with kTilePixels or more tapped pixels becomes a VL x VL
+// tile (its pixels' sums, zeros where no tap) transposed in registers and stored as one vector per
+// channel plane; otherwise each lane of a pixel's sum is stored to its channel's plane.
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 void scatter_nchw_by_pixel(const scalar_t* grad_out, const ImageTaps<acc_t<scalar_t>>& taps,
-                           int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* image) {
+                           int64_t K, int64_t C, int64_t HW, int64_t c0, int64_t c1, scalar_t* image) {
   using Vec = AccVec<scalar_t>;
   constexpr int64_t VL = Vec::size();
+  constexpr int64_t kRowsAhead = 4;
   const int64_t pixels = static_cast<int64_t>(taps.pixel_offset.size());
   const int64_t* node = taps.pixel_node.data();
   const acc* w = taps.pixel_weight.data();
+  thread_local std::vector<acc> rows;  // this thread's copy of the K rows' current vector
+  rows.resize(K * VL);
+  acc* row = rows.data();
   for (int64_t c = c0; c < c1; c += VL) {
     const int64_t n = std::min(VL, c1 - c);
+    const int64_t ahead = c + kRowsAhead * VL;
+    for (int64_t k = 0; k < K; ++k) {
+      if (ahead < c1) prefetch_line(grad_out + k * C + ahead);
+      load_acc(grad_out + k * C + c, n).store(row + k * VL);
+    }
     scalar_t* planes = image + c * HW;
-    for (int64_t i = 0; i < pixels; ++i) {
+    const auto pixel_sum = [&](int64_t i) {
       Vec sum(0);
       for (int64_t j = taps.pixel_begin[i]; j < taps.pixel_begin[i + 1]; ++j) {
-        sum = at::vec::fmadd(Vec(w[j]), load_acc(grad_out + node[j] * C + c, n), sum);
+        sum = at::vec::fmadd(Vec(w[j]), Vec::loadu(row + node[j] * VL), sum);
       }
-      scalar_t lanes[VL];
-      store_acc(sum, lanes);
-      scalar_t* pixel = planes + taps.pixel_offset[i];
-      if (n == VL) {  // a constant count: the stores unroll
-        for (int64_t l = 0; l < VL; ++l) pixel[l * HW] = lanes[l];
-      } else {
-        for (int64_t l = 0; l < n; ++l) pixel[l * HW] = lanes[l];
+      return sum;
+    };
+    for (int64_t i = 0; i < pixels;) {
+      // the pixels [i, end) of the run of VL pixels from run_start that holds pixel i
+      const int64_t run_start = taps.pixel_offset[i] / VL * VL;
+      int64_t end = i + 1;
+      while (end < pixels && taps.pixel_offset[end] < run_start + VL) ++end;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (n == VL && end - i >= kTilePixels && run_start + VL <= HW) {
+          // tile[q * VL + l]: pixel run_start + q, channel c + l (zero where no tap)
+          alignas(64) scalar_t tile[VL * VL];
+          for (int64_t q = 0; q < VL; ++q) Vec(0).store(tile + q * VL);
+          for (; i < end; ++i) pixel_sum(i).store(tile + (taps.pixel_offset[i] - run_start) * VL);
+          transpose_block<VL>(tile, VL, planes + run_start, HW);
+          continue;
+        }
+      }
+      for (; i < end; ++i) {
+        scalar_t lanes[VL];
+        store_acc(pixel_sum(i), lanes);
+        scalar_t* pixel = planes + taps.pixel_offset[i];
+        if (n == VL) {  // a constant count: the stores unroll
+          for (int64_t l = 0; l < VL; ++l) pixel[l * HW] = lanes[l];
+        } else {
+          for (int64_t l = 0; l < n; ++l) pixel[l * HW] = lanes[l];
+        }
       }
     }
   }
@@ -470,7 +549,7 @@ void scatter_image(const scalar_t* g, const ImageTaps<acc_t<scalar_t>>& taps, co
   } else if (channels_last) {
     scatter_channels_last_by_pixel(g, taps, p.C, c0, c1, image);
   } else {
-    scatter_nchw_by_pixel(g, taps, p.C, p.H * p.W, c0, c1, image);
+    scatter_nchw_by_pixel(g, taps, p.K, p.C, p.H * p.W, c0, c1, image);
   }
 }
 
