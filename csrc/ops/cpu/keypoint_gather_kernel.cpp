@@ -93,7 +93,7 @@ constexpr int64_t kPlaneGroup = 4;  // plane-major: planes summed side by side
 constexpr int64_t kPairPrefetchPlanes = 16;
 constexpr int64_t kCacheLineBytes = 64;
 constexpr int64_t kMinChannelBlock = 64;     // smallest block of channels per task
-// NCHW float32 backward: a run of a vector's width of pixels with at least this many tapped pixels
+// NCHW backward: a run of a vector's width of pixels with at least this many tapped pixels
 // is written as a tile (transposed in registers, one vector store per channel), not lane by lane.
 constexpr int64_t kTilePixels = 4;
 
@@ -449,7 +449,7 @@ inline void transpose_block(const float* src, int64_t ld_src, float* dst, int64_
 // C maps them all to one L1 set (at stage 4, 17 lines 8 KiB apart, more than the set's ways) and
 // every tap's load misses L1.  The rows of the vector kRowsAhead vectors on are prefetched as the
 // current ones are copied.  The pixels are walked in runs of VL (a vector's width of a plane's
-// row-major pixels): in float32, a run with kTilePixels or more tapped pixels becomes a VL x VL
+// row-major pixels): a run with kTilePixels or more tapped pixels becomes a VL x VL
 // tile (its pixels' sums, zeros where no tap) transposed in registers and stored as one vector per
 // channel plane; otherwise each lane of a pixel's sum is stored to its channel's plane.
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
@@ -484,13 +484,19 @@ void scatter_nchw_by_pixel(const scalar_t* grad_out, const ImageTaps<acc_t<scala
       const int64_t run_start = taps.pixel_offset[i] / VL * VL;
       int64_t end = i + 1;
       while (end < pixels && taps.pixel_offset[end] < run_start + VL) ++end;
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (std::is_same_v<acc, float>) {
         if (n == VL && end - i >= kTilePixels && run_start + VL <= HW) {
           // tile[q * VL + l]: pixel run_start + q, channel c + l (zero where no tap)
-          alignas(64) scalar_t tile[VL * VL];
+          alignas(64) float tile[VL * VL];
           for (int64_t q = 0; q < VL; ++q) Vec(0).store(tile + q * VL);
           for (; i < end; ++i) pixel_sum(i).store(tile + (taps.pixel_offset[i] - run_start) * VL);
-          transpose_block<VL>(tile, VL, planes + run_start, HW);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            transpose_block<VL>(tile, VL, planes + run_start, HW);
+          } else {  // 16-bit: each channel's run rounded once, as the lane stores below round each sum
+            alignas(64) float columns[VL * VL];  // columns[l * VL + q]: channel c + l, pixel run_start + q
+            transpose_block<VL>(tile, VL, columns, VL);
+            for (int64_t l = 0; l < VL; ++l) store_acc(Vec::loadu(columns + l * VL), planes + l * HW + run_start);
+          }
           continue;
         }
       }
