@@ -40,7 +40,9 @@
 // (ops/cpu/huge_pages.h), whose pages the kernel hands out zeroed, so the kernels only scatter (no
 // zero-fill pass over [B, C, H, W], which costs more than everything else here).
 // Memory: the output [B, K * S * S, C] and the gradient [B, C, H, W]; per task the taps of one
-// image's nodes (K * S * S * taps); no [B*K, C, ...] intermediate.
+// image's nodes (K * S * S * taps); per thread in the NCHW backward one vector of channels of the
+// nodes' grad_out rows (K * S * S vectors) and a tile of a vector's width squared on the stack; no
+// [B*K, C, ...] intermediate.
 // float16 / bfloat16 features: the keypoints, box sizes, taps and every sum are float32
 // (ops/cpu/reduced_precision.h); a channel's value of a node is rounded once, when stored.  The
 // forward is bound by the latency of the taps' cache lines, and a 16-bit load costs more
