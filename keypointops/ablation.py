@@ -96,6 +96,8 @@ ABLATIONS: dict[str, Ablation] = {
                 paper=(90.7, 86.0)),
             Row("full", "Basel+ContRe+3D+CS (full CTL)", "ctl", control="basel", paper=(91.4, 86.7),
                 eval_variants={"V_f^g (global feature only)": dict(embedding="global")}),
+            Row("full-shortcut", "full CTL with a shortcut on the first graph layer too (not in the paper)", "ctl",
+                dict(first_layer_shortcut=True), control="basel"),
         )),
     "rgcn": Ablation(
         "Pan, Liu, Chen, He, Zheng, Zheng and He, Pose-Aided Video-based Person Re-Identification via "

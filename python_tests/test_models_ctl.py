@@ -199,6 +199,9 @@ def test_variants_set_the_switches():
         CTL(3, **SMALL, variant="basel", graph_layers=1)
     with pytest.raises(ValueError, match=r"variant must be one of \('basel', "):
         CTL(3, **SMALL, variant="full")
+    # the paper's shortcut starts at the second graph layer; first_layer_shortcut adds it to the first
+    assert [layer.residual for layer in CTL(3, **SMALL).graph["s1"]] == [False, True]
+    assert [layer.residual for layer in CTL(3, **SMALL, first_layer_shortcut=True).graph["s1"]] == [True, True]
 
 
 def dense_3d_gcl(layer, x):
@@ -362,6 +365,8 @@ def test_bad_input_names_the_argument():
         CTL(3, **SMALL, part_fusion="max")
     with pytest.raises(ValueError, match="diversity_weight must be None or a finite number >= 0"):
         CTL(3, **SMALL, diversity_weight=-1.0)
+    with pytest.raises(ValueError, match="first_layer_shortcut must be a bool"):
+        CTL(3, **SMALL, first_layer_shortcut="yes")
 
 
 @pytest.mark.parametrize("device,dtype", AUTOCAST_STEP_CASES)

@@ -16,7 +16,8 @@ frames, ``C`` backbone channels:
   :class:`keypointops.nn.WindowGraphConv3D`: window ``tau = 3``, adjacency
   ``D^-1/2 (tile(A_p + I) + I) D^-1/2 + tile(A_m) + A_c`` (``A_m`` learnable, zero-init, ``N x N``;
   ``A_c`` the advanced context block, one ``[L, L]`` topology per window, so the fused op gets the
-  ``[B, T, L, L]`` adjacency), the window-collapse conv, the shortcut from layer 2 on.
+  ``[B, T, L, L]`` adjacency), the window-collapse conv, the shortcut from layer 2 on
+  (``first_layer_shortcut=True``: on every layer, an ablation row that is not in the paper).
   The physical graphs: the COCO skeleton (s1), :data:`CTL10_SKELETON` and :data:`CTL5_SKELETON`.
 * **CS-GCL** (Eqs. 5-7): :class:`CrossScaleGraphConv` s1 -> s3 and s2 -> s3 (a dense
   softmax attention over the source nodes, plain PyTorch), ``V_p = X_s3 + alpha (X_s13 + X_s23)``.
@@ -198,6 +199,9 @@ class CTL(nn.Module):
             ``"sample"`` (one per sample; with ``window=1`` the basic block) or None.
         collapse: the 3D-GCL's window-collapse conv + BN + ReLU after each graph conv; False (with
             ``window=1``): the frame-level GCN layers of Table 3's "Basel+ContRe" row (Eq. 4 alone).
+        first_layer_shortcut: the identity shortcut on the first graph layer too (``X1 = X0 +
+            G1(X0)``); the paper's (default False) has it from the second layer on, so the first
+            layer replaces the pooled keypoint features.  Not in the paper: an ablation row.
         cross_scale: ``"graph"`` (the CS-GCLs) or ``"pool"`` (Basel's addition fusion: the source
             features averaged into the 5 parts).
         cross_scale_sources: the scales fused into s3: ``("s1", "s2")``, ``("s1",)``, ``("s2",)``
@@ -221,7 +225,8 @@ class CTL(nn.Module):
                  cross_scale: str = "graph", cross_scale_sources: tuple[str, ...] = ("s1", "s2"),
                  cross_scale_stages: int = 1, alpha: float = 0.3, embed_dim: int = 256,
                  part_fusion: str = "mean", embedding: str = "attended", diversity_weight: float | None = None,
-                 margin: float = 0.3, label_smoothing: float = 0.1, ops_backend: str = "auto"):
+                 margin: float = 0.3, label_smoothing: float = 0.1, ops_backend: str = "auto",
+                 first_layer_shortcut: bool = False):
         super().__init__()
         check_choice("CTL", "variant", variant, VARIANTS)
         check_choice("CTL", "part_fusion", part_fusion, _PART_FUSIONS)
@@ -246,6 +251,8 @@ class CTL(nn.Module):
             raise ValueError(f"CTL: frames must be a positive int, got {frames!r}")
         if isinstance(graph_layers, bool) or not isinstance(graph_layers, int) or graph_layers < 0:
             raise ValueError(f"CTL: graph_layers must be an int >= 0, got {graph_layers!r}")
+        if not isinstance(first_layer_shortcut, bool):
+            raise ValueError(f"CTL: first_layer_shortcut must be a bool, got {first_layer_shortcut!r}")
         if not isinstance(collapse, bool) or (not collapse and graph_layers and window != 1):
             raise ValueError(f"CTL: collapse must be True, or False with window 1 (the frame-level GCN), got "
                              f"collapse={collapse!r} with window {window!r}")
@@ -277,7 +284,7 @@ class CTL(nn.Module):
         self.graph = nn.ModuleDict({
             scale: nn.ModuleList(
                 WindowGraphConv3D(channels, channels, graph, window, learned=learned_adjacency,
-                                  context=context, frames=frames, residual=layer > 0, collapse=collapse,
+                                  context=context, frames=frames, residual=layer > 0 or first_layer_shortcut, collapse=collapse,
                                   backend=ops_backend)
                 for layer in range(graph_layers))
             for scale, graph in _SCALES.items()})
