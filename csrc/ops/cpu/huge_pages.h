@@ -35,6 +35,25 @@ inline void advise_huge_pages(const at::Tensor& fresh) {
 #endif
 }
 
+// advise_huge_pages, then fault the advised interior in now, from the calling thread
+// (MADV_POPULATE_WRITE): for a buffer that a kernel's threads then write side by side.  Threads
+// that first-touch the same 2 MiB page, or fault huge pages at the same time, wait on each other
+// (docs/benchmarks.md: slower than on 4 KiB pages); one thread faulting the pages in before them
+// zeroes each once, at a streaming write's speed.  Meant for buffers of tens of MiB (the zeroing is
+// serial); a hint like the advice, without effect where the kernel lacks MADV_POPULATE_WRITE.
+inline void populate_huge_pages(const at::Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
+  if (last <= first) return;
+  madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#if defined(MADV_POPULATE_WRITE)
+  madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
+#endif
+#endif
+}
+
 // A zero CPU tensor of `sizes` in `memory_format`.  From kHugePage bytes on (Linux), its memory is a
 // fresh anonymous mapping whose 2 MiB-aligned interior is advised onto huge pages, unmapped when
 // the tensor is freed; below that, or where the mapping fails, a zero-filled at::empty.

@@ -38,7 +38,10 @@
 // channels_last adds node by node, a vector fmadd over the channel block per tap.  The gradient is
 // zero except at the taps: a large one is a fresh anonymous mapping on huge pages
 // (ops/cpu/huge_pages.h), whose pages the kernel hands out zeroed, so the kernels only scatter (no
-// zero-fill pass over [B, C, H, W], which costs more than everything else here).
+// zero-fill pass over [B, C, H, W], which costs more than everything else here).  The forward's
+// output is faulted in on huge pages by the calling thread before the threads write it
+// (populate_huge_pages): its 4 KiB page faults are a large part of a forward over small maps
+// (stage 4), and threads faulting huge pages side by side wait on each other.
 // Memory: the output [B, K * S * S, C] and the gradient [B, C, H, W]; per task the taps of one
 // image's nodes (K * S * S * taps); per thread in the NCHW backward one vector of channels of the
 // nodes' grad_out rows (K * S * S vectors) and a tile of a vector's width squared on the stack; no
@@ -636,6 +639,7 @@ at::Tensor keypoint_gather_cpu(const at::Tensor& features_in, const at::Tensor& 
                                      sampling_ratio, aligned, output_size);
   auto out = at::empty({p.B, p.K, p.C}, features.options());
   if (out.numel() == 0) return out;
+  populate_huge_pages(out);
   const int64_t image_size = p.C * p.H * p.W;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "keypoint_gather_cpu", [&] {
     using acc = acc_t<scalar_t>;
