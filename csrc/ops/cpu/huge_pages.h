@@ -39,9 +39,16 @@ inline void advise_huge_pages(const at::Tensor& fresh) {
 // (MADV_POPULATE_WRITE): for a buffer that a kernel's threads then write side by side.  Threads
 // that first-touch the same 2 MiB page, or fault huge pages at the same time, wait on each other
 // (docs/benchmarks.md: slower than on 4 KiB pages); one thread faulting the pages in before them
-// zeroes each once, at a streaming write's speed.  Meant for buffers of tens of MiB (the zeroing is
-// serial); a hint like the advice, without effect where the kernel lacks MADV_POPULATE_WRITE.
+// zeroes each once, at a streaming write's speed.  The zeroing is serial, so a buffer over
+// kPopulateMaxBytes is only advised (its serial zeroing costs more than the threads' waits); a hint
+// like the advice, without effect where the kernel lacks MADV_POPULATE_WRITE.
+constexpr size_t kPopulateMaxBytes = size_t{64} << 20;
+
 inline void populate_huge_pages(const at::Tensor& fresh) {
+  if (fresh.nbytes() > kPopulateMaxBytes) {
+    advise_huge_pages(fresh);
+    return;
+  }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
   const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);

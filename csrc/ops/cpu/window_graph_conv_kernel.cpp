@@ -292,7 +292,7 @@ at::Tensor window_graph_conv_cpu(const at::Tensor& x_in, const at::Tensor& adj_i
   const auto adj = adj_in.to(at::toOpMathType(x.scalar_type())).contiguous();
   auto out = at::empty({s.B, s.To, s.R, s.C}, x.options());
   if (out.numel() == 0) return out;
-  advise_huge_pages(out);
+  populate_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_graph_conv_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
