@@ -417,6 +417,7 @@ def test_cpu_forward_hides_the_latency_of_random_rows():
     (random_time, next_rows_time), rounds = best_cpu_times([forward(random_sources), forward(next_rows)], rounds=7)
     assert random_time < 1.8 * next_rows_time, rounds
 
+
 @pytest.mark.parametrize("device,backend", gpu_kernel_params())
 def test_out_of_range_indices_are_skipped(device, backend):
     """The CUDA and Triton kernels do not validate index contents (Graph does, on the CPU): they

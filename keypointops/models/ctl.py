@@ -284,8 +284,8 @@ class CTL(nn.Module):
         self.graph = nn.ModuleDict({
             scale: nn.ModuleList(
                 WindowGraphConv3D(channels, channels, graph, window, learned=learned_adjacency,
-                                  context=context, frames=frames, residual=layer > 0 or first_layer_shortcut, collapse=collapse,
-                                  backend=ops_backend)
+                                  context=context, frames=frames, residual=layer > 0 or first_layer_shortcut,
+                                  collapse=collapse, backend=ops_backend)
                 for layer in range(graph_layers))
             for scale, graph in _SCALES.items()})
         self.cross = nn.ModuleList(

@@ -15,7 +15,9 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/core/Allocator.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -25,13 +27,22 @@ namespace keypointops {
 
 constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
 
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+// Advises the 2 MiB-aligned interior of `fresh` onto huge pages and returns its [first, last)
+// addresses (first == last when the tensor spans no whole huge page).
+inline std::pair<uintptr_t, uintptr_t> advise_interior(const at::Tensor& fresh) {
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = std::max(first, (begin + fresh.nbytes()) & ~(kHugePage - 1));
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  return {first, last};
+}
+#endif
+
 // Call on a tensor the kernel is about to write for the first time.
 inline void advise_huge_pages(const at::Tensor& fresh) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  advise_interior(fresh);
 #endif
 }
 
@@ -45,18 +56,14 @@ inline void advise_huge_pages(const at::Tensor& fresh) {
 constexpr size_t kPopulateMaxBytes = size_t{64} << 20;
 
 inline void populate_huge_pages(const at::Tensor& fresh) {
-  if (fresh.nbytes() > kPopulateMaxBytes) {
-    advise_huge_pages(fresh);
-    return;
-  }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
-  if (last <= first) return;
-  madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #if defined(MADV_POPULATE_WRITE)
-  madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
+  const auto [first, last] = advise_interior(fresh);
+  if (last > first && fresh.nbytes() <= kPopulateMaxBytes) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
+  }
+#else
+  advise_interior(fresh);
 #endif
 #endif
 }
