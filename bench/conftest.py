@@ -19,16 +19,16 @@ group the bytes, FLOPs and the two floors in a second table.
 ``--kp-threads N`` sets torch's intra-op threads for the whole run (default: torch's default, one
 per core).  On a machine shared with other work, use fewer threads than free cores: an OpenMP
 thread that the OS has descheduled stalls every parallel region at its barrier, which slows every
-implementation by a different, unrepeatable factor (KMPNet's graph branch: 0.3 s on one thread,
-0.8-7 s on two, on 2 cores at load 7).  The stamp of the summary gives the thread count.
+implementation by a different, unrepeatable factor (docs/benchmarks.md).  The stamp of the summary
+gives the thread count.
 ``--kp-interleave R``: after the tests, time every group again in R rounds that call each of its
 functions once in turn, and report those medians and, as the speed-up, the median over the rounds
 of the baseline's time over the function's in that round: the load of a shared machine then weighs
-on every implementation of a group alike (run one after the other, as pytest-benchmark does, the ratio of
-two 0.7 s steps moved from 0.63x to 1.19x with the load).  It keeps every function, with its model
-and inputs, alive until the end of the run: for the small cases (``bench/test_models.py``).  On a
-shared machine, also ``--benchmark-timer time.process_time`` with ``--kp-threads 1``: the CPU time
-of the one thread, not the time other jobs hold the core (these rounds use the benchmark's timer).
+on every implementation of a group alike (run one after the other, as pytest-benchmark does, their
+ratio moves with the load).  It keeps every function, with its model and inputs, alive until the
+end of the run: for the small cases (``bench/test_models.py``).  On a shared machine, also
+``--benchmark-timer time.process_time`` with ``--kp-threads 1``: the CPU time of the one thread,
+not the time other jobs hold the core (these rounds use the benchmark's timer).
 """
 from __future__ import annotations
 

@@ -63,8 +63,9 @@ def optimisation_step(model, images, keypoints, pids, lr: float):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny tensors: one intra-op thread (two spin-wait on a busy 2-core machine, up to 6x slower).
-    The model test modules import this fixture."""
+    """Tiny tensors: one intra-op thread (two spin-wait at every parallel region on a busy 2-core
+    machine, where a thread the OS has descheduled stalls the other).  The model test modules
+    import this fixture."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -178,9 +179,8 @@ def assert_own_error(err: BaseException, path) -> None:
 # (the loss, and the gradient of all parameters as one vector, by norm).  Both compute in the
 # autocast dtype but round differently (summation order, where a sum is rounded), so they differ by
 # some units of that dtype's precision (2^-8 for bfloat16, 2^-11 for float16) amplified through the
-# backbone.  Measured on CPU (CTL, the largest): fused against reference 9.5 % (bfloat16) and 2.3 %
-# (float16), while either backend's step differs from the float32 step by 60 % and 13 %: the bound
-# is a fraction of the autocast dtype's own error.
+# backbone.  The bound is a fraction of the autocast dtype's own error, the difference between
+# either backend's step and the float32 step (figures in docs/benchmarks.md).
 AUTOCAST_STEP_RTOL = {torch.bfloat16: 0.1, torch.float16: 0.05}
 
 #: The (device, dtype) cases of every model's autocast training-step test.
