@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from keypointops import graphs, parts
-from keypointops.models.pose_maps import (OPENPOSE_LIMBS, OpenPoseBody, PoseMaps, load_openpose_weights,
+from keypointops.models.pose_maps import (OPENPOSE_LIMBS, PoseMaps, load_openpose_weights,
                                           openpose18_from_coco17, openpose_input, render_heatmaps, render_pose_maps)
 from helpers import one_thread, upright_keypoints  # noqa: F401 (autouse fixture)
 

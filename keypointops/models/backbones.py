@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet", "load_pretrained", "DEPTHS"]
