@@ -3,7 +3,9 @@ for the model tests, one intra-op thread, synthetic clips and one optimisation s
 strategy and checks of the property-based file-parser tests."""
 import os
 import re
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,10 @@ from keypointops._opdefs.backend import triton_available
 from keypointops.engine import AMP_DTYPES, forward_backward
 from keypointops.graphs import SKELETONS
 from keypointops.models import build_model, get_preset
+
+# bench/ goes last on the path: its test_<op>.py modules must not shadow these.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+from interleave import interleaved  # noqa: E402  (bench/interleave.py, the benchmarks' rounds)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -274,20 +280,13 @@ def gradient_errors(function, inputs, grad_out):
 
 def best_cpu_times(fns, rounds: int = 9):
     """For timing comparisons (e.g. of dtypes) on a shared machine: on one intra-op thread, a warm-up
-    call of each of ``fns``, then ``rounds`` rounds calling each once, timed in CPU time of the process
-    (``time.process_time``: not the time other jobs hold the core).  Returns the least time of each
-    fn and every round's times."""
-    def cpu_time(fn):
-        start = time.process_time()
-        fn()
-        return time.process_time() - start
-
+    call of each of ``fns``, then ``rounds`` interleaved rounds calling each once, timed in CPU time of
+    the process (``time.process_time``: not the time other jobs hold the core).  Returns the least
+    time of each fn and every round's times."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for fn in fns:
-            fn()
-        times = [tuple(cpu_time(fn) for fn in fns) for _ in range(rounds)]
+        times = interleaved(dict(enumerate(fns)), rounds, time.process_time)
     finally:
         torch.set_num_threads(threads)
-    return [min(column) for column in zip(*times)], times
+    return [min(column) for column in times.values()], list(zip(*times.values()))
