@@ -19,7 +19,8 @@ instruction-set flags).  Set KEYPOINTOPS_CPU_CAPABILITIES (e.g. "default,avx2") 
 The CUDA kernels are compiled for the architectures in TORCH_CUDA_ARCH_LIST (torch's variable,
 e.g. "9.0" or "8.0;9.0+PTX"); by default for sm_80, sm_86, sm_89 and sm_90 (A100, A10/RTX 30xx,
 L4/L40/RTX 40xx, H100/H200) plus PTX of sm_90, which newer GPUs compile at load time.  Naming only
-the GPU at hand (e.g. TORCH_CUDA_ARCH_LIST=9.0) builds about four times faster.
+the GPU at hand (e.g. TORCH_CUDA_ARCH_LIST=9.0) compiles the kernels for one architecture instead
+of four.
 """
 import glob
 import os

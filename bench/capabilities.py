@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import keypointops  # noqa: E402
-import reduced_precision as cases  # noqa: E402  (the cases and the interleaved timing, from bench/)
+import reduced_precision as cases  # noqa: E402  (the cases, from bench/)
+from interleave import interleaved  # noqa: E402
 from machine import cpu_description  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main() -> None:
                     continue
                 for backward in (False, True):
                     fn = make(torch.float32, backward)
-                    times = cases.interleaved({c: fn for c in caps}, args.rounds, prepare=switch)
+                    times = interleaved({c: fn for c in caps}, args.rounds, prepare=switch)
                     ms = {c: 1e3 * statistics.median(times[c]) for c in caps}
                     print(f"| {name} | {'fwd+bwd' if backward else 'fwd'} | " + " | ".join(f"{ms[c]:.2f}" for c in caps)
                           + " | " + " | ".join(f"{ms[c] / ms[caps[0]]:.2f}" for c in caps[1:]) + " |", flush=True)

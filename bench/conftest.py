@@ -19,16 +19,16 @@ group the bytes, FLOPs and the two floors in a second table.
 ``--kp-threads N`` sets torch's intra-op threads for the whole run (default: torch's default, one
 per core).  On a machine shared with other work, use fewer threads than free cores: an OpenMP
 thread that the OS has descheduled stalls every parallel region at its barrier, which slows every
-implementation by a different, unrepeatable factor (KMPNet's graph branch: 0.3 s on one thread,
-0.8-7 s on two, on 2 cores at load 7).  The stamp of the summary gives the thread count.
+implementation by a different, unrepeatable factor (docs/benchmarks.md).  The stamp of the summary
+gives the thread count.
 ``--kp-interleave R``: after the tests, time every group again in R rounds that call each of its
-functions once in turn, and report those medians and, as the speed-up, the median over the rounds
-of the baseline's time over the function's in that round: the load of a shared machine then weighs
-on every implementation of a group alike (run one after the other, as pytest-benchmark does, the ratio of
-two 0.7 s steps moved from 0.63x to 1.19x with the load).  It keeps every function, with its model
-and inputs, alive until the end of the run: for the small cases (``bench/test_models.py``).  On a
-shared machine, also ``--benchmark-timer time.process_time`` with ``--kp-threads 1``: the CPU time
-of the one thread, not the time other jobs hold the core (these rounds use the benchmark's timer).
+functions once in turn (after a warm-up call of each), and report those medians and, as the
+speed-up, the median over the rounds of the baseline's time over the function's in that round: the
+load of a shared machine then weighs on every implementation of a group alike (run one after the
+other, as pytest-benchmark does, their ratio moves with the load).  It keeps every function, with its model and inputs, alive until the
+end of the run: for the small cases (``bench/test_models.py``).  On a shared machine, also
+``--benchmark-timer time.process_time`` with ``--kp-threads 1``: the CPU time of the one thread,
+not the time other jobs hold the core (these rounds use the benchmark's timer).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ import pytest
 import torch
 
 import floors
+from interleave import interleaved
 from machine import cpu_description
 
 SMALL = os.environ.get("KEYPOINTOPS_BENCH_SMALL") == "1"
@@ -199,20 +200,15 @@ def _median(values: list[float]) -> float:
 
 
 def _interleaved(rounds: int, timer) -> tuple[dict, dict]:
-    """``rounds`` rounds per group, each calling every function of the group once in turn (the
-    functions kept by ``measure``, released afterwards).  Returns (group, impl) -> the median
-    seconds of ``timer``, and (group, impl) -> the median over the rounds of the baseline's seconds
-    over the function's in the same round (groups with a baseline)."""
+    """``rounds`` interleaved rounds per group (``bench/interleave.py``) of the functions kept by
+    ``measure``, released afterwards.  Returns (group, impl) -> the median seconds of ``timer``, and
+    (group, impl) -> the median over the rounds of the baseline's seconds over the function's in
+    the same round (groups with a baseline)."""
     medians, speedups = {}, {}
     for group, entries in _KEPT.items():
-        times = [[0.0] * rounds for _ in entries]
-        for r in range(rounds):
-            for i, (_, timed, _) in enumerate(entries):
-                start = timer()
-                timed()
-                times[i][r] = timer() - start
-        base = next((times[i] for i, entry in enumerate(entries) if entry[2]), None)
-        for (impl, _, _), t in zip(entries, times):
+        times = interleaved({impl: timed for impl, timed, _ in entries}, rounds, timer)
+        base = next((times[impl] for impl, _, baseline in entries if baseline), None)
+        for impl, t in times.items():
             medians[group, impl] = _median(t)
             if base is not None:
                 speedups[group, impl] = _median([b / x for b, x in zip(base, t)])
@@ -225,7 +221,7 @@ def _summary_rows(config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
         return [], {}
-    interleaved, paired = _interleaved(config.getoption("--kp-interleave"), session.options["timer"].target)
+    round_medians, paired = _interleaved(config.getoption("--kp-interleave"), session.options["timer"].target)
     groups: dict[str, list] = {}
     for bench in session.benchmarks:
         if bench.stats is not None and bench.stats.rounds:
@@ -236,7 +232,7 @@ def _summary_rows(config):
         floor = None
         if work is not None and benches[0].extra_info.get("device") != "cuda":
             floor = group_floors[group] = dict(work, **floors.measure_floors(floors.Work.from_dict(work)))
-        median_of = {b: interleaved.get((group, b.extra_info.get("impl")), b.stats.median) for b in benches}
+        median_of = {b: round_medians.get((group, b.extra_info.get("impl")), b.stats.median) for b in benches}
         base = next((b for b in benches if b.extra_info.get("baseline")), None)
         for b in sorted(benches, key=median_of.get):
             median = median_of[b]

@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floors  # noqa: E402
+from interleave import interleaved  # noqa: E402
 import test_keypoint_gather as gather_bench  # noqa: E402
 import test_msg_pass as msg_pass_bench  # noqa: E402
 from machine import cpu_description  # noqa: E402
-from reduced_precision import interleaved  # noqa: E402
 
 PAGE = 4096
 

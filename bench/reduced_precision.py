@@ -34,6 +34,7 @@ import test_msg_pass as mp  # noqa: E402
 import test_part_pool as pp  # noqa: E402
 import test_window_graph_conv as wg  # noqa: E402
 from conftest import timed_pass  # noqa: E402
+from interleave import interleaved  # noqa: E402
 from machine import cpu_description  # noqa: E402
 
 import keypointops  # noqa: E402
@@ -134,24 +135,6 @@ def window_graph_conv_cases():
 
 
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def interleaved(fns: dict, rounds: int, timer=time.perf_counter, prepare: dict | None = None) -> dict:
-    """{name: [seconds per round]}: a warm-up call of each, then ``rounds`` rounds calling each once;
-    ``prepare[name]()``, when given, runs untimed before each of ``name``'s calls (e.g. a switch of
-    the CPU kernels' build, bench/capabilities.py)."""
-    prepare = prepare or {}
-    for name, fn in fns.items():
-        prepare.get(name, lambda: None)()
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            prepare.get(name, lambda: None)()
-            start = timer()
-            fn()
-            times[name].append(timer() - start)
-    return times
 
 
 def main() -> int:

@@ -11,14 +11,15 @@ arguments and loaded with the same state dict (``strict=True``), run on the grap
 Passes: ``train step`` (forward + ``model.loss`` + backward + Adam step, train mode) and
 ``eval fwd`` (eval mode, no_grad: the clip embedding ``[B, D]``).  For KMPNet also ``graph branch``:
 the 27 res+ GENConv blocks alone on fixed keypoint features ``[B*T*12, 64]`` (train mode, forward
-and forward+backward), where the issue's ">= 3x faster than PyG" target is read off.
+and forward+backward): the part of the model that ``msg_pass`` speeds up, without the CNN around it.
 
 Sizes: the ``cpu`` preset of each model (``get_preset(name, "cpu")``: batch 16 clips x 4 frames,
 128 x 64, ResNet-18 at width 0.25); ``KEYPOINTOPS_BENCH_SMALL=1``: 2 clips x 2 frames, 64 x 32,
 backbone width 0.125 (a smoke run of every path).  Inputs: fixed seed, random images, keypoints
 inside the frame with confidence in (0.3, 1), pids ``arange(B) // 2`` (two clips per identity, so
-triplet losses have positives).  The README's figures: ``--kp-threads 1 --kp-interleave 7
---benchmark-timer time.process_time`` (one thread, each group's implementations timed in turn).
+triplet losses have positives).  On a shared machine: ``--kp-threads 1 --kp-interleave 7
+--benchmark-timer time.process_time`` (one thread, CPU time, each group's implementations timed in
+turn; see ``bench/conftest.py``).
 """
 import copy
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from keypointops._checks import check_choice
 from keypointops.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, init_from_checkpoint, load_checkpoint,
                                      save_checkpoint)
 from keypointops.distributed import all_reduce_mean, device_for_rank, dist_info, init_distributed, wrap_ddp
@@ -66,8 +67,7 @@ def make_config(model: str = "kmpnet", preset: str = "cpu", data: str = "synthet
     ``channels_last``, ``compile``: see the module docstring.
     ``root`` is stored as an absolute path, so the run can be evaluated from any folder.
     """
-    if amp is not None and amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {AMP_MODES} or None, got {amp!r}")
+    check_choice("make_config", "amp", amp, (*AMP_MODES, None))
     from keypointops.models import preset_of
 
     if max_steps is not None and max_steps < 1:

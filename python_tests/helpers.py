@@ -3,7 +3,9 @@ for the model tests, one intra-op thread, synthetic clips and one optimisation s
 strategy and checks of the property-based file-parser tests."""
 import os
 import re
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,10 @@ from keypointops._opdefs.backend import triton_available
 from keypointops.engine import AMP_DTYPES, forward_backward
 from keypointops.graphs import SKELETONS
 from keypointops.models import build_model, get_preset
+
+# bench/ goes last on the path: its test_<op>.py modules must not shadow these.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+from interleave import interleaved  # noqa: E402  (bench/interleave.py, the benchmarks' rounds)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -63,8 +69,9 @@ def optimisation_step(model, images, keypoints, pids, lr: float):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny tensors: one intra-op thread (two spin-wait on a busy 2-core machine, up to 6x slower).
-    The model test modules import this fixture."""
+    """Tiny tensors: one intra-op thread (two spin-wait at every parallel region on a busy 2-core
+    machine, where a thread the OS has descheduled stalls the other).  The model test modules
+    import this fixture."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -178,9 +185,8 @@ def assert_own_error(err: BaseException, path) -> None:
 # (the loss, and the gradient of all parameters as one vector, by norm).  Both compute in the
 # autocast dtype but round differently (summation order, where a sum is rounded), so they differ by
 # some units of that dtype's precision (2^-8 for bfloat16, 2^-11 for float16) amplified through the
-# backbone.  Measured on CPU (CTL, the largest): fused against reference 9.5 % (bfloat16) and 2.3 %
-# (float16), while either backend's step differs from the float32 step by 60 % and 13 %: the bound
-# is a fraction of the autocast dtype's own error.
+# backbone.  The bound is a fraction of the autocast dtype's own error, the difference between
+# either backend's step and the float32 step (figures in docs/benchmarks.md).
 AUTOCAST_STEP_RTOL = {torch.bfloat16: 0.1, torch.float16: 0.05}
 
 #: The (device, dtype) cases of every model's autocast training-step test.
@@ -274,20 +280,13 @@ def gradient_errors(function, inputs, grad_out):
 
 def best_cpu_times(fns, rounds: int = 9):
     """For timing comparisons (e.g. of dtypes) on a shared machine: on one intra-op thread, a warm-up
-    call of each of ``fns``, then ``rounds`` rounds calling each once, timed in CPU time of the process
-    (``time.process_time``: not the time other jobs hold the core).  Returns the least time of each
-    fn and every round's times."""
-    def cpu_time(fn):
-        start = time.process_time()
-        fn()
-        return time.process_time() - start
-
+    call of each of ``fns``, then ``rounds`` interleaved rounds calling each once, timed in CPU time of
+    the process (``time.process_time``: not the time other jobs hold the core).  Returns the least
+    time of each fn and every round's times."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for fn in fns:
-            fn()
-        times = [tuple(cpu_time(fn) for fn in fns) for _ in range(rounds)]
+        times = interleaved(dict(enumerate(fns)), rounds, time.process_time)
     finally:
         torch.set_num_threads(threads)
-    return [min(column) for column in zip(*times)], times
+    return [min(column) for column in times.values()], list(zip(*times.values()))

@@ -755,9 +755,9 @@ def test_cpu_bfloat16_forward_is_not_slower_than_float32():
     larger than the last-level cache, so the taps' cache lines come from memory), NCHW, takes no more
     CPU time in bfloat16 than in float32, up to a margin for timing noise (one thread, CPU time, the
     best of 9 interleaved rounds).  A 16-bit forward that does not prefetch the taps keeps fewer cache
-    misses in flight and takes 1.15-1.25 times the float32 time; the prefetching one 0.98-1.11 times
-    on a shared 2-core AMD Zen 3 VM and 1.00-1.13 times on a Zen 5, whose noise sets the margin at
-    1.2 (as for window_graph_conv): the test catches the larger such regressions, not one of 15 %."""
+    misses in flight and is slower than float32; the timing noise of a shared 2-core VM sets the
+    margin at 1.2 (as for window_graph_conv), so the test catches the larger such regressions, not
+    every one (figures in docs/benchmarks.md)."""
     gen = torch.Generator().manual_seed(0)
     features32 = torch.randn(48, 256, 64, 32, generator=gen)
     keypoints = torch.rand(48, 12, 2, generator=gen) * torch.tensor([31.0, 63.0]) * 4 + 0.5

@@ -1,6 +1,4 @@
 """keypointops.nn.GENConv and DeepGCNLayer against PyTorch Geometric's, with PyG weights loaded."""
-import importlib.util
-
 import pytest
 import torch
 
@@ -19,17 +17,8 @@ F32_GRAD_TOL = dict(rtol=1e-5, atol=3e-5)
 
 
 def backend_params():
-    """The fused msg_pass backends here (Triton only where its msg_pass module exists) + the reference."""
-    has_triton_msg_pass = importlib.util.find_spec("keypointops.triton.msg_pass") is not None
-    params = []
-    for param in device_backend_params():
-        device, backend = param.values
-        marks = list(param.marks)
-        if backend == "triton":
-            marks.append(pytest.mark.skipif(not has_triton_msg_pass,
-                                            reason="keypointops.triton.msg_pass not in this build"))
-        params.append(pytest.param(device, backend, marks=marks, id=param.id))
-    return params + [pytest.param(device, "reference", id=f"{device}-reference") for device in DEVICES]
+    """The fused msg_pass backends here + the reference."""
+    return device_backend_params() + [pytest.param(device, "reference", id=f"{device}-reference") for device in DEVICES]
 
 
 def random_edge_index(num_nodes, num_edges, seed=0, device="cpu"):

@@ -1,10 +1,12 @@
 """keypointops.models.pose_maps: the 57 OpenPose-style maps rendered from COCO-17 keypoints, and
 the OpenPose COCO body network (shapes, caffe layer names, local weights)."""
+import numpy as np
 import pytest
 import torch
 
 from keypointops import graphs, parts
-from keypointops.models.pose_maps import (OPENPOSE_LIMBS, OpenPoseBody, PoseMaps, load_openpose_weights,
+from keypointops.data.keypoint_files import from_coco17, sanitize
+from keypointops.models.pose_maps import (OPENPOSE_LIMBS, PoseMaps, load_openpose_weights,
                                           openpose18_from_coco17, openpose_input, render_heatmaps, render_pose_maps)
 from helpers import one_thread, upright_keypoints  # noqa: F401 (autouse fixture)
 
@@ -30,6 +32,23 @@ def test_openpose18_from_coco17():
     assert batched.shape == (2, 3, 18, 3)
     with pytest.raises(ValueError, match="keypoints must be"):
         openpose18_from_coco17(torch.zeros(18, 3))
+
+
+def test_openpose18_from_coco17_agrees_with_the_keypoint_files():
+    """The models' COCO-18 joints are those keypoint files are written with (``from_coco17``) bit
+    for bit where a joint is valid; where it is not, the file's joint is (0, 0, 0) and the models'
+    has confidence 0."""
+    rng = np.random.default_rng(0)
+    kp = rng.uniform(1, 100, (3, 17, 3)).astype(np.float32)
+    kp[..., 2] = rng.choice([0.0, 0.3, 0.9], size=(3, 17))
+    kp[0, [5, 6], 2] = 0.9                                     # a valid neck
+    kp[1, 5, 2] = 0.0                                          # a missing one
+    files = from_coco17(kp, "openpose18")
+    models = openpose18_from_coco17(torch.from_numpy(sanitize(kp))).numpy()
+    valid = models[..., 2] > 0
+    assert valid[0, 1] and not valid[1, 1]
+    assert files[valid].tobytes() == models[valid].tobytes()
+    assert (files[~valid] == 0).all() and (models[~valid][:, 2] == 0).all()
 
 
 def test_limb_table_and_alignnet_grouping():

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from keypointops._checks import check_choice
 from keypointops._opdefs.backend import check_float_dtype, check_same_device, check_tensors, register_op_pair
 from keypointops.graphs import Graph
 
@@ -92,8 +93,7 @@ def check_edge_args(x: Tensor, edge_attr: Tensor | None, perm: Tensor | None, nu
 
 def check_aggr(aggr: str) -> None:
     """The raw ops' aggr argument (csrc/ops/msg_pass.cpp's parse_msg_pass_aggr)."""
-    if aggr not in AGGREGATIONS:
-        raise ValueError(f"msg_pass: aggr must be one of {AGGREGATIONS}, got {aggr!r}")
+    check_choice("msg_pass", "aggr", aggr, AGGREGATIONS)
 
 
 def check_csr_args(x: Tensor, rowptr: Tensor, col: Tensor, t: Tensor, rowptr_name: str, col_name: str) -> None:

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from keypointops.graphs import SKELETONS
 
 __all__ = ["NUM_JOINTS", "COCO17_FLIP", "sanitize", "read_pose", "write_pose", "read_openpose",
-           "write_openpose", "to_coco17", "from_coco17", "read_keypoint_file", "read_cache",
+           "write_openpose", "to_coco17", "from_coco17", "from_coco17_tensor", "read_keypoint_file", "read_cache",
            "write_cache", "load_keypoints", "cache_tracklet_keypoints"]
 
 logger = logging.getLogger("keypointops.data")
@@ -120,31 +122,34 @@ def to_coco17(keypoints: np.ndarray, skeleton: str) -> np.ndarray:
     return kp[..., [names.index(name) for name in _COCO17], :]
 
 
-def _midpoint(kp: np.ndarray, a: int, b: int) -> np.ndarray:
-    """The mid-point of joints a and b, valid only where both are (confidence = the smaller)."""
-    both = (kp[..., a, 2] > 0) & (kp[..., b, 2] > 0)
-    mid = np.zeros(kp.shape[:-2] + (3,), np.float32)
-    mid[..., :2] = (kp[..., a, :2] + kp[..., b, :2]) / 2
-    mid[..., 2] = np.minimum(kp[..., a, 2], kp[..., b, 2])
-    mid[~both] = 0
-    return mid
+# The joints COCO-17 lacks that are the mid-point of two of its joints.
+_MIDPOINTS = {"neck": ("left_shoulder", "right_shoulder"), "mid_hip": ("left_hip", "right_hip")}
+
+
+def from_coco17_tensor(keypoints: Tensor, skeleton: str) -> Tensor:
+    """``skeleton``'s joints ``[..., K, 3]`` from COCO-17 keypoints ``[..., 17, 3]`` (a tensor of any
+    floating dtype, on any device; not sanitised), by joint name.  OpenPose's neck (mid-shoulder) and
+    BODY-25's mid-hip are the mean of the two joints with the smaller of their confidences, so they
+    are valid (``> 0``) only where both joints are; BODY-25's feet are ``(0, 0, 0)``."""
+    def joint(name: str) -> Tensor:
+        if name in _COCO17:
+            return keypoints[..., _COCO17.index(name), :]
+        if name in _MIDPOINTS:
+            a, b = (keypoints[..., _COCO17.index(end), :] for end in _MIDPOINTS[name])
+            return torch.cat([(a[..., :2] + b[..., :2]) * 0.5, torch.minimum(a[..., 2:], b[..., 2:])], -1)
+        return keypoints.new_zeros(keypoints.shape[:-2] + (3,))
+
+    return torch.stack([joint(name) for name in _names(skeleton)], -2)
 
 
 def from_coco17(keypoints: np.ndarray, skeleton: str) -> np.ndarray:
-    """Converts COCO-17 ``[..., 17, 3]`` to ``skeleton``; OpenPose's neck is the mid-shoulder and
-    BODY-25's mid-hip the mid-hip, each valid only when both joints are; the feet are missing."""
-    names = _names(skeleton)
+    """Converts COCO-17 ``[..., 17, 3]`` to ``skeleton`` (:func:`from_coco17_tensor` of the sanitised
+    keypoints); a mid-point joint missing one of its ends is ``(0, 0, 0)``, as every missing joint."""
     kp = sanitize(keypoints)
     if kp.shape[-2] != NUM_JOINTS:
         raise ValueError(f"from_coco17: expected [..., {NUM_JOINTS}, 3], got shape {kp.shape}")
-    out = np.zeros(kp.shape[:-2] + (len(names), 3), np.float32)
-    derived = {"neck": (_COCO17.index("left_shoulder"), _COCO17.index("right_shoulder")),
-               "mid_hip": (_COCO17.index("left_hip"), _COCO17.index("right_hip"))}
-    for j, name in enumerate(names):
-        if name in _COCO17:
-            out[..., j, :] = kp[..., _COCO17.index(name), :]
-        elif name in derived:
-            out[..., j, :] = _midpoint(kp, *derived[name])
+    out = from_coco17_tensor(torch.from_numpy(kp), skeleton).numpy()
+    out[~(out[..., 2] > 0)] = 0
     return out
 
 

@@ -53,8 +53,8 @@ Deviations from the paper, with reasons:
   masks of normalised entropy about 0.6 on the training frames, head above torso above legs (the
   value was read off the training split's masks, not off any accuracy).  ``part_norm="avg"`` leaves
   the part slices at ``1 / (h w)`` = 1/32 of the global slice's scale, where the distance and the
-  triplet loss hardly see them: with T = 0.03 and "avg", test keypoints taken from other
-  identities changed the mAP by +0.1 on the default synthetic data, with "sum" by -14.1.
+  triplet loss hardly see them, so the embedding barely depends on the keypoints; ``"sum"`` keeps
+  the parts at the global slice's scale (the keypoint controls of docs/results.md).
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor, nn
+
+from keypointops._checks import check_choice
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet", "load_pretrained", "DEPTHS"]
 
@@ -94,10 +95,8 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int = 50, *, last_stride: int = 2, width: float = 1.0):
         super().__init__()
-        if depth not in DEPTHS:
-            raise ValueError(f"ResNet: depth must be one of {sorted(DEPTHS)}, got {depth!r}")
-        if last_stride not in (1, 2):
-            raise ValueError(f"ResNet: last_stride must be 1 or 2, got {last_stride!r}")
+        check_choice("ResNet", "depth", depth, sorted(DEPTHS))
+        check_choice("ResNet", "last_stride", last_stride, (1, 2))
         if not isinstance(width, (int, float)) or not width > 0:
             raise ValueError(f"ResNet: width must be a positive number, got {width!r}")
         block, layers = DEPTHS[depth]

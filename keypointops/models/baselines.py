@@ -8,7 +8,6 @@ clip.  Neither uses a fused op; ``ops_backend`` is accepted (and checked) for th
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from keypointops._opdefs.backend import check_backend

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from keypointops._checks import check_choice
 from keypointops.graphs import Graph, Skeleton, skeleton
 from keypointops.models.backbones import ResNet
 from keypointops.models._common import check_clip, frame_loss
@@ -130,14 +131,10 @@ class KMPNet(nn.Module):
                  gcn_split: tuple[int, ...] = (5, 7, 11, 4), frame_flip: float = 0.0, flip_keypoints: bool = True,
                  gather: str = "keypoint", ops_backend: str = "auto", **visual_options):
         super().__init__()
-        if visual not in VISUALS:
-            raise ValueError(f"KMPNet: visual must be one of {sorted(VISUALS)}, got {visual!r}")
-        if graph not in GRAPHS:
-            raise ValueError(f"KMPNet: graph must be one of {GRAPHS}, got {graph!r}")
-        if gather not in GATHERS:
-            raise ValueError(f"KMPNet: gather must be one of {GATHERS}, got {gather!r}")
-        if embedding not in EMBEDDINGS:
-            raise ValueError(f"KMPNet: embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        check_choice("KMPNet", "visual", visual, sorted(VISUALS))
+        check_choice("KMPNet", "graph", graph, GRAPHS)
+        check_choice("KMPNet", "gather", gather, GATHERS)
+        check_choice("KMPNet", "embedding", embedding, EMBEDDINGS)
         if len(gcn_split) != 4 or not all(isinstance(n, int) and n >= 0 for n in gcn_split):
             raise ValueError(f"KMPNet: gcn_split must be 4 block counts (one per fusion after the stem), "
                              f"got {gcn_split!r}")

@@ -43,6 +43,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from keypointops.data.keypoint_files import from_coco17_tensor
 from keypointops.data.transforms import denormalize
 
 __all__ = ["OPENPOSE_LIMBS", "NUM_POSE_MAPS", "POSE_STRIDE", "openpose18_from_coco17",
@@ -50,10 +51,6 @@ __all__ = ["OPENPOSE_LIMBS", "NUM_POSE_MAPS", "POSE_STRIDE", "openpose18_from_co
 
 NUM_POSE_MAPS = 57   # 19 heatmaps + 38 part-affinity fields
 POSE_STRIDE = 8      # input pixels per pose-map cell (OpenPose's three 2x2 max-pools)
-
-# COCO-17 joint of each OpenPose COCO-18 joint; the neck (COCO-18 joint 1) is synthesised.
-_COCO17_OF_OPENPOSE18 = (0, None, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3)
-_COCO17_SHOULDERS = (5, 6)
 
 # The 19 OpenPose limbs (CMU demo code's limbSeq, 0-based COCO-18 joints; the field points from the
 # first joint to the second) and the channel of each limb's x field within the 38 PAF maps
@@ -118,16 +115,13 @@ def openpose18_from_coco17(keypoints: Tensor) -> Tensor:
     """OpenPose COCO-18 keypoints ``[..., 18, 3]`` from COCO-17 keypoints ``[..., 17, 3]``.
 
     Joint order of ``graphs.skeleton("openpose18")``.  The neck is the mean of the two shoulders;
-    its confidence is the smaller of theirs, so it is valid (``> 0``) only when both are.
+    its confidence is the smaller of theirs, so it is valid (``> 0``) only when both are
+    (:func:`keypointops.data.keypoint_files.from_coco17_tensor`).
     """
     if not isinstance(keypoints, Tensor) or keypoints.dim() < 2 or tuple(keypoints.shape[-2:]) != (17, 3):
         raise ValueError(f"openpose18_from_coco17: keypoints must be [..., 17, 3] (x, y, confidence) "
                          f"in COCO-17 order, got {list(getattr(keypoints, 'shape', []))}")
-    left, right = keypoints[..., _COCO17_SHOULDERS[0], :], keypoints[..., _COCO17_SHOULDERS[1], :]
-    neck = torch.cat([(left[..., :2] + right[..., :2]) * 0.5,
-                      torch.minimum(left[..., 2:], right[..., 2:])], -1)
-    return torch.stack([neck if coco is None else keypoints[..., coco, :]
-                        for coco in _COCO17_OF_OPENPOSE18], -2)
+    return from_coco17_tensor(keypoints, "openpose18")
 
 
 def render_pose_maps(keypoints: Tensor, image_size: tuple[int, int], *, sigma: float = 7.0,

@@ -145,11 +145,13 @@ def _rgcn_presets() -> dict[str, Preset]:
                           clip_follows=("input_size",))}
 
 
+_PCB_CPU = Preset(dict(CPU_BACKBONE, reduced_dim=64), CPU_TRAIN)
+
 PRESETS: dict[str, dict[str, Preset]] = {
     "resnet50": {"paper": Preset({}, PAPER_TRAIN), "cpu": Preset(dict(CPU_BACKBONE), CPU_TRAIN)},
-    "pcb": {"paper": Preset({}, PAPER_TRAIN), "cpu": Preset(dict(CPU_BACKBONE, reduced_dim=64), CPU_TRAIN)},
+    "pcb": {"paper": Preset({}, PAPER_TRAIN), "cpu": _PCB_CPU},
     # the visual branch of the pcb cpu preset, the full graph branch
-    "kmpnet": {"paper": Preset({}, PAPER_TRAIN), "cpu": Preset(dict(CPU_BACKBONE, reduced_dim=64), CPU_TRAIN)},
+    "kmpnet": {"paper": Preset({}, PAPER_TRAIN), "cpu": _PCB_CPU},
     "ctl": {"paper": Preset(dict(depth=50, width=1.0, frames=6), _CTL_PAPER, clip_follows=("frames",)),
             "cpu": Preset(dict(CPU_BACKBONE, frames=4, embed_dim=16),
                           CPU_TRAIN.replace(train_sampling="restricted_random", instances=2),

@@ -7,6 +7,8 @@ from torch import Tensor
 from torch.nn import Module
 from torch.utils.checkpoint import checkpoint
 
+from keypointops._checks import check_choice
+
 __all__ = ["DeepGCNLayer"]
 
 BLOCKS = ("res+", "res", "dense", "plain")
@@ -35,14 +37,14 @@ class DeepGCNLayer(torch.nn.Module):
     def __init__(self, conv: Module | None = None, norm: Module | None = None, act: Module | None = None,
                  block: str = "res+", dropout: float = 0.0, ckpt_grad: bool = False):
         super().__init__()
-        if not isinstance(block, str) or block.lower() not in BLOCKS:
-            raise ValueError(f"DeepGCNLayer: block must be one of {BLOCKS}, got {block!r}")
+        block = block.lower() if isinstance(block, str) else block   # any case, as PyG
+        check_choice("DeepGCNLayer", "block", block, BLOCKS)
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"DeepGCNLayer: dropout must be a probability in [0, 1], got {dropout!r}")
         self.conv = conv
         self.norm = norm
         self.act = act
-        self.block = block.lower()
+        self.block = block
         self.dropout = dropout
         self.ckpt_grad = ckpt_grad
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from keypointops._checks import check_choice
 from keypointops.graphs import Skeleton, block_adjacency, multiscale_adjacency, skeleton
 from keypointops.ops.window_graph_conv import window_graph_conv
 
@@ -102,8 +103,7 @@ class MSG3DWindow(nn.Module):
                             ("dilation", dilation)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MSG3DWindow: {name} must be an int >= 1, got {value!r}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"MSG3DWindow: activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
+        check_choice("MSG3DWindow", "activation", activation, _ACTIVATIONS)
         self.num_joints, self.num_scales = joints.size(0), num_scales
         self.window, self.stride, self.dilation, self.backend = window, stride, dilation, backend
         size = window * self.num_joints

@@ -1,7 +1,6 @@
 """``PartPool``: heatmap-softmax part pooling as a module (AlignNet composite parts, CTL parts)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

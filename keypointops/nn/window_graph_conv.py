@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from keypointops._checks import check_choice
 from keypointops.graphs import Skeleton, block_adjacency, normalize_adjacency, skeleton
 from keypointops.ops.window_graph_conv import window_graph_conv
 
@@ -139,8 +140,7 @@ class WindowGraphConv3D(nn.Module):
                              f"{list(joint_adjacency.shape)}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
             raise ValueError(f"WindowGraphConv3D: window must be a positive odd int, got {window!r}")
-        if context not in _CONTEXT_MODES:
-            raise ValueError(f"WindowGraphConv3D: context must be one of {_CONTEXT_MODES}, got {context!r}")
+        check_choice("WindowGraphConv3D", "context", context, _CONTEXT_MODES)
         if residual and in_channels != out_channels:
             raise ValueError(f"WindowGraphConv3D: residual needs in_channels == out_channels, got "
                              f"{in_channels} and {out_channels}")

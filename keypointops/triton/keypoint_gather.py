@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from keypointops._opdefs.keypoint_gather import check_args, register_kernels_of, uses_channels_last
+from keypointops._opdefs.keypoint_gather import check_args, register_kernels_of
 
 MAX_BLOCK_C = 256
 

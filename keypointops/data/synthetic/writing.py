@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keypointops._checks import check_choice
 from keypointops.data.keypoint_files import write_pose
 from keypointops.data.synthetic.appearance import FAMILIES, _identities, make_camera
 from keypointops.data.synthetic.rendering import Framing, render_tracklet
@@ -61,8 +62,7 @@ def _normalise_params(*, num_train_ids, num_test_ids, seed, num_cameras, frames,
     if unknown:
         raise ValueError(f"synthetic: unknown parameter(s) {unknown}; known: {sorted(DEFAULTS) + sorted(NEUTRAL)}")
     variation = {**NEUTRAL, **variation}
-    if variation["families"] not in FAMILIES:
-        raise ValueError(f"synthetic: families must be one of {FAMILIES}, got {variation['families']!r}")
+    check_choice("synthetic", "families", variation["families"], FAMILIES)
     for key, lo_min, hi_max in (("person_height", 0.1, 2.0), ("feet", 0.2, 1.5)):
         value = variation[key]
         if value is not None:
