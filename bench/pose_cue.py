@@ -9,7 +9,10 @@ query's own identity first gets AP 1 and a random one gets the chance level prin
 
 Features compared (each a clip embedding ranked by Euclidean distance):
 
-* **random**: Gaussian noise (the chance level; mean over 5 draws).
+* **random**: Gaussian noise, ``--draws`` independent draws: the chance level (their mean) and the
+  spread of chance on the twins (the 95th percentile of the draws' twin-pair AP).  Every other row
+  gives the share of the draws whose twin-pair AP it exceeds: above 95 % is above chance at the 5 %
+  level.
 * **limb ratios** (hand-made, no learning): per frame, the lengths of thigh, shin, torso,
   upper arm, forearm, shoulder width and hip width divided by the frame's visible body height
   (left and right averaged where both are seen), then the median over the clip's frames.
@@ -27,7 +30,7 @@ Features compared (each a clip embedding ranked by Euclidean distance):
   pose feature ``f^p`` alone (``embedding="pose"``), extracted with the run's own test settings.
 
 Run: ``PYTHONPATH=. python bench/pose_cue.py [--data synthetic-hard] [--steps 2000] [--seed 0]
-[--checkpoint RUN/model.pt ...]``.
+[--draws 200] [--checkpoint RUN/model.pt ...]``.
 """
 from __future__ import annotations
 
@@ -194,6 +197,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=64, help="n of the pose branch (the rgcn cpu preset's 64)")
     parser.add_argument("--checkpoint", nargs="*", default=[], help="RGCN/LGCN runs whose f^p to evaluate")
+    parser.add_argument("--draws", type=int, default=200, help="random features drawn for the chance level")
     args = parser.parse_args()
     start = time.perf_counter()
     dataset = build_dataset(args.data, args.root)
@@ -202,20 +206,27 @@ def main() -> None:
     clips = query.clips() + gallery.clips()
     rows = []
     rng = np.random.default_rng(args.seed)
-    draws = [retrieval(rng.normal(size=(len(clips), 7)), query, gallery, twins) for _ in range(5)]
-    rows.append(("random (chance, 5 draws)", *np.mean(draws, axis=0), ""))
-    rows.append(("limb ratios (hand-made)", *retrieval(np.stack([limb_ratios(c) for c in clips]), query, gallery,
-                                                     twins), ""))
+    draws = np.array([retrieval(rng.normal(size=(len(clips), 7)), query, gallery, twins) for _ in range(args.draws)])
+    chance_pairs = draws[:, 1]
+    rows.append((f"random (chance, {args.draws} draws)", *draws.mean(axis=0),
+                 f"twin-pair AP 95th percentile {np.percentile(chance_pairs, 95):.1f}"))
+
+    def beats(pair_ap: float) -> str:
+        return f"twin-pair AP above {100 * np.mean(chance_pairs < pair_ap):.1f} % of the random draws"
+
+    limbs = retrieval(np.stack([limb_ratios(c) for c in clips]), query, gallery, twins)
+    rows.append(("limb ratios (hand-made)", *limbs, beats(limbs[1])))
     for name, net, inputs, width in (
             ("learned MLP, body-normalised keypoints", mlp_net(), mlp_inputs, 128),
             (f"RGCN's pose branch (n = {args.hidden}), trained alone", pose_branch_net(args.hidden),
              pose_branch_inputs, 2 * args.hidden)):
         net, ce_start, ce_end = train_classifier(train, net, inputs, width, args.steps, args.seed)
-        rows.append((f"{name} ({args.steps} steps)",
-                     *retrieval(test_features(net, inputs, (query, gallery)), query, gallery, twins),
-                     f"training CE {ce_start:.2f} -> {ce_end:.2f}"))
+        learned = retrieval(test_features(net, inputs, (query, gallery)), query, gallery, twins)
+        rows.append((f"{name} ({args.steps} steps)", *learned,
+                     f"training CE {ce_start:.2f} -> {ce_end:.2f}; {beats(learned[1])}"))
     for path in args.checkpoint:
-        rows.append((f"f^p of {path}", *retrieval(pose_features(path, dataset), query, gallery, twins), ""))
+        pose = retrieval(pose_features(path, dataset), query, gallery, twins)
+        rows.append((f"f^p of {path}", *pose, beats(pose[1])))
     print(f"{args.data}: {len(query.pids)} queries, {len(gallery.pids)} gallery tracklets, {len(twins)} gait-twin "
           f"pairs in the test split; {len(np.unique(train.pids))} training ids, {len(train.pids)} tracklets; "
           f"{time.perf_counter() - start:.0f} s")
