@@ -78,6 +78,9 @@ ABLATIONS: dict[str, Ablation] = {
                 (89.7, 86.5), eval_variants={"x_g (graph branch, Table 4: 61.7 / 57.3)": dict(embedding="x_g")}),
             Row("both-released-gather", "+ both, the released code's keypoint sampling (not in the paper)",
                 "kmpnet", dict(graph="both", gather="released"), _STAGE_B, "pcb", "both"),
+            Row("both-no-graph-gradient", "+ both, the graph's gradient kept out of the CNN (not in the paper)",
+                "kmpnet", dict(graph="both", graph_gradient=False), _STAGE_B, "pcb", "both",
+                eval_variants={"x_g (graph branch)": dict(embedding="x_g")}),
         )),
     "alignnet": Ablation(
         "Rambhatla and Jones, Body Part Alignment and Temporal Attention for Video-Based Person "

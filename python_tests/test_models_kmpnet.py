@@ -163,6 +163,23 @@ def test_graph_loss_reaches_stage1_through_keypoint_gather(monkeypatch):
     assert grad is None or not grad.any()
 
 
+
+def test_graph_gradient_false_trains_the_graph_branch_but_not_the_cnn():
+    images, keypoints, pids = batch()
+    keypoints[0, 1, 9] = torch.tensor([0.0, 0.0, 0.0])    # a missing joint: its node is the map's mean
+    results = {}
+    for graph_gradient in (True, False):
+        model = small(graph_gradient=graph_gradient).train()
+        total, parts = model.loss(model(images, keypoints), pids)
+        torch.stack([v for k, v in parts.items() if k.startswith("ce_graph")]).mean().backward()
+        results[graph_gradient] = (total.detach(), model.backbone.conv1.weight.grad,
+                                   [p.grad for p in model.graph_parameters() if p.requires_grad])
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)  # the same forward
+    assert results[True][1].abs().sum() > 0
+    assert results[False][1] is None                       # no graph loss reaches the CNN
+    assert all(g is not None for g in results[False][2]) and any(g.abs().sum() > 0 for g in results[False][2])
+
+
 def spy_gather(monkeypatch):
     calls = []
     forward = KeypointGather.forward

@@ -109,6 +109,10 @@ class KMPNet(nn.Module):
             ``False`` reproduces the released code's bug (images flipped, keypoints not).
         gather: ``"keypoint"`` (the node feature read at the keypoint) or ``"released"`` (the
             released code's sampling, one feature cell off).
+        graph_gradient: ``False`` gathers from detached stage maps, so the graph losses train the
+            graph branch but never reach the backbone (not in the paper: an ablation control that
+            keeps stage B's loss, with the visual branch's 4 of its 9 terms, and removes only the
+            mechanism the paper credits, the graph's gradient into the CNN).
         ops_backend: backend of every fused op (``keypoint_gather``, ``msg_pass``).
         visual_options: further options of the visual branch (``parts``, ``reduced_dim``).
 
@@ -129,12 +133,14 @@ class KMPNet(nn.Module):
     def __init__(self, num_classes: int, *, visual: str = "pcb", depth: int = 50, width: float = 1.0,
                  graph: str = "both", embedding: str = "x_c", gcn_channels: int = 64,
                  gcn_split: tuple[int, ...] = (5, 7, 11, 4), frame_flip: float = 0.0, flip_keypoints: bool = True,
-                 gather: str = "keypoint", ops_backend: str = "auto", **visual_options):
+                 gather: str = "keypoint", graph_gradient: bool = True, ops_backend: str = "auto",
+                 **visual_options):
         super().__init__()
         check_choice("KMPNet", "visual", visual, sorted(VISUALS))
         check_choice("KMPNet", "graph", graph, GRAPHS)
         check_choice("KMPNet", "gather", gather, GATHERS)
         check_choice("KMPNet", "embedding", embedding, EMBEDDINGS)
+        check_choice("KMPNet", "graph_gradient", graph_gradient, (True, False))
         if len(gcn_split) != 4 or not all(isinstance(n, int) and n >= 0 for n in gcn_split):
             raise ValueError(f"KMPNet: gcn_split must be 4 block counts (one per fusion after the stem), "
                              f"got {gcn_split!r}")
@@ -146,6 +152,7 @@ class KMPNet(nn.Module):
         self.ops_backend = ops_backend
         self.graph_kind, self.embedding = graph, embedding
         self.frame_flip, self.flip_keypoints = float(frame_flip), bool(flip_keypoints)
+        self.graph_gradient = graph_gradient
         backbone, c = self.visual.backbone, gcn_channels
         # at the keypoint: a box of size 0 (one sample), pixel-centre aligned; released: a 1-pixel box
         # at keypoint + 0.5, not aligned (widened to one feature cell)
@@ -223,8 +230,9 @@ class KMPNet(nn.Module):
             if k > 0:
                 for block in self.gcn[k - 1]:
                     h = block(h, graph)
-            nodes = self.gather[k](f, xy + self.gather_shift, valid)
-            nodes = torch.where(valid[..., None], nodes, f.mean((2, 3))[:, None, :]).flatten(0, 1)
+            read = f if self.graph_gradient else f.detach()
+            nodes = self.gather[k](read, xy + self.gather_shift, valid)
+            nodes = torch.where(valid[..., None], nodes, read.mean((2, 3))[:, None, :]).flatten(0, 1)
             h = self.down[k](nodes if h is None else nodes + self.up[k - 1](h))
         h = F.dropout(F.relu(self.post_norm(h)), p=0.1, training=self.training)
         parts = torch.einsum("pk,nkc->npc", self.pool, h.view(B * T, 12, -1))
