@@ -26,11 +26,16 @@ Features compared (each a clip embedding ranked by Euclidean distance):
   (``--hidden`` n, the ``rgcn`` cpu preset's 64) on the paper's inputs (the 14 joints' coordinates
   divided by the frame size), trained exactly as the MLP (same steps, batches, optimiser, no triplet
   loss, no weight decay): whether the branch's architecture can fit what the keypoints carry.
+* **the same branch on body-normalised inputs** (not the paper's): the MLP's body-normalised
+  coordinates of the 14 joints through a ``BatchNorm1d`` over joints x coordinates first (ST-GCN's
+  and MS-G3D's ``data_bn``), trained the same way: whether a pose input freed of the crop's framing
+  lets the architecture learn the cue.
 * **trained pose branches** (``--checkpoint``, RGCN/LGCN runs on the same dataset): the model's
   pose feature ``f^p`` alone (``embedding="pose"``), extracted with the run's own test settings.
 
 Run: ``PYTHONPATH=. python bench/pose_cue.py [--data synthetic-hard] [--steps 2000] [--seed 0]
-[--draws 200] [--checkpoint RUN/model.pt ...]``.
+[--draws 200] [--checkpoint RUN/model.pt ...]``; ``--root DIR`` for a folder written by, e.g.,
+``keypointops synth --hard --body-spread 2 --out DIR`` (people twice as different in body and gait).
 """
 from __future__ import annotations
 
@@ -134,6 +139,23 @@ def pose_branch_net(hidden: int) -> torch.nn.Module:
     return torch.nn.Sequential(RecurrentGraphConv(hidden), DualAttention(hidden))
 
 
+class JointBatchNorm(torch.nn.Module):
+    """``BatchNorm1d`` over the joints x coordinates of ``[B, T, K, C]`` (statistics over clips and
+    frames), as skeleton models normalise their input (``data_bn``)."""
+
+    def __init__(self, joints: int, channels: int):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(joints * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.flatten(2).flatten(0, 1)).view(x.shape)
+
+
+def body_pose_branch_net(hidden: int) -> torch.nn.Module:
+    """RGCN's pose branch behind :class:`JointBatchNorm`: body-normalised ``[B, T, 14, 2]`` -> ``f^p``."""
+    return torch.nn.Sequential(JointBatchNorm(14, 2), RecurrentGraphConv(hidden), DualAttention(hidden))
+
+
 def mlp_inputs(split: Split, index: int, frames: np.ndarray) -> np.ndarray:
     return body_normalised(split.keypoints[index][frames])
 
@@ -142,6 +164,13 @@ def pose_branch_inputs(split: Split, index: int, frames: np.ndarray) -> np.ndarr
     """The pose branch's node features, as :class:`keypointops.models.RGCN` computes them."""
     clip = torch.from_numpy(split.keypoints[index][frames])
     return pose14_from_coco17(clip, size=split.sizes[index]).float().numpy()
+
+
+def body_pose_branch_inputs(split: Split, index: int, frames: np.ndarray) -> np.ndarray:
+    """The 14 joints of :func:`body_normalised` coordinates (missing joints 0)."""
+    clip = split.keypoints[index][frames]
+    body = np.concatenate([body_normalised(clip), clip[..., 2:3]], axis=-1)
+    return pose14_from_coco17(torch.from_numpy(body)).float().numpy()
 
 
 def train_classifier(train: Split, net: torch.nn.Module, inputs, width: int, steps: int,
@@ -199,6 +228,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", nargs="*", default=[], help="RGCN/LGCN runs whose f^p to evaluate")
     parser.add_argument("--draws", type=int, default=200, help="random features drawn for the chance level")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # small models: one thread is faster than two here (thread overhead)
     start = time.perf_counter()
     dataset = build_dataset(args.data, args.root)
     twins = gait_twins(dataset.root) if (dataset.root / "synthetic.json").exists() else []
@@ -216,11 +246,14 @@ def main() -> None:
 
     limbs = retrieval(np.stack([limb_ratios(c) for c in clips]), query, gallery, twins)
     rows.append(("limb ratios (hand-made)", *limbs, beats(limbs[1])))
-    for name, net, inputs, width in (
-            ("learned MLP, body-normalised keypoints", mlp_net(), mlp_inputs, 128),
-            (f"RGCN's pose branch (n = {args.hidden}), trained alone", pose_branch_net(args.hidden),
-             pose_branch_inputs, 2 * args.hidden)):
-        net, ce_start, ce_end = train_classifier(train, net, inputs, width, args.steps, args.seed)
+    for name, make_net, inputs, width in (
+            ("learned MLP, body-normalised keypoints", mlp_net, mlp_inputs, 128),
+            (f"RGCN's pose branch (n = {args.hidden}), trained alone", lambda: pose_branch_net(args.hidden),
+             pose_branch_inputs, 2 * args.hidden),
+            ("the same on body-normalised inputs with a joint BatchNorm (not the paper's)",
+             lambda: body_pose_branch_net(args.hidden), body_pose_branch_inputs, 2 * args.hidden)):
+        torch.manual_seed(args.seed)  # each trunk's initial weights from --seed (torch's own start seed varies)
+        net, ce_start, ce_end = train_classifier(train, make_net(), inputs, width, args.steps, args.seed)
         learned = retrieval(test_features(net, inputs, (query, gallery)), query, gallery, twins)
         rows.append((f"{name} ({args.steps} steps)", *learned,
                      f"training CE {ce_start:.2f} -> {ce_end:.2f}; {beats(learned[1])}"))

@@ -205,6 +205,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                    help=f"frame size in pixels (default {SYNTHETIC_DEFAULTS['size']})")
     p.add_argument("--seed", type=int, help=f"the generator's seed (default {SYNTHETIC_DEFAULTS['seed']})")
+    p.add_argument("--body-spread", type=float,
+                   help="how far apart people's proportions and gaits are: their ranges widened about their "
+                   "centres by this factor (default 1; 2: twice as wide, a stronger pose cue)")
     p.add_argument("--replace", action="store_true", help="replace what --out holds (default: refuse a non-empty folder)")
     return parser
 
@@ -431,7 +434,7 @@ def _synth(args) -> None:
     from keypointops.data.synthetic import DEFAULTS, HARD, generate
 
     flags = dict(num_train_ids=args.ids, num_test_ids=args.ids, num_cameras=args.cameras, frames=args.frames,
-                 size=None if args.size is None else tuple(args.size), seed=args.seed)
+                 size=None if args.size is None else tuple(args.size), seed=args.seed, body_spread=args.body_spread)
     params = {**(HARD if args.hard else DEFAULTS), **{k: v for k, v in flags.items() if v is not None}}
     out = Path(args.out)
     if out.exists() and not out.is_dir():

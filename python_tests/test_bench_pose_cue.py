@@ -1,5 +1,6 @@
 """bench/pose_cue.py's features: the pose cue it measures is the body's, not the crop's (invariant to
-where the person stands in the crop and how tall the person is drawn)."""
+where the person stands in the crop and how tall the person is drawn); the pose branch trains on the
+model's inputs and on body-normalised ones."""
 import sys
 from pathlib import Path
 
@@ -39,3 +40,12 @@ def test_the_pose_branch_trains_on_the_model_s_inputs():
                                                       16, steps=3, seed=0)
     assert ce_start == np.log(3) and np.isfinite(ce_end)
     assert pose_cue.test_features(net, pose_cue.pose_branch_inputs, (split,)).shape == (6, 16)
+    body = pose_cue.body_pose_branch_inputs(split, 0, np.arange(pose_cue.FRAMES))
+    assert body.shape == (pose_cue.FRAMES, 14, 2)
+    split.keypoints[0][..., :2] = split.keypoints[0][..., :2] * 0.5 + 7.0     # the person drawn elsewhere
+    np.testing.assert_allclose(pose_cue.body_pose_branch_inputs(split, 0, np.arange(pose_cue.FRAMES)), body,
+                               atol=1e-5)
+    net, _, ce_end = pose_cue.train_classifier(split, pose_cue.body_pose_branch_net(8),
+                                               pose_cue.body_pose_branch_inputs, 16, steps=3, seed=0)
+    assert np.isfinite(ce_end)
+    assert pose_cue.test_features(net, pose_cue.body_pose_branch_inputs, (split,)).shape == (6, 16)

@@ -329,6 +329,10 @@ def test_synth_hard(tmp_path, capsys):
     hard = {k: v for k, v in HARD.items() if k not in ("num_train_ids", "num_test_ids", "frames", "size")}
     assert params == {**hard, "num_train_ids": 3, "num_test_ids": 3, "frames": 3, "size": [32, 16],
                       "person_height": list(HARD["person_height"]), "feet": list(HARD["feet"])}
+    wide = tmp_path / "wide"
+    assert main(["synth", "--hard", "--out", str(wide), "--ids", "3", "--frames", "3", "--size", "32", "16",
+                 "--body-spread", "2"]) == 0
+    assert json.loads((wide / "synthetic.json").read_text())["params"] == {**params, "body_spread": 2.0}
 
 
 def test_evaluate_keypoint_settings_one_row_each(run, capsys):

@@ -161,6 +161,8 @@ def test_bad_parameters():
         synthetic.default_root(person_height=(0.9, 0.5))
     with pytest.raises(ValueError, match="shift"):
         synthetic.default_root(shift=2.0)
+    with pytest.raises(ValueError, match="body_spread"):
+        synthetic.default_root(body_spread=0)
     with pytest.raises(ValueError, match="unknown parameter.*'colour'"):
         synthetic.default_root(colour=1)
     with pytest.raises(ValueError, match="split"):
@@ -247,3 +249,27 @@ def test_gait_twins_look_alike_and_walk_sideways(tmp_path):
         both = (kp[:, [5, 6], 2] > 0).all(1)
         spans[t.pid in twin_pids].extend(np.abs(kp[both, 5, 0] - kp[both, 6, 0]))
     assert np.mean(spans[True]) < 0.5 * np.mean(spans[False])
+
+
+@pytest.mark.parametrize("families", ["colours", "placement"])
+def test_body_spread_widens_the_bodies_about_their_centres(families):
+    traits = ("height", "build", "legs", "stride", "arm_swing")
+
+    def people(**spread):
+        return appearance._identities(np.random.default_rng(5), 400, families, 0.3, **spread)[0]
+
+    default, neutral, wide = people(), people(body_spread=1.0), people(body_spread=2.0)
+    assert neutral == default                        # the neutral spread draws the same people
+    for trait in traits:
+        base = np.array([getattr(p, trait) for p in default])
+        values = np.array([getattr(p, trait) for p in wide])
+        centre, half = (base.min() + base.max()) / 2, (base.max() - base.min()) / 2
+        assert values.std() > 1.7 * base.std(), trait
+        low = max(centre - 2.0 * half, 0.0) if trait == "arm_swing" else centre - 2.0 * half  # swings >= 0
+        assert abs(np.median(values) - (low + centre + 2.0 * half) / 2) < 0.2 * half, trait
+        assert values.max() <= centre + 2.0 * half * 1.01, trait
+    assert min(p.arm_swing for p in wide) >= 0.0      # a swing, never a negative amplitude
+    cadence = np.array([p.cadence for p in wide])
+    assert 0.06 <= cadence.min() and cadence.max() <= 0.11   # the cadence's range stays
+    assert synthetic.default_root(body_spread=2.0) != synthetic.default_root()
+    assert synthetic.default_root(body_spread=1.0) == synthetic.default_root()

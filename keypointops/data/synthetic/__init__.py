@@ -49,6 +49,8 @@ keypoints say where it is, and make identities differ only in where their colour
 * ``gait_twins``: pairs of people of one appearance, different proportions and gait, seen from
   the side, for methods that use body shape and motion (pose-only branches); the description
   lists them (:func:`gait_twins`) so that an evaluation can be restricted to them.
+* ``body_spread`` (not part of :data:`HARD`): how far apart people's proportions and gaits are,
+  their ranges widened about their centres by this factor, for a stronger pose cue.
 
 What the knobs do not model: a detector's failure modes that depend on the image (boxes locked on
 a neighbour, two people in one box), the box's aspect ratio (the crop is always resized to the

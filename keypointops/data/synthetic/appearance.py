@@ -81,7 +81,7 @@ def make_family(rng: np.random.Generator) -> dict:
                 patterns=pairs[int(rng.integers(len(pairs)))])
 
 
-def make_identity(rng: np.random.Generator, family: dict, member: int) -> Identity:
+def make_identity(rng: np.random.Generator, family: dict, member: int, body_spread: float = 1.0) -> Identity:
     """Member ``member`` of a colour family (:func:`make_family`): members wear the same colours
     placed differently (A on the top and B below, or the reverse; one pattern of the pair or the
     other), so their colour histograms nearly agree; body shape and gait are the member's own."""
@@ -93,14 +93,23 @@ def make_identity(rng: np.random.Generator, family: dict, member: int) -> Identi
         skin=_jitter(rng, family["skin"], 6), hair=_jitter(rng, family["hair"], 6),
         top=_jitter(rng, a), top2=_jitter(rng, c), pattern=family["patterns"][(member // 2) % 2],
         short_sleeves=family["short_sleeves"], lower=_jitter(rng, b), lower_style=family["lower_style"],
-        shoes=_jitter(rng, family["shoes"]), **_body(rng), **optional)
+        shoes=_jitter(rng, family["shoes"]), **_body(rng, body_spread), **optional)
 
 
-def _body(rng: np.random.Generator) -> dict:
-    """An identity's body proportions and gait."""
-    return dict(height=float(rng.uniform(0.80, 0.92)), build=float(rng.uniform(0.85, 1.2)),
-                legs=float(rng.uniform(0.45, 0.53)), stride=float(rng.uniform(0.25, 0.5)),
-                cadence=float(rng.uniform(0.06, 0.11)), arm_swing=float(rng.uniform(0.15, 0.55)))
+def _body(rng: np.random.Generator, spread: float = 1.0) -> dict:
+    """An identity's body proportions and gait.  ``spread`` widens (or narrows) the ranges of
+    stature, build, leg length, stride and arm swing about their centres (arm swing kept >= 0);
+    the cadence's range stays."""
+    def draw(low: float, high: float, floor: float | None = None) -> float:
+        if spread != 1.0:  # the neutral spread draws exactly the default's numbers
+            centre, half = (low + high) / 2, (high - low) / 2 * spread
+            low, high = centre - half, centre + half
+            if floor is not None:
+                low = max(low, floor)
+        return float(rng.uniform(low, high))
+
+    return dict(height=draw(0.80, 0.92), build=draw(0.85, 1.2), legs=draw(0.45, 0.53), stride=draw(0.25, 0.5),
+                cadence=float(rng.uniform(0.06, 0.11)), arm_swing=draw(0.15, 0.55, floor=0.0))
 
 
 def make_placement_family(rng: np.random.Generator) -> dict:
@@ -119,7 +128,8 @@ def make_placement_family(rng: np.random.Generator) -> dict:
                 placements=[placements[int(i)] for i in order])
 
 
-def make_placement_identity(rng: np.random.Generator, family: dict, member: int) -> Identity:
+def make_placement_identity(rng: np.random.Generator, family: dict, member: int,
+                            body_spread: float = 1.0) -> Identity:
     """Member ``member`` (< ``len(family["placements"])``) of a placement family
     (:func:`make_placement_family`): the family's colours over the same areas, A above and B below
     or the reverse, the accent on the member's side; body shape and gait are the member's own."""
@@ -135,30 +145,30 @@ def make_placement_identity(rng: np.random.Generator, family: dict, member: int)
         lower=_jitter(rng, b), lower_style="trousers", shoes=_jitter(rng, family["shoes"]), bag=None,
         waist=EQUAL_AREA_WAIST[family["short_sleeves"]],
         accent=None if accent is None else _jitter(rng, c), accent_on=None if accent is None else f"{side}_{accent}",
-        **_body(rng))
+        **_body(rng, body_spread))
 
 
 def _identities(rng: np.random.Generator, count: int, families: str = "colours",
-                gait_twins: float = 0.0) -> tuple[list[Identity], list[tuple[int, int]]]:
+                gait_twins: float = 0.0, body_spread: float = 1.0) -> tuple[list[Identity], list[tuple[int, int]]]:
     """``count`` identities in families of 2-4 members (:data:`FAMILIES`), and the pairs of gait
     twins among them (0-based indices): with probability ``gait_twins`` a family is replaced by two
     people of one appearance (the same colours, no per-person variation) whose proportions and gait
-    differ."""
+    differ.  ``body_spread``: see :func:`_body`."""
     new_family, new_member = {"colours": (make_family, make_identity),
                               "placement": (make_placement_family, make_placement_identity)}[families]
     out, twins = [], []
     while len(out) < count:
         family = new_family(rng)
         if gait_twins > 0 and rng.random() < gait_twins:
-            first = new_member(rng, family, 0)
+            first = new_member(rng, family, 0, body_spread)
             twins.append((len(out), len(out) + 1))
-            out.extend([first, dataclasses.replace(first, **_body(rng))])
+            out.extend([first, dataclasses.replace(first, **_body(rng, body_spread))])
             continue
         size = int(rng.integers(2, 5))
         if families == "placement":
             size = min(size, len(family["placements"]))
         for member in range(size):
-            out.append(new_member(rng, family, member))
+            out.append(new_member(rng, family, member, body_spread))
     return out[:count], [pair for pair in twins if pair[1] < count]
 
 

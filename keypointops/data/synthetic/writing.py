@@ -32,7 +32,8 @@ DEFAULTS = dict(num_train_ids=80, num_test_ids=80, seed=0, num_cameras=6, frames
 #: The variation knobs (see :func:`generate`) at their neutral values, which render the default
 #: dataset.  A description (``synthetic.json``) and a cache key list only the knobs that differ
 #: from these, so a new knob leaves every existing dataset's description and cache folder as it is.
-NEUTRAL = dict(families="colours", person_height=None, feet=None, box_jitter=1.0, shift=0.0, gait_twins=0.0)
+NEUTRAL = dict(families="colours", person_height=None, feet=None, box_jitter=1.0, shift=0.0, gait_twins=0.0,
+               body_spread=1.0)
 
 #: The hard variant (``synthetic-hard``): where a body part lands in the crop varies from tracklet
 #: to tracklet and only the keypoints say where; family members differ only in where their colours
@@ -75,6 +76,9 @@ def _normalise_params(*, num_train_ids, num_test_ids, seed, num_cameras, frames,
         variation[key] = float(variation[key])
         if not 0.0 <= variation[key] <= hi:
             raise ValueError(f"synthetic: {key} must be in [0, {hi}], got {variation[key]}")
+    variation["body_spread"] = float(variation["body_spread"])
+    if not 0.0 < variation["body_spread"] <= 3.0:
+        raise ValueError(f"synthetic: body_spread must be in (0, 3], got {variation['body_spread']}")
     params.update((key, value) for key, value in variation.items() if value != NEUTRAL[key])
     return params
 
@@ -186,7 +190,8 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
              junk: float = DEFAULTS["junk"], occluders: float = DEFAULTS["occluders"],
              families: str = NEUTRAL["families"], person_height=NEUTRAL["person_height"], feet=NEUTRAL["feet"],
              box_jitter: float = NEUTRAL["box_jitter"], shift: float = NEUTRAL["shift"],
-             gait_twins: float = NEUTRAL["gait_twins"], workers: int = 2, progress: bool = True) -> dict:
+             gait_twins: float = NEUTRAL["gait_twins"], body_spread: float = NEUTRAL["body_spread"],
+             workers: int = 2, progress: bool = True) -> dict:
     """Writes the synthetic dataset (MARS layout, see the module docstring) into ``root`` and
     returns its description (also written to ``root/synthetic.json``).
 
@@ -219,6 +224,9 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
             (stride, cadence, arm swing) differ, always seen from the side, where gait shows
             best; only the body's shape and motion tell them apart.  The pairs are listed in
             the description (``gait_twins``, by split, pairs of pids; see :func:`gait_twins`).
+        body_spread: how far apart people's bodies and gaits are: the ranges of stature, build,
+            leg length, stride and arm swing (not cadence) widened about their centres by this
+            factor (1: the default people; 2: twice as wide, for a stronger pose cue).
         workers: processes rendering in parallel (the files do not depend on it).
         progress: show a progress bar.
     """
@@ -227,7 +235,8 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
     params = _normalise_params(num_train_ids=num_train_ids, num_test_ids=num_test_ids, seed=seed,
                                num_cameras=num_cameras, frames=frames, size=size, distractors=distractors,
                                junk=junk, occluders=occluders, families=families, person_height=person_height,
-                               feet=feet, box_jitter=box_jitter, shift=shift, gait_twins=gait_twins)
+                               feet=feet, box_jitter=box_jitter, shift=shift, gait_twins=gait_twins,
+                               body_spread=body_spread)
     knobs = _variation(params)
     size = tuple(params["size"])
     root = Path(root)
@@ -236,7 +245,7 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
     plan = _plan(params)
     num_identities = max(r["identity"] for rows in plan.values() for r in rows)
     people, twin_pairs = _identities(np.random.default_rng((params["seed"], 2)), num_identities,
-                                     knobs["families"], knobs["gait_twins"])
+                                     knobs["families"], knobs["gait_twins"], knobs["body_spread"])
     twin_pairs = [(first + 1, second + 1) for first, second in twin_pairs]  # identity numbers
     (root / "info").mkdir(parents=True, exist_ok=True)
     for split, rows in plan.items():
