@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", nargs="*", default=[], help="RGCN/LGCN runs whose f^p to evaluate")
     parser.add_argument("--draws", type=int, default=200, help="random features drawn for the chance level")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # small models: one thread is faster than two here (thread overhead)
+    torch.set_num_threads(1)  # small models: a second thread gains little, and one leaves a core to another run
     start = time.perf_counter()
     dataset = build_dataset(args.data, args.root)
     twins = gait_twins(dataset.root) if (dataset.root / "synthetic.json").exists() else []

@@ -207,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"the generator's seed (default {SYNTHETIC_DEFAULTS['seed']})")
     p.add_argument("--body-spread", type=float,
                    help="how far apart people's proportions and gaits are: their ranges widened about their "
-                   "centres by this factor (default 1; 2: twice as wide, a stronger pose cue)")
+                   "centres by this factor, in (0, 2] (default 1; 2: twice as wide, a stronger pose cue)")
     p.add_argument("--replace", action="store_true", help="replace what --out holds (default: refuse a non-empty folder)")
     return parser
 

@@ -77,8 +77,8 @@ def _normalise_params(*, num_train_ids, num_test_ids, seed, num_cameras, frames,
         if not 0.0 <= variation[key] <= hi:
             raise ValueError(f"synthetic: {key} must be in [0, {hi}], got {variation[key]}")
     variation["body_spread"] = float(variation["body_spread"])
-    if not 0.0 < variation["body_spread"] <= 3.0:
-        raise ValueError(f"synthetic: body_spread must be in (0, 3], got {variation['body_spread']}")
+    if not 0.0 < variation["body_spread"] <= 2.0:  # at 2 the tallest stature, 0.98 of the crop, still fits
+        raise ValueError(f"synthetic: body_spread must be in (0, 2], got {variation['body_spread']}")
     params.update((key, value) for key, value in variation.items() if value != NEUTRAL[key])
     return params
 
@@ -226,7 +226,7 @@ def generate(root: str | os.PathLike, *, num_train_ids: int = DEFAULTS["num_trai
             the description (``gait_twins``, by split, pairs of pids; see :func:`gait_twins`).
         body_spread: how far apart people's bodies and gaits are: the ranges of stature, build,
             leg length, stride and arm swing (not cadence) widened about their centres by this
-            factor (1: the default people; 2: twice as wide, for a stronger pose cue).
+            factor, in (0, 2] (1: the default people; 2: twice as wide, for a stronger pose cue).
         workers: processes rendering in parallel (the files do not depend on it).
         progress: show a progress bar.
     """
