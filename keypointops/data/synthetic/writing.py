@@ -77,7 +77,7 @@ def _normalise_params(*, num_train_ids, num_test_ids, seed, num_cameras, frames,
         if not 0.0 <= variation[key] <= hi:
             raise ValueError(f"synthetic: {key} must be in [0, {hi}], got {variation[key]}")
     variation["body_spread"] = float(variation["body_spread"])
-    if not 0.0 < variation["body_spread"] <= 2.0:  # at 2 the tallest stature, 0.98 of the crop, still fits
+    if not 0.0 < variation["body_spread"] <= 2.0:  # beyond 2 the tallest outgrow the crop (stature 0.98 at 2)
         raise ValueError(f"synthetic: body_spread must be in (0, 2], got {variation['body_spread']}")
     params.update((key, value) for key, value in variation.items() if value != NEUTRAL[key])
     return params
