@@ -2,12 +2,20 @@
 
 CPU results differ by CPU kind, and the model name alone does not tell the kinds apart (every AMD
 VM here reports "AMD EPYC", Zen 3 and Zen 5 alike): the line also gives the CPU family and model
-numbers and the vector extensions the kernels and PyTorch's baselines dispatch on.
+numbers, the vector extensions the kernels and PyTorch's baselines dispatch on, and the kernels
+PyTorch's GEMMs run: oneMKL chooses them by CPU vendor as well as by instruction set (on an AMD CPU
+it runs its kernels for other vendors' CPUs, which reach less than half the matmul rate of its
+AVX-512 kernels on the same cores), so the baselines built on matmul / bmm / einsum are faster on an
+Intel CPU of the same vector width.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import re
+import subprocess
+import sys
 
 import torch
 
@@ -42,9 +50,34 @@ def _family_model(info: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def gemm_description() -> str:
+    """The kernels PyTorch's float32 GEMMs run here, e.g. "oneMKL, AVX-512 kernels" or "oneMKL,
+    non-Intel kernels": read from oneMKL's verbose banner (MKL_VERBOSE) in a
+    child process, which inherits this one's environment (LD_PRELOAD included)."""
+    if not torch.backends.mkl.is_available():
+        return "not oneMKL"
+    code = "import torch; a = torch.ones(64, 64); a @ a"
+    env = dict(os.environ, MKL_VERBOSE="1")
+    try:
+        banner = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "oneMKL, kernels unknown"
+    # "... for Intel(R) 64 architecture <kernels>, Lnx ..." on the first MKL_VERBOSE line
+    match = re.search(r"architecture (.*?), Lnx", banner)
+    kernels = match.group(1) if match else ""
+    for text, label in (("AVX-512", "AVX-512"), ("AVX2", "AVX2"), ("AVX", "AVX")):
+        if text in kernels:
+            return f"oneMKL, {label} kernels"
+    if "Architecture processors" in kernels:  # the path oneMKL takes on other vendors' CPUs
+        return "oneMKL, non-Intel kernels"
+    return "oneMKL, kernels unknown"
+
+
 def cpu_description() -> str:
     """E.g. "AMD EPYC (family 26, model 2; AVX2, AVX-512, AVX512-BF16, AVX512-VNNI; 2 cores;
-    PyTorch's kernels: AVX512)"."""
+    PyTorch's kernels: AVX512; its GEMMs: oneMKL, non-Intel kernels)"."""
     info = _cpuinfo()
     details = []
     if family_model := _family_model(info):
@@ -55,6 +88,7 @@ def cpu_description() -> str:
         details.append(", ".join(present) if present else "no AVX2")
     details.append(f"{os.cpu_count()} cores")
     details.append(f"PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}")
+    details.append(f"its GEMMs: {gemm_description()}")
     return f"{_model_name(info)} ({'; '.join(details)})"
 
 

@@ -1,0 +1,41 @@
+"""bench/machine.py's machine line and bench/mkl_intel_kernels.c, the oneMKL shim of tools/cpu_report.sh."""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine_line(env=None):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "machine.py")], env=env, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_the_line_names_the_gemm_kernels():
+    line = machine_line()
+    expected = "its GEMMs: oneMKL, " if torch.backends.mkl.is_available() else "its GEMMs: not oneMKL"
+    assert expected in line
+    assert "kernels unknown" not in line
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64"
+                    or not torch.backends.mkl.is_available() or shutil.which("cc") is None,
+                    reason="the shim preloads into PyTorch's oneMKL on x86-64 Linux and needs cc")
+def test_the_shim_gives_onemkl_its_intel_kernels(tmp_path):
+    library = tmp_path / "libmkl_intel_kernels.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library),
+                    str(ROOT / "bench" / "mkl_intel_kernels.c")], check=True)
+    line = machine_line(dict(os.environ, LD_PRELOAD=str(library)))
+    assert "its GEMMs: oneMKL, AVX" in line  # AVX-512, AVX2 or AVX: the vector width the CPU has
+    probe = ("import torch; g = torch.Generator().manual_seed(0); a = torch.randn(96, 80, generator=g);"
+             "b = torch.randn(80, 72, generator=g); print(((a @ b) - (a.double() @ b.double()).float())"
+             ".abs().max().item())")
+    error = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, LD_PRELOAD=str(library)),
+                           check=True, capture_output=True, text=True).stdout
+    assert float(error) < 1e-4  # the same products, from other kernels
