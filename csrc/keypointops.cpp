@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "ops/cpu/cpu_capability.h"
+#include "ops/cpu/gemm_route.h"
 
 #ifdef KEYPOINTOPS_PYTHON_MODULE
 #include <Python.h>
@@ -82,4 +83,8 @@ TORCH_LIBRARY(keypointops, m) {
   // (for tests and measurements; it applies to every thread).
   m.def("_cpu_capability() -> str", &keypointops::cpu_capability_name);
   m.def("_set_cpu_capability(str capability) -> ()", &keypointops::set_cpu_capability);
+  // Where the CPU kernels send GEMM-shaped work ("library": PyTorch's GEMMs, "own": their loops;
+  // ops/cpu/gemm_route.h), and a switch ("library", "own" or "auto"), for tests and measurements.
+  m.def("_cpu_gemm_route() -> str", &keypointops::gemm_route_name);
+  m.def("_set_cpu_gemm_route(str route) -> ()", &keypointops::set_gemm_route);
 }

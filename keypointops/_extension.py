@@ -14,12 +14,14 @@ BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the keyp
 
 def _import_library() -> str | None:
     """Imports ``keypointops._C``; returns the import error message, or None on success.  A bad
-    ``KEYPOINTOPS_CPU_CAPABILITY`` raises its one-line RuntimeError here, when the package loads."""
+    ``KEYPOINTOPS_CPU_CAPABILITY`` or ``KEYPOINTOPS_CPU_GEMM`` raises its one-line RuntimeError
+    here, when the package loads."""
     try:
         from keypointops import _C  # noqa: F401  (registers torch.ops.keypointops.*)
     except ImportError as err:
         return str(err)
     torch.ops.keypointops._cpu_capability()
+    torch.ops.keypointops._cpu_gemm_route()
     return None
 
 
@@ -53,6 +55,24 @@ def cpu_capability() -> str:
     """
     require_ops()
     return torch.ops.keypointops._cpu_capability()
+
+
+def cpu_gemm_route() -> str:
+    """Where the compiled CPU kernels send work that is a matrix product: ``"library"`` (PyTorch's
+    GEMMs, ``torch.bmm`` and ``torch.mm`` on strided views of the inputs) or ``"own"`` (the kernels'
+    register-blocked loops).  It applies to ``window_graph_conv`` in float32 and float64 with
+    dilation 1; every other case runs the kernels' loops.
+
+    oneMKL, PyTorch's GEMM library on x86-64, picks its kernels by CPU vendor: on an Intel CPU its
+    full-width kernels beat the loops, on other vendors' CPUs its kernels are slower than the loops.
+    So by default the route is ``"library"`` where oneMKL runs its Intel kernels and ``"own"``
+    everywhere else; the environment variable ``KEYPOINTOPS_CPU_GEMM`` (``library``, ``own`` or
+    ``auto``) overrides it, and an unknown value fails the import with a one-line RuntimeError.
+    The routes round differently; each is deterministic for a given thread count, and the loops
+    for any thread count.
+    """
+    require_ops()
+    return torch.ops.keypointops._cpu_gemm_route()
 
 
 def require_ops(device_type: str = "cpu", op_name: str | None = None) -> None:

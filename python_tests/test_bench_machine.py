@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import keypointops
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,10 @@ def test_the_line_names_the_gemm_kernels():
     expected = "its GEMMs: oneMKL, " if torch.backends.mkl.is_available() else "its GEMMs: not oneMKL"
     assert expected in line
     assert "kernels unknown" not in line
+    if keypointops.has_ops():
+        # The default GEMM route: PyTorch's GEMMs exactly where oneMKL runs its Intel kernels.
+        intel_kernels = "oneMKL, AVX" in line
+        assert keypointops.cpu_gemm_route() == ("library" if intel_kernels else "own")
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64"
@@ -33,6 +39,11 @@ def test_the_shim_gives_onemkl_its_intel_kernels(tmp_path):
                     str(ROOT / "bench" / "mkl_intel_kernels.c")], check=True)
     line = machine_line(dict(os.environ, LD_PRELOAD=str(library)))
     assert "its GEMMs: oneMKL, AVX" in line  # AVX-512, AVX2 or AVX: the vector width the CPU has
+    # keypointops' GEMM route follows the same vendor test: "library" under the shim.
+    route = subprocess.run([sys.executable, "-c", "import keypointops; print(keypointops.cpu_gemm_route())"],
+                           env=dict(os.environ, LD_PRELOAD=str(library), KEYPOINTOPS_CPU_GEMM="auto"),
+                           check=True, capture_output=True, text=True).stdout.strip()
+    assert route == "library"
     probe = ("import torch; g = torch.Generator().manual_seed(0); a = torch.randn(96, 80, generator=g);"
              "b = torch.randn(80, 72, generator=g); print(((a @ b) - (a.double() @ b.double()).float())"
              ".abs().max().item())")

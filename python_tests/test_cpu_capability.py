@@ -264,3 +264,36 @@ def test_wide_instructions_only_in_their_builds():
     linker must keep those without instruction-set flags, so that the DEFAULT build (and the code
     that picks the build) runs on any x86-64 CPU."""
     assert functions_with_wide_instructions(keypointops._C.__file__) == []
+
+
+def test_gemm_route_switch():
+    """keypointops.cpu_gemm_route() and its switch: "library" and "own" are kept, "auto" resolves
+    to one of them, anything else raises one line."""
+    before = keypointops.cpu_gemm_route()
+    try:
+        for name in ("library", "own"):
+            torch.ops.keypointops._set_cpu_gemm_route(name)
+            assert keypointops.cpu_gemm_route() == name
+        torch.ops.keypointops._set_cpu_gemm_route("auto")
+        assert keypointops.cpu_gemm_route() in ("library", "own")
+        with pytest.raises(RuntimeError, match=r"^keypointops: 'blas' is not a GEMM route \(expected library, own or auto\)$"):
+            torch.ops.keypointops._set_cpu_gemm_route("blas")
+    finally:
+        torch.ops.keypointops._set_cpu_gemm_route(before)
+
+
+def test_gemm_route_environment():
+    """KEYPOINTOPS_CPU_GEMM chooses the route when the library loads; an unknown value fails the
+    import with one line."""
+    script = "import keypointops; print(keypointops.cpu_gemm_route())"
+    results = {}
+    for value in ("library", "own", "blas"):
+        process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                 env={**os.environ, "KEYPOINTOPS_CPU_GEMM": value})
+        results[value] = (process.returncode, process.stdout.strip(), (process.stderr.strip().splitlines() or [""])[-1])
+    assert results["library"][:2] == (0, "library"), results["library"]
+    assert results["own"][:2] == (0, "own"), results["own"]
+    code, _, last = results["blas"]
+    assert code != 0 and last == ("RuntimeError: keypointops: KEYPOINTOPS_CPU_GEMM='blas' is not a GEMM route "
+                                  "(expected library, own or auto)"), last
+

@@ -69,6 +69,15 @@ def msg3d_unfold_einsum(x, adj, window, dilation, stride=1):
     return torch.einsum(pattern, adj, windows).permute(0, 2, 3, 1)
 
 
+@pytest.fixture
+def gemm_route(request):
+    """The CPU kernels' GEMM route (keypointops.cpu_gemm_route) for one test: "library" or "own"."""
+    before = torch.ops.keypointops._cpu_gemm_route()
+    torch.ops.keypointops._set_cpu_gemm_route(request.param)
+    yield request.param
+    torch.ops.keypointops._set_cpu_gemm_route(before)
+
+
 def check_against(fn, expected_fn, x, adj, dtype):
     out = fn(x, adj)
     expected = expected_fn(x, adj)
@@ -249,7 +258,8 @@ def test_cpu_results_do_not_depend_on_the_thread_count(adj_kind):
 
 @pytest.mark.skipif(not keypointops.has_ops() or keypointops.cpu_capability() == "default",
                     reason="needs the CPU kernels' AVX2 or AVX512 build (16-bit loads and stores vectorised)")
-def test_cpu_bfloat16_is_not_slower_than_float32():
+@pytest.mark.parametrize("gemm_route", ["own"], indirect=True)  # both dtypes in the loops
+def test_cpu_bfloat16_is_not_slower_than_float32(gemm_route):
     """The bfloat16 CPU kernel runs the float32 inner loops on operands widened once: its forward
     and forward+backward take no more CPU time than float32's, up to a margin for timing noise
     (one thread, CPU time, the best of 9 interleaved rounds).  A 16-bit instance whose
@@ -273,6 +283,63 @@ def test_cpu_bfloat16_is_not_slower_than_float32():
     for float32_fn, bfloat16_fn in zip(passes(torch.float32), passes(torch.bfloat16)):
         (float32_time, bfloat16_time), rounds = best_cpu_times([float32_fn, bfloat16_fn])
         assert bfloat16_time < 1.2 * float32_time, f"{bfloat16_fn.__name__}: {rounds}"
+
+
+needs_ops = pytest.mark.skipif(not keypointops.has_ops(), reason="keypointops._C not built")
+
+
+@needs_ops
+@pytest.mark.parametrize("gemm_route", ["library"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("adj_kind", ADJ_KINDS)
+@pytest.mark.parametrize("window,dilation,stride,frames,nodes,channels,scales",
+                         [case[:2] + (1,) + case[2:] + (1,) for case in CASES] + STRIDED_CASES)
+def test_library_route_matches_reference(gemm_route, dtype, adj_kind, window, dilation, stride, frames,
+                                         nodes, channels, scales):
+    """The CPU kernel on PyTorch's GEMMs (float32 / float64 with dilation 1; dilation 2 keeps the
+    loops) against the reference, edge windows, strides, even windows and stacked scales included."""
+    x, adj = make_inputs(3, frames, nodes, channels, window, adj_kind, dtype=dtype, seed=21,
+                         requires_grad=True, dilation=dilation, stride=stride, scales=scales)
+    check_against(
+        lambda x, a: keypointops.window_graph_conv(x, a, window, dilation=dilation, stride=stride, backend="cpu"),
+        lambda x, a: reference.window_graph_conv(x, a, window, dilation=dilation, stride=stride), x, adj, dtype)
+
+
+@needs_ops
+@pytest.mark.parametrize("gemm_route", ["library"], indirect=True)
+@pytest.mark.parametrize("adj_kind", ADJ_KINDS)
+def test_library_route_gradcheck_and_determinism(gemm_route, adj_kind):
+    for window, stride, scales in ((3, 1, 1), (4, 2, 2), (5, 1, 1)):
+        x, adj = make_inputs(2, 5, 2, 3, window, adj_kind, dtype=torch.float64, seed=3, requires_grad=True,
+                             stride=stride, scales=scales)
+        assert torch.autograd.gradcheck(
+            lambda x, adj: keypointops.window_graph_conv(x, adj, window, stride=stride, backend="cpu"), (x, adj))
+    x, adj = make_inputs(6, 12, 5, 33, 3, adj_kind, seed=5, requires_grad=True)
+    out = keypointops.window_graph_conv(x, adj, 3, backend="cpu")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    first = torch.autograd.grad(out, (x, adj), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (x, adj), grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@needs_ops
+@pytest.mark.parametrize("gemm_route", ["library"], indirect=True)
+@pytest.mark.parametrize("shape", [(0, 4, 3, 5), (2, 0, 3, 5), (2, 4, 3, 0), (2, 4, 0, 5), (2, 1, 3, 5)])
+@pytest.mark.parametrize("adj_dims", [2, 3, 4])
+def test_library_route_empty_and_short_inputs(gemm_route, shape, adj_dims):
+    x = torch.randn(shape, requires_grad=True)
+    size = 5 * shape[2]
+    windows = window_graph_conv_output_length(shape[1], 5, 1, 1)
+    adj = torch.randn((shape[0], windows)[:adj_dims - 2] + (size, size), requires_grad=True)
+    out = keypointops.window_graph_conv(x, adj, 5, backend="cpu")
+    expected = reference.window_graph_conv(x, adj, 5)
+    torch.testing.assert_close(out, expected, **tolerances(torch.float32))
+    got = torch.autograd.grad(out.sum(), (x, adj))
+    want = torch.autograd.grad(expected.sum(), (x, adj))
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, **GRAD_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

@@ -23,6 +23,8 @@
 // right operand's row vectorised), over chunks of the right rows packed contiguously per strip.
 // One parallel pass over (b, t) windows, (b, f) frames or chunks, the tasks handed to the threads
 // one at a time (ops/cpu/dynamic_tasks.h); no BLAS call, so no nested threading.
+// These loops are the "own" GEMM route (ops/cpu/gemm_route.h); on the library route, float32 and
+// float64 with dilation 1 go through PyTorch's GEMMs instead (ops/cpu/window_graph_conv_gemm.cpp).
 // Memory: forward only the output [B, T', R, C]; backward grad_x, grad_adj and, for a shared adj,
 // at most kSharedAdjChunks [R, L] partials, plus per thread a pointer table of <= window * L
 // entries, Xt [C, L] and a packed strip of kTermChunk x 2 vectors.  The unfolded window tensor
@@ -50,6 +52,7 @@
 #include "ops/cpu/dynamic_tasks.h"
 #include "ops/cpu/huge_pages.h"
 #include "ops/cpu/reduced_precision.h"
+#include "ops/cpu/window_graph_conv_gemm.h"
 #include "ops/window_graph_conv.h"
 
 namespace keypointops {
@@ -290,6 +293,7 @@ at::Tensor window_graph_conv_cpu(const at::Tensor& x_in, const at::Tensor& adj_i
   const Shape s(x_in, adj_in, window, dilation, stride);
   const auto x = x_in.contiguous();
   const auto adj = adj_in.to(at::toOpMathType(x.scalar_type())).contiguous();
+  if (window_graph_conv_takes_library(x, dilation)) return window_graph_conv_library(x, adj, window, stride);
   auto out = at::empty({s.B, s.To, s.R, s.C}, x.options());
   if (out.numel() == 0) return out;
   populate_huge_pages(out);
@@ -316,6 +320,9 @@ std::tuple<at::Tensor, at::Tensor> window_graph_conv_backward_cpu(
   const auto grad_out = grad_out_in.contiguous();
   const auto x = x_in.contiguous();
   const auto adj = adj_in.to(at::toOpMathType(x.scalar_type())).contiguous();
+  if (window_graph_conv_takes_library(x, dilation)) {
+    return window_graph_conv_backward_library(grad_out, x, adj, window, stride, compute_grad_x, compute_grad_adj);
+  }
   const auto options = x.options();
   const auto acc_options = options.dtype(at::toOpMathType(x.scalar_type()));
   const bool reduced = acc_options.dtype() != options.dtype();
