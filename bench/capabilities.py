@@ -3,8 +3,9 @@
 float32), forward and forward+backward, the op's ``backend="cpu"`` under each CPU capability the
 CPU runs (``default`` left out unless named), switched at run time with
 ``torch.ops.keypointops._set_cpu_capability`` (untimed) and interleaved round by round, so that the
-VM's drift falls on every build alike.  Prints a markdown table: each build's median time over the
-rounds, and its time relative to the first build.
+VM's drift falls on every build alike.  The kernels' own loops run throughout (GEMM route "own":
+work handed to PyTorch's GEMMs does not depend on the build).  Prints a markdown table: each build's
+median time over the rounds, and its time relative to the first build.
 
     PYTHONPATH=. python bench/capabilities.py [--capabilities avx2 avx512] [--rounds 15]
                                               [--threads 2] [--only SUBSTRING]
@@ -44,11 +45,13 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only the cases whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    default = keypointops.cpu_capability()
+    default, route = keypointops.cpu_capability(), keypointops.cpu_gemm_route()
     caps = args.capabilities or [c for c in ("avx2", "avx512") if runs(c)]
     torch.ops.keypointops._set_cpu_capability(default)
+    torch.ops.keypointops._set_cpu_gemm_route("own")
     print(f"{cpu_description()}, torch {torch.__version__}, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds; default build here: {default}\n")
+          f"{args.rounds} interleaved rounds; default build here: {default}; GEMM route: own loops "
+          f"(default here: {route})\n")
     print("| case | pass | " + " | ".join(f"{c} ms" for c in caps) + " | "
           + " | ".join(f"{c} / {caps[0]}" for c in caps[1:]) + " |")
     print("|---|---|" + "---:|" * (2 * len(caps) - 1))
@@ -67,6 +70,7 @@ def main() -> None:
                           + " | " + " | ".join(f"{ms[c] / ms[caps[0]]:.2f}" for c in caps[1:]) + " |", flush=True)
     finally:
         torch.ops.keypointops._set_cpu_capability(default)
+        torch.ops.keypointops._set_cpu_gemm_route(route)
 
 
 if __name__ == "__main__":

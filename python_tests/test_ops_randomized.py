@@ -197,6 +197,20 @@ def test_agrees_with_reference_on_random_cases(op, device, backend):
         OPS[op](Case(rng, f"{op} case {index}"), backend)
 
 
+@pytest.mark.skipif(not keypointops.has_ops(), reason="keypointops._C not built")
+def test_window_graph_conv_on_the_gemm_library_route_agrees_on_random_cases():
+    """The same cases with the CPU kernel's work on PyTorch's GEMMs (keypointops.cpu_gemm_route;
+    float32 / float64 with dilation 1, the other cases on the loops)."""
+    before = torch.ops.keypointops._cpu_gemm_route()
+    torch.ops.keypointops._set_cpu_gemm_route("library")
+    try:
+        rng = np.random.default_rng(sorted(OPS).index("window_graph_conv"))
+        for index in range(CASES):
+            window_graph_conv_case(Case(rng, f"window_graph_conv case {index} (GEMM library route)"), "cpu")
+    finally:
+        torch.ops.keypointops._set_cpu_gemm_route(before)
+
+
 def test_rank_stats_agrees_with_oracle_on_random_cases():
     rng = np.random.default_rng(7)
     for _ in range(CASES):
