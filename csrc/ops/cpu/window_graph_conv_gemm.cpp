@@ -40,6 +40,7 @@
 
 #include "ops/cpu/gemm_route.h"
 #include "ops/cpu/huge_pages.h"
+#include "ops/cpu/window_graph_conv_shape.h"
 #include "ops/window_graph_conv.h"
 
 namespace keypointops {
@@ -47,14 +48,13 @@ namespace {
 
 constexpr int64_t kWindowBlock = 16;
 
-struct Windows {
-  int64_t B, T, N, C, window, stride, pad, L, To, R;
-  int64_t t0, t1;  // the windows whose slots are all valid (consecutive; t0 == t1: none)
+// Shape (dilation 1) and the windows whose slots are all valid, t in [t0, t1) (consecutive; t0 == t1:
+// none).
+struct Windows : Shape {
+  int64_t t0 = 0, t1 = 0;
 
   Windows(const at::Tensor& x, const at::Tensor& adj, int64_t window_, int64_t stride_)
-      : B(x.size(0)), T(x.size(1)), N(x.size(2)), C(x.size(3)), window(window_), stride(stride_),
-        pad(window_pad(window_, 1)), L(window_ * x.size(2)), To(window_count(x.size(1), window_, 1, stride_)),
-        R(adj.size(-2)), t0(0), t1(0) {
+      : Shape(x, adj, window_, 1, stride_) {
     int64_t t = 0;
     while (t < To && !full(t)) ++t;
     t0 = t1 = t;
@@ -62,11 +62,9 @@ struct Windows {
   }
 
   bool full(int64_t t) const {
-    const SlotRange s = slots_in_range(t, T, window, 1, stride);
+    const SlotRange s = slots(t);
     return s.lo == 0 && s.hi == window;
   }
-  SlotRange slots(int64_t t) const { return slots_in_range(t, T, window, 1, stride); }
-  int64_t start(int64_t t) const { return t * stride - pad; }
 
   // Windows t0 + i, i in [i0, i0 + n), of clip b: [n, L, C] over x's storage.
   at::Tensor full_windows(const at::Tensor& x, int64_t b, int64_t i0, int64_t n) const {

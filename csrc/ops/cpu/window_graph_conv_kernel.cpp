@@ -53,6 +53,7 @@
 #include "ops/cpu/huge_pages.h"
 #include "ops/cpu/reduced_precision.h"
 #include "ops/cpu/window_graph_conv_gemm.h"
+#include "ops/cpu/window_graph_conv_shape.h"
 #include "ops/window_graph_conv.h"
 
 namespace keypointops {
@@ -61,26 +62,6 @@ namespace {
 
 // Chunks of (b, t) windows for the partial sums of a shared adj's gradient.
 constexpr int64_t kSharedAdjChunks = 64;
-
-struct Shape {
-  int64_t B, T, N, C, window, dilation, stride, pad, L;
-  int64_t To, R;                   // windows per sample T', adj rows R = S * L
-  int64_t adj_batch, adj_windows;  // adj as [adj_batch, adj_windows, R, L]: 1 or B, 1 or T'
-
-  Shape(const at::Tensor& x, const at::Tensor& adj, int64_t window_, int64_t dilation_,
-        int64_t stride_)
-      : B(x.size(0)), T(x.size(1)), N(x.size(2)), C(x.size(3)), window(window_),
-        dilation(dilation_), stride(stride_), pad(window_pad(window_, dilation_)),
-        L(window_ * x.size(2)), To(window_count(x.size(1), window_, dilation_, stride_)),
-        R(adj.size(-2)), adj_batch(adj.dim() >= 3 ? adj.size(0) : 1),
-        adj_windows(adj.dim() == 4 ? adj.size(1) : 1) {}
-
-  int64_t adj_offset(int64_t b, int64_t t) const {
-    return ((adj_batch == 1 ? 0 : b) * adj_windows + (adj_windows == 1 ? 0 : t)) * R * L;
-  }
-  // First frame of window t (may be negative: padding).
-  int64_t start(int64_t t) const { return t * stride - pad; }
-};
 
 // The K terms of a product sum_k left_k (x) right_k: term k has a left column (element m at
 // left[k][m * left_stride]) and a right row (element n at right[k][n], contiguous); `packed` is
@@ -226,7 +207,7 @@ void broadcast_gemm(Terms<left_t, right_t>& terms, int64_t stride, int64_t M, in
 template <typename scalar_t>
 void window_terms(const Shape& s, const scalar_t* x, const acc_t<scalar_t>* a_bt, int64_t b, int64_t t,
                   Terms<acc_t<scalar_t>, scalar_t>& terms) {
-  const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation, s.stride);
+  const SlotRange slots = s.slots(t);
   for (int64_t w = slots.lo; w < slots.hi; ++w) {
     const scalar_t* frame = x + ((b * s.T + s.start(t) + w * s.dilation) * s.N) * s.C;
     for (int64_t n = 0; n < s.N; ++n) terms.add(a_bt + w * s.N + n, frame + n * s.C);
@@ -271,7 +252,7 @@ void grad_adj_windows(const Shape& s, const scalar_t* grad_out, const scalar_t* 
   xt.resize(s.C * s.L);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / s.To, t = r % s.To;
-    const SlotRange slots = slots_in_range(t, s.T, s.window, s.dilation, s.stride);
+    const SlotRange slots = s.slots(t);
     for (int64_t w = 0; w < s.window; ++w) {
       const bool inside = w >= slots.lo && w < slots.hi;
       const scalar_t* frame = x + ((b * s.T + s.start(t) + w * s.dilation) * s.N) * s.C;
