@@ -4,10 +4,11 @@
 #include "ops/cpu/cpu_capability.h"
 
 #include <ATen/Version.h>
-#include <c10/util/env.h>
 
 #include <atomic>
 #include <string>
+
+#include "ops/cpu/env_choice.h"
 
 namespace keypointops {
 namespace {
@@ -67,35 +68,22 @@ int aten_capability() {
   return static_cast<int>(CpuCapability::DEFAULT);
 }
 
-struct Choice {
-  std::atomic<int> capability{-1};  // -1: none usable; error says why
-  std::string error;
-
-  Choice() {
-    const auto requested = c10::utils::get_env(kEnvVar);
-    if (requested.has_value() && !requested->empty()) {
-      const int c = parse(*requested);
-      if (c < 0) {
-        error = std::string("keypointops: ") + kEnvVar + "='" + *requested +
-                "' is not a CPU capability (expected default, avx2 or avx512)";
-        return;
-      }
-      const std::string reason = unusable_reason(static_cast<CpuCapability>(c));
-      if (!reason.empty()) {
-        error = std::string("keypointops: ") + kEnvVar + "=" + *requested + " needs " + reason;
-        return;
-      }
-      capability = c;
-      return;
+EnvChoice& choice() {
+  static EnvChoice instance(kEnvVar, [](const std::string& requested) -> EnvResolution {
+    if (requested.empty()) {
+      int c = aten_capability();
+      while (c > 0 && !unusable_reason(static_cast<CpuCapability>(c)).empty()) --c;
+      return {c, ""};
     }
-    int c = aten_capability();
-    while (c > 0 && !unusable_reason(static_cast<CpuCapability>(c)).empty()) --c;
-    capability = c;
-  }
-};
-
-Choice& choice() {
-  static Choice instance;
+    const int c = parse(requested);
+    if (c < 0) {
+      return {-1, std::string("keypointops: ") + kEnvVar + "='" + requested +
+                      "' is not a CPU capability (expected default, avx2 or avx512)"};
+    }
+    const std::string reason = unusable_reason(static_cast<CpuCapability>(c));
+    if (!reason.empty()) return {-1, std::string("keypointops: ") + kEnvVar + "=" + requested + " needs " + reason};
+    return {c, ""};
+  });
   return instance;
 }
 
@@ -106,10 +94,7 @@ void add_built_cpu_capability(CpuCapability capability) {
 }
 
 CpuCapability active_cpu_capability() {
-  Choice& current = choice();
-  const int c = current.capability.load(std::memory_order_relaxed);
-  TORCH_CHECK(c >= 0, current.error);
-  return static_cast<CpuCapability>(c);
+  return static_cast<CpuCapability>(choice().get());
 }
 
 std::string cpu_capability_name() {
@@ -121,7 +106,7 @@ void set_cpu_capability(const std::string& name) {
   TORCH_CHECK(c >= 0, "keypointops: '", name, "' is not a CPU capability (expected default, avx2 or avx512)");
   const std::string reason = unusable_reason(static_cast<CpuCapability>(c));
   TORCH_CHECK(reason.empty(), "keypointops: CPU capability ", name, " needs ", reason);
-  choice().capability.store(c);
+  choice().set(c);
 }
 
 }  // namespace keypointops

@@ -2,9 +2,10 @@
 #include "ops/cpu/gemm_route.h"
 
 #include <c10/util/Exception.h>
-#include <c10/util/env.h>
 
-#include <atomic>
+#include <string>
+
+#include "ops/cpu/env_choice.h"
 
 #if defined(__linux__) && defined(__x86_64__)
 // oneMKL's vendor test, exported by the libtorch_cpu of PyTorch's x86-64 wheels, which link oneMKL
@@ -29,24 +30,15 @@ int auto_route() {
   return static_cast<int>(onemkl_runs_intel_kernels() ? GemmRoute::LIBRARY : GemmRoute::OWN);
 }
 
-struct Choice {
-  std::atomic<int> route{-2};  // -2: unusable; error says why
-  std::string error;
-
-  Choice() {
-    const auto requested = c10::utils::get_env(kEnvVar);
-    const int r = requested.has_value() && !requested->empty() ? parse(*requested) : -1;
+EnvChoice& choice() {
+  static EnvChoice instance(kEnvVar, [](const std::string& requested) -> EnvResolution {
+    const int r = requested.empty() ? -1 : parse(requested);
     if (r == -2) {
-      error = std::string("keypointops: ") + kEnvVar + "='" + *requested +
-              "' is not a GEMM route (expected library, own or auto)";
-      return;
+      return {-1, std::string("keypointops: ") + kEnvVar + "='" + requested +
+                      "' is not a GEMM route (expected library, own or auto)"};
     }
-    route = r == -1 ? auto_route() : r;
-  }
-};
-
-Choice& choice() {
-  static Choice instance;
+    return {r == -1 ? auto_route() : r, ""};
+  });
   return instance;
 }
 
@@ -61,10 +53,7 @@ bool onemkl_runs_intel_kernels() {
 }
 
 GemmRoute active_gemm_route() {
-  Choice& current = choice();
-  const int r = current.route.load(std::memory_order_relaxed);
-  TORCH_CHECK(r >= 0, current.error);
-  return static_cast<GemmRoute>(r);
+  return static_cast<GemmRoute>(choice().get());
 }
 
 std::string gemm_route_name() {
@@ -74,7 +63,7 @@ std::string gemm_route_name() {
 void set_gemm_route(const std::string& name) {
   const int r = parse(name);
   TORCH_CHECK(r != -2, "keypointops: '", name, "' is not a GEMM route (expected library, own or auto)");
-  choice().route.store(r == -1 ? auto_route() : r);
+  choice().set(r == -1 ? auto_route() : r);
 }
 
 }  // namespace keypointops
