@@ -75,9 +75,22 @@ def gemm_description() -> str:
     return "oneMKL, kernels unknown"
 
 
+def keypointops_description() -> str:
+    """The CPU kernels keypointops runs here: "avx512 build, GEMM route own" (keypointops.cpu_capability
+    and keypointops.cpu_gemm_route), or why it runs none."""
+    try:
+        import keypointops
+    except Exception as error:  # the line still names the machine; the benchmarks then fail on their own
+        return f"not importable ({type(error).__name__})"
+    if not keypointops.has_ops():
+        return "no compiled ops"
+    return f"{keypointops.cpu_capability()} build, GEMM route {keypointops.cpu_gemm_route()}"
+
+
 def cpu_description() -> str:
     """E.g. "AMD EPYC (family 26, model 2; AVX2, AVX-512, AVX512-BF16, AVX512-VNNI; 2 cores;
-    PyTorch's kernels: AVX512; its GEMMs: oneMKL, non-Intel kernels)"."""
+    PyTorch's kernels: AVX512; its GEMMs: oneMKL, non-Intel kernels; keypointops: avx512 build, GEMM
+    route own)"."""
     info = _cpuinfo()
     details = []
     if family_model := _family_model(info):
@@ -89,6 +102,7 @@ def cpu_description() -> str:
     details.append(f"{os.cpu_count()} cores")
     details.append(f"PyTorch's kernels: {torch.backends.cpu.get_cpu_capability()}")
     details.append(f"its GEMMs: {gemm_description()}")
+    details.append(f"keypointops: {keypointops_description()}")
     return f"{_model_name(info)} ({'; '.join(details)})"
 
 

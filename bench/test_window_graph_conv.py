@@ -14,6 +14,11 @@ view / permute of the scales into channels ([B, 6 C, T', L], what its 1x1 conv r
 returns [B, T', 6 L, C] with the adjacency rows scale-minor, i.e. [B, T', L, 6 C]: the same
 aggregate, laid out for the 1x1 projection as a matrix product (nn.MSG3DWindow).
 "keypointops-stride1-slice" is the workaround without a stride: every window, then every other.
+
+"keypointops" runs the CPU kernel's GEMM route that ``keypointops.cpu_gemm_route()`` chose for this
+machine; "keypointops-gemm-library" / "keypointops-gemm-own" time the other route in the same group
+(PyTorch's GEMMs or the kernel's own loops; the one equal to the chosen route is skipped), so that a
+table shows both on every CPU.
 """
 import pytest
 import torch
@@ -31,7 +36,37 @@ CASES = {
                      window=5),
 }
 ADJ_KINDS = ["shared", "per_sample"]
-IMPLS = ["keypointops", "triton", "reference", "unfold_einsum"]
+# The CPU kernel's GEMM routes (keypointops.cpu_gemm_route), as impls that force one of them.
+ROUTE_IMPLS = {"keypointops-gemm-library": "library", "keypointops-gemm-own": "own"}
+IMPLS = ["keypointops", *ROUTE_IMPLS, "triton", "reference", "unfold_einsum"]
+
+
+def skip_unless_runs(impl, device):
+    """Skips an impl this machine and device do not time: Triton off GPU (except the small smoke
+    run), and a forced GEMM route on CUDA or where it is the route "keypointops" already runs."""
+    if impl == "triton" and (not triton_available(torch.device(device)) or (device == "cpu" and not SMALL)):
+        pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
+    if impl in ROUTE_IMPLS:
+        if device != "cpu" or not keypointops.has_ops():
+            pytest.skip("the GEMM route is the CPU kernel's")
+        if ROUTE_IMPLS[impl] == keypointops.cpu_gemm_route():
+            pytest.skip(f"the {ROUTE_IMPLS[impl]} route is this machine's choice: the 'keypointops' row")
+
+
+def on_gemm_route(fn, impl):
+    """``fn`` run with the CPU kernel's GEMM route forced to ``impl``'s (restored after every call,
+    so that interleaved rounds of the other impls keep theirs); other impls: ``fn`` itself."""
+    if impl not in ROUTE_IMPLS:
+        return fn
+
+    def run():
+        before = keypointops.cpu_gemm_route()
+        torch.ops.keypointops._set_cpu_gemm_route(ROUTE_IMPLS[impl])
+        try:
+            return fn()
+        finally:
+            torch.ops.keypointops._set_cpu_gemm_route(before)
+    return run
 
 
 def make_case(case, adj_kind, device):
@@ -55,7 +90,7 @@ def unfold_einsum(x_nctv, adj, window):
 
 MSG3D = dict(batch=1 if SMALL else 64, frames=7 if SMALL else 300, nodes=25, channels=8 if SMALL else 96,
              window=3, stride=2, scales=2 if SMALL else 6)
-MSG3D_IMPLS = ["keypointops", "keypointops-stride1-slice", "triton", "unfold_einsum"]
+MSG3D_IMPLS = ["keypointops", *ROUTE_IMPLS, "keypointops-stride1-slice", "triton", "unfold_einsum"]
 
 
 def msg3d_aggregate(x_nctv, a_large, window, stride, scales):
@@ -111,7 +146,7 @@ def make_msg3d_fn(impl, device, backward):
         def check():
             out = forward(x_in[:1].detach())
             return out.reshape(1, out.size(1), size, -1).permute(0, 3, 1, 2)
-    return timed_pass(forward, [x_in, adj], backward), check
+    return on_gemm_route(timed_pass(forward, [x_in, adj], backward), impl), on_gemm_route(check, impl)
 
 
 def make_fn(impl, x, adj, window, backward):
@@ -123,12 +158,12 @@ def make_fn(impl, x, adj, window, backward):
             return unfold_einsum(x, adj, window)
     else:
         x = x.detach().requires_grad_(backward)
-        backend = {"keypointops": "auto", "triton": "triton", "reference": "reference"}[impl]
+        backend = {"triton": "triton", "reference": "reference"}.get(impl, "auto")
 
         def forward():
             return keypointops.window_graph_conv(x, adj, window, backend=backend)
 
-    return timed_pass(forward, [x, adj], backward)
+    return on_gemm_route(timed_pass(forward, [x, adj], backward), impl)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -137,8 +172,7 @@ def make_fn(impl, x, adj, window, backward):
 @pytest.mark.parametrize("adj_kind", ADJ_KINDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_window_graph_conv(measure, case, adj_kind, impl, backward, device):
-    if impl == "triton" and (not triton_available(torch.device(device)) or (device == "cpu" and not SMALL)):
-        pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
+    skip_unless_runs(impl, device)
     x, adj, window = make_case(case, adj_kind, device)
     fn = make_fn(impl, x, adj, window, backward)
     work = floors.window_graph_conv(*x.shape, window, adj_kind == "per_sample", backward)
@@ -150,8 +184,7 @@ def test_window_graph_conv(measure, case, adj_kind, impl, backward, device):
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
 @pytest.mark.parametrize("impl", MSG3D_IMPLS)
 def test_window_graph_conv_msg3d(measure, impl, backward, device):
-    if impl == "triton" and (not triton_available(torch.device(device)) or (device == "cpu" and not SMALL)):
-        pytest.skip("Triton runs on GPU (on CPU only interpreted, as a small smoke run)")
+    skip_unless_runs(impl, device)
     fn, check = make_msg3d_fn(impl, device, backward)
     with torch.no_grad():
         _, baseline_check = make_msg3d_fn("unfold_einsum", device, False)

@@ -28,6 +28,9 @@ def test_the_line_names_the_gemm_kernels():
         # The default GEMM route: PyTorch's GEMMs exactly where oneMKL runs its Intel kernels.
         intel_kernels = "oneMKL, AVX" in line
         assert keypointops.cpu_gemm_route() == ("library" if intel_kernels else "own")
+    if keypointops.has_ops():
+        assert (f"keypointops: {keypointops.cpu_capability()} build, GEMM route "
+                f"{keypointops.cpu_gemm_route()})") in line
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64"

@@ -5,7 +5,8 @@
 # each file named after the CPU (bench/machine.py: model name, family, model) and the date:
 #   cpu-ops-<cpu>-<date>.{md,json}    the four op benchmarks at full size, 2 threads, every
 #                                     implementation but the reference: medians, speed-ups, peak
-#                                     memory and the fractions of this machine's floors
+#                                     memory and the fractions of this machine's floors;
+#                                     window_graph_conv on both CPU GEMM routes
 #   cpu-capabilities-<cpu>-<date>.md  the avx2 and avx512 builds against each other in interleaved
 #                                     rounds (bench/capabilities.py), where the CPU runs AVX-512
 #   cpu-floor-gaps-<cpu>-<date>.md    what the floors leave out (bench/floor_gaps.py)

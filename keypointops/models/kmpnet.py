@@ -157,7 +157,7 @@ class KMPNet(nn.Module):
         # at the keypoint: a box of size 0 (one sample), pixel-centre aligned; released: a 1-pixel box
         # at keypoint + 0.5, not aligned (widened to one feature cell)
         box = dict(roi_size=0.0, aligned=True) if gather == "keypoint" else dict(roi_size=1.0, aligned=False)
-        self.gather_mode, self.gather_shift = gather, 0.0 if gather == "keypoint" else 0.5
+        self.gather_shift = 0.0 if gather == "keypoint" else 0.5
         self.gather = nn.ModuleList(KeypointGather(1.0 / stride, sampling_ratio=1, backend=ops_backend, **box)
                                     for stride in backbone.strides)
         self.up = nn.ModuleList(init_kaiming_fan_out(nn.Linear(c, ch)) for ch in backbone.channels[1:])
