@@ -79,6 +79,10 @@ class Case:
         return values[int(self.rng.integers(len(values)))]
 
 
+def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach().double()).abs().max()) if want.numel() else 0.0
+
+
 def assert_agrees(got: torch.Tensor, want: torch.Tensor, tol: float, what: str, case: Case, slack: float = 0.0):
     """``|got - want| <= slack + tol * max(1, max|want|)`` elementwise, and the same finiteness."""
     assert got.shape == want.shape, f"{case.name}: {what} shape {tuple(got.shape)} != {tuple(want.shape)}"
@@ -88,12 +92,8 @@ def assert_agrees(got: torch.Tensor, want: torch.Tensor, tol: float, what: str, 
     if want.numel() == 0:
         return
     bound = slack + tol * max(1.0, float(want.abs().max()))
-    error = float((got - want).abs().max())
+    error = max_error(got, want)
     assert error <= bound, f"{case.name}: {what} differs by {error:.3g} > {bound:.3g}"
-
-
-def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.detach().double() - want.detach().double()).abs().max()) if want.numel() else 0.0
 
 
 def one_ulp_moved(*inputs):
@@ -115,7 +115,7 @@ def one_ulp_moved(*inputs):
 def check_op(case: Case, kernel, ref, inputs: list, grad_inputs: list, exact_gradients=None, equivalents=()):
     """Forward of ``kernel`` on the inputs in the case's dtype against ``ref`` in float64; backward
     with one random grad_out for the inputs flagged in ``grad_inputs`` (float32: against the float64
-    reference, allowing twice the error of ``ref``'s own float32 autograd).  ``exact_gradients(inputs,
+    reference, with the slack below).  ``exact_gradients(inputs,
     grad_out)``, when given, is the ground truth of the float64 gradients instead of ``ref``'s.
     A float32 result may err ``PLAIN_FACTOR`` times as much as plain float32 PyTorch, whose error is
     the largest of ``ref``'s float32 errors (outputs; gradients
